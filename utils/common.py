@@ -1,0 +1,112 @@
+"""Helpers every script shares: errors, logging, seeding, run records and staged outputs."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger("cell2sentence")
+
+
+class InputError(Exception):
+    """Bad input or flags: the message is one sentence saying what is wrong and how to fix it.
+
+    Scripts raise it early; ``run_cli`` prints it without a traceback and exits with status 2.
+    """
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Log to stderr as ``time level message``; idempotent."""
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
+
+
+def run_cli(main: Callable[[Any], Any], parse_args: Callable[[Sequence[str] | None], Any]) -> None:
+    """Entry point of a script: parse, run, and turn ``InputError`` into one line + exit 2."""
+    setup_logging()
+    args = parse_args(None)
+    try:
+        main(args)
+    except InputError as err:
+        logger.error("%s", err)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        logger.error("Interrupted; no partial output was left in place.")
+        sys.exit(130)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed ``random``, ``numpy`` and (when installed) ``torch`` from one integer."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    try:
+        import torch
+    except ImportError:  # torch is optional for the data steps
+        return
+    torch.manual_seed(seed)
+
+
+def save_args(args: Any, path: Path) -> None:
+    """Write the effective arguments of a run as JSON (paths as strings)."""
+    values = vars(args) if not isinstance(args, dict) else args
+    path.write_text(json.dumps(values, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def existing_outputs(output_dir: Path, names: Sequence[str]) -> list[Path]:
+    """The outputs among ``names`` that already exist under ``output_dir``."""
+    return [output_dir / name for name in names if (output_dir / name).exists()]
+
+
+def check_can_write(output_dir: Path, names: Sequence[str], *, overwrite: bool) -> None:
+    """Fail before any work when an output exists and ``--overwrite`` was not given."""
+    found = existing_outputs(output_dir, names)
+    if found and not overwrite:
+        shown = ", ".join(str(p) for p in found[:3])
+        raise InputError(
+            f"The output folder already holds results ({shown}); "
+            "pass --overwrite to replace them or choose another --output_dir."
+        )
+
+
+@contextlib.contextmanager
+def staged_outputs(output_dir: Path, names: Sequence[str], *, overwrite: bool) -> Iterator[Path]:
+    """Write outputs into a hidden temporary folder, then move each of ``names`` into place.
+
+    On any failure (or Ctrl-C) the temporary folder is removed and nothing under
+    ``output_dir`` changes, so the next step never reads a half-written output.
+
+    >>> with staged_outputs(Path("data"), ["eval"], overwrite=True) as tmp:  # doctest: +SKIP
+    ...     (tmp / "eval").mkdir()
+    """
+    output_dir.mkdir(parents=True, exist_ok=True)
+    check_can_write(output_dir, names, overwrite=overwrite)
+    # Same file system as the destination, so the final moves are renames.
+    tmp = Path(tempfile.mkdtemp(prefix=".staging-", dir=output_dir))
+    try:
+        yield tmp
+        for name in names:
+            src, dst = tmp / name, output_dir / name
+            if not src.exists():
+                continue
+            if dst.is_dir() and not dst.is_symlink():
+                shutil.rmtree(dst)
+            elif dst.exists() or dst.is_symlink():
+                dst.unlink()
+            os.replace(src, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
