@@ -1,0 +1,417 @@
+"""Training examples, prompt/answer encoding and model loading for cell-sentence language models.
+
+An example is ``prompt ids + answer ids + EOS``. The prompt ids are exactly
+``encode_prompt(tokenizer, prompt)`` (BOS, then the prompt text), and the answer is encoded as
+``" " + answer`` so that a byte-pair tokenizer such as GPT-2's sees each gene as a word
+following a space, just as the model produces it when it continues the prompt. The loss is
+taken on the answer and the EOS only (labels -100 on the prompt and on padding).
+
+``generate.py`` uses ``encode_prompt``, ``decode_answer`` and ``load_model_and_tokenizer`` so
+that generation feeds the model the same ids it saw during training.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from utils.common import InputError
+from utils.prompts import (
+    CELL_TYPE_PREDICTION_TEMPLATES,
+    CONDITIONAL_GENERATION_TEMPLATES,
+    UNCONDITIONAL_GENERATION_TEMPLATES,
+    format_generation,
+    format_prediction,
+)
+
+IGNORE_INDEX = -100
+CONDITIONAL_GENERATION = "conditional_generation"
+UNCONDITIONAL_GENERATION = "unconditional_generation"
+CELL_TYPE_PREDICTION = "cell_type_prediction"
+TASKS: tuple[str, ...] = (CONDITIONAL_GENERATION, UNCONDITIONAL_GENERATION, CELL_TYPE_PREDICTION)
+#: Tasks that need a cell-type label per cell.
+TYPED_TASKS: frozenset[str] = frozenset({CONDITIONAL_GENERATION, CELL_TYPE_PREDICTION})
+#: What separates the prompt from the answer (see the module docstring).
+ANSWER_PREFIX = " "
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
+    """The token ids the model saw before the answer during training: BOS (when the
+    tokenizer has one) followed by the prompt's tokens.
+
+    Feed exactly these ids to ``model.generate`` and the model continues with the answer.
+    """
+    ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    if tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id, *ids]
+    return ids
+
+
+def encode_answer(tokenizer: Any, answer: str) -> list[int]:
+    """The token ids of an answer as they follow the prompt (without the EOS)."""
+    if not answer:
+        return []
+    return list(tokenizer(ANSWER_PREFIX + answer, add_special_tokens=False)["input_ids"])
+
+
+def decode_answer(tokenizer: Any, ids: Sequence[int] | Any) -> str:
+    """Turn generated answer ids back into text: gene names (or the words of a cell-type
+    label) separated by single spaces. Everything from the first EOS on is dropped.
+
+    ``ids`` are the ids after the prompt (a list, or a 1-d tensor/array).
+    """
+    values = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+    eos = tokenizer.eos_token_id
+    if eos is not None and eos in values:
+        values = values[: values.index(eos)]
+    text = tokenizer.decode(values, skip_special_tokens=True)
+    return " ".join(text.split())
+
+
+def join_example(
+    prompt_ids: Sequence[int], answer_ids: Sequence[int], eos_token_id: int
+) -> dict[str, list[int]]:
+    """``input_ids`` = prompt + answer + EOS; ``labels`` the same with the prompt masked.
+
+    >>> join_example([1, 5, 6], [7, 8], 2)
+    {'input_ids': [1, 5, 6, 7, 8, 2], 'labels': [-100, -100, -100, 7, 8, 2]}
+    """
+    input_ids = [*prompt_ids, *answer_ids, eos_token_id]
+    labels = [IGNORE_INDEX] * len(prompt_ids) + [*answer_ids, eos_token_id]
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def _fit_genes(
+    n_genes: int,
+    max_length: int,
+    build: Callable[[int], tuple[list[int], list[int]]],
+    *,
+    what: str,
+) -> tuple[list[int], list[int], int]:
+    """Largest-enough gene count whose (prompt, answer) plus EOS fits ``max_length`` tokens.
+
+    ``build(n)`` returns the prompt and answer ids with ``n`` genes. The count shrinks by an
+    estimate of the excess each round, so a few tokenizer calls suffice.
+    """
+    n = n_genes
+    while True:
+        prompt_ids, answer_ids = build(n)
+        total = len(prompt_ids) + len(answer_ids) + 1
+        if total <= max_length:
+            return prompt_ids, answer_ids, n
+        if n == 0:
+            raise ValueError(
+                f"A {what} example does not fit into {max_length} tokens even without genes; "
+                "raise --max_seq_length or use a model with a longer context."
+            )
+        gene_tokens = len(answer_ids) if what == "generation" else len(prompt_ids)
+        per_gene = max(1.0, gene_tokens / max(n, 1))
+        n = max(0, n - max(1, math.ceil((total - max_length) / per_gene)))
+
+
+def generation_example(
+    tokenizer: Any,
+    genes: Sequence[str],
+    cell_type: str | None,
+    *,
+    template: str,
+    max_length: int,
+) -> tuple[dict[str, list[int]], int]:
+    """A generation example: prompt for ``len(genes)`` genes -> those genes + EOS.
+
+    When it does not fit ``max_length`` tokens the answer is shortened (and the prompt asks
+    for that many genes), so the EOS is never cut off. Returns the example and the number
+    of genes kept.
+    """
+
+    def build(n: int) -> tuple[list[int], list[int]]:
+        prompt = format_generation(template, cell_type, n)
+        return encode_prompt(tokenizer, prompt), encode_answer(tokenizer, " ".join(genes[:n]))
+
+    prompt_ids, answer_ids, n = _fit_genes(len(genes), max_length, build, what="generation")
+    return join_example(prompt_ids, answer_ids, tokenizer.eos_token_id), n
+
+
+def prediction_example(
+    tokenizer: Any,
+    genes: Sequence[str],
+    cell_type: str,
+    *,
+    template: str,
+    max_length: int,
+) -> tuple[dict[str, list[int]], int]:
+    """A cell-type prediction example: prompt with ranked ``genes`` -> ``cell_type`` + EOS.
+
+    When it does not fit ``max_length`` tokens, the lowest-ranked genes are dropped from the
+    prompt; the answer is never cut. Returns the example and the number of genes kept.
+    """
+    answer_ids = encode_answer(tokenizer, cell_type)
+
+    def build(n: int) -> tuple[list[int], list[int]]:
+        return encode_prompt(tokenizer, format_prediction(template, genes[:n])), answer_ids
+
+    prompt_ids, answer_ids, n = _fit_genes(len(genes), max_length, build, what="prediction")
+    return join_example(prompt_ids, answer_ids, tokenizer.eos_token_id), n
+
+
+def make_example(
+    tokenizer: Any,
+    sentence: str,
+    cell_type: str | None,
+    *,
+    task: str,
+    top_k: int,
+    max_length: int,
+    rng: random.Random,
+) -> dict[str, list[int]]:
+    """One tokenized training example of ``task`` from a cell sentence (template from ``rng``)."""
+    genes = sentence.split()[:top_k]
+    if task == CELL_TYPE_PREDICTION:
+        template = rng.choice(CELL_TYPE_PREDICTION_TEMPLATES)
+        example, _ = prediction_example(
+            tokenizer, genes, str(cell_type), template=template, max_length=max_length
+        )
+    elif task == CONDITIONAL_GENERATION:
+        template = rng.choice(CONDITIONAL_GENERATION_TEMPLATES)
+        example, _ = generation_example(
+            tokenizer, genes, str(cell_type), template=template, max_length=max_length
+        )
+    elif task == UNCONDITIONAL_GENERATION:
+        template = rng.choice(UNCONDITIONAL_GENERATION_TEMPLATES)
+        example, _ = generation_example(
+            tokenizer, genes, None, template=template, max_length=max_length
+        )
+    else:
+        raise ValueError(f"Unknown task {task!r}; choose from {', '.join(TASKS)}.")
+    return example
+
+
+def example_rng(seed: int, split: str, index: int) -> random.Random:
+    """The random stream of one example: the same for any batching or number of workers."""
+    return random.Random(f"{seed}:{split}:{index}")
+
+
+def tokenize_batch(
+    batch: Mapping[str, Sequence[Any]],
+    indices: Sequence[int],
+    *,
+    tokenizer: Any,
+    tasks: Mapping[str, float],
+    top_k: int,
+    max_length: int,
+    seed: int,
+    split: str,
+    sentence_column: str = "cell_sentence",
+    cell_type_column: str | None = "cell_type",
+) -> dict[str, list[Any]]:
+    """``datasets.map(batched=True, with_indices=True)`` function: one example per cell, its
+    task drawn with the weights of ``tasks`` from a per-cell seeded random stream."""
+    names, weights = list(tasks), list(tasks.values())
+    sentences = batch[sentence_column]
+    types = batch[cell_type_column] if cell_type_column in batch else [None] * len(sentences)
+    out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "task": []}
+    for sentence, cell_type, index in zip(sentences, types, indices, strict=True):
+        rng = example_rng(seed, split, index)
+        task = rng.choices(names, weights=weights)[0]
+        example = make_example(
+            tokenizer, sentence, cell_type, task=task, top_k=top_k, max_length=max_length, rng=rng
+        )
+        out["input_ids"].append(example["input_ids"])
+        out["labels"].append(example["labels"])
+        out["task"].append(task)
+    return out
+
+
+def parse_tasks(tasks: str, weights: str | None = None) -> dict[str, float]:
+    """``"a,b"`` and optional ``"2,1"`` -> ``{"a": 2/3, "b": 1/3}`` (weights normalized).
+
+    >>> parse_tasks("cell_type_prediction,unconditional_generation", "3,1")
+    {'cell_type_prediction': 0.75, 'unconditional_generation': 0.25}
+    """
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    unknown = [t for t in names if t not in TASKS]
+    if not names or unknown:
+        raise InputError(
+            f"Unknown task(s) {unknown or tasks!r} in --tasks; choose a comma-separated "
+            f"subset of {','.join(TASKS)}."
+        )
+    if len(set(names)) != len(names):
+        raise InputError(f"--tasks {tasks!r} names a task twice; list each task once.")
+    if weights is None:
+        values = [1.0] * len(names)
+    else:
+        try:
+            values = [float(w) for w in weights.split(",")]
+        except ValueError:
+            raise InputError(
+                f"--task_weights {weights!r} is not a comma-separated list of numbers."
+            ) from None
+        if len(values) != len(names) or any(v < 0 or not math.isfinite(v) for v in values):
+            raise InputError(
+                f"--task_weights {weights!r} needs one non-negative number per task of --tasks "
+                f"({len(names)})."
+            )
+        if sum(values) <= 0:
+            raise InputError("--task_weights sum to zero; give at least one task a weight > 0.")
+    total = sum(values)
+    return {name: value / total for name, value in zip(names, values, strict=True)}
+
+
+# --------------------------------------------------------------------------- batching
+
+
+@dataclass
+class CausalLMCollator:
+    """Pad a list of ``{"input_ids", "labels"}`` on the right: ``pad_token_id`` in the inputs,
+    -100 in the labels, 0 in the attention mask."""
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, features: Sequence[Mapping[str, Sequence[int]]]) -> dict[str, Any]:
+        import torch
+
+        longest = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            longest = math.ceil(longest / self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(features), longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(features), longest), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(features), longest), dtype=torch.long)
+        for row, feature in enumerate(features):
+            n = len(feature["input_ids"])
+            input_ids[row, :n] = torch.as_tensor(feature["input_ids"], dtype=torch.long)
+            labels[row, :n] = torch.as_tensor(feature["labels"], dtype=torch.long)
+            attention_mask[row, :n] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+# --------------------------------------------------------------------------- loading
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def hub_offline_mode() -> bool:
+    """Whether the user switched the Hugging Face hub off (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)."""
+    return any(
+        os.environ.get(var, "").strip().lower() in _TRUE
+        for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub (``HF_ENDPOINT``) opens within ``timeout`` seconds.
+
+    Asked before a download, so that without network the user gets one clear sentence in
+    seconds instead of a minute of retries.
+    """
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _looks_like_path(name: str) -> bool:
+    """A local path rather than a hub id (``org/name`` or ``name``)."""
+    return name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1
+
+
+def from_pretrained(
+    loader: Callable[..., Any],
+    name: str,
+    *,
+    offline_hint: str = "pass a local model directory instead",
+    **kwargs: Any,
+) -> Any:
+    """``loader(name, **kwargs)`` for a local directory or a hub name, with clear errors.
+
+    A hub name is first looked up in the local cache; only when it is not there is the hub
+    asked, after checking quickly that it can be reached.
+    """
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise InputError(
+                f"{path} holds no config.json, so it is no model directory; pass a folder "
+                "written by train.py or save_pretrained (an unfinished run has none)."
+            )
+        return loader(str(path), **kwargs)
+    if path.exists() or _looks_like_path(name):
+        raise InputError(f"Model directory {name} does not exist; check the path.")
+    try:
+        return loader(name, local_files_only=True, **kwargs)
+    except OSError:
+        pass  # not cached: ask the hub below
+    if hub_offline_mode() or not hub_reachable():
+        raise InputError(
+            f"Model {name!r} is not a local directory and the Hugging Face hub cannot be "
+            f"reached (offline); {offline_hint}."
+        )
+    try:
+        return loader(name, **kwargs)
+    except OSError as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(
+            f"Could not load model {name!r} from the Hugging Face hub ({reason}); "
+            f"check the name or {offline_hint}."
+        ) from None
+
+
+def load_model_and_tokenizer(
+    model_dir: str | Path,
+    device: str | Any | None = None,
+    *,
+    dtype: Any = None,
+    offline_hint: str = "pass a local model directory instead",
+) -> tuple[Any, Any]:
+    """Load a causal language model and its tokenizer for generation.
+
+    Parameters
+    ----------
+    model_dir
+        A directory written by ``train.py`` (or any ``save_pretrained`` folder), or a hub name.
+    device
+        ``"cpu"``, ``"cuda"``, ``"cuda:1"``, a ``torch.device``; None picks CUDA when available.
+    dtype
+        Weight dtype; None keeps float32.
+
+    Returns
+    -------
+    (model, tokenizer)
+        The model in eval mode on ``device``; the tokenizer with a pad token (EOS when it had
+        none) and left padding, as batched generation needs.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    name = str(model_dir)
+    tokenizer = from_pretrained(AutoTokenizer.from_pretrained, name, offline_hint=offline_hint)
+    model = from_pretrained(
+        AutoModelForCausalLM.from_pretrained,
+        name,
+        offline_hint=offline_hint,
+        dtype=dtype or torch.float32,
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.to(device)
+    model.eval()
+    return model, tokenizer
