@@ -110,3 +110,48 @@ def test_rejects_impossible_parameters(tmp_path):
     with pytest.raises(ValueError, match="genes_per_cell"):
         write_synthetic_h5ad(tmp_path / "x.h5ad", n_cells=10, n_genes=1_000, genes_per_cell=900)
     assert not list(tmp_path.iterdir())
+
+
+FAKE_TRANSFORM = """
+import argparse, subprocess, sys, time
+from pathlib import Path
+p = argparse.ArgumentParser()
+for flag in ["--data_filepath", "--output_dir", "--max_genes_per_cell", "--num_proc", "--chunk_size"]:
+    p.add_argument(flag)
+p.add_argument("--overwrite", action="store_true")
+a = p.parse_args()
+if a.chunk_size == "13":
+    print("boom: chunk size 13"); sys.exit(3)
+code = "b = bytearray(150 * 2**20); b[::4096] = b'x' * len(b[::4096]); import time; time.sleep(0.6)"
+child = subprocess.Popen([sys.executable, "-c", code])
+child.wait()
+out = Path(a.output_dir); out.mkdir(parents=True)
+(out / "cell_sentences.txt").write_bytes(b"a" * 12345)
+"""
+
+
+def test_bench_measures_a_subprocess_tree(tmp_path):
+    from bench import transform_bench
+
+    fake = tmp_path / "fake_transform.py"
+    fake.write_text(FAKE_TRANSFORM)
+    argv = ["--transform", str(fake), "--cache_dir", str(tmp_path / "cache"), "--n_cells", "60"]
+    argv += ["--n_genes", "1000", "--genes_per_cell", "50"]
+    (result,) = transform_bench.main(transform_bench.parse_args(argv))
+    assert result.n_cells == 60 and result.returncode == 0
+    assert 0.7 * 60 * 50 < result.nnz < 1.3 * 60 * 50 + 60 * 20
+    assert result.output_bytes == 12345
+    assert result.peak_tree_rss > 150 * 2**20  # the grandchild's 150 MB is seen
+    assert result.max_single_rss > 150 * 2**20
+    assert result.seconds > 0.6
+    # the synthetic file stays cached, the run's outputs are removed
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [
+        "synthetic_c60_g1000_k50_t10_s0_v1.h5ad"
+    ]
+    table = transform_bench.format_table([result])
+    assert table.splitlines()[0].split()[:4] == ["cells", "non-zeros", "seconds", "cells/s"]
+    assert table.splitlines()[2].split()[0] == "60"
+
+    with pytest.raises(transform_bench.InputError, match="boom: chunk size 13"):
+        transform_bench.main(transform_bench.parse_args([*argv, "--chunk_size", "13"]))
+    assert len(list((tmp_path / "cache").iterdir())) == 1

@@ -1,0 +1,266 @@
+"""Benchmark transform.py: cells per second and peak memory on synthetic data.
+
+synthetic h5ad (cached under ``data/bench/``) -> a table on stdout: cells, non-zeros, seconds,
+cells/s, peak RSS, output size on disk.
+
+For each ``--n_cells`` it makes (or reuses) a synthetic count matrix of realistic sparsity
+(``bench/synthetic.py``: 33,000 genes, ~2,000 expressed genes per cell, integer counts), then
+runs transform.py on it as a subprocess::
+
+    <python> transform.py --data_filepath F --output_dir TMP --overwrite \
+        --max_genes_per_cell 100000 --num_proc N [--chunk_size C]
+
+and measures:
+
+- ``seconds``: wall time of the subprocess (Python start-up and imports included);
+- ``peak RSS tree``: the largest sum of RSS over transform.py and all its child processes,
+  polled every 0.05 s with psutil (pages shared by forked workers are counted once per
+  process, so with ``--num_proc`` > 1 this is an upper bound);
+- ``max RSS 1 proc``: the kernel's high-water mark (``ru_maxrss``) of the largest single
+  process of that run, from ``os.wait4`` -- the per-run value of
+  ``resource.getrusage(RUSAGE_CHILDREN).ru_maxrss``, which is logged at the end over all runs;
+- ``output``: bytes on disk of everything transform.py wrote.
+
+Outputs are removed afterwards unless ``--keep_outputs``.
+
+Example::
+
+    python bench/transform_bench.py --n_cells 2000 20000 --num_proc 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as `python bench/transform_bench.py`
+    sys.path.insert(0, str(ROOT))
+
+from bench.synthetic import cached_synthetic_h5ad  # noqa: E402
+from utils.common import InputError, run_cli  # noqa: E402
+
+logger = logging.getLogger("cell2sentence")
+
+POLL_SECONDS = 0.05
+
+
+@dataclass
+class RunResult:
+    """Measurements of one transform.py run."""
+
+    n_cells: int
+    nnz: int
+    seconds: float
+    peak_tree_rss: int  # bytes
+    max_single_rss: int  # bytes
+    output_bytes: int
+    returncode: int
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line (``argv=None`` reads ``sys.argv``)."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--n_cells", type=int, nargs="+", default=[2_000, 20_000], help="Dataset sizes to run."
+    )
+    parser.add_argument("--num_proc", type=int, default=2, help="Passed to transform.py.")
+    parser.add_argument(
+        "--chunk_size",
+        type=int,
+        default=None,
+        help="Passed to transform.py when given (default: transform.py's own default).",
+    )
+    parser.add_argument(
+        "--genes_per_cell", type=int, default=2_000, help="Mean expressed genes per cell."
+    )
+    parser.add_argument("--n_genes", type=int, default=33_000, help="Genes in the matrix.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the synthetic data.")
+    parser.add_argument(
+        "--cache_dir",
+        type=Path,
+        default=Path("data/bench"),
+        help="Where synthetic files are cached (reused when the parameters match) and runs write.",
+    )
+    parser.add_argument(
+        "--transform", type=Path, default=ROOT / "transform.py", help="The script to benchmark."
+    )
+    parser.add_argument(
+        "--python", type=str, default=sys.executable, help="Interpreter that runs transform.py."
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=3600.0, help="Seconds before a run is killed."
+    )
+    parser.add_argument(
+        "--keep_outputs", action="store_true", help="Keep what transform.py wrote (path logged)."
+    )
+    args = parser.parse_args(argv)
+    if min(args.n_cells) < 1 or args.num_proc < 1 or args.genes_per_cell < 1:
+        parser.error("--n_cells, --num_proc and --genes_per_cell must be positive.")
+    if args.chunk_size is not None and args.chunk_size < 1:
+        parser.error("--chunk_size must be positive; leave it out to use transform.py's default.")
+    return args
+
+
+def _tree_rss(proc: psutil.Process) -> int:
+    """Sum of RSS over ``proc`` and its descendants (0 for any that just exited)."""
+    total = 0
+    try:
+        family = [proc, *proc.children(recursive=True)]
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return 0
+    for p in family:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            total += p.memory_info().rss
+    return total
+
+
+def _kill_tree(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def measure(command: list[str], *, log_path: Path, timeout: float) -> tuple[float, int, int, int]:
+    """Run ``command``; return (seconds, peak tree RSS, max single-process RSS, return code).
+
+    The child gets its own process group so that a timeout or Ctrl-C kills its workers too.
+    """
+    with log_path.open("wb") as log:
+        start = time.perf_counter()
+        proc = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        ps = psutil.Process(proc.pid)
+        peak = 0
+        try:
+            while True:
+                # wait4 reaps the child and returns its rusage (and that of its waited-for children)
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    break
+                peak = max(peak, _tree_rss(ps))
+                if time.perf_counter() - start > timeout:
+                    _kill_tree(proc.pid)
+                    raise InputError(
+                        f"transform.py ran longer than --timeout {timeout:g} s and was stopped; "
+                        "raise --timeout or use fewer cells."
+                    )
+                time.sleep(POLL_SECONDS)
+        except BaseException:
+            _kill_tree(proc.pid)
+            proc.wait()
+            raise
+        seconds = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4, not by Popen
+    return seconds, peak, usage.ru_maxrss * 1024, proc.returncode  # ru_maxrss is in KiB on Linux
+
+
+def dir_bytes(path: Path) -> int:
+    """Bytes of all regular files under ``path``."""
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def count_nnz(path: Path) -> int:
+    """Non-zeros of the CSR ``X`` of an h5ad, read from its metadata only."""
+    with h5py.File(path, "r") as f:
+        return int(f["X/data"].shape[0])
+
+
+def format_table(results: Sequence[RunResult]) -> str:
+    """The results as an aligned text table."""
+    mb = 1024**2
+    header = ("cells", "non-zeros", "seconds", "cells/s", "peak RSS tree MB", "max RSS 1 proc MB", "output MB")  # fmt: skip
+    rows = [header]
+    for r in results:
+        rows.append(
+            (
+                f"{r.n_cells:,}",
+                f"{r.nnz:,}",
+                f"{r.seconds:.1f}",
+                f"{r.n_cells / r.seconds:,.0f}",
+                f"{r.peak_tree_rss / mb:,.0f}",
+                f"{r.max_single_rss / mb:,.0f}",
+                f"{r.output_bytes / mb:,.1f}",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> list[RunResult]:
+    """Run the benchmark for every size and print the table; returns the measurements."""
+    transform = args.transform.resolve()
+    if not transform.is_file():
+        raise InputError(
+            f"{transform} does not exist; pass the script to benchmark with --transform."
+        )
+    args.cache_dir.mkdir(parents=True, exist_ok=True)
+    results: list[RunResult] = []
+    for n_cells in args.n_cells:
+        data = cached_synthetic_h5ad(
+            args.cache_dir, n_cells=n_cells, n_genes=args.n_genes,
+            genes_per_cell=args.genes_per_cell, seed=args.seed,
+        )  # fmt: skip
+        nnz = count_nnz(data)
+        out = Path(tempfile.mkdtemp(prefix=f"run-c{n_cells}-", dir=args.cache_dir))
+        command = [
+            args.python, str(transform), "--data_filepath", str(data), "--output_dir", str(out / "out"),
+            "--overwrite", "--max_genes_per_cell", "100000", "--num_proc", str(args.num_proc),
+        ]  # fmt: skip
+        if args.chunk_size is not None:
+            command += ["--chunk_size", str(args.chunk_size)]
+        logger.info("Running %s", " ".join(command))
+        log_path = out / "transform.log"
+        try:
+            seconds, peak, single, code = measure(command, log_path=log_path, timeout=args.timeout)
+            if code != 0:
+                tail = log_path.read_text(errors="replace").splitlines()[-15:]
+                raise InputError(
+                    f"transform.py failed on {data} with exit status {code}; its last lines:\n"
+                    + "\n".join(tail)
+                )
+            out_bytes = dir_bytes(out / "out")
+        finally:
+            if not args.keep_outputs:
+                shutil.rmtree(out, ignore_errors=True)
+        result = RunResult(n_cells, nnz, seconds, peak, single, out_bytes, code)
+        results.append(result)
+        logger.info(
+            "%s cells: %.1f s, %s cells/s, peak RSS %s MB.",
+            f"{n_cells:,}", seconds, f"{n_cells / seconds:,.0f}", f"{peak / 1024**2:,.0f}",
+        )  # fmt: skip
+        if args.keep_outputs:
+            logger.info("Kept the outputs of this run in %s.", out)
+    children_maxrss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    print(format_table(results))
+    chunk = args.chunk_size if args.chunk_size is not None else "transform.py default"
+    print(
+        f"num_proc={args.num_proc}, chunk_size={chunk}, genes={args.n_genes:,}, "
+        f"genes_per_cell~{args.genes_per_cell:,}, CPUs={os.cpu_count()}; "
+        f"getrusage(RUSAGE_CHILDREN).ru_maxrss over all runs: {children_maxrss / 1024**2:,.0f} MB"
+    )
+    return results
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args)
