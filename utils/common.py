@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import random
 import shutil
 import sys
@@ -39,9 +38,8 @@ def setup_logging(level: int = logging.INFO) -> None:
 def run_cli(main: Callable[[Any], Any], parse_args: Callable[[Sequence[str] | None], Any]) -> None:
     """Entry point of a script: parse, run, and turn ``InputError`` into one line + exit 2."""
     setup_logging()
-    args = parse_args(None)
     try:
-        main(args)
+        main(parse_args(None))
     except InputError as err:
         logger.error("%s", err)
         sys.exit(2)
@@ -107,6 +105,6 @@ def staged_outputs(output_dir: Path, names: Sequence[str], *, overwrite: bool) -
                 shutil.rmtree(dst)
             elif dst.exists() or dst.is_symlink():
                 dst.unlink()
-            os.replace(src, dst)
+            src.replace(dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

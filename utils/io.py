@@ -1,0 +1,311 @@
+"""Reading count matrices chunk by chunk, and writing the transform's outputs incrementally.
+
+An ``.h5ad`` whose matrix is stored as CSR (or dense) is read out of core with h5py, a slice of
+rows at a time, so memory does not grow with the number of cells. Other formats (10x ``.h5``,
+10x matrix folders, ``.loom``, ``.csv``, CSC-stored h5ad) go through anndata/scanpy readers
+into memory and are then served in the same chunks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import scipy.sparse as sp
+
+from utils.common import InputError
+
+logger = logging.getLogger("cell2sentence")
+
+# Marks "uns['log1p'] absent" apart from "present with base None (natural log)".
+NO_LOG1P = "absent"
+
+
+def _canonical(chunk: sp.csr_matrix) -> sp.csr_matrix:
+    """Sorted indices, no explicit zeros: what the ranking kernel expects."""
+    chunk.sum_duplicates()
+    chunk.eliminate_zeros()
+    chunk.sort_indices()
+    return chunk
+
+
+class MatrixSource:
+    """Rows of the input's count matrix, with its obs, var and log1p marker.
+
+    ``matrix_name`` says which matrix was chosen (``raw.X``, ``layers['counts']`` or ``X``).
+    """
+
+    path: Path
+    matrix_name: str
+    obs: pd.DataFrame
+    var: pd.DataFrame
+    log1p_base: Any  # NO_LOG1P, None (natural log) or a number
+    shape: tuple[int, int]
+
+    def read_rows(self, start: int, stop: int) -> sp.csr_matrix:
+        raise NotImplementedError
+
+    @property
+    def n_cells(self) -> int:
+        return self.shape[0]
+
+    @property
+    def n_genes(self) -> int:
+        return self.shape[1]
+
+
+def _choose_matrix(has: dict[str, bool], layer: str | None) -> str:
+    """The matrix holding counts: --layer, else .raw.X (as the original), else
+    layers['counts'], else X."""
+    if layer is not None:
+        if not has.get(f"layers/{layer}"):
+            raise InputError(f"The input has no layer {layer!r}; drop --layer or name one it has.")
+        return f"layers/{layer}"
+    for key in ("raw/X", "layers/counts", "X"):
+        if has.get(key):
+            return key
+    raise InputError("The input holds no count matrix (no X, .raw.X or layers).")
+
+
+def _display_name(key: str) -> str:
+    if key.startswith("layers/"):
+        return f"layers[{key.split('/', 1)[1]!r}]"
+    return key.replace("/", ".")
+
+
+class H5adSource(MatrixSource):
+    """Out-of-core reader of an .h5ad whose matrix is CSR or dense on disk."""
+
+    def __init__(self, path: Path, *, layer: str | None):
+        self.path = path
+        self._file: h5py.File | None = None
+        self._pid = -1
+        f = self._handle()
+        has = {"X": "X" in f, "raw/X": "raw" in f and "X" in f["raw"]}
+        if "layers" in f:
+            has.update({f"layers/{name}": True for name in f["layers"]})
+        self._key = _choose_matrix(has, layer)
+        self.matrix_name = _display_name(self._key)
+        node = f[self._key]
+        self._dense = isinstance(node, h5py.Dataset)
+        if self._dense:
+            self.shape = tuple(int(n) for n in node.shape)
+        else:
+            encoding = _attr(node, "encoding-type") or _attr(node, "h5sparse_format")
+            if encoding not in ("csr_matrix", "csr"):
+                raise _NeedsInMemory(f"{self.matrix_name} is stored as {encoding}")
+            shape = node.attrs["shape"] if "shape" in node.attrs else node.attrs["h5sparse_shape"]
+            self.shape = tuple(int(n) for n in shape)
+        self.obs = ad.io.read_elem(f["obs"])
+        self.var = ad.io.read_elem(f["raw/var"] if self._key == "raw/X" else f["var"])
+        self.log1p_base = NO_LOG1P
+        if "uns" in f and "log1p" in f["uns"]:
+            self.log1p_base = _log1p_base(ad.io.read_elem(f["uns/log1p"]))
+
+    def _handle(self) -> h5py.File:
+        # h5py handles do not survive fork(): each worker process opens its own.
+        if self._file is None or self._pid != os.getpid():
+            self._file = h5py.File(self.path, "r")
+            self._pid = os.getpid()
+        return self._file
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_file": None, "_pid": -1}
+
+    def read_rows(self, start: int, stop: int) -> sp.csr_matrix:
+        node = self._handle()[self._key]
+        if self._dense:
+            return _canonical(sp.csr_matrix(node[start:stop]))
+        indptr = node["indptr"][start : stop + 1].astype(np.int64)
+        lo, hi = int(indptr[0]), int(indptr[-1])
+        data = node["data"][lo:hi]
+        indices = node["indices"][lo:hi]
+        chunk = sp.csr_matrix((data, indices, indptr - lo), shape=(stop - start, self.shape[1]))
+        return _canonical(chunk)
+
+
+class _NeedsInMemory(Exception):
+    """The h5ad's layout cannot be streamed by rows (e.g. CSC); read it into memory."""
+
+
+class InMemorySource(MatrixSource):
+    """An AnnData loaded into memory, served in row chunks."""
+
+    def __init__(self, adata: ad.AnnData, path: Path, *, layer: str | None):
+        self.path = path
+        has = {"X": adata.X is not None, "raw/X": adata.raw is not None}
+        has.update({f"layers/{name}": True for name in adata.layers})
+        key = _choose_matrix(has, layer)
+        self.matrix_name = _display_name(key)
+        if key == "raw/X":
+            matrix, self.var = adata.raw.X, adata.raw.var.copy()
+        elif key == "X":
+            matrix, self.var = adata.X, adata.var.copy()
+        else:
+            matrix, self.var = adata.layers[key.split("/", 1)[1]], adata.var.copy()
+        self._matrix = sp.csr_matrix(matrix) if not sp.issparse(matrix) else matrix.tocsr()
+        self.shape = self._matrix.shape
+        self.obs = adata.obs.copy()
+        self.log1p_base = _log1p_base(adata.uns["log1p"]) if "log1p" in adata.uns else NO_LOG1P
+
+    def read_rows(self, start: int, stop: int) -> sp.csr_matrix:
+        return _canonical(self._matrix[start:stop].astype(np.float64, copy=True))
+
+
+def _attr(node: h5py.Group, name: str) -> str | None:
+    value = node.attrs.get(name)
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _log1p_base(entry: Any) -> float | None:
+    base = entry.get("base") if isinstance(entry, dict) else None
+    if base is None or (isinstance(base, float) and np.isnan(base)):
+        return None
+    return float(np.asarray(base).item())
+
+
+def open_source(path: Path, *, layer: str | None = None) -> MatrixSource:
+    """Open the input for chunked reading; one clear ``InputError`` when it cannot be read."""
+    if not path.exists():
+        raise InputError(f"Input file {path} does not exist; check --data_filepath.")
+    suffix = "".join(path.suffixes[-1:]).lower()
+    if path.is_file() and suffix == ".h5ad":
+        try:
+            return H5adSource(path, layer=layer)
+        except _NeedsInMemory as why:
+            logger.warning("%s cannot be read by rows (%s); loading it into memory.", path, why)
+        except (OSError, KeyError) as err:
+            raise InputError(f"{path} is not a readable .h5ad file ({err}).") from err
+    return InMemorySource(_read_with_scanpy(path), path, layer=layer)
+
+
+def _read_with_scanpy(path: Path) -> ad.AnnData:
+    import scanpy as sc
+
+    suffix = path.suffix.lower()
+    try:
+        if path.is_dir():
+            return sc.read_10x_mtx(path)
+        if suffix == ".h5ad":
+            return ad.read_h5ad(path)
+        if suffix == ".h5":
+            return sc.read_10x_h5(path)
+        if suffix == ".loom":
+            return sc.read_loom(path)
+        if suffix == ".csv":
+            return sc.read_csv(path)
+    except Exception as err:  # readers raise many kinds; the user needs one sentence
+        raise InputError(f"{path} could not be read as {suffix or 'a 10x folder'} ({err}).") from err
+    raise InputError(
+        f"{path} has an unsupported format; give an .h5ad, 10x .h5, 10x matrix folder, .loom or .csv."
+    )
+
+
+class H5adCSRWriter:
+    """Writes an AnnData .h5ad whose X (CSR float32) is appended a chunk of rows at a time."""
+
+    def __init__(self, path: Path, n_genes: int):
+        self.path = path
+        self.n_genes = n_genes
+        self.n_rows = 0
+        self._file = h5py.File(path, "w")
+        x = self._file.create_group("X")
+        x.attrs["encoding-type"] = "csr_matrix"
+        x.attrs["encoding-version"] = "0.1.0"
+        self._data = x.create_dataset("data", shape=(0,), maxshape=(None,), dtype="float32", chunks=(1 << 18,))
+        self._indices = x.create_dataset("indices", shape=(0,), maxshape=(None,), dtype="int32", chunks=(1 << 18,))
+        self._indptr = [np.zeros(1, np.int64)]
+
+    def append(self, chunk: sp.csr_matrix) -> None:
+        nnz = self._data.shape[0]
+        for dataset, values in ((self._data, chunk.data), (self._indices, chunk.indices)):
+            dataset.resize((nnz + len(values),))
+            dataset[nnz:] = values
+        self._indptr.append(chunk.indptr[1:].astype(np.int64) + nnz)
+        self.n_rows += chunk.shape[0]
+
+    def finish(self, *, obs: pd.DataFrame, var: pd.DataFrame, uns: dict[str, Any]) -> None:
+        x = self._file["X"]
+        x.create_dataset("indptr", data=np.concatenate(self._indptr))
+        x.attrs["shape"] = (self.n_rows, self.n_genes)
+        self._file.attrs["encoding-type"] = "anndata"
+        self._file.attrs["encoding-version"] = "0.1.0"
+        ad.io.write_elem(self._file, "obs", obs)
+        ad.io.write_elem(self._file, "var", var)
+        ad.io.write_elem(self._file, "uns", uns)
+        for empty in ("obsm", "varm", "obsp", "varp", "layers"):
+            ad.io.write_elem(self._file, empty, {})
+        self._file.close()
+
+
+class ArrowSplitWriter:
+    """One split of a ``datasets.DatasetDict`` on disk, written in Arrow shards as the rows
+    arrive; ``finish`` writes the metadata that ``datasets.load_from_disk`` reads."""
+
+    def __init__(self, folder: Path, schema: pa.Schema, *, shard_bytes: int = 500 << 20):
+        from datasets import Features
+
+        self.folder = folder
+        self.folder.mkdir(parents=True)
+        self.features = Features.from_arrow_schema(schema)
+        metadata = {"huggingface": json.dumps({"info": {"features": self.features.to_dict()}})}
+        self.schema = schema.with_metadata(metadata)
+        self.shard_bytes = shard_bytes
+        self._shards: list[Path] = []
+        self._writer: pa.ipc.RecordBatchStreamWriter | None = None
+        self._written = 0
+        self.n_rows = 0
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        if self._writer is None or self._written >= self.shard_bytes:
+            self._close_shard()
+            self._shards.append(self.folder / f"shard-{len(self._shards):05d}.arrow")
+            self._writer = pa.ipc.new_stream(str(self._shards[-1]), self.schema)
+            self._written = 0
+        self._writer.write_batch(batch.replace_schema_metadata(self.schema.metadata))
+        self._written += batch.nbytes
+        self.n_rows += batch.num_rows
+
+    def _close_shard(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def finish(self) -> None:
+        if self._writer is None and not self._shards:  # an empty split still gets one file
+            self._shards.append(self.folder / "shard-00000.arrow")
+            with pa.ipc.new_stream(str(self._shards[-1]), self.schema):
+                pass
+        self._close_shard()
+        names = []
+        for i, shard in enumerate(self._shards):
+            name = f"data-{i:05d}-of-{len(self._shards):05d}.arrow"
+            shard.rename(self.folder / name)
+            names.append({"filename": name})
+        state = {
+            "_data_files": names,
+            "_fingerprint": hashlib.sha1(f"{self.folder.name}:{self.n_rows}".encode()).hexdigest()[:16],
+            "_format_columns": None,
+            "_format_kwargs": {},
+            "_format_type": None,
+            "_output_all_columns": False,
+            "_split": None,
+        }
+        info = {"citation": "", "description": "", "features": self.features.to_dict(),
+                "homepage": "", "license": ""}
+        (self.folder / "state.json").write_text(json.dumps(state, indent=2))
+        (self.folder / "dataset_info.json").write_text(json.dumps(info, indent=2))
+
+
+def write_dataset_dict_index(folder: Path, splits: list[str]) -> None:
+    """The ``dataset_dict.json`` listing the splits of a saved ``DatasetDict``."""
+    (folder / "dataset_dict.json").write_text(json.dumps({"splits": splits}))

@@ -1,0 +1,221 @@
+"""Quality control, input-kind detection and normalization, computed in passes over chunks.
+
+QC follows the original script (scanpy's tutorial defaults) and gives exactly what scanpy gives
+on the whole matrix:
+
+1. ``sc.pp.filter_cells(min_genes=200)``
+2. ``sc.pp.filter_genes(min_cells=3)`` on the cells left by 1
+3. drop cells with ``n_genes_by_counts >= 2500`` (counted over the genes left by 2)
+4. drop cells with ``pct_counts_mt >= max_mt_percent`` (the original's 200 keeps every cell)
+
+Step 3 and 4 depend on the gene filter, which depends on all cells. One streaming pass still
+suffices: a gene that fails the filter occurs in fewer than ``min_cells`` cells, so keeping the
+occurrences of every gene seen fewer than ``min_cells`` times so far (at most
+``n_genes * (min_cells - 1)`` entries) lets us subtract the failing genes' contributions from the
+per-cell statistics at the end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+
+INPUT_KINDS = ("auto", "counts", "normalized", "log1p")
+TARGET_SUM = 1e4
+
+
+@dataclass(frozen=True)
+class QCParams:
+    """Thresholds of the quality control; ``enabled=False`` keeps every non-empty cell."""
+
+    min_genes_per_cell: int = 200
+    min_cells_per_gene: int = 3
+    max_genes_per_cell: int = 2500
+    max_mt_percent: float = 200.0
+    enabled: bool = True
+
+
+@dataclass
+class ChunkStats:
+    """Per-cell and per-gene statistics of one chunk of rows (see ``chunk_stats``)."""
+
+    n_genes: np.ndarray  # per cell: non-zero genes
+    total: np.ndarray  # per cell: sum of values
+    mt_total: np.ndarray  # per cell: sum over MT- genes
+    gene_cells: np.ndarray  # per gene: cells (passing min_genes) expressing it
+    rare_cells: np.ndarray  # occurrences of genes seen < min_cells times in this chunk
+    rare_genes: np.ndarray
+    rare_values: np.ndarray
+
+
+def chunk_stats(
+    chunk: sp.csr_matrix, *, row_offset: int, is_mt: np.ndarray, params: QCParams
+) -> ChunkStats:
+    """Statistics of one CSR chunk (no explicit zeros) for the streaming QC."""
+    n_genes = np.diff(chunk.indptr)
+    total = np.asarray(chunk.sum(axis=1)).ravel().astype(np.float64)
+    mt_values = np.where(is_mt[chunk.indices], chunk.data, 0)
+    mt_total = np.add.reduceat(mt_values, chunk.indptr[:-1]) if chunk.nnz else total * 0
+    mt_total = np.where(n_genes > 0, mt_total, 0).astype(np.float64)
+
+    passing = n_genes >= (params.min_genes_per_cell if params.enabled else 1)
+    entry_rows = np.repeat(np.arange(chunk.shape[0]), n_genes)
+    entry_passing = passing[entry_rows]
+    genes = chunk.indices[entry_passing]
+    gene_cells = np.bincount(genes, minlength=chunk.shape[1]).astype(np.int64)
+
+    rare = entry_passing.copy()
+    rare[entry_passing] = gene_cells[genes] < params.min_cells_per_gene
+    return ChunkStats(
+        n_genes=n_genes.astype(np.int64),
+        total=total,
+        mt_total=mt_total,
+        gene_cells=gene_cells,
+        rare_cells=entry_rows[rare].astype(np.int64) + row_offset,
+        rare_genes=chunk.indices[rare].astype(np.int64),
+        rare_values=chunk.data[rare].astype(np.float64),
+    )
+
+
+@dataclass
+class QCAccumulator:
+    """Merges ``ChunkStats`` in row order and decides which cells and genes are kept."""
+
+    n_cells: int
+    n_genes_total: int
+    params: QCParams
+    n_genes: np.ndarray = field(init=False)
+    total: np.ndarray = field(init=False)
+    mt_total: np.ndarray = field(init=False)
+    gene_cells: np.ndarray = field(init=False)
+    _rare: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(init=False)
+    _filled: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        self.n_genes = np.zeros(self.n_cells, np.int64)
+        self.total = np.zeros(self.n_cells, np.float64)
+        self.mt_total = np.zeros(self.n_cells, np.float64)
+        self.gene_cells = np.zeros(self.n_genes_total, np.int64)
+        self._rare = []
+
+    def add(self, stats: ChunkStats) -> None:
+        start, stop = self._filled, self._filled + len(stats.n_genes)
+        self.n_genes[start:stop] = stats.n_genes
+        self.total[start:stop] = stats.total
+        self.mt_total[start:stop] = stats.mt_total
+        self._filled = stop
+        self.gene_cells += stats.gene_cells
+        self._rare.append((stats.rare_cells, stats.rare_genes, stats.rare_values))
+        # Keep memory bounded: drop occurrences of genes now known to pass.
+        cells, genes, values = (np.concatenate(parts) for parts in zip(*self._rare, strict=True))
+        still_rare = self.gene_cells[genes] < self.params.min_cells_per_gene
+        self._rare = [(cells[still_rare], genes[still_rare], values[still_rare])]
+
+    def finalize(self, is_mt: np.ndarray) -> QCResult:
+        """Apply the filters in the original order; return masks, counts and final totals."""
+        p = self.params
+        passes_min_genes = self.n_genes >= (p.min_genes_per_cell if p.enabled else 1)
+        if p.enabled:
+            gene_mask = self.gene_cells >= p.min_cells_per_gene
+        else:
+            gene_mask = np.ones(self.n_genes_total, bool)
+        # Subtract what the failing genes contributed to each cell.
+        cells, genes, values = self._rare[0] if self._rare else (np.empty(0, np.int64),) * 3
+        failing = ~gene_mask[genes] if len(genes) else np.zeros(0, bool)
+        cells, genes, values = cells[failing], genes[failing], values[failing]
+        n_genes = self.n_genes - np.bincount(cells, minlength=self.n_cells)
+        total = self.total - np.bincount(cells, weights=values, minlength=self.n_cells)
+        mt_removed = np.bincount(cells, weights=values * is_mt[genes], minlength=self.n_cells)
+        mt_total = self.mt_total - mt_removed
+        with np.errstate(divide="ignore", invalid="ignore"):
+            pct_mt = np.where(total > 0, 100.0 * mt_total / total, 0.0)
+
+        keep = passes_min_genes.copy()
+        removed = {"min_genes_per_cell": int((~passes_min_genes).sum())}
+        if p.enabled:
+            too_many = keep & (n_genes >= p.max_genes_per_cell)
+            keep &= ~too_many
+            too_mt = keep & (pct_mt >= p.max_mt_percent)
+            keep &= ~too_mt
+            removed["max_genes_per_cell"] = int(too_many.sum())
+            removed["max_mt_percent"] = int(too_mt.sum())
+        # A cell whose every gene was filtered out has no sentence.
+        empty = keep & (n_genes == 0)
+        keep &= ~empty
+        removed["no_expressed_genes"] = int(empty.sum())
+        return QCResult(
+            cell_mask=keep,
+            gene_mask=gene_mask,
+            n_genes=n_genes,
+            total=total,
+            pct_mt=pct_mt,
+            cells_removed=removed,
+            genes_removed=int((~gene_mask).sum()),
+            gene_cells=self.gene_cells,
+        )
+
+
+@dataclass
+class QCResult:
+    """Outcome of the QC: which cells and genes stay, and the per-cell statistics."""
+
+    cell_mask: np.ndarray
+    gene_mask: np.ndarray
+    n_genes: np.ndarray  # after the gene filter, like scanpy's n_genes_by_counts
+    total: np.ndarray  # after the gene filter: the normalization denominator
+    pct_mt: np.ndarray
+    cells_removed: dict[str, int]
+    genes_removed: int
+    gene_cells: np.ndarray
+
+
+def detect_input_kind(sample: sp.csr_matrix, *, has_log1p_uns: bool) -> tuple[str, str]:
+    """Guess whether values are raw counts, normalized values or log1p values.
+
+    Returns the kind and a short reason for the log. ``sample`` is a few thousand cells.
+    """
+    values = sample.data
+    if has_log1p_uns:
+        return "log1p", 'uns["log1p"] is present'
+    if values.size == 0:
+        return "counts", "no non-zero values to inspect"
+    if np.all(values == np.round(values)):
+        return "counts", "all values are whole numbers"
+    # Normalized data has (near-)constant cell totals; log1p data has them after expm1.
+    cell_totals = np.asarray(sample.sum(axis=1)).ravel()
+    expm1_totals = np.asarray(sample.expm1().sum(axis=1)).ravel()
+    if _spread(expm1_totals) < 0.01:
+        return "log1p", "cell totals are constant after expm1"
+    if _spread(cell_totals) < 0.01:
+        return "normalized", "cell totals are constant"
+    if values.max() < 30:
+        return "log1p", "non-integer values below 30"
+    return "normalized", "non-integer values with a wide range"
+
+
+def _spread(totals: np.ndarray) -> float:
+    totals = totals[totals > 0]
+    if totals.size < 2:
+        return np.inf
+    return float(np.std(totals) / np.mean(totals))
+
+
+def to_linear(data: np.ndarray, *, input_kind: str, log1p_base: float | None) -> np.ndarray:
+    """Values on the linear (count or normalized) scale: log1p values are brought back."""
+    if input_kind != "log1p":
+        return data
+    if log1p_base is None:
+        return np.expm1(data)
+    return np.power(log1p_base, data) - 1.0
+
+
+def normalize_rows(chunk: sp.csr_matrix, *, input_kind: str) -> np.ndarray:
+    """Normalized values of a CSR chunk's data: counts scaled to 10,000 per cell, as
+    ``sc.pp.normalize_total(target_sum=1e4)``; other kinds are already normalized."""
+    if input_kind != "counts":
+        return chunk.data.astype(np.float64)
+    totals = np.asarray(chunk.sum(axis=1), dtype=np.float64).ravel()
+    per_entry = np.repeat(totals, np.diff(chunk.indptr))
+    return chunk.data.astype(np.float64) * (TARGET_SUM / per_entry)

@@ -1,0 +1,236 @@
+"""Rank each cell's expressed genes and turn the ranking into cell-sentence text.
+
+The kernels work on CSR arrays (``indptr``, ``indices``, ``data``), one row per cell, and are
+compiled with numba: ranking 20,000 cells of 2,000 expressed genes takes about a second on
+one core here, against minutes for a Python loop that creates a random generator per cell.
+
+Ties are broken uniformly at random but reproducibly: the genes of a tie group, taken in
+gene-index order, are shuffled (Fisher-Yates) with random numbers from a counter-based hash of
+(seed, global cell index, position). The result depends only on the cell's own values and
+its index in the input, so it is identical whatever the chunking or the number of workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import scipy.sparse as sp
+from numba import njit
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+@njit(inline="always", cache=True)
+def _splitmix64(x):
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+@njit(cache=True)
+def _rank_rows(indptr, value_bits, cell_ids, seed):
+    """Entry positions of each row in rank order: value descending, ties shuffled by a
+    seeded hash.
+
+    ``value_bits`` is the float32 data viewed as uint32: for non-negative floats the bit
+    pattern orders like the value, so a byte-wise stable radix sort on it sorts by value.
+    """
+    n_rows = indptr.shape[0] - 1
+    out = np.empty(indptr[n_rows] - indptr[0], np.int64)
+
+    widest = 1
+    for r in range(n_rows):
+        widest = max(widest, indptr[r + 1] - indptr[r])
+    keys_a = np.empty(widest, np.uint32)
+    keys_b = np.empty(widest, np.uint32)
+    pos_a = np.empty(widest, np.int64)
+    pos_b = np.empty(widest, np.int64)
+    count = np.empty(256, np.int64)
+    seed_key = _splitmix64(np.uint64(seed) + _GOLDEN)
+
+    for r in range(n_rows):
+        start = indptr[r]
+        n = indptr[r + 1] - start
+        if n == 0:
+            continue
+        for j in range(n):
+            keys_a[j] = np.uint32(0xFFFFFFFF) - value_bits[start + j]  # descending
+            pos_a[j] = j
+        ka, kb, pa, pb = keys_a, keys_b, pos_a, pos_b
+        # LSD radix sort, one byte per pass; a pass where every key shares the byte is skipped
+        # (for integer counts most are), which makes this several times faster than argsort.
+        for byte in range(4):
+            shift = 8 * byte
+            for b in range(256):
+                count[b] = 0
+            for j in range(n):
+                count[(ka[j] >> shift) & 255] += 1
+            if count[(ka[0] >> shift) & 255] == n:
+                continue
+            total = 0
+            for b in range(256):
+                c = count[b]
+                count[b] = total
+                total += c
+            for j in range(n):
+                d = (ka[j] >> shift) & 255
+                t = count[d]
+                count[d] = t + 1
+                kb[t] = ka[j]
+                pb[t] = pa[j]
+            ka, kb = kb, ka
+            pa, pb = pb, pa
+        # Shuffle each tie group (still in gene-index order after the stable sort).
+        cell_key = _splitmix64(seed_key ^ (np.uint64(cell_ids[r]) * _GOLDEN))
+        group_start = 0
+        for j in range(1, n + 1):
+            if j == n or ka[j] != ka[group_start]:
+                for i in range(j - group_start - 1, 0, -1):
+                    h = _splitmix64(cell_key + np.uint64(group_start + i)) >> np.uint64(32)
+                    k = np.int64((h * np.uint64(i + 1)) >> np.uint64(32))  # uniform in [0, i]
+                    a = group_start + i
+                    b = group_start + k
+                    tmp = pa[a]
+                    pa[a] = pa[b]
+                    pa[b] = tmp
+                group_start = j
+        for j in range(n):
+            out[start - indptr[0] + j] = start + pa[j]
+    return out
+
+
+def rank_entries(
+    indptr: np.ndarray, data: np.ndarray, *, cell_ids: np.ndarray, seed: int
+) -> np.ndarray:
+    """Positions of a CSR matrix's entries, each row's in rank order (highest value first).
+
+    Parameters
+    ----------
+    indptr, data
+        A CSR matrix with sorted indices, no explicit zeros and non-negative values.
+    cell_ids
+        The global index of each row (seeds its tie-breaking; independent of chunking).
+    seed
+        Seed of the tie-breaking.
+
+    Returns
+    -------
+    An array ``order`` aligned with the entries: row r's genes, most expressed first, are
+    ``indices[order[indptr[r]:indptr[r + 1]]]``.
+    """
+    value_bits = np.ascontiguousarray(data, dtype=np.float32).view(np.uint32)
+    return _rank_rows(
+        np.asarray(indptr, dtype=np.int64),
+        value_bits,
+        np.asarray(cell_ids, dtype=np.int64),
+        np.uint64(seed),
+    )
+
+
+def rank_genes(
+    matrix: np.ndarray | sp.spmatrix | sp.sparray,
+    *,
+    seed: int = 0,
+    cell_ids: np.ndarray | None = None,
+    max_genes: int | None = None,
+) -> list[np.ndarray]:
+    """Gene (column) indices of each row's non-zero entries, highest value first.
+
+    >>> rank_genes(np.array([[0, 5, 1], [2, 0, 2]]), seed=0)[0].tolist()
+    [1, 2]
+    """
+    csr = sp.csr_matrix(matrix, dtype=np.float32)
+    csr.eliminate_zeros()
+    csr.sort_indices()
+    if cell_ids is None:
+        cell_ids = np.arange(csr.shape[0])
+    genes = csr.indices[rank_entries(csr.indptr, csr.data, cell_ids=cell_ids, seed=seed)]
+    return [genes[csr.indptr[r] : csr.indptr[r + 1]][:max_genes] for r in range(csr.shape[0])]
+
+
+class GeneNameTable:
+    """Gene names as one UTF-8 byte buffer plus offsets, for building sentences without
+    creating a Python string per gene and per cell."""
+
+    def __init__(self, names: Sequence[str]):
+        encoded = [name.encode("utf-8") for name in names]
+        self.offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        self.offsets[1:] = np.cumsum([len(e) for e in encoded])
+        self.buffer = np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()
+
+
+@njit(cache=True)
+def _join_rows(rows, indptr, ranked_genes, max_genes, name_buffer, name_offsets):
+    n_out = rows.shape[0]
+    offsets = np.zeros(n_out + 1, np.int64)
+    for i in range(n_out):
+        r = rows[i]
+        length = 0
+        for j in range(indptr[r], min(indptr[r + 1], indptr[r] + max_genes)):
+            g = ranked_genes[j]
+            length += name_offsets[g + 1] - name_offsets[g] + 1
+        offsets[i + 1] = offsets[i] + max(length - 1, 0)
+    text = np.empty(offsets[n_out], np.uint8)
+    for i in range(n_out):
+        r = rows[i]
+        pos = offsets[i]
+        for j in range(indptr[r], min(indptr[r + 1], indptr[r] + max_genes)):
+            if j > indptr[r]:
+                text[pos] = 32  # space
+                pos += 1
+            g = ranked_genes[j]
+            for b in range(name_offsets[g], name_offsets[g + 1]):
+                text[pos] = name_buffer[b]
+                pos += 1
+    return offsets, text
+
+
+def join_sentences(
+    rows: np.ndarray,
+    indptr: np.ndarray,
+    ranked_genes: np.ndarray,
+    names: GeneNameTable,
+    *,
+    max_genes: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sentences of the given rows as (offsets, utf-8 bytes): sentence i is
+    ``bytes[offsets[i]:offsets[i + 1]]``, its first ``max_genes`` genes separated by one space.
+
+    ``ranked_genes[indptr[r]:indptr[r + 1]]`` are row r's genes in rank order. The result has
+    the layout of an Arrow string column, so it feeds ``pyarrow.StringArray.from_buffers``.
+    """
+    limit = np.iinfo(np.int32).max if max_genes is None else int(max_genes)
+    return _join_rows(
+        np.asarray(rows, dtype=np.int64),
+        np.asarray(indptr, dtype=np.int64),
+        np.asarray(ranked_genes, dtype=np.int64),
+        limit,
+        names.buffer,
+        names.offsets,
+    )
+
+
+@njit(cache=True)
+def _lines(offsets, text):
+    n = offsets.shape[0] - 1
+    out = np.empty(text.shape[0] + n, np.uint8)
+    pos = 0
+    for i in range(n):
+        for b in range(offsets[i], offsets[i + 1]):
+            out[pos] = text[b]
+            pos += 1
+        out[pos] = 10  # newline
+        pos += 1
+    return out
+
+
+def sentences_as_lines(offsets: np.ndarray, text: np.ndarray) -> bytes:
+    """The sentences as text-file content, one per line."""
+    return _lines(offsets, text).tobytes()
+
+
+def sentences_from_ranking(ranked: list[np.ndarray], gene_names: Sequence[str]) -> list[str]:
+    """Plain-Python sentences from ``rank_genes`` output (for small data and tests)."""
+    names = np.asarray(gene_names, dtype=object)
+    return [" ".join(names[r]) for r in ranked]
