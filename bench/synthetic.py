@@ -15,6 +15,10 @@ only one chunk's memory. What the data looks like:
 
 Cells are generated in fixed blocks of 1,000 seeded by ``(seed, block)``, so the matrix does
 not depend on ``chunk_size`` (which only sets how many cells are written at once).
+Speed on the 2-core machine: 20,000 cells (40 M non-zeros, 330 MB) in 11.5 s, about
+3.5 M non-zeros/s including the write, so 1,000,000 cells take about 10 minutes and 16 GB.
+Generation is memory-bound (a cells x genes boolean mask per block); a process pool of two
+workers was slower (19.6 s), so it stays serial.
 
 Example::
 
