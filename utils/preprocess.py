@@ -185,7 +185,8 @@ def detect_input_kind(sample: sp.csr_matrix, *, has_log1p_uns: bool) -> tuple[st
         return "counts", "all values are whole numbers"
     # Normalized data has (near-)constant cell totals; log1p data has them after expm1.
     cell_totals = np.asarray(sample.sum(axis=1)).ravel()
-    expm1_totals = np.asarray(sample.expm1().sum(axis=1)).ravel()
+    with np.errstate(over="ignore", invalid="ignore"):  # large counts overflow: not log1p
+        expm1_totals = np.asarray(sample.astype(np.float64).expm1().sum(axis=1)).ravel()
     if _spread(expm1_totals) < 0.01:
         return "log1p", "cell totals are constant after expm1"
     if _spread(cell_totals) < 0.01:
@@ -196,7 +197,7 @@ def detect_input_kind(sample: sp.csr_matrix, *, has_log1p_uns: bool) -> tuple[st
 
 
 def _spread(totals: np.ndarray) -> float:
-    totals = totals[totals > 0]
+    totals = totals[(totals > 0) & np.isfinite(totals)]
     if totals.size < 2:
         return np.inf
     return float(np.std(totals) / np.mean(totals))

@@ -1,0 +1,49 @@
+"""Small synthetic count matrices shared by the tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+
+def synthetic_counts(
+    n_cells: int = 300,
+    n_genes: int = 400,
+    *,
+    seed: int = 0,
+    n_types: int = 3,
+    n_mt: int = 5,
+    sparse: bool = True,
+) -> ad.AnnData:
+    """Counts with per-gene means, per-cell depth, type-specific markers, MT- genes, some rare
+    genes and cells of very different sizes (so every QC filter has something to do)."""
+    rng = np.random.default_rng(seed)
+    types = rng.integers(0, n_types, n_cells)
+    gene_mean = rng.gamma(0.6, 1.5, n_genes)
+    gene_mean[-10:] = 0.001  # rare genes: expressed in very few cells
+    markers = rng.choice(n_genes - 10, size=(n_types, 15), replace=False)
+    means = np.tile(gene_mean, (n_cells, 1))
+    for t in range(n_types):
+        means[np.ix_(types == t, markers[t])] += 6.0
+    depth = rng.lognormal(0.0, 0.6, n_cells)[:, None]
+    depth[:5] = 0.03  # a few tiny cells fail min_genes
+    counts = rng.poisson(means * depth).astype(np.float32)
+    names = [f"MT-{i}" for i in range(n_mt)] + [f"GENE{i:04d}" for i in range(n_genes - n_mt)]
+    obs = pd.DataFrame(
+        {"cell_type": pd.Categorical([f"type {t}" for t in types]), "donor": rng.integers(0, 2, n_cells)},
+        index=[f"cell{i:04d}" for i in range(n_cells)],
+    )
+    return ad.AnnData(
+        X=sp.csr_matrix(counts) if sparse else counts,
+        obs=obs,
+        var=pd.DataFrame(index=names),
+    )
+
+
+def write_h5ad(adata: ad.AnnData, path: Path) -> Path:
+    adata.write_h5ad(path)
+    return path
