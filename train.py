@@ -1,0 +1,691 @@
+"""Fine-tune a causal language model on cell sentences (or train a small one from scratch).
+
+Input -> output: ``data/cell_sentences_hf/`` (the DatasetDict written by transform.py) ->
+``data/model/<run_name>/``: a Hugging Face model directory (``save_pretrained`` model and
+tokenizer) with ``train_args.json`` (the effective arguments, tasks and prompt format),
+``train_results.json`` (train/eval metrics) and ``train_log.json`` (the logged losses).
+Checkpoints go to ``<run>/checkpoints/``; the final files are written to a staging folder and
+moved into place at the end, ``config.json`` last, so an interrupted run never looks finished.
+
+Each training cell becomes one example of a task drawn at random (seeded per cell):
+conditional generation (cell type -> top K genes), unconditional generation (-> top K genes)
+or cell-type prediction (top K genes -> cell type), worded by one of the paraphrased prompt
+templates of ``utils/prompts.py``. The loss is taken on the answer tokens only.
+
+Example (GPT-2 from the hub, as in the original project):
+
+    python train.py --data_dir data/cell_sentences_hf/ --output_dir data/model/ \
+        --model_name gpt2 --num_train_epochs 10 --gradient_accumulation_steps 4 \
+        --per_device_train_batch_size 16 --per_device_eval_batch_size 16 --fp16 True \
+        --logging_steps 32 --save_steps 500
+
+Offline, a small GPT-2-style model with a word-level tokenizer built from the data:
+
+    python train.py --init_from_scratch True --n_layer 4 --n_embd 256 --n_head 4 \
+        --max_steps 2000 --per_device_train_batch_size 16 --run_name scratch-small
+
+Several GPUs: ``torchrun --nproc_per_node 4 train.py ...`` or ``accelerate launch train.py ...``.
+"""
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import statistics
+import warnings
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from transformers import TrainingArguments
+
+from utils.common import InputError, check_can_write, run_cli, seed_everything
+
+logger = logging.getLogger("cell2sentence.train")
+
+TRAIN_ARGS_FILE = "train_args.json"
+RESULTS_FILE = "train_results.json"
+LOG_FILE = "train_log.json"
+RUN_ARGS_FILE = "run_args.json"  # inside <run>/checkpoints, read when resuming
+OFFLINE_HINT = (
+    "pass a local model directory with --model_name (a folder written by save_pretrained or "
+    "an earlier train.py run), or train a small model from scratch with --init_from_scratch True"
+)
+
+
+@dataclass
+class ModelArguments:
+    """Which model to fine-tune, or the size of one to train from scratch."""
+
+    model_name: str = field(
+        default="gpt2",
+        metadata={"help": "Hub model name (needs internet) or local model directory."},
+    )
+    init_from_scratch: bool = field(
+        default=False,
+        metadata={
+            "help": "Train a randomly initialized GPT-2-style model with a word-level tokenizer "
+            "built from the training data (one token per gene); works offline."
+        },
+    )
+    n_layer: int = field(default=4, metadata={"help": "From scratch: transformer layers."})
+    n_embd: int = field(default=256, metadata={"help": "From scratch: embedding size."})
+    n_head: int = field(default=4, metadata={"help": "From scratch: attention heads."})
+    n_positions: int = field(
+        default=1024, metadata={"help": "From scratch: context length in tokens."}
+    )
+    min_gene_count: int = field(
+        default=1,
+        metadata={
+            "help": "From scratch: genes among the top genes of fewer training cells than this "
+            "map to <unk>."
+        },
+    )
+    checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "Resume from this checkpoint folder (<run>/checkpoints/checkpoint-N), or "
+            "'latest' for the newest one of --run_name."
+        },
+    )
+
+
+@dataclass
+class DataArguments:
+    """Where the cell sentences are and how they become training examples."""
+
+    data_dir: str = field(
+        default="data/cell_sentences_hf/",
+        metadata={"help": "DatasetDict folder written by transform.py (train/valid/test)."},
+    )
+    top_k_genes: int = field(
+        default=100, metadata={"help": "Genes per example (the first K of each sentence)."}
+    )
+    tasks: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated tasks among conditional_generation, "
+            "unconditional_generation, cell_type_prediction. Default: all three when the data "
+            "has cell types, else unconditional_generation."
+        },
+    )
+    task_weights: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated weights of --tasks (default: equal)."},
+    )
+    cell_type_column: str = field(
+        default="cell_type", metadata={"help": "Column with the cell-type labels."}
+    )
+    max_seq_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Longest example in tokens (default: the model's context); longer ones "
+            "lose genes, never their answer."
+        },
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Use only the first N training cells (for quick runs)."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Evaluate on only the first N validation cells."}
+    )
+    preprocessing_num_workers: int | None = field(
+        default=None, metadata={"help": "Processes that tokenize the examples."}
+    )
+    overwrite: bool = field(
+        default=False, metadata={"help": "Replace an existing finished run of the same name."}
+    )
+
+
+@dataclass
+class CellTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` with this project's defaults (output under data/, no reporting)."""
+
+    output_dir: str | None = field(
+        default="data/model/",
+        metadata={"help": "Folder of the runs; the model goes to <output_dir>/<run_name>/."},
+    )
+    report_to: None | str | list[str] = field(
+        default="none",
+        metadata={"help": "Experiment trackers to report to (wandb, tensorboard, ...); none."},
+    )
+
+    def __post_init__(self) -> None:
+        import torch
+
+        for flag in ("fp16", "bf16"):
+            if getattr(self, flag) and not torch.cuda.is_available() and not self.use_cpu:
+                logger.warning("--%s needs a CUDA GPU; none found, training in float32.", flag)
+                setattr(self, flag, False)
+        if not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # pinning needs an accelerator
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                self.use_cpu = True  # accelerate runs CPU processes as DDP (gloo) only so
+        super().__post_init__()
+
+
+class TrainArgs(NamedTuple):
+    """The parsed flags: model, data and Trainer arguments."""
+
+    model: ModelArguments
+    data: DataArguments
+    training: CellTrainingArguments
+
+
+def parse_args(argv: Sequence[str] | None = None) -> TrainArgs:
+    """Parse the command line (``argv`` None: ``sys.argv``) into the three dataclasses."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser((ModelArguments, DataArguments, CellTrainingArguments))
+    parser.description = __doc__.split("\n\n")[0] if __doc__ else None
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(
+        args=list(argv) if argv is not None else None, look_for_args_file=False
+    )
+    return TrainArgs(model_args, data_args, training_args)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def check_args(args: TrainArgs) -> None:
+    """Fail early on flag values and combinations that cannot work."""
+    m, d = args.model, args.data
+    if d.top_k_genes < 1:
+        raise InputError(f"--top_k_genes must be at least 1, not {d.top_k_genes}.")
+    if d.max_seq_length is not None and d.max_seq_length < 8:
+        raise InputError(f"--max_seq_length {d.max_seq_length} is too small; use at least 8.")
+    if m.init_from_scratch:
+        if min(m.n_layer, m.n_embd, m.n_head, m.n_positions) < 1:
+            raise InputError("--n_layer, --n_embd, --n_head and --n_positions must be positive.")
+        if m.n_embd % m.n_head:
+            raise InputError(
+                f"--n_embd {m.n_embd} is not divisible by --n_head {m.n_head}; "
+                "choose sizes such as --n_embd 256 --n_head 4."
+            )
+
+
+def load_cell_sentences(data_dir: Path) -> Any:
+    """The DatasetDict of transform.py, checked for a train split and a sentence column."""
+    from datasets import DatasetDict, load_from_disk
+
+    if not data_dir.is_dir():
+        raise InputError(
+            f"Dataset folder {data_dir} does not exist; run transform.py first or pass "
+            "--data_dir with its cell_sentences_hf/ folder."
+        )
+    try:
+        dataset = load_from_disk(str(data_dir))
+    except (FileNotFoundError, ValueError, OSError) as err:
+        raise InputError(
+            f"{data_dir} is not a dataset saved with save_to_disk ({err}); pass the "
+            "cell_sentences_hf/ folder written by transform.py."
+        ) from None
+    if not isinstance(dataset, DatasetDict) or "train" not in dataset:
+        raise InputError(
+            f"{data_dir} holds no 'train' split; pass the cell_sentences_hf/ folder written "
+            "by transform.py (splits train/valid/test)."
+        )
+    if "cell_sentence" not in dataset["train"].column_names:
+        raise InputError(
+            f"The train split of {data_dir} has no 'cell_sentence' column "
+            f"(columns: {', '.join(dataset['train'].column_names)})."
+        )
+    return dataset
+
+
+def resolve_tasks(data_args: DataArguments, columns: Sequence[str]) -> dict[str, float]:
+    """The task mix: the flags, or all tasks the data allows."""
+    from utils.training import TASKS, TYPED_TASKS, UNCONDITIONAL_GENERATION, parse_tasks
+
+    has_types = data_args.cell_type_column in columns
+    if data_args.tasks is None:
+        if has_types:
+            return parse_tasks(",".join(TASKS), data_args.task_weights)
+        logger.warning(
+            "The data has no %r column; training unconditional_generation only.",
+            data_args.cell_type_column,
+        )
+        return parse_tasks(UNCONDITIONAL_GENERATION, data_args.task_weights)
+    tasks = parse_tasks(data_args.tasks, data_args.task_weights)
+    typed = [t for t in tasks if t in TYPED_TASKS]
+    if typed and not has_types:
+        raise InputError(
+            f"Task(s) {', '.join(typed)} need cell types, but the data has no "
+            f"{data_args.cell_type_column!r} column; pass --cell_type_column with the label "
+            "column or --tasks unconditional_generation."
+        )
+    return tasks
+
+
+# --------------------------------------------------------------------------- run folder
+
+
+def _rank_zero(training_args: TrainingArguments) -> bool:
+    return training_args.process_index == 0
+
+
+def _broadcast(value: Any) -> Any:
+    """Rank 0's value on every process (identity when not distributed)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        holder = [value]
+        dist.broadcast_object_list(holder, src=0)
+        return holder[0]
+    return value
+
+
+def default_run_name(model_args: ModelArguments) -> str:
+    """``<model>-<UTC timestamp>``, e.g. ``gpt2-20240101-120000``."""
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    if model_args.init_from_scratch:
+        base = f"scratch-L{model_args.n_layer}-D{model_args.n_embd}"
+    else:
+        base = Path(model_args.model_name.rstrip("/")).name or "model"
+    return f"{base}-{stamp}"
+
+
+def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
+    """The ``checkpoint-N`` folder with the largest N, or None."""
+    found = [
+        p for p in checkpoints_dir.glob("checkpoint-*")
+        if p.is_dir() and p.name.split("-")[-1].isdigit()
+    ]
+    return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def resolve_run(args: TrainArgs) -> tuple[Path, Path | None]:
+    """The run folder and the checkpoint to resume from (None: a fresh run)."""
+    m, t = args.model, args.training
+    output_dir = Path(t.output_dir or "data/model/")
+    checkpoint: Path | None = None
+    run_name = t.run_name
+    if m.checkpoint == "latest":
+        if not run_name:
+            raise InputError("--checkpoint latest needs --run_name of the run to resume.")
+        checkpoint = latest_checkpoint(output_dir / run_name / "checkpoints")
+        if checkpoint is None:
+            raise InputError(
+                f"No checkpoint-N folder in {output_dir / run_name / 'checkpoints'}; "
+                "pass --checkpoint with a checkpoint folder."
+            )
+    elif m.checkpoint:
+        checkpoint = Path(m.checkpoint)
+        if not (checkpoint / "trainer_state.json").is_file():
+            raise InputError(
+                f"{checkpoint} is no Trainer checkpoint (no trainer_state.json); pass a "
+                "<run>/checkpoints/checkpoint-N folder or --checkpoint latest."
+            )
+    if run_name:
+        run_dir = output_dir / run_name
+    elif checkpoint is not None and checkpoint.parent.name == "checkpoints":
+        run_dir = checkpoint.parent.parent  # resume into the run the checkpoint belongs to
+    else:
+        run_dir = output_dir / _broadcast(default_run_name(m))
+    return run_dir, checkpoint
+
+
+def prepare_run_dir(
+    run_dir: Path, checkpoint: Path | None, *, overwrite: bool, delete: bool = True
+) -> None:
+    """Refuse to replace a finished run without --overwrite; clear stale checkpoints
+    (only where ``delete``: rank 0 of a distributed run)."""
+    check_can_write(run_dir, ["config.json"], overwrite=overwrite)
+    checkpoints = run_dir / "checkpoints"
+    resuming_here = checkpoint is not None and checkpoints.resolve() in (
+        checkpoint.resolve().parents
+    )
+    if checkpoints.is_dir() and any(checkpoints.iterdir()) and not resuming_here:
+        if not overwrite:
+            raise InputError(
+                f"{checkpoints} holds checkpoints of an earlier run; resume it with "
+                f"--checkpoint latest --run_name {run_dir.name}, or pass --overwrite to start "
+                "over."
+            )
+        if delete:
+            shutil.rmtree(checkpoints, ignore_errors=True)
+
+
+def publish(staging: Path, run_dir: Path) -> None:
+    """Move the staged final files into ``run_dir``, ``config.json`` last.
+
+    Without config.json a folder does not load as a model, so a crash in between never
+    leaves something that looks like a finished model.
+    """
+    keep = {"checkpoints", staging.name}
+    for old in sorted(run_dir.iterdir()):
+        if old.name in keep:
+            continue
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        else:
+            old.unlink()
+    names = sorted(p.name for p in staging.iterdir())
+    for name in [n for n in names if n != "config.json"] + ["config.json"]:
+        (staging / name).replace(run_dir / name)
+    staging.rmdir()
+
+
+# --------------------------------------------------------------------------- model
+
+
+def iter_top_genes(dataset: Any, top_k: int, batch_size: int = 10_000) -> Iterator[str]:
+    """The first ``top_k`` genes of every sentence, batch by batch (no full copy)."""
+    for batch in dataset.select_columns(["cell_sentence"]).iter(batch_size=batch_size):
+        for sentence in batch["cell_sentence"]:
+            yield " ".join(sentence.split()[:top_k])
+
+
+def build_model_and_tokenizer(
+    args: TrainArgs, train_split: Any, checkpoint: Path | None
+) -> tuple[Any, Any]:
+    """Load the pretrained model, the checkpoint's, or build a small one from scratch."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+
+    from utils.prompts import prompt_words
+    from utils.tokenizer import build_word_tokenizer
+    from utils.training import from_pretrained
+
+    m, d = args.model, args.data
+    if checkpoint is not None:
+        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+        model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32)
+    elif m.init_from_scratch:
+        labels: list[str] = []
+        if d.cell_type_column in train_split.column_names:
+            labels = sorted({str(x) for x in train_split.unique(d.cell_type_column)})
+        tokenizer = build_word_tokenizer(
+            iter_top_genes(train_split, d.top_k_genes),
+            extra_words=prompt_words(labels, max_number=max(1024, d.top_k_genes)),
+            min_count=m.min_gene_count,
+            model_max_length=m.n_positions,
+        )
+        config = GPT2Config(
+            vocab_size=len(tokenizer),
+            n_positions=m.n_positions,
+            n_embd=m.n_embd,
+            n_layer=m.n_layer,
+            n_head=m.n_head,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        model = AutoModelForCausalLM.from_config(config)
+        logger.info(
+            "New GPT-2-style model: %d layers, %d dims, %d heads, %s parameters, vocabulary "
+            "of %s words.",
+            m.n_layer, m.n_embd, m.n_head, f"{model.num_parameters():,}", f"{len(tokenizer):,}",
+        )
+    else:
+        tokenizer = from_pretrained(
+            AutoTokenizer.from_pretrained, m.model_name, offline_hint=OFFLINE_HINT
+        )
+        model = from_pretrained(
+            AutoModelForCausalLM.from_pretrained,
+            m.model_name,
+            offline_hint=OFFLINE_HINT,
+            dtype=torch.float32,
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token_id is None:
+        raise InputError(f"The tokenizer of {m.model_name} has no EOS token; pick another model.")
+    tokenizer.padding_side = "right"
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model, tokenizer
+
+
+def context_length(model: Any, tokenizer: Any, requested: int | None) -> int:
+    """The longest example: the model's context, or less when asked."""
+    config = model.config
+    limit = getattr(config, "n_positions", None) or getattr(
+        config, "max_position_embeddings", None
+    )
+    tok_limit = getattr(tokenizer, "model_max_length", None)
+    if tok_limit and tok_limit < 1_000_000:
+        limit = min(limit, tok_limit) if limit else tok_limit
+    limit = limit or 1024
+    if requested is None:
+        return limit
+    if requested > limit:
+        logger.warning(
+            "--max_seq_length %d exceeds the model's context of %d tokens; using %d.",
+            requested, limit, limit,
+        )
+        return limit
+    return requested
+
+
+# --------------------------------------------------------------------------- data
+
+
+def tokenize_split(
+    split: Any, name: str, args: TrainArgs, tokenizer: Any, tasks: dict[str, float],
+    max_length: int,
+) -> Any:
+    """One tokenized example per cell (input_ids, labels, task)."""
+    from utils.training import tokenize_batch
+
+    d = args.data
+    return split.map(
+        tokenize_batch,
+        batched=True,
+        with_indices=True,
+        remove_columns=split.column_names,
+        keep_in_memory=True,  # never write cache files into transform.py's output folder
+        num_proc=d.preprocessing_num_workers,
+        desc=f"Building {name} examples",
+        fn_kwargs={
+            "tokenizer": tokenizer,
+            "tasks": tasks,
+            "top_k": d.top_k_genes,
+            "max_length": max_length,
+            "seed": args.training.seed,
+            "split": name,
+            "cell_type_column": d.cell_type_column,
+        },
+    )
+
+
+def describe_examples(examples: Any) -> dict[str, Any]:
+    """Counts per task and token lengths of tokenized examples."""
+    lengths = [len(ids) for ids in examples["input_ids"]]
+    answer = [sum(1 for x in labels if x != -100) for labels in examples["labels"]]
+    return {
+        "n_examples": len(lengths),
+        "task_counts": dict(sorted(Counter(examples["task"]).items())),
+        "avg_tokens_per_example": round(statistics.fmean(lengths), 2) if lengths else 0.0,
+        "max_tokens_per_example": max(lengths, default=0),
+        "avg_answer_tokens": round(statistics.fmean(answer), 2) if answer else 0.0,
+    }
+
+
+# --------------------------------------------------------------------------- main
+
+
+def effective_args(
+    args: TrainArgs, tasks: dict[str, float], max_length: int, stats: dict[str, Any],
+    tokenizer: Any, checkpoint: Path | None, run_dir: Path, cell_types: list[str],
+) -> dict[str, Any]:
+    """What train_args.json records: every flag plus what the run derived from them."""
+    from utils.training import ANSWER_PREFIX
+
+    record: dict[str, Any] = {**asdict(args.model), **asdict(args.data)}
+    if args.model.init_from_scratch:
+        record["model_name"] = None  # no pretrained weights were used
+        record["architecture"] = "gpt2"
+    record.update(
+        run_name=run_dir.name,
+        run_dir=str(run_dir),
+        tasks=list(tasks),
+        task_weights=list(tasks.values()),
+        max_seq_length=max_length,
+        resumed_from=str(checkpoint) if checkpoint else None,
+        cell_types=cell_types,
+        train_examples=stats,
+        prompt_format={
+            "prompt": "encode_prompt(tokenizer, prompt): BOS (if any) + prompt tokens",
+            "answer_prefix": ANSWER_PREFIX,
+            "bos_token": tokenizer.bos_token,
+            "eos_token": tokenizer.eos_token,
+            "prompts_module": "utils/prompts.py",
+        },
+        seed=args.training.seed,
+        training=json.loads(args.training.to_json_string()),
+    )
+    return record
+
+
+def main(args: TrainArgs) -> Path:
+    """Train and write the model folder; returns its path."""
+    from transformers import Trainer
+
+    from utils.training import CausalLMCollator
+
+    m, d, t = args
+    check_args(args)
+    # Sets up the device and, under torchrun/accelerate, the process group, so that rank 0
+    # can share its run name and alone write files.
+    logger.info("Device %s, %d process(es).", t.device, t.world_size)
+    dataset = load_cell_sentences(Path(d.data_dir))
+    tasks = resolve_tasks(d, dataset["train"].column_names)
+    do_eval = t.eval_strategy != "no" or t.do_eval
+    if do_eval and "valid" not in dataset:
+        raise InputError(
+            f"Evaluation was asked for, but {d.data_dir} has no 'valid' split; "
+            "drop --eval_strategy or pass a dataset with a valid split."
+        )
+    run_dir, checkpoint = resolve_run(args)
+    if checkpoint is not None and (checkpoint.parent / RUN_ARGS_FILE).is_file():
+        earlier = json.loads((checkpoint.parent / RUN_ARGS_FILE).read_text())
+        for key in ("model_name", "init_from_scratch", "n_layer", "n_embd", "n_head",
+                    "n_positions"):
+            if key in earlier:
+                setattr(m, key, earlier[key])
+    prepare_run_dir(run_dir, checkpoint, overwrite=d.overwrite, delete=_rank_zero(t))
+    t.output_dir = str(run_dir / "checkpoints")
+    t.run_name = run_dir.name
+    seed_everything(t.seed)
+
+    train_split = dataset["train"]
+    if d.max_train_samples is not None:
+        train_split = train_split.select(range(min(d.max_train_samples, len(train_split))))
+    cell_types: list[str] = []
+    if d.cell_type_column in train_split.column_names:
+        cell_types = sorted({str(x) for x in train_split.unique(d.cell_type_column)})
+    logger.info(
+        "Training on %s cells of %s (%s cell types); tasks %s.",
+        f"{len(train_split):,}", d.data_dir, f"{len(cell_types):,}",
+        ", ".join(f"{k}={v:.2f}" for k, v in tasks.items()),
+    )
+
+    model, tokenizer = build_model_and_tokenizer(args, train_split, checkpoint)
+    max_length = context_length(model, tokenizer, d.max_seq_length)
+    if t.gradient_checkpointing:
+        model.config.use_cache = False
+
+    with t.main_process_first(desc="building examples"):
+        try:
+            train_examples = tokenize_split(train_split, "train", args, tokenizer, tasks,
+                                            max_length)
+            eval_examples = None
+            if do_eval:
+                valid = dataset["valid"]
+                if d.max_eval_samples is not None:
+                    valid = valid.select(range(min(d.max_eval_samples, len(valid))))
+                eval_examples = tokenize_split(valid, "valid", args, tokenizer, tasks,
+                                               max_length)
+        except ValueError as err:
+            if "does not fit" in str(err):
+                raise InputError(str(err)) from None
+            raise
+    stats = describe_examples(train_examples)
+    logger.info(
+        "%s training examples (%s), %.1f tokens per example on average (longest %d, context "
+        "%d), %.1f answer tokens.",
+        f"{stats['n_examples']:,}",
+        ", ".join(f"{k} {v:,}" for k, v in stats["task_counts"].items()),
+        stats["avg_tokens_per_example"], stats["max_tokens_per_example"], max_length,
+        stats["avg_answer_tokens"],
+    )
+    train_examples = train_examples.remove_columns("task")
+    if eval_examples is not None:
+        eval_examples = eval_examples.remove_columns("task")
+
+    record = effective_args(args, tasks, max_length, stats, tokenizer, checkpoint, run_dir,
+                            cell_types)
+    if _rank_zero(t):
+        Path(t.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(t.output_dir) / RUN_ARGS_FILE).write_text(
+            json.dumps(record, indent=2, sort_keys=True, default=str) + "\n"
+        )
+
+    trainer = Trainer(
+        model=model,
+        args=t,
+        data_collator=CausalLMCollator(pad_token_id=tokenizer.pad_token_id),
+        train_dataset=train_examples,
+        eval_dataset=eval_examples,
+        processing_class=tokenizer,
+    )
+    if checkpoint is not None:
+        logger.info("Resuming from %s.", checkpoint)
+    train_result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    metrics: dict[str, Any] = dict(train_result.metrics)
+    metrics["global_step"] = trainer.state.global_step
+    if eval_examples is not None:
+        last_eval = [h for h in trainer.state.log_history if "eval_loss" in h]
+        if last_eval and last_eval[-1].get("step") == trainer.state.global_step:
+            eval_metrics = dict(last_eval[-1])  # evaluated at the last step already
+            eval_metrics.pop("step", None)
+            eval_metrics.pop("epoch", None)
+        else:
+            eval_metrics = trainer.evaluate()
+        with contextlib.suppress(OverflowError):
+            eval_metrics["eval_perplexity"] = math.exp(eval_metrics["eval_loss"])
+        metrics.update(eval_metrics)
+    trainer.log_metrics("train", metrics)
+
+    # Every process takes part in saving (sharded/DeepSpeed weights are gathered); only
+    # rank 0 writes files.
+    staging = run_dir / ".staging-final"
+    if _rank_zero(t) and staging.exists():
+        shutil.rmtree(staging)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(staging))
+    if _rank_zero(t):
+        tokenizer.save_pretrained(str(staging))
+        (staging / "training_args.bin").unlink(missing_ok=True)
+        (staging / TRAIN_ARGS_FILE).write_text(
+            json.dumps(record, indent=2, sort_keys=True, default=str) + "\n"
+        )
+        (staging / RESULTS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        (staging / LOG_FILE).write_text(
+            json.dumps(trainer.state.log_history, indent=2) + "\n"
+        )
+        publish(staging, run_dir)
+        logger.info(
+            "Wrote the model to %s after %s steps (train loss %.4f%s).",
+            run_dir, f"{trainer.state.global_step:,}", metrics.get("train_loss", float("nan")),
+            f", eval loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else "",
+        )
+    trainer.accelerator.wait_for_everyone()
+    return run_dir
+
+
+if __name__ == "__main__":
+    # A hub download without network retries for a minute; train.py asks quickly instead.
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated.*")
+    run_cli(main, parse_args)
