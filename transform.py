@@ -44,7 +44,7 @@ from utils.io import (
 )
 from utils.plots import plot_log_rank_fit, plot_reconstruction
 from utils.preprocess import INPUT_KINDS, QCAccumulator, QCParams, detect_input_kind
-from utils.ranking import GeneNameTable, sentences_as_lines
+from utils.ranking import GeneNameTable, as_arrow_strings
 from utils.transform_pipeline import (
     SPLITS,
     RunSettings,
@@ -91,7 +91,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    metavar=("TRAIN", "VALID", "TEST"), help="fractions of cells per split")
     p.add_argument("--fit_threshold", type=float, default=3.0,
                    help="fit the rank-expression line on genes with log10(1 + rank) below this")
-    p.add_argument("--eval_cells", type=int, default=5_000,
+    p.add_argument("--eval_cells", type=int, default=1_000,
                    help="seeded sample of cells whose genes feed the fit and the figures")
     p.add_argument("--chunk_size", type=int, default=4_096, help="cells read and processed at a time")
     p.add_argument("--num_proc", type=int, default=1, help="worker processes for the chunks")
@@ -214,7 +214,8 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     eval_mask = sample_eval_cells(result.cell_mask, args.eval_cells, seed=args.seed)
     kept_names = gene_names[result.gene_mask]
     state.update(cell_mask=result.cell_mask, gene_mask=result.gene_mask, gene_position=gene_position,
-                 split_of_cell=split_of_cell, eval_mask=eval_mask, names=GeneNameTable(list(kept_names)))
+                 split_of_cell=split_of_cell, eval_mask=eval_mask, names=GeneNameTable(list(kept_names)),
+                 all_genes_kept=bool(result.gene_mask.all()))
 
     # Pass 2: sentences, preprocessed matrix and evaluation points, written as they come.
     with staged_outputs(args.output_dir, names, overwrite=args.overwrite) as tmp:
@@ -278,13 +279,11 @@ class _Outputs:
         for i, split in enumerate(SPLITS):
             offsets, text = chunk.sentences[split]
             rows = chunk.kept_rows[split_of_row == i]
-            self.sentence_files[split].write(sentences_as_lines(offsets, text))
+            self.sentence_files[split].write(memoryview(text))
             barcodes = self.columns["cell_name"][rows]
             self.barcode_files[split].write("".join(f"{b}\n" for b in barcodes))
             self.indices[split].append(preprocessed_rows[split_of_row == i])
-            sentence = pa.StringArray.from_buffers(
-                len(rows), pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(text))
-            arrays = [pa.array(barcodes, pa.string()), sentence]
+            arrays = [pa.array(barcodes, pa.string()), as_arrow_strings(offsets, text)]
             arrays += [pa.array(v[rows]) for n, v in self.columns.items() if n != "cell_name"]
             self.arrow[split].write(pa.RecordBatch.from_arrays(arrays, schema=self.arrow[split].schema))
         self.h5ad.append(chunk.preprocessed)

@@ -18,7 +18,13 @@ from helpers import synthetic_counts, write_h5ad
 import transform
 from utils.common import InputError
 from utils.fit import METRIC_COLUMNS, fit_rank_expression
-from utils.preprocess import QCAccumulator, QCParams, chunk_stats, detect_input_kind, normalize_rows
+from utils.preprocess import (
+    QCAccumulator,
+    QCParams,
+    chunk_stats,
+    detect_input_kind,
+    log10_normalized,
+)
 from utils.transform_pipeline import SPLITS, assign_splits, chunk_bounds
 
 CONTRACT = ["cell_sentences", "cell_sentences_hf", "eval", "transform_args.json"]
@@ -64,8 +70,15 @@ def test_normalization_matches_scanpy():
     expected = adata.copy()
     sc.pp.normalize_total(expected, target_sum=1e4)
     sc.pp.log1p(expected, base=10)
-    ours = np.log10(1 + normalize_rows(adata.X.tocsr(), input_kind="counts"))
+    ours = log10_normalized(adata.X.tocsr(), input_kind="counts", log1p_base=None)
     np.testing.assert_allclose(ours, expected.X.tocsr().data, rtol=1e-5)
+    # log1p input (natural or base 2) comes back to the same values
+    for base in (None, 2.0):
+        logged = adata.copy()
+        sc.pp.normalize_total(logged, target_sum=1e4)
+        sc.pp.log1p(logged, base=base)
+        back = log10_normalized(logged.X.tocsr(), input_kind="log1p", log1p_base=base)
+        np.testing.assert_allclose(back, expected.X.tocsr().data, rtol=1e-4)
 
 
 def test_fit_recovers_known_line():

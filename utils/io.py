@@ -252,12 +252,10 @@ class ArrowSplitWriter:
     arrive; ``finish`` writes the metadata that ``datasets.load_from_disk`` reads."""
 
     def __init__(self, folder: Path, schema: pa.Schema, *, shard_bytes: int = 500 << 20):
-        from datasets import Features
-
         self.folder = folder
         self.folder.mkdir(parents=True)
-        self.features = Features.from_arrow_schema(schema)
-        metadata = {"huggingface": json.dumps({"info": {"features": self.features.to_dict()}})}
+        self.features = {f.name: {"dtype": _value_dtype(f.type), "_type": "Value"} for f in schema}
+        metadata = {"huggingface": json.dumps({"info": {"features": self.features}})}
         self.schema = schema.with_metadata(metadata)
         self.shard_bytes = shard_bytes
         self._shards: list[Path] = []
@@ -300,10 +298,17 @@ class ArrowSplitWriter:
             "_output_all_columns": False,
             "_split": None,
         }
-        info = {"citation": "", "description": "", "features": self.features.to_dict(),
+        info = {"citation": "", "description": "", "features": self.features,
                 "homepage": "", "license": ""}
         (self.folder / "state.json").write_text(json.dumps(state, indent=2))
         (self.folder / "dataset_info.json").write_text(json.dumps(info, indent=2))
+
+
+def _value_dtype(arrow_type: pa.DataType) -> str:
+    """The ``datasets.Value`` dtype of a plain Arrow type (without importing datasets, which
+    costs seconds at start-up)."""
+    names = {"double": "float64", "float": "float32", "halffloat": "float16"}
+    return names.get(str(arrow_type), str(arrow_type))
 
 
 def write_dataset_dict_index(folder: Path, splits: list[str]) -> None:

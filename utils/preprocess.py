@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
+from numba import njit
 
 INPUT_KINDS = ("auto", "counts", "normalized", "log1p")
 TARGET_SUM = 1e4
@@ -45,38 +46,63 @@ class ChunkStats:
     total: np.ndarray  # per cell: sum of values
     mt_total: np.ndarray  # per cell: sum over MT- genes
     gene_cells: np.ndarray  # per gene: cells (passing min_genes) expressing it
-    rare_cells: np.ndarray  # occurrences of genes seen < min_cells times in this chunk
+    rare_cells: np.ndarray  # occurrences (in cells passing min_genes) of genes seen in fewer
+    # than min_cells cells of this chunk: all a failing gene ever contributes
     rare_genes: np.ndarray
     rare_values: np.ndarray
+
+
+@njit(cache=True, nogil=True)
+def _chunk_stats(indptr, indices, data, is_mt, n_genes_total, min_genes, min_cells):
+    n_rows = indptr.shape[0] - 1
+    n_genes = np.empty(n_rows, np.int64)
+    total = np.zeros(n_rows, np.float64)
+    mt_total = np.zeros(n_rows, np.float64)
+    gene_cells = np.zeros(n_genes_total, np.int64)
+    for r in range(n_rows):
+        n_genes[r] = indptr[r + 1] - indptr[r]
+        for j in range(indptr[r], indptr[r + 1]):
+            total[r] += data[j]
+            if is_mt[indices[j]]:
+                mt_total[r] += data[j]
+        if n_genes[r] >= min_genes:
+            for j in range(indptr[r], indptr[r + 1]):
+                gene_cells[indices[j]] += 1
+    n_rare = 0
+    for r in range(n_rows):
+        if n_genes[r] >= min_genes:
+            for j in range(indptr[r], indptr[r + 1]):
+                if gene_cells[indices[j]] < min_cells:
+                    n_rare += 1
+    rare_cells = np.empty(n_rare, np.int64)
+    rare_genes = np.empty(n_rare, np.int64)
+    rare_values = np.empty(n_rare, np.float64)
+    k = 0
+    for r in range(n_rows):
+        if n_genes[r] >= min_genes:
+            for j in range(indptr[r], indptr[r + 1]):
+                if gene_cells[indices[j]] < min_cells:
+                    rare_cells[k] = r
+                    rare_genes[k] = indices[j]
+                    rare_values[k] = data[j]
+                    k += 1
+    return n_genes, total, mt_total, gene_cells, rare_cells, rare_genes, rare_values
 
 
 def chunk_stats(
     chunk: sp.csr_matrix, *, row_offset: int, is_mt: np.ndarray, params: QCParams
 ) -> ChunkStats:
     """Statistics of one CSR chunk (no explicit zeros) for the streaming QC."""
-    n_genes = np.diff(chunk.indptr)
-    total = np.asarray(chunk.sum(axis=1)).ravel().astype(np.float64)
-    mt_values = np.where(is_mt[chunk.indices], chunk.data, 0)
-    mt_total = np.add.reduceat(mt_values, chunk.indptr[:-1]) if chunk.nnz else total * 0
-    mt_total = np.where(n_genes > 0, mt_total, 0).astype(np.float64)
-
-    passing = n_genes >= (params.min_genes_per_cell if params.enabled else 1)
-    entry_rows = np.repeat(np.arange(chunk.shape[0]), n_genes)
-    entry_passing = passing[entry_rows]
-    genes = chunk.indices[entry_passing]
-    gene_cells = np.bincount(genes, minlength=chunk.shape[1]).astype(np.int64)
-
-    rare = entry_passing.copy()
-    rare[entry_passing] = gene_cells[genes] < params.min_cells_per_gene
-    return ChunkStats(
-        n_genes=n_genes.astype(np.int64),
-        total=total,
-        mt_total=mt_total,
-        gene_cells=gene_cells,
-        rare_cells=entry_rows[rare].astype(np.int64) + row_offset,
-        rare_genes=chunk.indices[rare].astype(np.int64),
-        rare_values=chunk.data[rare].astype(np.float64),
+    n_genes, total, mt_total, gene_cells, rare_cells, rare_genes, rare_values = _chunk_stats(
+        chunk.indptr.astype(np.int64),
+        chunk.indices,
+        chunk.data,
+        np.asarray(is_mt, dtype=np.bool_),
+        chunk.shape[1],
+        params.min_genes_per_cell if params.enabled else 1,
+        params.min_cells_per_gene,
     )
+    return ChunkStats(n_genes, total, mt_total, gene_cells, rare_cells + row_offset, rare_genes, rare_values)
 
 
 @dataclass
@@ -200,7 +226,8 @@ def _spread(totals: np.ndarray) -> float:
     totals = totals[(totals > 0) & np.isfinite(totals)]
     if totals.size < 2:
         return np.inf
-    return float(np.std(totals) / np.mean(totals))
+    with np.errstate(over="ignore", invalid="ignore"):
+        return float(np.std(totals) / np.mean(totals))
 
 
 def to_linear(data: np.ndarray, *, input_kind: str, log1p_base: float | None) -> np.ndarray:
@@ -212,11 +239,40 @@ def to_linear(data: np.ndarray, *, input_kind: str, log1p_base: float | None) ->
     return np.power(log1p_base, data) - 1.0
 
 
-def normalize_rows(chunk: sp.csr_matrix, *, input_kind: str) -> np.ndarray:
-    """Normalized values of a CSR chunk's data: counts scaled to 10,000 per cell, as
-    ``sc.pp.normalize_total(target_sum=1e4)``; other kinds are already normalized."""
-    if input_kind != "counts":
-        return chunk.data.astype(np.float64)
-    totals = np.asarray(chunk.sum(axis=1), dtype=np.float64).ravel()
-    per_entry = np.repeat(totals, np.diff(chunk.indptr))
-    return chunk.data.astype(np.float64) * (TARGET_SUM / per_entry)
+@njit(cache=True, nogil=True)
+def _log10_normalized(indptr, data, mode, log_base):
+    out = np.empty(data.shape[0], np.float32)
+    inv_ln10 = 1.0 / np.log(10.0)
+    # Most counts are small integers: their log is computed once per cell, not once per gene.
+    small = np.empty(64, np.float32)
+    for r in range(indptr.shape[0] - 1):
+        start, stop = indptr[r], indptr[r + 1]
+        scale = 1.0
+        if mode == 0:  # counts: to 10,000 per cell
+            total = 0.0
+            for j in range(start, stop):
+                total += data[j]
+            scale = TARGET_SUM / total if total > 0 else 0.0
+            for k in range(64):
+                small[k] = np.log1p(k * scale) * inv_ln10
+        for j in range(start, stop):
+            value = np.float64(data[j])
+            if mode == 0 and value < 64 and value == np.floor(value):
+                out[j] = small[np.int64(value)]
+                continue
+            if mode == 2:  # log1p values: back to linear first
+                value = np.expm1(value * log_base)
+            out[j] = np.log1p(value * scale) * inv_ln10
+    return out
+
+
+def log10_normalized(chunk: sp.csr_matrix, *, input_kind: str, log1p_base: float | None) -> np.ndarray:
+    """log10(1 + normalized value) of each stored entry, as float32: the preprocessed matrix.
+
+    Raw counts are normalized to 10,000 per cell (``sc.pp.normalize_total(target_sum=1e4)``
+    followed by ``sc.pp.log1p(base=10)``); normalized values are kept; log1p values are first
+    brought back with expm1 (in their base).
+    """
+    mode = {"counts": 0, "normalized": 1, "log1p": 2}[input_kind]
+    log_base = 1.0 if log1p_base is None else float(np.log(log1p_base))
+    return _log10_normalized(chunk.indptr.astype(np.int64), chunk.data, mode, log_base)

@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import scipy.sparse as sp
 from numba import njit
 
@@ -28,7 +30,7 @@ def _splitmix64(x):
     return x ^ (x >> np.uint64(31))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _rank_rows(indptr, value_bits, cell_ids, seed):
     """Entry positions of each row in rank order: value descending, ties shuffled by a
     seeded hash.
@@ -160,8 +162,8 @@ class GeneNameTable:
         self.buffer = np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()
 
 
-@njit(cache=True)
-def _join_rows(rows, indptr, ranked_genes, max_genes, name_buffer, name_offsets):
+@njit(cache=True, nogil=True)
+def _join_lines(rows, indptr, ranked_genes, max_genes, name_buffer, name_offsets):
     n_out = rows.shape[0]
     offsets = np.zeros(n_out + 1, np.int64)
     for i in range(n_out):
@@ -170,19 +172,19 @@ def _join_rows(rows, indptr, ranked_genes, max_genes, name_buffer, name_offsets)
         for j in range(indptr[r], min(indptr[r + 1], indptr[r] + max_genes)):
             g = ranked_genes[j]
             length += name_offsets[g + 1] - name_offsets[g] + 1
-        offsets[i + 1] = offsets[i] + max(length - 1, 0)
+        offsets[i + 1] = offsets[i] + max(length, 1)  # each gene + a space; the last space -> "\n"
     text = np.empty(offsets[n_out], np.uint8)
     for i in range(n_out):
         r = rows[i]
         pos = offsets[i]
         for j in range(indptr[r], min(indptr[r + 1], indptr[r] + max_genes)):
-            if j > indptr[r]:
-                text[pos] = 32  # space
-                pos += 1
             g = ranked_genes[j]
-            for b in range(name_offsets[g], name_offsets[g + 1]):
-                text[pos] = name_buffer[b]
-                pos += 1
+            first = name_offsets[g]
+            length = name_offsets[g + 1] - first
+            text[pos : pos + length] = name_buffer[first : first + length]
+            text[pos + length] = 32  # space
+            pos += length + 1
+        text[offsets[i + 1] - 1] = 10  # newline
     return offsets, text
 
 
@@ -194,14 +196,15 @@ def join_sentences(
     *,
     max_genes: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Sentences of the given rows as (offsets, utf-8 bytes): sentence i is
-    ``bytes[offsets[i]:offsets[i + 1]]``, its first ``max_genes`` genes separated by one space.
+    """Sentences of the given rows as text lines: (offsets, utf-8 bytes), where line i,
+    newline included, is ``bytes[offsets[i]:offsets[i + 1]]`` and holds the row's first
+    ``max_genes`` genes separated by one space.
 
-    ``ranked_genes[indptr[r]:indptr[r + 1]]`` are row r's genes in rank order. The result has
-    the layout of an Arrow string column, so it feeds ``pyarrow.StringArray.from_buffers``.
+    ``ranked_genes[indptr[r]:indptr[r + 1]]`` are row r's genes in rank order. The bytes are the
+    text file's content as they are; ``as_arrow_strings`` makes the Arrow column from them.
     """
     limit = np.iinfo(np.int32).max if max_genes is None else int(max_genes)
-    return _join_rows(
+    return _join_lines(
         np.asarray(rows, dtype=np.int64),
         np.asarray(indptr, dtype=np.int64),
         np.asarray(ranked_genes, dtype=np.int64),
@@ -211,23 +214,12 @@ def join_sentences(
     )
 
 
-@njit(cache=True)
-def _lines(offsets, text):
-    n = offsets.shape[0] - 1
-    out = np.empty(text.shape[0] + n, np.uint8)
-    pos = 0
-    for i in range(n):
-        for b in range(offsets[i], offsets[i + 1]):
-            out[pos] = text[b]
-            pos += 1
-        out[pos] = 10  # newline
-        pos += 1
-    return out
-
-
-def sentences_as_lines(offsets: np.ndarray, text: np.ndarray) -> bytes:
-    """The sentences as text-file content, one per line."""
-    return _lines(offsets, text).tobytes()
+def as_arrow_strings(offsets: np.ndarray, text: np.ndarray) -> pa.StringArray:
+    """The lines of ``join_sentences`` as an Arrow string array, newlines removed."""
+    lines = pa.StringArray.from_buffers(
+        len(offsets) - 1, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(text)
+    )
+    return pc.utf8_rtrim(lines, characters="\n")
 
 
 def sentences_from_ranking(ranked: list[np.ndarray], gene_names: Sequence[str]) -> list[str]:

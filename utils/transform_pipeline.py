@@ -10,9 +10,9 @@ number of cells; the output is byte-identical for any chunk size and number of w
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +21,7 @@ import scipy.sparse as sp
 
 from utils.common import InputError
 from utils.io import MatrixSource
-from utils.preprocess import QCParams, chunk_stats, normalize_rows, to_linear
+from utils.preprocess import QCParams, chunk_stats, log10_normalized, to_linear
 from utils.ranking import GeneNameTable, join_sentences, rank_entries
 
 logger = logging.getLogger("cell2sentence")
@@ -45,15 +45,14 @@ class ChunkResult:
     """What pass 2 hands back for one chunk, in input order."""
 
     kept_rows: np.ndarray  # global row indices of the kept cells
-    sentences: dict[str, tuple[np.ndarray, np.ndarray]]  # split -> (offsets, utf-8 bytes)
+    sentences: dict[str, tuple[np.ndarray, np.ndarray]]  # split -> text lines (offsets, bytes)
     preprocessed: sp.csr_matrix  # kept cells x kept genes, log10(1 + normalized)
     gene_cells: np.ndarray  # per kept gene: kept cells expressing it
     eval_log_rank: np.ndarray
     eval_log_expression: np.ndarray
 
 
-# Set in the parent before the worker processes fork, so workers inherit it instead of
-# receiving the source and the masks with every task.
+# Read-only state of a run shared by the worker threads (the source, masks, name table).
 _STATE: dict[str, Any] = {}
 
 
@@ -98,17 +97,14 @@ def _sentence_task(bounds: tuple[int, int]) -> ChunkResult:
     start, stop = bounds
     source, settings = _STATE["source"], _STATE["settings"]
     cell_mask, gene_mask = _STATE["cell_mask"], _STATE["gene_mask"]
-    chunk, linear = read_linear_chunk(source, start, stop, settings)
+    chunk = source.read_rows(start, stop)  # values were checked in the QC pass
 
     local_kept = np.flatnonzero(cell_mask[start:stop])
-    chunk = select_cells_and_genes(chunk, local_kept, gene_mask, _STATE["gene_position"])
+    if len(local_kept) < chunk.shape[0] or not _STATE["all_genes_kept"]:
+        chunk = select_cells_and_genes(chunk, local_kept, gene_mask, _STATE["gene_position"])
     kept_rows = local_kept + start
+    log_expression = log10_normalized(chunk, input_kind=settings.input_kind, log1p_base=settings.log1p_base)
     # Rank on the stored values: normalization is monotone within a cell, and ties stay exact.
-    linear_chunk = sp.csr_matrix(
-        (to_linear(chunk.data, input_kind=settings.input_kind, log1p_base=settings.log1p_base),
-         chunk.indices, chunk.indptr), shape=chunk.shape)
-    normalized = normalize_rows(linear_chunk, input_kind=settings.input_kind)
-    log_expression = np.log10(1.0 + normalized).astype(np.float32)
     order = rank_entries(chunk.indptr, chunk.data, cell_ids=kept_rows, seed=settings.seed)
     ranked_genes = chunk.indices[order]
 
@@ -169,16 +165,16 @@ def ordered_map(
         for bounds in chunks:
             yield task(bounds)
         return
-    # fork: the workers inherit _STATE (the source, masks and name table) for free.
-    with mp.get_context("fork").Pool(num_proc) as pool:
+    # Threads, not processes: the numba kernels release the GIL, and results need no pickling
+    # on their way to the writer (which, for 2,000-gene sentences, cost more than it saved).
+    with ThreadPoolExecutor(num_proc, thread_name_prefix="chunk") as pool:
         pending: deque = deque()
-        queue = iter(chunks)
-        for bounds in queue:
-            pending.append(pool.apply_async(task, (bounds,)))
+        for bounds in chunks:
+            pending.append(pool.submit(task, bounds))
             if len(pending) > num_proc:
-                yield pending.popleft().get()
+                yield pending.popleft().result()
         while pending:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
 
 
 def assign_splits(n_cells: int, fractions: Sequence[float], *, seed: int) -> np.ndarray:
