@@ -202,3 +202,19 @@ def test_bad_sizes_are_rejected(tmp_path: Path) -> None:
             "--data_dir", str(tmp_path)]
     with pytest.raises(InputError, match="not divisible"):
         train.main(train.parse_args(argv))
+
+
+def test_fine_tunes_a_local_model_directory(trained: Path, data_dir: Path) -> None:
+    argv = [
+        "--data_dir", str(data_dir), "--output_dir", str(trained.parent),
+        "--run_name", "finetuned", "--model_name", str(trained), "--max_steps", "3",
+        "--top_k_genes", "10", "--per_device_train_batch_size", "8",
+        "--gradient_checkpointing", "True", "--disable_tqdm", "True",
+    ]
+    run_dir = train.main(train.parse_args(argv))
+    record = json.loads((run_dir / "train_args.json").read_text())
+    assert record["model_name"] == str(trained) and record["init_from_scratch"] is False
+    assert record["training"]["gradient_checkpointing"] is True
+    assert json.loads((run_dir / "train_results.json").read_text())["global_step"] == 3
+    # the word-level tokenizer of the base model is kept
+    assert (run_dir / "tokenizer.json").read_text() == (trained / "tokenizer.json").read_text()
