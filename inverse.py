@@ -1,0 +1,359 @@
+"""Turn cell sentences back into expression: the inverse of transform.py's rank transform.
+
+Each sentence becomes an expression vector over the transform's vocabulary: the gene at rank r
+(0 = first word) gets ``intercept + slope·log10(1 + r)`` (the log10(1 + x) scale of the
+preprocessed matrix), with slope and intercept from ``eval/transformation_metrics.csv``; genes
+absent from the sentence are 0. Words that are not vocabulary genes are skipped but keep their
+place; a gene repeated in a sentence is placed once at the average of its positions. Values the
+fit predicts ≤ 0 (ranks past its zero crossing) are kept by default, so the order of every
+sentence is reproduced exactly; ``--clip_negative`` drops them instead.
+
+    sentences (.txt, one per line, or an arrow dataset) + <transform_dir>/cell_sentences/vocab.txt
+    + <transform_dir>/eval/transformation_metrics.csv
+        -> <output>.h5ad (cells × vocabulary genes, CSR float32; obs: per-cell word counts and
+           the cell type / requested cell type when known), <output>_metrics.json (--evaluate)
+
+Example:
+    python inverse.py --sentences data/generated/<run>/generated_cells.txt \\
+        --labels data/generated/<run>/generated_labels.txt --labels_key requested_cell_type \\
+        --transform_dir data/ --output data/inverse/generated.h5ad --evaluate
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from utils.common import (
+    InputError,
+    check_can_write,
+    run_cli,
+    save_args,
+    seed_everything,
+    staged_outputs,
+)
+from utils.evaluation import knn_accuracy, sentence_stats
+from utils.inverse import (
+    InverseResult,
+    SentenceBytes,
+    TransformFit,
+    build_vocab_index,
+    load_transform_fit,
+    load_vocab,
+    read_sentence_file,
+    sentence_bytes,
+    sentences_to_expression,
+    zero_crossing_rank,
+)
+
+logger = logging.getLogger("cell2sentence")
+
+LABEL_COLUMNS = ("cell_type", "requested_cell_type")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--sentences", type=Path, default=Path("data/cell_sentences/test.txt"),
+                   help="a .txt file (one sentence per line) or a datasets folder (save_to_disk)")
+    p.add_argument("--transform_dir", type=Path, default=Path("data"),
+                   help="transform.py's --output_dir (vocab.txt and transformation_metrics.csv)")
+    p.add_argument("--output", type=Path, default=None,
+                   help="the .h5ad to write (default: data/inverse/<sentences name>.h5ad)")
+    p.add_argument("--split", type=str, default=None,
+                   help="split of a DatasetDict folder (train, valid, test)")
+    p.add_argument("--sentence_column", type=str, default="cell_sentence",
+                   help="column of the sentences in an arrow dataset")
+    p.add_argument("--labels", type=Path, default=None,
+                   help="for a .txt input: a file with one label per line (cell type or requested type)")
+    p.add_argument("--labels_key", type=str, default="cell_type",
+                   help="obs column of the --labels values (e.g. requested_cell_type)")
+    p.add_argument("--names", type=Path, default=None,
+                   help="for a .txt input: cell names, one per line (default: <stem>_barcodes.txt "
+                        "next to the sentences when it exists, else cell_0, cell_1, ...)")
+    p.add_argument("--case_insensitive", action="store_true",
+                   help="also match words that differ from a gene only in letter case (exact match first)")
+    p.add_argument("--clip_negative", action="store_true",
+                   help="drop genes whose reconstructed value is <= 0 instead of keeping them")
+    p.add_argument("--max_genes", type=int, default=None,
+                   help="use only the first K words of each sentence (default: all)")
+    p.add_argument("--evaluate", action="store_true",
+                   help="also write <output stem>_metrics.json: word statistics, reconstruction vs the "
+                        "preprocessed data for real cells, k-NN accuracy for labelled cells")
+    p.add_argument("--k_neighbors", type=int, default=5, help="k of the k-NN metric (--evaluate)")
+    p.add_argument("--seed", type=int, default=1234, help="seed (the transform itself is deterministic)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    args = p.parse_args(argv)
+    _check_args(args)
+    return args
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.max_genes is not None and args.max_genes < 1:
+        raise InputError("--max_genes must be at least 1 (or left out to use whole sentences).")
+    if args.k_neighbors < 1:
+        raise InputError("--k_neighbors must be at least 1.")
+    if args.output is None:
+        name = args.sentences.stem if args.sentences.suffix == ".txt" else args.sentences.name
+        if args.split:
+            name = f"{name}_{args.split}"
+        args.output = Path("data/inverse") / f"{name or 'sentences'}.h5ad"
+    if args.output.suffix != ".h5ad":
+        raise InputError(f"--output {args.output} must end in .h5ad.")
+
+
+# ---------------------------------------------------------------------------------- input
+
+
+def read_lines(path: Path) -> list[str]:
+    """Lines of a small text file (labels, names), without line ends; a final newline ends the last."""
+    text = path.read_text()
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line.rstrip("\r") for line in lines]
+
+
+def load_sentences(args: argparse.Namespace) -> tuple[SentenceBytes, pd.DataFrame]:
+    """The sentences as one byte buffer and an obs frame (cell names, labels when known)."""
+    path: Path = args.sentences
+    if not path.exists():
+        raise InputError(f"{path} does not exist; pass a sentences .txt file or a datasets folder.")
+    if path.is_dir():
+        return _load_arrow(path, args)
+    if args.split is not None:
+        logger.warning("--split is ignored for the text file %s.", path)
+    packed = read_sentence_file(path)
+    obs = pd.DataFrame(index=pd.RangeIndex(packed.n))
+    names_path = args.names or path.with_name(f"{path.stem}_barcodes.txt")
+    if args.names is not None or names_path.is_file():
+        names = read_lines(names_path)
+        if len(names) != packed.n:
+            raise InputError(f"{names_path} has {len(names):,} names for {packed.n:,} sentences in {path}; "
+                             "pass a matching --names file.")
+        obs.index = pd.Index(names, dtype=str)
+    if args.labels is not None:
+        labels = read_lines(args.labels)
+        if len(labels) != packed.n:
+            raise InputError(f"{args.labels} has {len(labels):,} labels for {packed.n:,} sentences in {path}; "
+                             "pass the labels file written with these sentences.")
+        obs[args.labels_key] = pd.Categorical(labels)
+    return packed, obs
+
+
+def _load_arrow(path: Path, args: argparse.Namespace) -> tuple[SentenceBytes, pd.DataFrame]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as err:
+        raise InputError(f"{path} is no datasets folder written by save_to_disk ({err}).") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if args.split is None or args.split not in ds:
+            raise InputError(f"{path} holds the splits {list(ds)}; choose one with --split.")
+        ds = ds[args.split]
+    elif args.split is not None:
+        logger.warning("--split is ignored: %s is a single dataset.", path)
+    if args.sentence_column not in ds.column_names:
+        raise InputError(f"{path} has no column {args.sentence_column!r} (it has {ds.column_names}); "
+                         "fix --sentence_column.")
+    if args.labels is not None:
+        raise InputError("--labels is for .txt input; an arrow dataset carries its labels in its columns.")
+    table = ds.with_format("arrow")[:]  # an Arrow table: no Python object per cell
+    packed = sentence_bytes(table.column(args.sentence_column))
+    obs = pd.DataFrame(index=pd.RangeIndex(len(ds)))
+    if "cell_name" in ds.column_names:
+        obs.index = pd.Index(table.column("cell_name").to_pylist(), dtype=str)
+    for column in LABEL_COLUMNS:
+        if column in ds.column_names:
+            obs[column] = pd.Categorical(table.column(column).to_pylist())
+    return packed, obs
+
+
+# ---------------------------------------------------------------------------------- output
+
+
+def to_anndata(result: InverseResult, obs: pd.DataFrame, vocab: list[str], *,
+               case_insensitive: bool) -> ad.AnnData:
+    """The reconstruction as an AnnData with the per-cell counts in obs."""
+    counts = result.obs()
+    if not case_insensitive:
+        counts = counts.drop(columns="n_case_folded_genes")
+    counts.index = obs.index
+    frame = pd.concat([obs, counts], axis=1)
+    if isinstance(frame.index, pd.RangeIndex):
+        frame.index = pd.Index([f"cell_{i}" for i in range(len(frame))])
+    frame.index = frame.index.astype(str)
+    adata = ad.AnnData(X=result.X, obs=frame, var=pd.DataFrame(index=pd.Index(vocab, dtype=str)))
+    if not adata.obs_names.is_unique:
+        logger.warning("Cell names are not unique; made them unique by appending -1, -2, ...")
+        adata.obs_names_make_unique()
+    return adata
+
+
+# ---------------------------------------------------------------------------------- evaluation
+
+
+def find_preprocessed(transform_dir: Path) -> Path | None:
+    """transform.py's ``<input stem>_preprocessed.h5ad`` in ``transform_dir``, if any."""
+    args_file = transform_dir / "transform_args.json"
+    if args_file.is_file():
+        stem = Path(json.loads(args_file.read_text()).get("data_filepath", "")).stem
+        candidate = transform_dir / f"{stem}_preprocessed.h5ad"
+        if candidate.is_file():
+            return candidate
+    found = sorted(transform_dir.glob("*_preprocessed.h5ad"))
+    return found[0] if len(found) == 1 else None
+
+
+def reconstruction_metrics(adata: ad.AnnData, preprocessed: Path) -> dict[str, Any] | None:
+    """Reconstructed vs preprocessed values on the sentences' genes, for cells found by name."""
+    from scipy.stats import pearsonr, spearmanr
+
+    real = ad.read_h5ad(preprocessed, backed="r")
+    try:
+        common = adata.obs_names.intersection(real.obs_names)
+        if len(common) == 0:
+            return None
+        rows = real.obs_names.get_indexer(common)
+        order = np.argsort(rows)  # backed AnnData reads rows in increasing order
+        truth = real[rows[order]].to_memory()
+    finally:
+        real.file.close()
+    truth = truth[:, truth.var_names.isin(adata.var_names)]
+    mine = sp.csr_matrix(adata[common[order], truth.var_names].X)
+    theirs = sp.csr_matrix(truth.X)
+    mine.sort_indices()
+    theirs.sort_indices()
+    # Values of the preprocessed matrix at the reconstruction's entries, matched by (row, col).
+    n_cols = np.int64(mine.shape[1])
+    key_mine = np.repeat(np.arange(mine.shape[0], dtype=np.int64), np.diff(mine.indptr)) * n_cols + mine.indices
+    key_theirs = np.repeat(np.arange(theirs.shape[0], dtype=np.int64), np.diff(theirs.indptr)) * n_cols + theirs.indices
+    at = np.searchsorted(key_theirs, key_mine).clip(max=max(len(key_theirs) - 1, 0))
+    found = key_theirs[at] == key_mine if len(key_theirs) else np.zeros(len(key_mine), bool)
+    x = np.asarray(mine.data, dtype=np.float64)
+    y = np.where(found, theirs.data[at] if len(key_theirs) else 0.0, 0.0).astype(np.float64)
+    if x.size < 3:
+        return None
+    return {
+        "n_cells": int(len(common)),
+        "n_points": int(x.size),
+        "pearson_r": float(pearsonr(x, y)[0]),
+        "spearman_r": float(spearmanr(x, y)[0]),
+        "mean_abs_error": float(np.abs(x - y).mean()),
+    }
+
+
+def real_knn_metrics(adata: ad.AnnData, transform_dir: Path, labels_key: str, *, fit: TransformFit,
+                     vocab_index: Any, max_genes: int | None, k: int,
+                     case_insensitive: bool) -> dict[str, Any] | None:
+    """k-NN fitted on the transform's real training cells (top-K ranks) scores the labelled cells."""
+    import datasets
+
+    hf = transform_dir / "cell_sentences_hf"
+    if not hf.is_dir() or labels_key not in adata.obs:
+        return None
+    dd = datasets.load_from_disk(str(hf))
+    if "train" not in dd or "cell_type" not in dd["train"].column_names:
+        return None
+    top_k = max_genes or int(max(1, np.median(adata.obs["n_words"])))
+    ref = {}
+    for split in ("train", "test"):
+        if split not in dd:
+            continue
+        table = dd[split].with_format("arrow")[:]
+        res = sentences_to_expression(table.column("cell_sentence"), vocab_index, fit,
+                                      case_insensitive=case_insensitive, max_words=top_k)
+        ref[split] = (res.X, table.column("cell_type").to_pylist())
+    X_eval = adata.X
+    if max_genes is None:
+        logger.info("k-NN on the first %d genes (the median sentence length).", top_k)
+    out: dict[str, Any] = {"k": k, "top_k_genes": top_k}
+    out["accuracy"] = knn_accuracy(*ref["train"], X_eval, adata.obs[labels_key].astype(str).tolist(), k=k)["accuracy"]
+    if "test" in ref:
+        out["real_vs_real_accuracy"] = knn_accuracy(*ref["train"], *ref["test"], k=k)["accuracy"]
+    return out
+
+
+def main(args: argparse.Namespace) -> ad.AnnData:
+    seed_everything(args.seed)
+    fit = load_transform_fit(args.transform_dir / "eval" / "transformation_metrics.csv")
+    vocab = load_vocab(args.transform_dir / "cell_sentences" / "vocab.txt")
+    out_dir, name = args.output.parent, args.output.name
+    metrics_name = f"{args.output.stem}_metrics.json"
+    names = [name, f"{args.output.stem}_args.json"] + ([metrics_name] if args.evaluate else [])
+    check_can_write(out_dir, names, overwrite=args.overwrite)
+    packed, obs = load_sentences(args)
+    logger.info("Read %s sentences (%s bytes) from %s.", f"{packed.n:,}", f"{packed.data.size:,}", args.sentences)
+    index = build_vocab_index(vocab)
+    start = time.perf_counter()
+    result = sentences_to_expression(packed, index, fit, case_insensitive=args.case_insensitive,
+                                     clip_negative=args.clip_negative, max_words=args.max_genes)
+    elapsed = time.perf_counter() - start
+    logger.info("Reconstructed %s cells × %s genes (%s non-zeros) in %.2f s (%s sentences/s).",
+                f"{packed.n:,}", f"{len(vocab):,}", f"{result.X.nnz:,}", elapsed,
+                f"{packed.n / max(elapsed, 1e-9):,.0f}")
+    stats = sentence_stats(result)
+    if stats["n_words"] and stats["invalid_rate"] > 0:
+        logger.warning("%s words (%.2f%%) are not genes of the vocabulary; skipped, keeping their place.",
+                       f"{int(result.n_invalid_genes.sum()):,}", 100 * stats["invalid_rate"])
+    if result.n_duplicate_genes.sum():
+        logger.warning("%s repeated genes were placed once, at the average of their positions.",
+                       f"{int(result.n_duplicate_genes.sum()):,}")
+    crossing = zero_crossing_rank(fit)
+    longest = int(result.n_words.max()) if packed.n else 0
+    if longest > crossing:
+        if args.clip_negative:
+            logger.warning("Dropped %s values <= 0 (ranks from %.0f on, the fit's zero crossing).",
+                           f"{result.n_clipped:,}", np.ceil(crossing))
+        else:
+            logger.warning("Genes at ranks from %.0f on get values <= 0 (the fit's zero crossing); kept so that "
+                           "the order is exact, pass --clip_negative to drop them.", np.ceil(crossing))
+    adata = to_anndata(result, obs, vocab, case_insensitive=args.case_insensitive)
+    adata.uns["inverse"] = {
+        "slope": fit.slope, "intercept": fit.intercept, "clip_negative": bool(args.clip_negative),
+        "case_insensitive": bool(args.case_insensitive),
+        "max_genes": -1 if args.max_genes is None else int(args.max_genes),
+        "transform_dir": str(args.transform_dir), "sentences": str(args.sentences),
+    }
+    metrics: dict[str, Any] = {}
+    if args.evaluate:
+        metrics = {"sentences": stats, "fit": {"slope": fit.slope, "intercept": fit.intercept},
+                   "seconds": elapsed}
+        pre = find_preprocessed(args.transform_dir)
+        if pre is not None:
+            rec = reconstruction_metrics(adata, pre)
+            if rec is not None:
+                metrics["reconstruction"] = rec
+                logger.info("Reconstruction vs %s: Pearson r %.3f on %s values of %s cells.", pre.name,
+                            rec["pearson_r"], f"{rec['n_points']:,}", f"{rec['n_cells']:,}")
+        for key in LABEL_COLUMNS if args.labels is None else (args.labels_key,):
+            knn = real_knn_metrics(adata, args.transform_dir, key, fit=fit, vocab_index=index,
+                                   max_genes=args.max_genes, k=args.k_neighbors,
+                                   case_insensitive=args.case_insensitive)
+            if knn is not None:
+                metrics[f"knn_{key}"] = knn
+                logger.info("k-NN accuracy against %s: %.3f (real vs real: %.3f).", key, knn["accuracy"],
+                            knn.get("real_vs_real_accuracy", float("nan")))
+    with staged_outputs(out_dir, names, overwrite=args.overwrite) as tmp:
+        adata.write_h5ad(tmp / name)
+        save_args(args, tmp / f"{args.output.stem}_args.json")
+        if args.evaluate:
+            (tmp / metrics_name).write_text(json.dumps(metrics, indent=2) + "\n")
+    logger.info("Wrote %s%s.", args.output, f" and {out_dir / metrics_name}" if args.evaluate else "")
+    return adata
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args)

@@ -1,0 +1,265 @@
+"""utils/inverse.py and inverse.py: exact values, post-processing cases, round trips, the script."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import anndata as ad
+import numba
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+from helpers import synthetic_counts, write_h5ad
+
+import inverse
+from utils.common import InputError
+from utils.inverse import (
+    TransformFit,
+    build_vocab_index,
+    load_transform_fit,
+    load_vocab,
+    read_sentence_file,
+    sentence_bytes,
+    sentences_to_expression,
+    zero_crossing_rank,
+)
+
+FIT = TransformFit(slope=-1.0, intercept=2.0)
+VOCAB = ["A", "B", "C", "Dx", "e1"]
+
+
+def value(rank: float) -> float:
+    return 2.0 - np.log10(1.0 + rank)
+
+
+def dense(result) -> np.ndarray:
+    return result.X.toarray().astype(np.float64)
+
+
+def test_exact_values_and_counts() -> None:
+    res = sentences_to_expression(["B A C", "C", ""], VOCAB, FIT)
+    expected = np.zeros((3, 5))
+    expected[0, [1, 0, 2]] = [value(0), value(1), value(2)]
+    expected[1, 2] = value(0)
+    np.testing.assert_allclose(dense(res), expected, rtol=1e-6)
+    assert res.X.dtype == np.float32 and res.X.format == "csr" and res.X.has_sorted_indices
+    assert res.n_words.tolist() == [3, 1, 0]
+    assert res.n_genes.tolist() == [3, 1, 0]
+    assert res.n_invalid_genes.tolist() == [0, 0, 0]
+    assert res.n_duplicate_genes.tolist() == [0, 0, 0]
+
+
+def test_unknown_words_keep_their_place() -> None:
+    res = sentences_to_expression(["zz B qq A", "nope never"], VOCAB, FIT)
+    np.testing.assert_allclose(dense(res)[0], [value(3), value(1), 0, 0, 0], rtol=1e-6)
+    assert res.X[1].nnz == 0
+    assert res.n_invalid_genes.tolist() == [2, 2]
+    assert res.n_genes.tolist() == [2, 0]
+    assert res.n_words.tolist() == [4, 2]
+
+
+def test_duplicates_are_placed_once_at_their_average_position() -> None:
+    res = sentences_to_expression(["A B A C A"], VOCAB, FIT)
+    # A at 0, 2, 4 -> average 2; B at 1; C at 3.
+    np.testing.assert_allclose(dense(res)[0], [value(2), value(1), value(3), 0, 0], rtol=1e-6)
+    assert res.n_duplicate_genes.tolist() == [2]
+    assert res.n_genes.tolist() == [3]
+    assert res.n_words.tolist() == [5]
+
+
+def test_whitespace_runs_and_empty_sentences() -> None:
+    res = sentences_to_expression(["  A\t\tB  ", "   ", "\n"], VOCAB, FIT)
+    np.testing.assert_allclose(dense(res)[0], [value(0), value(1), 0, 0, 0], rtol=1e-6)
+    assert res.n_words.tolist() == [2, 0, 0]
+    assert res.X.shape == (3, 5)
+
+
+def test_no_sentences() -> None:
+    res = sentences_to_expression([], VOCAB, FIT)
+    assert res.X.shape == (0, 5) and res.X.nnz == 0
+
+
+def test_case_is_exact_unless_asked() -> None:
+    exact = sentences_to_expression(["a dX E1 B"], VOCAB, FIT)
+    assert exact.n_invalid_genes.tolist() == [3]
+    np.testing.assert_allclose(dense(exact)[0], [0, value(3), 0, 0, 0], rtol=1e-6)
+    folded = sentences_to_expression(["a dX E1 B"], VOCAB, FIT, case_insensitive=True)
+    assert folded.n_invalid_genes.tolist() == [0]
+    assert folded.n_case_folded_genes.tolist() == [3]
+    np.testing.assert_allclose(dense(folded)[0], [value(0), value(3), 0, value(1), value(2)], rtol=1e-6)
+
+
+def test_case_folding_prefers_the_exact_gene() -> None:
+    vocab = ["Ab", "AB", "x"]
+    res = sentences_to_expression(["AB ab Ab"], vocab, FIT, case_insensitive=True)
+    # "AB" and "Ab" match exactly; "ab" folds to the first of them in vocabulary order ("Ab"),
+    # which then repeats: Ab at positions 1 and 2 -> 1.5.
+    np.testing.assert_allclose(dense(res)[0], [value(1.5), value(0), 0], rtol=1e-6)
+    assert res.n_duplicate_genes.tolist() == [1]
+
+
+def test_max_words_keeps_the_top_genes() -> None:
+    res = sentences_to_expression(["C B A", "xx A B"], VOCAB, FIT, max_words=2)
+    np.testing.assert_allclose(dense(res), [[0, value(1), value(0), 0, 0], [value(1), 0, 0, 0, 0]], rtol=1e-6)
+    assert res.n_words.tolist() == [2, 2]
+
+
+def test_negative_values_kept_or_clipped() -> None:
+    fit = TransformFit(slope=-1.0, intercept=0.5)  # crossing at rank 10**0.5 - 1 ≈ 2.16
+    assert zero_crossing_rank(fit) == pytest.approx(10**0.5 - 1)
+    kept = sentences_to_expression(["A B C Dx e1"], VOCAB, fit)
+    row = dense(kept)[0]
+    assert row[2] > 0 and (row[3:] < 0).all() and kept.X.nnz == 5
+    assert np.argsort(-row).tolist() == [0, 1, 2, 3, 4]  # the order stays exact
+    clipped = sentences_to_expression(["A B C Dx e1"], VOCAB, fit, clip_negative=True)
+    np.testing.assert_allclose(
+        dense(clipped)[0], [0.5, 0.5 - np.log10(2), 0.5 - np.log10(3), 0, 0], rtol=1e-6
+    )
+    assert clipped.X.nnz == 3 and clipped.n_clipped == 2
+    assert clipped.n_genes.tolist() == [5]  # genes placed, before clipping
+
+
+def test_round_trip_order_is_exact_on_random_sentences() -> None:
+    rng = random.Random(0)
+    vocab = [f"G{i}" for i in range(3_000)]
+    sentences = [" ".join(rng.sample(vocab, rng.randint(0, 2_500))) for _ in range(60)]
+    # A realistic fit crosses zero at rank ~ 8,900: deep ranks stay positive here; with an
+    # intercept of 2 they cross at 99 and are kept negative, the order exact either way.
+    for fit in (TransformFit(-0.76, 3.0), TransformFit(-1.0, 2.0)):
+        res = sentences_to_expression(sentences, vocab, fit)
+        for i, sentence in enumerate(sentences):
+            row = res.X[i]
+            order = row.indices[np.argsort(-row.data, kind="stable")]
+            assert [vocab[g] for g in order] == sentence.split()
+
+
+def test_same_result_for_any_number_of_threads() -> None:
+    rng = random.Random(1)
+    vocab = [f"G{i}" for i in range(500)]
+    sentences = [" ".join(rng.choices(vocab + ["junk"], k=rng.randint(0, 300))) for _ in range(101)]
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = sentences_to_expression(sentences, vocab, FIT)
+        numba.set_num_threads(before)
+        many = sentences_to_expression(sentences, vocab, FIT)
+    finally:
+        numba.set_num_threads(before)
+    assert (one.X != many.X).nnz == 0
+    assert one.n_duplicate_genes.tolist() == many.n_duplicate_genes.tolist()
+    assert one.n_duplicate_genes.sum() > 0 and one.n_invalid_genes.sum() > 0
+
+
+def test_arrow_input_with_offset_and_nulls() -> None:
+    arr = pa.array(["A", "B C", None, "C A"]).slice(1)
+    res = sentences_to_expression(arr, VOCAB, FIT)
+    np.testing.assert_allclose(
+        dense(res), [[0, value(0), value(1), 0, 0], [0] * 5, [value(1), 0, value(0), 0, 0]], rtol=1e-6
+    )
+    chunked = pa.chunked_array([pa.array(["A"]), pa.array(["B"])])
+    assert sentence_bytes(chunked).n == 2
+
+
+def test_read_sentence_file_lines(tmp_path: Path) -> None:
+    path = tmp_path / "s.txt"
+    path.write_bytes(b"A B\r\n\nC\nB A")  # CRLF, an empty line, no final newline
+    packed = read_sentence_file(path)
+    res = sentences_to_expression(packed, VOCAB, FIT)
+    assert packed.n == 4
+    assert res.n_words.tolist() == [2, 0, 1, 2]
+    path.write_bytes(b"A\n")
+    assert read_sentence_file(path).n == 1
+    path.write_bytes(b"")
+    assert read_sentence_file(path).n == 0
+
+
+def test_vocab_and_fit_loaders(tmp_path: Path) -> None:
+    (tmp_path / "vocab.txt").write_text("B 10\nA 3\n")
+    assert load_vocab(tmp_path / "vocab.txt") == ["B", "A"]
+    (tmp_path / "m.csv").write_text("slope,intercept,r_squared\n-0.5,1.5,0.9\n")
+    assert load_transform_fit(tmp_path / "m.csv") == TransformFit(-0.5, 1.5)
+    with pytest.raises(InputError, match="does not exist"):
+        load_vocab(tmp_path / "missing.txt")
+    (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(InputError, match="slope/intercept"):
+        load_transform_fit(tmp_path / "bad.csv")
+    with pytest.raises(InputError, match="more than once"):
+        build_vocab_index(["A", "A"])
+
+
+# ------------------------------------------------------------------------------ the script
+
+
+def write_transform_dir(root: Path, vocab: list[str], fit: TransformFit) -> Path:
+    (root / "cell_sentences").mkdir(parents=True)
+    (root / "eval").mkdir()
+    (root / "cell_sentences" / "vocab.txt").write_text("".join(f"{g} 1\n" for g in vocab))
+    pd.DataFrame([{"slope": fit.slope, "intercept": fit.intercept, "r_squared": 0.9, "pearson_r": 0.95,
+                   "spearman_r": 0.9, "threshold": 3.0, "n_points": 10}]).to_csv(
+        root / "eval" / "transformation_metrics.csv", index=False)
+    return root
+
+
+def test_main_txt_with_labels_and_names(tmp_path: Path) -> None:
+    tdir = write_transform_dir(tmp_path / "t", VOCAB, FIT)
+    sents = tmp_path / "gen.txt"
+    sents.write_text("B A\nq A A\n")
+    (tmp_path / "gen_barcodes.txt").write_text("c1\nc2\n")
+    (tmp_path / "labels.txt").write_text("T cell\nB cell\n")
+    out = tmp_path / "inv" / "gen.h5ad"
+    argv = ["--sentences", str(sents), "--transform_dir", str(tdir), "--output", str(out),
+            "--labels", str(tmp_path / "labels.txt"), "--labels_key", "requested_cell_type", "--evaluate"]
+    inverse.main(inverse.parse_args(argv))
+    adata = ad.read_h5ad(out)
+    assert adata.obs_names.tolist() == ["c1", "c2"]
+    assert adata.var_names.tolist() == VOCAB
+    assert adata.obs["requested_cell_type"].tolist() == ["T cell", "B cell"]
+    assert adata.obs["n_invalid_genes"].tolist() == [0, 1]
+    assert adata.obs["n_duplicate_genes"].tolist() == [0, 1]
+    assert adata.obs["n_genes"].tolist() == [2, 1]
+    np.testing.assert_allclose(adata.X.toarray(), [[value(1), value(0), 0, 0, 0], [value(1.5), 0, 0, 0, 0]],
+                               rtol=1e-6)
+    metrics = json.loads((tmp_path / "inv" / "gen_metrics.json").read_text())
+    assert metrics["sentences"]["valid_gene_rate"] == pytest.approx(4 / 5)
+    assert metrics["sentences"]["duplicate_rate"] == pytest.approx(1 / 5)
+    assert (tmp_path / "inv" / "gen_args.json").is_file()
+    with pytest.raises(InputError, match="--overwrite"):
+        inverse.main(inverse.parse_args(argv))
+    (tmp_path / "labels.txt").write_text("only one\n")
+    with pytest.raises(InputError, match="1 labels for 2 sentences"):
+        inverse.main(inverse.parse_args([*argv, "--overwrite"]))
+
+
+def test_transform_then_inverse_reproduces_the_fit(tmp_path: Path) -> None:
+    import transform
+
+    h5ad = write_h5ad(synthetic_counts(300, 500, seed=3), tmp_path / "syn.h5ad")
+    out = tmp_path / "out"
+    transform.main(transform.parse_args(["--data_filepath", str(h5ad), "--output_dir", str(out),
+                                         "--min_genes_per_cell", "0"]))
+    reported = pd.read_csv(out / "eval" / "transformation_metrics.csv").iloc[0]
+    target = tmp_path / "inv" / "test.h5ad"
+    adata = inverse.main(inverse.parse_args([
+        "--sentences", str(out / "cell_sentences_hf"), "--split", "test", "--transform_dir", str(out),
+        "--output", str(target), "--evaluate"]))
+    metrics = json.loads((tmp_path / "inv" / "test_metrics.json").read_text())
+    rec = metrics["reconstruction"]
+    assert rec["n_cells"] == adata.n_obs > 0
+    assert rec["pearson_r"] == pytest.approx(reported["pearson_r"], abs=0.05)
+    assert metrics["sentences"]["valid_gene_rate"] == 1.0
+    # The txt split gives the same matrix (names from test_barcodes.txt).
+    from_txt = inverse.main(inverse.parse_args([
+        "--sentences", str(out / "cell_sentences" / "test.txt"), "--transform_dir", str(out),
+        "--output", str(tmp_path / "inv" / "txt.h5ad")]))
+    assert from_txt.obs_names.tolist() == adata.obs_names.tolist()
+    assert (from_txt.X != adata.X).nnz == 0
+    # The order of each reconstructed cell is its sentence.
+    sentences = (out / "cell_sentences" / "test.txt").read_text().splitlines()
+    for i, sentence in enumerate(sentences):
+        row = adata.X[i]
+        assert adata.var_names[row.indices[np.argsort(-row.data, kind="stable")]].tolist() == sentence.split()
+    assert adata.obs["cell_type"].notna().all()
+    assert metrics["knn_cell_type"]["real_vs_real_accuracy"] > 0.8
