@@ -72,7 +72,7 @@ def test_max_genes_keeps_the_top():
 def test_join_sentences_bytes_match_python_join():
     rng = np.random.default_rng(1)
     matrix = sp.csr_matrix(rng.poisson(1.0, size=(20, 5)).astype(np.float32))
-    names = ["CD3E", "MS4A1", "HLA-DRA", "é-gene", "X"]
+    names = ["CD3E", "ENSG00000123456.15-LONG", "HLA-DRA", "é-gene", "X"]  # one over 16 bytes
     order = rank_entries(matrix.indptr, matrix.data, cell_ids=np.arange(20), seed=2)
     rows = np.array([3, 0, 19, 7])
     offsets, text = join_sentences(rows, matrix.indptr, matrix.indices[order], GeneNameTable(names), max_genes=3)
