@@ -1,0 +1,421 @@
+"""Use a trained cell-sentence model: predict cell types and generate cells, then evaluate.
+
+Two tasks (``--tasks predict,generate``), with the prompt templates of training
+(``utils/prompts.py``) and the token ids the model saw (``utils/training.py``):
+
+- predict: for each cell of ``--split``, the first K genes (K = the run's ``top_k_genes``) ->
+  the cell type, by batched greedy decoding with left padding. Accuracy is exact match after
+  trimming and case-folding, next to the majority-class baseline; a confusion-matrix figure.
+- generate: ``--n_per_type`` cells per cell type (default: as many as the split has), sampled
+  with ``--temperature``/``--top_k``/``--top_p``. Evaluated by the valid-gene rate, the duplicate
+  rate, the mean length and the paper's k-NN metric: a k-NN classifier fitted on real training
+  cells (reconstructed from their top-K ranks by the inverse transform, like the generated
+  cells) predicts each generated cell's type; real training -> real ``--split`` cells is the
+  ceiling. A PCA figure shows real and generated cells together.
+
+    data/model/<run>/ + data/cell_sentences_hf/ (+ data/cell_sentences/vocab.txt,
+    data/eval/transformation_metrics.csv)
+        -> data/generated/<run>/: predictions.csv, confusion_matrix.png, generated_cells.txt,
+           generated_labels.txt, generated_cells_hf/, real_vs_generated_pca.png, metrics.json,
+           generate_args.json
+
+Example:
+    python generate.py --model_dir data/model/scratch-small --data_dir data/cell_sentences_hf/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import shutil
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from utils.common import (
+    InputError,
+    check_can_write,
+    run_cli,
+    save_args,
+    seed_everything,
+    staged_outputs,
+)
+from utils.evaluation import (
+    classification_summary,
+    embed_pca,
+    knn_accuracy,
+    majority_baseline,
+    plot_confusion_matrix,
+    plot_embedding,
+    sentence_stats,
+)
+from utils.generation import (
+    allocate_counts,
+    answer_token_budget,
+    generate_batched,
+    pick_device,
+    shorten_to_fit,
+)
+from utils.inverse import (
+    TransformFit,
+    VocabIndex,
+    build_vocab_index,
+    load_transform_fit,
+    load_vocab,
+    sentences_to_expression,
+)
+
+logger = logging.getLogger("cell2sentence")
+
+TASKS = ("predict", "generate")
+OUTPUTS = [
+    "predictions.csv", "confusion_matrix.png", "generated_cells.txt", "generated_labels.txt",
+    "generated_cells_hf", "real_vs_generated_pca.png", "metrics.json", "generate_args.json",
+]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--model_dir", type=Path, default=None, help="a model folder written by train.py (required)")
+    p.add_argument("--data_dir", type=Path, default=Path("data/cell_sentences_hf"),
+                   help="the DatasetDict written by transform.py")
+    p.add_argument("--transform_dir", type=Path, default=None,
+                   help="transform.py's output folder with cell_sentences/vocab.txt and "
+                        "eval/transformation_metrics.csv (default: the parent of --data_dir)")
+    p.add_argument("--output_dir", type=Path, default=None,
+                   help="where outputs go (default: data/generated/<model_dir name>)")
+    p.add_argument("--split", type=str, default="test", help="split to predict and to compare with")
+    p.add_argument("--tasks", type=str, default="predict,generate", help="comma-separated: predict, generate")
+    p.add_argument("--top_k_genes", type=int, default=None,
+                   help="genes per prompt/answer (default: the run's top_k_genes from train_args.json)")
+    p.add_argument("--cell_type_column", type=str, default=None,
+                   help="column of the labels (default: the run's, else cell_type)")
+    p.add_argument("--n_per_type", type=int, default=None,
+                   help="cells to generate per cell type (default: as many as the split has)")
+    p.add_argument("--max_cells", type=int, default=None,
+                   help="cap on the cells predicted and on the cells generated (default: no cap)")
+    p.add_argument("--batch_size", type=int, default=16, help="prompts per generate() call")
+    p.add_argument("--max_new_tokens", type=int, default=None,
+                   help="new tokens per generated cell (default: from the length of real answers)")
+    p.add_argument("--predict_max_new_tokens", type=int, default=None,
+                   help="new tokens per predicted label (default: the longest label's tokens + 2)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (generate)")
+    p.add_argument("--top_k", type=int, default=50, help="sample among the k most likely tokens; 0: all")
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    p.add_argument("--k_neighbors", type=int, default=5, help="k of the k-NN metric")
+    p.add_argument("--device", type=str, default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="weights dtype (auto: bf16/fp16 on CUDA, float32 on CPU)")
+    p.add_argument("--seed", type=int, default=1234, help="seed of sampling and of the --max_cells subset")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    args = p.parse_args(argv)
+    _check_args(args)
+    return args
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.model_dir is None:
+        raise InputError("Pass --model_dir, a model folder written by train.py (e.g. data/model/<run>).")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown or not tasks:
+        raise InputError(f"--tasks {args.tasks!r}: choose among {', '.join(TASKS)} (comma-separated).")
+    args.tasks = ",".join(t for t in TASKS if t in tasks)
+    for flag in ("batch_size", "k_neighbors"):
+        if getattr(args, flag) < 1:
+            raise InputError(f"--{flag} must be at least 1.")
+    for flag in ("top_k_genes", "n_per_type", "max_cells", "max_new_tokens", "predict_max_new_tokens"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise InputError(f"--{flag} must be at least 1 (or left out for the default).")
+    if args.temperature <= 0:
+        raise InputError("--temperature must be positive.")
+    if not 0 < args.top_p <= 1:
+        raise InputError("--top_p must be in (0, 1].")
+    if args.top_k < 0:
+        raise InputError("--top_k must be 0 (off) or positive.")
+    if args.transform_dir is None:
+        args.transform_dir = args.data_dir.parent
+    if args.output_dir is None:
+        args.output_dir = Path("data/generated") / args.model_dir.name
+
+
+# ---------------------------------------------------------------------------------- inputs
+
+
+def read_train_args(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / "train_args.json"
+    if not path.is_file():
+        logger.warning("%s has no train_args.json; using the defaults (top_k_genes 100).", model_dir)
+        return {}
+    return json.loads(path.read_text())
+
+
+def load_splits(data_dir: Path, split: str, label_column: str, *, need_labels: bool) -> dict[str, Any]:
+    """The train split and ``split`` of the DatasetDict as Arrow tables."""
+    import datasets
+
+    if not data_dir.is_dir():
+        raise InputError(f"{data_dir} does not exist; pass transform.py's cell_sentences_hf folder as --data_dir.")
+    try:
+        dd = datasets.load_from_disk(str(data_dir))
+    except (FileNotFoundError, ValueError) as err:
+        raise InputError(f"{data_dir} is no datasets folder written by save_to_disk ({err}).") from None
+    if not isinstance(dd, datasets.DatasetDict):
+        raise InputError(f"{data_dir} holds one dataset, not transform.py's DatasetDict with train/valid/test.")
+    if split not in dd:
+        raise InputError(f"{data_dir} has no split {split!r} (it has {list(dd)}); fix --split.")
+    out = {}
+    for name in dict.fromkeys(["train", split]):
+        if name not in dd:
+            continue
+        columns = dd[name].column_names
+        if "cell_sentence" not in columns:
+            raise InputError(f"{data_dir}/{name} has no cell_sentence column (it has {columns}).")
+        if need_labels and label_column not in columns:
+            raise InputError(f"{data_dir}/{name} has no {label_column!r} column (it has {columns}); "
+                             "pass --cell_type_column or use --tasks without predict/generate by type.")
+        out[name] = dd[name].with_format("arrow")[:]
+    return out
+
+
+def reference(transform_dir: Path, tables: dict[str, Any], top_k: int) -> tuple[VocabIndex, TransformFit, bool]:
+    """The vocabulary and fit of the transform; without them, a nominal fit over the train genes."""
+    vocab_path = transform_dir / "cell_sentences" / "vocab.txt"
+    metrics_path = transform_dir / "eval" / "transformation_metrics.csv"
+    if vocab_path.is_file() and metrics_path.is_file():
+        return build_vocab_index(load_vocab(vocab_path)), load_transform_fit(metrics_path), True
+    logger.warning("No transform outputs in %s: the valid-gene rate uses the genes of the training "
+                   "sentences and the k-NN metric a nominal fit (slope -1); pass --transform_dir.", transform_dir)
+    genes: dict[str, None] = {}
+    for sentence in tables["train"].column("cell_sentence").to_pylist():
+        genes.update(dict.fromkeys(sentence.split()))
+    return build_vocab_index(list(genes)), TransformFit(slope=-1.0, intercept=float(np.log10(1 + top_k))), False
+
+
+def subsample(n: int, cap: int | None, seed: int) -> np.ndarray:
+    """Row indices: all, or a seeded random subset of ``cap`` in their original order."""
+    if cap is None or cap >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=cap, replace=False))
+
+
+# ---------------------------------------------------------------------------------- tasks
+
+
+def progress_bar(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="cell")
+
+
+def predict_types(model: Any, tokenizer: Any, table: Any, rows: np.ndarray, *, label_column: str,
+                  top_k: int, context: int, args: argparse.Namespace, labels: list[str]) -> pd.DataFrame:
+    from utils.prompts import prediction_prompt
+    from utils.training import decode_answer, encode_answer, encode_prompt
+
+    budget = args.predict_max_new_tokens or max(len(encode_answer(tokenizer, x)) for x in labels) + 2
+    sentences = table.column("cell_sentence").take(rows).to_pylist()
+    prompts, shortened = [], 0
+    for sentence in sentences:
+        genes = sentence.split()[:top_k]
+        ids, n = shorten_to_fit(lambda n, g=genes: encode_prompt(tokenizer, prediction_prompt(g[:n])),
+                                len(genes), context - budget)
+        shortened += n < len(genes)
+        prompts.append(ids)
+    if shortened:
+        logger.warning("%s prediction prompts were shortened to fit the model's %d-token context.",
+                       f"{shortened:,}", context)
+    with progress_bar(len(prompts), "Predicting cell types") as bar:
+        answers = generate_batched(model, prompts, pad_token_id=tokenizer.pad_token_id,
+                                   eos_token_id=tokenizer.eos_token_id, max_new_tokens=budget,
+                                   batch_size=args.batch_size, do_sample=False, progress=bar.update)
+    return pd.DataFrame({
+        "cell_name": table.column("cell_name").take(rows).to_pylist() if "cell_name" in table.column_names
+        else [f"cell_{i}" for i in rows],
+        "true": table.column(label_column).take(rows).to_pylist(),
+        "predicted": [decode_answer(tokenizer, a) for a in answers],
+    })
+
+
+def generate_cells(model: Any, tokenizer: Any, counts: dict[str, int], *, top_k: int, context: int,
+                   budget: int, args: argparse.Namespace) -> pd.DataFrame:
+    from utils.prompts import generation_prompt
+    from utils.training import decode_answer, encode_prompt
+
+    requested = [t for t, n in counts.items() for _ in range(n)]
+    prompts = []
+    for cell_type in requested:
+        ids = encode_prompt(tokenizer, generation_prompt(cell_type, top_k))
+        prompts.append(ids)
+    longest = max((len(p) for p in prompts), default=0)
+    new_tokens = min(budget, max(1, context - longest))
+    if new_tokens < budget:
+        logger.warning("Generating at most %d new tokens (the model's context is %d).", new_tokens, context)
+    with progress_bar(len(prompts), "Generating cells") as bar:
+        answers = generate_batched(model, prompts, pad_token_id=tokenizer.pad_token_id,
+                                   eos_token_id=tokenizer.eos_token_id, max_new_tokens=new_tokens,
+                                   batch_size=args.batch_size, do_sample=True, temperature=args.temperature,
+                                   top_k=args.top_k, top_p=args.top_p, progress=bar.update)
+    return pd.DataFrame({
+        "cell_name": [f"generated_{i:06d}" for i in range(len(requested))],
+        "cell_sentence": [decode_answer(tokenizer, a) for a in answers],
+        "requested_cell_type": requested,
+    })
+
+
+def evaluate_generated(generated: pd.DataFrame, tables: dict[str, Any], *, split: str, label_column: str,
+                       index: VocabIndex, fit: TransformFit, top_k: int, k: int, seed: int
+                       ) -> tuple[dict[str, Any], Any]:
+    """Word statistics, the k-NN metric and the PCA figure of real and generated cells."""
+    # Word statistics over every generated word; the k-NN representation from the top K only,
+    # like the real cells.
+    everything = sentences_to_expression(generated["cell_sentence"].tolist(), index, fit)
+    metrics: dict[str, Any] = {"sentences": sentence_stats(everything)}
+    gen = sentences_to_expression(generated["cell_sentence"].tolist(), index, fit, max_words=top_k)
+    real_train = sentences_to_expression(tables["train"].column("cell_sentence"), index, fit, max_words=top_k)
+    real_eval = sentences_to_expression(tables[split].column("cell_sentence"), index, fit, max_words=top_k)
+    y_train = tables["train"].column(label_column).to_pylist()
+    y_eval = tables[split].column(label_column).to_pylist()
+    requested = generated["requested_cell_type"].tolist()
+    knn_gen = knn_accuracy(real_train.X, y_train, gen.X, requested, k=k)
+    knn_real = knn_accuracy(real_train.X, y_train, real_eval.X, y_eval, k=k)
+    metrics["knn"] = {
+        "k": knn_gen["k"],
+        "top_k_genes": top_k,
+        "generated_accuracy": knn_gen["accuracy"],
+        "real_vs_real_accuracy": knn_real["accuracy"],
+        "majority_baseline": majority_baseline(y_train, requested)["accuracy"],
+        "n_real_train": int(real_train.X.shape[0]),
+        "n_real_eval": int(real_eval.X.shape[0]),
+        "n_generated": int(gen.X.shape[0]),
+    }
+    figure = None
+    if real_eval.X.shape[0] >= 3 and real_eval.X.nnz:
+        a, b = embed_pca(real_eval.X, gen.X, seed=seed)
+        if a.shape[1] == 2:
+            figure = plot_embedding(a, [str(y) for y in y_eval], b, [str(y) for y in requested],
+                                    title=f"Real ({split}) and generated cells, PCA of the top-{top_k} reconstruction")
+    return metrics, figure
+
+
+# ---------------------------------------------------------------------------------- main
+
+
+def produced(tasks: Sequence[str], with_pca: bool) -> set[str]:
+    """The outputs a run of ``tasks`` writes."""
+    names = {"metrics.json", "generate_args.json"}
+    if "predict" in tasks:
+        names |= {"predictions.csv", "confusion_matrix.png"}
+    if "generate" in tasks:
+        names |= {"generated_cells.txt", "generated_labels.txt", "generated_cells_hf"}
+        names |= {"real_vs_generated_pca.png"} if with_pca else set()
+    return names
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    seed_everything(args.seed)
+    tasks = args.tasks.split(",")
+    check_can_write(args.output_dir, OUTPUTS, overwrite=args.overwrite)
+    record = read_train_args(args.model_dir)
+    top_k = args.top_k_genes or int(record.get("top_k_genes", 100))
+    label_column = args.cell_type_column or record.get("cell_type_column", "cell_type")
+    tables = load_splits(args.data_dir, args.split, label_column, need_labels=True)
+    if "train" not in tables:
+        raise InputError(f"{args.data_dir} has no train split, needed for the baseline and the k-NN metric.")
+    eval_table = tables[args.split]
+    labels = sorted({str(x) for x in tables["train"].column(label_column).to_pylist()}
+                    | {str(x) for x in eval_table.column(label_column).to_pylist()})
+
+    from utils.training import encode_answer, load_model_and_tokenizer
+
+    device, dtype = pick_device(args.device, args.dtype)
+    model, tokenizer = load_model_and_tokenizer(args.model_dir, device, dtype=dtype)
+    context = int(getattr(model.config, "n_positions", None)
+                  or getattr(model.config, "max_position_embeddings", None) or 1024)
+    logger.info("Model %s on %s (%s), context %d tokens, top %d genes, split %s (%s cells).",
+                args.model_dir, device, str(dtype).replace("torch.", ""), context, top_k, args.split,
+                f"{eval_table.num_rows:,}")
+    metrics: dict[str, Any] = {"model_dir": str(args.model_dir), "split": args.split, "top_k_genes": top_k,
+                               "device": device}
+    predictions = generated = None
+    confusion = pca = None
+    if "predict" in tasks:
+        rows = subsample(eval_table.num_rows, args.max_cells, args.seed)
+        start = time.perf_counter()
+        predictions = predict_types(model, tokenizer, eval_table, rows, label_column=label_column,
+                                    top_k=top_k, context=context, args=args, labels=labels)
+        summary = classification_summary(predictions["true"], predictions["predicted"],
+                                         train_labels=tables["train"].column(label_column).to_pylist())
+        summary["seconds"] = time.perf_counter() - start
+        metrics["prediction"] = summary
+        logger.info("Cell-type accuracy %.3f on %s cells (majority-class baseline %.3f, %s).",
+                    summary["accuracy"], f"{summary['n_cells']:,}", summary["majority_baseline"],
+                    summary["majority_label"])
+        confusion = plot_confusion_matrix(predictions["true"], predictions["predicted"],
+                                          title=f"Cell-type prediction on {args.split} "
+                                                f"(accuracy {summary['accuracy']:.3f})")
+    if "generate" in tasks:
+        available = Counter(str(x) for x in eval_table.column(label_column).to_pylist())
+        counts = allocate_counts(dict(sorted(available.items())), n_per_type=args.n_per_type,
+                                 max_cells=args.max_cells)
+        rng = random.Random(args.seed)
+        sample = [s for s in tables["train"].column("cell_sentence").to_pylist() if s]
+        sample = rng.sample(sample, min(len(sample), 200))
+        budget = args.max_new_tokens or answer_token_budget(
+            [len(encode_answer(tokenizer, " ".join(s.split()[:top_k]))) for s in sample] or [top_k])
+        start = time.perf_counter()
+        seed_everything(args.seed)
+        generated = generate_cells(model, tokenizer, counts, top_k=top_k, context=context, budget=budget,
+                                   args=args)
+        elapsed = time.perf_counter() - start
+        index, fit, from_transform = reference(args.transform_dir, tables, top_k)
+        gen_metrics, pca = evaluate_generated(generated, tables, split=args.split, label_column=label_column,
+                                              index=index, fit=fit, top_k=top_k, k=args.k_neighbors,
+                                              seed=args.seed)
+        gen_metrics.update(requested_counts=counts, max_new_tokens=budget, seconds=elapsed,
+                           vocabulary="transform" if from_transform else "train sentences",
+                           sampling={"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p})
+        metrics["generation"] = gen_metrics
+        s, knn = gen_metrics["sentences"], gen_metrics["knn"]
+        logger.info("Generated %s cells: valid-gene rate %.3f, duplicate rate %.3f, mean length %.1f; "
+                    "k-NN accuracy %.3f (real vs real %.3f).", f"{len(generated):,}", s["valid_gene_rate"],
+                    s["duplicate_rate"], s["mean_sentence_length"], knn["generated_accuracy"],
+                    knn["real_vs_real_accuracy"])
+    with staged_outputs(args.output_dir, OUTPUTS, overwrite=args.overwrite) as tmp:
+        if predictions is not None:
+            predictions.to_csv(tmp / "predictions.csv", index=False)
+            confusion.savefig(tmp / "confusion_matrix.png", dpi=150, bbox_inches="tight")
+        if generated is not None:
+            from datasets import Dataset
+
+            (tmp / "generated_cells.txt").write_text("".join(s + "\n" for s in generated["cell_sentence"]))
+            (tmp / "generated_labels.txt").write_text(
+                "".join(t + "\n" for t in generated["requested_cell_type"]))
+            Dataset.from_pandas(generated, preserve_index=False).save_to_disk(str(tmp / "generated_cells_hf"))
+            if pca is not None:
+                pca.savefig(tmp / "real_vs_generated_pca.png", dpi=150, bbox_inches="tight")
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+        save_args(args, tmp / "generate_args.json")
+    written = {p.name for p in args.output_dir.iterdir()}
+    for name in OUTPUTS:
+        # An output of an earlier run whose task was not run now would no longer match.
+        stale = args.output_dir / name
+        if name in written and name not in produced(tasks, pca is not None):
+            logger.warning("Removed %s, an output of an earlier run (task not run now).", stale)
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    logger.info("Wrote %s.", args.output_dir)
+    return metrics
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args)
