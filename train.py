@@ -390,7 +390,7 @@ def build_model_and_tokenizer(
 
     from utils.prompts import prompt_words
     from utils.tokenizer import build_word_tokenizer
-    from utils.training import from_pretrained
+    from utils.training import from_pretrained, has_label
 
     m, d = args.model, args.data
     if checkpoint is not None:
@@ -399,7 +399,9 @@ def build_model_and_tokenizer(
     elif m.init_from_scratch:
         labels: list[str] = []
         if d.cell_type_column in train_split.column_names:
-            labels = sorted({str(x) for x in train_split.unique(d.cell_type_column)})
+            labels = sorted(
+                {str(x) for x in train_split.unique(d.cell_type_column) if has_label(x)}
+            )
         tokenizer = build_word_tokenizer(
             iter_top_genes(train_split, d.top_k_genes),
             extra_words=prompt_words(labels, max_number=max(1024, d.top_k_genes)),
@@ -551,7 +553,7 @@ def main(args: TrainArgs) -> Path:
     """Train and write the model folder; returns its path."""
     from transformers import Trainer
 
-    from utils.training import CausalLMCollator
+    from utils.training import CausalLMCollator, has_label
 
     m, d, t = args
     check_args(args)
@@ -583,7 +585,9 @@ def main(args: TrainArgs) -> Path:
         train_split = train_split.select(range(min(d.max_train_samples, len(train_split))))
     cell_types: list[str] = []
     if d.cell_type_column in train_split.column_names:
-        cell_types = sorted({str(x) for x in train_split.unique(d.cell_type_column)})
+        cell_types = sorted(
+            {str(x) for x in train_split.unique(d.cell_type_column) if has_label(x)}
+        )
     logger.info(
         "Training on %s cells of %s (%s cell types); tasks %s.",
         f"{len(train_split):,}", d.data_dir, f"{len(cell_types):,}",
@@ -611,6 +615,16 @@ def main(args: TrainArgs) -> Path:
                 raise InputError(str(err)) from None
             raise
     stats = describe_examples(train_examples)
+    if stats["n_examples"] == 0:
+        raise InputError(
+            f"No training example could be built: no cell of {d.data_dir} has a "
+            f"{d.cell_type_column!r} label; add unconditional_generation to --tasks."
+        )
+    if stats["n_examples"] < len(train_split):
+        logger.warning(
+            "%s training cells without a cell type were left out (their tasks need one).",
+            f"{len(train_split) - stats['n_examples']:,}",
+        )
     logger.info(
         "%s training examples (%s), %.1f tokens per example on average (longest %d, context "
         "%d), %.1f answer tokens.",

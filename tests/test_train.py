@@ -218,3 +218,11 @@ def test_fine_tunes_a_local_model_directory(trained: Path, data_dir: Path) -> No
     assert json.loads((run_dir / "train_results.json").read_text())["global_step"] == 3
     # the word-level tokenizer of the base model is kept
     assert (run_dir / "tokenizer.json").read_text() == (trained / "tokenizer.json").read_text()
+
+
+def test_latest_checkpoint_is_the_highest_step(tmp_path: Path) -> None:
+    for step in (5, 40, 100, 9):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    (tmp_path / "checkpoint-x").mkdir()
+    assert train.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-100"
+    assert train.latest_checkpoint(tmp_path / "none") is None

@@ -112,3 +112,13 @@ def test_parse_tasks_validates() -> None:
         parse_tasks("generation")
     with pytest.raises(InputError, match="one non-negative number per task"):
         parse_tasks("unconditional_generation,cell_type_prediction", "1")
+
+
+def test_cells_without_label_get_untyped_tasks_or_none(tok) -> None:
+    batch = {"cell_sentence": [" ".join(GENES)] * 30, "cell_type": [None, "", "nan"] * 10}
+    kwargs = dict(tokenizer=tok, top_k=5, max_length=64, seed=0, split="train")
+    mixed = parse_tasks("conditional_generation,unconditional_generation,cell_type_prediction")
+    out = tokenize_batch(batch, list(range(30)), tasks=mixed, **kwargs)
+    assert out["task"] == ["unconditional_generation"] * 30
+    typed = parse_tasks("cell_type_prediction")
+    assert tokenize_batch(batch, list(range(30)), tasks=typed, **kwargs)["task"] == []

@@ -215,14 +215,24 @@ def tokenize_batch(
     cell_type_column: str | None = "cell_type",
 ) -> dict[str, list[Any]]:
     """``datasets.map(batched=True, with_indices=True)`` function: one example per cell, its
-    task drawn with the weights of ``tasks`` from a per-cell seeded random stream."""
+    task drawn with the weights of ``tasks`` from a per-cell seeded random stream.
+
+    A cell without a label (None, empty, "nan") gets an untyped task, or no example when all
+    tasks need a label.
+    """
     names, weights = list(tasks), list(tasks.values())
+    untyped = [(n, w) for n, w in zip(names, weights, strict=True) if n not in TYPED_TASKS]
     sentences = batch[sentence_column]
     types = batch[cell_type_column] if cell_type_column in batch else [None] * len(sentences)
     out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "task": []}
     for sentence, cell_type, index in zip(sentences, types, indices, strict=True):
         rng = example_rng(seed, split, index)
-        task = rng.choices(names, weights=weights)[0]
+        if has_label(cell_type):
+            task = rng.choices(names, weights=weights)[0]
+        elif untyped and sum(w for _, w in untyped) > 0:
+            task = rng.choices([n for n, _ in untyped], weights=[w for _, w in untyped])[0]
+        else:
+            continue
         example = make_example(
             tokenizer, sentence, cell_type, task=task, top_k=top_k, max_length=max_length, rng=rng
         )
@@ -230,6 +240,14 @@ def tokenize_batch(
         out["labels"].append(example["labels"])
         out["task"].append(task)
     return out
+
+
+def has_label(cell_type: Any) -> bool:
+    """Whether a cell-type value is a usable label (not None, empty or NaN)."""
+    if cell_type is None:
+        return False
+    text = str(cell_type).strip()
+    return bool(text) and text.lower() not in {"nan", "none"}
 
 
 def parse_tasks(tasks: str, weights: str | None = None) -> dict[str, float]:
