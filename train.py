@@ -340,15 +340,16 @@ def prepare_run_dir(
     resuming_here = checkpoint is not None and checkpoints.resolve() in (
         checkpoint.resolve().parents
     )
-    if checkpoints.is_dir() and any(checkpoints.iterdir()) and not resuming_here:
-        if not overwrite:
-            raise InputError(
-                f"{checkpoints} holds checkpoints of an earlier run; resume it with "
-                f"--checkpoint latest --run_name {run_dir.name}, or pass --overwrite to start "
-                "over."
-            )
-        if delete:
-            shutil.rmtree(checkpoints, ignore_errors=True)
+    if not checkpoints.is_dir() or resuming_here:
+        return
+    if latest_checkpoint(checkpoints) is not None and not overwrite:
+        raise InputError(
+            f"{checkpoints} holds checkpoints of an earlier run; resume it with "
+            f"--checkpoint latest --run_name {run_dir.name}, or pass --overwrite to start "
+            "over."
+        )
+    if delete:  # also the leftovers of a run that crashed before its first checkpoint
+        shutil.rmtree(checkpoints, ignore_errors=True)
 
 
 def publish(staging: Path, run_dir: Path) -> None:

@@ -146,6 +146,12 @@ def test_crashed_run_leaves_no_model(one_thread, data_dir, tmp_path, monkeypatch
     with pytest.raises(RuntimeError, match="simulated"):
         train.main(train.parse_args(argv))
     assert not (tmp_path / "r" / "config.json").exists()
+    # the same run name starts over without --overwrite (no checkpoint was written)
+    train.prepare_run_dir(tmp_path / "r", None, overwrite=False)
+    assert not (tmp_path / "r" / "checkpoints").exists()
+    (tmp_path / "r" / "checkpoints" / "checkpoint-3").mkdir(parents=True)
+    with pytest.raises(InputError, match="--checkpoint latest --run_name r"):
+        train.prepare_run_dir(tmp_path / "r", None, overwrite=False)
 
 
 def test_missing_dataset_folder(tmp_path: Path) -> None:
