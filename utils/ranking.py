@@ -220,7 +220,7 @@ def join_sentences(
     return _join_lines(
         np.asarray(rows, dtype=np.int64),
         np.asarray(indptr, dtype=np.int64),
-        np.asarray(ranked_genes, dtype=np.int64),
+        ranked_genes,
         limit,
         names.lengths,
         names.slots,
