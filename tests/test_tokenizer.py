@@ -67,3 +67,27 @@ def test_save_and_reload_gives_same_ids(tmp_path: Path) -> None:
     assert encode_prompt(loaded, prompt) == encode_prompt(tok, prompt)
     assert (loaded.pad_token, loaded.eos_token, loaded.bos_token) == ("<pad>", "<eos>", "<bos>")
     assert decode_answer(loaded, encode_answer(loaded, "CD14 LYZ")) == "CD14 LYZ"
+
+
+def test_byte_level_bpe_like_gpt2_round_trips() -> None:
+    # GPT-2's kind of tokenizer (byte-level BPE, BOS = EOS), trained here since the hub is out
+    # of reach: answers follow the prompt after one space and decode back exactly.
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(SENTENCES * 20 + LABELS * 20, trainer=trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>",
+                                  eos_token="<|endoftext|>", clean_up_tokenization_spaces=False)
+    answer = "CD14 LYZ HLA-DRA"
+    ids = encode_answer(tok, answer)
+    assert len(ids) > 3  # several pieces per gene, unlike the word-level tokenizer
+    assert decode_answer(tok, [*ids, tok.eos_token_id, *ids]) == answer
+    assert decode_answer(tok, encode_answer(tok, "CD14+ Monocyte")) == "CD14+ Monocyte"
+    prompt_ids = encode_prompt(tok, prediction_prompt(["CD14", "LYZ"]))
+    assert prompt_ids[0] == tok.bos_token_id
+    assert tok.decode(prompt_ids[1:]) == prediction_prompt(["CD14", "LYZ"])
