@@ -46,9 +46,9 @@ def _rank_rows(indptr, value_bits, cell_ids, seed):
         widest = max(widest, indptr[r + 1] - indptr[r])
     keys_a = np.empty(widest, np.uint32)
     keys_b = np.empty(widest, np.uint32)
-    pos_a = np.empty(widest, np.int64)
-    pos_b = np.empty(widest, np.int64)
-    count = np.empty(256, np.int64)
+    pos_a = np.empty(widest, np.int32)
+    pos_b = np.empty(widest, np.int32)
+    count = np.empty((4, 256), np.int64)
     seed_key = _splitmix64(np.uint64(seed) + _GOLDEN)
 
     for r in range(n_rows):
@@ -56,29 +56,32 @@ def _rank_rows(indptr, value_bits, cell_ids, seed):
         n = indptr[r + 1] - start
         if n == 0:
             continue
+        # LSD radix sort on the 4 key bytes; the 4 histograms come from one pass, and a byte
+        # that every key shares is skipped (for integer counts most are), several times faster
+        # than a comparison sort.
+        count[:, :] = 0
         for j in range(n):
-            keys_a[j] = np.uint32(0xFFFFFFFF) - value_bits[start + j]  # descending
+            key = np.uint32(0xFFFFFFFF) - value_bits[start + j]  # descending
+            keys_a[j] = key
             pos_a[j] = j
+            count[0, key & 255] += 1
+            count[1, (key >> 8) & 255] += 1
+            count[2, (key >> 16) & 255] += 1
+            count[3, key >> 24] += 1
         ka, kb, pa, pb = keys_a, keys_b, pos_a, pos_b
-        # LSD radix sort, one byte per pass; a pass where every key shares the byte is skipped
-        # (for integer counts most are), which makes this several times faster than argsort.
         for byte in range(4):
             shift = 8 * byte
-            for b in range(256):
-                count[b] = 0
-            for j in range(n):
-                count[(ka[j] >> shift) & 255] += 1
-            if count[(ka[0] >> shift) & 255] == n:
+            if count[byte, (ka[0] >> shift) & 255] == n:
                 continue
             total = 0
             for b in range(256):
-                c = count[b]
-                count[b] = total
+                c = count[byte, b]
+                count[byte, b] = total
                 total += c
             for j in range(n):
                 d = (ka[j] >> shift) & 255
-                t = count[d]
-                count[d] = t + 1
+                t = count[byte, d]
+                count[byte, d] = t + 1
                 kb[t] = ka[j]
                 pb[t] = pa[j]
             ka, kb = kb, ka
