@@ -564,11 +564,13 @@ def main(args: TrainArgs) -> Path:
     dataset = load_cell_sentences(Path(d.data_dir))
     tasks = resolve_tasks(d, dataset["train"].column_names)
     do_eval = t.eval_strategy != "no" or t.do_eval
-    if do_eval and "valid" not in dataset:
+    if do_eval and ("valid" not in dataset or len(dataset["valid"]) == 0):
         raise InputError(
-            f"Evaluation was asked for, but {d.data_dir} has no 'valid' split; "
+            f"Evaluation was asked for, but {d.data_dir} has no or an empty 'valid' split; "
             "drop --eval_strategy or pass a dataset with a valid split."
         )
+    if len(dataset["train"]) == 0:
+        raise InputError(f"The train split of {d.data_dir} is empty; nothing to train on.")
     run_dir, checkpoint = resolve_run(args)
     if checkpoint is not None and (checkpoint.parent / RUN_ARGS_FILE).is_file():
         earlier = json.loads((checkpoint.parent / RUN_ARGS_FILE).read_text())
