@@ -255,7 +255,8 @@ def reconstruction_metrics(adata: ad.AnnData, preprocessed: Path) -> dict[str, A
     }
 
 
-def real_knn_metrics(adata: ad.AnnData, transform_dir: Path, labels_key: str, *, fit: TransformFit,
+def real_knn_metrics(adata: ad.AnnData, packed: SentenceBytes, transform_dir: Path, labels_key: str, *,
+                     fit: TransformFit,
                      vocab_index: Any, max_genes: int | None, k: int,
                      case_insensitive: bool) -> dict[str, Any] | None:
     """k-NN fitted on the transform's real training cells (top-K ranks) scores the labelled cells."""
@@ -276,7 +277,9 @@ def real_knn_metrics(adata: ad.AnnData, transform_dir: Path, labels_key: str, *,
         res = sentences_to_expression(table.column("cell_sentence"), vocab_index, fit,
                                       case_insensitive=case_insensitive, max_words=top_k)
         ref[split] = (res.X, table.column("cell_type").to_pylist())
-    X_eval = adata.X
+    # The evaluated cells in the same representation: their first top_k words.
+    X_eval = sentences_to_expression(packed, vocab_index, fit, case_insensitive=case_insensitive,
+                                     max_words=top_k).X
     if max_genes is None:
         logger.info("k-NN on the first %d genes (the median sentence length).", top_k)
     out: dict[str, Any] = {"k": k, "top_k_genes": top_k}
@@ -339,7 +342,7 @@ def main(args: argparse.Namespace) -> ad.AnnData:
                 logger.info("Reconstruction vs %s: Pearson r %.3f on %s values of %s cells.", pre.name,
                             rec["pearson_r"], f"{rec['n_points']:,}", f"{rec['n_cells']:,}")
         for key in LABEL_COLUMNS if args.labels is None else (args.labels_key,):
-            knn = real_knn_metrics(adata, args.transform_dir, key, fit=fit, vocab_index=index,
+            knn = real_knn_metrics(adata, packed, args.transform_dir, key, fit=fit, vocab_index=index,
                                    max_genes=args.max_genes, k=args.k_neighbors,
                                    case_insensitive=args.case_insensitive)
             if knn is not None:
