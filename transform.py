@@ -93,7 +93,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="fit the rank-expression line on genes with log10(1 + rank) below this")
     p.add_argument("--eval_cells", type=int, default=1_000,
                    help="seeded sample of cells whose genes feed the fit and the figures")
-    p.add_argument("--chunk_size", type=int, default=4_096, help="cells read and processed at a time")
+    p.add_argument("--chunk_size", type=int, default=2_048,
+                   help="cells read and processed at a time (memory grows with it)")
     p.add_argument("--num_proc", type=int, default=1, help="worker processes for the chunks")
     p.add_argument("--seed", type=int, default=1234, help="seed of tie-breaking, splits and sampling")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -262,7 +263,7 @@ class _Outputs:
         self.gene_cells = np.zeros(len(kept_names), np.int64)
         self.eval_points: list[tuple[np.ndarray, np.ndarray]] = []
         self.n_written = 0
-        self.columns = {"cell_name": self.obs.index.to_numpy(dtype=str).astype(object)}
+        self.columns = {"cell_name": self.obs.index.astype(str).to_numpy(dtype=object)}
         for name, column in obs_columns.items():
             values = self.obs[column]
             self.columns[name] = values.astype(str).to_numpy(dtype=object) if name == "cell_type" or not pd.api.types.is_numeric_dtype(values) else values.to_numpy()

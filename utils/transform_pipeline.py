@@ -108,6 +108,14 @@ def _sentence_task(bounds: tuple[int, int]) -> ChunkResult:
     order = rank_entries(chunk.indptr, chunk.data, cell_ids=kept_rows, seed=settings.seed)
     ranked_genes = chunk.indices[order]
 
+    # Evaluation points of the sampled cells: rank of each expressed gene vs its expression.
+    eval_rows = np.flatnonzero(_STATE["eval_mask"][kept_rows])
+    lengths = np.diff(chunk.indptr)[eval_rows]
+    starts = chunk.indptr[eval_rows]
+    ranks = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    eval_log_expression = log_expression[order[np.repeat(starts, lengths) + ranks]]
+    del order  # the largest array of a chunk; free it before the sentences are built
+
     split_of_row = _STATE["split_of_cell"][kept_rows]
     names: GeneNameTable = _STATE["names"]
     sentences = {
@@ -118,21 +126,16 @@ def _sentence_task(bounds: tuple[int, int]) -> ChunkResult:
         for i, split in enumerate(SPLITS)
     }
 
-    # Evaluation points of the sampled cells: rank of each expressed gene vs its expression.
-    eval_rows = np.flatnonzero(_STATE["eval_mask"][kept_rows])
-    lengths = np.diff(chunk.indptr)[eval_rows]
-    starts = chunk.indptr[eval_rows]
-    ranks = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    entries = order[np.repeat(starts, lengths) + ranks]
     return ChunkResult(
         kept_rows=kept_rows,
         sentences=sentences,
         preprocessed=sp.csr_matrix(
-            (log_expression, chunk.indices.astype(np.int32), chunk.indptr), shape=chunk.shape
+            (log_expression, chunk.indices.astype(np.int32, copy=False), chunk.indptr),
+            shape=chunk.shape,
         ),
         gene_cells=np.bincount(chunk.indices, minlength=chunk.shape[1]),
         eval_log_rank=np.log10(1.0 + ranks).astype(np.float32),
-        eval_log_expression=log_expression[entries],
+        eval_log_expression=eval_log_expression,
     )
 
 
