@@ -368,9 +368,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         available = Counter(str(x) for x in eval_table.column(label_column).to_pylist())
         counts = allocate_counts(dict(sorted(available.items())), n_per_type=args.n_per_type,
                                  max_cells=args.max_cells)
-        rng = random.Random(args.seed)
-        sample = [s for s in tables["train"].column("cell_sentence").to_pylist() if s]
-        sample = rng.sample(sample, min(len(sample), 200))
+        # The answer budget from a sample of real answers (top K genes of training cells).
+        n_train = tables["train"].num_rows
+        picked = sorted(random.Random(args.seed).sample(range(n_train), min(n_train, 200)))
+        sample = [s for s in tables["train"].column("cell_sentence").take(picked).to_pylist() if s]
         budget = args.max_new_tokens or answer_token_budget(
             [len(encode_answer(tokenizer, " ".join(s.split()[:top_k]))) for s in sample] or [top_k])
         start = time.perf_counter()
