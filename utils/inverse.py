@@ -371,13 +371,17 @@ def _inverse_range(
         longest = max(longest, (offsets[i + 1] - offsets[i]) // 2 + 1)
     row_keys = np.empty(longest, dtype=np.int64)  # (gene << 32) | slot, sorted by gene
     tmp_keys = np.empty(longest, dtype=np.int64)
-    rank_sum = np.empty(longest, dtype=np.float64)
-    rank_cnt = np.empty(longest, dtype=np.float64)
+    first_rank = np.empty(longest, dtype=np.int64)
+    # Repeated genes (rare) keep their rank sum and count aside, reset after each row.
+    dup_sum = np.zeros(longest, dtype=np.float64)
+    dup_cnt = np.zeros(longest, dtype=np.int64)
+    dup_list = np.empty(longest, dtype=np.int64)
     counts = np.empty(257, dtype=np.int64)
     out = 0
     for i in range(first, last):
         k = 0
         rank = 0
+        n_dup_slots = 0
         j = offsets[i]
         end = offsets[i + 1]
         while j < end and (max_words < 0 or rank < max_words):
@@ -420,14 +424,18 @@ def _inverse_range(
                 n_invalid[i] += 1
             elif (mark[g] >> 32) == i:
                 p = mark[g] & 0xFFFFFFFF
-                rank_sum[p] += rank
-                rank_cnt[p] += 1.0
+                if dup_cnt[p] == 0:
+                    dup_list[n_dup_slots] = p
+                    n_dup_slots += 1
+                    dup_sum[p] = first_rank[p]
+                    dup_cnt[p] = 1
+                dup_sum[p] += rank
+                dup_cnt[p] += 1
                 n_duplicate[i] += 1
             else:
                 mark[g] = (i << 32) | k
                 row_keys[k] = (g << 32) | k
-                rank_sum[k] = rank
-                rank_cnt[k] = 1.0
+                first_rank[k] = rank
                 k += 1
             rank += 1
         n_words[i] = rank
@@ -435,11 +443,13 @@ def _inverse_range(
         for t in range(k):
             p = keys[t] & 0xFFFFFFFF
             indices[out + t] = keys[t] >> 32
-            if rank_cnt[p] == 1.0:
-                values[out + t] = rank_value[int(rank_sum[p])]
+            if dup_cnt[p] == 0:
+                values[out + t] = rank_value[first_rank[p]]
             else:
                 # A repeated gene sits at the average of its positions.
-                values[out + t] = intercept + slope * np.log10(1.0 + rank_sum[p] / rank_cnt[p])
+                values[out + t] = intercept + slope * np.log10(1.0 + dup_sum[p] / dup_cnt[p])
+        for d in range(n_dup_slots):
+            dup_cnt[dup_list[d]] = 0
         out += k
         row_nnz[i] = k
     return out
