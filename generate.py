@@ -81,9 +81,13 @@ OUTPUTS = [
 ]
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Help with the defaults shown."""
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
     )
     p.add_argument("--model_dir", type=Path, default=None, help="a model folder written by train.py (required)")
     p.add_argument("--data_dir", type=Path, default=Path("data/cell_sentences_hf"),

@@ -61,9 +61,13 @@ logger = logging.getLogger("cell2sentence")
 LABEL_COLUMNS = ("cell_type", "requested_cell_type")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Help with the defaults shown."""
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
     )
     p.add_argument("--sentences", type=Path, default=Path("data/cell_sentences/test.txt"),
                    help="a .txt file (one sentence per line) or a datasets folder (save_to_disk)")

@@ -38,13 +38,14 @@ logger = logging.getLogger("cell2sentence")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--n_sentences", type=int, default=20_000, help="sentences to convert")
     p.add_argument("--min_genes", type=int, default=1_000, help="fewest genes per sentence")
     p.add_argument("--max_genes", type=int, default=2_000, help="most genes per sentence")
     p.add_argument("--n_vocab", type=int, default=20_000, help="genes in the vocabulary")
     p.add_argument("--repeats", type=int, default=3, help="timed runs (the best is reported too)")
-    p.add_argument("--threads", type=int, default=None, help="numba threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=None, help="numba threads (None: all cores)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic sentences")
     args = p.parse_args(argv)
     if not 1 <= args.min_genes <= args.max_genes <= args.n_vocab:
