@@ -460,6 +460,8 @@ def _inverse_chunks(
     data: np.ndarray,
     offsets: np.ndarray,
     chunks: np.ndarray,
+    bounds: np.ndarray,
+    longest: int,
     max_words: int,
     table: np.ndarray,
     folded_table: np.ndarray,
@@ -469,23 +471,13 @@ def _inverse_chunks(
     slope: float,
     intercept: float,
 ):
-    """Chunks of sentences in parallel, each into its own region of the flat output."""
+    """Chunks of sentences in parallel, each into its own region of the flat output.
+
+    ``bounds`` are the cumulative upper bounds of each chunk's words, ``longest`` a bound on
+    the words of one sentence.
+    """
     n = len(offsets) - 1
     n_chunks = len(chunks) - 1
-    # Words ≤ separators + 1 per sentence: a bound on each chunk's output.
-    bounds = np.zeros(n_chunks + 1, dtype=np.int64)
-    longest = 1
-    for c in numba.prange(n_chunks):
-        sep = 0
-        for j in range(offsets[chunks[c]], offsets[chunks[c + 1]]):
-            if _is_space(data[j]):
-                sep += 1
-        bounds[c + 1] = sep + chunks[c + 1] - chunks[c]
-    for c in range(n_chunks):
-        longest = max(longest, bounds[c + 1])
-        bounds[c + 1] += bounds[c]
-    if max_words >= 0:
-        longest = min(longest, max_words + 1)
     rank_value = np.empty(longest, dtype=np.float64)  # only averaged ranks need another log
     for r in range(longest):
         rank_value[r] = intercept + slope * np.log10(1.0 + r)
@@ -624,10 +616,21 @@ def sentences_to_expression(
     chunks = np.unique(chunks).astype(np.int64)
     if len(chunks) < 2:
         chunks = np.array([0, packed.n], dtype=np.int64)
+    # Words ≤ separators + 1 per sentence; bytes ≤ 32 include every separator (one SIMD pass).
+    bounds = np.zeros(len(chunks), dtype=np.int64)
+    for c in range(len(chunks) - 1):
+        a, b = offsets[chunks[c]], offsets[chunks[c + 1]]
+        bounds[c + 1] = np.count_nonzero(data[a:b] <= 32) + chunks[c + 1] - chunks[c]
+    np.cumsum(bounds, out=bounds)
+    longest = int(np.diff(offsets).max()) // 2 + 1 if packed.n else 1
+    if limit >= 0:
+        longest = min(longest, limit + 1)
     indptr, indices, values, word_counts, n_invalid, n_dup, n_folded = _inverse_chunks(
         data,
         offsets,
         chunks,
+        bounds,
+        longest,
         limit,
         index.table,
         index.folded_table,
