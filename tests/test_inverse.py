@@ -263,3 +263,40 @@ def test_transform_then_inverse_reproduces_the_fit(tmp_path: Path) -> None:
         assert adata.var_names[row.indices[np.argsort(-row.data, kind="stable")]].tolist() == sentence.split()
     assert adata.obs["cell_type"].notna().all()
     assert metrics["knn_cell_type"]["real_vs_real_accuracy"] > 0.8
+
+
+def reference_inverse(sentences: list[str], vocab: list[str], fit: TransformFit) -> np.ndarray:
+    """The definition, in plain Python: ranks by position, average positions of repeats."""
+    column = {g: i for i, g in enumerate(vocab)}
+    out = np.zeros((len(sentences), len(vocab)))
+    for i, sentence in enumerate(sentences):
+        positions: dict[str, list[int]] = {}
+        for rank, word in enumerate(sentence.split()):
+            if word in column:
+                positions.setdefault(word, []).append(rank)
+        for word, ranks in positions.items():
+            out[i, column[word]] = fit.value(np.mean(ranks))
+    return out
+
+
+@pytest.mark.parametrize("as_file", [False, True])
+def test_matches_the_plain_python_definition(tmp_path: Path, as_file: bool) -> None:
+    rng = random.Random(5)
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._é"
+    vocab = sorted({"".join(rng.choices(alphabet, k=rng.randint(1, 20))) for _ in range(400)})
+    words = vocab + ["unknown", "x" * 9, "Q" * 8]
+    separators = [" ", "  ", "\t", " \r "]
+    sentences = []
+    for _ in range(150):
+        parts = rng.choices(words, k=rng.randint(0, 60))
+        text = "".join(w + rng.choice(separators) for w in parts)
+        sentences.append(rng.choice(["", " ", "\t"]) + text.rstrip() if rng.random() < 0.5 else text)
+    fit = TransformFit(-0.7, 2.5)
+    if as_file:
+        path = tmp_path / "s.txt"
+        path.write_text("".join(s + "\n" for s in sentences), encoding="utf-8")
+        res = sentences_to_expression(read_sentence_file(path), vocab, fit)
+    else:
+        res = sentences_to_expression(sentences, vocab, fit)
+    np.testing.assert_allclose(dense(res), reference_inverse(sentences, vocab, fit), rtol=2e-6, atol=1e-6)
+    assert res.n_words.tolist() == [len(s.split()) for s in sentences]
