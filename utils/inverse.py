@@ -314,6 +314,18 @@ def _is_space(b: np.uint8) -> bool:
     return b <= 32 and (b == 32 or 9 <= b <= 13)
 
 
+_ONES = np.uint64(0x0101010101010101)
+
+
+@numba.njit(cache=True, inline="always")
+def _load8(data: np.ndarray, s: int) -> np.uint64:
+    """The 8 bytes at data[s:s+8] as a little-endian integer."""
+    x = np.uint64(0)
+    for t in range(8):
+        x |= np.uint64(data[s + t]) << np.uint64(8 * t)
+    return x
+
+
 @numba.njit(cache=True)
 def _radix_sort(keys: np.ndarray, tmp: np.ndarray, k: int, lo: int, hi: int, counts: np.ndarray):
     """Sort keys[:k] by bits lo..hi (LSD radix, 8-bit digits, stable); returns the sorted array."""
@@ -378,6 +390,7 @@ def _inverse_range(
     dup_list = np.empty(longest, dtype=np.int64)
     counts = np.empty(257, dtype=np.int64)
     out = 0
+    n_data = len(data)
     for i in range(first, last):
         k = 0
         rank = 0
@@ -391,10 +404,30 @@ def _inverse_range(
                 break
             s = j
             # The key (first 8 bytes) and hash of _find(), computed while scanning the word.
+            # Fast path: load 8 bytes at once and find the first byte <= 32 without a branch
+            # per byte (SWAR); bytes past the sentence's end are never part of the word.
             key = np.uint64(0)
-            while j < end and j - s < 8 and not _is_space(data[j]):
-                key |= np.uint64(data[j]) << np.uint64(8 * (j - s))
-                j += 1
+            done = False
+            if s + 8 <= n_data:
+                x = _load8(data, s)
+                m = (x - np.uint64(0x2121212121212121)) & ~x & np.uint64(0x8080808080808080)
+                w = 8
+                if m != 0:
+                    low = m & (~m + np.uint64(1))
+                    w = int((((low - np.uint64(1)) & _ONES) * _ONES) >> np.uint64(56)) - 1
+                if w > end - s:
+                    w = end - s
+                if w < 8 and (s + w == end or _is_space(data[s + w])):
+                    key = x & ((np.uint64(1) << np.uint64(8 * w)) - np.uint64(1))
+                    j = s + w
+                    done = True
+                elif w == 8:
+                    key = x
+                    j = s + 8
+            if not done:
+                while j < end and j - s < 8 and not _is_space(data[j]):
+                    key |= np.uint64(data[j]) << np.uint64(8 * (j - s))
+                    j += 1
             tail = j
             while j < end and not _is_space(data[j]):
                 j += 1
