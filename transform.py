@@ -33,7 +33,14 @@ import pandas as pd
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from utils.common import InputError, check_can_write, run_cli, save_args, staged_outputs
+from utils.common import (
+    InputError,
+    check_can_write,
+    keep_freed_memory_for_reuse,
+    run_cli,
+    save_args,
+    staged_outputs,
+)
 from utils.fit import METRIC_COLUMNS, fit_rank_expression
 from utils.io import (
     NO_LOG1P,
@@ -181,6 +188,7 @@ def resolve_input_kind(source, requested: str) -> tuple[str, float | None]:
 
 def main(args: argparse.Namespace) -> dict[str, float]:
     started = time.perf_counter()
+    keep_freed_memory_for_reuse()
     names = output_names(args.data_filepath)
     check_can_write(args.output_dir, names, overwrite=args.overwrite)
     source = open_source(args.data_filepath, layer=args.layer)

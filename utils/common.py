@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import random
@@ -46,6 +47,24 @@ def run_cli(main: Callable[[Any], Any], parse_args: Callable[[Sequence[str] | No
     except KeyboardInterrupt:
         logger.error("Interrupted; no partial output was left in place.")
         sys.exit(130)
+
+
+def keep_freed_memory_for_reuse() -> None:
+    """Ask glibc to keep freed memory in the heap instead of returning it to the system.
+
+    The transform allocates arrays of tens of MB for every chunk. By default glibc serves those
+    with fresh mmap()s and unmaps them when freed, so every chunk pays page faults on memory it
+    just had: a third of the run time at 200,000 cells. Reusing the heap removes that; peak
+    memory stays bounded by the chunks in flight. A no-op where glibc is not the C library.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # from glibc's malloc.h
+    libc.mallopt(m_mmap_threshold, ctypes.c_int(1 << 30))
+    libc.mallopt(m_trim_threshold, ctypes.c_int(2**31 - 1))
+    libc.mallopt(m_top_pad, ctypes.c_int(256 << 20))
 
 
 def seed_everything(seed: int) -> None:
