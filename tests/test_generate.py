@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
-from helpers_train import MARKERS, make_dataset_dir
+from helpers_train import MARKERS
 
 import generate
 import train
@@ -25,20 +24,6 @@ TINY = [
     "--n_positions", "128", "--top_k_genes", "10", "--per_device_train_batch_size", "16",
     "--learning_rate", "5e-3", "--disable_tqdm", "True", "--seed", "7",
 ]
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    # Tiny models run several times faster on one thread of a busy 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return make_dataset_dir(tmp_path_factory.mktemp("data") / "cell_sentences_hf")
 
 
 @pytest.fixture(scope="module")

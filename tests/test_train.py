@@ -30,20 +30,6 @@ README_COMMAND = (
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    # Tiny models train several times faster on one thread of a busy 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return make_dataset_dir(tmp_path_factory.mktemp("data") / "cell_sentences_hf")
-
-
-@pytest.fixture(scope="module")
 def trained(one_thread, data_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("model")
     argv = [
