@@ -60,7 +60,7 @@ from utils.transform_pipeline import (
     assign_splits,
     chunk_bounds,
     ordered_map,
-    read_linear_chunk,
+    read_checked_chunk,
     sample_eval_cells,
 )
 
@@ -171,8 +171,7 @@ def resolve_obs_columns(obs: pd.DataFrame, label_column: str | None, extra: list
 def resolve_input_kind(source, requested: str) -> tuple[str, float | None]:
     """The input kind (auto-detected on the first cells) and the log1p base."""
     base = None if source.log1p_base == NO_LOG1P else source.log1p_base
-    probe = RunSettings(input_kind="counts", log1p_base=None, qc=QCParams(), seed=0, max_genes=None)
-    sample, _ = read_linear_chunk(source, 0, min(DETECTION_CELLS, source.n_cells), probe)
+    sample = read_checked_chunk(source, 0, min(DETECTION_CELLS, source.n_cells))
     if requested != "auto":
         kind, reason = requested, "as asked by --input_kind"
     else:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -87,9 +86,9 @@ class H5adSource(MatrixSource):
 
     def __init__(self, path: Path, *, layer: str | None):
         self.path = path
-        self._file: h5py.File | None = None
-        self._pid = -1
-        f = self._handle()
+        # One handle shared by the worker threads: h5py serializes access to it.
+        self._file = h5py.File(path, "r")
+        f = self._file
         has = {"X": "X" in f, "raw/X": "raw" in f and "X" in f["raw"]}
         if "layers" in f:
             has.update({f"layers/{name}": True for name in f["layers"]})
@@ -111,18 +110,8 @@ class H5adSource(MatrixSource):
         if "uns" in f and "log1p" in f["uns"]:
             self.log1p_base = _log1p_base(ad.io.read_elem(f["uns/log1p"]))
 
-    def _handle(self) -> h5py.File:
-        # h5py handles do not survive fork(): each worker process opens its own.
-        if self._file is None or self._pid != os.getpid():
-            self._file = h5py.File(self.path, "r")
-            self._pid = os.getpid()
-        return self._file
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_file": None, "_pid": -1}
-
     def read_rows(self, start: int, stop: int) -> sp.csr_matrix:
-        node = self._handle()[self._key]
+        node = self._file[self._key]
         if self._dense:
             return _canonical(sp.csr_matrix(node[start:stop]))
         indptr = node["indptr"][start : stop + 1].astype(np.int64)

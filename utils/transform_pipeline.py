@@ -61,8 +61,8 @@ def chunk_bounds(n_cells: int, chunk_size: int) -> list[tuple[int, int]]:
     return [(s, min(s + chunk_size, n_cells)) for s in range(0, n_cells, chunk_size)]
 
 
-def read_linear_chunk(source: MatrixSource, start: int, stop: int, settings: RunSettings):
-    """Rows [start, stop) as (stored values, linear values), after checking them."""
+def read_checked_chunk(source: MatrixSource, start: int, stop: int) -> sp.csr_matrix:
+    """Rows [start, stop), after checking that every value is finite and non-negative."""
     chunk = source.read_rows(start, stop)
     bad = ~np.isfinite(chunk.data)
     if bad.any():
@@ -77,8 +77,7 @@ def read_linear_chunk(source: MatrixSource, start: int, stop: int, settings: Run
             f"{start + _first_row(chunk, negative)}); give raw counts (e.g. --layer counts), "
             "not scaled data."
         )
-    linear = to_linear(chunk.data, input_kind=settings.input_kind, log1p_base=settings.log1p_base)
-    return chunk, linear
+    return chunk
 
 
 def _first_row(chunk: sp.csr_matrix, entry_mask: np.ndarray) -> int:
@@ -88,8 +87,8 @@ def _first_row(chunk: sp.csr_matrix, entry_mask: np.ndarray) -> int:
 def _stats_task(bounds: tuple[int, int]):
     start, stop = bounds
     source, settings = _STATE["source"], _STATE["settings"]
-    chunk, linear = read_linear_chunk(source, start, stop, settings)
-    chunk.data = linear
+    chunk = read_checked_chunk(source, start, stop)
+    chunk.data = to_linear(chunk.data, input_kind=settings.input_kind, log1p_base=settings.log1p_base)
     return chunk_stats(chunk, row_offset=start, is_mt=_STATE["is_mt"], params=settings.qc)
 
 
