@@ -231,30 +231,16 @@ def plot_embedding(
     types = sorted({str(x) for x in real_labels} | {str(x) for x in generated_labels})
     cmap = matplotlib.colormaps["tab20"]
     colors = {t: cmap(i % 20) for i, t in enumerate(types)}
-    rl, gl = np.asarray(real_labels, dtype=object), np.asarray(generated_labels, dtype=object)
+    groups = [  # (points, labels, marker size, alpha, marker, legend suffix)
+        (real, np.asarray(real_labels, dtype=object), 10, 0.5, "o", "real"),
+        (generated, np.asarray(generated_labels, dtype=object), 22, 0.9, "x", "generated"),
+    ]
     for t in types:
-        m = rl == t
-        if m.any():
-            ax.scatter(
-                real[m, 0],
-                real[m, 1],
-                s=10,
-                alpha=0.5,
-                color=colors[t],
-                marker="o",
-                label=f"{t} (real)",
-            )
-        m = gl == t
-        if m.any():
-            ax.scatter(
-                generated[m, 0],
-                generated[m, 1],
-                s=22,
-                alpha=0.9,
-                color=colors[t],
-                marker="x",
-                label=f"{t} (generated)",
-            )
+        for points, labels, size, alpha, marker, kind in groups:
+            m = labels == t
+            if m.any():
+                ax.scatter(points[m, 0], points[m, 1], s=size, alpha=alpha, color=colors[t],
+                           marker=marker, label=f"{t} ({kind})")
     ax.set_xlabel(f"{axis_label}1")
     ax.set_ylabel(f"{axis_label}2")
     ax.set_title(title)
