@@ -51,7 +51,8 @@ from utils.io import (
 )
 from utils.plots import plot_log_rank_fit, plot_reconstruction
 from utils.preprocess import INPUT_KINDS, QCAccumulator, QCParams, detect_input_kind
-from utils.ranking import GeneNameTable, as_arrow_strings
+from utils.ranking import GeneNameTable
+from utils.sentence_chunk import SentenceChunk
 from utils.transform_pipeline import (
     SPLITS,
     RunSettings,
@@ -207,37 +208,46 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     # Pass 1: QC statistics.
     accumulator = QCAccumulator(source.n_cells, source.n_genes, qc)
     state = {"source": source, "settings": settings, "is_mt": is_mt}
+    pass_started = time.perf_counter()
     with tqdm(total=source.n_cells, desc="QC pass", unit="cells") as bar:
         for stats in ordered_map(_stats_task, chunks, num_proc=args.num_proc, state=state):
             accumulator.add(stats)
             bar.update(len(stats.n_genes))
     result = accumulator.finalize(is_mt)
+    _log_pass("QC pass", source.n_cells, pass_started)
     _log_qc(result, source.n_cells, args)
     n_kept = int(result.cell_mask.sum())
-    gene_position = np.cumsum(result.gene_mask) - 1
+    gene_position = np.where(result.gene_mask, np.cumsum(result.gene_mask) - 1, -1).astype(np.int32)
 
     # Splits and the evaluation sample are drawn over the kept cells, by input index.
     split_of_cell = np.full(source.n_cells, -1, np.int8)
     split_of_cell[result.cell_mask] = assign_splits(n_kept, args.split_fractions, seed=args.seed)
     eval_mask = sample_eval_cells(result.cell_mask, args.eval_cells, seed=args.seed)
     kept_names = gene_names[result.gene_mask]
-    state.update(cell_mask=result.cell_mask, gene_mask=result.gene_mask, gene_position=gene_position,
-                 split_of_cell=split_of_cell, eval_mask=eval_mask, names=GeneNameTable(list(kept_names)),
-                 all_genes_kept=bool(result.gene_mask.all()))
+    state.update(gene_position=gene_position, split_of_cell=split_of_cell, eval_mask=eval_mask,
+                 names=GeneNameTable(list(kept_names)))
 
     # Pass 2: sentences, preprocessed matrix and evaluation points, written as they come.
     with staged_outputs(args.output_dir, names, overwrite=args.overwrite) as tmp:
-        outputs = _Outputs(tmp, args, source, obs_columns, kept_names)
+        outputs = _Outputs(tmp, args, source, obs_columns, kept_names, split_of_cell)
+        pass_started = time.perf_counter()
         with tqdm(total=source.n_cells, desc="Cell sentences", unit="cells") as bar:
             results = ordered_map(_sentence_task, chunks, num_proc=args.num_proc, state=state)
-            for (start, stop), chunk_result in zip(chunks, results, strict=True):
-                outputs.add(chunk_result, split_of_cell)
+            for (start, stop), (chunk_start, sentences) in zip(chunks, results, strict=True):
+                outputs.add(sentences, chunk_start)
                 bar.update(stop - start)
+        _log_pass("Sentence pass", source.n_cells, pass_started)
         metrics = outputs.finish(result, args)
         save_args(args, tmp / "transform_args.json")
     logger.info("Wrote %s cell sentences to %s in %.1f s.", f"{n_kept:,}", args.output_dir,
                 time.perf_counter() - started)
     return metrics
+
+
+def _log_pass(name: str, n_cells: int, started: float) -> None:
+    seconds = time.perf_counter() - started
+    logger.info("%s: %s cells in %.1f s (%s cells/s).", name, f"{n_cells:,}", seconds,
+                f"{n_cells / max(seconds, 1e-9):,.0f}")
 
 
 def _log_qc(result, n_cells: int, args: argparse.Namespace) -> None:
@@ -257,8 +267,10 @@ def _log_qc(result, n_cells: int, args: argparse.Namespace) -> None:
 class _Outputs:
     """The transform's output files, filled chunk by chunk (in input order)."""
 
-    def __init__(self, root: Path, args, source, obs_columns: dict[str, str], kept_names: np.ndarray):
+    def __init__(self, root: Path, args, source, obs_columns: dict[str, str], kept_names: np.ndarray,
+                 split_of_cell: np.ndarray):
         self.root = root
+        self.split_of_cell = split_of_cell
         self.text_dir = root / "cell_sentences"
         self.text_dir.mkdir()
         self.obs = source.obs
@@ -281,23 +293,25 @@ class _Outputs:
         self.h5ad_path = root / f"{args.data_filepath.stem}_preprocessed.h5ad"
         self.h5ad = H5adCSRWriter(self.h5ad_path, len(kept_names))
 
-    def add(self, chunk, split_of_cell: np.ndarray) -> None:
-        split_of_row = split_of_cell[chunk.kept_rows]
-        preprocessed_rows = self.n_written + np.arange(len(chunk.kept_rows))
+    def add(self, chunk: SentenceChunk, start: int) -> None:
+        kept_rows = chunk.kept + start
+        split_of_row = self.split_of_cell[kept_rows]
+        preprocessed_rows = self.n_written + np.arange(len(kept_rows))
         for i, split in enumerate(SPLITS):
-            offsets, text = chunk.sentences[split]
-            rows = chunk.kept_rows[split_of_row == i]
-            self.sentence_files[split].write(memoryview(text))
+            rows = kept_rows[split_of_row == i]
+            self.sentence_files[split].write(memoryview(chunk.text[i]))
             barcodes = self.columns["cell_name"][rows]
             self.barcode_files[split].write("".join(f"{b}\n" for b in barcodes))
             self.indices[split].append(preprocessed_rows[split_of_row == i])
-            arrays = [pa.array(barcodes, pa.string()), as_arrow_strings(offsets, text)]
+            sentences = pa.StringArray.from_buffers(
+                len(rows), pa.py_buffer(chunk.arrow_offsets[i]), pa.py_buffer(chunk.arrow_text[i]))
+            arrays = [pa.array(barcodes, pa.string()), sentences]
             arrays += [pa.array(v[rows]) for n, v in self.columns.items() if n != "cell_name"]
             self.arrow[split].write(pa.RecordBatch.from_arrays(arrays, schema=self.arrow[split].schema))
-        self.h5ad.append(chunk.preprocessed)
+        self.h5ad.append(chunk.indptr, chunk.indices, chunk.data)
         self.gene_cells += chunk.gene_cells
         self.eval_points.append((chunk.eval_log_rank, chunk.eval_log_expression))
-        self.n_written += len(chunk.kept_rows)
+        self.n_written += len(kept_rows)
 
     def finish(self, qc, args) -> dict[str, float]:
         for handle in [*self.sentence_files.values(), *self.barcode_files.values()]:

@@ -6,17 +6,13 @@ import itertools
 from collections import Counter
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import scipy.sparse as sp
 
-from utils.ranking import (
-    GeneNameTable,
-    as_arrow_strings,
-    join_sentences,
-    rank_entries,
-    rank_genes,
-    sentences_from_ranking,
-)
+from utils.preprocess import log10_normalized
+from utils.ranking import GeneNameTable, rank_genes, sentences_from_ranking
+from utils.sentence_chunk import sentence_chunk
 
 GENES = ["A", "B", "C", "D", "E"]
 
@@ -69,13 +65,46 @@ def test_max_genes_keeps_the_top():
     assert ranked[0].tolist() == [1, 3]
 
 
-def test_join_sentences_bytes_match_python_join():
+@pytest.mark.parametrize("max_genes", [None, 3])
+def test_sentence_chunk_matches_python_join(max_genes):
     rng = np.random.default_rng(1)
-    matrix = sp.csr_matrix(rng.poisson(1.0, size=(20, 5)).astype(np.float32))
-    names = ["CD3E", "ENSG00000123456.15-LONG", "HLA-DRA", "é-gene", "X"]  # one over 16 bytes
-    order = rank_entries(matrix.indptr, matrix.data, cell_ids=np.arange(20), seed=2)
-    rows = np.array([3, 0, 19, 7])
-    offsets, text = join_sentences(rows, matrix.indptr, matrix.indices[order], GeneNameTable(names), max_genes=3)
-    expected = [" ".join(names[g] for g in r[:3]) for r in (rank_genes(matrix, seed=2)[i] for i in rows)]
-    assert text.tobytes().decode() == "".join(s + "\n" for s in expected)
-    assert as_arrow_strings(offsets, text).to_pylist() == expected
+    counts = rng.poisson(1.0, size=(20, 6)).astype(np.float32)
+    counts[5] = 0  # a kept cell whose genes were all removed gets an empty sentence
+    counts[5, 2] = 4
+    matrix = sp.csr_matrix(counts)
+    names = ["CD3E", "ENSG00000123456.15-LONG", "HLA-DRA", "é-gene", "X", "DROPPED"]  # one over 16 bytes
+    gene_position = np.array([0, 1, -1, 2, 3, -1], np.int32)  # genes 2 and 5 removed by QC
+    kept_names = [names[0], names[1], names[3], names[4]]
+    row_split = np.array([0, 1, 2, -1] * 5, np.int8)  # every 4th cell removed by QC
+    row_eval = np.arange(20) % 3 == 0
+    chunk = sentence_chunk(
+        matrix.indptr, matrix.indices, matrix.data, row_split=row_split, row_eval=row_eval,
+        cell_ids=np.arange(100, 120), gene_position=gene_position, n_kept_genes=4,
+        names=GeneNameTable(kept_names), input_kind="counts", log1p_base=None, seed=2, max_genes=max_genes,
+    )  # fmt: skip
+
+    kept = np.flatnonzero(row_split >= 0)
+    filtered = matrix[kept][:, [0, 1, 3, 4]]
+    filtered.eliminate_zeros()
+    ranked = rank_genes(filtered, seed=2, cell_ids=kept + 100, max_genes=max_genes)
+    expected = sentences_from_ranking(ranked, kept_names)
+    assert chunk.kept.tolist() == kept.tolist()
+    for split in range(3):
+        lines = [expected[i] for i in np.flatnonzero(row_split[kept] == split)]
+        assert chunk.text[split].tobytes().decode() == "".join(line + "\n" for line in lines)
+        arrow = pa.StringArray.from_buffers(
+            len(lines), pa.py_buffer(chunk.arrow_offsets[split]), pa.py_buffer(chunk.arrow_text[split]))
+        assert arrow.to_pylist() == lines
+    assert expected[kept.tolist().index(5)] == ""
+    # The preprocessed rows, gene counts and evaluation points.
+    assert np.array_equal(chunk.indptr, filtered.indptr)
+    assert np.array_equal(chunk.indices, filtered.indices)
+    np.testing.assert_array_equal(chunk.data, log10_normalized(filtered, input_kind="counts", log1p_base=None))
+    assert chunk.gene_cells.tolist() == np.bincount(filtered.indices, minlength=4).tolist()
+    full = rank_genes(filtered, seed=2, cell_ids=kept + 100)
+    eval_rows = np.flatnonzero(row_eval[kept])
+    assert chunk.eval_log_rank.tolist() == [
+        np.float32(np.log10(1.0 + k)) for r in eval_rows for k in range(len(full[r]))]
+    logged = sp.csr_matrix((chunk.data, chunk.indices, chunk.indptr), shape=filtered.shape).toarray()
+    expected_points = [logged[r, g] for r in eval_rows for g in full[r]]
+    np.testing.assert_array_equal(chunk.eval_log_expression, np.array(expected_points, np.float32))

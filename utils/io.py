@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import scipy.sparse as sp
+from numba import njit
 
 from utils.common import InputError
 
@@ -31,10 +33,89 @@ NO_LOG1P = "absent"
 
 def _canonical(chunk: sp.csr_matrix) -> sp.csr_matrix:
     """Sorted indices, no explicit zeros: what the ranking kernel expects."""
+    if _is_canonical(chunk.indptr, chunk.indices, chunk.data):
+        return chunk
     chunk.sum_duplicates()
     chunk.eliminate_zeros()
     chunk.sort_indices()
     return chunk
+
+
+@njit(cache=True, nogil=True)
+def _is_canonical(indptr, indices, data):
+    """Whether every row's indices strictly increase and no stored value is 0 (checking costs
+    a quarter of what scipy's in-place canonicalization does even when there is nothing to do)."""
+    base = indptr[0]
+    for r in range(indptr.shape[0] - 1):
+        for j in range(indptr[r] - base, indptr[r + 1] - base):
+            if data[j] == 0 or (j > indptr[r] - base and indices[j] <= indices[j - 1]):
+                return False
+    return True
+
+
+class _DirectReader:
+    """Reads element ranges of an uncompressed 1-D HDF5 dataset straight from the file with
+    ``os.preadv``: no HDF5 call, whose global lock would serialize the worker threads, and no
+    intermediate copy (4x faster than slicing through h5py here)."""
+
+    def __init__(self, path: Path, dataset: h5py.Dataset, file_offsets: np.ndarray, piece: int):
+        self._path = path
+        self._fd = os.open(path, os.O_RDONLY)
+        self.dtype = dataset.dtype
+        self._offsets = file_offsets  # file offset of each stored piece (chunk) in order
+        self._piece = piece  # elements per piece
+
+    @classmethod
+    def open(cls, path: Path, dataset: h5py.Dataset) -> _DirectReader | None:
+        """A reader for ``dataset``, or None when it is compressed, filtered, not yet fully
+        written or not a little-endian number array (h5py reads those)."""
+        dtype = dataset.dtype
+        if dataset.ndim != 1 or dtype.kind not in "fiu" or dtype.byteorder == ">" or len(dataset) == 0:
+            return None
+        plist = dataset.id.get_create_plist()
+        if plist.get_nfilters() or plist.get_external_count():
+            return None
+        layout = plist.get_layout()
+        if layout == h5py.h5d.CONTIGUOUS:
+            offset = dataset.id.get_offset()
+            return None if offset is None else cls(path, dataset, np.array([offset], np.int64), len(dataset))
+        if layout != h5py.h5d.CHUNKED:
+            return None
+        piece = dataset.chunks[0]
+        offsets = np.full(-(-len(dataset) // piece), -1, np.int64)
+
+        def visit(info):
+            offsets[info.chunk_offset[0] // piece] = info.byte_offset
+
+        dataset.id.chunk_iter(visit)
+        return None if (offsets < 0).any() else cls(path, dataset, offsets, piece)
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        """Elements ``[lo, hi)``."""
+        out = np.empty(hi - lo, self.dtype)
+        view = memoryview(out).cast("B")
+        size = self.dtype.itemsize
+        pos = lo
+        while pos < hi:
+            piece = pos // self._piece
+            stop = min(hi, (piece + 1) * self._piece)
+            # Pieces stored back to back in the file are read with one call.
+            while stop < hi and self._offsets[piece + 1] == self._offsets[piece] + self._piece * size:
+                piece += 1
+                stop = min(hi, (piece + 1) * self._piece)
+            first_piece = pos // self._piece
+            file_offset = int(self._offsets[first_piece]) + (pos - first_piece * self._piece) * size
+            done, want = (pos - lo) * size, (stop - lo) * size
+            while done < want:  # a single read returns at most about 2 GB
+                got = os.preadv(self._fd, [view[done:want]], file_offset + done - (pos - lo) * size)
+                if got == 0:
+                    raise InputError(f"{self._path} ends early; the file is truncated.")
+                done += got
+            pos = stop
+        return out
+
+    def __del__(self) -> None:
+        os.close(self._fd)
 
 
 class MatrixSource:
@@ -96,6 +177,7 @@ class H5adSource(MatrixSource):
         self.matrix_name = _display_name(self._key)
         node = f[self._key]
         self._dense = isinstance(node, h5py.Dataset)
+        self._direct: dict[str, _DirectReader | None] = {}
         if self._dense:
             self.shape = tuple(int(n) for n in node.shape)
         else:
@@ -104,6 +186,7 @@ class H5adSource(MatrixSource):
                 raise _NeedsInMemory(f"{self.matrix_name} is stored as {encoding}")
             shape = node.attrs["shape"] if "shape" in node.attrs else node.attrs["h5sparse_shape"]
             self.shape = tuple(int(n) for n in shape)
+            self._direct = {name: _DirectReader.open(path, node[name]) for name in ("indptr", "indices", "data")}
         self.obs = ad.io.read_elem(f["obs"])
         self.var = ad.io.read_elem(f["raw/var"] if self._key == "raw/X" else f["var"])
         self.log1p_base = NO_LOG1P
@@ -114,12 +197,16 @@ class H5adSource(MatrixSource):
         node = self._file[self._key]
         if self._dense:
             return _canonical(sp.csr_matrix(node[start:stop]))
-        indptr = node["indptr"][start : stop + 1].astype(np.int64)
+        indptr = self._read(node, "indptr", start, stop + 1).astype(np.int64)
         lo, hi = int(indptr[0]), int(indptr[-1])
-        data = node["data"][lo:hi]
-        indices = node["indices"][lo:hi]
+        data = self._read(node, "data", lo, hi)
+        indices = self._read(node, "indices", lo, hi)
         chunk = sp.csr_matrix((data, indices, indptr - lo), shape=(stop - start, self.shape[1]))
         return _canonical(chunk)
+
+    def _read(self, node: h5py.Group, name: str, lo: int, hi: int) -> np.ndarray:
+        reader = self._direct.get(name)
+        return node[name][lo:hi] if reader is None else reader.read(lo, hi)
 
 
 class _NeedsInMemory(Exception):
@@ -214,13 +301,14 @@ class H5adCSRWriter:
         self._indices = x.create_dataset("indices", shape=(0,), maxshape=(None,), dtype="int32", chunks=(1 << 18,))
         self._indptr = [np.zeros(1, np.int64)]
 
-    def append(self, chunk: sp.csr_matrix) -> None:
+    def append(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> None:
+        """Append CSR rows (``indptr`` starting at 0)."""
         nnz = self._data.shape[0]
-        for dataset, values in ((self._data, chunk.data), (self._indices, chunk.indices)):
+        for dataset, values in ((self._data, data), (self._indices, indices)):
             dataset.resize((nnz + len(values),))
             dataset[nnz:] = values
-        self._indptr.append(chunk.indptr[1:].astype(np.int64) + nnz)
-        self.n_rows += chunk.shape[0]
+        self._indptr.append(indptr[1:].astype(np.int64) + nnz)
+        self.n_rows += len(indptr) - 1
 
     def finish(self, *, obs: pd.DataFrame, var: pd.DataFrame, uns: dict[str, Any]) -> None:
         x = self._file["X"]

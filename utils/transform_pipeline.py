@@ -21,8 +21,8 @@ import scipy.sparse as sp
 
 from utils.common import InputError
 from utils.io import MatrixSource
-from utils.preprocess import QCParams, chunk_stats, log10_normalized, to_linear
-from utils.ranking import GeneNameTable, join_sentences, rank_entries
+from utils.preprocess import QCParams, chunk_stats, to_linear
+from utils.sentence_chunk import SentenceChunk, sentence_chunk
 
 logger = logging.getLogger("cell2sentence")
 
@@ -38,18 +38,6 @@ class RunSettings:
     qc: QCParams
     seed: int
     max_genes: int | None
-
-
-@dataclass
-class ChunkResult:
-    """What pass 2 hands back for one chunk, in input order."""
-
-    kept_rows: np.ndarray  # global row indices of the kept cells
-    sentences: dict[str, tuple[np.ndarray, np.ndarray]]  # split -> text lines (offsets, bytes)
-    preprocessed: sp.csr_matrix  # kept cells x kept genes, log10(1 + normalized)
-    gene_cells: np.ndarray  # per kept gene: kept cells expressing it
-    eval_log_rank: np.ndarray
-    eval_log_expression: np.ndarray
 
 
 # Read-only state of a run shared by the worker threads (the source, masks, name table).
@@ -92,64 +80,23 @@ def _stats_task(bounds: tuple[int, int]):
     return chunk_stats(chunk, row_offset=start, is_mt=_STATE["is_mt"], params=settings.qc)
 
 
-def _sentence_task(bounds: tuple[int, int]) -> ChunkResult:
+def _sentence_task(bounds: tuple[int, int]) -> tuple[int, SentenceChunk]:
     start, stop = bounds
     source, settings = _STATE["source"], _STATE["settings"]
-    cell_mask, gene_mask = _STATE["cell_mask"], _STATE["gene_mask"]
     chunk = source.read_rows(start, stop)  # values were checked in the QC pass
-
-    local_kept = np.flatnonzero(cell_mask[start:stop])
-    if len(local_kept) < chunk.shape[0] or not _STATE["all_genes_kept"]:
-        chunk = select_cells_and_genes(chunk, local_kept, gene_mask, _STATE["gene_position"])
-    kept_rows = local_kept + start
-    log_expression = log10_normalized(chunk, input_kind=settings.input_kind, log1p_base=settings.log1p_base)
-    # Rank on the stored values: normalization is monotone within a cell, and ties stay exact.
-    order = rank_entries(chunk.indptr, chunk.data, cell_ids=kept_rows, seed=settings.seed)
-    ranked_genes = chunk.indices[order]
-
-    # Evaluation points of the sampled cells: rank of each expressed gene vs its expression.
-    eval_rows = np.flatnonzero(_STATE["eval_mask"][kept_rows])
-    lengths = np.diff(chunk.indptr)[eval_rows]
-    starts = chunk.indptr[eval_rows]
-    ranks = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    eval_log_expression = log_expression[order[np.repeat(starts, lengths) + ranks]]
-    del order  # the largest array of a chunk; free it before the sentences are built
-
-    split_of_row = _STATE["split_of_cell"][kept_rows]
-    names: GeneNameTable = _STATE["names"]
-    sentences = {
-        split: join_sentences(
-            np.flatnonzero(split_of_row == i), chunk.indptr, ranked_genes, names,
-            max_genes=settings.max_genes,
-        )
-        for i, split in enumerate(SPLITS)
-    }
-
-    return ChunkResult(
-        kept_rows=kept_rows,
-        sentences=sentences,
-        preprocessed=sp.csr_matrix(
-            (log_expression, chunk.indices.astype(np.int32, copy=False), chunk.indptr),
-            shape=chunk.shape,
-        ),
-        gene_cells=np.bincount(chunk.indices, minlength=chunk.shape[1]),
-        eval_log_rank=np.log10(1.0 + ranks).astype(np.float32),
-        eval_log_expression=eval_log_expression,
-    )
-
-
-def select_cells_and_genes(
-    chunk: sp.csr_matrix, rows: np.ndarray, gene_mask: np.ndarray, gene_position: np.ndarray
-) -> sp.csr_matrix:
-    """The given rows and masked genes of a CSR chunk, columns renumbered by
-    ``gene_position`` (the rank of each kept gene); indices stay sorted."""
-    chunk = chunk[rows]
-    keep = gene_mask[chunk.indices]
-    kept_before = np.concatenate([[0], np.cumsum(keep)])
-    return sp.csr_matrix(
-        (chunk.data[keep], gene_position[chunk.indices[keep]], kept_before[chunk.indptr]),
-        shape=(len(rows), int(gene_mask.sum())),
-    )
+    return start, sentence_chunk(
+        chunk.indptr, chunk.indices, chunk.data,
+        row_split=_STATE["split_of_cell"][start:stop],
+        row_eval=_STATE["eval_mask"][start:stop],
+        cell_ids=np.arange(start, stop),
+        gene_position=_STATE["gene_position"],
+        n_kept_genes=_STATE["names"].lengths.shape[0],
+        names=_STATE["names"],
+        input_kind=settings.input_kind,
+        log1p_base=settings.log1p_base,
+        seed=settings.seed,
+        max_genes=settings.max_genes,
+    )  # fmt: skip
 
 
 def ordered_map(
