@@ -229,7 +229,10 @@ def main(args: argparse.Namespace) -> dict[str, float]:
 
     # Pass 2: sentences, preprocessed matrix and evaluation points, written as they come.
     with staged_outputs(args.output_dir, names, overwrite=args.overwrite) as tmp:
-        outputs = _Outputs(tmp, args, source, obs_columns, kept_names, split_of_cell)
+        outputs = _Outputs(tmp, args, source, obs_columns, kept_names, split_of_cell,
+                           row_lengths=result.n_genes[result.cell_mask])
+        # Workers write their preprocessed rows into the h5ad themselves, at known places.
+        state.update(h5ad=outputs.h5ad, first_kept_row=np.cumsum(result.cell_mask) - result.cell_mask)
         pass_started = time.perf_counter()
         with tqdm(total=source.n_cells, desc="Cell sentences", unit="cells") as bar:
             results = ordered_map(_sentence_task, chunks, num_proc=args.num_proc, state=state)
@@ -268,7 +271,7 @@ class _Outputs:
     """The transform's output files, filled chunk by chunk (in input order)."""
 
     def __init__(self, root: Path, args, source, obs_columns: dict[str, str], kept_names: np.ndarray,
-                 split_of_cell: np.ndarray):
+                 split_of_cell: np.ndarray, row_lengths: np.ndarray):
         self.root = root
         self.split_of_cell = split_of_cell
         self.text_dir = root / "cell_sentences"
@@ -291,7 +294,7 @@ class _Outputs:
                               for n, v in self.columns.items() if n != "cell_name"])
         self.arrow = {s: ArrowSplitWriter(root / "cell_sentences_hf" / s, schema) for s in SPLITS}
         self.h5ad_path = root / f"{args.data_filepath.stem}_preprocessed.h5ad"
-        self.h5ad = H5adCSRWriter(self.h5ad_path, len(kept_names))
+        self.h5ad = H5adCSRWriter(self.h5ad_path, len(kept_names), row_lengths)
 
     def add(self, chunk: SentenceChunk, start: int) -> None:
         kept_rows = chunk.kept + start
@@ -308,7 +311,6 @@ class _Outputs:
             arrays = [pa.array(barcodes, pa.string()), sentences]
             arrays += [pa.array(v[rows]) for n, v in self.columns.items() if n != "cell_name"]
             self.arrow[split].write(pa.RecordBatch.from_arrays(arrays, schema=self.arrow[split].schema))
-        self.h5ad.append(chunk.indptr, chunk.indices, chunk.data)
         self.gene_cells += chunk.gene_cells
         self.eval_points.append((chunk.eval_log_rank, chunk.eval_log_expression))
         self.n_written += len(kept_rows)

@@ -27,8 +27,8 @@ class SentenceChunk:
 
     kept: np.ndarray  # chunk-local row of each kept cell
     indptr: np.ndarray  # the preprocessed rows: kept genes, log10(1 + normalized) values
-    indices: np.ndarray  # int32 kept-gene positions
-    data: np.ndarray  # float32
+    indices: np.ndarray | None  # int32 kept-gene positions (None once written)
+    data: np.ndarray | None  # float32
     gene_cells: np.ndarray  # per kept gene: cells of the chunk expressing it
     text: list[np.ndarray]  # per split: the lines of its text file, newlines included
     arrow_offsets: list[np.ndarray]  # per split: int32 offsets of the sentences in arrow_text

@@ -84,7 +84,7 @@ def _sentence_task(bounds: tuple[int, int]) -> tuple[int, SentenceChunk]:
     start, stop = bounds
     source, settings = _STATE["source"], _STATE["settings"]
     chunk = source.read_rows(start, stop)  # values were checked in the QC pass
-    return start, sentence_chunk(
+    sentences = sentence_chunk(
         chunk.indptr, chunk.indices, chunk.data,
         row_split=_STATE["split_of_cell"][start:stop],
         row_eval=_STATE["eval_mask"][start:stop],
@@ -97,6 +97,9 @@ def _sentence_task(bounds: tuple[int, int]) -> tuple[int, SentenceChunk]:
         seed=settings.seed,
         max_genes=settings.max_genes,
     )  # fmt: skip
+    _STATE["h5ad"].write_rows(int(_STATE["first_kept_row"][start]), sentences.indices, sentences.data)
+    sentences.indices = sentences.data = None  # written; free them before the text is
+    return start, sentences
 
 
 def ordered_map(

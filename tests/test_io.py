@@ -1,0 +1,113 @@
+"""Out-of-core reading and writing: direct reads, the preallocated h5ad writer, odd layouts."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from tests.helpers import synthetic_counts, write_h5ad
+from tests.test_transform import _read_all, run
+from utils.io import H5adCSRWriter, _DirectReader, open_source
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [{"chunks": (7,)}, {"chunks": None}, {"chunks": (95,)}],
+    ids=["small_chunks", "contiguous", "one_chunk"],
+)
+def test_direct_reads_match_h5py(tmp_path, layout):
+    values = np.random.default_rng(0).standard_normal(95).astype(np.float32)
+    with h5py.File(tmp_path / "a.h5", "w") as f:
+        f.create_dataset("v", data=values, **layout)
+    with h5py.File(tmp_path / "a.h5", "r") as f:
+        reader = _DirectReader.open(tmp_path / "a.h5", f["v"])
+        assert reader is not None
+        for lo, hi in [(0, 95), (0, 1), (6, 8), (13, 14), (3, 90), (94, 95), (50, 50)]:
+            assert np.array_equal(reader.read(lo, hi), values[lo:hi])
+
+
+def test_compressed_datasets_are_left_to_h5py(tmp_path):
+    with h5py.File(tmp_path / "a.h5", "w") as f:
+        f.create_dataset("v", data=np.arange(50.0), chunks=(10,), compression="gzip")
+        f.create_dataset("big_endian", data=np.arange(50, dtype=">f4"))
+    with h5py.File(tmp_path / "a.h5", "r") as f:
+        assert _DirectReader.open(tmp_path / "a.h5", f["v"]) is None
+        assert _DirectReader.open(tmp_path / "a.h5", f["big_endian"]) is None
+
+
+def test_compressed_and_non_canonical_inputs_give_the_same_outputs(tmp_path):
+    adata = synthetic_counts(120, 300, seed=4)
+    plain = write_h5ad(adata, tmp_path / "tiny.h5ad")
+    reference = run(plain, tmp_path / "plain", "--min_genes_per_cell", "50")
+    assert reference["n_points"] > 0
+
+    compressed = tmp_path / "gz" / "tiny.h5ad"
+    compressed.parent.mkdir()
+    adata.write_h5ad(compressed, compression="gzip")
+    run(compressed, tmp_path / "gz_out", "--min_genes_per_cell", "50", "--chunk_size", "17", "--num_proc", "2")
+
+    # The same matrix stored with shuffled indices, an explicit zero and a value split in two.
+    X = adata.X.tocsr()
+    rng = np.random.default_rng(1)
+    indices, data, indptr = [], [], [0]
+    for r in range(X.shape[0]):
+        genes, values = X.indices[X.indptr[r] : X.indptr[r + 1]], X.data[X.indptr[r] : X.indptr[r + 1]]
+        order = rng.permutation(len(genes))
+        genes, values = [*genes[order], genes[0], genes[0]], [*values[order], 0.0, 0.0]
+        values[0] /= 2
+        values[-1] = values[0]  # gene genes[0] now appears twice, its value in two halves
+        genes[-1] = genes[0]
+        indices += genes
+        data += values
+        indptr.append(len(indices))
+    messy = sp.csr_matrix((np.array(data, np.float32), np.array(indices), np.array(indptr)), shape=X.shape)
+    (tmp_path / "messy").mkdir()
+    messy_path = write_h5ad(ad.AnnData(X=messy, obs=adata.obs, var=adata.var), tmp_path / "messy" / "tiny.h5ad")
+    with h5py.File(messy_path) as f:  # stored as given
+        assert (np.diff(f["X/indices"][: f["X/indptr"][1]].astype(int)) < 0).any()
+        assert (f["X/data"][:] == 0).any()
+    run(messy_path, tmp_path / "messy_out", "--min_genes_per_cell", "50")
+
+    expected = _read_all(tmp_path / "plain")
+    assert _read_all(tmp_path / "gz_out") == expected
+    assert _read_all(tmp_path / "messy_out") == expected
+
+
+def test_h5ad_writer_places_rows_written_out_of_order(tmp_path):
+    rng = np.random.default_rng(2)
+    matrix = sp.random(40, 30, density=0.3, format="csr", random_state=rng, dtype=np.float32)
+    matrix.data[:] = rng.random(matrix.nnz)
+    matrix.data[matrix.indptr[3] : matrix.indptr[4]] = 0  # an empty row
+    matrix.eliminate_zeros()
+    writer = H5adCSRWriter(tmp_path / "x.h5ad", 30, np.diff(matrix.indptr))
+    blocks = [(0, 9), (9, 10), (10, 33), (33, 40)]
+
+    def write(block):
+        start, stop = block
+        lo, hi = matrix.indptr[start], matrix.indptr[stop]
+        writer.write_rows(start, matrix.indices[lo:hi], matrix.data[lo:hi])
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(write, blocks[::-1]))
+    obs = pd.DataFrame(index=[f"c{i}" for i in range(40)])
+    writer.finish(obs=obs, var=pd.DataFrame(index=[f"g{i}" for i in range(30)]), uns={"log1p": {"base": 10.0}})
+    back = ad.read_h5ad(tmp_path / "x.h5ad")
+    assert back.X.dtype == np.float32
+    assert np.array_equal(back.X.toarray(), matrix.toarray())
+    assert back.uns["log1p"]["base"] == 10.0
+    with pytest.raises(ValueError, match="do not fit"):
+        H5adCSRWriter(tmp_path / "y.h5ad", 30, np.array([1, 1])).write_rows(1, np.arange(2), np.ones(2))
+
+
+def test_source_reads_rows_of_a_large_chunked_file(tmp_path: Path):
+    adata = synthetic_counts(200, 100, seed=5)
+    path = write_h5ad(adata, tmp_path / "a.h5ad")
+    source = open_source(path)
+    assert np.array_equal(source.read_rows(37, 151).toarray(), adata.X[37:151].toarray())
