@@ -19,9 +19,15 @@ and measures:
 - ``max RSS 1 proc``: the kernel's high-water mark (``ru_maxrss``) of the largest single
   process of that run, from ``os.wait4`` -- the per-run value of
   ``resource.getrusage(RUSAGE_CHILDREN).ru_maxrss``, which is logged at the end over all runs;
-- ``output``: bytes on disk of everything transform.py wrote.
+- ``user s`` / ``sys s``: CPU seconds of transform.py and its children, in user space and in
+  the kernel (the kernel's share is mostly putting the output into the page cache);
+- ``QC pass`` / ``sentence pass``: cells/s of transform.py's two passes over the data, from the
+  lines it logs (start-up, the fit, the figures and the final h5ad metadata are outside them);
+- ``output``: bytes on disk of everything transform.py wrote, and that size over the run's time.
 
-Outputs are removed afterwards unless ``--keep_outputs``.
+Each size runs ``--repeats`` times (one row each); the best run per size is printed at the end.
+Outputs go under ``--output_root`` (default: the cache folder) and are removed afterwards unless
+``--keep_outputs``.
 
 Example::
 
@@ -34,6 +40,7 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import resource
 import shutil
 import signal
@@ -44,6 +51,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import h5py
 import psutil
@@ -71,6 +79,10 @@ class RunResult:
     max_single_rss: int  # bytes
     output_bytes: int
     returncode: int
+    user_seconds: float = 0.0
+    sys_seconds: float = 0.0
+    qc_pass_seconds: float | None = None  # from transform.py's log
+    sentence_pass_seconds: float | None = None
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -112,9 +124,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--keep_outputs", action="store_true", help="Keep what transform.py wrote (path logged)."
     )
+    parser.add_argument("--repeats", type=int, default=1, help="Runs per size.")
+    parser.add_argument(
+        "--output_root",
+        type=Path,
+        default=None,
+        help="Where runs write (default: --cache_dir); e.g. /dev/shm to take the disk out.",
+    )
     args = parser.parse_args(argv)
-    if min(args.n_cells) < 1 or args.num_proc < 1 or args.genes_per_cell < 1:
-        parser.error("--n_cells, --num_proc and --genes_per_cell must be positive.")
+    if min(args.n_cells) < 1 or min(args.num_proc, args.genes_per_cell, args.repeats) < 1:
+        parser.error("--n_cells, --num_proc, --genes_per_cell and --repeats must be positive.")
     if args.chunk_size is not None and args.chunk_size < 1:
         parser.error("--chunk_size must be positive; leave it out to use transform.py's default.")
     return args
@@ -138,8 +157,9 @@ def _kill_tree(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
-def measure(command: list[str], *, log_path: Path, timeout: float) -> tuple[float, int, int, int]:
-    """Run ``command``; return (seconds, peak tree RSS, max single-process RSS, return code).
+def measure(command: list[str], *, log_path: Path, timeout: float) -> tuple[float, int, int, int, Any]:
+    """Run ``command``; return (seconds, peak tree RSS, max single-process RSS, return code,
+    resource usage).
 
     The child gets its own process group so that a timeout or Ctrl-C kills its workers too.
     """
@@ -170,7 +190,15 @@ def measure(command: list[str], *, log_path: Path, timeout: float) -> tuple[floa
             raise
         seconds = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4, not by Popen
-    return seconds, peak, usage.ru_maxrss * 1024, proc.returncode  # ru_maxrss is in KiB on Linux
+    return seconds, peak, usage.ru_maxrss * 1024, proc.returncode, usage  # ru_maxrss: KiB on Linux
+
+
+_PASS_LINE = re.compile(r"(QC pass|Sentence pass): [\d,]+ cells in ([\d.]+) s")
+
+
+def pass_seconds(log_text: str) -> dict[str, float]:
+    """Seconds of each pass that transform.py logged ("QC pass: N cells in S s ...")."""
+    return {m.group(1): float(m.group(2)) for m in _PASS_LINE.finditer(log_text)}
 
 
 def dir_bytes(path: Path) -> int:
@@ -187,8 +215,13 @@ def count_nnz(path: Path) -> int:
 def format_table(results: Sequence[RunResult]) -> str:
     """The results as an aligned text table."""
     mb = 1024**2
-    header = ("cells", "non-zeros", "seconds", "cells/s", "peak RSS tree MB", "max RSS 1 proc MB", "output MB")  # fmt: skip
+    header = ("cells", "non-zeros", "seconds", "cells/s", "peak RSS tree MB", "max RSS 1 proc MB",
+              "user s", "sys s", "QC pass cells/s", "sentence pass cells/s", "output MB", "output MB/s")  # fmt: skip
     rows = [header]
+
+    def rate(seconds: float | None, n: int) -> str:
+        return "-" if not seconds else f"{n / seconds:,.0f}"
+
     for r in results:
         rows.append(
             (
@@ -198,7 +231,12 @@ def format_table(results: Sequence[RunResult]) -> str:
                 f"{r.n_cells / r.seconds:,.0f}",
                 f"{r.peak_tree_rss / mb:,.0f}",
                 f"{r.max_single_rss / mb:,.0f}",
+                f"{r.user_seconds:.1f}",
+                f"{r.sys_seconds:.1f}",
+                rate(r.qc_pass_seconds, r.n_cells),
+                rate(r.sentence_pass_seconds, r.n_cells),
                 f"{r.output_bytes / mb:,.1f}",
+                f"{r.output_bytes / mb / r.seconds:,.0f}",
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -215,14 +253,16 @@ def main(args: argparse.Namespace) -> list[RunResult]:
             f"{transform} does not exist; pass the script to benchmark with --transform."
         )
     args.cache_dir.mkdir(parents=True, exist_ok=True)
+    output_root = args.output_root or args.cache_dir
+    output_root.mkdir(parents=True, exist_ok=True)
     results: list[RunResult] = []
-    for n_cells in args.n_cells:
+    for n_cells in [n for n in args.n_cells for _ in range(args.repeats)]:
         data = cached_synthetic_h5ad(
             args.cache_dir, n_cells=n_cells, n_genes=args.n_genes,
             genes_per_cell=args.genes_per_cell, seed=args.seed,
         )  # fmt: skip
         nnz = count_nnz(data)
-        out = Path(tempfile.mkdtemp(prefix=f"run-c{n_cells}-", dir=args.cache_dir))
+        out = Path(tempfile.mkdtemp(prefix=f"run-c{n_cells}-", dir=output_root))
         command = [
             args.python, str(transform), "--data_filepath", str(data), "--output_dir", str(out / "out"),
             "--overwrite", "--max_genes_per_cell", "100000", "--num_proc", str(args.num_proc),
@@ -232,7 +272,7 @@ def main(args: argparse.Namespace) -> list[RunResult]:
         logger.info("Running %s", " ".join(command))
         log_path = out / "transform.log"
         try:
-            seconds, peak, single, code = measure(command, log_path=log_path, timeout=args.timeout)
+            seconds, peak, single, code, usage = measure(command, log_path=log_path, timeout=args.timeout)
             if code != 0:
                 tail = log_path.read_text(errors="replace").splitlines()[-15:]
                 raise InputError(
@@ -240,10 +280,12 @@ def main(args: argparse.Namespace) -> list[RunResult]:
                     + "\n".join(tail)
                 )
             out_bytes = dir_bytes(out / "out")
+            passes = pass_seconds(log_path.read_text(errors="replace"))
         finally:
             if not args.keep_outputs:
                 shutil.rmtree(out, ignore_errors=True)
-        result = RunResult(n_cells, nnz, seconds, peak, single, out_bytes, code)
+        result = RunResult(n_cells, nnz, seconds, peak, single, out_bytes, code, usage.ru_utime,
+                           usage.ru_stime, passes.get("QC pass"), passes.get("Sentence pass"))
         results.append(result)
         logger.info(
             "%s cells: %.1f s, %s cells/s, peak RSS %s MB.",
@@ -253,6 +295,13 @@ def main(args: argparse.Namespace) -> list[RunResult]:
             logger.info("Kept the outputs of this run in %s.", out)
     children_maxrss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     print(format_table(results))
+    if args.repeats > 1:
+        print("Best run per size:")
+        best = {}
+        for r in results:
+            if r.n_cells not in best or r.seconds < best[r.n_cells].seconds:
+                best[r.n_cells] = r
+        print(format_table(list(best.values())))
     chunk = args.chunk_size if args.chunk_size is not None else "transform.py default"
     print(
         f"num_proc={args.num_proc}, chunk_size={chunk}, genes={args.n_genes:,}, "

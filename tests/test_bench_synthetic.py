@@ -127,6 +127,8 @@ child = subprocess.Popen([sys.executable, "-c", code])
 child.wait()
 out = Path(a.output_dir); out.mkdir(parents=True)
 (out / "cell_sentences.txt").write_bytes(b"a" * 12345)
+print("12:00:00 INFO QC pass: 60 cells in 0.5 s (120 cells/s).")
+print("12:00:01 INFO Sentence pass: 60 cells in 0.25 s (240 cells/s).")
 """
 
 
@@ -144,13 +146,18 @@ def test_bench_measures_a_subprocess_tree(tmp_path):
     assert result.peak_tree_rss > 150 * 2**20  # the grandchild's 150 MB is seen
     assert result.max_single_rss > 150 * 2**20
     assert result.seconds > 0.6
+    assert result.qc_pass_seconds == 0.5 and result.sentence_pass_seconds == 0.25
+    assert result.user_seconds > 0
     # the synthetic file stays cached, the run's outputs are removed
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [
         "synthetic_c60_g1000_k50_t10_s0_v1.h5ad"
     ]
     table = transform_bench.format_table([result])
     assert table.splitlines()[0].split()[:4] == ["cells", "non-zeros", "seconds", "cells/s"]
-    assert table.splitlines()[2].split()[0] == "60"
+    row = table.splitlines()[2].split()
+    assert row[0] == "60" and row[8:10] == ["120", "240"]  # the passes' cells/s
+    repeated = transform_bench.main(transform_bench.parse_args([*argv, "--repeats", "2"]))
+    assert [r.n_cells for r in repeated] == [60, 60]
 
     with pytest.raises(transform_bench.InputError, match="boom: chunk size 13"):
         transform_bench.main(transform_bench.parse_args([*argv, "--chunk_size", "13"]))
