@@ -12,7 +12,7 @@ that sentences can later be turned back into expression (inverse.py).
                         data/<name>_preprocessed.h5ad, data/transform_args.json
 
 The matrix is read and processed in chunks of --chunk_size cells (out of core for CSR or
-dense .h5ad), optionally by --num_proc worker processes.
+dense .h5ad), optionally by --num_proc worker threads.
 
 Example:
     python transform.py --data_filepath data/dominguez_sample.h5ad --output_dir data/
@@ -103,7 +103,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="seeded sample of cells whose genes feed the fit and the figures")
     p.add_argument("--chunk_size", type=int, default=2_048,
                    help="cells read and processed at a time (memory grows with it)")
-    p.add_argument("--num_proc", type=int, default=1, help="worker processes for the chunks")
+    p.add_argument("--num_proc", type=int, default=1, help="worker threads for the chunks (up to the number of cores)")
     p.add_argument("--seed", type=int, default=1234, help="seed of tie-breaking, splits and sampling")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     args = p.parse_args(argv)
@@ -249,7 +249,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
 
 def _log_pass(name: str, n_cells: int, started: float) -> None:
     seconds = time.perf_counter() - started
-    logger.info("%s: %s cells in %.1f s (%s cells/s).", name, f"{n_cells:,}", seconds,
+    logger.info("%s: %s cells in %.2f s (%s cells/s).", name, f"{n_cells:,}", seconds,
                 f"{n_cells / max(seconds, 1e-9):,.0f}")
 
 
