@@ -14,7 +14,7 @@ import scipy.sparse as sp
 
 from tests.helpers import synthetic_counts, write_h5ad
 from tests.test_transform import _read_all, run
-from utils.io import H5adCSRWriter, _DirectReader, open_source
+from utils.io import H5adCSRWriter, _DirectReader, _is_canonical, open_source
 
 
 @pytest.mark.parametrize(
@@ -111,3 +111,20 @@ def test_source_reads_rows_of_a_large_chunked_file(tmp_path: Path):
     path = write_h5ad(adata, tmp_path / "a.h5ad")
     source = open_source(path)
     assert np.array_equal(source.read_rows(37, 151).toarray(), adata.X[37:151].toarray())
+
+
+@pytest.mark.parametrize(
+    ("indices", "data", "canonical"),
+    [
+        ([1, 5, 0, 3], [1, 1, 1, 1], True),  # row 1 is empty: rows 0 and 2 touch
+        ([1, 5, 3, 0], [1, 1, 1, 1], False),  # row 2 unsorted
+        ([5, 1, 0, 3], [1, 1, 1, 1], False),  # row 0 unsorted
+        ([5, 5, 0, 3], [1, 1, 1, 1], False),  # a duplicate
+        ([1, 5, 0, 3], [1, 0, 1, 1], False),  # an explicit zero
+    ],
+)
+def test_is_canonical(indices, data, canonical):
+    indptr = np.array([0, 2, 2, 4])
+    assert _is_canonical(indptr, np.array(indices, np.int32), np.array(data, np.float32)) == canonical
+    # the same rows inside a larger file: indptr not starting at 0
+    assert _is_canonical(indptr + 7, np.array(indices, np.int32), np.array(data, np.float32)) == canonical

@@ -43,14 +43,21 @@ def _canonical(chunk: sp.csr_matrix) -> sp.csr_matrix:
 
 @njit(cache=True, nogil=True)
 def _is_canonical(indptr, indices, data):
-    """Whether every row's indices strictly increase and no stored value is 0 (checking costs
-    a quarter of what scipy's in-place canonicalization does even when there is nothing to do)."""
+    """Whether every row's indices strictly increase and no stored value is 0 (counted without
+    early exits so that the loops vectorize: checking costs a fraction of scipy's in-place
+    canonicalization, which runs even when there is nothing to do)."""
+    zeros = 0
+    for j in range(data.shape[0]):
+        zeros += data[j] == 0
+    # Descents over the whole array, minus those where a (non-empty) row starts.
+    unsorted = 0
+    for j in range(1, indices.shape[0]):
+        unsorted += indices[j] <= indices[j - 1]
     base = indptr[0]
-    for r in range(indptr.shape[0] - 1):
-        for j in range(indptr[r] - base, indptr[r + 1] - base):
-            if data[j] == 0 or (j > indptr[r] - base and indices[j] <= indices[j - 1]):
-                return False
-    return True
+    for r in range(1, indptr.shape[0] - 1):
+        if indptr[r] - base > 0 and indptr[r] < indptr[r + 1]:
+            unsorted -= indices[indptr[r] - base] <= indices[indptr[r] - base - 1]
+    return zeros == 0 and unsorted == 0
 
 
 class _DirectReader:

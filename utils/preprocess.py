@@ -61,32 +61,33 @@ def _chunk_stats(indptr, indices, data, is_mt, n_genes_total, min_genes, min_cel
     gene_cells = np.zeros(n_genes_total, np.int64)
     for r in range(n_rows):
         n_genes[r] = indptr[r + 1] - indptr[r]
+        counted = n_genes[r] >= min_genes
+        row_total = 0.0
+        row_mt = 0.0
         for j in range(indptr[r], indptr[r + 1]):
-            total[r] += data[j]
-            if is_mt[indices[j]]:
-                mt_total[r] += data[j]
-        if n_genes[r] >= min_genes:
-            for j in range(indptr[r], indptr[r + 1]):
-                gene_cells[indices[j]] += 1
-    n_rare = 0
-    for r in range(n_rows):
-        if n_genes[r] >= min_genes:
-            for j in range(indptr[r], indptr[r + 1]):
-                if gene_cells[indices[j]] < min_cells:
-                    n_rare += 1
-    rare_cells = np.empty(n_rare, np.int64)
-    rare_genes = np.empty(n_rare, np.int64)
-    rare_values = np.empty(n_rare, np.float64)
+            row_total += data[j]
+            row_mt += data[j] * is_mt[indices[j]]
+            gene_cells[indices[j]] += counted
+        total[r] = row_total
+        mt_total[r] = row_mt
+    # Genes seen in fewer than min_cells cells of the chunk: keep all their occurrences. Each
+    # such gene occurs fewer than min_cells times, which bounds the arrays.
+    rare = (gene_cells > 0) & (gene_cells < min_cells)
+    capacity = rare.sum() * max(min_cells - 1, 0)
+    rare_cells = np.empty(capacity, np.int64)
+    rare_genes = np.empty(capacity, np.int64)
+    rare_values = np.empty(capacity, np.float64)
     k = 0
-    for r in range(n_rows):
-        if n_genes[r] >= min_genes:
-            for j in range(indptr[r], indptr[r + 1]):
-                if gene_cells[indices[j]] < min_cells:
-                    rare_cells[k] = r
-                    rare_genes[k] = indices[j]
-                    rare_values[k] = data[j]
-                    k += 1
-    return n_genes, total, mt_total, gene_cells, rare_cells, rare_genes, rare_values
+    if capacity:
+        for r in range(n_rows):
+            if n_genes[r] >= min_genes:
+                for j in range(indptr[r], indptr[r + 1]):
+                    if rare[indices[j]]:
+                        rare_cells[k] = r
+                        rare_genes[k] = indices[j]
+                        rare_values[k] = data[j]
+                        k += 1
+    return n_genes, total, mt_total, gene_cells, rare_cells[:k], rare_genes[:k], rare_values[:k]
 
 
 def chunk_stats(

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
+from numba import njit
 
 from utils.common import InputError
 from utils.io import MatrixSource
@@ -52,24 +53,37 @@ def chunk_bounds(n_cells: int, chunk_size: int) -> list[tuple[int, int]]:
 def read_checked_chunk(source: MatrixSource, start: int, stop: int) -> sp.csr_matrix:
     """Rows [start, stop), after checking that every value is finite and non-negative."""
     chunk = source.read_rows(start, stop)
-    bad = ~np.isfinite(chunk.data)
-    if bad.any():
+    first_nonfinite, first_negative = _value_problems(chunk.indptr, chunk.data)
+    if first_nonfinite >= 0:
         raise InputError(
             f"{source.path}: {source.matrix_name} holds NaN or infinite values (first in cell "
-            f"{start + _first_row(chunk, bad)}); a count matrix must be finite."
+            f"{start + first_nonfinite}); a count matrix must be finite."
         )
-    negative = chunk.data < 0
-    if negative.any():
+    if first_negative >= 0:
         raise InputError(
             f"{source.path}: {source.matrix_name} holds negative values (first in cell "
-            f"{start + _first_row(chunk, negative)}); give raw counts (e.g. --layer counts), "
-            "not scaled data."
+            f"{start + first_negative}); give raw counts (e.g. --layer counts), not scaled data."
         )
     return chunk
 
 
-def _first_row(chunk: sp.csr_matrix, entry_mask: np.ndarray) -> int:
-    return int(np.searchsorted(chunk.indptr, np.argmax(entry_mask), side="right") - 1)
+@njit(cache=True, nogil=True)
+def _value_problems(indptr, data):
+    """The first row holding a NaN or infinite value and the first holding a negative one
+    (-1: none); counted per row without early exits, so the inner loop vectorizes."""
+    first_nonfinite = first_negative = -1
+    for r in range(indptr.shape[0] - 1):
+        nonfinite = 0
+        negative = 0
+        for j in range(indptr[r], indptr[r + 1]):
+            value = data[j]
+            nonfinite += (value - value) != 0  # NaN for NaN and infinities
+            negative += value < 0
+        if nonfinite and first_nonfinite < 0:
+            first_nonfinite = r
+        if negative and first_negative < 0:
+            first_negative = r
+    return first_nonfinite, first_negative
 
 
 def _stats_task(bounds: tuple[int, int]):
