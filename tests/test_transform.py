@@ -178,6 +178,7 @@ def _read_all(out: Path) -> dict[str, bytes]:
     files = {n: (out / n).read_bytes() for n in [*names, "cell_sentences/vocab.txt", "eval/transformation_metrics.csv"]}
     pre = ad.read_h5ad(out / "tiny_preprocessed.h5ad")
     files["X"] = pre.X.toarray().tobytes()
+    files["h5ad"] = (out / "tiny_preprocessed.h5ad").read_bytes()  # no timestamps: identical files
     hf = datasets.load_from_disk(str(out / "cell_sentences_hf"))
     files["hf"] = json.dumps({s: hf[s].to_dict() for s in SPLITS}).encode()
     return files

@@ -348,6 +348,7 @@ def _preallocated(group: h5py.Group, name: str, dtype: str, size: int) -> tuple[
     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
     dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    dcpl.set_obj_track_times(False)  # no timestamps: the same input gives the same file
     dataset = h5py.h5d.create(group.id, name.encode(), h5py.h5t.py_create(np.dtype(dtype)),
                               h5py.h5s.create_simple((size,)), dcpl=dcpl)
     offset = dataset.get_offset()

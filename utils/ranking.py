@@ -30,46 +30,74 @@ def _splitmix64(x):
     return x ^ (x >> np.uint64(31))
 
 
-@njit(cache=True, nogil=True)
-def rank_row(value_bits, cell_key, keys_a, keys_b, pos_a, pos_b, count):
-    """Positions ``0..n-1`` of one row's ``value_bits`` in rank order: value descending, ties
-    shuffled with the row's ``cell_key``. Returns the work array (``pos_a`` or ``pos_b``) that
-    holds them; the work arrays need room for ``n`` entries, ``count`` is (4, 256).
+COUNTING_LIMIT = 4096  # rows of whole numbers below this are counting-sorted
 
-    ``value_bits`` are float32 values viewed as uint32: for non-negative floats the bit pattern
-    orders like the value, so a byte-wise stable radix sort on it sorts by value.
+
+@njit(cache=True, nogil=True)
+def rank_row(values, cell_key, keys_a, keys_b, pos_a, pos_b, count, buckets):
+    """Positions ``0..n-1`` of one row's float32 ``values`` in rank order: value descending,
+    ties shuffled with the row's ``cell_key``. Returns the work array (``pos_a`` or ``pos_b``)
+    that holds them; the work arrays need room for ``n`` entries, ``count`` is (4, 256) and
+    ``buckets`` holds ``COUNTING_LIMIT`` entries.
+
+    Both sorts are stable, so ties reach the shuffle in gene-index order and the result does not
+    depend on which sort ran.
     """
-    n = value_bits.shape[0]
-    # LSD radix sort on the 4 key bytes; the 4 histograms come from one pass, and a byte that
-    # every key shares is skipped (for integer counts most are), several times faster than a
-    # comparison sort.
-    count[:, :] = 0
-    for j in range(n):
-        key = np.uint32(0xFFFFFFFF) - value_bits[j]  # descending
-        keys_a[j] = key
-        pos_a[j] = j
-        count[0, key & 255] += 1
-        count[1, (key >> 8) & 255] += 1
-        count[2, (key >> 16) & 255] += 1
-        count[3, key >> 24] += 1
+    n = values.shape[0]
     ka, kb, pa, pb = keys_a, keys_b, pos_a, pos_b
-    for byte in range(4):
-        shift = 8 * byte
-        if count[byte, (ka[0] >> shift) & 255] == n:
-            continue
+    top = 0.0
+    fractional = 0
+    for j in range(n):
+        top = max(top, values[j])
+        fractional += values[j] != np.floor(values[j])
+    if fractional == 0 and top < COUNTING_LIMIT:
+        # Raw counts: one counting sort on the value (two passes instead of the radix's three).
+        m = np.int64(top)
+        buckets[: m + 1] = 0
+        for j in range(n):
+            buckets[np.int64(values[j])] += 1
         total = 0
-        for b in range(256):
-            c = count[byte, b]
-            count[byte, b] = total
+        for v in range(m, -1, -1):  # descending
+            c = buckets[v]
+            buckets[v] = total
             total += c
         for j in range(n):
-            d = (ka[j] >> shift) & 255
-            t = count[byte, d]
-            count[byte, d] = t + 1
-            kb[t] = ka[j]
-            pb[t] = pa[j]
-        ka, kb = kb, ka
-        pa, pb = pb, pa
+            v = np.int64(values[j])
+            t = buckets[v]
+            buckets[v] = t + 1
+            ka[t] = np.uint32(v)
+            pa[t] = j
+    else:
+        # LSD radix sort on the 4 bytes of the float32 bits (for non-negative floats they order
+        # like the values); the 4 histograms come from one pass, and a byte that every key
+        # shares is skipped.
+        bits = values.view(np.uint32)
+        count[:, :] = 0
+        for j in range(n):
+            key = np.uint32(0xFFFFFFFF) - bits[j]  # descending
+            ka[j] = key
+            pa[j] = j
+            count[0, key & 255] += 1
+            count[1, (key >> 8) & 255] += 1
+            count[2, (key >> 16) & 255] += 1
+            count[3, key >> 24] += 1
+        for byte in range(4):
+            shift = 8 * byte
+            if count[byte, (ka[0] >> shift) & 255] == n:
+                continue
+            total = 0
+            for b in range(256):
+                c = count[byte, b]
+                count[byte, b] = total
+                total += c
+            for j in range(n):
+                d = (ka[j] >> shift) & 255
+                t = count[byte, d]
+                count[byte, d] = t + 1
+                kb[t] = ka[j]
+                pb[t] = pa[j]
+            ka, kb = kb, ka
+            pa, pb = pb, pa
     # Shuffle each tie group (still in gene-index order after the stable sort).
     group_start = 0
     for j in range(1, n + 1):
@@ -98,7 +126,7 @@ def seed_key(seed):
 
 
 @njit(cache=True, nogil=True)
-def _rank_rows(indptr, value_bits, cell_ids, seed):
+def _rank_rows(indptr, values, cell_ids, seed):
     """Entry positions of each row in rank order (see ``rank_row``)."""
     n_rows = indptr.shape[0] - 1
     out = np.empty(indptr[n_rows] - indptr[0], np.int64)
@@ -110,13 +138,15 @@ def _rank_rows(indptr, value_bits, cell_ids, seed):
     pos_a = np.empty(widest, np.int32)
     pos_b = np.empty(widest, np.int32)
     count = np.empty((4, 256), np.int64)
+    buckets = np.empty(COUNTING_LIMIT, np.int64)
     key = seed_key(seed)
     for r in range(n_rows):
         start = indptr[r]
         n = indptr[r + 1] - start
         if n == 0:
             continue
-        ranked = rank_row(value_bits[start : start + n], cell_key(key, cell_ids[r]), keys_a, keys_b, pos_a, pos_b, count)
+        ranked = rank_row(values[start : start + n], cell_key(key, cell_ids[r]), keys_a, keys_b, pos_a, pos_b, count,
+                          buckets)
         for j in range(n):
             out[start - indptr[0] + j] = start + ranked[j]
     return out
@@ -141,10 +171,9 @@ def rank_entries(
     An array ``order`` aligned with the entries: row r's genes, most expressed first, are
     ``indices[order[indptr[r]:indptr[r + 1]]]``.
     """
-    value_bits = np.ascontiguousarray(data, dtype=np.float32).view(np.uint32)
     return _rank_rows(
         np.asarray(indptr, dtype=np.int64),
-        value_bits,
+        np.ascontiguousarray(data, dtype=np.float32),
         np.asarray(cell_ids, dtype=np.int64),
         np.uint64(seed),
     )

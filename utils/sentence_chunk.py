@@ -15,7 +15,15 @@ import numpy as np
 from numba import njit
 
 from utils.preprocess import TARGET_SUM
-from utils.ranking import GeneNameTable, _copy16, cell_key, copy_bytes, rank_row, seed_key
+from utils.ranking import (
+    COUNTING_LIMIT,
+    GeneNameTable,
+    _copy16,
+    cell_key,
+    copy_bytes,
+    rank_row,
+    seed_key,
+)
 
 N_SPLITS = 3
 MODES = {"counts": 0, "normalized": 1, "log1p": 2}
@@ -76,13 +84,13 @@ def _sentence_kernel(indptr, indices, data, row_split, row_eval, cell_ids, gene_
             if row_eval[r]:
                 eval_capacity += indptr[r + 1] - indptr[r]
     values = np.empty(widest, np.float32)
-    bits = values.view(np.uint32)
     genes = np.empty(widest, np.int32)
     keys_a = np.empty(widest, np.uint32)
     keys_b = np.empty(widest, np.uint32)
     pos_a = np.empty(widest, np.int32)
     pos_b = np.empty(widest, np.int32)
     count = np.empty((4, 256), np.int64)
+    buckets = np.empty(COUNTING_LIMIT, np.int64)
     key = seed_key(seed)
 
     kept = np.empty(n_kept, np.int64)
@@ -113,7 +121,7 @@ def _sentence_kernel(indptr, indices, data, row_split, row_eval, cell_ids, gene_
         for k in range(n):
             out_indices[base + k] = genes[k]
             gene_cells[genes[k]] += 1
-        order = rank_row(bits[:n], cell_key(key, cell_ids[r]), keys_a, keys_b, pos_a, pos_b, count)
+        order = rank_row(values[:n], cell_key(key, cell_ids[r]), keys_a, keys_b, pos_a, pos_b, count, buckets)
         length = 0
         for k in range(n):
             g = genes[order[k]]
