@@ -46,6 +46,7 @@ from utils.io import (
     NO_LOG1P,
     ArrowSplitWriter,
     H5adCSRWriter,
+    OrderedAppendFile,
     open_source,
     write_dataset_dict_index,
 )
@@ -232,13 +233,18 @@ def main(args: argparse.Namespace) -> dict[str, float]:
         outputs = _Outputs(tmp, args, source, obs_columns, kept_names, split_of_cell,
                            row_lengths=result.n_genes[result.cell_mask])
         # Workers write their preprocessed rows into the h5ad themselves, at known places.
-        state.update(h5ad=outputs.h5ad, first_kept_row=np.cumsum(result.cell_mask) - result.cell_mask)
+        state.update(h5ad=outputs.h5ad, first_kept_row=np.cumsum(result.cell_mask) - result.cell_mask,
+                     write_chunk=outputs.write_chunk, chunk_size=args.chunk_size)
         pass_started = time.perf_counter()
         with tqdm(total=source.n_cells, desc="Cell sentences", unit="cells") as bar:
             results = ordered_map(_sentence_task, chunks, num_proc=args.num_proc, state=state)
-            for (start, stop), (chunk_start, sentences) in zip(chunks, results, strict=True):
-                outputs.add(sentences, chunk_start)
-                bar.update(stop - start)
+            try:
+                for (start, stop), (chunk_start, sentences) in zip(chunks, results, strict=True):
+                    outputs.add(sentences, chunk_start)
+                    bar.update(stop - start)
+            except BaseException:
+                outputs.abort()  # release workers waiting for their turn to write
+                raise
         _log_pass("Sentence pass", source.n_cells, pass_started)
         metrics = outputs.finish(result, args)
         save_args(args, tmp / "transform_args.json")
@@ -279,8 +285,8 @@ class _Outputs:
         self.obs = source.obs
         self.obs_columns = obs_columns
         self.kept_names = kept_names
-        self.sentence_files = {s: (self.text_dir / f"{s}.txt").open("wb") for s in SPLITS}
-        self.barcode_files = {s: (self.text_dir / f"{s}_barcodes.txt").open("w") for s in SPLITS}
+        self.sentence_files = {s: OrderedAppendFile(self.text_dir / f"{s}.txt") for s in SPLITS}
+        self.barcode_files = {s: OrderedAppendFile(self.text_dir / f"{s}_barcodes.txt") for s in SPLITS}
         self.indices: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
         self.gene_cells = np.zeros(len(kept_names), np.int64)
         self.eval_points: list[tuple[np.ndarray, np.ndarray]] = []
@@ -296,28 +302,47 @@ class _Outputs:
         self.h5ad_path = root / f"{args.data_filepath.stem}_preprocessed.h5ad"
         self.h5ad = H5adCSRWriter(self.h5ad_path, len(kept_names), row_lengths)
 
+    def write_chunk(self, ticket: int, start: int, chunk: SentenceChunk) -> None:
+        """Append a chunk's sentences, barcodes and Arrow rows (from a worker thread; chunk
+        ``ticket`` waits only until chunk ``ticket - 1`` has taken its place in each file)."""
+        try:
+            kept_rows = chunk.kept + start
+            split_of_row = self.split_of_cell[kept_rows]
+            for i, split in enumerate(SPLITS):
+                rows = kept_rows[split_of_row == i]
+                self.sentence_files[split].append(ticket, chunk.text[i])
+                barcodes = self.columns["cell_name"][rows]
+                self.barcode_files[split].append(ticket, "".join(f"{b}\n" for b in barcodes).encode())
+                batch = None
+                if len(rows):
+                    sentences = pa.StringArray.from_buffers(
+                        len(rows), pa.py_buffer(chunk.arrow_offsets[i]), pa.py_buffer(chunk.arrow_text[i]))
+                    arrays = [pa.array(barcodes, pa.string()), sentences]
+                    arrays += [pa.array(v[rows]) for n, v in self.columns.items() if n != "cell_name"]
+                    batch = pa.RecordBatch.from_arrays(arrays, schema=self.arrow[split].schema)
+                self.arrow[split].append(ticket, batch)
+        except BaseException:
+            self.abort()  # the next chunks would wait for this one's turn forever
+            raise
+
+    def abort(self) -> None:
+        for appender in [*self.sentence_files.values(), *self.barcode_files.values(), *self.arrow.values()]:
+            appender.abort()
+
     def add(self, chunk: SentenceChunk, start: int) -> None:
+        """Record a written chunk's cells, gene counts and evaluation points (in input order)."""
         kept_rows = chunk.kept + start
         split_of_row = self.split_of_cell[kept_rows]
         preprocessed_rows = self.n_written + np.arange(len(kept_rows))
         for i, split in enumerate(SPLITS):
-            rows = kept_rows[split_of_row == i]
-            self.sentence_files[split].write(memoryview(chunk.text[i]))
-            barcodes = self.columns["cell_name"][rows]
-            self.barcode_files[split].write("".join(f"{b}\n" for b in barcodes))
             self.indices[split].append(preprocessed_rows[split_of_row == i])
-            sentences = pa.StringArray.from_buffers(
-                len(rows), pa.py_buffer(chunk.arrow_offsets[i]), pa.py_buffer(chunk.arrow_text[i]))
-            arrays = [pa.array(barcodes, pa.string()), sentences]
-            arrays += [pa.array(v[rows]) for n, v in self.columns.items() if n != "cell_name"]
-            self.arrow[split].write(pa.RecordBatch.from_arrays(arrays, schema=self.arrow[split].schema))
         self.gene_cells += chunk.gene_cells
         self.eval_points.append((chunk.eval_log_rank, chunk.eval_log_expression))
         self.n_written += len(kept_rows)
 
     def finish(self, qc, args) -> dict[str, float]:
-        for handle in [*self.sentence_files.values(), *self.barcode_files.values()]:
-            handle.close()
+        for appender in [*self.sentence_files.values(), *self.barcode_files.values()]:
+            appender.close()
         for split in SPLITS:
             np.save(self.text_dir / f"{split}_indices.npy", np.concatenate(self.indices[split]).astype(np.int64))
             self.arrow[split].finish()

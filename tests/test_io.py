@@ -14,7 +14,14 @@ import scipy.sparse as sp
 
 from tests.helpers import synthetic_counts, write_h5ad
 from tests.test_transform import _read_all, run
-from utils.io import H5adCSRWriter, _DirectReader, _is_canonical, open_source
+from utils.io import (
+    H5adCSRWriter,
+    OrderedAppendFile,
+    OutputAborted,
+    _DirectReader,
+    _is_canonical,
+    open_source,
+)
 
 
 @pytest.mark.parametrize(
@@ -128,3 +135,20 @@ def test_is_canonical(indices, data, canonical):
     assert _is_canonical(indptr, np.array(indices, np.int32), np.array(data, np.float32)) == canonical
     # the same rows inside a larger file: indptr not starting at 0
     assert _is_canonical(indptr + 7, np.array(indices, np.int32), np.array(data, np.float32)) == canonical
+
+
+def test_ordered_append_file_keeps_ticket_order_and_aborts(tmp_path):
+    appender = OrderedAppendFile(tmp_path / "lines.txt")
+    parts = {ticket: f"chunk {ticket}\n".encode() * (ticket + 1) for ticket in range(8)}
+    with ThreadPoolExecutor(8) as pool:  # all running at once, started in reverse: still in order
+        list(pool.map(lambda t: appender.append(t, parts[t]), range(7, -1, -1)))
+    appender.close()
+    assert (tmp_path / "lines.txt").read_bytes() == b"".join(parts[t] for t in range(8))
+
+    waiting = OrderedAppendFile(tmp_path / "other.txt")
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(waiting.append, 1, b"never")  # waits for ticket 0
+        waiting.abort()
+        with pytest.raises(OutputAborted):
+            pending.result(timeout=10)
+    waiting.close()

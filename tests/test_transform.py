@@ -4,6 +4,7 @@ determinism across chunking and workers, input kinds and bad input."""
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import anndata as ad
@@ -313,4 +314,29 @@ def test_interrupted_run_leaves_no_output(small_h5ad, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run(small_h5ad, tmp_path / "out", "--min_genes_per_cell", "50", "--chunk_size", "20")
     assert calls["n"] == 3
+    assert _no_outputs(tmp_path / "out")
+
+
+def test_a_failing_write_stops_the_workers_and_leaves_no_output(small_h5ad, tmp_path, monkeypatch):
+    original = transform.OrderedAppendFile.append
+
+    def fail_on_third_chunk(self, ticket, data):
+        if ticket == 2:
+            raise OSError("No space left on device")
+        original(self, ticket, data)
+
+    monkeypatch.setattr(transform.OrderedAppendFile, "append", fail_on_third_chunk)
+    outcome = {}
+
+    def target():
+        try:
+            run(small_h5ad, tmp_path / "out", "--min_genes_per_cell", "50", "--chunk_size", "20", "--num_proc", "2")
+        except OSError as err:
+            outcome["error"] = err
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout=120)
+    assert not thread.is_alive(), "workers waiting for a failed chunk's turn hung the run"
+    assert "No space left" in str(outcome["error"])
     assert _no_outputs(tmp_path / "out")

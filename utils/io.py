@@ -12,6 +12,9 @@ import hashlib
 import json
 import logging
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -324,11 +327,7 @@ class H5adCSRWriter:
             raise ValueError("rows do not fit the row lengths the writer was made for")
         for name, values in (("data", data), ("indices", indices)):
             offset, dtype = self._places[name]
-            buffer = memoryview(np.ascontiguousarray(values, dtype=dtype)).cast("B")
-            position = offset + start * dtype.itemsize
-            while len(buffer):
-                written = os.pwrite(self._fd, buffer, position)
-                buffer, position = buffer[written:], position + written
+            _pwrite_all(self._fd, np.ascontiguousarray(values, dtype=dtype), offset + start * dtype.itemsize)
 
     def finish(self, *, obs: pd.DataFrame, var: pd.DataFrame, uns: dict[str, Any]) -> None:
         os.close(self._fd)
@@ -355,9 +354,75 @@ def _preallocated(group: h5py.Group, name: str, dtype: str, size: int) -> tuple[
     return (0 if offset is None else int(offset)), np.dtype(dtype)
 
 
+class OutputAborted(RuntimeError):
+    """Another chunk failed, so this one's turn to append will never come."""
+
+
+class _Turns:
+    """Hands out places in a sequence of appends in chunk order: chunk i gets its place as soon
+    as chunk i - 1 has taken its own, so workers write their bytes side by side and only the
+    cheap bookkeeping is serialized."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._next = 0
+        self._aborted = False
+
+    @contextmanager
+    def turn(self, ticket: int) -> Iterator[None]:
+        with self._condition:
+            self._condition.wait_for(lambda: self._next == ticket or self._aborted)
+            if self._aborted:
+                raise OutputAborted("another chunk failed")
+            yield
+            self._next += 1
+            self._condition.notify_all()
+
+    def abort(self) -> None:
+        with self._condition:
+            self._aborted = True
+            self._condition.notify_all()
+
+
+def _pwrite_all(fd: int, data: Any, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while len(view):
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+class OrderedAppendFile:
+    """A file that chunks append to in chunk order (``ticket`` 0, 1, 2, ...), each from its own
+    thread: every ticket must append exactly once, possibly nothing."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._turns = _Turns()
+        self.size = 0
+
+    def append(self, ticket: int, data: Any) -> None:
+        n = memoryview(data).nbytes
+        with self._turns.turn(ticket):
+            offset = self.size
+            self.size += n
+        _pwrite_all(self._fd, data, offset)
+
+    def abort(self) -> None:
+        self._turns.abort()
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+_ARROW_END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"
+
+
 class ArrowSplitWriter:
-    """One split of a ``datasets.DatasetDict`` on disk, written in Arrow shards as the rows
-    arrive; ``finish`` writes the metadata that ``datasets.load_from_disk`` reads."""
+    """One split of a ``datasets.DatasetDict`` on disk: Arrow IPC stream shards that chunks
+    append record batches to in chunk order, each from its own thread (see
+    ``OrderedAppendFile``); ``finish`` writes the metadata that ``datasets.load_from_disk``
+    reads."""
 
     def __init__(self, folder: Path, schema: pa.Schema, *, shard_bytes: int = 500 << 20):
         self.folder = folder
@@ -365,37 +430,43 @@ class ArrowSplitWriter:
         self.features = {f.name: {"dtype": _value_dtype(f.type), "_type": "Value"} for f in schema}
         metadata = {"huggingface": json.dumps({"info": {"features": self.features}})}
         self.schema = schema.with_metadata(metadata)
+        self._schema_message = self.schema.serialize()
         self.shard_bytes = shard_bytes
-        self._shards: list[Path] = []
-        self._writer: pa.ipc.RecordBatchStreamWriter | None = None
-        self._written = 0
+        self._shards: list[tuple[Path, int, int]] = []  # (path, fd, bytes so far)
+        self._turns = _Turns()
         self.n_rows = 0
 
-    def write(self, batch: pa.RecordBatch) -> None:
-        if self._writer is None or self._written >= self.shard_bytes:
-            self._close_shard()
-            self._shards.append(self.folder / f"shard-{len(self._shards):05d}.arrow")
-            self._writer = pa.ipc.new_stream(str(self._shards[-1]), self.schema)
-            self._written = 0
-        self._writer.write_batch(batch.replace_schema_metadata(self.schema.metadata))
-        self._written += batch.nbytes
-        self.n_rows += batch.num_rows
+    def append(self, ticket: int, batch: pa.RecordBatch | None) -> None:
+        """Append ``batch`` (None: nothing, but the ticket is used)."""
+        message = None if batch is None else batch.replace_schema_metadata(self.schema.metadata).serialize()
+        with self._turns.turn(ticket):
+            if message is None:
+                return
+            if not self._shards or self._shards[-1][2] >= self.shard_bytes:
+                self._new_shard()
+            path, fd, offset = self._shards[-1]
+            self._shards[-1] = (path, fd, offset + message.size)
+            self.n_rows += batch.num_rows
+        _pwrite_all(fd, message, offset)
 
-    def _close_shard(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+    def _new_shard(self) -> None:
+        path = self.folder / f"shard-{len(self._shards):05d}.arrow"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        _pwrite_all(fd, self._schema_message, 0)
+        self._shards.append((path, fd, self._schema_message.size))
+
+    def abort(self) -> None:
+        self._turns.abort()
 
     def finish(self) -> None:
-        if self._writer is None and not self._shards:  # an empty split still gets one file
-            self._shards.append(self.folder / "shard-00000.arrow")
-            with pa.ipc.new_stream(str(self._shards[-1]), self.schema):
-                pass
-        self._close_shard()
+        if not self._shards:  # an empty split still gets one file
+            self._new_shard()
         names = []
-        for i, shard in enumerate(self._shards):
+        for i, (path, fd, size) in enumerate(self._shards):
+            _pwrite_all(fd, _ARROW_END_OF_STREAM, size)
+            os.close(fd)
             name = f"data-{i:05d}-of-{len(self._shards):05d}.arrow"
-            shard.rename(self.folder / name)
+            path.rename(self.folder / name)
             names.append({"filename": name})
         state = {
             "_data_files": names,

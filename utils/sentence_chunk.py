@@ -35,12 +35,13 @@ class SentenceChunk:
 
     kept: np.ndarray  # chunk-local row of each kept cell
     indptr: np.ndarray  # the preprocessed rows: kept genes, log10(1 + normalized) values
-    indices: np.ndarray | None  # int32 kept-gene positions (None once written)
+    indices: np.ndarray | None  # int32 kept-gene positions
     data: np.ndarray | None  # float32
     gene_cells: np.ndarray  # per kept gene: cells of the chunk expressing it
-    text: list[np.ndarray]  # per split: the lines of its text file, newlines included
-    arrow_offsets: list[np.ndarray]  # per split: int32 offsets of the sentences in arrow_text
-    arrow_text: list[np.ndarray]  # per split: the sentences without newlines, back to back
+    # The preprocessed rows and the text are None once the worker has written them.
+    text: list[np.ndarray] | None  # per split: the lines of its text file, newlines included
+    arrow_offsets: list[np.ndarray] | None  # per split: int32 offsets of the sentences in arrow_text
+    arrow_text: list[np.ndarray] | None  # per split: the sentences without newlines, back to back
     eval_log_rank: np.ndarray  # log10(1 + rank), rank from 0, of every gene of the eval cells
     eval_log_expression: np.ndarray
 

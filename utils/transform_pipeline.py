@@ -111,8 +111,10 @@ def _sentence_task(bounds: tuple[int, int]) -> tuple[int, SentenceChunk]:
         seed=settings.seed,
         max_genes=settings.max_genes,
     )  # fmt: skip
+    # Write in the worker: the writes run side by side, and only small results go back.
     _STATE["h5ad"].write_rows(int(_STATE["first_kept_row"][start]), sentences.indices, sentences.data)
-    sentences.indices = sentences.data = None  # written; free them before the text is
+    _STATE["write_chunk"](start // _STATE["chunk_size"], start, sentences)
+    sentences.indices = sentences.data = sentences.text = sentences.arrow_text = sentences.arrow_offsets = None
     return start, sentences
 
 
