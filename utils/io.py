@@ -372,7 +372,7 @@ class _Turns:
     def turn(self, ticket: int) -> Iterator[None]:
         with self._condition:
             self._condition.wait_for(lambda: self._next == ticket or self._aborted)
-            if self._aborted:
+            if self._next != ticket:  # an earlier chunk failed (chunks before it may still finish)
                 raise OutputAborted("another chunk failed")
             yield
             self._next += 1
