@@ -56,6 +56,7 @@ from utils.evaluation import (
     plot_embedding,
     sentence_stats,
 )
+from utils.fit import RankExpressionFit
 from utils.generation import (
     allocate_counts,
     answer_token_budget,
@@ -64,7 +65,6 @@ from utils.generation import (
     shorten_to_fit,
 )
 from utils.inverse import (
-    TransformFit,
     VocabIndex,
     build_vocab_index,
     load_transform_fit,
@@ -192,7 +192,7 @@ def load_splits(data_dir: Path, split: str, label_column: str, *, need_labels: b
     return out
 
 
-def reference(transform_dir: Path, tables: dict[str, Any], top_k: int) -> tuple[VocabIndex, TransformFit, bool]:
+def reference(transform_dir: Path, tables: dict[str, Any], top_k: int) -> tuple[VocabIndex, RankExpressionFit, bool]:
     """The vocabulary and fit of the transform; without them, a nominal fit over the train genes."""
     vocab_path = transform_dir / "cell_sentences" / "vocab.txt"
     metrics_path = transform_dir / "eval" / "transformation_metrics.csv"
@@ -203,7 +203,7 @@ def reference(transform_dir: Path, tables: dict[str, Any], top_k: int) -> tuple[
     genes: dict[str, None] = {}
     for sentence in tables["train"].column("cell_sentence").to_pylist():
         genes.update(dict.fromkeys(sentence.split()))
-    return build_vocab_index(list(genes)), TransformFit(slope=-1.0, intercept=float(np.log10(1 + top_k))), False
+    return build_vocab_index(list(genes)), RankExpressionFit(slope=-1.0, intercept=float(np.log10(1 + top_k))), False
 
 
 def subsample(n: int, cap: int | None, seed: int) -> np.ndarray:
@@ -278,7 +278,7 @@ def generate_cells(model: Any, tokenizer: Any, counts: dict[str, int], *, top_k:
 
 
 def evaluate_generated(generated: pd.DataFrame, tables: dict[str, Any], *, split: str, label_column: str,
-                       index: VocabIndex, fit: TransformFit, top_k: int, k: int, seed: int
+                       index: VocabIndex, fit: RankExpressionFit, top_k: int, k: int, seed: int
                        ) -> tuple[dict[str, Any], Any]:
     """Word statistics, the k-NN metric and the PCA figure of real and generated cells."""
     # Word statistics over every generated word; the k-NN representation from the top K only,

@@ -43,10 +43,10 @@ from utils.common import (
     staged_outputs,
 )
 from utils.evaluation import knn_accuracy, sentence_stats
+from utils.fit import RankExpressionFit
 from utils.inverse import (
     InverseResult,
     SentenceBytes,
-    TransformFit,
     build_vocab_index,
     load_transform_fit,
     load_vocab,
@@ -260,7 +260,7 @@ def reconstruction_metrics(adata: ad.AnnData, preprocessed: Path) -> dict[str, A
 
 
 def real_knn_metrics(adata: ad.AnnData, packed: SentenceBytes, transform_dir: Path, labels_key: str, *,
-                     fit: TransformFit,
+                     fit: RankExpressionFit,
                      vocab_index: Any, max_genes: int | None, k: int,
                      case_insensitive: bool) -> dict[str, Any] | None:
     """k-NN fitted on the transform's real training cells (top-K ranks) scores the labelled cells."""

@@ -25,9 +25,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.common import run_cli  # noqa: E402
+from utils.fit import RankExpressionFit  # noqa: E402
 from utils.inverse import (  # noqa: E402
     SentenceBytes,
-    TransformFit,
     build_vocab_index,
     read_sentence_file,
     sentence_bytes,
@@ -85,7 +85,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
         numba.set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
     vocab = gene_names(args.n_vocab, rng)
-    fit = TransformFit(slope=-0.76, intercept=3.0)
+    fit = RankExpressionFit(slope=-0.76, intercept=3.0)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "sentences.txt"
         n_words, n_bytes = write_sentences(path, vocab, args)

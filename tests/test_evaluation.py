@@ -21,7 +21,8 @@ from utils.evaluation import (
     plot_embedding,
     sentence_stats,
 )
-from utils.inverse import TransformFit, sentences_to_expression
+from utils.fit import RankExpressionFit
+from utils.inverse import sentences_to_expression
 
 
 @pytest.mark.parametrize("module", [utils.evaluation, utils.generation, utils.inverse])
@@ -44,7 +45,7 @@ def test_labels_and_baseline() -> None:
 
 
 def test_sentence_stats_values() -> None:
-    res = sentences_to_expression(["A B A", "junk A", ""], ["A", "B"], TransformFit(-1.0, 2.0))
+    res = sentences_to_expression(["A B A", "junk A", ""], ["A", "B"], RankExpressionFit(-1.0, 2.0))
     stats = sentence_stats(res)
     assert stats["n_words"] == 5
     assert stats["valid_gene_rate"] == pytest.approx(4 / 5)
@@ -71,7 +72,7 @@ def typed_sentences(n: int, seed: int) -> tuple[list[str], list[str], list[str]]
 
 
 def test_knn_metric_separates_types_and_not_shuffled_labels() -> None:
-    fit = TransformFit(-0.8, 2.5)
+    fit = RankExpressionFit(-0.8, 2.5)
     train_s, train_y, vocab = typed_sentences(120, seed=0)
     test_s, test_y, _ = typed_sentences(40, seed=1)
     X_train = sentences_to_expression(train_s, vocab, fit, max_words=20).X
@@ -96,7 +97,7 @@ def test_figures() -> None:
     assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b", "(other)"]
     assert [t.get_text() for t in ax.get_yticklabels()] == ["a", "b"]
     train_s, train_y, vocab = typed_sentences(40, seed=0)
-    X = sentences_to_expression(train_s, vocab, TransformFit(-0.8, 2.5)).X
+    X = sentences_to_expression(train_s, vocab, RankExpressionFit(-0.8, 2.5)).X
     a, b = embed_pca(X, X[:5])
     assert a.shape == (40, 2) and b.shape == (5, 2)
     np.testing.assert_allclose(a[:5], b, rtol=1e-5, atol=1e-5)  # float32 PCA

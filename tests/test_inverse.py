@@ -16,8 +16,8 @@ from helpers import synthetic_counts, write_h5ad
 
 import inverse
 from utils.common import InputError
+from utils.fit import RankExpressionFit
 from utils.inverse import (
-    TransformFit,
     build_vocab_index,
     load_transform_fit,
     load_vocab,
@@ -27,7 +27,7 @@ from utils.inverse import (
     zero_crossing_rank,
 )
 
-FIT = TransformFit(slope=-1.0, intercept=2.0)
+FIT = RankExpressionFit(slope=-1.0, intercept=2.0)
 VOCAB = ["A", "B", "C", "Dx", "e1"]
 
 
@@ -108,7 +108,7 @@ def test_max_words_keeps_the_top_genes() -> None:
 
 
 def test_negative_values_kept_or_clipped() -> None:
-    fit = TransformFit(slope=-1.0, intercept=0.5)  # crossing at rank 10**0.5 - 1 ≈ 2.16
+    fit = RankExpressionFit(slope=-1.0, intercept=0.5)  # crossing at rank 10**0.5 - 1 ≈ 2.16
     assert zero_crossing_rank(fit) == pytest.approx(10**0.5 - 1)
     kept = sentences_to_expression(["A B C Dx e1"], VOCAB, fit)
     row = dense(kept)[0]
@@ -128,7 +128,7 @@ def test_round_trip_order_is_exact_on_random_sentences() -> None:
     sentences = [" ".join(rng.sample(vocab, rng.randint(0, 2_500))) for _ in range(60)]
     # A realistic fit crosses zero at rank ~ 8,900: deep ranks stay positive here; with an
     # intercept of 2 they cross at 99 and are kept negative, the order exact either way.
-    for fit in (TransformFit(-0.76, 3.0), TransformFit(-1.0, 2.0)):
+    for fit in (RankExpressionFit(-0.76, 3.0), RankExpressionFit(-1.0, 2.0)):
         res = sentences_to_expression(sentences, vocab, fit)
         for i, sentence in enumerate(sentences):
             row = res.X[i]
@@ -180,7 +180,7 @@ def test_vocab_and_fit_loaders(tmp_path: Path) -> None:
     (tmp_path / "vocab.txt").write_text("B 10\nA 3\n")
     assert load_vocab(tmp_path / "vocab.txt") == ["B", "A"]
     (tmp_path / "m.csv").write_text("slope,intercept,r_squared\n-0.5,1.5,0.9\n")
-    assert load_transform_fit(tmp_path / "m.csv") == TransformFit(-0.5, 1.5)
+    assert load_transform_fit(tmp_path / "m.csv") == RankExpressionFit(-0.5, 1.5)
     with pytest.raises(InputError, match="does not exist"):
         load_vocab(tmp_path / "missing.txt")
     (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
@@ -193,7 +193,7 @@ def test_vocab_and_fit_loaders(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------ the script
 
 
-def write_transform_dir(root: Path, vocab: list[str], fit: TransformFit) -> Path:
+def write_transform_dir(root: Path, vocab: list[str], fit: RankExpressionFit) -> Path:
     (root / "cell_sentences").mkdir(parents=True)
     (root / "eval").mkdir()
     (root / "cell_sentences" / "vocab.txt").write_text("".join(f"{g} 1\n" for g in vocab))
@@ -265,7 +265,7 @@ def test_transform_then_inverse_reproduces_the_fit(tmp_path: Path) -> None:
     assert metrics["knn_cell_type"]["real_vs_real_accuracy"] > 0.8
 
 
-def reference_inverse(sentences: list[str], vocab: list[str], fit: TransformFit) -> np.ndarray:
+def reference_inverse(sentences: list[str], vocab: list[str], fit: RankExpressionFit) -> np.ndarray:
     """The definition, in plain Python: ranks by position, average positions of repeats."""
     column = {g: i for i, g in enumerate(vocab)}
     out = np.zeros((len(sentences), len(vocab)))
@@ -291,7 +291,7 @@ def test_matches_the_plain_python_definition(tmp_path: Path, as_file: bool) -> N
         parts = rng.choices(words, k=rng.randint(0, 60))
         text = "".join(w + rng.choice(separators) for w in parts)
         sentences.append(rng.choice(["", " ", "\t"]) + text.rstrip() if rng.random() < 0.5 else text)
-    fit = TransformFit(-0.7, 2.5)
+    fit = RankExpressionFit(-0.7, 2.5)
     if as_file:
         path = tmp_path / "s.txt"
         path.write_text("".join(s + "\n" for s in sentences), encoding="utf-8")

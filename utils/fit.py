@@ -28,11 +28,13 @@ class RankExpressionFit:
 
     slope: float
     intercept: float
-    r_squared: float
-    pearson_r: float
-    spearman_r: float
-    threshold: float
-    n_points: int
+    # How well the line reconstructs expression; NaN for a line given without a fit
+    # (e.g. read back with only its slope and intercept).
+    r_squared: float = float("nan")
+    pearson_r: float = float("nan")
+    spearman_r: float = float("nan")
+    threshold: float = float("nan")
+    n_points: int = 0
 
     def as_row(self) -> dict[str, float]:
         return asdict(self)
@@ -40,6 +42,10 @@ class RankExpressionFit:
     def predict(self, log_rank: np.ndarray) -> np.ndarray:
         """log10(1 + expression) predicted from log10(1 + rank)."""
         return self.intercept + self.slope * np.asarray(log_rank, dtype=np.float64)
+
+    def value(self, rank: np.ndarray | float) -> np.ndarray | float:
+        """log10(1 + expression) predicted at ``rank`` (0 = most expressed)."""
+        return self.predict(np.log10(1.0 + np.asarray(rank, dtype=np.float64)))
 
 
 def fit_rank_expression(

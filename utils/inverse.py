@@ -35,12 +35,12 @@ import pyarrow as pa
 import scipy.sparse as sp
 
 from utils.common import InputError
+from utils.fit import RankExpressionFit
 
 logger = logging.getLogger("cell2sentence")
 
 __all__ = [
     "InverseResult",
-    "TransformFit",
     "SentenceBytes",
     "VocabIndex",
     "build_vocab_index",
@@ -58,22 +58,10 @@ __all__ = [
 # --------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class TransformFit:
-    """The transform's linear fit of log10(1 + expr) on log10(1 + rank)."""
-
-    slope: float
-    intercept: float
-
-    def value(self, rank: np.ndarray | float) -> np.ndarray | float:
-        """Predicted log10(1 + expr) at ``rank`` (0 = most expressed)."""
-        return self.intercept + self.slope * np.log10(1.0 + np.asarray(rank, dtype=np.float64))
-
-
-def zero_crossing_rank(fit: TransformFit) -> float:
+def zero_crossing_rank(fit: RankExpressionFit) -> float:
     """First (fractional) rank at which the fit predicts a value ≤ 0 (inf when it never does).
 
-    >>> zero_crossing_rank(TransformFit(slope=-1.0, intercept=2.0))
+    >>> zero_crossing_rank(RankExpressionFit(slope=-1.0, intercept=2.0))
     99.0
     """
     if fit.slope >= 0:
@@ -81,7 +69,7 @@ def zero_crossing_rank(fit: TransformFit) -> float:
     return float(10.0 ** (-fit.intercept / fit.slope) - 1.0)
 
 
-def load_transform_fit(path: Path) -> TransformFit:
+def load_transform_fit(path: Path) -> RankExpressionFit:
     """Read slope and intercept from ``eval/transformation_metrics.csv`` (first row)."""
     if not path.is_file():
         raise InputError(
@@ -103,7 +91,7 @@ def load_transform_fit(path: Path) -> TransformFit:
             "with rank.",
             slope,
         )
-    return TransformFit(slope=slope, intercept=intercept)
+    return RankExpressionFit(slope=slope, intercept=intercept)
 
 
 def load_vocab(path: Path) -> list[str]:
@@ -603,7 +591,7 @@ class InverseResult:
 def sentences_to_expression(
     sentences: Sequence[str] | pa.Array | pa.ChunkedArray | SentenceBytes,
     vocab: Sequence[str] | VocabIndex,
-    fit: TransformFit,
+    fit: RankExpressionFit,
     *,
     case_insensitive: bool = False,
     clip_negative: bool = False,
@@ -628,7 +616,7 @@ def sentences_to_expression(
 
     Examples
     --------
-    >>> res = sentences_to_expression(["B A", "A x A"], ["A", "B"], TransformFit(-1.0, 2.0))
+    >>> res = sentences_to_expression(["B A", "A x A"], ["A", "B"], RankExpressionFit(-1.0, 2.0))
     >>> res.X.toarray().astype(float).round(3).tolist()
     [[1.699, 2.0], [1.699, 0.0]]
     >>> res.n_invalid_genes.tolist(), res.n_duplicate_genes.tolist()
