@@ -234,7 +234,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
                            row_lengths=result.n_genes[result.cell_mask])
         # Workers write their preprocessed rows into the h5ad themselves, at known places.
         state.update(h5ad=outputs.h5ad, first_kept_row=np.cumsum(result.cell_mask) - result.cell_mask,
-                     write_chunk=outputs.write_chunk, chunk_size=args.chunk_size)
+                     write_chunk=outputs.write_chunk, abort=outputs.abort, chunk_size=args.chunk_size)
         pass_started = time.perf_counter()
         with tqdm(total=source.n_cells, desc="Cell sentences", unit="cells") as bar:
             results = ordered_map(_sentence_task, chunks, num_proc=args.num_proc, state=state)
@@ -322,12 +322,12 @@ class _Outputs:
                     batch = pa.RecordBatch.from_arrays(arrays, schema=self.arrow[split].schema)
                 self.arrow[split].append(ticket, batch)
         except BaseException:
-            self.abort()  # the next chunks would wait for this one's turn forever
+            self.abort(ticket)  # the next chunks would wait for this one's turn forever
             raise
 
-    def abort(self) -> None:
+    def abort(self, failed_ticket: int = -1) -> None:
         for appender in [*self.sentence_files.values(), *self.barcode_files.values(), *self.arrow.values()]:
-            appender.abort()
+            appender.abort(failed_ticket)
 
     def add(self, chunk: SentenceChunk, start: int) -> None:
         """Record a written chunk's cells, gene counts and evaluation points (in input order)."""

@@ -152,3 +152,17 @@ def test_ordered_append_file_keeps_ticket_order_and_aborts(tmp_path):
         with pytest.raises(OutputAborted):
             pending.result(timeout=10)
     waiting.close()
+
+
+def test_abort_releases_only_the_chunks_after_the_failed_one(tmp_path):
+    appender = OrderedAppendFile(tmp_path / "x.txt")
+    with ThreadPoolExecutor(2) as pool:
+        before = pool.submit(appender.append, 1, b"one\n")  # waits for ticket 0
+        after = pool.submit(appender.append, 3, b"three\n")  # waits for ticket 2
+        appender.abort(2)  # ticket 2 failed
+        with pytest.raises(OutputAborted):
+            after.result(timeout=10)
+        appender.append(0, b"zero\n")  # earlier chunks still finish
+        before.result(timeout=10)
+    appender.close()
+    assert (tmp_path / "x.txt").read_bytes() == b"zero\none\n"

@@ -340,3 +340,30 @@ def test_a_failing_write_stops_the_workers_and_leaves_no_output(small_h5ad, tmp_
     assert not thread.is_alive(), "workers waiting for a failed chunk's turn hung the run"
     assert "No space left" in str(outcome["error"])
     assert _no_outputs(tmp_path / "out")
+
+
+def test_a_failure_before_writing_the_text_does_not_hang(small_h5ad, tmp_path, monkeypatch):
+    original = transform.H5adCSRWriter.write_rows
+    calls = {"n": 0}
+
+    def fail_on_third_chunk(self, first_row, indices, data):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError("No space left on device")
+        original(self, first_row, indices, data)
+
+    monkeypatch.setattr(transform.H5adCSRWriter, "write_rows", fail_on_third_chunk)
+    outcome = {}
+
+    def target():
+        try:
+            run(small_h5ad, tmp_path / "out", "--min_genes_per_cell", "50", "--chunk_size", "20", "--num_proc", "2")
+        except OSError as err:
+            outcome["error"] = err
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout=120)
+    assert not thread.is_alive(), "workers waiting for a failed chunk's turn hung the run"
+    assert "No space left" in str(outcome["error"])
+    assert _no_outputs(tmp_path / "out")

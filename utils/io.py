@@ -366,21 +366,26 @@ class _Turns:
     def __init__(self) -> None:
         self._condition = threading.Condition()
         self._next = 0
-        self._aborted = False
+        self._failed = None  # the first ticket that failed; later tickets give up
 
     @contextmanager
     def turn(self, ticket: int) -> Iterator[None]:
         with self._condition:
-            self._condition.wait_for(lambda: self._next == ticket or self._aborted)
-            if self._next != ticket:  # an earlier chunk failed (chunks before it may still finish)
-                raise OutputAborted("another chunk failed")
+            self._condition.wait_for(lambda: self._next == ticket or self._gave_up(ticket))
+            if self._next != ticket:
+                raise OutputAborted("an earlier chunk failed")
             yield
             self._next += 1
             self._condition.notify_all()
 
-    def abort(self) -> None:
+    def _gave_up(self, ticket: int) -> bool:
+        return self._failed is not None and ticket > self._failed
+
+    def abort(self, failed_ticket: int = -1) -> None:
+        """Chunk ``failed_ticket`` will never take its turn: release the chunks after it
+        (earlier chunks still finish, so their errors, not this one, reach the user first)."""
         with self._condition:
-            self._aborted = True
+            self._failed = failed_ticket if self._failed is None else min(self._failed, failed_ticket)
             self._condition.notify_all()
 
 
@@ -408,8 +413,8 @@ class OrderedAppendFile:
             self.size += n
         _pwrite_all(self._fd, data, offset)
 
-    def abort(self) -> None:
-        self._turns.abort()
+    def abort(self, failed_ticket: int = -1) -> None:
+        self._turns.abort(failed_ticket)
 
     def close(self) -> None:
         os.close(self._fd)
@@ -455,8 +460,8 @@ class ArrowSplitWriter:
         _pwrite_all(fd, self._schema_message, 0)
         self._shards.append((path, fd, self._schema_message.size))
 
-    def abort(self) -> None:
-        self._turns.abort()
+    def abort(self, failed_ticket: int = -1) -> None:
+        self._turns.abort(failed_ticket)
 
     def finish(self) -> None:
         if not self._shards:  # an empty split still gets one file

@@ -73,7 +73,7 @@ def _chunk_stats(indptr, indices, data, is_mt, n_genes_total, min_genes, min_cel
     # Genes seen in fewer than min_cells cells of the chunk: keep all their occurrences. Each
     # such gene occurs fewer than min_cells times, which bounds the arrays.
     rare = (gene_cells > 0) & (gene_cells < min_cells)
-    capacity = rare.sum() * max(min_cells - 1, 0)
+    capacity = min(rare.sum() * max(min_cells - 1, 0), indptr[n_rows] - indptr[0])
     rare_cells = np.empty(capacity, np.int64)
     rare_genes = np.empty(capacity, np.int64)
     rare_values = np.empty(capacity, np.float64)

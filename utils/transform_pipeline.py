@@ -95,6 +95,15 @@ def _stats_task(bounds: tuple[int, int]):
 
 
 def _sentence_task(bounds: tuple[int, int]) -> tuple[int, SentenceChunk]:
+    try:
+        return _write_sentences(bounds)
+    except BaseException:
+        # Later chunks wait for this one's turn to append: release them, or the pool hangs.
+        _STATE["abort"](bounds[0] // _STATE["chunk_size"])
+        raise
+
+
+def _write_sentences(bounds: tuple[int, int]) -> tuple[int, SentenceChunk]:
     start, stop = bounds
     source, settings = _STATE["source"], _STATE["settings"]
     chunk = source.read_rows(start, stop)  # values were checked in the QC pass
