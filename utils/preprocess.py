@@ -25,6 +25,7 @@ from numba import njit
 
 INPUT_KINDS = ("auto", "counts", "normalized", "log1p")
 TARGET_SUM = 1e4
+NORMALIZATION_MODES = {"counts": 0, "normalized": 1, "log1p": 2}  # the kernels' mode codes
 
 
 @dataclass(frozen=True)
@@ -241,29 +242,37 @@ def to_linear(data: np.ndarray, *, input_kind: str, log1p_base: float | None) ->
 
 
 @njit(cache=True, nogil=True)
+def normalize_row(values, n, out, mode, log_base):
+    """log10(1 + normalized value) of one cell's ``values[:n]`` into ``out[:n]``.
+
+    Most counts are small integers: their log is computed once per cell, not once per gene.
+    """
+    inv_ln10 = 1.0 / np.log(10.0)
+    scale = 1.0
+    small = np.empty(64, np.float32)
+    if mode == 0:  # counts: to 10,000 per cell; small integer counts use a table
+        total = 0.0
+        for k in range(n):
+            total += values[k]
+        scale = TARGET_SUM / total if total > 0 else 0.0
+        for k in range(64):
+            small[k] = np.log1p(k * scale) * inv_ln10
+    for k in range(n):
+        value = np.float64(values[k])
+        if mode == 0 and value < 64 and value == np.floor(value):
+            out[k] = small[np.int64(value)]
+            continue
+        if mode == 2:  # log1p values: back to linear first
+            value = np.expm1(value * log_base)
+        out[k] = np.log1p(value * scale) * inv_ln10
+
+
+@njit(cache=True, nogil=True)
 def _log10_normalized(indptr, data, mode, log_base):
     out = np.empty(data.shape[0], np.float32)
-    inv_ln10 = 1.0 / np.log(10.0)
-    # Most counts are small integers: their log is computed once per cell, not once per gene.
-    small = np.empty(64, np.float32)
     for r in range(indptr.shape[0] - 1):
         start, stop = indptr[r], indptr[r + 1]
-        scale = 1.0
-        if mode == 0:  # counts: to 10,000 per cell
-            total = 0.0
-            for j in range(start, stop):
-                total += data[j]
-            scale = TARGET_SUM / total if total > 0 else 0.0
-            for k in range(64):
-                small[k] = np.log1p(k * scale) * inv_ln10
-        for j in range(start, stop):
-            value = np.float64(data[j])
-            if mode == 0 and value < 64 and value == np.floor(value):
-                out[j] = small[np.int64(value)]
-                continue
-            if mode == 2:  # log1p values: back to linear first
-                value = np.expm1(value * log_base)
-            out[j] = np.log1p(value * scale) * inv_ln10
+        normalize_row(data[start:stop], stop - start, out[start:stop], mode, log_base)
     return out
 
 
@@ -274,6 +283,5 @@ def log10_normalized(chunk: sp.csr_matrix, *, input_kind: str, log1p_base: float
     followed by ``sc.pp.log1p(base=10)``); normalized values are kept; log1p values are first
     brought back with expm1 (in their base).
     """
-    mode = {"counts": 0, "normalized": 1, "log1p": 2}[input_kind]
     log_base = 1.0 if log1p_base is None else float(np.log(log1p_base))
-    return _log10_normalized(chunk.indptr.astype(np.int64), chunk.data, mode, log_base)
+    return _log10_normalized(chunk.indptr.astype(np.int64), chunk.data, NORMALIZATION_MODES[input_kind], log_base)

@@ -34,17 +34,23 @@ COUNTING_LIMIT = 4096  # rows of whole numbers below this are counting-sorted
 
 
 @njit(cache=True, nogil=True)
-def rank_row(values, cell_key, keys_a, keys_b, pos_a, pos_b, count, buckets):
+def rank_workspace(widest):
+    """Work arrays of ``rank_row`` for rows of up to ``widest`` entries."""
+    return (np.empty(widest, np.uint32), np.empty(widest, np.uint32), np.empty(widest, np.int32),
+            np.empty(widest, np.int32), np.empty((4, 256), np.int64), np.empty(COUNTING_LIMIT, np.int64))
+
+
+@njit(cache=True, nogil=True)
+def rank_row(values, cell_key, workspace):
     """Positions ``0..n-1`` of one row's float32 ``values`` in rank order: value descending,
-    ties shuffled with the row's ``cell_key``. Returns the work array (``pos_a`` or ``pos_b``)
-    that holds them; the work arrays need room for ``n`` entries, ``count`` is (4, 256) and
-    ``buckets`` holds ``COUNTING_LIMIT`` entries.
+    ties shuffled with the row's ``cell_key``. ``workspace`` comes from ``rank_workspace``; the
+    result is one of its arrays (valid until the next call).
 
     Both sorts are stable, so ties reach the shuffle in gene-index order and the result does not
     depend on which sort ran.
     """
     n = values.shape[0]
-    ka, kb, pa, pb = keys_a, keys_b, pos_a, pos_b
+    ka, kb, pa, pb, count, buckets = workspace
     top = 0.0
     fractional = 0
     for j in range(n):
@@ -133,20 +139,14 @@ def _rank_rows(indptr, values, cell_ids, seed):
     widest = 1
     for r in range(n_rows):
         widest = max(widest, indptr[r + 1] - indptr[r])
-    keys_a = np.empty(widest, np.uint32)
-    keys_b = np.empty(widest, np.uint32)
-    pos_a = np.empty(widest, np.int32)
-    pos_b = np.empty(widest, np.int32)
-    count = np.empty((4, 256), np.int64)
-    buckets = np.empty(COUNTING_LIMIT, np.int64)
+    workspace = rank_workspace(widest)
     key = seed_key(seed)
     for r in range(n_rows):
         start = indptr[r]
         n = indptr[r + 1] - start
         if n == 0:
             continue
-        ranked = rank_row(values[start : start + n], cell_key(key, cell_ids[r]), keys_a, keys_b, pos_a, pos_b, count,
-                          buckets)
+        ranked = rank_row(values[start : start + n], cell_key(key, cell_ids[r]), workspace)
         for j in range(n):
             out[start - indptr[0] + j] = start + ranked[j]
     return out

@@ -14,19 +14,18 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-from utils.preprocess import TARGET_SUM
+from utils.preprocess import NORMALIZATION_MODES, normalize_row
 from utils.ranking import (
-    COUNTING_LIMIT,
     GeneNameTable,
     _copy16,
     cell_key,
     copy_bytes,
     rank_row,
+    rank_workspace,
     seed_key,
 )
 
 N_SPLITS = 3
-MODES = {"counts": 0, "normalized": 1, "log1p": 2}
 
 
 @dataclass
@@ -47,29 +46,6 @@ class SentenceChunk:
 
 
 @njit(cache=True, nogil=True)
-def _normalize_row(values, n, out, mode, log_base):
-    """log10(1 + normalized value) of ``values[:n]`` into ``out[:n]`` (as ``log10_normalized``)."""
-    inv_ln10 = 1.0 / np.log(10.0)
-    scale = 1.0
-    small = np.empty(64, np.float32)
-    if mode == 0:  # counts: to 10,000 per cell; small integer counts use a table
-        total = 0.0
-        for k in range(n):
-            total += values[k]
-        scale = TARGET_SUM / total if total > 0 else 0.0
-        for k in range(64):
-            small[k] = np.log1p(k * scale) * inv_ln10
-    for k in range(n):
-        value = np.float64(values[k])
-        if mode == 0 and value < 64 and value == np.floor(value):
-            out[k] = small[np.int64(value)]
-            continue
-        if mode == 2:  # log1p values: back to linear first
-            value = np.expm1(value * log_base)
-        out[k] = np.log1p(value * scale) * inv_ln10
-
-
-@njit(cache=True, nogil=True)
 def _sentence_kernel(indptr, indices, data, row_split, row_eval, cell_ids, gene_position,
                      n_kept_genes, mode, log_base, seed, max_genes,
                      name_lengths, name_slots, name_buffer, name_offsets):
@@ -86,12 +62,7 @@ def _sentence_kernel(indptr, indices, data, row_split, row_eval, cell_ids, gene_
                 eval_capacity += indptr[r + 1] - indptr[r]
     values = np.empty(widest, np.float32)
     genes = np.empty(widest, np.int32)
-    keys_a = np.empty(widest, np.uint32)
-    keys_b = np.empty(widest, np.uint32)
-    pos_a = np.empty(widest, np.int32)
-    pos_b = np.empty(widest, np.int32)
-    count = np.empty((4, 256), np.int64)
-    buckets = np.empty(COUNTING_LIMIT, np.int64)
+    workspace = rank_workspace(widest)
     key = seed_key(seed)
 
     kept = np.empty(n_kept, np.int64)
@@ -118,11 +89,11 @@ def _sentence_kernel(indptr, indices, data, row_split, row_eval, cell_ids, gene_
                 values[n] = data[j]
                 n += 1
         base = out_indptr[i]
-        _normalize_row(values, n, out_data[base:], mode, log_base)
+        normalize_row(values, n, out_data[base:], mode, log_base)
         for k in range(n):
             out_indices[base + k] = genes[k]
             gene_cells[genes[k]] += 1
-        order = rank_row(values[:n], cell_key(key, cell_ids[r]), keys_a, keys_b, pos_a, pos_b, count, buckets)
+        order = rank_row(values[:n], cell_key(key, cell_ids[r]), workspace)
         length = 0
         for k in range(n):
             g = genes[order[k]]
@@ -224,7 +195,7 @@ def sentence_chunk(
      arrow_text, arrow_offsets, eval_log_rank, eval_log_expression) = _sentence_kernel(
         np.asarray(indptr, np.int64), indices, data, np.asarray(row_split, np.int8),
         np.asarray(row_eval, np.bool_), np.asarray(cell_ids, np.int64), gene_position,
-        n_kept_genes, MODES[input_kind], base, np.uint64(seed), limit,
+        n_kept_genes, NORMALIZATION_MODES[input_kind], base, np.uint64(seed), limit,
         names.lengths, names.slots, names.buffer, names.offsets,
     )  # fmt: skip
     if split_bytes[-1] >= np.iinfo(np.int32).max:
