@@ -304,26 +304,23 @@ class _Outputs:
 
     def write_chunk(self, ticket: int, start: int, chunk: SentenceChunk) -> None:
         """Append a chunk's sentences, barcodes and Arrow rows (from a worker thread; chunk
-        ``ticket`` waits only until chunk ``ticket - 1`` has taken its place in each file)."""
-        try:
-            kept_rows = chunk.kept + start
-            split_of_row = self.split_of_cell[kept_rows]
-            for i, split in enumerate(SPLITS):
-                rows = kept_rows[split_of_row == i]
-                self.sentence_files[split].append(ticket, chunk.text[i])
-                barcodes = self.columns["cell_name"][rows]
-                self.barcode_files[split].append(ticket, "".join(f"{b}\n" for b in barcodes).encode())
-                batch = None
-                if len(rows):
-                    sentences = pa.StringArray.from_buffers(
-                        len(rows), pa.py_buffer(chunk.arrow_offsets[i]), pa.py_buffer(chunk.arrow_text[i]))
-                    arrays = [pa.array(barcodes, pa.string()), sentences]
-                    arrays += [pa.array(v[rows]) for n, v in self.columns.items() if n != "cell_name"]
-                    batch = pa.RecordBatch.from_arrays(arrays, schema=self.arrow[split].schema)
-                self.arrow[split].append(ticket, batch)
-        except BaseException:
-            self.abort(ticket)  # the next chunks would wait for this one's turn forever
-            raise
+        ``ticket`` waits only until chunk ``ticket - 1`` has taken its place in each file).
+        A worker that fails calls ``abort(ticket)`` (see ``_sentence_task``)."""
+        kept_rows = chunk.kept + start
+        split_of_row = self.split_of_cell[kept_rows]
+        for i, split in enumerate(SPLITS):
+            rows = kept_rows[split_of_row == i]
+            self.sentence_files[split].append(ticket, chunk.text[i])
+            barcodes = self.columns["cell_name"][rows]
+            self.barcode_files[split].append(ticket, "".join(f"{b}\n" for b in barcodes).encode())
+            batch = None
+            if len(rows):
+                sentences = pa.StringArray.from_buffers(
+                    len(rows), pa.py_buffer(chunk.arrow_offsets[i]), pa.py_buffer(chunk.arrow_text[i]))
+                arrays = [pa.array(barcodes, pa.string()), sentences]
+                arrays += [pa.array(v[rows]) for n, v in self.columns.items() if n != "cell_name"]
+                batch = pa.RecordBatch.from_arrays(arrays, schema=self.arrow[split].schema)
+            self.arrow[split].append(ticket, batch)
 
     def abort(self, failed_ticket: int = -1) -> None:
         for appender in [*self.sentence_files.values(), *self.barcode_files.values(), *self.arrow.values()]:

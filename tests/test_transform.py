@@ -317,42 +317,23 @@ def test_interrupted_run_leaves_no_output(small_h5ad, tmp_path, monkeypatch):
     assert _no_outputs(tmp_path / "out")
 
 
-def test_a_failing_write_stops_the_workers_and_leaves_no_output(small_h5ad, tmp_path, monkeypatch):
-    original = transform.OrderedAppendFile.append
-
-    def fail_on_third_chunk(self, ticket, data):
-        if ticket == 2:
-            raise OSError("No space left on device")
-        original(self, ticket, data)
-
-    monkeypatch.setattr(transform.OrderedAppendFile, "append", fail_on_third_chunk)
-    outcome = {}
-
-    def target():
-        try:
-            run(small_h5ad, tmp_path / "out", "--min_genes_per_cell", "50", "--chunk_size", "20", "--num_proc", "2")
-        except OSError as err:
-            outcome["error"] = err
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(timeout=120)
-    assert not thread.is_alive(), "workers waiting for a failed chunk's turn hung the run"
-    assert "No space left" in str(outcome["error"])
-    assert _no_outputs(tmp_path / "out")
-
-
-def test_a_failure_before_writing_the_text_does_not_hang(small_h5ad, tmp_path, monkeypatch):
-    original = transform.H5adCSRWriter.write_rows
+@pytest.mark.parametrize(
+    "failing",
+    [(transform.OrderedAppendFile, "append"), (transform.H5adCSRWriter, "write_rows")],
+    ids=["text_append", "h5ad_write_before_the_text"],
+)
+def test_a_failing_write_stops_the_workers_and_leaves_no_output(small_h5ad, tmp_path, monkeypatch, failing):
+    owner, method = failing
+    original = getattr(owner, method)
     calls = {"n": 0}
 
-    def fail_on_third_chunk(self, first_row, indices, data):
+    def fail_on_third_call(self, *args):
         calls["n"] += 1
         if calls["n"] == 3:
             raise OSError("No space left on device")
-        original(self, first_row, indices, data)
+        original(self, *args)
 
-    monkeypatch.setattr(transform.H5adCSRWriter, "write_rows", fail_on_third_chunk)
+    monkeypatch.setattr(owner, method, fail_on_third_call)
     outcome = {}
 
     def target():
