@@ -107,22 +107,23 @@ class _DirectReader:
         size = self.dtype.itemsize
         pos = lo
         while pos < hi:
-            piece = pos // self._piece
-            stop = min(hi, (piece + 1) * self._piece)
+            first = last = pos // self._piece
+            stop = min(hi, (first + 1) * self._piece)
             # Pieces stored back to back in the file are read with one call.
-            while stop < hi and self._offsets[piece + 1] == self._offsets[piece] + self._piece * size:
-                piece += 1
-                stop = min(hi, (piece + 1) * self._piece)
-            first_piece = pos // self._piece
-            file_offset = int(self._offsets[first_piece]) + (pos - first_piece * self._piece) * size
-            done, want = (pos - lo) * size, (stop - lo) * size
-            while done < want:  # a single read returns at most about 2 GB
-                got = os.preadv(self._fd, [view[done:want]], file_offset + done - (pos - lo) * size)
-                if got == 0:
-                    raise InputError(f"{self._path} ends early; the file is truncated.")
-                done += got
+            while stop < hi and self._offsets[last + 1] == self._offsets[last] + self._piece * size:
+                last += 1
+                stop = min(hi, (last + 1) * self._piece)
+            file_offset = int(self._offsets[first]) + (pos - first * self._piece) * size
+            self._pread_all(view[(pos - lo) * size : (stop - lo) * size], file_offset)
             pos = stop
         return out
+
+    def _pread_all(self, view: memoryview, offset: int) -> None:
+        while len(view):  # a single read returns at most about 2 GB
+            got = os.preadv(self._fd, [view], offset)
+            if got == 0:
+                raise InputError(f"{self._path} ends early; the file is truncated.")
+            view, offset = view[got:], offset + got
 
     def __del__(self) -> None:
         os.close(self._fd)
