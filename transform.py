@@ -45,6 +45,7 @@ from utils.fit import METRIC_COLUMNS, fit_rank_expression
 from utils.io import (
     NO_LOG1P,
     ArrowSplitWriter,
+    DirectWriter,
     H5adCSRWriter,
     OrderedAppendFile,
     open_source,
@@ -244,9 +245,15 @@ def main(args: argparse.Namespace) -> dict[str, float]:
                     bar.update(stop - start)
             except BaseException:
                 outputs.abort()  # release workers waiting for their turn to write
+                results.close()  # wait for the running workers: they write to these files
+                outputs.close()
                 raise
         _log_pass("Sentence pass", source.n_cells, pass_started)
-        metrics = outputs.finish(result, args)
+        try:
+            metrics = outputs.finish(result, args)
+        except BaseException:
+            outputs.close()
+            raise
         save_args(args, tmp / "transform_args.json")
     logger.info("Wrote %s cell sentences to %s in %.1f s.", f"{n_kept:,}", args.output_dir,
                 time.perf_counter() - started)
@@ -285,7 +292,8 @@ class _Outputs:
         self.obs = source.obs
         self.obs_columns = obs_columns
         self.kept_names = kept_names
-        self.sentence_files = {s: OrderedAppendFile(self.text_dir / f"{s}.txt") for s in SPLITS}
+        self.direct = DirectWriter()  # large writes bypass the page cache (see DirectWriter)
+        self.sentence_files = {s: OrderedAppendFile(self.text_dir / f"{s}.txt", direct=self.direct) for s in SPLITS}
         self.barcode_files = {s: OrderedAppendFile(self.text_dir / f"{s}_barcodes.txt") for s in SPLITS}
         self.indices: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
         self.gene_cells = np.zeros(len(kept_names), np.int64)
@@ -298,9 +306,9 @@ class _Outputs:
         schema = pa.schema([pa.field("cell_name", pa.string()), pa.field("cell_sentence", pa.string())]
                            + [pa.field(n, pa.string() if v.dtype == object else pa.from_numpy_dtype(v.dtype))
                               for n, v in self.columns.items() if n != "cell_name"])
-        self.arrow = {s: ArrowSplitWriter(root / "cell_sentences_hf" / s, schema) for s in SPLITS}
+        self.arrow = {s: ArrowSplitWriter(root / "cell_sentences_hf" / s, schema, direct=self.direct) for s in SPLITS}
         self.h5ad_path = root / f"{args.data_filepath.stem}_preprocessed.h5ad"
-        self.h5ad = H5adCSRWriter(self.h5ad_path, len(kept_names), row_lengths)
+        self.h5ad = H5adCSRWriter(self.h5ad_path, len(kept_names), row_lengths, direct=self.direct)
 
     def write_chunk(self, ticket: int, start: int, chunk: SentenceChunk) -> None:
         """Append a chunk's sentences, barcodes and Arrow rows (from a worker thread; chunk
@@ -337,7 +345,15 @@ class _Outputs:
         self.eval_points.append((chunk.eval_log_rank, chunk.eval_log_expression))
         self.n_written += len(kept_rows)
 
+    def close(self) -> None:
+        """Stop the direct writer and release every file (after a failure; idempotent)."""
+        self.direct.close()
+        for file in [*self.sentence_files.values(), *self.barcode_files.values(), *self.arrow.values(), self.h5ad]:
+            file.close()
+
     def finish(self, qc, args) -> dict[str, float]:
+        self.direct.flush()
+        self.direct.close()
         for appender in [*self.sentence_files.values(), *self.barcode_files.values()]:
             appender.close()
         for split in SPLITS:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -12,12 +15,15 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+import utils.io
 from tests.helpers import synthetic_counts, write_h5ad
 from tests.test_transform import _read_all, run
 from utils.io import (
+    DirectWriter,
     H5adCSRWriter,
     OrderedAppendFile,
     OutputAborted,
+    OutputFile,
     _DirectReader,
     _is_canonical,
     open_source,
@@ -166,3 +172,81 @@ def test_abort_releases_only_the_chunks_after_the_failed_one(tmp_path):
         before.result(timeout=10)
     appender.close()
     assert (tmp_path / "x.txt").read_bytes() == b"zero\none\n"
+
+
+def _write_pieces_from_threads(path: Path, *, n_buffers: int = 2, buffer_bytes: int = 1 << 20):
+    """Pieces of random bytes, some under and some over the O_DIRECT threshold, written side by
+    side from 4 threads in reverse order, starting at an odd offset; returns what was expected."""
+    rng = np.random.default_rng(3)
+    sizes = [(3 << 20) + 17, 1 << 20, 100, (5 << 20) + 4095, 4096, (2 << 20) + 1]
+    data = rng.integers(0, 256, sum(sizes), dtype=np.uint8)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    writer = DirectWriter(n_buffers=n_buffers, buffer_bytes=buffer_bytes)
+    file = OutputFile(path, direct=writer)
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda i: file.pwrite(data[starts[i] : starts[i] + sizes[i]], 7 + starts[i]),
+                      range(len(sizes) - 1, -1, -1)))
+    try:
+        writer.flush()
+    finally:
+        writer.close()
+        file.close()
+    return b"\0" * 7 + data.tobytes()
+
+
+def test_direct_writes_land_in_place(tmp_path, monkeypatch):
+    aligned_writes = []
+    original = OutputFile.write_aligned
+
+    def spy(self, data, offset):
+        aligned_writes.append((offset, len(data)))
+        original(self, data, offset)
+
+    monkeypatch.setattr(OutputFile, "write_aligned", spy)
+    expected = _write_pieces_from_threads(tmp_path / "out.bin")
+    assert (tmp_path / "out.bin").read_bytes() == expected
+    # the three pieces over 1 MiB went through the aligned path, in page-aligned parts of <= 1 MiB
+    assert len(aligned_writes) >= 3
+    assert all(offset % 4096 == 0 and 0 < n <= 1 << 20 and n % 4096 == 0 for offset, n in aligned_writes)
+
+
+def test_a_file_system_refusing_direct_writes_gets_plain_ones(tmp_path, monkeypatch):
+    original = utils.io._pwrite_all
+    refused = []
+
+    def refuse_direct(fd, data, offset):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0):
+            refused.append(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        original(fd, data, offset)
+
+    monkeypatch.setattr(utils.io, "_pwrite_all", refuse_direct)
+    expected = _write_pieces_from_threads(tmp_path / "out.bin")
+    assert (tmp_path / "out.bin").read_bytes() == expected
+    assert refused or not _supports_direct_io(tmp_path)
+
+
+def _supports_direct_io(folder: Path) -> bool:
+    try:
+        os.close(os.open(folder / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT))
+        return True
+    except (AttributeError, OSError):
+        return False
+
+
+def test_a_failed_direct_write_is_raised(tmp_path, monkeypatch):
+    def full_disk(self, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(OutputFile, "write_aligned", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        _write_pieces_from_threads(tmp_path / "out.bin", n_buffers=1)
+
+
+def test_transform_outputs_are_the_same_with_every_write_direct(tmp_path, monkeypatch):
+    adata = synthetic_counts(120, 400, seed=9)
+    path = write_h5ad(adata, tmp_path / "tiny.h5ad")
+    run(path, tmp_path / "plain", "--min_genes_per_cell", "5")
+    monkeypatch.setattr(utils.io, "_DIRECT_MIN_BYTES", 0)  # even a few KB go direct
+    run(path, tmp_path / "direct", "--min_genes_per_cell", "5", "--chunk_size", "23", "--num_proc", "2")
+    assert _read_all(tmp_path / "direct") == _read_all(tmp_path / "plain")

@@ -144,7 +144,8 @@ def ordered_map(
         return
     # Threads, not processes: the numba kernels release the GIL, and results need no pickling
     # on their way to the writer (which, for 2,000-gene sentences, cost more than it saved).
-    with ThreadPoolExecutor(num_proc, thread_name_prefix="chunk") as pool:
+    pool = ThreadPoolExecutor(num_proc, thread_name_prefix="chunk")
+    try:
         pending: deque = deque()
         for bounds in chunks:
             pending.append(pool.submit(task, bounds))
@@ -152,6 +153,10 @@ def ordered_map(
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+    finally:
+        # On an error (or the caller closing us) start no more chunks, and return only when
+        # the running ones have stopped, so the caller may then close their output files.
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def assign_splits(n_cells: int, fractions: Sequence[float], *, seed: int) -> np.ndarray:
