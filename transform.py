@@ -21,8 +21,10 @@ Example:
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import re
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -51,7 +53,6 @@ from utils.io import (
     open_source,
     write_dataset_dict_index,
 )
-from utils.plots import plot_log_rank_fit, plot_reconstruction
 from utils.preprocess import INPUT_KINDS, QCAccumulator, QCParams, detect_input_kind
 from utils.ranking import GeneNameTable
 from utils.sentence_chunk import SentenceChunk
@@ -229,6 +230,10 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     state.update(gene_position=gene_position, split_of_cell=split_of_cell, eval_mask=eval_mask,
                  names=GeneNameTable(list(kept_names)))
 
+    # matplotlib takes 0.3 s to import: let it load while pass 2 waits on the disk (the
+    # figures' own import below then finds it done, or waits for it).
+    threading.Thread(target=importlib.import_module, args=("utils.plots",), daemon=True).start()
+
     # Pass 2: sentences, preprocessed matrix and evaluation points, written as they come.
     with staged_outputs(args.output_dir, names, overwrite=args.overwrite) as tmp:
         outputs = _Outputs(tmp, args, source, obs_columns, kept_names, split_of_cell,
@@ -384,6 +389,8 @@ class _Outputs:
         eval_dir = self.root / "eval"
         eval_dir.mkdir()
         pd.DataFrame([fit.as_row()], columns=list(METRIC_COLUMNS)).to_csv(eval_dir / "transformation_metrics.csv", index=False)
+        from utils.plots import plot_log_rank_fit, plot_reconstruction
+
         plot_log_rank_fit(log_rank, log_expression, fit, eval_dir / "log_rank_vs_log_expression.png", seed=args.seed)
         plot_reconstruction(log_expression, fit.predict(log_rank), fit, eval_dir / "expression_vs_reconstruction.png", seed=args.seed)
         logger.info("Fit: log10(1+expr) = %.4f %+.4f * log10(1+rank); R^2 %.3f, Pearson r %.3f, Spearman r %.3f (%s points).",
@@ -399,4 +406,4 @@ def _split_array(indices: dict[str, list[np.ndarray]], n: int) -> np.ndarray:
 
 
 if __name__ == "__main__":
-    run_cli(main, parse_args)
+    run_cli(main, parse_args, skip_teardown=True)

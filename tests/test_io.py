@@ -46,6 +46,28 @@ def test_direct_reads_match_h5py(tmp_path, layout):
             assert np.array_equal(reader.read(lo, hi), values[lo:hi])
 
 
+def test_reads_of_chunks_stored_apart_and_back_to_back(tmp_path, monkeypatch):
+    # Two datasets filled in turns: their chunks alternate in the file, so a range spanning
+    # chunks must be read piece by piece, while a range inside one chunk is mapped whole.
+    values = np.arange(80, dtype=np.int32)
+    with h5py.File(tmp_path / "a.h5", "w") as f:
+        a = f.create_dataset("a", shape=(80,), dtype="<i4", chunks=(10,))
+        b = f.create_dataset("b", shape=(80,), dtype="<i4", chunks=(10,))
+        for start in range(0, 80, 10):
+            a[start : start + 10] = values[start : start + 10]
+            b[start : start + 10] = -values[start : start + 10]
+            f.flush()  # chunks get their places in the file now, in turns
+    mapped = []
+    original = _DirectReader._map
+    monkeypatch.setattr(_DirectReader, "_map", lambda self, lo, hi: mapped.append(
+        (lo, hi, (out := original(self, lo, hi)) is not None)) or out)
+    with h5py.File(tmp_path / "a.h5", "r") as f:
+        reader = _DirectReader.open(tmp_path / "a.h5", f["a"])
+        for lo, hi in [(0, 80), (12, 18), (5, 35), (70, 80)]:
+            assert np.array_equal(reader.read(lo, hi), values[lo:hi])
+    assert [m[2] for m in mapped] == [False, True, False, True]
+
+
 def test_compressed_datasets_are_left_to_h5py(tmp_path):
     with h5py.File(tmp_path / "a.h5", "w") as f:
         f.create_dataset("v", data=np.arange(50.0), chunks=(10,), compression="gzip")

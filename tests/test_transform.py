@@ -4,6 +4,8 @@ determinism across chunking and workers, input kinds and bad input."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -190,6 +192,25 @@ def test_chunked_and_parallel_runs_are_byte_identical(small_h5ad, transformed, t
     run(small_h5ad, tmp_path / "chunked", "--min_genes_per_cell", "50", "--obs_columns", "donor",
         "--chunk_size", "23", "--num_proc", "2")
     assert _read_all(tmp_path / "chunked") == reference
+
+
+def test_command_line_run_writes_the_same_outputs_and_exits_cleanly(small_h5ad, transformed, tmp_path):
+    # The script exits without interpreter teardown: everything must be on disk by then.
+    script = Path(transform.__file__)
+    done = subprocess.run(
+        [sys.executable, str(script), "--data_filepath", str(small_h5ad), "--output_dir", str(tmp_path / "cli"),
+         "--min_genes_per_cell", "50", "--obs_columns", "donor", "--num_proc", "2"],
+        capture_output=True, text=True, cwd=script.parent, timeout=300, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "cell sentences to" in done.stderr
+    assert _read_all(tmp_path / "cli") == _read_all(transformed[0])
+
+    missing = subprocess.run([sys.executable, str(script), "--data_filepath", str(tmp_path / "nope.h5ad"),
+                              "--output_dir", str(tmp_path / "x")],
+                             capture_output=True, text=True, cwd=script.parent, timeout=300, check=False)
+    assert missing.returncode == 2
+    assert "nope.h5ad" in missing.stderr
 
 
 def test_seed_changes_ties_and_splits(small_h5ad, transformed, tmp_path):
