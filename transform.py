@@ -63,6 +63,7 @@ from utils.transform_pipeline import (
     _stats_task,
     assign_splits,
     chunk_bounds,
+    expected_sentence_bytes,
     ordered_map,
     read_checked_chunk,
     sample_eval_cells,
@@ -236,8 +237,11 @@ def main(args: argparse.Namespace) -> dict[str, float]:
 
     # Pass 2: sentences, preprocessed matrix and evaluation points, written as they come.
     with staged_outputs(args.output_dir, names, overwrite=args.overwrite) as tmp:
+        expected_bytes = expected_sentence_bytes(
+            result.n_genes[result.cell_mask], split_of_cell[result.cell_mask], state["names"].lengths,
+            result.gene_cells[result.gene_mask], max_genes=args.max_genes)
         outputs = _Outputs(tmp, args, source, obs_columns, kept_names, split_of_cell,
-                           row_lengths=result.n_genes[result.cell_mask])
+                           row_lengths=result.n_genes[result.cell_mask], expected_bytes=expected_bytes)
         # Workers write their preprocessed rows into the h5ad themselves, at known places.
         state.update(h5ad=outputs.h5ad, first_kept_row=np.cumsum(result.cell_mask) - result.cell_mask,
                      write_chunk=outputs.write_chunk, abort=outputs.abort, chunk_size=args.chunk_size)
@@ -289,7 +293,7 @@ class _Outputs:
     """The transform's output files, filled chunk by chunk (in input order)."""
 
     def __init__(self, root: Path, args, source, obs_columns: dict[str, str], kept_names: np.ndarray,
-                 split_of_cell: np.ndarray, row_lengths: np.ndarray):
+                 split_of_cell: np.ndarray, row_lengths: np.ndarray, expected_bytes: np.ndarray):
         self.root = root
         self.split_of_cell = split_of_cell
         self.text_dir = root / "cell_sentences"
@@ -311,7 +315,12 @@ class _Outputs:
         schema = pa.schema([pa.field("cell_name", pa.string()), pa.field("cell_sentence", pa.string())]
                            + [pa.field(n, pa.string() if v.dtype == object else pa.from_numpy_dtype(v.dtype))
                               for n, v in self.columns.items() if n != "cell_name"])
-        self.arrow = {s: ArrowSplitWriter(root / "cell_sentences_hf" / s, schema, direct=self.direct) for s in SPLITS}
+        # Disk blocks reserved up front make the direct writes faster (see OutputFile.reserve).
+        for split, expected in zip(SPLITS, expected_bytes, strict=True):
+            self.sentence_files[split].reserve(int(expected))
+        self.arrow = {s: ArrowSplitWriter(root / "cell_sentences_hf" / s, schema, direct=self.direct,
+                                          expected_bytes=int(e))
+                      for s, e in zip(SPLITS, expected_bytes, strict=True)}
         self.h5ad_path = root / f"{args.data_filepath.stem}_preprocessed.h5ad"
         self.h5ad = H5adCSRWriter(self.h5ad_path, len(kept_names), row_lengths, direct=self.direct)
 

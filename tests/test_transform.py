@@ -291,6 +291,20 @@ def test_bad_input_fails_clearly_and_writes_nothing(tmp_path, mutate, flags, mes
     assert _no_outputs(out)
 
 
+@pytest.mark.parametrize(("bad", "message"), [(np.nan, "NaN or infinite"), (np.inf, "NaN or infinite"),
+                                             (-2.0, "negative")])
+def test_bad_values_past_the_detection_sample_are_found_by_the_qc_pass(tmp_path, monkeypatch, bad, message):
+    monkeypatch.setattr(transform, "DETECTION_CELLS", 10)  # the detection sees cells 0-9 only
+    adata = synthetic_counts(60, 250, seed=8)
+    row = 47
+    adata.X.data[adata.X.indptr[row] + 2] = bad
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=rf"{message} values \(first in cell {row}\)"):
+        run(write_h5ad(adata, tmp_path / "a.h5ad"), out, "--min_genes_per_cell", "5", "--chunk_size", "20",
+            "--num_proc", "2")
+    assert _no_outputs(out)
+
+
 def test_missing_and_unreadable_files(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         run(tmp_path / "nope.h5ad", tmp_path / "out")

@@ -51,6 +51,8 @@ class ChunkStats:
     # than min_cells cells of this chunk: all a failing gene ever contributes
     rare_genes: np.ndarray
     rare_values: np.ndarray
+    first_nonfinite: int = -1  # chunk row of the first NaN or infinite value (-1: none)
+    first_negative: int = -1  # chunk row of the first negative value (-1: none)
 
 
 @njit(cache=True, nogil=True)
@@ -60,17 +62,26 @@ def _chunk_stats(indptr, indices, data, is_mt, n_genes_total, min_genes, min_cel
     total = np.zeros(n_rows, np.float64)
     mt_total = np.zeros(n_rows, np.float64)
     gene_cells = np.zeros(n_genes_total, np.int64)
+    first_nonfinite = first_negative = -1
     for r in range(n_rows):
         n_genes[r] = indptr[r + 1] - indptr[r]
         counted = n_genes[r] >= min_genes
         row_total = 0.0
         row_mt = 0.0
+        negative = 0
         for j in range(indptr[r], indptr[r + 1]):
             row_total += data[j]
             row_mt += data[j] * is_mt[indices[j]]
             gene_cells[indices[j]] += counted
+            negative += data[j] < 0
         total[r] = row_total
         mt_total[r] = row_mt
+        # The value checks ride along: a NaN or infinity makes the row's total one (a float64
+        # sum of float32 values cannot overflow), and negatives are counted.
+        if row_total - row_total != 0 and first_nonfinite < 0:
+            first_nonfinite = r
+        if negative and first_negative < 0:
+            first_negative = r
     # Genes seen in fewer than min_cells cells of the chunk: keep all their occurrences. Each
     # such gene occurs fewer than min_cells times, which bounds the arrays.
     rare = (gene_cells > 0) & (gene_cells < min_cells)
@@ -88,14 +99,16 @@ def _chunk_stats(indptr, indices, data, is_mt, n_genes_total, min_genes, min_cel
                         rare_genes[k] = indices[j]
                         rare_values[k] = data[j]
                         k += 1
-    return n_genes, total, mt_total, gene_cells, rare_cells[:k], rare_genes[:k], rare_values[:k]
+    return (n_genes, total, mt_total, gene_cells, rare_cells[:k], rare_genes[:k], rare_values[:k],
+            first_nonfinite, first_negative)
 
 
 def chunk_stats(
     chunk: sp.csr_matrix, *, row_offset: int, is_mt: np.ndarray, params: QCParams
 ) -> ChunkStats:
-    """Statistics of one CSR chunk (no explicit zeros) for the streaming QC."""
-    n_genes, total, mt_total, gene_cells, rare_cells, rare_genes, rare_values = _chunk_stats(
+    """Statistics of one CSR chunk (no explicit zeros) for the streaming QC, and where its first
+    NaN, infinite or negative values are."""
+    n_genes, total, mt_total, gene_cells, rare_cells, rare_genes, rare_values, nonfinite, negative = _chunk_stats(
         chunk.indptr.astype(np.int64),
         chunk.indices,
         chunk.data,
@@ -104,7 +117,8 @@ def chunk_stats(
         params.min_genes_per_cell if params.enabled else 1,
         params.min_cells_per_gene,
     )
-    return ChunkStats(n_genes, total, mt_total, gene_cells, rare_cells + row_offset, rare_genes, rare_values)
+    return ChunkStats(n_genes, total, mt_total, gene_cells, rare_cells + row_offset, rare_genes, rare_values,
+                      nonfinite, negative)
 
 
 @dataclass

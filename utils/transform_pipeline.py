@@ -53,7 +53,13 @@ def chunk_bounds(n_cells: int, chunk_size: int) -> list[tuple[int, int]]:
 def read_checked_chunk(source: MatrixSource, start: int, stop: int) -> sp.csr_matrix:
     """Rows [start, stop), after checking that every value is finite and non-negative."""
     chunk = source.read_rows(start, stop)
-    first_nonfinite, first_negative = _value_problems(chunk.indptr, chunk.data)
+    raise_value_problems(source, start, *_value_problems(chunk.indptr, chunk.data))
+    return chunk
+
+
+def raise_value_problems(source: MatrixSource, start: int, first_nonfinite: int, first_negative: int) -> None:
+    """The error for a chunk starting at row ``start`` whose rows ``first_nonfinite`` or
+    ``first_negative`` (chunk rows, -1: none) hold NaN, infinite or negative values."""
     if first_nonfinite >= 0:
         raise InputError(
             f"{source.path}: {source.matrix_name} holds NaN or infinite values (first in cell "
@@ -64,7 +70,6 @@ def read_checked_chunk(source: MatrixSource, start: int, stop: int) -> sp.csr_ma
             f"{source.path}: {source.matrix_name} holds negative values (first in cell "
             f"{start + first_negative}); give raw counts (e.g. --layer counts), not scaled data."
         )
-    return chunk
 
 
 @njit(cache=True, nogil=True)
@@ -89,9 +94,14 @@ def _value_problems(indptr, data):
 def _stats_task(bounds: tuple[int, int]):
     start, stop = bounds
     source, settings = _STATE["source"], _STATE["settings"]
-    chunk = read_checked_chunk(source, start, stop)
-    chunk.data = to_linear(chunk.data, input_kind=settings.input_kind, log1p_base=settings.log1p_base)
-    return chunk_stats(chunk, row_offset=start, is_mt=_STATE["is_mt"], params=settings.qc)
+    if settings.input_kind == "log1p":  # check the values as stored, before they are brought back
+        chunk = read_checked_chunk(source, start, stop)
+        chunk.data = to_linear(chunk.data, input_kind=settings.input_kind, log1p_base=settings.log1p_base)
+    else:  # the statistics kernel checks the values on its way (one pass over them, not two)
+        chunk = source.read_rows(start, stop)
+    stats = chunk_stats(chunk, row_offset=start, is_mt=_STATE["is_mt"], params=settings.qc)
+    raise_value_problems(source, start, stats.first_nonfinite, stats.first_negative)
+    return stats
 
 
 def _sentence_task(bounds: tuple[int, int]) -> tuple[int, SentenceChunk]:
@@ -183,3 +193,28 @@ def sample_eval_cells(cell_mask: np.ndarray, n_eval: int, *, seed: int) -> np.nd
     else:
         mask[np.random.default_rng(seed + 1).choice(kept, size=n_eval, replace=False)] = True
     return mask
+
+
+def expected_sentence_bytes(
+    row_lengths: np.ndarray,
+    row_splits: np.ndarray,
+    name_bytes: np.ndarray,
+    gene_cells: np.ndarray,
+    *,
+    max_genes: int | None,
+) -> np.ndarray:
+    """An estimate of each split's sentence bytes (names and separators), to reserve disk blocks
+    before pass 2: every kept cell's gene count (capped at ``max_genes``) times the mean name
+    length over all expressed genes, plus one separator. Kept 3% low on purpose: a reservation
+    must never take space the outputs will not use.
+
+    ``row_lengths`` and ``row_splits``: per kept cell; ``name_bytes`` and ``gene_cells``: per
+    kept gene (UTF-8 length of the name, cells expressing it).
+    """
+    expressed = float(gene_cells.sum())
+    if expressed == 0:
+        return np.zeros(len(SPLITS), np.int64)
+    mean_bytes = float(((name_bytes + 1) * gene_cells).sum()) / expressed
+    genes = row_lengths if max_genes is None else np.minimum(row_lengths, max_genes)
+    per_split = np.bincount(row_splits, weights=genes, minlength=len(SPLITS)) * mean_bytes
+    return (0.97 * per_split).astype(np.int64)
