@@ -42,8 +42,10 @@ def test_direct_reads_match_h5py(tmp_path, layout):
     with h5py.File(tmp_path / "a.h5", "r") as f:
         reader = _DirectReader.open(tmp_path / "a.h5", f["v"])
         assert reader is not None
-        for lo, hi in [(0, 95), (0, 1), (6, 8), (13, 14), (3, 90), (94, 95), (50, 50)]:
-            assert np.array_equal(reader.read(lo, hi), values[lo:hi])
+        for mapped in (False, True):  # copies (pass 1) and mapped pages (pass 2)
+            reader.mapped = mapped
+            for lo, hi in [(0, 95), (0, 1), (6, 8), (13, 14), (3, 90), (94, 95), (50, 50)]:
+                assert np.array_equal(reader.read(lo, hi), values[lo:hi])
 
 
 def test_reads_of_chunks_stored_apart_and_back_to_back(tmp_path, monkeypatch):
@@ -63,6 +65,7 @@ def test_reads_of_chunks_stored_apart_and_back_to_back(tmp_path, monkeypatch):
         (lo, hi, (out := original(self, lo, hi)) is not None)) or out)
     with h5py.File(tmp_path / "a.h5", "r") as f:
         reader = _DirectReader.open(tmp_path / "a.h5", f["a"])
+        reader.mapped = True
         for lo, hi in [(0, 80), (12, 18), (5, 35), (70, 80)]:
             assert np.array_equal(reader.read(lo, hi), values[lo:hi])
     assert [m[2] for m in mapped] == [False, True, False, True]
