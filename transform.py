@@ -231,10 +231,6 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     state.update(gene_position=gene_position, split_of_cell=split_of_cell, eval_mask=eval_mask,
                  names=GeneNameTable(list(kept_names)))
 
-    # Pass 1 read the file, so pass 2 likely finds it in the page cache: map it instead of
-    # copying it (the outputs bypass the cache, so they do not push it out).
-    source.map_reads(True)
-
     # matplotlib takes 0.3 s to import: let it load while pass 2 waits on the disk (the
     # figures' own import below then finds it done, or waits for it).
     threading.Thread(target=importlib.import_module, args=("utils.plots",), daemon=True).start()

@@ -76,11 +76,9 @@ class _DirectReader:
         self._path = path
         self._fd = os.open(path, os.O_RDONLY)
         self._file_size = os.fstat(self._fd).st_size
-        # Reading (the default) suits a file coming from disk: the kernel reads ahead of large
-        # sequential reads, while faulting mapped pages in ran at half the disk's speed. Mapping
-        # suits a cached file: no copy (see ``_map``).
-        self.mapped = False
-        os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        # Ranges stored back to back are mapped, not copied (see ``_map``); tests turn it off to
+        # check the reading path, which serves ranges stored apart.
+        self.mapped = True
         self.dtype = dataset.dtype
         self._offsets = file_offsets  # file offset of each stored piece (chunk) in order
         self._piece = piece  # elements per piece
@@ -186,10 +184,6 @@ class MatrixSource:
     def read_rows(self, start: int, stop: int) -> sp.csr_matrix:
         raise NotImplementedError
 
-    def map_reads(self, on: bool) -> None:
-        """Serve rows from the page cache's pages instead of copies, where the storage allows
-        (see ``_DirectReader``): for a pass over a file that is likely cached."""
-
     @property
     def n_cells(self) -> int:
         return self.shape[0]
@@ -259,11 +253,6 @@ class H5adSource(MatrixSource):
         indices = self._read(node, "indices", lo, hi)
         chunk = sp.csr_matrix((data, indices, indptr - lo), shape=(stop - start, self.shape[1]))
         return _canonical(chunk)
-
-    def map_reads(self, on: bool) -> None:
-        for reader in self._direct.values():
-            if reader is not None:
-                reader.mapped = on
 
     def _read(self, node: h5py.Group, name: str, lo: int, hi: int) -> np.ndarray:
         reader = self._direct.get(name)
