@@ -259,6 +259,20 @@ def _supports_direct_io(folder: Path) -> bool:
         return False
 
 
+def test_a_write_after_close_is_refused_and_files_end_at_their_size(tmp_path, monkeypatch):
+    writer = DirectWriter(n_buffers=1, buffer_bytes=1 << 20)
+    writer.close()
+    with pytest.raises(RuntimeError, match="after close"):
+        writer.write(None, memoryview(bytes(8192)), 0)
+    # a reservation that failed part-way but grew the file: close still cuts it to its size
+    monkeypatch.setattr(utils.io, "_reserve_blocks", lambda fd, offset, n: os.ftruncate(fd, n) and False)
+    appender = OrderedAppendFile(tmp_path / "x.txt")
+    appender.reserve(10_000)
+    appender.append(0, b"abc\n")
+    appender.close()
+    assert (tmp_path / "x.txt").read_bytes() == b"abc\n"
+
+
 def test_a_failed_direct_write_is_raised(tmp_path, monkeypatch):
     def full_disk(self, data, offset):
         raise OSError(errno.ENOSPC, "No space left on device")

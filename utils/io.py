@@ -490,6 +490,8 @@ class DirectWriter:
 
     def write(self, file: OutputFile, data: memoryview, offset: int) -> None:
         """Queue ``data`` (aligned length) for ``file`` at ``offset`` (aligned)."""
+        if not self._thread.is_alive():
+            raise RuntimeError("DirectWriter.write after close: nothing would write it")
         source = np.frombuffer(data, np.uint8)
         done = 0
         while done < len(source):
@@ -579,7 +581,9 @@ class OutputFile:
             self._reserved = size
 
     def close(self, final_size: int | None = None) -> None:
-        if self._fd is not None and final_size is not None and final_size < self._reserved:
+        # fstat, not only what was reserved: a reservation that failed part-way (a full disk) can
+        # still have grown the file.
+        if self._fd is not None and final_size is not None and final_size < os.fstat(self._fd).st_size:
             os.ftruncate(self._fd, final_size)
         for fd in (self._fd, self._direct_fd):
             if fd is not None:
