@@ -27,6 +27,7 @@ from utils.io import (
     _DirectReader,
     _is_canonical,
     open_source,
+    phased_empty,
 )
 
 
@@ -257,6 +258,33 @@ def _supports_direct_io(folder: Path) -> bool:
         return True
     except (AttributeError, OSError):
         return False
+
+
+def test_arrays_placed_like_the_file_are_written_without_a_copy(tmp_path, monkeypatch):
+    in_place = []
+    original = DirectWriter._write_in_place
+
+    def spy(self, file, source, offset):
+        in_place.append(offset)
+        original(self, file, source, offset)
+
+    monkeypatch.setattr(DirectWriter, "_write_in_place", spy)
+    rng = np.random.default_rng(4)
+    first = 28  # like a dataset's place in an h5ad: not page-aligned
+    a = phased_empty(3 << 18, np.float32, first)
+    b = phased_empty((1 << 19) + 5, np.float32, first + a.nbytes)
+    a[:], b[:] = rng.random(a.size), rng.random(b.size)
+    writer = DirectWriter(n_buffers=2, buffer_bytes=1 << 20)  # a needs 3 pieces: the semaphore cycles
+    file = OutputFile(tmp_path / "x.bin", direct=writer)
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda part: file.pwrite(*part), [(b, first + a.nbytes), (a, first)]))
+    writer.flush()
+    writer.close()
+    file.close()
+    assert (tmp_path / "x.bin").read_bytes() == bytes(first) + a.tobytes() + b.tobytes()
+    if _supports_direct_io(tmp_path):
+        assert len(in_place) == 2
+    assert phased_empty(10, np.float32, 2).dtype == np.float32  # an unsuitable offset: a plain array
 
 
 def test_a_write_after_close_is_refused_and_files_end_at_their_size(tmp_path, monkeypatch):

@@ -48,7 +48,7 @@ class SentenceChunk:
 @njit(cache=True, nogil=True)
 def _sentence_kernel(indptr, indices, data, row_split, row_eval, cell_ids, gene_position,
                      n_kept_genes, mode, log_base, seed, max_genes,
-                     name_lengths, name_slots, name_buffer, name_offsets):
+                     name_lengths, name_slots, name_buffer, name_offsets, out_indices, out_data):
     n_rows = indptr.shape[0] - 1
     nnz = indptr[n_rows] - indptr[0]
     widest = 1
@@ -67,8 +67,6 @@ def _sentence_kernel(indptr, indices, data, row_split, row_eval, cell_ids, gene_
 
     kept = np.empty(n_kept, np.int64)
     out_indptr = np.zeros(n_kept + 1, np.int64)
-    out_indices = np.empty(nnz, np.int32)
-    out_data = np.empty(nnz, np.float32)
     ranked = np.empty(nnz, np.int32)  # kept-gene positions in rank order, per kept cell
     line_bytes = np.empty(n_kept, np.int64)
     gene_cells = np.zeros(n_kept_genes, np.int64)
@@ -170,6 +168,7 @@ def sentence_chunk(
     log1p_base: float | None,
     seed: int,
     max_genes: int | None,
+    out_arrays: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> SentenceChunk:
     """Sentences, preprocessed rows and evaluation points of one raw CSR chunk.
 
@@ -188,15 +187,23 @@ def sentence_chunk(
         Per input gene: its position among the kept genes, or -1 when QC removed it.
     names
         The kept genes' names.
+    out_arrays
+        Empty int32 and float32 arrays of at least the chunk's stored entries, for the
+        preprocessed rows (``H5adCSRWriter.row_arrays``); allocated here when None.
     """
     limit = np.iinfo(np.int32).max if max_genes is None else int(max_genes)
+    nnz = int(indptr[-1] - indptr[0])
+    if out_arrays is None:
+        out_arrays = (np.empty(nnz, np.int32), np.empty(nnz, np.float32))
+    if min(len(a) for a in out_arrays) < nnz:
+        raise ValueError("out_arrays are shorter than the chunk's stored entries")
     base = 1.0 if log1p_base is None else float(np.log(log1p_base))
     (kept, out_indptr, out_indices, out_data, gene_cells, text, split_bytes, split_lines,
      arrow_text, arrow_offsets, eval_log_rank, eval_log_expression) = _sentence_kernel(
         np.asarray(indptr, np.int64), indices, data, np.asarray(row_split, np.int8),
         np.asarray(row_eval, np.bool_), np.asarray(cell_ids, np.int64), gene_position,
         n_kept_genes, NORMALIZATION_MODES[input_kind], base, np.uint64(seed), limit,
-        names.lengths, names.slots, names.buffer, names.offsets,
+        names.lengths, names.slots, names.buffer, names.offsets, out_arrays[0], out_arrays[1],
     )  # fmt: skip
     if split_bytes[-1] >= np.iinfo(np.int32).max:
         raise ValueError("A chunk's sentences exceed 2 GB; use a smaller --chunk_size.")
