@@ -51,6 +51,7 @@ from utils.io import (
     H5adCSRWriter,
     OrderedAppendFile,
     open_source,
+    phased_pieces,
     write_dataset_dict_index,
 )
 from utils.preprocess import INPUT_KINDS, QCAccumulator, QCParams, detect_input_kind
@@ -244,7 +245,8 @@ def main(args: argparse.Namespace) -> dict[str, float]:
                            row_lengths=result.n_genes[result.cell_mask], expected_bytes=expected_bytes)
         # Workers write their preprocessed rows into the h5ad themselves, at known places.
         state.update(h5ad=outputs.h5ad, first_kept_row=np.cumsum(result.cell_mask) - result.cell_mask,
-                     write_chunk=outputs.write_chunk, abort=outputs.abort, chunk_size=args.chunk_size)
+                     write_chunk=outputs.write_chunk, place_text=outputs.place_text, abort=outputs.abort,
+                     chunk_size=args.chunk_size)
         pass_started = time.perf_counter()
         with tqdm(total=source.n_cells, desc="Cell sentences", unit="cells") as bar:
             results = ordered_map(_sentence_task, chunks, num_proc=args.num_proc, state=state)
@@ -324,15 +326,23 @@ class _Outputs:
         self.h5ad_path = root / f"{args.data_filepath.stem}_preprocessed.h5ad"
         self.h5ad = H5adCSRWriter(self.h5ad_path, len(kept_names), row_lengths, direct=self.direct)
 
-    def write_chunk(self, ticket: int, start: int, chunk: SentenceChunk) -> None:
-        """Append a chunk's sentences, barcodes and Arrow rows (from a worker thread; chunk
-        ``ticket`` waits only until chunk ``ticket - 1`` has taken its place in each file).
-        A worker that fails calls ``abort(ticket)`` (see ``_sentence_task``)."""
+    def place_text(self, ticket: int, sizes: np.ndarray, places: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Take chunk ``ticket``'s place in the three text files (``places`` gets the offsets)
+        and lay the text out in memory as it lies in the files (see ``phased_empty``), so that
+        the direct writer writes it without a copy. Called by the kernel once cells are ranked."""
+        places[:] = [self.sentence_files[split].place(ticket, int(n)) for split, n in zip(SPLITS, sizes, strict=True)]
+        return phased_pieces(places, sizes, slack=16)  # 16: the kernel's copies may write past a line
+
+    def write_chunk(self, ticket: int, start: int, chunk: SentenceChunk, text_places: list[int]) -> None:
+        """Write a chunk's sentences at the places ``place_text`` took, and append its barcodes
+        and Arrow rows (from a worker thread; chunk ``ticket`` waits only until chunk
+        ``ticket - 1`` has taken its place in each file). A worker that fails calls
+        ``abort(ticket)`` (see ``_sentence_task``)."""
         kept_rows = chunk.kept + start
         split_of_row = self.split_of_cell[kept_rows]
         for i, split in enumerate(SPLITS):
             rows = kept_rows[split_of_row == i]
-            self.sentence_files[split].append(ticket, chunk.text[i])
+            self.sentence_files[split].write_at(chunk.text[i], text_places[i])
             barcodes = self.columns["cell_name"][rows]
             self.barcode_files[split].append(ticket, "".join(f"{b}\n" for b in barcodes).encode())
             batch = None

@@ -28,6 +28,7 @@ from utils.io import (
     _is_canonical,
     open_source,
     phased_empty,
+    phased_pieces,
 )
 
 
@@ -285,6 +286,15 @@ def test_arrays_placed_like_the_file_are_written_without_a_copy(tmp_path, monkey
     if _supports_direct_io(tmp_path):
         assert len(in_place) == 2
     assert phased_empty(10, np.float32, 2).dtype == np.float32  # an unsuitable offset: a plain array
+
+
+def test_phased_pieces_sit_like_their_file_offsets_and_do_not_overlap():
+    offsets, sizes = [5, 4096 * 3 + 100, 77], [9000, 0, 4096]
+    buffer, starts = phased_pieces(offsets, sizes, slack=16)
+    for offset, start in zip(offsets, starts, strict=True):
+        assert (buffer.ctypes.data + start) % 4096 == offset % 4096
+    ends = starts + np.array(sizes) + 16
+    assert (starts[1:] >= ends[:-1]).all() and ends[-1] <= len(buffer)
 
 
 def test_a_write_after_close_is_refused_and_files_end_at_their_size(tmp_path, monkeypatch):

@@ -17,7 +17,7 @@ import mmap
 import os
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -572,6 +572,19 @@ def phased_empty(n: int, dtype: Any, file_offset: int) -> np.ndarray:
     return raw[skip : skip + n * dtype.itemsize].view(dtype)
 
 
+def phased_pieces(offsets: Sequence[int], sizes: Sequence[int], *, slack: int) -> tuple[np.ndarray, np.ndarray]:
+    """One uint8 buffer holding pieces of ``sizes`` bytes, in order and each followed by at
+    least ``slack`` spare bytes, each placed like its file offset in ``offsets`` (see
+    ``phased_empty``); returns the buffer and where each piece starts in it."""
+    buffer = np.empty(int(sum(sizes)) + len(sizes) * (_DIRECT_ALIGN + slack), np.uint8)
+    starts, pos = [], 0
+    for offset, n in zip(offsets, sizes, strict=True):
+        pos += (offset - (buffer.ctypes.data + pos)) % _DIRECT_ALIGN
+        starts.append(pos)
+        pos += int(n) + slack
+    return buffer, np.array(starts, np.int64)
+
+
 class OutputFile:
     """A file written with ``pwrite`` from any thread; with a ``DirectWriter``, the aligned
     middle of large writes goes around the page cache (file systems that refuse ``O_DIRECT``,
@@ -644,10 +657,16 @@ class OrderedAppendFile:
         self.size = 0
 
     def append(self, ticket: int, data: Any) -> None:
-        n = memoryview(data).nbytes
+        self.write_at(data, self.place(ticket, memoryview(data).nbytes))
+
+    def place(self, ticket: int, n: int) -> int:
+        """Take ticket's turn: reserve its ``n`` bytes and return where they go (``write_at``)."""
         with self._turns.turn(ticket):
             offset = self.size
             self.size += n
+        return offset
+
+    def write_at(self, data: Any, offset: int) -> None:
         self._out.pwrite(data, offset)
 
     def reserve(self, size: int) -> None:

@@ -9,6 +9,7 @@ whole chunk; the kernel releases the GIL, so worker threads run it side by side.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,7 +47,7 @@ class SentenceChunk:
 
 
 @njit(cache=True, nogil=True)
-def _sentence_kernel(indptr, indices, data, row_split, row_eval, cell_ids, gene_position,
+def _rank_kernel(indptr, indices, data, row_split, row_eval, cell_ids, gene_position,
                      n_kept_genes, mode, log_base, seed, max_genes,
                      name_lengths, name_slots, name_buffer, name_offsets, out_indices, out_data):
     n_rows = indptr.shape[0] - 1
@@ -108,7 +109,7 @@ def _sentence_kernel(indptr, indices, data, row_split, row_eval, cell_ids, gene_
         out_indptr[i + 1] = base + n
         i += 1
 
-    # Text, split by split: lines of a split are back to back, in input order.
+    # The size of each split's text: lines of a split are back to back, in input order.
     split_lines = np.zeros(N_SPLITS + 1, np.int64)
     split_bytes = np.zeros(N_SPLITS + 1, np.int64)
     for i in range(n_kept):
@@ -118,11 +119,21 @@ def _sentence_kernel(indptr, indices, data, row_split, row_eval, cell_ids, gene_
     for s in range(N_SPLITS):
         split_lines[s + 1] += split_lines[s]
         split_bytes[s + 1] += split_bytes[s]
-    text = np.empty(split_bytes[N_SPLITS] + 16, np.uint8)  # slack for the last 16-byte copy
+    return (kept, out_indptr, out_indices[: out_indptr[n_kept]], out_data[: out_indptr[n_kept]],
+            gene_cells, ranked, line_bytes, split_bytes, split_lines,
+            eval_log_rank[:n_eval], eval_log_expression[:n_eval])
+
+
+@njit(cache=True, nogil=True)
+def _text_kernel(kept, row_split, out_indptr, ranked, line_bytes, split_bytes, split_lines, max_genes,
+                 name_lengths, name_slots, name_buffer, name_offsets, text, text_start):
+    """Write each split's lines into ``text`` from ``text_start[split]`` on (16 bytes of slack
+    after each), and the Arrow strings (the lines without their newlines) back to back."""
+    n_kept = kept.shape[0]
     arrow_text = np.empty(split_bytes[N_SPLITS] - n_kept + 16, np.uint8)
     arrow_offsets = np.empty(n_kept + N_SPLITS, np.int32)  # per split: its lines + 1
     for s in range(N_SPLITS):
-        pos = split_bytes[s]
+        pos = text_start[s]
         arrow_start = split_bytes[s] - split_lines[s]  # each earlier line had a newline
         line = split_lines[s]
         arrow_offsets[line + s] = 0
@@ -148,9 +159,7 @@ def _sentence_kernel(indptr, indices, data, row_split, row_eval, cell_ids, gene_
             copy_bytes(arrow_text, arrow_pos, text, line_start, line_bytes[i] - 1)
             line += 1
             arrow_offsets[line + s] = arrow_pos + line_bytes[i] - 1 - arrow_start
-    return (kept, out_indptr, out_indices[: out_indptr[n_kept]], out_data[: out_indptr[n_kept]],
-            gene_cells, text, split_bytes, split_lines, arrow_text, arrow_offsets,
-            eval_log_rank[:n_eval], eval_log_expression[:n_eval])
+    return arrow_text, arrow_offsets
 
 
 def sentence_chunk(
@@ -169,6 +178,7 @@ def sentence_chunk(
     seed: int,
     max_genes: int | None,
     out_arrays: tuple[np.ndarray, np.ndarray] | None = None,
+    place_text: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> SentenceChunk:
     """Sentences, preprocessed rows and evaluation points of one raw CSR chunk.
 
@@ -190,6 +200,12 @@ def sentence_chunk(
     out_arrays
         Empty int32 and float32 arrays of at least the chunk's stored entries, for the
         preprocessed rows (``H5adCSRWriter.row_arrays``); allocated here when None.
+    place_text
+        Called with each split's text size in bytes once the cells are ranked; returns a uint8
+        buffer and where in it each split's text goes (each followed by 16 bytes of slack).
+        The transform uses it to take the text's place in the files first and lay the text out
+        in memory like in the files, so that it is written without a copy. Default: the splits
+        back to back in a new buffer.
     """
     limit = np.iinfo(np.int32).max if max_genes is None else int(max_genes)
     nnz = int(indptr[-1] - indptr[0])
@@ -198,8 +214,8 @@ def sentence_chunk(
     if min(len(a) for a in out_arrays) < nnz:
         raise ValueError("out_arrays are shorter than the chunk's stored entries")
     base = 1.0 if log1p_base is None else float(np.log(log1p_base))
-    (kept, out_indptr, out_indices, out_data, gene_cells, text, split_bytes, split_lines,
-     arrow_text, arrow_offsets, eval_log_rank, eval_log_expression) = _sentence_kernel(
+    (kept, out_indptr, out_indices, out_data, gene_cells, ranked, line_bytes, split_bytes, split_lines,
+     eval_log_rank, eval_log_expression) = _rank_kernel(
         np.asarray(indptr, np.int64), indices, data, np.asarray(row_split, np.int8),
         np.asarray(row_eval, np.bool_), np.asarray(cell_ids, np.int64), gene_position,
         n_kept_genes, NORMALIZATION_MODES[input_kind], base, np.uint64(seed), limit,
@@ -207,13 +223,22 @@ def sentence_chunk(
     )  # fmt: skip
     if split_bytes[-1] >= np.iinfo(np.int32).max:
         raise ValueError("A chunk's sentences exceed 2 GB; use a smaller --chunk_size.")
+    sizes = np.diff(split_bytes)
+    text, text_start = (place_text or _back_to_back)(sizes)
+    text_start = np.asarray(text_start, np.int64)
+    if len(text_start) != N_SPLITS or (text_start < 0).any() or (text_start + sizes + 16 > len(text)).any():
+        raise ValueError("place_text gave places that do not fit its buffer")
+    arrow_text, arrow_offsets = _text_kernel(
+        kept, np.asarray(row_split, np.int8), out_indptr, ranked, line_bytes, split_bytes, split_lines, limit,
+        names.lengths, names.slots, names.buffer, names.offsets, text, text_start,
+    )  # fmt: skip
     return SentenceChunk(
         kept=kept,
         indptr=out_indptr,
         indices=out_indices,
         data=out_data,
         gene_cells=gene_cells,
-        text=[text[split_bytes[s] : split_bytes[s + 1]] for s in range(N_SPLITS)],
+        text=[text[text_start[s] : text_start[s] + sizes[s]] for s in range(N_SPLITS)],
         arrow_offsets=[arrow_offsets[split_lines[s] + s : split_lines[s + 1] + s + 1] for s in range(N_SPLITS)],
         arrow_text=[
             arrow_text[split_bytes[s] - split_lines[s] : split_bytes[s + 1] - split_lines[s + 1]]
@@ -222,3 +247,8 @@ def sentence_chunk(
         eval_log_rank=eval_log_rank,
         eval_log_expression=eval_log_expression,
     )
+
+
+def _back_to_back(sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    return np.empty(int(sizes.sum()) + 16, np.uint8), starts  # 16: slack for the last 16-byte copy

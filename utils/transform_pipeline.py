@@ -119,6 +119,8 @@ def _write_sentences(bounds: tuple[int, int]) -> tuple[int, SentenceChunk]:
     source, settings = _STATE["source"], _STATE["settings"]
     chunk = source.read_rows(start, stop)  # values were checked in the QC pass
     first_row = int(_STATE["first_kept_row"][start])
+    ticket = start // _STATE["chunk_size"]
+    text_places: list[int] = []
     sentences = sentence_chunk(
         chunk.indptr, chunk.indices, chunk.data,
         row_split=_STATE["split_of_cell"][start:stop],
@@ -132,10 +134,11 @@ def _write_sentences(bounds: tuple[int, int]) -> tuple[int, SentenceChunk]:
         seed=settings.seed,
         max_genes=settings.max_genes,
         out_arrays=_STATE["h5ad"].row_arrays(first_row, chunk.nnz),  # written without a copy
+        place_text=lambda sizes: _STATE["place_text"](ticket, sizes, text_places),  # likewise
     )  # fmt: skip
     # Write in the worker: the writes run side by side, and only small results go back.
     _STATE["h5ad"].write_rows(first_row, sentences.indices, sentences.data)
-    _STATE["write_chunk"](start // _STATE["chunk_size"], start, sentences)
+    _STATE["write_chunk"](ticket, start, sentences, text_places)
     sentences.indices = sentences.data = sentences.text = sentences.arrow_text = sentences.arrow_offsets = None
     return start, sentences
 
