@@ -19,6 +19,7 @@ import utils.io
 from tests.helpers import synthetic_counts, write_h5ad
 from tests.test_transform import _read_all, run
 from utils.io import (
+    ArrowSplitWriter,
     DirectWriter,
     H5adCSRWriter,
     OrderedAppendFile,
@@ -327,3 +328,33 @@ def test_transform_outputs_are_the_same_with_every_write_direct(tmp_path, monkey
     monkeypatch.setattr(utils.io, "_DIRECT_MIN_BYTES", 0)  # even a few KB go direct
     run(path, tmp_path / "direct", "--min_genes_per_cell", "5", "--chunk_size", "23", "--num_proc", "2")
     assert _read_all(tmp_path / "direct") == _read_all(tmp_path / "plain")
+
+
+@pytest.mark.parametrize("layout_as_expected", [True, False], ids=["in_place", "arrow_serialize_fallback"])
+def test_arrow_shards_hold_every_batch(tmp_path, monkeypatch, layout_as_expected):
+    import pyarrow as pa
+    import pyarrow.ipc
+
+    if not layout_as_expected:  # a stream writer that writes something else: the fallback runs
+        monkeypatch.setattr(pyarrow.ipc, "new_stream", lambda sink, schema: pa.ipc.RecordBatchStreamWriter(
+            sink, schema.remove_metadata()))  # a shorter schema message: the batch lands elsewhere
+    schema = pa.schema([pa.field("cell_name", pa.string()), pa.field("cell_sentence", pa.string())])
+    writer = ArrowSplitWriter(tmp_path / "train", schema, shard_bytes=1 << 20,
+                              direct=(direct := DirectWriter(n_buffers=2, buffer_bytes=1 << 20)))
+    rng = np.random.default_rng(6)
+    batches = []
+    for ticket in range(5):
+        n = int(rng.integers(1, 400))
+        words = [" ".join(f"G{g}" for g in rng.integers(0, 999, 300)) for _ in range(n)]
+        batches.append(pa.RecordBatch.from_arrays([pa.array([f"c{ticket}_{i}" for i in range(n)]), pa.array(words)],
+                                                  schema=schema))
+    with ThreadPoolExecutor(5) as pool:  # all at once, started out of order: still in order
+        list(pool.map(lambda t: writer.append(t, batches[t]), [4, 2, 0, 3, 1]))
+    direct.flush()
+    direct.close()
+    writer.finish()
+    shards = sorted((tmp_path / "train").glob("data-*.arrow"))
+    assert len(shards) > 1  # 1 MB shards: the batches spread over several
+    table = pa.concat_tables(pa.ipc.open_stream(pa.memory_map(str(f))).read_all() for f in shards)
+    assert table.column("cell_name").to_pylist() == [v for b in batches for v in b.column(0).to_pylist()]
+    assert table.column("cell_sentence").to_pylist() == [v for b in batches for v in b.column(1).to_pylist()]
