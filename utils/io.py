@@ -488,7 +488,7 @@ class DirectWriter:
     flight.
     """
 
-    def __init__(self, *, n_buffers: int = 16, buffer_bytes: int = 16 << 20):
+    def __init__(self, *, n_buffers: int = 8, buffer_bytes: int = 16 << 20):
         self._buffer_bytes = buffer_bytes
         self._uncopied = threading.BoundedSemaphore(n_buffers)
         self._free: queue.Queue = queue.Queue()
