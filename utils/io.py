@@ -602,6 +602,8 @@ class OutputFile:
                 self._direct_fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
 
     def pwrite(self, data: Any, offset: int) -> None:
+        """Write ``data`` at ``offset``. Large writes may be queued and written later from the
+        memory itself: leave ``data`` unchanged until ``DirectWriter.flush``."""
         view = memoryview(data).cast("B")
         first = -(-offset // _DIRECT_ALIGN) * _DIRECT_ALIGN
         last = (offset + view.nbytes) // _DIRECT_ALIGN * _DIRECT_ALIGN
@@ -734,7 +736,10 @@ class ArrowSplitWriter:
             return buffer[head : head + size]
         # Not the layout expected: Arrow's own message (glibc's heap, which keeps freed memory;
         # Arrow's pool handed pages back, and faulting them in again cost 0.4 s per 200k cells).
-        return batch.serialize(memory_pool=pa.system_memory_pool())
+        message = batch.serialize(memory_pool=pa.system_memory_pool())
+        if message.size != size:  # its place in the shard was taken for `size` bytes
+            raise RuntimeError(f"Arrow made a {message.size}-byte message, {size} expected")
+        return message
 
     def _new_shard(self) -> None:
         path = self.folder / f"shard-{len(self._shards):05d}.arrow"
