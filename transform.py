@@ -248,21 +248,17 @@ def main(args: argparse.Namespace) -> dict[str, float]:
                      write_chunk=outputs.write_chunk, place_text=outputs.place_text, abort=outputs.abort,
                      chunk_size=args.chunk_size)
         pass_started = time.perf_counter()
-        with tqdm(total=source.n_cells, desc="Cell sentences", unit="cells") as bar:
-            results = ordered_map(_sentence_task, chunks, num_proc=args.num_proc, state=state)
-            try:
+        results = ordered_map(_sentence_task, chunks, num_proc=args.num_proc, state=state)
+        try:
+            with tqdm(total=source.n_cells, desc="Cell sentences", unit="cells") as bar:
                 for (start, stop), (chunk_start, sentences) in zip(chunks, results, strict=True):
                     outputs.add(sentences, chunk_start)
                     bar.update(stop - start)
-            except BaseException:
-                outputs.abort()  # release workers waiting for their turn to write
-                results.close()  # wait for the running workers: they write to these files
-                outputs.close()
-                raise
-        _log_pass("Sentence pass", source.n_cells, pass_started)
-        try:
+            _log_pass("Sentence pass", source.n_cells, pass_started)
             metrics = outputs.finish(result, args)
         except BaseException:
+            outputs.abort()  # release workers waiting for their turn to write
+            results.close()  # wait for the running workers: they write to these files
             outputs.close()
             raise
         save_args(args, tmp / "transform_args.json")

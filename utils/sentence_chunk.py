@@ -48,8 +48,7 @@ class SentenceChunk:
 
 @njit(cache=True, nogil=True)
 def _rank_kernel(indptr, indices, data, row_split, row_eval, cell_ids, gene_position,
-                     n_kept_genes, mode, log_base, seed, max_genes,
-                     name_lengths, name_slots, name_buffer, name_offsets, out_indices, out_data):
+                 n_kept_genes, mode, log_base, seed, max_genes, name_lengths, out_indices, out_data):
     n_rows = indptr.shape[0] - 1
     nnz = indptr[n_rows] - indptr[0]
     widest = 1
@@ -219,7 +218,7 @@ def sentence_chunk(
         np.asarray(indptr, np.int64), indices, data, np.asarray(row_split, np.int8),
         np.asarray(row_eval, np.bool_), np.asarray(cell_ids, np.int64), gene_position,
         n_kept_genes, NORMALIZATION_MODES[input_kind], base, np.uint64(seed), limit,
-        names.lengths, names.slots, names.buffer, names.offsets, out_arrays[0], out_arrays[1],
+        names.lengths, out_arrays[0], out_arrays[1],
     )  # fmt: skip
     if split_bytes[-1] >= np.iinfo(np.int32).max:
         raise ValueError("A chunk's sentences exceed 2 GB; use a smaller --chunk_size.")

@@ -97,29 +97,28 @@ def _stats_task(bounds: tuple[int, int]):
     if settings.input_kind == "log1p":  # check the values as stored, before they are brought back
         chunk = read_checked_chunk(source, start, stop)
         chunk.data = to_linear(chunk.data, input_kind=settings.input_kind, log1p_base=settings.log1p_base)
-    else:  # the statistics kernel checks the values on its way (one pass over them, not two)
-        chunk = source.read_rows(start, stop)
-    stats = chunk_stats(chunk, row_offset=start, is_mt=_STATE["is_mt"], params=settings.qc)
-    if settings.input_kind != "log1p":  # log1p values were checked as stored, above
-        raise_value_problems(source, start, stats.first_nonfinite, stats.first_negative)
+        return chunk_stats(chunk, row_offset=start, is_mt=_STATE["is_mt"], params=settings.qc)
+    # The statistics kernel checks the values on its way (one pass over them, not two).
+    stats = chunk_stats(source.read_rows(start, stop), row_offset=start, is_mt=_STATE["is_mt"], params=settings.qc)
+    raise_value_problems(source, start, stats.first_nonfinite, stats.first_negative)
     return stats
 
 
 def _sentence_task(bounds: tuple[int, int]) -> tuple[int, SentenceChunk]:
+    ticket = bounds[0] // _STATE["chunk_size"]  # the chunk's place in the order of appends
     try:
-        return _write_sentences(bounds)
+        return _write_sentences(bounds, ticket)
     except BaseException:
         # Later chunks wait for this one's turn to append: release them, or the pool hangs.
-        _STATE["abort"](bounds[0] // _STATE["chunk_size"])
+        _STATE["abort"](ticket)
         raise
 
 
-def _write_sentences(bounds: tuple[int, int]) -> tuple[int, SentenceChunk]:
+def _write_sentences(bounds: tuple[int, int], ticket: int) -> tuple[int, SentenceChunk]:
     start, stop = bounds
     source, settings = _STATE["source"], _STATE["settings"]
     chunk = source.read_rows(start, stop)  # values were checked in the QC pass
     first_row = int(_STATE["first_kept_row"][start])
-    ticket = start // _STATE["chunk_size"]
     text_places: list[int] = []
     sentences = sentence_chunk(
         chunk.indptr, chunk.indices, chunk.data,
