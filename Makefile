@@ -15,11 +15,13 @@ EXAMPLE_PATH_FILE := $(DATA_DIR)/.example_path
 setup: $(STAMP)
 
 # torch first, pinned: an open torch requirement with no torch installed pulls a CUDA build.
-$(STAMP): requirements.txt requirements-dev.txt
+# Then the project itself, editable, so that `import utils` works from any folder.
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	$(PIP) install torch==2.13.0
 	$(PIP) install -r requirements-dev.txt
+	$(PIP) install --no-deps -e .
 	touch $(STAMP)
 
 example: $(STAMP)
