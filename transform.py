@@ -43,7 +43,7 @@ from utils.common import (
     save_args,
     staged_outputs,
 )
-from utils.fit import METRIC_COLUMNS, fit_rank_expression
+from utils.fit import METRIC_COLUMNS, NonFiniteError, fit_rank_expression
 from utils.io import (
     NO_LOG1P,
     ArrowSplitWriter,
@@ -54,7 +54,7 @@ from utils.io import (
     phased_pieces,
     write_dataset_dict_index,
 )
-from utils.preprocess import INPUT_KINDS, QCAccumulator, QCParams, detect_input_kind
+from utils.preprocess import INPUT_KINDS, QCAccumulator, QCParams, detect_input_kind, log1p_problem
 from utils.ranking import GeneNameTable
 from utils.sentence_chunk import SentenceChunk
 from utils.transform_pipeline import (
@@ -175,13 +175,21 @@ def resolve_obs_columns(obs: pd.DataFrame, label_column: str | None, extra: list
 
 
 def resolve_input_kind(source, requested: str) -> tuple[str, float | None]:
-    """The input kind (auto-detected on the first cells) and the log1p base."""
-    base = None if source.log1p_base == NO_LOG1P else source.log1p_base
+    """The input kind (auto-detected on the first cells) and the log1p base.
+
+    ``uns["log1p"]`` describes X only: a layer or ``.raw`` is judged by its own values. Values
+    that cannot be log1p of normalized data are never brought back with expm1."""
+    has_uns = source.log1p_base != NO_LOG1P
+    base = source.log1p_base if has_uns else None
     sample = read_checked_chunk(source, 0, min(DETECTION_CELLS, source.n_cells))
     if requested != "auto":
         kind, reason = requested, "as asked by --input_kind"
+        problem = log1p_problem(sample.data, base) if kind == "log1p" else None
+        if problem:
+            raise InputError(f"{source.path}: --input_kind log1p, but {source.matrix_name} cannot hold log1p "
+                             f"values ({problem}); pass --input_kind counts (or auto).")
     else:
-        kind, reason = detect_input_kind(sample, has_log1p_uns=source.log1p_base != NO_LOG1P)
+        kind, base, reason = detect_input_kind(sample, has_log1p_uns=has_uns, log1p_base=base)
     if kind == "counts" and sample.nnz and not np.all(sample.data == np.round(sample.data)):
         logger.warning("--input_kind counts, but %s holds non-integer values.", source.matrix_name)
     shown = {"counts": "raw counts (will be normalized to 10,000 per cell)",
@@ -399,6 +407,8 @@ class _Outputs:
         log_expression = np.concatenate([p[1] for p in self.eval_points])
         try:
             fit = fit_rank_expression(log_rank, log_expression, threshold=args.fit_threshold)
+        except NonFiniteError as err:
+            raise InputError(f"{args.data_filepath}: {err} Check --input_kind against what the matrix holds.") from err
         except ValueError as err:
             raise InputError(f"{args.data_filepath}: {err} Lower --min_genes_per_cell or give more cells.") from err
         eval_dir = self.root / "eval"

@@ -107,13 +107,18 @@ def test_splits_are_exact_and_seeded():
 
 def test_detect_input_kind():
     counts = synthetic_counts(100, 300, seed=3)
-    assert detect_input_kind(counts.X, has_log1p_uns=False)[0] == "counts"
+    assert detect_input_kind(counts.X, has_log1p_uns=False)[:2] == ("counts", None)
     normalized = counts.copy()
     sc.pp.normalize_total(normalized, target_sum=1e4)
     assert detect_input_kind(normalized.X, has_log1p_uns=False)[0] == "normalized"
-    sc.pp.log1p(normalized)
-    assert detect_input_kind(normalized.X, has_log1p_uns=False)[0] == "log1p"
-    assert detect_input_kind(counts.X, has_log1p_uns=True)[0] == "log1p"
+    for base in (None, 2.0, 10.0):
+        logged = normalized.copy()
+        sc.pp.log1p(logged, base=base)
+        assert detect_input_kind(logged.X, has_log1p_uns=False)[:2] == ("log1p", base)
+        assert detect_input_kind(logged.X, has_log1p_uns=True, log1p_base=base)[:2] == ("log1p", base)
+    # uns["log1p"] cannot make whole numbers log1p values
+    kind, _, reason = detect_input_kind(counts.X, has_log1p_uns=True)
+    assert kind == "counts" and "whole number" in reason
 
 
 @pytest.fixture(scope="module")

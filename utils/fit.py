@@ -48,22 +48,36 @@ class RankExpressionFit:
         return self.predict(np.log10(1.0 + np.asarray(rank, dtype=np.float64)))
 
 
+class NonFiniteError(ValueError):
+    """Points or values given to the fit or a figure are NaN or infinite."""
+
+
+def check_finite(what: str, **arrays: np.ndarray) -> None:
+    """Raise ``NonFiniteError`` (one sentence) when any of ``arrays`` holds NaN or infinity."""
+    for name, values in arrays.items():
+        bad = int(np.size(values) - np.isfinite(values).sum())
+        if bad:
+            raise NonFiniteError(f"Cannot {what}: {bad:,} of {np.size(values):,} {name} values are NaN or infinite.")
+
+
 def fit_rank_expression(
     log_rank: np.ndarray, log_expression: np.ndarray, *, threshold: float = 3.0
 ) -> RankExpressionFit:
     """Fit expression on rank in log space and measure the reconstruction.
 
     The line is fitted on points with ``log_rank < threshold`` (the original's default 3,
-    i.e. the top ~1,000 genes); Pearson and Spearman r of the reconstruction are measured over
-    all points.
+    i.e. the top ~1,000 genes; ``n_points`` counts them). As in the original, R² (sklearn's
+    ``r2_score``), Pearson and Spearman r measure the line's prediction against every point
+    given (all expressed genes of the evaluated cells), not only those of the fit.
 
     >>> r = np.log10(1 + np.arange(50.0))
     >>> fit = fit_rank_expression(r, 2.0 - 0.5 * r)
-    >>> round(fit.slope, 6), round(fit.intercept, 6)
-    (-0.5, 2.0)
+    >>> round(fit.slope, 6), round(fit.intercept, 6), round(fit.r_squared, 6)
+    (-0.5, 2.0, 1.0)
     """
     log_rank = np.asarray(log_rank, dtype=np.float64)
     log_expression = np.asarray(log_expression, dtype=np.float64)
+    check_finite("fit the rank-expression line", log_rank=log_rank, log_expression=log_expression)
     in_fit = log_rank < threshold
     x, y = log_rank[in_fit], log_expression[in_fit]
     if x.size < 2 or np.ptp(x) == 0:
@@ -71,11 +85,15 @@ def fit_rank_expression(
             f"Cannot fit the rank-expression line: {x.size} point(s) with log-rank below {threshold}."
         )
     slope, intercept = np.polyfit(x, y, deg=1)
-    residual = y - (intercept + slope * x)
-    total = y - y.mean()
-    r_squared = 1.0 - float(residual @ residual) / float(total @ total) if total.any() else 1.0
 
     reconstructed = intercept + slope * log_rank
+    residual = log_expression - reconstructed
+    total = log_expression - log_expression.mean()
+    # r2_score's convention for constant targets: 1 when predicted exactly, else 0.
+    if total.any():
+        r_squared = 1.0 - float(residual @ residual) / float(total @ total)
+    else:
+        r_squared = 0.0 if residual.any() else 1.0
     if np.ptp(reconstructed) == 0 or np.ptp(log_expression) == 0:
         pearson = spearman = float("nan")
     else:

@@ -180,7 +180,7 @@ class MatrixSource:
     matrix_name: str
     obs: pd.DataFrame
     var: pd.DataFrame
-    log1p_base: Any  # NO_LOG1P, None (natural log) or a number
+    log1p_base: Any  # of uns["log1p"] when the matrix is X: NO_LOG1P, None (natural log) or a number
     shape: tuple[int, int]
 
     def read_rows(self, start: int, stop: int) -> sp.csr_matrix:
@@ -242,7 +242,7 @@ class H5adSource(MatrixSource):
         self.obs = ad.io.read_elem(f["obs"])
         self.var = ad.io.read_elem(f["raw/var"] if self._key == "raw/X" else f["var"])
         self.log1p_base = NO_LOG1P
-        if "uns" in f and "log1p" in f["uns"]:
+        if self._key == "X" and "uns" in f and "log1p" in f["uns"]:  # it describes X only
             self.log1p_base = _log1p_base(ad.io.read_elem(f["uns/log1p"]))
 
     def read_rows(self, start: int, stop: int) -> sp.csr_matrix:
@@ -283,7 +283,9 @@ class InMemorySource(MatrixSource):
         self._matrix = sp.csr_matrix(matrix) if not sp.issparse(matrix) else matrix.tocsr()
         self.shape = self._matrix.shape
         self.obs = adata.obs.copy()
-        self.log1p_base = _log1p_base(adata.uns["log1p"]) if "log1p" in adata.uns else NO_LOG1P
+        self.log1p_base = NO_LOG1P
+        if key == "X" and "log1p" in adata.uns:  # it describes X only
+            self.log1p_base = _log1p_base(adata.uns["log1p"])
 
     def read_rows(self, start: int, stop: int) -> sp.csr_matrix:
         return _canonical(self._matrix[start:stop].astype(np.float64, copy=True))

@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from utils.fit import RankExpressionFit  # noqa: E402
+from utils.fit import RankExpressionFit, check_finite  # noqa: E402
 
 MAX_SCATTER_POINTS = 200_000
 
@@ -31,6 +31,7 @@ def plot_log_rank_fit(
     log_rank: np.ndarray, log_expression: np.ndarray, fit: RankExpressionFit, path: Path, *, seed: int
 ) -> None:
     """Density of log-rank vs log-expression with the fitted line and the fit threshold."""
+    check_finite(f"draw {path.name}", log_rank=log_rank, log_expression=log_expression)
     keep = _subsample(len(log_rank), seed=seed)
     fig, ax = plt.subplots(figsize=(6.5, 5))
     hb = ax.hexbin(log_rank[keep], log_expression[keep], gridsize=70, bins="log", cmap="viridis", mincnt=1)
@@ -52,6 +53,7 @@ def plot_reconstruction(
     log_expression: np.ndarray, reconstructed: np.ndarray, fit: RankExpressionFit, path: Path, *, seed: int
 ) -> None:
     """True vs reconstructed log-expression, with the y = x line."""
+    check_finite(f"draw {path.name}", log_expression=log_expression, reconstructed=reconstructed)
     keep = _subsample(len(log_expression), seed=seed)
     fig, ax = plt.subplots(figsize=(6.5, 5))
     hb = ax.hexbin(log_expression[keep], reconstructed[keep], gridsize=70, bins="log", cmap="magma", mincnt=1)

@@ -213,29 +213,71 @@ class QCResult:
     gene_cells: np.ndarray
 
 
-def detect_input_kind(sample: sp.csr_matrix, *, has_log1p_uns: bool) -> tuple[str, str]:
+# No value of a normalized matrix is this large: a cell's values add up to the target sum (1e4
+# by default, 1e6 for CPM). log1p values above log1p(LOG1P_LINEAR_LIMIT) are therefore not log1p
+# of normalized data (raw counts, mostly) and are never passed through expm1.
+LOG1P_LINEAR_LIMIT = 1e7
+LOG1P_BASES = (None, 2.0, 10.0)  # natural log first: scanpy's default
+
+
+def log1p_ceiling(base: float | None) -> float:
+    """The largest value a log1p matrix in ``base`` (None: natural log) can hold."""
+    return float(np.log1p(LOG1P_LINEAR_LIMIT) / (1.0 if base is None else np.log(base)))
+
+
+def log1p_problem(values: np.ndarray, base: float | None) -> str | None:
+    """Why ``values`` cannot be log1p of normalized data in ``base`` (None: they can).
+
+    >>> log1p_problem(np.array([0.7, 2.3]), None) is None
+    True
+    >>> log1p_problem(np.array([3.0, 812.0]), None)
+    'every value is a whole number (up to 812)'
+    """
+    if values.size == 0:
+        return None
+    top = float(values.max())
+    if np.all(values == np.round(values)):
+        return f"every value is a whole number (up to {top:g})"
+    if top > log1p_ceiling(base):
+        return f"values reach {top:g}, beyond log1p of any normalized matrix (at most {log1p_ceiling(base):.3g})"
+    return None
+
+
+def detect_input_kind(
+    sample: sp.csr_matrix, *, has_log1p_uns: bool, log1p_base: float | None = None
+) -> tuple[str, float | None, str]:
     """Guess whether values are raw counts, normalized values or log1p values.
 
-    Returns the kind and a short reason for the log. ``sample`` is a few thousand cells.
+    Returns the kind, the log1p base (None: natural log, or not log1p) and a short reason for
+    the log. ``sample`` is a few thousand cells. ``has_log1p_uns`` says that ``uns["log1p"]``
+    (with ``log1p_base``) describes this matrix; it does for ``X`` only, never for a layer or
+    ``.raw``, whose values speak for themselves. Values that cannot be log1p (whole numbers, or
+    too large) are judged by their values even when ``uns["log1p"]`` says otherwise.
     """
     values = sample.data
     if has_log1p_uns:
-        return "log1p", 'uns["log1p"] is present'
+        problem = log1p_problem(values, log1p_base)
+        if problem is None:
+            return "log1p", log1p_base, 'uns["log1p"] is present'
+        kind, base, reason = detect_input_kind(sample, has_log1p_uns=False)
+        return kind, base, f'{reason} (uns["log1p"] is present, but {problem})'
     if values.size == 0:
-        return "counts", "no non-zero values to inspect"
+        return "counts", None, "no non-zero values to inspect"
     if np.all(values == np.round(values)):
-        return "counts", "all values are whole numbers"
+        return "counts", None, "all values are whole numbers"
     # Normalized data has (near-)constant cell totals; log1p data has them after expm1.
-    cell_totals = np.asarray(sample.sum(axis=1)).ravel()
-    with np.errstate(over="ignore", invalid="ignore"):  # large counts overflow: not log1p
-        expm1_totals = np.asarray(sample.astype(np.float64).expm1().sum(axis=1)).ravel()
-    if _spread(expm1_totals) < 0.01:
-        return "log1p", "cell totals are constant after expm1"
-    if _spread(cell_totals) < 0.01:
-        return "normalized", "cell totals are constant"
-    if values.max() < 30:
-        return "log1p", "non-integer values below 30"
-    return "normalized", "non-integer values with a wide range"
+    for base in LOG1P_BASES:
+        if values.max() > log1p_ceiling(base):
+            continue
+        linear = sample.astype(np.float64)
+        linear.data = to_linear(linear.data, input_kind="log1p", log1p_base=base)
+        if _spread(np.asarray(linear.sum(axis=1)).ravel()) < 0.01:
+            return "log1p", base, f"cell totals are constant after expm1 (base {base or 'e'})"
+    if _spread(np.asarray(sample.sum(axis=1)).ravel()) < 0.01:
+        return "normalized", None, "cell totals are constant"
+    if values.max() <= log1p_ceiling(None):
+        return "log1p", None, f"non-integer values up to {values.max():.3g}"
+    return "normalized", None, "non-integer values with a wide range"
 
 
 def _spread(totals: np.ndarray) -> float:

@@ -22,7 +22,7 @@ from numba import njit
 
 from utils.common import InputError
 from utils.io import MatrixSource
-from utils.preprocess import QCParams, chunk_stats, to_linear
+from utils.preprocess import QCParams, chunk_stats, log1p_ceiling, to_linear
 from utils.sentence_chunk import SentenceChunk, sentence_chunk
 
 logger = logging.getLogger("cell2sentence")
@@ -96,6 +96,13 @@ def _stats_task(bounds: tuple[int, int]):
     source, settings = _STATE["source"], _STATE["settings"]
     if settings.input_kind == "log1p":  # check the values as stored, before they are brought back
         chunk = read_checked_chunk(source, start, stop)
+        top = chunk.data.max(initial=0.0)
+        if top > log1p_ceiling(settings.log1p_base):  # e.g. counts past the detection sample
+            raise InputError(
+                f"{source.path}: {source.matrix_name} was read as log1p values, but cells from {start} on "
+                f"reach {top:g}, beyond log1p of any normalized matrix; pass --input_kind counts "
+                "(or normalized)."
+            )
         chunk.data = to_linear(chunk.data, input_kind=settings.input_kind, log1p_base=settings.log1p_base)
         return chunk_stats(chunk, row_offset=start, is_mt=_STATE["is_mt"], params=settings.qc)
     # The statistics kernel checks the values on its way (one pass over them, not two).

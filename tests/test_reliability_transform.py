@@ -1,0 +1,196 @@
+"""Reliability battery of the transform (issue 11): what users bring, one case per layout or
+bad-input class. Every case states what a user gets: the sentences of the bare counts file, or
+one sentence naming the flag to fix.
+
+Run alone with ``python -m pytest -q tests/test_reliability_transform.py``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scanpy as sc
+import scipy.sparse as sp
+from helpers import synthetic_counts, write_h5ad
+
+import transform
+from utils.common import InputError
+from utils.fit import fit_rank_expression
+from utils.transform_pipeline import SPLITS
+
+FLAGS = ("--min_genes_per_cell", "20", "--chunk_size", "64")
+
+
+def run(h5ad: Path, out: Path, *extra: str) -> dict:
+    return transform.main(transform.parse_args(["--data_filepath", str(h5ad), "--output_dir", str(out), *extra]))
+
+
+def sentences(out: Path) -> dict[str, list[str]]:
+    text = out / "cell_sentences"
+    return {f"{s}{part}": (text / f"{s}{part}").read_text().splitlines()
+            for s in SPLITS for part in (".txt", "_barcodes.txt")}
+
+
+def preprocessed(out: Path) -> np.ndarray:
+    return ad.read_h5ad(next(out.glob("*_preprocessed.h5ad"))).X.toarray()
+
+
+def relative(log10_values: np.ndarray) -> np.ndarray:
+    linear = 10.0 ** log10_values.astype(np.float64) - 1.0
+    return linear / linear.sum(axis=1, keepdims=True)
+
+
+def _counts() -> ad.AnnData:
+    """Counts as deep as real data: values in the thousands (expm1 of them overflows)."""
+    adata = synthetic_counts(150, 300, seed=11)
+    adata.X.data = np.round(adata.X.data * 37.0)
+    assert adata.X.max() > 1000
+    return adata
+
+
+def _log1p(counts: ad.AnnData, base: float | None) -> sp.csr_matrix:
+    """X as scanpy users make it: normalize_total to 1e4, then log1p (records uns["log1p"])."""
+    logged = counts.copy()
+    sc.pp.normalize_total(logged, target_sum=1e4)
+    sc.pp.log1p(logged, base=base)
+    return logged.X, logged.uns["log1p"]
+
+
+def _scanpy_layout(*, where: str, dtype, base: float | None = None) -> ad.AnnData:
+    """Counts kept in ``where`` (layers["counts"] or .raw), X their log1p, uns["log1p"] set."""
+    counts = _counts()
+    stored = counts.X.astype(dtype)
+    adata = counts.copy()
+    adata.X, adata.uns["log1p"] = _log1p(counts, base)
+    if where == "layer":
+        adata.layers["counts"] = stored
+    else:
+        adata.raw = ad.AnnData(X=stored, var=counts.var)
+    return adata
+
+
+def _raw_holds_log1p(base: float | None) -> ad.AnnData:
+    """.raw holds log1p(normalized) in ``base`` while uns["log1p"] (natural log) describes X."""
+    counts = _counts()
+    adata = counts.copy()
+    adata.X, adata.uns["log1p"] = _log1p(counts, None)
+    adata.raw = ad.AnnData(X=_log1p(counts, base)[0], var=counts.var)
+    return adata
+
+
+def _stale_uns() -> ad.AnnData:
+    """X still holds the counts, but uns["log1p"] was copied over from another object."""
+    adata = _counts()
+    adata.uns["log1p"] = {"base": None}
+    return adata
+
+
+LAYOUTS = {
+    "layers_counts_int64_X_log1p": (lambda: _scanpy_layout(where="layer", dtype=np.int64), ()),
+    "layers_counts_float32_X_log1p": (lambda: _scanpy_layout(where="layer", dtype=np.float32), ()),
+    "layer_flag_counts_X_log1p": (lambda: _scanpy_layout(where="layer", dtype=np.int32), ("--layer", "counts")),
+    "raw_counts_float32_X_log1p_natural": (lambda: _scanpy_layout(where="raw", dtype=np.float32), ()),
+    "raw_counts_int64_X_log1p_natural": (lambda: _scanpy_layout(where="raw", dtype=np.int64), ()),
+    "raw_counts_float64_X_log1p_base10": (lambda: _scanpy_layout(where="raw", dtype=np.float64, base=10), ()),
+    "raw_counts_int32_X_log1p_base2": (lambda: _scanpy_layout(where="raw", dtype=np.int32, base=2), ()),
+    "raw_log1p_base10_uns_natural_for_X": (lambda: _raw_holds_log1p(10.0), ()),
+    "X_counts_with_stale_uns_log1p": (_stale_uns, ()),
+}
+
+
+@pytest.fixture(scope="module")
+def bare_counts(tmp_path_factory) -> tuple[dict[str, list[str]], np.ndarray]:
+    root = tmp_path_factory.mktemp("bare")
+    run(write_h5ad(_counts(), root / "bare.h5ad"), root / "out", *FLAGS)
+    return sentences(root / "out"), preprocessed(root / "out")
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_scanpy_layout_gives_the_sentences_of_the_bare_counts(layout, bare_counts, tmp_path):
+    make, flags = LAYOUTS[layout]
+    adata = make()
+    run(write_h5ad(adata, tmp_path / "a.h5ad"), tmp_path / "out", *FLAGS, *flags)
+    got = sentences(tmp_path / "out")
+    assert sum(len(v) for k, v in got.items() if k.endswith(".txt")) > 100
+    assert got == bare_counts[0]
+    # and the preprocessed values are the counts' relative expression (log1p input keeps its own
+    # normalization, made before the gene filter, so compare within each cell)
+    np.testing.assert_allclose(relative(preprocessed(tmp_path / "out")), relative(bare_counts[1]), rtol=1e-3)
+
+
+def test_read_as_log1p_on_counts_stops_naming_input_kind(tmp_path):
+    adata = _scanpy_layout(where="layer", dtype=np.float32)
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=r"--input_kind log1p, but layers\['counts'\] cannot hold log1p.*"
+                                         r"whole number.*--input_kind counts"):
+        run(write_h5ad(adata, tmp_path / "a.h5ad"), out, *FLAGS, "--layer", "counts", "--input_kind", "log1p")
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_counts_past_the_detection_sample_of_log1p_data_stop_naming_input_kind(tmp_path, monkeypatch):
+    monkeypatch.setattr(transform, "DETECTION_CELLS", 50)  # the detection sees cells 0-49 only
+    counts = _counts()
+    adata = counts.copy()
+    logged, adata.uns["log1p"] = _log1p(counts, None)
+    adata.X = sp.vstack([logged[:100], counts.X[100:]]).tocsr()  # later cells hold counts (a bad concatenation)
+    with pytest.raises(InputError, match=r"cells from 64 on reach .* pass --input_kind counts"):
+        run(write_h5ad(adata, tmp_path / "a.h5ad"), tmp_path / "out", *FLAGS)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_fit_fed_non_finite_values_is_a_sentence(bad):
+    log_rank = np.log10(1 + np.arange(100.0))
+    log_expression = 2.0 - 0.5 * log_rank
+    log_expression[7] = bad
+    with pytest.raises(ValueError, match=r"Cannot fit the rank-expression line: 1 of 100 log_expression values "
+                                         r"are NaN or infinite\."):
+        fit_rank_expression(log_rank, log_expression)
+
+
+@pytest.mark.parametrize("figure", ["plot_log_rank_fit", "plot_reconstruction"])
+def test_figure_fed_non_finite_values_is_a_sentence(figure, tmp_path):
+    from utils import plots
+
+    log_rank = np.log10(1 + np.arange(100.0))
+    fit = fit_rank_expression(log_rank, 2.0 - 0.5 * log_rank)
+    values = 2.0 - 0.5 * log_rank
+    values[3] = np.inf
+    with pytest.raises(ValueError, match=r"Cannot draw f\.png: 1 of 100 .* values are NaN or infinite\."):
+        getattr(plots, figure)(log_rank if figure == "plot_log_rank_fit" else values,
+                               values if figure == "plot_log_rank_fit" else fit.predict(log_rank),
+                               fit, tmp_path / "f.png", seed=0)
+    assert not (tmp_path / "f.png").exists()
+
+
+def test_r_squared_is_the_original_over_every_expressed_gene(tmp_path):
+    """R² as the original computes it: sklearn's r2_score of the line's prediction against every
+    expressed gene of the evaluated cells (like Pearson and Spearman r), while n_points counts
+    the points the line was fitted on; recomputed here from the written outputs alone."""
+    from sklearn.metrics import r2_score
+
+    out = tmp_path / "out"
+    run(write_h5ad(_counts(), tmp_path / "a.h5ad"), out, *FLAGS, "--fit_threshold", "1.5")
+    pre = ad.read_h5ad(out / "a_preprocessed.h5ad")
+    row = {name: i for i, name in enumerate(pre.obs_names)}
+    column = {name: j for j, name in enumerate(pre.var_names)}
+    log_rank, log_expression = [], []
+    texts = sentences(out)
+    for split in SPLITS:  # every cell is evaluated (fewer than --eval_cells)
+        for barcode, sentence in zip(texts[f"{split}_barcodes.txt"], texts[f"{split}.txt"], strict=True):
+            values = pre.X[row[barcode]].toarray().ravel()
+            genes = sentence.split()
+            log_rank += list(np.log10(1.0 + np.arange(len(genes))))
+            log_expression += [values[column[g]] for g in genes]
+    x, y = np.array(log_rank), np.array(log_expression, dtype=np.float64)
+    in_fit = x < 1.5
+    slope, intercept = np.polyfit(x[in_fit], y[in_fit], 1)
+    metrics = pd.read_csv(out / "eval" / "transformation_metrics.csv").iloc[0]
+    assert metrics["slope"] == pytest.approx(slope, rel=1e-5)
+    assert metrics["n_points"] == in_fit.sum() < len(x)  # the fit saw part of the points
+    expected = r2_score(y, intercept + slope * x)
+    assert metrics["r_squared"] == pytest.approx(expected, abs=1e-5)
+    assert abs(r2_score(y[in_fit], intercept + slope * x[in_fit]) - expected) > 0.01  # not the fit's own R²
