@@ -60,9 +60,7 @@ from utils.fit import RankExpressionFit
 from utils.generation import (
     allocate_counts,
     answer_token_budget,
-    generate_batched,
     pick_device,
-    shorten_to_fit,
 )
 from utils.inverse import (
     VocabIndex,
@@ -89,7 +87,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
     )
-    p.add_argument("--model_dir", type=Path, default=None, help="a model folder written by train.py (required)")
+    p.add_argument("--model_dir", type=Path, default=None,
+                   help="a train.py run folder (full model or LoRA adapter), a published C2S model's "
+                        "folder, or its hub name, e.g. vandijklab/C2S-Pythia-410m-cell-type-prediction (required)")
     p.add_argument("--data_dir", type=Path, default=Path("data/cell_sentences_hf"),
                    help="the DatasetDict written by transform.py")
     p.add_argument("--transform_dir", type=Path, default=None,
@@ -115,6 +115,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (generate)")
     p.add_argument("--top_k", type=int, default=50, help="sample among the k most likely tokens; 0: all")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    p.add_argument("--no_constrain_genes", action="store_true",
+                   help="generate freely (default: every generated word is a vocabulary gene, each once)")
+    p.add_argument("--prompt_format", choices=("auto", "ours", "c2s_scale"), default="auto",
+                   help="auto: the run's (train_args.json), c2s_scale for a published model without one")
+    p.add_argument("--organism", type=str, default="Homo sapiens", help="{organism} of c2s_scale prompts")
     p.add_argument("--k_neighbors", type=int, default=5, help="k of the k-NN metric")
     p.add_argument("--device", type=str, default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
@@ -222,59 +227,27 @@ def progress_bar(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="cell")
 
 
-def predict_types(model: Any, tokenizer: Any, table: Any, rows: np.ndarray, *, label_column: str,
-                  top_k: int, context: int, args: argparse.Namespace, labels: list[str]) -> pd.DataFrame:
-    from utils.prompts import prediction_prompt
-    from utils.training import decode_answer, encode_answer, encode_prompt
-
-    budget = args.predict_max_new_tokens or max(len(encode_answer(tokenizer, x)) for x in labels) + 2
-    sentences = table.column("cell_sentence").take(rows).to_pylist()
-    prompts, shortened = [], 0
-    for sentence in sentences:
-        genes = sentence.split()[:top_k]
-        ids, n = shorten_to_fit(lambda n, g=genes: encode_prompt(tokenizer, prediction_prompt(g[:n])),
-                                len(genes), context - budget)
-        shortened += n < len(genes)
-        prompts.append(ids)
-    if shortened:
-        logger.warning("%s prediction prompts were shortened to fit the model's %d-token context.",
-                       f"{shortened:,}", context)
-    with progress_bar(len(prompts), "Predicting cell types") as bar:
-        answers = generate_batched(model, prompts, pad_token_id=tokenizer.pad_token_id,
-                                   eos_token_id=tokenizer.eos_token_id, max_new_tokens=budget,
-                                   batch_size=args.batch_size, do_sample=False, progress=bar.update)
+def predict_types(model: Any, table: Any, rows: np.ndarray, *, label_column: str, args: argparse.Namespace,
+                  labels: list[str]) -> pd.DataFrame:
+    with progress_bar(len(rows), "Predicting cell types") as bar:
+        predicted = model.predict_cell_types(table.column("cell_sentence").take(rows).to_pylist(),
+                                             batch_size=args.batch_size, labels=labels,
+                                             max_new_tokens=args.predict_max_new_tokens, progress=bar.update)
     return pd.DataFrame({
         "cell_name": table.column("cell_name").take(rows).to_pylist() if "cell_name" in table.column_names
         else [f"cell_{i}" for i in rows],
         "true": table.column(label_column).take(rows).to_pylist(),
-        "predicted": [decode_answer(tokenizer, a) for a in answers],
+        "predicted": predicted,
     })
 
 
-def generate_cells(model: Any, tokenizer: Any, counts: dict[str, int], *, top_k: int, context: int,
-                   budget: int, args: argparse.Namespace) -> pd.DataFrame:
-    from utils.prompts import generation_prompt
-    from utils.training import decode_answer, encode_prompt
-
-    requested = [t for t, n in counts.items() for _ in range(n)]
-    prompts = []
-    for cell_type in requested:
-        ids = encode_prompt(tokenizer, generation_prompt(cell_type, top_k))
-        prompts.append(ids)
-    longest = max((len(p) for p in prompts), default=0)
-    new_tokens = min(budget, max(1, context - longest))
-    if new_tokens < budget:
-        logger.warning("Generating at most %d new tokens (the model's context is %d).", new_tokens, context)
-    with progress_bar(len(prompts), "Generating cells") as bar:
-        answers = generate_batched(model, prompts, pad_token_id=tokenizer.pad_token_id,
-                                   eos_token_id=tokenizer.eos_token_id, max_new_tokens=new_tokens,
-                                   batch_size=args.batch_size, do_sample=True, temperature=args.temperature,
-                                   top_k=args.top_k, top_p=args.top_p, progress=bar.update)
-    return pd.DataFrame({
-        "cell_name": [f"generated_{i:06d}" for i in range(len(requested))],
-        "cell_sentence": [decode_answer(tokenizer, a) for a in answers],
-        "requested_cell_type": requested,
-    })
+def generate_cells(model: Any, counts: dict[str, int], *, budget: int, genes: Sequence[str],
+                   args: argparse.Namespace) -> pd.DataFrame:
+    with progress_bar(sum(counts.values()), "Generating cells") as bar:
+        return model.generate_cells(counts, batch_size=args.batch_size, max_new_tokens=budget,
+                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                    constrain_genes=not args.no_constrain_genes, genes=genes,
+                                    progress=bar.update)
 
 
 def evaluate_generated(generated: pd.DataFrame, tables: dict[str, Any], *, split: str, label_column: str,
@@ -330,8 +303,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     seed_everything(args.seed)
     tasks = args.tasks.split(",")
     check_can_write(args.output_dir, OUTPUTS, overwrite=args.overwrite)
+    from utils.cell_model import CellSentenceModel
+
     record = read_train_args(args.model_dir)
-    top_k = args.top_k_genes or int(record.get("top_k_genes", 100))
     label_column = args.cell_type_column or record.get("cell_type_column", "cell_type")
     tables = load_splits(args.data_dir, args.split, label_column, need_labels=True)
     if "train" not in tables:
@@ -340,24 +314,25 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     labels = sorted({str(x) for x in tables["train"].column(label_column).to_pylist()}
                     | {str(x) for x in eval_table.column(label_column).to_pylist()})
 
-    from utils.training import encode_answer, load_model_and_tokenizer
+    from utils.training import encode_answer
 
     device, dtype = pick_device(args.device, args.dtype)
-    model, tokenizer = load_model_and_tokenizer(args.model_dir, device, dtype=dtype)
-    context = int(getattr(model.config, "n_positions", None)
-                  or getattr(model.config, "max_position_embeddings", None) or 1024)
-    logger.info("Model %s on %s (%s), context %d tokens, top %d genes, split %s (%s cells).",
-                args.model_dir, device, str(dtype).replace("torch.", ""), context, top_k, args.split,
-                f"{eval_table.num_rows:,}")
+    model = CellSentenceModel.load(args.model_dir, device=device, dtype=str(dtype).replace("torch.", ""),
+                                   prompt_format_name=None if args.prompt_format == "auto" else args.prompt_format,
+                                   top_k_genes=args.top_k_genes, organism=args.organism)
+    top_k, tokenizer, fmt = model.top_k_genes, model.tokenizer, model.prompt_format
+    logger.info("Model %s on %s (%s), context %d tokens, %s prompt format, top %d genes, split %s (%s cells).",
+                args.model_dir, device, str(dtype).replace("torch.", ""), model.context, fmt.name, top_k,
+                args.split, f"{eval_table.num_rows:,}")
     metrics: dict[str, Any] = {"model_dir": str(args.model_dir), "split": args.split, "top_k_genes": top_k,
-                               "device": device}
+                               "device": device, "prompt_format": fmt.name}
     predictions = generated = None
     confusion = pca = None
     if "predict" in tasks:
         rows = subsample(eval_table.num_rows, args.max_cells, args.seed)
         start = time.perf_counter()
-        predictions = predict_types(model, tokenizer, eval_table, rows, label_column=label_column,
-                                    top_k=top_k, context=context, args=args, labels=labels)
+        predictions = predict_types(model, eval_table, rows, label_column=label_column, args=args,
+                                    labels=labels)
         summary = classification_summary(predictions["true"], predictions["predicted"],
                                          train_labels=tables["train"].column(label_column).to_pylist())
         summary["seconds"] = time.perf_counter() - start
@@ -377,18 +352,19 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         picked = sorted(random.Random(args.seed).sample(range(n_train), min(n_train, 200)))
         sample = [s for s in tables["train"].column("cell_sentence").take(picked).to_pylist() if s]
         budget = args.max_new_tokens or answer_token_budget(
-            [len(encode_answer(tokenizer, " ".join(s.split()[:top_k]))) for s in sample] or [top_k])
+            [len(encode_answer(tokenizer, fmt.generation_answer(s.split()[:top_k]), fmt)) for s in sample]
+            or [top_k])
+        index, fit, from_transform = reference(args.transform_dir, tables, top_k)
         start = time.perf_counter()
         seed_everything(args.seed)
-        generated = generate_cells(model, tokenizer, counts, top_k=top_k, context=context, budget=budget,
-                                   args=args)
+        generated = generate_cells(model, counts, budget=budget, genes=index.genes, args=args)
         elapsed = time.perf_counter() - start
-        index, fit, from_transform = reference(args.transform_dir, tables, top_k)
         gen_metrics, pca = evaluate_generated(generated, tables, split=args.split, label_column=label_column,
                                               index=index, fit=fit, top_k=top_k, k=args.k_neighbors,
                                               seed=args.seed)
         gen_metrics.update(requested_counts=counts, max_new_tokens=budget, seconds=elapsed,
                            vocabulary="transform" if from_transform else "train sentences",
+                           constrained=not args.no_constrain_genes,
                            sampling={"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p})
         metrics["generation"] = gen_metrics
         s, knn = gen_metrics["sentences"], gen_metrics["knn"]

@@ -93,6 +93,24 @@ class ModelArguments:
             "'latest' for the newest one of --run_name."
         },
     )
+    lora_r: int = field(
+        default=0,
+        metadata={"help": "LoRA rank; > 0 trains LoRA adapters only (peft), 0 the full model."},
+    )
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA inputs."})
+    lora_target_modules: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated layer names LoRA adapts (default per architecture: gpt2 "
+            "c_attn,c_proj,c_fc; gpt_neox query_key_value,dense,...; llama/gemma q_proj,k_proj,"
+            "v_proj,o_proj,gate_proj,up_proj,down_proj)."
+        },
+    )
+    merge_lora: bool = field(
+        default=False,
+        metadata={"help": "With --lora_r: also write the merged full model to <run>/merged/."},
+    )
 
 
 @dataclass
@@ -120,6 +138,16 @@ class DataArguments:
     )
     cell_type_column: str = field(
         default="cell_type", metadata={"help": "Column with the cell-type labels."}
+    )
+    prompt_format: str = field(
+        default="ours",
+        metadata={
+            "help": "Prompt format: ours (utils/prompts.py) or c2s_scale (the published C2S "
+            "models' prompts; use it to fine-tune one of them)."
+        },
+    )
+    organism: str = field(
+        default="Homo sapiens", metadata={"help": "The {organism} of c2s_scale prompts."}
     )
     max_seq_length: int | None = field(
         default=None,
@@ -199,6 +227,24 @@ def check_args(args: TrainArgs) -> None:
         raise InputError(f"--top_k_genes must be at least 1, not {d.top_k_genes}.")
     if d.max_seq_length is not None and d.max_seq_length < 8:
         raise InputError(f"--max_seq_length {d.max_seq_length} is too small; use at least 8.")
+    from utils.prompts import C2S_SCALE, PROMPT_FORMATS
+
+    if d.prompt_format not in PROMPT_FORMATS:
+        raise InputError(
+            f"--prompt_format {d.prompt_format!r}: choose {' or '.join(PROMPT_FORMATS)}."
+        )
+    if m.init_from_scratch and d.prompt_format == C2S_SCALE:
+        raise InputError(
+            "--prompt_format c2s_scale is for fine-tuning a published (byte-pair tokenized) "
+            "model; a from-scratch word-level model uses --prompt_format ours."
+        )
+    if m.lora_r < 0 or (m.lora_r and m.init_from_scratch):
+        raise InputError(
+            "--lora_r must be 0 (full training) or a positive rank, and LoRA adapts a "
+            "pretrained model: drop --init_from_scratch or --lora_r."
+        )
+    if m.merge_lora and not m.lora_r:
+        raise InputError("--merge_lora True needs --lora_r R (there is no adapter to merge).")
     if m.init_from_scratch:
         if min(m.n_layer, m.n_embd, m.n_head, m.n_positions) < 1:
             raise InputError("--n_layer, --n_embd, --n_head and --n_positions must be positive.")
@@ -243,15 +289,27 @@ def resolve_tasks(data_args: DataArguments, columns: Sequence[str]) -> dict[str,
     from utils.training import TASKS, TYPED_TASKS, UNCONDITIONAL_GENERATION, parse_tasks
 
     has_types = data_args.cell_type_column in columns
+    scale = data_args.prompt_format == "c2s_scale"  # it has no unconditional prompts
     if data_args.tasks is None:
         if has_types:
-            return parse_tasks(",".join(TASKS), data_args.task_weights)
+            typed = [t for t in TASKS if t in TYPED_TASKS] if scale else list(TASKS)
+            return parse_tasks(",".join(typed), data_args.task_weights)
+        if scale:
+            raise InputError(
+                f"The c2s_scale format has only cell-type tasks, but the data has no "
+                f"{data_args.cell_type_column!r} column; pass --cell_type_column."
+            )
         logger.warning(
             "The data has no %r column; training unconditional_generation only.",
             data_args.cell_type_column,
         )
         return parse_tasks(UNCONDITIONAL_GENERATION, data_args.task_weights)
     tasks = parse_tasks(data_args.tasks, data_args.task_weights)
+    if scale and UNCONDITIONAL_GENERATION in tasks:
+        raise InputError(
+            "The c2s_scale prompt format has no unconditional_generation prompts; drop it "
+            "from --tasks or use --prompt_format ours."
+        )
     typed = [t for t in tasks if t in TYPED_TASKS]
     if typed and not has_types:
         raise InputError(
@@ -335,7 +393,7 @@ def prepare_run_dir(
 ) -> None:
     """Refuse to replace a finished run without --overwrite; clear stale checkpoints
     (only where ``delete``: rank 0 of a distributed run)."""
-    check_can_write(run_dir, ["config.json"], overwrite=overwrite)
+    check_can_write(run_dir, ["config.json", "adapter_config.json"], overwrite=overwrite)
     checkpoints = run_dir / "checkpoints"
     resuming_here = checkpoint is not None and checkpoints.resolve() in (
         checkpoint.resolve().parents
@@ -353,10 +411,11 @@ def prepare_run_dir(
 
 
 def publish(staging: Path, run_dir: Path) -> None:
-    """Move the staged final files into ``run_dir``, ``config.json`` last.
+    """Move the staged final files into ``run_dir``, ``config.json`` (or a LoRA run's
+    ``adapter_config.json``) last.
 
-    Without config.json a folder does not load as a model, so a crash in between never
-    leaves something that looks like a finished model.
+    Without it a folder does not load as a model, so a crash in between never leaves
+    something that looks like a finished model.
     """
     keep = {"checkpoints", staging.name}
     for old in sorted(run_dir.iterdir()):
@@ -367,7 +426,8 @@ def publish(staging: Path, run_dir: Path) -> None:
         else:
             old.unlink()
     names = sorted(p.name for p in staging.iterdir())
-    for name in [n for n in names if n != "config.json"] + ["config.json"]:
+    markers = [n for n in ("adapter_config.json", "config.json") if n in names]
+    for name in [n for n in names if n not in markers] + markers:
         (staging / name).replace(run_dir / name)
     staging.rmdir()
 
@@ -394,7 +454,13 @@ def build_model_and_tokenizer(
     from utils.training import from_pretrained, has_label
 
     m, d = args.model, args.data
-    if checkpoint is not None:
+    if checkpoint is not None and m.lora_r:
+        # An adapter checkpoint: the base model + fresh adapters; Trainer restores the adapter
+        # weights, optimizer and step from the checkpoint.
+        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+        model = from_pretrained(AutoModelForCausalLM.from_pretrained, m.model_name,
+                                offline_hint=OFFLINE_HINT, dtype=torch.float32)
+    elif checkpoint is not None:
         tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
         model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32)
     elif m.init_from_scratch:
@@ -446,7 +512,32 @@ def build_model_and_tokenizer(
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
+    if m.lora_r:
+        model = add_lora(model, m, gradient_checkpointing=args.training.gradient_checkpointing)
     return model, tokenizer
+
+
+def add_lora(model: Any, m: ModelArguments, *, gradient_checkpointing: bool) -> Any:
+    """Wrap ``model`` with LoRA adapters (only they train); the adapter names its base model
+    by an absolute path when it is a local folder, so the run folder loads from anywhere."""
+    from utils.lora import target_modules, wrap_with_lora
+
+    modules = target_modules(model.config.model_type, m.lora_target_modules)
+    if gradient_checkpointing:
+        model.enable_input_require_grads()  # checkpointed blocks need inputs that require grad
+    model = wrap_with_lora(model, r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout,
+                           modules=modules)
+    base = Path(m.model_name).expanduser()
+    model.peft_config["default"].base_model_name_or_path = (
+        str(base.resolve()) if base.is_dir() else m.model_name
+    )
+    trainable, total = model.get_nb_trainable_parameters()
+    logger.info(
+        "LoRA r=%d alpha=%g on %s: %s of %s parameters train (%.2f%%).",
+        m.lora_r, m.lora_alpha, ",".join(modules), f"{trainable:,}", f"{total:,}",
+        100 * trainable / max(total, 1),
+    )
+    return model
 
 
 def context_length(model: Any, tokenizer: Any, requested: int | None) -> int:
@@ -478,6 +569,7 @@ def tokenize_split(
     max_length: int,
 ) -> Any:
     """One tokenized example per cell (input_ids, labels, task)."""
+    from utils.prompts import prompt_format
     from utils.training import tokenize_batch
 
     d = args.data
@@ -497,6 +589,7 @@ def tokenize_split(
             "seed": args.training.seed,
             "split": name,
             "cell_type_column": d.cell_type_column,
+            "prompt_format": prompt_format(d.prompt_format, organism=d.organism),
         },
     )
 
@@ -520,10 +613,12 @@ def describe_examples(examples: Any) -> dict[str, Any]:
 def effective_args(
     args: TrainArgs, tasks: dict[str, float], max_length: int, stats: dict[str, Any],
     tokenizer: Any, checkpoint: Path | None, run_dir: Path, cell_types: list[str],
+    lora_modules: Sequence[str] = (),
 ) -> dict[str, Any]:
     """What train_args.json records: every flag plus what the run derived from them."""
-    from utils.training import ANSWER_PREFIX
+    from utils.prompts import prompt_format
 
+    fmt = prompt_format(args.data.prompt_format, organism=args.data.organism)
     record: dict[str, Any] = {**asdict(args.model), **asdict(args.data)}
     if args.model.init_from_scratch:
         record["model_name"] = None  # no pretrained weights were used
@@ -537,13 +632,20 @@ def effective_args(
         resumed_from=str(checkpoint) if checkpoint else None,
         cell_types=cell_types,
         train_examples=stats,
-        prompt_format={
-            "prompt": "encode_prompt(tokenizer, prompt): BOS (if any) + prompt tokens",
-            "answer_prefix": ANSWER_PREFIX,
+        prompt_format=fmt.name,
+        prompt_format_details={
+            **fmt.record(),
+            "prompt": "utils.training.encode_prompt(tokenizer, prompt, format)",
             "bos_token": tokenizer.bos_token,
             "eos_token": tokenizer.eos_token,
             "prompts_module": "utils/prompts.py",
         },
+        lora=(
+            {"r": args.model.lora_r, "alpha": args.model.lora_alpha,
+             "dropout": args.model.lora_dropout,
+             "target_modules": sorted(lora_modules), "merged": args.model.merge_lora}
+            if args.model.lora_r else None
+        ),
         seed=args.training.seed,
         training=json.loads(args.training.to_json_string()),
     )
@@ -575,7 +677,8 @@ def main(args: TrainArgs) -> Path:
     if checkpoint is not None and (checkpoint.parent / RUN_ARGS_FILE).is_file():
         earlier = json.loads((checkpoint.parent / RUN_ARGS_FILE).read_text())
         for key in ("model_name", "init_from_scratch", "n_layer", "n_embd", "n_head",
-                    "n_positions"):
+                    "n_positions", "lora_r", "lora_alpha", "lora_dropout",
+                    "lora_target_modules"):
             if key in earlier:
                 setattr(m, key, earlier[key])
     prepare_run_dir(run_dir, checkpoint, overwrite=d.overwrite, delete=_rank_zero(t))
@@ -640,8 +743,9 @@ def main(args: TrainArgs) -> Path:
     if eval_examples is not None:
         eval_examples = eval_examples.remove_columns("task")
 
+    lora_modules = model.peft_config["default"].target_modules if m.lora_r else ()
     record = effective_args(args, tasks, max_length, stats, tokenizer, checkpoint, run_dir,
-                            cell_types)
+                            cell_types, lora_modules)
     if _rank_zero(t):
         Path(t.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(t.output_dir) / RUN_ARGS_FILE).write_text(
@@ -681,6 +785,11 @@ def main(args: TrainArgs) -> Path:
         shutil.rmtree(staging)
     trainer.accelerator.wait_for_everyone()
     trainer.save_model(str(staging))
+    if _rank_zero(t) and m.merge_lora:
+        # The adapter folds into the base weights: a plain model anyone loads without peft.
+        merged = trainer.model.merge_and_unload()
+        merged.save_pretrained(str(staging / "merged"))
+        tokenizer.save_pretrained(str(staging / "merged"))
     if _rank_zero(t):
         tokenizer.save_pretrained(str(staging))
         (staging / "training_args.bin").unlink(missing_ok=True)

@@ -27,3 +27,12 @@ def _use_cache_of_this_version() -> None:
 
 
 _use_cache_of_this_version()
+
+
+def __getattr__(name: str):
+    # The model API imports transformers (seconds): loaded on first use, not with every script.
+    if name == "CellSentenceModel":
+        from utils.cell_model import CellSentenceModel
+
+        return CellSentenceModel
+    raise AttributeError(f"module 'utils' has no attribute {name!r}")

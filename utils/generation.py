@@ -120,15 +120,17 @@ def generate_batched(
     top_k: int | None = None,
     top_p: float | None = None,
     progress: Callable[[int], None] | None = None,
+    logits_processor_factory: Callable[[], Any] | None = None,
 ) -> list[list[int]]:
     """Generate a continuation of every prompt; returns the new token ids per prompt.
 
     Greedy decoding unless ``do_sample``. The ids after the first EOS are left in; the caller's
     decoder drops them (``utils.training.decode_answer``). ``progress(n)`` is called after each
-    batch with its size.
+    batch with its size. ``logits_processor_factory()`` makes a fresh logits processor per
+    batch (e.g. ``utils.constrain.GeneConstraint``, which keeps per-row state).
     """
     import torch
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig, LogitsProcessorList
 
     device = next(model.parameters()).device
     config_kwargs: dict[str, Any] = {
@@ -151,11 +153,15 @@ def generate_batched(
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
         ids, mask = left_pad([prompts[i] for i in batch], pad_token_id)
+        extra = {}
+        if logits_processor_factory is not None:
+            extra["logits_processor"] = LogitsProcessorList([logits_processor_factory()])
         with torch.inference_mode():
             out = model.generate(
                 input_ids=torch.as_tensor(ids, device=device),
                 attention_mask=torch.as_tensor(mask, device=device),
                 generation_config=config,
+                **extra,
             )
         new = out[:, ids.shape[1] :].cpu().numpy()
         for row, i in enumerate(batch):

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 CONDITIONAL_GENERATION_TEMPLATES: tuple[str, ...] = (
     "List the {n_genes} most highly expressed genes of a cell of type {cell_type} in order, from highest to lowest expression:",
@@ -136,3 +138,151 @@ def prompt_words(
         words.update(str(label).split())
     words.update(str(n) for n in range(1, max_number + 1))
     return sorted(words)
+
+
+# --------------------------------------------------------------------------- prompt formats
+
+# The C2S-Scale format of the published models (vandijklab/cell2sentence,
+# src/cell2sentence/prompts/single_cell_cell_type_{prediction,conditional_generation}_prompts.json):
+# the prompt is tokenized as the tokenizer does by default (its own BOS, if any), the answer
+# follows without a space and ends with a period, then EOS.
+C2S_SCALE_PREDICTION_TEMPLATES: tuple[str, ...] = (
+    "The following is a list of {num_genes} gene names ordered by descending expression level in a {organism} cell. Your task is to give the cell type which this cell belongs to based on its gene expression.\nCell sentence: {cell_sentence}.\nThe cell type corresponding to these genes is:",
+    "Below is a list of {num_genes} gene names in order of descending expression level from a {organism} cell. Based on this, predict what the cell type of this cell is.\nCell sentence: {cell_sentence}.\nThese genes are most likely associated with cell type:",
+    "Given the list of {num_genes} gene names ordered by descending expression level from a {organism} cell, identify the cell type.\nCell sentence: {cell_sentence}.\nThe probable cell type for these genes is:",
+    "Analyze the following list of {num_genes} genes sorted by decreasing expression levels in a {organism} cell and determine its cell type.\nCell sentence: {cell_sentence}.\nBased on these genes, the corresponding cell type is:",
+    "From the list of {num_genes} gene names ordered by decreasing expression level in a {organism} cell, infer the cell type of the cell.\nCell sentence: {cell_sentence}.\nThese genes suggest the cell type is most likely:",
+    "The {num_genes} gene names below are listed by descending expression level in a {organism} cell. Predict the cell type based on this information.\nCell sentence: {cell_sentence}.\nThese genes are indicative of cell type:",
+    "Below is a list of {num_genes} gene names sorted by descending expression in a {organism} cell. Determine the cell type of this cell from its expressed genes.\nCell sentence: {cell_sentence}.\nThe associated cell type for these genes appears to be:",
+    "The following list contains {num_genes} gene names ordered by descending expression level in a {organism} cell. Deduce the cell type based on this.\nCell sentence: {cell_sentence}.\nThese genes typically correspond to cell type:",
+    "Here is a list of {num_genes} genes in order of descending expression level from a {organism} cell. Identify the cell type of this cell based on this information.\nCell sentence: {cell_sentence}.\nThe expected cell type based on these genes is:",
+    "Examine the list of {num_genes} gene names sorted by decreasing expression in a {organism} cell, and from this, identify its cell type.\nCell sentence: {cell_sentence}.\nThese genes are commonly found in cell type:",
+    "The {num_genes} gene names below are arranged by descending expression level in a {organism} cell. Determine the cell type of this cell.\nCell sentence: {cell_sentence}.\nThe cell type that these genes are most commonly linked with is:",
+    "Here is a list of {num_genes} genes ordered by expression level in a {organism} cell. Based on this information, identify the cell type.\nCell sentence: {cell_sentence}.\nBased on the expression levels, the cell type would likely be:",
+    "From the list of {num_genes} gene names sorted by decreasing expression levels in a {organism} cell, predict the cell type.\nCell sentence: {cell_sentence}.\nThe genes provided are most commonly expressed in cell type:",
+    "Below is a list of {num_genes} genes ordered by descending expression in a {organism} cell. Use this information to determine the cell type.\nCell sentence: {cell_sentence}.\nThese genes suggest the cell type is most likely:",
+    "The {num_genes} gene names below are listed by descending expression levels in a {organism} cell. Based on this, predict the cell type.\nCell sentence: {cell_sentence}.\nThe cell type corresponding to these genes is:",
+)
+
+C2S_SCALE_GENERATION_TEMPLATES: tuple[str, ...] = (
+    "Generate a list of {num_genes} genes in order of descending expression which represent a {organism} cell of cell type {cell_type}.\nCell sentence:",
+    "Produce a list of {num_genes} gene names in descending order of expression which represent the expressed genes of a {organism} {cell_type} cell.\nCell sentence:",
+    "Create a ranked list of {num_genes} genes in decreasing order of expression representing {organism} cell of cell type {cell_type}.\nCell sentence:",
+    "List the top {num_genes} expressed genes for a {organism} cell with cell type {cell_type}.\nCell sentence:",
+    "Identify the highest expressed {num_genes} genes in decreasing order of expression in a {organism} {cell_type} cell.\nCell sentence:",
+    "Enumerate a list of {num_genes} genes in descending order of expression in a {organism} {cell_type} cell.\nCell sentence:",
+    "Compile a descending order list of {num_genes} expressed genes in a {organism} {cell_type} cell.\nCell sentence:",
+    "Present a sequence of {num_genes} genes ordered by decreasing expression level in a {organism} {cell_type} cell.\nCell sentence:",
+    "Generate an ordered list of {num_genes} genes by decreasing expression level in a {organism} {cell_type} cell.\nCell sentence:",
+    "Assemble a list of {num_genes} genes from highest to lowest expression in a {organism} {cell_type} cell.\nCell sentence:",
+)
+
+OURS = "ours"
+C2S_SCALE = "c2s_scale"
+DEFAULT_ORGANISM = "Homo sapiens"
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How prompts and answers are worded and joined: ours (``train.py``'s default) or the
+    C2S-Scale format of the published models.
+
+    ``answer_prefix`` goes between prompt and answer; ``answer_suffix`` closes an answer
+    (before EOS); ``manual_bos`` says whether the BOS token is put in front of a prompt by
+    hand (ours, so a word-level tokenizer without a template gets one) or left to the
+    tokenizer's own special-token rules (C2S-Scale, as the published models were trained).
+
+    >>> fmt = prompt_format("c2s_scale")
+    >>> fmt.prediction_answer("B cell"), fmt.parse_label(" B cell.\\nThe")
+    ('B cell.', 'B cell')
+    """
+
+    name: str
+    conditional_templates: tuple[str, ...]
+    unconditional_templates: tuple[str, ...]
+    prediction_templates: tuple[str, ...]
+    answer_prefix: str
+    answer_suffix: str
+    manual_bos: bool
+    organism: str = DEFAULT_ORGANISM
+
+    def _fill(self, template: str, *, genes: Sequence[str] = (), n_genes: int | None = None,
+              cell_type: str | None = None) -> str:
+        n = len(genes) if n_genes is None else n_genes
+        text = " ".join(genes)
+        # Both spellings of the placeholders: ours ({n_genes}, {genes}) and C2S-Scale's.
+        return template.format(n_genes=n, num_genes=n, genes=text, cell_sentence=text,
+                               cell_type=cell_type, organism=self.organism)
+
+    def templates(self, task: str) -> tuple[str, ...]:
+        """The templates of ``task`` (a task name of ``utils.training``)."""
+        table = {
+            "conditional_generation": self.conditional_templates,
+            "unconditional_generation": self.unconditional_templates,
+            "cell_type_prediction": self.prediction_templates,
+        }
+        if not table.get(task):
+            raise ValueError(f"The {self.name} prompt format has no {task} prompts.")
+        return table[task]
+
+    def generation_prompt(self, cell_type: str | None, n_genes: int, *,
+                          rng: random.Random | None = None, template: str | None = None) -> str:
+        """Prompt asking for ``n_genes`` genes of a ``cell_type`` cell (None: any cell)."""
+        task = "unconditional_generation" if cell_type is None else "conditional_generation"
+        return self._fill(template or _pick(self.templates(task), rng), n_genes=n_genes,
+                          cell_type=cell_type)
+
+    def prediction_prompt(self, genes: Sequence[str], *, rng: random.Random | None = None,
+                          template: str | None = None) -> str:
+        """Prompt giving the ranked ``genes`` and asking for the cell type."""
+        return self._fill(template or _pick(self.prediction_templates, rng), genes=genes)
+
+    def gene_span(self, genes: Sequence[str], *, template: str | None = None) -> tuple[str, int, int]:
+        """The prediction prompt and the character span of its genes (for pooling them)."""
+        template = template or self.prediction_templates[0]
+        marker = "\x00"
+        with_marker = self._fill(template.replace("{genes}", marker).replace("{cell_sentence}", marker),
+                                 genes=genes)
+        start = with_marker.index(marker)
+        text = " ".join(genes)
+        return with_marker.replace(marker, text), start, start + len(text)
+
+    def prediction_answer(self, cell_type: str) -> str:
+        return f"{cell_type}{self.answer_suffix}"
+
+    def generation_answer(self, genes: Sequence[str]) -> str:
+        return " ".join(genes) + (self.answer_suffix if genes else "")
+
+    def parse_label(self, text: str) -> str:
+        """A generated label: up to the first newline, whitespace collapsed, the closing
+        period dropped."""
+        line = text.strip().split("\n", 1)[0]
+        line = " ".join(line.split())
+        return line[: -len(self.answer_suffix)].rstrip() if self.answer_suffix and line.endswith(self.answer_suffix) else line
+
+    def parse_genes(self, text: str) -> str:
+        """A generated cell sentence: up to the first newline, single spaces, the closing
+        period dropped."""
+        return self.parse_label(text)
+
+    def record(self) -> dict[str, Any]:
+        """What ``train_args.json`` keeps of the format."""
+        return {"name": self.name, "answer_prefix": self.answer_prefix,
+                "answer_suffix": self.answer_suffix, "manual_bos": self.manual_bos,
+                "organism": self.organism}
+
+
+def prompt_format(name: str = OURS, *, organism: str = DEFAULT_ORGANISM) -> PromptFormat:
+    """The prompt format called ``name``: ``ours`` or ``c2s_scale``."""
+    if name == OURS:
+        return PromptFormat(OURS, CONDITIONAL_GENERATION_TEMPLATES, UNCONDITIONAL_GENERATION_TEMPLATES,
+                            CELL_TYPE_PREDICTION_TEMPLATES, answer_prefix=" ", answer_suffix="",
+                            manual_bos=True, organism=organism)
+    if name == C2S_SCALE:
+        return PromptFormat(C2S_SCALE, C2S_SCALE_GENERATION_TEMPLATES, (),
+                            C2S_SCALE_PREDICTION_TEMPLATES, answer_prefix="", answer_suffix=".",
+                            manual_bos=False, organism=organism)
+    raise ValueError(f"Unknown prompt format {name!r}; choose {OURS} or {C2S_SCALE}.")
+
+
+PROMPT_FORMATS: tuple[str, ...] = (OURS, C2S_SCALE)

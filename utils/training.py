@@ -23,13 +23,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from utils.common import InputError
-from utils.prompts import (
-    CELL_TYPE_PREDICTION_TEMPLATES,
-    CONDITIONAL_GENERATION_TEMPLATES,
-    UNCONDITIONAL_GENERATION_TEMPLATES,
-    format_generation,
-    format_prediction,
-)
+from utils.prompts import OURS, PromptFormat, prompt_format
 
 IGNORE_INDEX = -100
 CONDITIONAL_GENERATION = "conditional_generation"
@@ -45,37 +39,52 @@ ANSWER_PREFIX = " "
 # --------------------------------------------------------------------------- encoding
 
 
-def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
-    """The token ids the model saw before the answer during training: BOS (when the
-    tokenizer has one) followed by the prompt's tokens.
+def _format(fmt: PromptFormat | str | None) -> PromptFormat:
+    if isinstance(fmt, PromptFormat):
+        return fmt
+    return prompt_format(fmt or OURS)
 
-    Feed exactly these ids to ``model.generate`` and the model continues with the answer.
+
+def encode_prompt(tokenizer: Any, prompt: str, fmt: PromptFormat | str | None = None) -> list[int]:
+    """The token ids the model saw before the answer during training.
+
+    Our format: BOS (when the tokenizer has one) followed by the prompt's tokens. The C2S-Scale
+    format: the tokenizer's own encoding (its special tokens, as the published models were
+    trained). Feed exactly these ids to ``model.generate`` and the model continues with the answer.
     """
+    fmt = _format(fmt)
+    if not fmt.manual_bos:
+        return list(tokenizer(prompt)["input_ids"])
     ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     if tokenizer.bos_token_id is not None:
         ids = [tokenizer.bos_token_id, *ids]
     return ids
 
 
-def encode_answer(tokenizer: Any, answer: str) -> list[int]:
+def encode_answer(tokenizer: Any, answer: str, fmt: PromptFormat | str | None = None) -> list[int]:
     """The token ids of an answer as they follow the prompt (without the EOS)."""
     if not answer:
         return []
-    return list(tokenizer(ANSWER_PREFIX + answer, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(_format(fmt).answer_prefix + answer, add_special_tokens=False)["input_ids"])
 
 
-def decode_answer(tokenizer: Any, ids: Sequence[int] | Any) -> str:
-    """Turn generated answer ids back into text: gene names (or the words of a cell-type
-    label) separated by single spaces. Everything from the first EOS on is dropped.
-
-    ``ids`` are the ids after the prompt (a list, or a 1-d tensor/array).
-    """
+def decode_text(tokenizer: Any, ids: Sequence[int] | Any) -> str:
+    """The text of generated ids up to the first EOS (special tokens dropped)."""
     values = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
     eos = tokenizer.eos_token_id
     if eos is not None and eos in values:
         values = values[: values.index(eos)]
-    text = tokenizer.decode(values, skip_special_tokens=True)
-    return " ".join(text.split())
+    return tokenizer.decode(values, skip_special_tokens=True)
+
+
+def decode_answer(tokenizer: Any, ids: Sequence[int] | Any, fmt: PromptFormat | str | None = None) -> str:
+    """Turn generated answer ids back into text: gene names (or the words of a cell-type
+    label) separated by single spaces. Everything from the first EOS on is dropped, and with
+    it, in the C2S-Scale format, everything after the first line and the closing period.
+
+    ``ids`` are the ids after the prompt (a list, or a 1-d tensor/array).
+    """
+    return _format(fmt).parse_label(decode_text(tokenizer, ids))
 
 
 def join_example(
@@ -126,6 +135,7 @@ def generation_example(
     *,
     template: str,
     max_length: int,
+    fmt: PromptFormat | str | None = None,
 ) -> tuple[dict[str, list[int]], int]:
     """A generation example: prompt for ``len(genes)`` genes -> those genes + EOS.
 
@@ -134,9 +144,12 @@ def generation_example(
     of genes kept.
     """
 
+    fmt = _format(fmt)
+
     def build(n: int) -> tuple[list[int], list[int]]:
-        prompt = format_generation(template, cell_type, n)
-        return encode_prompt(tokenizer, prompt), encode_answer(tokenizer, " ".join(genes[:n]))
+        prompt = fmt.generation_prompt(cell_type, n, template=template)
+        return (encode_prompt(tokenizer, prompt, fmt),
+                encode_answer(tokenizer, fmt.generation_answer(genes[:n]), fmt))
 
     prompt_ids, answer_ids, n = _fit_genes(len(genes), max_length, build, what="generation")
     return join_example(prompt_ids, answer_ids, tokenizer.eos_token_id), n
@@ -149,16 +162,18 @@ def prediction_example(
     *,
     template: str,
     max_length: int,
+    fmt: PromptFormat | str | None = None,
 ) -> tuple[dict[str, list[int]], int]:
     """A cell-type prediction example: prompt with ranked ``genes`` -> ``cell_type`` + EOS.
 
     When it does not fit ``max_length`` tokens, the lowest-ranked genes are dropped from the
     prompt; the answer is never cut. Returns the example and the number of genes kept.
     """
-    answer_ids = encode_answer(tokenizer, cell_type)
+    fmt = _format(fmt)
+    answer_ids = encode_answer(tokenizer, fmt.prediction_answer(cell_type), fmt)
 
     def build(n: int) -> tuple[list[int], list[int]]:
-        return encode_prompt(tokenizer, format_prediction(template, genes[:n])), answer_ids
+        return encode_prompt(tokenizer, fmt.prediction_prompt(genes[:n], template=template), fmt), answer_ids
 
     prompt_ids, answer_ids, n = _fit_genes(len(genes), max_length, build, what="prediction")
     return join_example(prompt_ids, answer_ids, tokenizer.eos_token_id), n
@@ -173,26 +188,23 @@ def make_example(
     top_k: int,
     max_length: int,
     rng: random.Random,
+    fmt: PromptFormat | str | None = None,
 ) -> dict[str, list[int]]:
     """One tokenized training example of ``task`` from a cell sentence (template from ``rng``)."""
+    fmt = _format(fmt)
+    if task not in TASKS:
+        raise ValueError(f"Unknown task {task!r}; choose from {', '.join(TASKS)}.")
     genes = sentence.split()[:top_k]
+    template = rng.choice(fmt.templates(task))
     if task == CELL_TYPE_PREDICTION:
-        template = rng.choice(CELL_TYPE_PREDICTION_TEMPLATES)
         example, _ = prediction_example(
-            tokenizer, genes, str(cell_type), template=template, max_length=max_length
-        )
-    elif task == CONDITIONAL_GENERATION:
-        template = rng.choice(CONDITIONAL_GENERATION_TEMPLATES)
-        example, _ = generation_example(
-            tokenizer, genes, str(cell_type), template=template, max_length=max_length
-        )
-    elif task == UNCONDITIONAL_GENERATION:
-        template = rng.choice(UNCONDITIONAL_GENERATION_TEMPLATES)
-        example, _ = generation_example(
-            tokenizer, genes, None, template=template, max_length=max_length
+            tokenizer, genes, str(cell_type), template=template, max_length=max_length, fmt=fmt
         )
     else:
-        raise ValueError(f"Unknown task {task!r}; choose from {', '.join(TASKS)}.")
+        typed = str(cell_type) if task == CONDITIONAL_GENERATION else None
+        example, _ = generation_example(
+            tokenizer, genes, typed, template=template, max_length=max_length, fmt=fmt
+        )
     return example
 
 
@@ -213,6 +225,7 @@ def tokenize_batch(
     split: str,
     sentence_column: str = "cell_sentence",
     cell_type_column: str | None = "cell_type",
+    prompt_format: PromptFormat | str = OURS,
 ) -> dict[str, list[Any]]:
     """``datasets.map(batched=True, with_indices=True)`` function: one example per cell, its
     task drawn with the weights of ``tasks`` from a per-cell seeded random stream.
@@ -221,6 +234,7 @@ def tokenize_batch(
     tasks need a label.
     """
     names, weights = list(tasks), list(tasks.values())
+    fmt = _format(prompt_format)
     untyped = [(n, w) for n, w in zip(names, weights, strict=True) if n not in TYPED_TASKS]
     sentences = batch[sentence_column]
     types = batch[cell_type_column] if cell_type_column in batch else [None] * len(sentences)
@@ -234,7 +248,8 @@ def tokenize_batch(
         else:
             continue
         example = make_example(
-            tokenizer, sentence, cell_type, task=task, top_k=top_k, max_length=max_length, rng=rng
+            tokenizer, sentence, cell_type, task=task, top_k=top_k, max_length=max_length, rng=rng,
+            fmt=fmt,
         )
         out["input_ids"].append(example["input_ids"])
         out["labels"].append(example["labels"])
@@ -400,7 +415,8 @@ def load_model_and_tokenizer(
     Parameters
     ----------
     model_dir
-        A directory written by ``train.py`` (or any ``save_pretrained`` folder), or a hub name.
+        A directory written by ``train.py`` (a full model, or a LoRA adapter folder whose
+        adapter is merged into its base model), any ``save_pretrained`` folder, or a hub name.
     device
         ``"cpu"``, ``"cuda"``, ``"cuda:1"``, a ``torch.device``; None picks CUDA when available.
     dtype
@@ -415,16 +431,25 @@ def load_model_and_tokenizer(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from utils.lora import base_model_name, is_adapter_dir, load_adapter_model
+
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     name = str(model_dir)
-    tokenizer = from_pretrained(AutoTokenizer.from_pretrained, name, offline_hint=offline_hint)
+    adapter = is_adapter_dir(name)
+    if adapter:  # a LoRA run folder: its tokenizer, the base model's weights + the adapter
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        name = base_model_name(model_dir)
+    else:
+        tokenizer = from_pretrained(AutoTokenizer.from_pretrained, name, offline_hint=offline_hint)
     model = from_pretrained(
         AutoModelForCausalLM.from_pretrained,
         name,
         offline_hint=offline_hint,
         dtype=dtype or torch.float32,
     )
+    if adapter:
+        model = load_adapter_model(model_dir, model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"

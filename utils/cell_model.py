@@ -1,0 +1,309 @@
+"""``CellSentenceModel``: a cell-sentence language model for notebooks (and the scripts).
+
+Loads ours (a ``train.py`` run: full model or LoRA adapter) or a published C2S model (a hub
+name or its downloaded folder, no ``train_args.json``: the C2S-Scale prompt format), and
+predicts cell types, generates cells and embeds cells, in batches. ``generate.py`` and
+``embed.py`` call the same methods, so a notebook gets the scripts' results.
+
+>>> model = CellSentenceModel.load("data/model/scratch-e2e-k50")  # doctest: +SKIP
+>>> model.predict_cell_types(["CD3E CD3D IL7R ...", "LYZ CD14 S100A8 ..."])  # doctest: +SKIP
+['CD4+/CD45RO+ Memory', 'CD14+ Monocyte']
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from utils.common import InputError
+from utils.prompts import (
+    C2S_SCALE,
+    DEFAULT_ORGANISM,
+    OURS,
+    PromptFormat,
+    prompt_format,
+    prompt_words,
+)
+from utils.tokenizer import SPECIAL_TOKENS
+
+logger = logging.getLogger("cell2sentence")
+
+DEFAULT_TOP_K_GENES = 100
+DEFAULT_LABEL_TOKENS = 32  # answer budget for a label when the model's labels are unknown
+
+
+def read_train_record(name_or_dir: str | Path) -> dict[str, Any]:
+    """``train_args.json`` of a ``train.py`` run, or {} (a published or other model)."""
+    path = Path(str(name_or_dir)).expanduser() / "train_args.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def record_prompt_format(record: Mapping[str, Any]) -> str:
+    """The prompt format a run was trained with: ours when it has a record, else C2S-Scale."""
+    if not record:
+        return C2S_SCALE
+    value = record.get("prompt_format", OURS)
+    if isinstance(value, Mapping):
+        return str(value.get("name", OURS))  # earlier runs recorded a description: ours
+    return str(value)
+
+
+def as_sentences(cells: Any, *, column: str = "cell_sentence") -> list[str]:
+    """Cell sentences from a list of sentences, a ``datasets.Dataset`` (a DatasetDict split)
+    or an AnnData (run through the transform's API, ``utils.adata_to_sentences``)."""
+    if isinstance(cells, str):
+        raise InputError("Pass a list of cell sentences, not one string.")
+    try:
+        import anndata
+
+        if isinstance(cells, anndata.AnnData):
+            import utils
+
+            to_sentences = getattr(utils, "adata_to_sentences", None)
+            if to_sentences is None:
+                raise InputError("This version cannot turn an AnnData into cell sentences; run "
+                                 "transform.py and pass its cell_sentences_hf split.")
+            result = to_sentences(cells)
+            return as_sentences(result, column=column)
+    except ImportError:
+        pass
+    if hasattr(cells, "column_names"):  # datasets.Dataset / pyarrow.Table
+        if column not in cells.column_names:
+            raise InputError(f"The dataset has no {column!r} column (it has {list(cells.column_names)}).")
+        values = cells[column] if not hasattr(cells, "column") else cells.column(column).to_pylist()
+        return [str(s) for s in values]
+    if hasattr(cells, "keys") and "train" in cells:
+        raise InputError("Pass one split of the DatasetDict (e.g. dataset['test']), not the whole dict.")
+    return [str(s) for s in cells]
+
+
+def _drop_cut_gene(sentence: str, genes: set[str]) -> str:
+    """A constrained sentence cut by the token budget may end inside a gene: drop that piece."""
+    words = sentence.split()
+    if words and words[-1] not in genes:
+        words = words[:-1]
+    return " ".join(words)
+
+
+@dataclass
+class CellSentenceModel:
+    """A loaded model with its tokenizer and prompt format.
+
+    Attributes
+    ----------
+    model, tokenizer
+        The ``transformers`` model (eval mode) and tokenizer (left padding).
+    prompt_format
+        How prompts and answers are worded (``utils.prompts.PromptFormat``).
+    top_k_genes
+        Genes per prompt (the run's ``top_k_genes``; 100 for published models).
+    record
+        The run's ``train_args.json`` ({} for a published model).
+    """
+
+    model: Any
+    tokenizer: Any
+    prompt_format: PromptFormat
+    top_k_genes: int = DEFAULT_TOP_K_GENES
+    record: dict[str, Any] = field(default_factory=dict)
+    name: str = ""
+
+    @classmethod
+    def load(cls, name_or_dir: str | Path, *, device: str = "auto", dtype: str = "auto",
+             prompt_format_name: str | None = None, top_k_genes: int | None = None,
+             organism: str = DEFAULT_ORGANISM) -> CellSentenceModel:
+        """Load a model folder (``train.py`` run, LoRA adapter run, published model) or hub name.
+
+        ``prompt_format_name`` overrides the format (default: the run's, C2S-Scale without a
+        ``train_args.json``); ``device`` auto takes CUDA with bf16 when available.
+        """
+        from utils.generation import pick_device
+        from utils.training import load_model_and_tokenizer
+
+        record = read_train_record(name_or_dir)
+        fmt_name = prompt_format_name or record_prompt_format(record)
+        fmt = prompt_format(fmt_name, organism=record.get("organism", organism) if record else organism)
+        dev, torch_dtype = pick_device(device, dtype)
+        model, tokenizer = load_model_and_tokenizer(name_or_dir, dev, dtype=torch_dtype)
+        top_k = top_k_genes or int(record.get("top_k_genes", DEFAULT_TOP_K_GENES))
+        if not record:
+            logger.info("%s has no train_args.json: a published model, %s prompt format, top %d genes.",
+                        name_or_dir, fmt.name, top_k)
+        return cls(model, tokenizer, fmt, top_k, record, str(name_or_dir))
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def context(self) -> int:
+        config = self.model.config
+        return int(getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+                   or 1024)
+
+    @property
+    def device(self) -> Any:
+        return next(self.model.parameters()).device
+
+    def known_genes(self) -> list[str] | None:
+        """The genes a word-level tokenizer of ``train.py`` spells (None for sub-word tokenizers,
+        whose gene list must come from the data)."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None or type(backend.model).__name__ != "WordLevel":
+            return None
+        other = set(SPECIAL_TOKENS) | set(prompt_words(self.record.get("cell_types", []),
+                                                       max_number=max(1024, self.top_k_genes)))
+        vocab = self.tokenizer.get_vocab()
+        return [w for w, _ in sorted(vocab.items(), key=lambda kv: kv[1]) if w not in other]
+
+    # ------------------------------------------------------------------ prediction
+
+    def prediction_prompts(self, sentences: Sequence[str], *, budget: int,
+                           n_genes: int | None = None) -> tuple[list[list[int]], int]:
+        """Prompt ids per sentence (its first K genes, fewer where the context is short) and
+        how many were shortened."""
+        from utils.generation import shorten_to_fit
+        from utils.training import encode_prompt
+
+        k = n_genes or self.top_k_genes
+        fmt, tok = self.prompt_format, self.tokenizer
+        prompts, shortened = [], 0
+        for sentence in sentences:
+            genes = sentence.split()[:k]
+            ids, n = shorten_to_fit(lambda n, g=genes: encode_prompt(tok, fmt.prediction_prompt(g[:n]), fmt),
+                                    len(genes), self.context - budget)
+            shortened += n < len(genes)
+            prompts.append(ids)
+        return prompts, shortened
+
+    def label_budget(self, labels: Iterable[str] | None = None) -> int:
+        """New tokens for a label: the longest known label's tokens + 2."""
+        from utils.training import encode_answer
+
+        labels = list(labels if labels is not None else self.record.get("cell_types", []))
+        if not labels:
+            return DEFAULT_LABEL_TOKENS
+        fmt = self.prompt_format
+        return max(len(encode_answer(self.tokenizer, fmt.prediction_answer(x), fmt)) for x in labels) + 2
+
+    def predict_cell_types(self, cells: Any, *, batch_size: int = 16, max_new_tokens: int | None = None,
+                           labels: Iterable[str] | None = None, n_genes: int | None = None,
+                           progress: Callable[[int], None] | None = None) -> list[str]:
+        """The predicted cell type of each cell (batched greedy decoding, left padding).
+
+        ``cells``: cell sentences, a dataset split, or an AnnData. ``labels`` (the known cell
+        types) size the answer budget; ``n_genes`` overrides the genes per prompt.
+        """
+        from utils.generation import generate_batched
+        from utils.training import decode_answer
+
+        sentences = as_sentences(cells)
+        budget = max_new_tokens or self.label_budget(labels)
+        prompts, shortened = self.prediction_prompts(sentences, budget=budget, n_genes=n_genes)
+        if shortened:
+            logger.warning("%s prediction prompts were shortened to fit the model's %d-token context.",
+                           f"{shortened:,}", self.context)
+        answers = generate_batched(self.model, prompts, pad_token_id=self.tokenizer.pad_token_id,
+                                   eos_token_id=self.tokenizer.eos_token_id, max_new_tokens=budget,
+                                   batch_size=batch_size, do_sample=False, progress=progress)
+        return [decode_answer(self.tokenizer, a, self.prompt_format) for a in answers]
+
+    # ------------------------------------------------------------------ generation
+
+    def gene_budget(self, n_genes: int, genes: Sequence[str] | None) -> int:
+        """New tokens for ``n_genes`` genes: 1.25 x their mean token length (from ``genes``,
+        else 4 tokens a gene) + 2."""
+        from utils.training import encode_answer
+
+        per_gene = 4.0
+        if genes:
+            sample = list(genes)[:: max(1, len(genes) // 500)]
+            per_gene = float(np.mean([len(encode_answer(self.tokenizer, " " + g)) for g in sample]))
+        return int(np.ceil(1.25 * n_genes * per_gene)) + 2
+
+    def gene_constraint(self, genes: Iterable[str] | None) -> Callable[[], Any] | None:
+        """A factory of the valid-gene logits processor, or None when no gene list is known."""
+        from utils.constrain import GeneConstraint, build_gene_tries
+
+        names = list(genes) if genes is not None else self.known_genes()
+        if not names:
+            logger.warning("No gene list for this model's tokenizer: generating without the gene "
+                           "constraint (pass genes=..., e.g. the transform's vocabulary).")
+            return None
+        fmt = self.prompt_format
+        first, rest, closing, kept = build_gene_tries(self.tokenizer, names, answer_prefix=fmt.answer_prefix,
+                                                      answer_suffix=fmt.answer_suffix)
+        if len(kept) < len(names):
+            logger.info("The gene constraint covers %s of %s genes (the others the tokenizer cannot "
+                        "spell, or spells like another).", f"{len(kept):,}", f"{len(names):,}")
+        vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
+        self._constraint_genes = set(kept)
+        return lambda: GeneConstraint(first, rest, closing, vocab_size)
+
+    def generate_cells(self, cell_types: Sequence[str] | Mapping[str, int], n_per_type: int = 1, *,
+                       n_genes: int | None = None, batch_size: int = 16, max_new_tokens: int | None = None,
+                       temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0,
+                       constrain_genes: bool = True, genes: Iterable[str] | None = None,
+                       seed: int | None = None, progress: Callable[[int], None] | None = None
+                       ) -> pd.DataFrame:
+        """Generate ``n_per_type`` cells of each type (or ``{type: count}``), sampled.
+
+        With ``constrain_genes`` (default) every generated word is a gene of ``genes`` (default:
+        the genes of a word-level tokenizer) and no gene repeats. Returns a DataFrame with
+        ``cell_name``, ``cell_sentence``, ``requested_cell_type``.
+        """
+        from utils.common import seed_everything
+        from utils.generation import generate_batched
+        from utils.training import decode_answer, encode_prompt
+
+        counts = dict(cell_types) if isinstance(cell_types, Mapping) else {str(t): n_per_type for t in cell_types}
+        requested = [t for t, n in counts.items() for _ in range(int(n))]
+        k = n_genes or self.top_k_genes
+        fmt, tok = self.prompt_format, self.tokenizer
+        prompts = [encode_prompt(tok, fmt.generation_prompt(t, k), fmt) for t in requested]
+        names = list(genes) if genes is not None else self.known_genes()
+        budget = max_new_tokens or self.gene_budget(k, names)
+        longest = max((len(p) for p in prompts), default=0)
+        new_tokens = min(budget, max(1, self.context - longest))
+        if new_tokens < budget:
+            logger.warning("Generating at most %d new tokens (the model's context is %d).", new_tokens,
+                           self.context)
+        factory = self.gene_constraint(names) if constrain_genes else None
+        if seed is not None:
+            seed_everything(seed)
+        answers = generate_batched(self.model, prompts, pad_token_id=tok.pad_token_id,
+                                   eos_token_id=tok.eos_token_id, max_new_tokens=new_tokens,
+                                   batch_size=batch_size, do_sample=True, temperature=temperature,
+                                   top_k=top_k, top_p=top_p, progress=progress,
+                                   logits_processor_factory=factory)
+        sentences = [decode_answer(tok, a, fmt) for a in answers]
+        if factory is not None:
+            sentences = [_drop_cut_gene(s, self._constraint_genes) for s in sentences]
+        return pd.DataFrame({
+            "cell_name": [f"generated_{i:06d}" for i in range(len(requested))],
+            "cell_sentence": sentences,
+            "requested_cell_type": requested,
+        })
+
+    # ------------------------------------------------------------------ embedding
+
+    def embed_cells(self, cells: Any, *, pooling: str = "mean", layer: int = -1, batch_size: int = 16,
+                    n_genes: int | None = None, progress: Callable[[int], None] | None = None
+                    ) -> np.ndarray:
+        """Cell embeddings (cells x hidden size, float32): ``layer``'s hidden states averaged
+        over the cell sentence's tokens (``pooling="mean"``) or at the last token."""
+        from utils.embedding import embed_batched
+
+        k = n_genes or self.top_k_genes
+        genes = [s.split()[:k] for s in as_sentences(cells)]
+        n_layers = int(getattr(self.model.config, "num_hidden_layers", 0) or getattr(self.model.config, "n_layer", 0))
+        if n_layers and not -(n_layers + 1) <= layer <= n_layers:
+            raise InputError(f"layer {layer} is out of range: the model has {n_layers} layers "
+                             f"(hidden states 0..{n_layers}, or -1 for the last).")
+        return embed_batched(self.model, self.tokenizer, self.prompt_format, genes, pooling=pooling,
+                             layer=layer, batch_size=batch_size, progress=progress)
