@@ -1,0 +1,123 @@
+"""LoRA (peft) fine-tuning with train.py: adapter-only training, merging, resuming, loading."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers_models import make_published_model
+
+import generate
+import train
+from utils.cell_model import CellSentenceModel
+from utils.common import InputError
+from utils.lora import DEFAULT_TARGET_MODULES, is_adapter_dir, target_modules
+
+LORA = ["--prompt_format", "c2s_scale", "--tasks", "cell_type_prediction", "--top_k_genes", "6",
+        "--per_device_train_batch_size", "8", "--learning_rate", "5e-3", "--disable_tqdm", "True",
+        "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0.0", "--seed", "2"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    return make_published_model(tmp_path_factory.mktemp("hub") / "C2S-tiny", seed=1)
+
+
+@pytest.fixture(scope="module")
+def lora_run(one_thread, base: Path, data_dir: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs")
+    return train.main(train.parse_args([
+        "--data_dir", str(data_dir), "--output_dir", str(out), "--run_name", "lora", "--model_name", str(base),
+        "--max_steps", "8", "--save_steps", "4", "--merge_lora", "True", *LORA]))
+
+
+def test_run_folder_holds_the_adapter_and_only_adapters_changed(lora_run: Path, base: Path) -> None:
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    names = {p.name for p in lora_run.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "train_args.json",
+            "merged"} <= names and "config.json" not in names
+    assert is_adapter_dir(lora_run) and not is_adapter_dir(lora_run / "merged")
+    config = json.loads((lora_run / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(base.resolve()) and config["r"] == 4
+    assert sorted(config["target_modules"]) == sorted(DEFAULT_TARGET_MODULES["gpt_neox"])
+    record = json.loads((lora_run / "train_args.json").read_text())
+    assert record["lora"]["r"] == 4 and record["lora"]["merged"] is True
+    saved = load_file(str(lora_run / "adapter_model.safetensors"))
+    assert saved and all("lora_" in k for k in saved)  # the adapter only, no base weights
+    original = AutoModelForCausalLM.from_pretrained(base)
+    before = {k: v.clone() for k, v in original.state_dict().items()}
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(lora_run))
+    for name, value in peft_model.base_model.model.state_dict().items():
+        if "lora_" in name:
+            continue
+        key = name.replace(".base_layer", "")
+        assert torch.equal(value, before[key]), name  # frozen
+    lora_b = [v for k, v in saved.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # trained (initialized at zero)
+
+
+def test_merged_and_unmerged_give_the_same_logits(lora_run: Path, base: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(lora_run)
+    ids = torch.tensor([tok("Cell sentence: CD14 LYZ S100A8.\nThe cell type is:")["input_ids"]])
+    unmerged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(lora_run)).eval()
+    merged = AutoModelForCausalLM.from_pretrained(lora_run / "merged").eval()
+    plain = AutoModelForCausalLM.from_pretrained(base).eval()
+    with torch.no_grad():
+        a, b, c = unmerged(ids).logits, merged(ids).logits, plain(ids).logits
+    assert torch.allclose(a, b, atol=1e-4)
+    assert not torch.allclose(a, c, atol=1e-3)  # the adapter does change the model
+
+
+def test_adapter_folder_loads_in_generate_and_the_api(lora_run: Path, data_dir: Path, tmp_path: Path) -> None:
+    model = CellSentenceModel.load(lora_run, device="cpu")
+    merged = CellSentenceModel.load(lora_run / "merged", device="cpu", prompt_format_name="c2s_scale",
+                                    top_k_genes=6)
+    cells = ["CD14 LYZ S100A8 S100A9 FCN1 VCAN", "CD79A MS4A1 CD79B BANK1 IGHM CD74"]
+    assert model.prompt_format.name == "c2s_scale" and model.top_k_genes == 6
+    assert model.predict_cell_types(cells) == merged.predict_cell_types(cells)
+    assert torch.allclose(torch.from_numpy(model.embed_cells(cells)), torch.from_numpy(merged.embed_cells(cells)),
+                          atol=1e-4)
+    metrics = generate.main(generate.parse_args([
+        "--model_dir", str(lora_run), "--data_dir", str(data_dir), "--output_dir", str(tmp_path / "g"),
+        "--tasks", "predict", "--max_cells", "8"]))
+    assert metrics["prediction"]["n_cells"] == 8 and metrics["prompt_format"] == "c2s_scale"
+
+
+def test_resume_a_lora_run(lora_run: Path, base: Path, data_dir: Path) -> None:
+    checkpoint = lora_run / "checkpoints" / "checkpoint-4"
+    assert (checkpoint / "adapter_model.safetensors").is_file()
+    resumed = train.main(train.parse_args([
+        "--data_dir", str(data_dir), "--output_dir", str(lora_run.parent), "--run_name", "resumed",
+        "--model_name", str(base), "--checkpoint", str(checkpoint), "--max_steps", "8", *LORA]))
+    log = json.loads((resumed / "train_log.json").read_text())
+    steps = [h["step"] for h in log if "loss" in h or "train_loss" in h]
+    assert steps[-1] == 8
+    results = json.loads((resumed / "train_results.json").read_text())
+    assert results["global_step"] == 8
+    # Resuming at step 4 reproduces the uninterrupted run's adapter.
+    from safetensors.torch import load_file
+
+    a = load_file(str(lora_run / "adapter_model.safetensors"))
+    b = load_file(str(resumed / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_lora_flags_are_checked(base: Path, data_dir: Path) -> None:
+    assert target_modules("gpt2", None) == ["c_attn", "c_proj", "c_fc"]
+    assert target_modules("anything", "q_proj, v_proj") == ["q_proj", "v_proj"]
+    with pytest.raises(InputError, match="--lora_target_modules"):
+        target_modules("mamba", None)
+    with pytest.raises(InputError, match="LoRA adapts a pretrained model"):
+        train.check_args(train.parse_args(["--init_from_scratch", "True", "--lora_r", "4"]))
+    with pytest.raises(InputError, match="--merge_lora"):
+        train.check_args(train.parse_args(["--merge_lora", "True"]))
+    with pytest.raises(InputError, match="c2s_scale"):
+        train.check_args(train.parse_args(["--init_from_scratch", "True", "--prompt_format", "c2s_scale"]))
