@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
-from helpers_models import make_published_model
+from helpers_models import make_published_model, word_level_model
 from helpers_train import MARKERS, make_sentences
 
 import generate
@@ -111,25 +110,6 @@ def test_model_api_gives_the_scripts_results(scale_run: Path, data_dir: Path, tm
                                  max_new_tokens=40)
     assert cells["cell_sentence"].tolist() == (out / "generated_cells.txt").read_text().splitlines()
     assert cells["requested_cell_type"].tolist() == [t for t in sorted(MARKERS) for _ in range(2)]
-
-
-def word_level_model(tmp_path: Path) -> Path:
-    """An untrained GPT-2 with a word-level tokenizer, saved like a train.py run."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from utils.prompts import prompt_words
-    from utils.tokenizer import build_word_tokenizer
-
-    tok = build_word_tokenizer(make_sentences(200)[0], extra_words=prompt_words(MARKERS), model_max_length=256)
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=32, n_layer=1, n_head=2,
-                                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                       pad_token_id=tok.pad_token_id))
-    model.save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
-    (tmp_path / "train_args.json").write_text(json.dumps({"top_k_genes": 20, "cell_types": sorted(MARKERS),
-                                                          "prompt_format": "ours"}))
-    return tmp_path
 
 
 @pytest.mark.parametrize("kind", ["word-level", "bpe"])
