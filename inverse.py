@@ -45,9 +45,9 @@ from utils.common import (
 from utils.evaluation import knn_accuracy, sentence_stats
 from utils.fit import RankExpressionFit
 from utils.inverse import (
-    InverseResult,
     SentenceBytes,
     build_vocab_index,
+    expression_adata,
     load_transform_fit,
     load_vocab,
     read_sentence_file,
@@ -188,24 +188,6 @@ def _load_arrow(path: Path, args: argparse.Namespace) -> tuple[SentenceBytes, pd
 # ---------------------------------------------------------------------------------- output
 
 
-def to_anndata(result: InverseResult, obs: pd.DataFrame, vocab: list[str], *,
-               case_insensitive: bool) -> ad.AnnData:
-    """The reconstruction as an AnnData with the per-cell counts in obs."""
-    counts = result.obs()
-    if not case_insensitive:
-        counts = counts.drop(columns="n_case_folded_genes")
-    counts.index = obs.index
-    frame = pd.concat([obs, counts], axis=1)
-    if isinstance(frame.index, pd.RangeIndex):
-        frame.index = pd.Index([f"cell_{i}" for i in range(len(frame))])
-    frame.index = frame.index.astype(str)
-    adata = ad.AnnData(X=result.X, obs=frame, var=pd.DataFrame(index=pd.Index(vocab, dtype=str)))
-    if not adata.obs_names.is_unique:
-        logger.warning("Cell names are not unique; made them unique by appending -1, -2, ...")
-        adata.obs_names_make_unique()
-    return adata
-
-
 # ---------------------------------------------------------------------------------- evaluation
 
 
@@ -327,7 +309,7 @@ def main(args: argparse.Namespace) -> ad.AnnData:
         else:
             logger.warning("Genes at ranks from %.0f on get values <= 0 (the fit's zero crossing); kept so that "
                            "the order is exact, pass --clip_negative to drop them.", np.ceil(crossing))
-    adata = to_anndata(result, obs, vocab, case_insensitive=args.case_insensitive)
+    adata = expression_adata(result, obs, vocab, case_insensitive=args.case_insensitive)
     adata.uns["inverse"] = {
         "slope": fit.slope, "intercept": fit.intercept, "clip_negative": bool(args.clip_negative),
         "case_insensitive": bool(args.case_insensitive),

@@ -26,6 +26,11 @@ and measures:
 - ``output``: bytes on disk of everything transform.py wrote, and that size over the run's time.
 
 Each size runs ``--repeats`` times (one row each); the best run per size is printed at the end.
+``--transform A.py B.py`` measures several scripts side by side in one run (e.g. a ``git
+worktree`` of the code before a change against the change), alternating between them for every
+repeat so that a busy machine or a slower disk hits both alike; ``--compare_outputs`` then also
+checks that their outputs of each size are byte for byte the same (``transform_args.json``,
+which records the paths, aside).
 Outputs go under ``--output_root`` (default: the cache folder) and are removed afterwards unless
 ``--keep_outputs``.
 
@@ -83,6 +88,7 @@ class RunResult:
     sys_seconds: float = 0.0
     qc_pass_seconds: float | None = None  # from transform.py's log
     sentence_pass_seconds: float | None = None
+    script: str = ""  # which --transform ran
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -113,7 +119,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="Where synthetic files are cached (reused when the parameters match) and runs write.",
     )
     parser.add_argument(
-        "--transform", type=Path, default=ROOT / "transform.py", help="The script to benchmark."
+        "--transform", type=Path, nargs="+", default=[ROOT / "transform.py"],
+        help="The script(s) to benchmark, side by side (runs alternate between them).",
+    )
+    parser.add_argument(
+        "--compare_outputs", action="store_true",
+        help="Check that every --transform writes byte-identical outputs (first run of each size).",
     )
     parser.add_argument(
         "--python", type=str, default=sys.executable, help="Interpreter that runs transform.py."
@@ -212,11 +223,42 @@ def count_nnz(path: Path) -> int:
         return int(f["X/data"].shape[0])
 
 
+def _labels(scripts: Sequence[Path]) -> list[str]:
+    """Short names of the scripts: their folder's name (the worktree), else their path."""
+    names = [t.parent.name for t in scripts]
+    return names if len(set(names)) == len(names) else [str(t) for t in scripts]
+
+
+def differing_files(a: Path, b: Path) -> list[str]:
+    """Files under ``a`` and ``b`` (relative paths) that are missing on one side or differ in
+    content, ``transform_args.json`` aside."""
+    names = {p.relative_to(a) for p in a.rglob("*") if p.is_file()} | {p.relative_to(b) for p in b.rglob("*") if p.is_file()}
+    differ = []
+    for name in sorted(names):
+        if name.name == "transform_args.json":
+            continue
+        x, y = a / name, b / name
+        if not (x.is_file() and y.is_file() and x.stat().st_size == y.stat().st_size and _same_bytes(x, y)):
+            differ.append(str(name))
+    return differ
+
+
+def _same_bytes(x: Path, y: Path, block: int = 64 << 20) -> bool:
+    with x.open("rb") as f, y.open("rb") as g:
+        while True:
+            u, v = f.read(block), g.read(block)
+            if u != v:
+                return False
+            if not u:
+                return True
+
+
 def format_table(results: Sequence[RunResult]) -> str:
     """The results as an aligned text table."""
     mb = 1024**2
     header = ("cells", "non-zeros", "seconds", "cells/s", "peak RSS tree MB", "max RSS 1 proc MB",
-              "user s", "sys s", "QC pass cells/s", "sentence pass cells/s", "output MB", "output MB/s")  # fmt: skip
+              "user s", "sys s", "QC pass cells/s", "sentence pass cells/s", "output MB", "output MB/s",
+              "script")  # fmt: skip
     rows = [header]
 
     def rate(seconds: float | None, n: int) -> str:
@@ -237,6 +279,7 @@ def format_table(results: Sequence[RunResult]) -> str:
                 rate(r.sentence_pass_seconds, r.n_cells),
                 f"{r.output_bytes / mb:,.1f}",
                 f"{r.output_bytes / mb / r.seconds:,.0f}",
+                r.script,
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -247,16 +290,20 @@ def format_table(results: Sequence[RunResult]) -> str:
 
 def main(args: argparse.Namespace) -> list[RunResult]:
     """Run the benchmark for every size and print the table; returns the measurements."""
-    transform = args.transform.resolve()
-    if not transform.is_file():
-        raise InputError(
-            f"{transform} does not exist; pass the script to benchmark with --transform."
-        )
+    scripts = [t.resolve() for t in args.transform]
+    for transform in scripts:
+        if not transform.is_file():
+            raise InputError(
+                f"{transform} does not exist; pass the script to benchmark with --transform."
+            )
+    labels = _labels(scripts)
     args.cache_dir.mkdir(parents=True, exist_ok=True)
     output_root = args.output_root or args.cache_dir
     output_root.mkdir(parents=True, exist_ok=True)
     results: list[RunResult] = []
-    for n_cells in [n for n in args.n_cells for _ in range(args.repeats)]:
+    kept: dict[int, list[Path]] = {}  # per size: the outputs kept for --compare_outputs
+    runs = [(n, t, label) for n in args.n_cells for _ in range(args.repeats) for t, label in zip(scripts, labels, strict=True)]
+    for n_cells, transform, label in runs:
         data = cached_synthetic_h5ad(
             args.cache_dir, n_cells=n_cells, n_genes=args.n_genes,
             genes_per_cell=args.genes_per_cell, seed=args.seed,
@@ -271,6 +318,7 @@ def main(args: argparse.Namespace) -> list[RunResult]:
             command += ["--chunk_size", str(args.chunk_size)]
         logger.info("Running %s", " ".join(command))
         log_path = out / "transform.log"
+        keep = args.keep_outputs or (args.compare_outputs and len(kept.get(n_cells, [])) < len(scripts))
         try:
             seconds, peak, single, code, usage = measure(command, log_path=log_path, timeout=args.timeout)
             if code != 0:
@@ -282,10 +330,10 @@ def main(args: argparse.Namespace) -> list[RunResult]:
             out_bytes = dir_bytes(out / "out")
             passes = pass_seconds(log_path.read_text(errors="replace"))
         finally:
-            if not args.keep_outputs:
+            if not keep:
                 shutil.rmtree(out, ignore_errors=True)
         result = RunResult(n_cells, nnz, seconds, peak, single, out_bytes, code, usage.ru_utime,
-                           usage.ru_stime, passes.get("QC pass"), passes.get("Sentence pass"))
+                           usage.ru_stime, passes.get("QC pass"), passes.get("Sentence pass"), label)
         results.append(result)
         logger.info(
             "%s cells: %.1f s, %s cells/s, peak RSS %s MB.",
@@ -293,14 +341,23 @@ def main(args: argparse.Namespace) -> list[RunResult]:
         )  # fmt: skip
         if args.keep_outputs:
             logger.info("Kept the outputs of this run in %s.", out)
+        elif keep:
+            kept.setdefault(n_cells, []).append(out)
+            if len(kept[n_cells]) == len(scripts):
+                for other, other_label in zip(kept[n_cells][1:], labels[1:], strict=True):
+                    differ = differing_files(kept[n_cells][0] / "out", other / "out")
+                    print(f"{n_cells:,} cells: outputs of {other_label} vs {labels[0]}: "
+                          + ("byte-identical" if not differ else f"DIFFER in {differ}"))
+                for folder in kept[n_cells]:
+                    shutil.rmtree(folder, ignore_errors=True)
     children_maxrss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     print(format_table(results))
     if args.repeats > 1:
-        print("Best run per size:")
+        print("Best run per size and script:")
         best = {}
         for r in results:
-            if r.n_cells not in best or r.seconds < best[r.n_cells].seconds:
-                best[r.n_cells] = r
+            if (r.n_cells, r.script) not in best or r.seconds < best[r.n_cells, r.script].seconds:
+                best[r.n_cells, r.script] = r
         print(format_table(list(best.values())))
     chunk = args.chunk_size if args.chunk_size is not None else "transform.py default"
     print(

@@ -20,10 +20,10 @@ def test_editable_install_makes_utils_and_the_scripts_importable_from_anywhere(t
     elsewhere.mkdir()
     code = (
         "import site, sys; site.addsitedir(sys.argv[1]); "
-        "import importlib.metadata as m, utils, transform; "
-        "print(utils.__file__, transform.__file__, m.version('cell2sentence'))"
+        "import importlib.metadata as m, utils, transform; from utils import adata_to_sentences; "
+        "print(utils.__file__, transform.__file__, m.version('cell2sentence'), adata_to_sentences.__module__)"
     )
     # -I: isolated mode, so neither the current folder nor PYTHONPATH can be what finds the code.
     out = subprocess.run([sys.executable, "-I", "-c", code, str(site_packages)], cwd=elsewhere,
                          capture_output=True, text=True, check=True).stdout.split()
-    assert out == [str(ROOT / "utils" / "__init__.py"), str(ROOT / "transform.py"), "0.1.0"]
+    assert out == [str(ROOT / "utils" / "__init__.py"), str(ROOT / "transform.py"), "0.1.0", "utils.api"]

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 import scipy.sparse as sp
 
-from utils.preprocess import log10_normalized
+from utils.preprocess import Normalization, log10_normalized
 from utils.ranking import GeneNameTable, rank_genes, sentences_from_ranking
 from utils.sentence_chunk import sentence_chunk
 
@@ -79,8 +79,8 @@ def test_sentence_chunk_matches_python_join(max_genes):
     row_eval = np.arange(20) % 3 == 0
     chunk = sentence_chunk(
         matrix.indptr, matrix.indices, matrix.data, row_split=row_split, row_eval=row_eval,
-        cell_ids=np.arange(100, 120), gene_position=gene_position, n_kept_genes=4,
-        names=GeneNameTable(kept_names), input_kind="counts", log1p_base=None, seed=2, max_genes=max_genes,
+        cell_ids=np.arange(100, 120), gene_position=gene_position,
+        names=GeneNameTable(kept_names), normalization=Normalization("counts"), seed=2, max_genes=max_genes,
     )  # fmt: skip
 
     kept = np.flatnonzero(row_split >= 0)

@@ -18,6 +18,7 @@ import scipy.sparse as sp
 from helpers import synthetic_counts, write_h5ad
 
 import transform
+import utils.transform_pipeline
 from utils.common import InputError
 from utils.fit import fit_rank_expression
 from utils.transform_pipeline import SPLITS
@@ -132,7 +133,7 @@ def test_read_as_log1p_on_counts_stops_naming_input_kind(tmp_path):
 
 
 def test_counts_past_the_detection_sample_of_log1p_data_stop_naming_input_kind(tmp_path, monkeypatch):
-    monkeypatch.setattr(transform, "DETECTION_CELLS", 50)  # the detection sees cells 0-49 only
+    monkeypatch.setattr(utils.transform_pipeline, "DETECTION_CELLS", 50)  # the detection sees cells 0-49 only
     counts = _counts()
     adata = counts.copy()
     logged, adata.uns["log1p"] = _log1p(counts, None)

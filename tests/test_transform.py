@@ -19,8 +19,11 @@ import scipy.sparse as sp
 from helpers import synthetic_counts, write_h5ad
 
 import transform
+import utils.transform_pipeline
 from utils.common import InputError
 from utils.fit import METRIC_COLUMNS, fit_rank_expression
+from utils.io import H5adCSRWriter, OrderedAppendFile
+from utils.outputs import TransformOutputs
 from utils.preprocess import (
     QCAccumulator,
     QCParams,
@@ -299,7 +302,7 @@ def test_bad_input_fails_clearly_and_writes_nothing(tmp_path, mutate, flags, mes
 @pytest.mark.parametrize(("bad", "message"), [(np.nan, "NaN or infinite"), (np.inf, "NaN or infinite"),
                                              (-2.0, "negative")])
 def test_bad_values_past_the_detection_sample_are_found_by_the_qc_pass(tmp_path, monkeypatch, bad, message):
-    monkeypatch.setattr(transform, "DETECTION_CELLS", 10)  # the detection sees cells 0-9 only
+    monkeypatch.setattr(utils.transform_pipeline, "DETECTION_CELLS", 10)  # the detection sees cells 0-9 only
     adata = synthetic_counts(60, 250, seed=8)
     row = 47
     adata.X.data[adata.X.indptr[row] + 2] = bad
@@ -342,7 +345,7 @@ def test_existing_output_needs_overwrite(small_h5ad, tmp_path):
 
 def test_interrupted_run_leaves_no_output(small_h5ad, tmp_path, monkeypatch):
     calls = {"n": 0}
-    original = transform._Outputs.add
+    original = TransformOutputs.add
 
     def add_then_interrupt(self, chunk, split_of_cell):
         calls["n"] += 1
@@ -350,7 +353,7 @@ def test_interrupted_run_leaves_no_output(small_h5ad, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         original(self, chunk, split_of_cell)
 
-    monkeypatch.setattr(transform._Outputs, "add", add_then_interrupt)
+    monkeypatch.setattr(TransformOutputs, "add", add_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         run(small_h5ad, tmp_path / "out", "--min_genes_per_cell", "50", "--chunk_size", "20")
     assert calls["n"] == 3
@@ -359,7 +362,7 @@ def test_interrupted_run_leaves_no_output(small_h5ad, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     "failing",
-    [(transform.OrderedAppendFile, "append"), (transform.H5adCSRWriter, "write_rows")],
+    [(OrderedAppendFile, "append"), (H5adCSRWriter, "write_rows")],
     ids=["text_append", "h5ad_write_before_the_text"],
 )
 def test_a_failing_write_stops_the_workers_and_leaves_no_output(small_h5ad, tmp_path, monkeypatch, failing):

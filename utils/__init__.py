@@ -1,4 +1,13 @@
-"""Shared, importable logic of the cell2sentence scripts.
+"""Shared, importable logic of the cell2sentence scripts, and the Python API.
+
+The API (``from utils import adata_to_sentences``) is exported lazily: a script importing
+``utils.common`` does not pay for importing anndata and compiling kernels it does not use.
+
+- ``adata_to_sentences(adata, ...)`` -> ``CellSentences`` (``utils/api.py``)
+- ``sentences_to_adata(sentences, vocab, fit, ...)`` -> AnnData, ``sentences_to_expression``,
+  ``load_transform_fit``, ``load_vocab`` (``utils/inverse.py``)
+- ``RankExpressionFit``, ``fit_rank_expression`` (``utils/fit.py``), ``QCParams``
+  (``utils/preprocess.py``), ``CellSentenceModel`` (``utils/cell_model.py``)
 
 numba caches compiled kernels per source file and checks only that file's time stamp, so a
 kernel that inlines a function from another module (the sentence kernel calls ``rank_row`` from
@@ -28,11 +37,26 @@ def _use_cache_of_this_version() -> None:
 
 _use_cache_of_this_version()
 
+_EXPORTS = {
+    "adata_to_sentences": "utils.api",
+    "CellSentences": "utils.api",
+    "sentences_to_adata": "utils.inverse",
+    "sentences_to_expression": "utils.inverse",
+    "load_transform_fit": "utils.inverse",
+    "load_vocab": "utils.inverse",
+    "RankExpressionFit": "utils.fit",
+    "fit_rank_expression": "utils.fit",
+    "QCParams": "utils.preprocess",
+    # The model API imports transformers (seconds).
+    "CellSentenceModel": "utils.cell_model",
+}
+__all__ = sorted(_EXPORTS)
+
 
 def __getattr__(name: str):
-    # The model API imports transformers (seconds): loaded on first use, not with every script.
-    if name == "CellSentenceModel":
-        from utils.cell_model import CellSentenceModel
+    # Loaded on first use, not with every script.
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'utils' has no attribute {name!r}")
+    import importlib
 
-        return CellSentenceModel
-    raise AttributeError(f"module 'utils' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

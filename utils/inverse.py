@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import anndata as ad
 import numba
 import numpy as np
 import pandas as pd
@@ -41,6 +42,8 @@ logger = logging.getLogger("cell2sentence")
 
 __all__ = [
     "InverseResult",
+    "expression_adata",
+    "sentences_to_adata",
     "SentenceBytes",
     "VocabIndex",
     "build_vocab_index",
@@ -679,3 +682,55 @@ def sentences_to_expression(
         n_case_folded_genes=n_folded,
         n_clipped=n_clipped,
     )
+
+
+def expression_adata(result: InverseResult, obs: pd.DataFrame, vocab: Sequence[str], *,
+                     case_insensitive: bool = False) -> ad.AnnData:
+    """The reconstruction as an AnnData (cells x ``vocab``) with the per-cell word counts in
+    ``obs`` after the given columns; cells without names are called ``cell_0``, ``cell_1``, ..."""
+    counts = result.obs()
+    if not case_insensitive:
+        counts = counts.drop(columns="n_case_folded_genes")
+    counts.index = obs.index
+    # The word counts describe the sentences: they replace same-named columns of ``obs``.
+    frame = pd.concat([obs.drop(columns=counts.columns, errors="ignore"), counts], axis=1)
+    if isinstance(frame.index, pd.RangeIndex):
+        frame.index = pd.Index([f"cell_{i}" for i in range(len(frame))])
+    frame.index = frame.index.astype(str)
+    adata = ad.AnnData(X=result.X, obs=frame, var=pd.DataFrame(index=pd.Index(list(vocab), dtype=str)))
+    if not adata.obs_names.is_unique:
+        logger.warning("Cell names are not unique; made them unique by appending -1, -2, ...")
+        adata.obs_names_make_unique()
+    return adata
+
+
+def sentences_to_adata(
+    sentences: Sequence[str] | pa.Array | pa.ChunkedArray,
+    vocab: Sequence[str],
+    fit: RankExpressionFit,
+    *,
+    cell_names: Sequence[str] | None = None,
+    obs: pd.DataFrame | None = None,
+    max_genes: int | None = None,
+    clip_negative: bool = False,
+    case_insensitive: bool = False,
+) -> ad.AnnData:
+    """Cell sentences -> an expression AnnData over ``vocab`` (the inverse of the transform).
+
+    ``vocab`` and ``fit`` come from the transform: ``CellSentences.genes`` and ``.fit`` in a
+    notebook, or ``load_vocab`` / ``load_transform_fit`` on a transform's output folder.
+    ``obs`` (one row per sentence) or ``cell_names`` name the cells; ``max_genes`` uses the
+    first K words only. X holds log10(1 + expression) predicted from each gene's rank.
+
+    >>> a = sentences_to_adata(["B A"], ["A", "B"], RankExpressionFit(-1.0, 2.0), cell_names=["c1"])
+    >>> a.X.toarray().astype(float).round(3).tolist(), a.obs_names.tolist(), a.obs["n_genes"].tolist()
+    ([[1.699, 2.0]], ['c1'], [2])
+    """
+    result = sentences_to_expression(sentences, vocab, fit, case_insensitive=case_insensitive,
+                                     clip_negative=clip_negative, max_words=max_genes)
+    n = len(result.n_words)
+    if obs is None:
+        obs = pd.DataFrame(index=pd.RangeIndex(n) if cell_names is None else pd.Index(list(cell_names), dtype=str))
+    if len(obs) != n:
+        raise InputError(f"{len(obs)} cell names or obs rows were given for {n} sentences.")
+    return expression_adata(result, obs, vocab, case_insensitive=case_insensitive)

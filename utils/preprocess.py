@@ -51,16 +51,18 @@ class ChunkStats:
     # than min_cells cells of this chunk: all a failing gene ever contributes
     rare_genes: np.ndarray
     rare_values: np.ndarray
+    n_excluded: np.ndarray | None = None  # per cell: genes matching the exclusion (see ``chunk_stats``)
     first_nonfinite: int = -1  # chunk row of the first NaN or infinite value (-1: none)
     first_negative: int = -1  # chunk row of the first negative value (-1: none)
 
 
 @njit(cache=True, nogil=True)
-def _chunk_stats(indptr, indices, data, is_mt, n_genes_total, min_genes, min_cells):
+def _chunk_stats(indptr, indices, data, gene_flags, n_genes_total, min_genes, min_cells):
     n_rows = indptr.shape[0] - 1
     n_genes = np.empty(n_rows, np.int64)
     total = np.zeros(n_rows, np.float64)
     mt_total = np.zeros(n_rows, np.float64)
+    n_excluded = np.zeros(n_rows, np.int64)
     gene_cells = np.zeros(n_genes_total, np.int64)
     first_nonfinite = first_negative = -1
     for r in range(n_rows):
@@ -69,13 +71,17 @@ def _chunk_stats(indptr, indices, data, is_mt, n_genes_total, min_genes, min_cel
         row_total = 0.0
         row_mt = 0.0
         negative = 0
+        excluded = 0
         for j in range(indptr[r], indptr[r + 1]):
+            flags = gene_flags[indices[j]]  # one look-up for both flags: bit 0 MT-, bit 1 excluded
             row_total += data[j]
-            row_mt += data[j] * is_mt[indices[j]]
+            row_mt += data[j] * (flags & 1)
+            excluded += flags >> 1
             gene_cells[indices[j]] += counted
             negative += data[j] < 0
         total[r] = row_total
         mt_total[r] = row_mt
+        n_excluded[r] = excluded
         # The value checks ride along: a NaN or infinity makes the row's total one (a float64
         # sum of float32 values cannot overflow), and negatives are counted.
         if row_total - row_total != 0 and first_nonfinite < 0:
@@ -99,26 +105,39 @@ def _chunk_stats(indptr, indices, data, is_mt, n_genes_total, min_genes, min_cel
                         rare_genes[k] = indices[j]
                         rare_values[k] = data[j]
                         k += 1
-    return (n_genes, total, mt_total, gene_cells, rare_cells[:k], rare_genes[:k], rare_values[:k],
+    return (n_genes, total, mt_total, n_excluded, gene_cells, rare_cells[:k], rare_genes[:k], rare_values[:k],
             first_nonfinite, first_negative)
 
 
+def gene_flags(is_mt: np.ndarray, excluded: np.ndarray | None = None) -> np.ndarray:
+    """Per gene, what the statistics kernel counts: bit 0 an MT- gene, bit 1 an excluded gene."""
+    flags = np.asarray(is_mt, dtype=np.uint8).copy()
+    if excluded is not None:
+        flags |= np.asarray(excluded, dtype=np.uint8) << 1
+    return flags
+
+
 def chunk_stats(
-    chunk: sp.csr_matrix, *, row_offset: int, is_mt: np.ndarray, params: QCParams
+    chunk: sp.csr_matrix, *, row_offset: int, is_mt: np.ndarray, params: QCParams,
+    excluded: np.ndarray | None = None, flags: np.ndarray | None = None,
 ) -> ChunkStats:
     """Statistics of one CSR chunk (no explicit zeros) for the streaming QC, and where its first
-    NaN, infinite or negative values are."""
-    n_genes, total, mt_total, gene_cells, rare_cells, rare_genes, rare_values, nonfinite, negative = _chunk_stats(
+    NaN, infinite or negative values are. ``excluded``: genes left out of the sentences (their
+    per-cell counts are kept); ``flags``: ``gene_flags(is_mt, excluded)`` made once per run."""
+    if flags is None:
+        flags = gene_flags(is_mt, excluded)
+    (n_genes, total, mt_total, n_excluded, gene_cells, rare_cells, rare_genes, rare_values, nonfinite,
+     negative) = _chunk_stats(
         chunk.indptr.astype(np.int64),
         chunk.indices,
         chunk.data,
-        np.asarray(is_mt, dtype=np.bool_),
+        flags,
         chunk.shape[1],
         params.min_genes_per_cell if params.enabled else 1,
         params.min_cells_per_gene,
-    )
+    )  # fmt: skip
     return ChunkStats(n_genes, total, mt_total, gene_cells, rare_cells + row_offset, rare_genes, rare_values,
-                      nonfinite, negative)
+                      n_excluded, nonfinite, negative)
 
 
 @dataclass
@@ -132,6 +151,7 @@ class QCAccumulator:
     total: np.ndarray = field(init=False)
     mt_total: np.ndarray = field(init=False)
     gene_cells: np.ndarray = field(init=False)
+    n_excluded: np.ndarray = field(init=False)
     _rare: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(init=False)
     _filled: int = field(init=False, default=0)
 
@@ -140,6 +160,7 @@ class QCAccumulator:
         self.total = np.zeros(self.n_cells, np.float64)
         self.mt_total = np.zeros(self.n_cells, np.float64)
         self.gene_cells = np.zeros(self.n_genes_total, np.int64)
+        self.n_excluded = np.zeros(self.n_cells, np.int64)
         self._rare = []
 
     def add(self, stats: ChunkStats) -> None:
@@ -147,6 +168,8 @@ class QCAccumulator:
         self.n_genes[start:stop] = stats.n_genes
         self.total[start:stop] = stats.total
         self.mt_total[start:stop] = stats.mt_total
+        if stats.n_excluded is not None:
+            self.n_excluded[start:stop] = stats.n_excluded
         self._filled = stop
         self.gene_cells += stats.gene_cells
         self._rare.append((stats.rare_cells, stats.rare_genes, stats.rare_values))
@@ -155,8 +178,12 @@ class QCAccumulator:
         still_rare = self.gene_cells[genes] < self.params.min_cells_per_gene
         self._rare = [(cells[still_rare], genes[still_rare], values[still_rare])]
 
-    def finalize(self, is_mt: np.ndarray) -> QCResult:
-        """Apply the filters in the original order; return masks, counts and final totals."""
+    def finalize(self, is_mt: np.ndarray, excluded: np.ndarray | None = None) -> QCResult:
+        """Apply the filters in the original order; return masks, counts and final totals.
+
+        ``excluded`` genes (``--exclude_genes``) take part in the QC like any gene (so
+        ``pct_counts_mt`` still sees MT- genes) and are then left out of the kept genes: they
+        are removed after QC and before normalization and ranking."""
         p = self.params
         passes_min_genes = self.n_genes >= (p.min_genes_per_cell if p.enabled else 1)
         if p.enabled:
@@ -171,6 +198,11 @@ class QCAccumulator:
         total = self.total - np.bincount(cells, weights=values, minlength=self.n_cells)
         mt_removed = np.bincount(cells, weights=values * is_mt[genes], minlength=self.n_cells)
         mt_total = self.mt_total - mt_removed
+        # Entries each cell keeps: its genes passing the filter, less the excluded ones among them.
+        n_stored = n_genes.copy()
+        if excluded is not None:
+            excluded = np.asarray(excluded, bool)
+            n_stored -= self.n_excluded - np.bincount(cells[excluded[genes]], minlength=self.n_cells)
         with np.errstate(divide="ignore", invalid="ignore"):
             pct_mt = np.where(total > 0, 100.0 * mt_total / total, 0.0)
 
@@ -183,19 +215,25 @@ class QCAccumulator:
             keep &= ~too_mt
             removed["max_genes_per_cell"] = int(too_many.sum())
             removed["max_mt_percent"] = int(too_mt.sum())
-        # A cell whose every gene was filtered out has no sentence.
-        empty = keep & (n_genes == 0)
+        # A cell whose every gene was filtered out (or excluded) has no sentence.
+        empty = keep & (n_stored == 0)
         keep &= ~empty
         removed["no_expressed_genes"] = int(empty.sum())
+        genes_excluded = 0
+        if excluded is not None:
+            genes_excluded = int((gene_mask & excluded).sum())
+            gene_mask = gene_mask & ~excluded
         return QCResult(
             cell_mask=keep,
             gene_mask=gene_mask,
             n_genes=n_genes,
+            n_stored=n_stored,
             total=total,
             pct_mt=pct_mt,
             cells_removed=removed,
-            genes_removed=int((~gene_mask).sum()),
+            genes_removed=int((~gene_mask).sum()) - genes_excluded,
             gene_cells=self.gene_cells,
+            genes_excluded=genes_excluded,
         )
 
 
@@ -204,13 +242,15 @@ class QCResult:
     """Outcome of the QC: which cells and genes stay, and the per-cell statistics."""
 
     cell_mask: np.ndarray
-    gene_mask: np.ndarray
+    gene_mask: np.ndarray  # genes kept: passing the filter and not excluded
     n_genes: np.ndarray  # after the gene filter, like scanpy's n_genes_by_counts
+    n_stored: np.ndarray  # the entries of each cell's sentence: n_genes less its excluded genes
     total: np.ndarray  # after the gene filter: the normalization denominator
     pct_mt: np.ndarray
     cells_removed: dict[str, int]
-    genes_removed: int
+    genes_removed: int  # by the gene filter
     gene_cells: np.ndarray
+    genes_excluded: int = 0  # passing the filter, but excluded
 
 
 # No value of a normalized matrix is this large: a cell's values add up to the target sum (1e4
@@ -288,6 +328,23 @@ def _spread(totals: np.ndarray) -> float:
         return float(np.std(totals) / np.mean(totals))
 
 
+@dataclass(frozen=True)
+class Normalization:
+    """How a cell's stored values become the preprocessed log10(1 + normalized value).
+
+    The one place a normalization parameter is added: a field here, its value in ``kernel_args``
+    (what every compiled kernel receives, as one tuple) and its use in ``normalize_row``.
+    """
+
+    input_kind: str = "counts"  # "counts", "normalized" or "log1p" (detected: see ``detect_input_kind``)
+    log1p_base: float | None = None  # the log1p values' base (None: natural log)
+    target_sum: float = TARGET_SUM  # counts are normalized to this total per cell
+
+    def kernel_args(self) -> tuple[int, float, float]:
+        log_base = 1.0 if self.log1p_base is None else float(np.log(self.log1p_base))
+        return NORMALIZATION_MODES[self.input_kind], log_base, float(self.target_sum)
+
+
 def to_linear(data: np.ndarray, *, input_kind: str, log1p_base: float | None) -> np.ndarray:
     """Values on the linear (count or normalized) scale: log1p values are brought back."""
     if input_kind != "log1p":
@@ -298,19 +355,21 @@ def to_linear(data: np.ndarray, *, input_kind: str, log1p_base: float | None) ->
 
 
 @njit(cache=True, nogil=True)
-def normalize_row(values, n, out, mode, log_base):
-    """log10(1 + normalized value) of one cell's ``values[:n]`` into ``out[:n]``.
+def normalize_row(values, n, out, normalization):
+    """log10(1 + normalized value) of one cell's ``values[:n]`` into ``out[:n]``;
+    ``normalization`` is ``Normalization.kernel_args()``.
 
     Most counts are small integers: their log is computed once per cell, not once per gene.
     """
+    mode, log_base, target_sum = normalization
     inv_ln10 = 1.0 / np.log(10.0)
     scale = 1.0
     small = np.empty(64, np.float32)
-    if mode == 0:  # counts: to 10,000 per cell; small integer counts use a table
+    if mode == 0:  # counts: to target_sum per cell; small integer counts use a table
         total = 0.0
         for k in range(n):
             total += values[k]
-        scale = TARGET_SUM / total if total > 0 else 0.0
+        scale = target_sum / total if total > 0 else 0.0
         for k in range(64):
             small[k] = np.log1p(k * scale) * inv_ln10
     for k in range(n):
@@ -324,20 +383,21 @@ def normalize_row(values, n, out, mode, log_base):
 
 
 @njit(cache=True, nogil=True)
-def _log10_normalized(indptr, data, mode, log_base):
+def _log10_normalized(indptr, data, normalization):
     out = np.empty(data.shape[0], np.float32)
     for r in range(indptr.shape[0] - 1):
         start, stop = indptr[r], indptr[r + 1]
-        normalize_row(data[start:stop], stop - start, out[start:stop], mode, log_base)
+        normalize_row(data[start:stop], stop - start, out[start:stop], normalization)
     return out
 
 
-def log10_normalized(chunk: sp.csr_matrix, *, input_kind: str, log1p_base: float | None) -> np.ndarray:
+def log10_normalized(chunk: sp.csr_matrix, *, input_kind: str, log1p_base: float | None,
+                     target_sum: float = TARGET_SUM) -> np.ndarray:
     """log10(1 + normalized value) of each stored entry, as float32: the preprocessed matrix.
 
-    Raw counts are normalized to 10,000 per cell (``sc.pp.normalize_total(target_sum=1e4)``
-    followed by ``sc.pp.log1p(base=10)``); normalized values are kept; log1p values are first
-    brought back with expm1 (in their base).
+    Raw counts are normalized to ``target_sum`` per cell (``sc.pp.normalize_total`` followed by
+    ``sc.pp.log1p(base=10)``); normalized values are kept; log1p values are first brought back
+    with expm1 (in their base).
     """
-    log_base = 1.0 if log1p_base is None else float(np.log(log1p_base))
-    return _log10_normalized(chunk.indptr.astype(np.int64), chunk.data, NORMALIZATION_MODES[input_kind], log_base)
+    normalization = Normalization(input_kind, log1p_base, target_sum)
+    return _log10_normalized(chunk.indptr.astype(np.int64), chunk.data, normalization.kernel_args())

@@ -9,13 +9,12 @@ whole chunk; the kernel releases the GIL, so worker threads run it side by side.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 from numba import njit
 
-from utils.preprocess import NORMALIZATION_MODES, normalize_row
+from utils.preprocess import Normalization, normalize_row
 from utils.ranking import (
     GeneNameTable,
     _copy16,
@@ -27,6 +26,7 @@ from utils.ranking import (
 )
 
 N_SPLITS = 3
+TEXT_SLACK = 16  # bytes the text kernel may write past each split's text (16-byte copies)
 
 
 @dataclass
@@ -48,7 +48,7 @@ class SentenceChunk:
 
 @njit(cache=True, nogil=True)
 def _rank_kernel(indptr, indices, data, row_split, row_eval, cell_ids, gene_position,
-                 n_kept_genes, mode, log_base, seed, max_genes, name_lengths, out_indices, out_data):
+                 n_kept_genes, normalization, seed, max_genes, name_lengths, out_indices, out_data):
     n_rows = indptr.shape[0] - 1
     nnz = indptr[n_rows] - indptr[0]
     widest = 1
@@ -87,7 +87,7 @@ def _rank_kernel(indptr, indices, data, row_split, row_eval, cell_ids, gene_posi
                 values[n] = data[j]
                 n += 1
         base = out_indptr[i]
-        normalize_row(values, n, out_data[base:], mode, log_base)
+        normalize_row(values, n, out_data[base:], normalization)
         for k in range(n):
             out_indices[base + k] = genes[k]
             gene_cells[genes[k]] += 1
@@ -126,10 +126,10 @@ def _rank_kernel(indptr, indices, data, row_split, row_eval, cell_ids, gene_posi
 @njit(cache=True, nogil=True)
 def _text_kernel(kept, row_split, out_indptr, ranked, line_bytes, split_bytes, split_lines, max_genes,
                  name_lengths, name_slots, name_buffer, name_offsets, text, text_start):
-    """Write each split's lines into ``text`` from ``text_start[split]`` on (16 bytes of slack
+    """Write each split's lines into ``text`` from ``text_start[split]`` on (``TEXT_SLACK`` bytes of slack
     after each), and the Arrow strings (the lines without their newlines) back to back."""
     n_kept = kept.shape[0]
-    arrow_text = np.empty(split_bytes[N_SPLITS] - n_kept + 16, np.uint8)
+    arrow_text = np.empty(split_bytes[N_SPLITS] - n_kept + TEXT_SLACK, np.uint8)
     arrow_offsets = np.empty(n_kept + N_SPLITS, np.int32)  # per split: its lines + 1
     for s in range(N_SPLITS):
         pos = text_start[s]
@@ -161,7 +161,31 @@ def _text_kernel(kept, row_split, out_indptr, ranked, line_bytes, split_bytes, s
     return arrow_text, arrow_offsets
 
 
-def sentence_chunk(
+@dataclass
+class RankedChunk:
+    """A chunk's cells filtered, normalized and ranked (``rank_chunk``); what ``write_text``
+    needs to lay out their sentences. ``text_sizes``: each split's text bytes."""
+
+    kept: np.ndarray
+    row_split: np.ndarray
+    indptr: np.ndarray
+    indices: np.ndarray
+    data: np.ndarray
+    gene_cells: np.ndarray
+    ranked: np.ndarray
+    line_bytes: np.ndarray
+    split_bytes: np.ndarray
+    split_lines: np.ndarray
+    eval_log_rank: np.ndarray
+    eval_log_expression: np.ndarray
+    limit: int
+
+    @property
+    def text_sizes(self) -> np.ndarray:
+        return np.diff(self.split_bytes)
+
+
+def rank_chunk(
     indptr: np.ndarray,
     indices: np.ndarray,
     data: np.ndarray,
@@ -170,16 +194,13 @@ def sentence_chunk(
     row_eval: np.ndarray,
     cell_ids: np.ndarray,
     gene_position: np.ndarray,
-    n_kept_genes: int,
     names: GeneNameTable,
-    input_kind: str,
-    log1p_base: float | None,
+    normalization: Normalization,
     seed: int,
     max_genes: int | None,
     out_arrays: tuple[np.ndarray, np.ndarray] | None = None,
-    place_text: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None,
-) -> SentenceChunk:
-    """Sentences, preprocessed rows and evaluation points of one raw CSR chunk.
+) -> RankedChunk:
+    """Filter, normalize and rank the kept cells of one raw CSR chunk (pass 2's first half).
 
     Parameters
     ----------
@@ -193,18 +214,13 @@ def sentence_chunk(
     cell_ids
         Per row: global index in the input, which seeds the tie-breaking.
     gene_position
-        Per input gene: its position among the kept genes, or -1 when QC removed it.
+        Per input gene: its position among the kept genes, or -1 when QC removed it (or it is
+        excluded): the one place that says which genes a sentence may hold.
     names
         The kept genes' names.
     out_arrays
         Empty int32 and float32 arrays of at least the chunk's stored entries, for the
         preprocessed rows (``H5adCSRWriter.row_arrays``); allocated here when None.
-    place_text
-        Called with each split's text size in bytes once the cells are ranked; returns a uint8
-        buffer and where in it each split's text goes (each followed by 16 bytes of slack).
-        The transform uses it to take the text's place in the files first and lay the text out
-        in memory like in the files, so that it is written without a copy. Default: the splits
-        back to back in a new buffer.
     """
     limit = np.iinfo(np.int32).max if max_genes is None else int(max_genes)
     nnz = int(indptr[-1] - indptr[0])
@@ -212,42 +228,58 @@ def sentence_chunk(
         out_arrays = (np.empty(nnz, np.int32), np.empty(nnz, np.float32))
     if min(len(a) for a in out_arrays) < nnz:
         raise ValueError("out_arrays are shorter than the chunk's stored entries")
-    base = 1.0 if log1p_base is None else float(np.log(log1p_base))
+    row_split = np.asarray(row_split, np.int8)
     (kept, out_indptr, out_indices, out_data, gene_cells, ranked, line_bytes, split_bytes, split_lines,
      eval_log_rank, eval_log_expression) = _rank_kernel(
-        np.asarray(indptr, np.int64), indices, data, np.asarray(row_split, np.int8),
+        np.asarray(indptr, np.int64), indices, data, row_split,
         np.asarray(row_eval, np.bool_), np.asarray(cell_ids, np.int64), gene_position,
-        n_kept_genes, NORMALIZATION_MODES[input_kind], base, np.uint64(seed), limit,
+        len(names.lengths), normalization.kernel_args(), np.uint64(seed), limit,
         names.lengths, out_arrays[0], out_arrays[1],
     )  # fmt: skip
     if split_bytes[-1] >= np.iinfo(np.int32).max:
         raise ValueError("A chunk's sentences exceed 2 GB; use a smaller --chunk_size.")
-    sizes = np.diff(split_bytes)
-    text, text_start = (place_text or _back_to_back)(sizes)
+    return RankedChunk(kept, row_split, out_indptr, out_indices, out_data, gene_cells, ranked, line_bytes,
+                       split_bytes, split_lines, eval_log_rank, eval_log_expression, limit)
+
+
+
+def write_text(ranked: RankedChunk, names: GeneNameTable, text: np.ndarray | None = None,
+               text_start: np.ndarray | None = None) -> SentenceChunk:
+    """The sentences of a ranked chunk (pass 2's second half), written into ``text`` from
+    ``text_start[split]`` on, each split's text followed by ``TEXT_SLACK`` spare bytes. The
+    transform passes a buffer laid out like its files, so the text is written without a copy;
+    default: the splits back to back in a new buffer."""
+    sizes = ranked.text_sizes
+    if text is None:
+        text_start = np.concatenate([[0], np.cumsum(sizes + TEXT_SLACK)[:-1]])
+        text = np.empty(int(sizes.sum()) + N_SPLITS * TEXT_SLACK, np.uint8)
     text_start = np.asarray(text_start, np.int64)
-    if len(text_start) != N_SPLITS or (text_start < 0).any() or (text_start + sizes + 16 > len(text)).any():
-        raise ValueError("place_text gave places that do not fit its buffer")
+    if len(text_start) != N_SPLITS or (text_start < 0).any() or (text_start + sizes + TEXT_SLACK > len(text)).any():
+        raise ValueError("text_start gives places that do not fit the text buffer")
+    r = ranked
     arrow_text, arrow_offsets = _text_kernel(
-        kept, np.asarray(row_split, np.int8), out_indptr, ranked, line_bytes, split_bytes, split_lines, limit,
+        r.kept, r.row_split, r.indptr, r.ranked, r.line_bytes, r.split_bytes, r.split_lines, r.limit,
         names.lengths, names.slots, names.buffer, names.offsets, text, text_start,
     )  # fmt: skip
     return SentenceChunk(
-        kept=kept,
-        indptr=out_indptr,
-        indices=out_indices,
-        data=out_data,
-        gene_cells=gene_cells,
+        kept=r.kept,
+        indptr=r.indptr,
+        indices=r.indices,
+        data=r.data,
+        gene_cells=r.gene_cells,
         text=[text[text_start[s] : text_start[s] + sizes[s]] for s in range(N_SPLITS)],
-        arrow_offsets=[arrow_offsets[split_lines[s] + s : split_lines[s + 1] + s + 1] for s in range(N_SPLITS)],
+        arrow_offsets=[arrow_offsets[r.split_lines[s] + s : r.split_lines[s + 1] + s + 1] for s in range(N_SPLITS)],
         arrow_text=[
-            arrow_text[split_bytes[s] - split_lines[s] : split_bytes[s + 1] - split_lines[s + 1]]
+            arrow_text[r.split_bytes[s] - r.split_lines[s] : r.split_bytes[s + 1] - r.split_lines[s + 1]]
             for s in range(N_SPLITS)
         ],
-        eval_log_rank=eval_log_rank,
-        eval_log_expression=eval_log_expression,
+        eval_log_rank=r.eval_log_rank,
+        eval_log_expression=r.eval_log_expression,
     )
 
 
-def _back_to_back(sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    return np.empty(int(sizes.sum()) + 16, np.uint8), starts  # 16: slack for the last 16-byte copy
+def sentence_chunk(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, *, names: GeneNameTable,
+                   **options) -> SentenceChunk:
+    """Sentences, preprocessed rows and evaluation points of one raw CSR chunk, in a new buffer
+    (``rank_chunk`` then ``write_text``; ``options`` are ``rank_chunk``'s)."""
+    return write_text(rank_chunk(indptr, indices, data, names=names, **options), names)

@@ -10,39 +10,105 @@ number of cells; the output is byte-identical for any chunk size and number of w
 from __future__ import annotations
 
 import logging
+import re
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import anndata as ad
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 from numba import njit
+from tqdm.auto import tqdm
 
 from utils.common import InputError
-from utils.io import MatrixSource
-from utils.preprocess import QCParams, chunk_stats, log1p_ceiling, to_linear
-from utils.sentence_chunk import SentenceChunk, sentence_chunk
+from utils.io import NO_LOG1P, MatrixSource
+from utils.preprocess import (
+    TARGET_SUM,
+    Normalization,
+    QCAccumulator,
+    QCParams,
+    QCResult,
+    chunk_stats,
+    detect_input_kind,
+    gene_flags,
+    log1p_ceiling,
+    log1p_problem,
+    to_linear,
+)
+from utils.ranking import GeneNameTable
 
 logger = logging.getLogger("cell2sentence")
 
 SPLITS = ("train", "valid", "test")
+DEFAULT_LABEL_COLUMN = "cell_type"
+DETECTION_CELLS = 2_000
+
+
+@dataclass(frozen=True)
+class TransformOptions:
+    """What decides a transform's sentences: ``transform.py``'s flags and the arguments of
+    ``adata_to_sentences`` both become one of these, and ``plan_run`` takes it from there (a
+    new option is a field here, read where it applies)."""
+
+    input_kind: str = "auto"
+    gene_column: str | None = None
+    label_column: str | None = None
+    obs_columns: Sequence[str] = ()
+    bad_gene_names: str = "replace"
+    qc: QCParams = field(default_factory=QCParams)
+    max_genes: int | None = None
+    exclude_genes: str | None = None  # a regular expression over gene names (re.search)
+    target_sum: float = TARGET_SUM
+    split_fractions: Sequence[float] = (0.8, 0.1, 0.1)
+    eval_cells: int = 1_000
+    seed: int = 1234
+    chunk_size: int = 2_048
+    num_proc: int = 1
 
 
 @dataclass(frozen=True)
 class RunSettings:
     """What the workers need besides the data; fixed before the first pass."""
 
-    input_kind: str
-    log1p_base: float | None
+    normalization: Normalization
     qc: QCParams
     seed: int
     max_genes: int | None
 
 
-# Read-only state of a run shared by the worker threads (the source, masks, name table).
-_STATE: dict[str, Any] = {}
+@dataclass
+class RunPlan:
+    """A run after its QC pass: which cells and genes are kept, and what pass 2 needs."""
+
+    source: MatrixSource
+    settings: RunSettings
+    obs_columns: dict[str, str]  # dataset column -> obs column
+    qc: QCResult
+    chunks: list[tuple[int, int]]
+    kept_names: np.ndarray  # the kept genes' names, in input order
+    gene_position: np.ndarray  # per input gene: its kept position, or -1
+    names: GeneNameTable
+    split_of_cell: np.ndarray  # per input cell: 0 train, 1 valid, 2 test, -1 removed
+    eval_mask: np.ndarray  # per input cell: in the fit's sample
+
+    @property
+    def n_kept(self) -> int:
+        return int(self.qc.cell_mask.sum())
+
+
+@dataclass
+class PassContext:
+    """What a pass's worker tasks read (shared read-only by the threads; passed explicitly)."""
+
+    source: MatrixSource
+    settings: RunSettings
+    flags: np.ndarray  # ``gene_flags`` of every input gene
+    plan: RunPlan | None = None  # pass 2
+    outputs: Any = None  # pass 2 of the script: the ``TransformOutputs`` its workers write to
 
 
 def chunk_bounds(n_cells: int, chunk_size: int) -> list[tuple[int, int]]:
@@ -91,86 +157,182 @@ def _value_problems(indptr, data):
     return first_nonfinite, first_negative
 
 
-def _stats_task(bounds: tuple[int, int]):
+def resolve_gene_names(var: pd.DataFrame, gene_column: str | None, *, bad: str, path: Any) -> np.ndarray:
+    """Gene names from var (feature_name when present), unique and free of whitespace."""
+    if gene_column is not None and gene_column not in var.columns:
+        raise InputError(f"{path}: var has no column {gene_column!r} (it has {list(var.columns)[:8]}); fix --gene_column.")
+    column = gene_column or ("feature_name" if "feature_name" in var.columns else None)
+    names = pd.Index((var[column] if column else var.index).astype(str))
+    logger.info("Gene names from %s.", f"var[{column!r}]" if column else "var_names")
+    if (names == "").any() or names.isin(["nan", "None"]).any():
+        raise InputError(f"{path}: some gene names are empty or missing; choose another --gene_column.")
+    has_space = names.str.contains(r"\s", regex=True)
+    if has_space.any():
+        example = names[has_space][0]
+        if bad == "error":
+            raise InputError(f"{path}: {has_space.sum():,} gene names contain whitespace (e.g. {example!r}); "
+                             "rename them or pass --bad_gene_names replace.")
+        logger.warning("Replaced whitespace by '_' in %s gene names (e.g. %r).", f"{has_space.sum():,}", example)
+        names = pd.Index([re.sub(r"\s+", "_", n) for n in names])
+    if not names.is_unique:
+        logger.warning("Made %s duplicated gene names unique by appending -1, -2, ...", f"{names.duplicated().sum():,}")
+        names = ad.utils.make_index_unique(names)
+    return names.to_numpy(dtype=object)
+
+
+def resolve_obs_columns(obs: pd.DataFrame, label_column: str | None, extra: Sequence[str], *, path: Any) -> dict[str, str]:
+    """Dataset column name -> obs column: cell_type from the label column, plus extras."""
+    columns: dict[str, str] = {}
+    if label_column is not None:
+        if label_column not in obs.columns:
+            raise InputError(f"{path}: obs has no column {label_column!r} (it has {list(obs.columns)[:8]}); fix --label_column.")
+        columns["cell_type"] = label_column
+    elif DEFAULT_LABEL_COLUMN in obs.columns:
+        columns["cell_type"] = DEFAULT_LABEL_COLUMN
+    else:
+        logger.warning("obs has no %r column: the dataset has no cell_type (pass --label_column).", DEFAULT_LABEL_COLUMN)
+    for name in extra:
+        if name not in obs.columns:
+            raise InputError(f"{path}: obs has no column {name!r} asked for by --obs_columns.")
+        columns.setdefault(name, name)
+    return columns
+
+
+def resolve_input_kind(source: MatrixSource, requested: str, *, target_sum: float = TARGET_SUM) -> Normalization:
+    """The input kind (auto-detected on the first cells), the log1p base and the target sum.
+
+    ``uns["log1p"]`` describes X only: a layer or ``.raw`` is judged by its own values. Values
+    that cannot be log1p of normalized data are never brought back with expm1."""
+    has_uns = source.log1p_base != NO_LOG1P
+    base = source.log1p_base if has_uns else None
+    sample = read_checked_chunk(source, 0, min(DETECTION_CELLS, source.n_cells))
+    if requested != "auto":
+        kind, reason = requested, "as asked by --input_kind"
+        problem = log1p_problem(sample.data, base) if kind == "log1p" else None
+        if problem:
+            raise InputError(f"{source.path}: --input_kind log1p, but {source.matrix_name} cannot hold log1p "
+                             f"values ({problem}); pass --input_kind counts (or auto).")
+    else:
+        kind, base, reason = detect_input_kind(sample, has_log1p_uns=has_uns, log1p_base=base)
+    if kind == "counts" and sample.nnz and not np.all(sample.data == np.round(sample.data)):
+        logger.warning("--input_kind counts, but %s holds non-integer values.", source.matrix_name)
+    shown = {"counts": f"raw counts (will be normalized to {target_sum:,g} per cell)",
+             "normalized": "already-normalized values (not normalized again)",
+             "log1p": f"log1p values (base {base or 'e'}; brought back with expm1)"}[kind]
+    logger.warning("Input %s read as %s: %s.", source.matrix_name, shown, reason)
+    return Normalization(kind, base, float(target_sum))
+
+
+def excluded_genes(gene_names: np.ndarray, pattern: str | None) -> np.ndarray | None:
+    """Which genes ``pattern`` (a regular expression, searched in each name) excludes; None
+    without a pattern."""
+    if pattern is None:
+        return None
+    try:
+        regex = re.compile(pattern)
+    except re.error as err:
+        raise InputError(f"--exclude_genes {pattern!r} is not a valid regular expression ({err}).") from err
+    mask = np.fromiter((regex.search(name) is not None for name in gene_names), bool, len(gene_names))
+    logger.info("--exclude_genes %r matches %s of %s genes (e.g. %s).", pattern, f"{mask.sum():,}",
+                f"{len(mask):,}", ", ".join(gene_names[mask][:5]) or "none")
+    return mask
+
+
+def plan_run(source: MatrixSource, options: TransformOptions, *, progress: bool = True) -> RunPlan:
+    """Resolve names, columns and the input kind, run the QC pass over ``source``, and draw the
+    splits and the evaluation sample: everything pass 2 needs, for the script and the API alike."""
+    if source.n_cells == 0 or source.n_genes == 0:
+        raise InputError(f"{source.path}: {source.matrix_name} is empty ({source.shape}).")
+    gene_names = resolve_gene_names(source.var, options.gene_column, bad=options.bad_gene_names, path=source.path)
+    obs_columns = resolve_obs_columns(source.obs, options.label_column, options.obs_columns, path=source.path)
+    normalization = resolve_input_kind(source, options.input_kind, target_sum=options.target_sum)
+    settings = RunSettings(normalization, options.qc, options.seed, options.max_genes)
+    is_mt = np.char.startswith(np.char.upper(gene_names.astype(str)), "MT-")
+    excluded = excluded_genes(gene_names, options.exclude_genes)
+    chunks = chunk_bounds(source.n_cells, options.chunk_size)
+
+    accumulator = QCAccumulator(source.n_cells, source.n_genes, options.qc)
+    context = PassContext(source, settings, gene_flags(is_mt, excluded))
+    with tqdm(total=source.n_cells, desc="QC pass", unit="cells", disable=not progress) as bar:
+        for stats in ordered_map(_stats_task, chunks, num_proc=options.num_proc, context=context):
+            accumulator.add(stats)
+            bar.update(len(stats.n_genes))
+    result = accumulator.finalize(is_mt, excluded)
+    log_qc(result, source.n_cells, options.qc)
+
+    # Splits and the evaluation sample are drawn over the kept cells, by input index.
+    split_of_cell = np.full(source.n_cells, -1, np.int8)
+    split_of_cell[result.cell_mask] = assign_splits(int(result.cell_mask.sum()), options.split_fractions,
+                                                    seed=options.seed)
+    kept_names = gene_names[result.gene_mask]
+    return RunPlan(
+        source=source, settings=settings, obs_columns=obs_columns, qc=result, chunks=chunks,
+        kept_names=kept_names,
+        gene_position=np.where(result.gene_mask, np.cumsum(result.gene_mask) - 1, -1).astype(np.int32),
+        names=GeneNameTable(list(kept_names)), split_of_cell=split_of_cell,
+        eval_mask=sample_eval_cells(result.cell_mask, options.eval_cells, seed=options.seed),
+    )  # fmt: skip
+
+
+def log_qc(result: QCResult, n_cells: int, qc: QCParams) -> None:
+    """Log what each filter removed; fail when no cell is left."""
+    for flag, removed in result.cells_removed.items():
+        if removed:
+            logger.info("QC: %s cells removed by %s.", f"{removed:,}", flag)
+    logger.info("QC: %s genes removed by min_cells_per_gene (%s); %s of %s cells kept.",
+                f"{result.genes_removed:,}", qc.min_cells_per_gene,
+                f"{int(result.cell_mask.sum()):,}", f"{n_cells:,}")
+    if result.genes_excluded:
+        logger.info("%s genes excluded (--exclude_genes).", f"{result.genes_excluded:,}")
+    if not result.cell_mask.any():
+        worst = max(result.cells_removed, key=result.cells_removed.get)
+        raise InputError(
+            f"No cells left after QC: --{worst} removed {result.cells_removed[worst]:,} of "
+            f"{n_cells:,} cells; relax it or pass --no_qc.")
+
+
+def _stats_task(context: PassContext, index: int, bounds: tuple[int, int]):
     start, stop = bounds
-    source, settings = _STATE["source"], _STATE["settings"]
-    if settings.input_kind == "log1p":  # check the values as stored, before they are brought back
+    source, settings = context.source, context.settings
+    params = dict(row_offset=start, is_mt=None, params=settings.qc, flags=context.flags)
+    if settings.normalization.input_kind == "log1p":  # check the values as stored, before they are brought back
         chunk = read_checked_chunk(source, start, stop)
         top = chunk.data.max(initial=0.0)
-        if top > log1p_ceiling(settings.log1p_base):  # e.g. counts past the detection sample
+        if top > log1p_ceiling(settings.normalization.log1p_base):  # e.g. counts past the detection sample
             raise InputError(
                 f"{source.path}: {source.matrix_name} was read as log1p values, but cells from {start} on "
                 f"reach {top:g}, beyond log1p of any normalized matrix; pass --input_kind counts "
                 "(or normalized)."
             )
-        chunk.data = to_linear(chunk.data, input_kind=settings.input_kind, log1p_base=settings.log1p_base)
-        return chunk_stats(chunk, row_offset=start, is_mt=_STATE["is_mt"], params=settings.qc)
+        chunk.data = to_linear(chunk.data, input_kind="log1p", log1p_base=settings.normalization.log1p_base)
+        return chunk_stats(chunk, **params)
     # The statistics kernel checks the values on its way (one pass over them, not two).
-    stats = chunk_stats(source.read_rows(start, stop), row_offset=start, is_mt=_STATE["is_mt"], params=settings.qc)
+    stats = chunk_stats(source.read_rows(start, stop), **params)
     raise_value_problems(source, start, stats.first_nonfinite, stats.first_negative)
     return stats
 
 
-def _sentence_task(bounds: tuple[int, int]) -> tuple[int, SentenceChunk]:
-    ticket = bounds[0] // _STATE["chunk_size"]  # the chunk's place in the order of appends
-    try:
-        return _write_sentences(bounds, ticket)
-    except BaseException:
-        # Later chunks wait for this one's turn to append: release them, or the pool hangs.
-        _STATE["abort"](ticket)
-        raise
-
-
-def _write_sentences(bounds: tuple[int, int], ticket: int) -> tuple[int, SentenceChunk]:
-    start, stop = bounds
-    source, settings = _STATE["source"], _STATE["settings"]
-    chunk = source.read_rows(start, stop)  # values were checked in the QC pass
-    first_row = int(_STATE["first_kept_row"][start])
-    text_places: list[int] = []
-    sentences = sentence_chunk(
-        chunk.indptr, chunk.indices, chunk.data,
-        row_split=_STATE["split_of_cell"][start:stop],
-        row_eval=_STATE["eval_mask"][start:stop],
-        cell_ids=np.arange(start, stop),
-        gene_position=_STATE["gene_position"],
-        n_kept_genes=_STATE["names"].lengths.shape[0],
-        names=_STATE["names"],
-        input_kind=settings.input_kind,
-        log1p_base=settings.log1p_base,
-        seed=settings.seed,
-        max_genes=settings.max_genes,
-        out_arrays=_STATE["h5ad"].row_arrays(first_row, chunk.nnz),  # written without a copy
-        place_text=lambda sizes: _STATE["place_text"](ticket, sizes, text_places),  # likewise
-    )  # fmt: skip
-    # Write in the worker: the writes run side by side, and only small results go back.
-    _STATE["h5ad"].write_rows(first_row, sentences.indices, sentences.data)
-    _STATE["write_chunk"](ticket, start, sentences, text_places)
-    sentences.indices = sentences.data = sentences.text = sentences.arrow_text = sentences.arrow_offsets = None
-    return start, sentences
-
-
 def ordered_map(
-    task: Callable[[tuple[int, int]], Any],
+    task: Callable[[Any, int, tuple[int, int]], Any],
     chunks: Sequence[tuple[int, int]],
     *,
     num_proc: int,
-    state: dict[str, Any],
+    context: Any,
 ) -> Iterator[Any]:
-    """``task`` over ``chunks``, results in order, at most ``num_proc + 1`` chunks in flight
-    (so results waiting to be written never pile up in memory)."""
-    _STATE.clear()
-    _STATE.update(state)
+    """``task(context, i, chunks[i])`` for every chunk, results in order, at most
+    ``num_proc + 1`` chunks in flight (so results waiting to be written never pile up in memory).
+    ``i``, the chunk's number, is each chunk's place in the order of appends to the outputs."""
     if num_proc <= 1 or len(chunks) <= 1:
-        for bounds in chunks:
-            yield task(bounds)
+        for i, bounds in enumerate(chunks):
+            yield task(context, i, bounds)
         return
     # Threads, not processes: the numba kernels release the GIL, and results need no pickling
     # on their way to the writer (which, for 2,000-gene sentences, cost more than it saved).
     pool = ThreadPoolExecutor(num_proc, thread_name_prefix="chunk")
     try:
         pending: deque = deque()
-        for bounds in chunks:
-            pending.append(pool.submit(task, bounds))
+        for i, bounds in enumerate(chunks):
+            pending.append(pool.submit(task, context, i, bounds))
             if len(pending) > num_proc:
                 yield pending.popleft().result()
         while pending:

@@ -1,0 +1,234 @@
+"""The Python API for notebooks: an AnnData in memory -> cell sentences, in memory.
+
+``adata_to_sentences`` runs exactly the transform of ``transform.py`` (the same QC,
+input-kind detection, normalization, gene exclusion and seeded tie-breaking, through the same
+``plan_run`` and compiled kernels), without files: for the same input and seed its sentences
+are those of the script (tested), so it is also the reference the streamed path is tested
+against. ``CellSentences.save`` writes the script's data contract.
+
+>>> import scanpy as sc                                              # doctest: +SKIP
+>>> from utils import adata_to_sentences
+>>> cs = adata_to_sentences(sc.datasets.pbmc3k(), label_column=None)  # doctest: +SKIP
+>>> cs.sentences[0][:40]                                             # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from tqdm.auto import tqdm
+
+from utils.common import InputError, staged_outputs
+from utils.fit import RankExpressionFit
+from utils.io import InMemorySource
+from utils.outputs import (
+    contract_names,
+    dataset_columns,
+    fit_points,
+    preprocessed_obs,
+    write_evaluation,
+    write_vocab,
+)
+from utils.preprocess import TARGET_SUM, QCParams
+from utils.sentence_chunk import SentenceChunk, rank_chunk, write_text
+from utils.transform_pipeline import (
+    SPLITS,
+    PassContext,
+    TransformOptions,
+    assign_splits,
+    ordered_map,
+    plan_run,
+)
+
+__all__ = ["CellSentences", "adata_to_sentences"]
+
+
+@dataclass
+class CellSentences:
+    """The cell sentences of an AnnData's kept cells (input order), with what made them.
+
+    ``columns`` holds the dataset's columns per kept cell (``cell_name``, ``cell_type`` when
+    there is a label, further ``obs_columns``); ``labels`` is its ``cell_type`` or None.
+    """
+
+    sentences: list[str]
+    cell_names: list[str]
+    labels: list[str] | None
+    preprocessed: ad.AnnData  # kept cells x kept genes, log10(1 + normalized), CSR float32
+    fit: RankExpressionFit
+    columns: dict[str, np.ndarray]
+    options: TransformOptions
+    eval_points: tuple[np.ndarray, np.ndarray]  # (log-rank, log-expression) of the fit's sample
+
+    def __len__(self) -> int:
+        return len(self.sentences)
+
+    @property
+    def genes(self) -> list[str]:
+        """The vocabulary: the kept genes, in the preprocessed AnnData's order."""
+        return self.preprocessed.var_names.tolist()
+
+    def split_of_cells(self, split_fractions: Sequence[float] | None = None, seed: int | None = None) -> np.ndarray:
+        """Per cell, 0 train, 1 valid or 2 test; drawn as ``transform.py`` draws them, so the
+        same fractions and seed give the script's splits."""
+        fractions = self.options.split_fractions if split_fractions is None else tuple(split_fractions)
+        if len(fractions) != 3 or min(fractions) < 0 or not np.isclose(sum(fractions), 1.0):
+            raise InputError(f"split_fractions {fractions} must be three non-negative fractions adding up to 1.")
+        return assign_splits(len(self), fractions, seed=self.options.seed if seed is None else seed)
+
+    def to_dataset_dict(self, split_fractions: Sequence[float] | None = None, seed: int | None = None):
+        """A ``datasets.DatasetDict`` with splits train/valid/test and the script's columns
+        (``cell_name``, ``cell_sentence``, ``cell_type`` when labelled, further obs columns)."""
+        import datasets  # seconds to import: only when asked for
+
+        split = self.split_of_cells(split_fractions, seed)
+        sentences = np.asarray(self.sentences, dtype=object)
+        parts = {}
+        for i, name in enumerate(SPLITS):
+            rows = np.flatnonzero(split == i)
+            table = {"cell_name": self.columns["cell_name"][rows].tolist(), "cell_sentence": sentences[rows].tolist()}
+            table.update({n: v[rows].tolist() for n, v in self.columns.items() if n != "cell_name"})
+            parts[name] = datasets.Dataset.from_dict(table, features=_features(self.columns))
+        return datasets.DatasetDict(parts)
+
+    def save(self, output_dir: Path | str, *, name: str = "adata", split_fractions: Sequence[float] | None = None,
+             seed: int | None = None, overwrite: bool = False) -> Path:
+        """Write the data contract of ``transform.py`` under ``output_dir`` (``cell_sentences/``,
+        ``cell_sentences_hf/``, ``eval/``, ``<name>_preprocessed.h5ad``, ``transform_args.json``),
+        staged and moved into place at the end; returns ``output_dir``."""
+        output_dir = Path(output_dir)
+        split = self.split_of_cells(split_fractions, seed)
+        names = contract_names(name)
+        with staged_outputs(output_dir, names, overwrite=overwrite) as tmp:
+            text_dir = tmp / "cell_sentences"
+            text_dir.mkdir()
+            for i, s in enumerate(SPLITS):
+                rows = np.flatnonzero(split == i)
+                (text_dir / f"{s}.txt").write_text("".join(self.sentences[r] + "\n" for r in rows))
+                (text_dir / f"{s}_barcodes.txt").write_text("".join(self.cell_names[r] + "\n" for r in rows))
+                np.save(text_dir / f"{s}_indices.npy", rows.astype(np.int64))
+            write_vocab(text_dir / "vocab.txt", np.asarray(self.genes, dtype=object),
+                        self.preprocessed.var["n_cells"].to_numpy())
+            self.to_dataset_dict(split_fractions, seed).save_to_disk(str(tmp / "cell_sentences_hf"))
+            write_evaluation(tmp / "eval", self.fit, *self.eval_points, seed=self.options.seed)
+            preprocessed = self.preprocessed.copy()
+            preprocessed.obs["split"] = pd.Categorical(np.array(SPLITS, dtype=object)[split], categories=SPLITS)
+            preprocessed.write_h5ad(tmp / names[3])
+            recorded = {**asdict(self.options), "split_fractions": list(self.options.split_fractions
+                                                                         if split_fractions is None else split_fractions)}
+            (tmp / "transform_args.json").write_text(json.dumps(recorded, indent=2, sort_keys=True, default=str) + "\n")
+        return output_dir
+
+
+def _features(columns: dict[str, np.ndarray]):
+    import datasets
+
+    features = {"cell_name": datasets.Value("string"), "cell_sentence": datasets.Value("string")}
+    for name, values in columns.items():
+        if name != "cell_name":
+            features[name] = datasets.Value("string" if values.dtype == object else str(values.dtype))
+    return datasets.Features(features)
+
+
+def adata_to_sentences(
+    adata: ad.AnnData,
+    *,
+    layer: str | None = None,
+    input_kind: str = "auto",
+    gene_column: str | None = None,
+    label_column: str | None = None,
+    obs_columns: Sequence[str] = (),
+    qc: QCParams | bool = True,
+    max_genes: int | None = None,
+    exclude_genes: str | None = None,
+    target_sum: float = TARGET_SUM,
+    seed: int = 1234,
+    split_fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    fit_threshold: float = 3.0,
+    eval_cells: int = 1_000,
+    bad_gene_names: str = "replace",
+    chunk_size: int = 2_048,
+    num_proc: int = 1,
+    progress: bool = False,
+) -> CellSentences:
+    """Cell sentences of an in-memory AnnData, as ``transform.py`` makes them.
+
+    Parameters mirror the script's flags: ``layer`` (default ``.raw.X``, else
+    ``layers["counts"]``, else ``X``), ``input_kind`` (``auto``, ``counts``, ``normalized``,
+    ``log1p``), ``gene_column`` (default ``var["feature_name"]`` when present, else
+    ``var_names``), ``label_column`` (default ``cell_type`` when present), ``qc`` (True: the
+    original's QC, False: none, or a ``QCParams``), ``max_genes`` (top K genes per sentence),
+    ``exclude_genes`` (a regular expression, e.g. ``"^MT-|^RP[SL]"``: matching genes are left
+    out after QC, before normalization and ranking), ``target_sum`` (counts are normalized to
+    it), ``seed`` (tie-breaking, splits, the fit's sample). ``split_fractions`` and ``seed`` are
+    the defaults of ``to_dataset_dict`` and ``save``. ``chunk_size`` and ``num_proc`` change
+    speed and memory only, never the result.
+
+    Returns a ``CellSentences``: ``.sentences`` (kept cells, input order), ``.cell_names``,
+    ``.labels``, ``.preprocessed``, ``.fit``, ``.to_dataset_dict()``, ``.save(output_dir)``.
+    The input is not modified.
+    """
+    if not isinstance(adata, ad.AnnData):
+        raise InputError(f"adata_to_sentences takes an AnnData, not {type(adata).__name__}.")
+    if max_genes is not None and max_genes < 1:
+        raise InputError("max_genes must be at least 1 (or None for full sentences).")
+    if not target_sum > 0:
+        raise InputError(f"target_sum must be positive (got {target_sum}).")
+    params = qc if isinstance(qc, QCParams) else QCParams(enabled=bool(qc))
+    options = TransformOptions(
+        input_kind=input_kind, gene_column=gene_column, label_column=label_column, obs_columns=tuple(obs_columns),
+        bad_gene_names=bad_gene_names, qc=params, max_genes=max_genes, exclude_genes=exclude_genes,
+        target_sum=float(target_sum), split_fractions=tuple(split_fractions), eval_cells=eval_cells, seed=seed,
+        chunk_size=chunk_size, num_proc=num_proc,
+    )  # fmt: skip
+    source = InMemorySource(adata, "the AnnData", layer=layer)
+    plan = plan_run(source, options, progress=progress)
+    context = PassContext(source, plan.settings, np.empty(0, np.uint8), plan=plan)
+    chunks: list[SentenceChunk] = []
+    with tqdm(total=source.n_cells, desc="Cell sentences", unit="cells", disable=not progress) as bar:
+        for (start, stop), chunk in zip(plan.chunks, ordered_map(_sentence_task, plan.chunks, num_proc=num_proc,
+                                                                 context=context), strict=True):
+            chunks.append(chunk)
+            bar.update(stop - start)
+
+    # One text for all cells (split 0 in the kernel: the cells stay in input order).
+    text = np.concatenate([c.text[0] for c in chunks]).tobytes().decode("utf-8")
+    sentences = text[:-1].split("\n") if text else []
+    nnz = np.cumsum([0] + [c.indptr[-1] for c in chunks])
+    indptr = np.concatenate([[0]] + [c.indptr[1:] + base for c, base in zip(chunks, nnz, strict=False)])
+    matrix = sp.csr_matrix((np.concatenate([c.data for c in chunks]), np.concatenate([c.indices for c in chunks]),
+                            indptr), shape=(plan.n_kept, len(plan.kept_names)))
+    gene_cells = np.sum([c.gene_cells for c in chunks], axis=0)
+    log_rank = np.concatenate([c.eval_log_rank for c in chunks])
+    log_expression = np.concatenate([c.eval_log_expression for c in chunks])
+    fit = fit_points(log_rank, log_expression, threshold=fit_threshold, path=source.path)
+
+    kept = plan.qc.cell_mask
+    columns = {n: v[kept] for n, v in dataset_columns(source.obs, plan.obs_columns).items()}
+    preprocessed = ad.AnnData(
+        X=matrix, obs=preprocessed_obs(plan, dataset_columns(source.obs, {})["cell_name"]),
+        var=pd.DataFrame({"n_cells": gene_cells}, index=pd.Index(plan.kept_names.astype(str))),
+        uns={"log1p": {"base": 10.0}},
+    )
+    labels = columns["cell_type"].tolist() if "cell_type" in columns else None
+    return CellSentences(sentences, columns["cell_name"].tolist(), labels, preprocessed, fit, columns, options,
+                         (log_rank, log_expression))
+
+
+def _sentence_task(context: PassContext, index: int, bounds: tuple[int, int]) -> SentenceChunk:
+    start, stop = bounds
+    plan, settings = context.plan, context.settings
+    chunk = plan.source.read_rows(start, stop)
+    ranked = rank_chunk(
+        chunk.indptr, chunk.indices, chunk.data, row_split=np.where(plan.split_of_cell[start:stop] >= 0, 0, -1),
+        row_eval=plan.eval_mask[start:stop], cell_ids=np.arange(start, stop), gene_position=plan.gene_position,
+        names=plan.names, normalization=settings.normalization, seed=settings.seed, max_genes=settings.max_genes,
+    )  # fmt: skip
+    return write_text(ranked, plan.names)
