@@ -7,11 +7,10 @@ Two tasks (``--tasks predict,generate``), with the prompt templates of training
   the cell type, by batched greedy decoding with left padding. Accuracy is exact match after
   trimming and case-folding, next to the majority-class baseline; a confusion-matrix figure.
 - generate: ``--n_per_type`` cells per cell type (default: as many as the split has), sampled
-  with ``--temperature``/``--top_k``/``--top_p``. Evaluated by the valid-gene rate, the duplicate
-  rate, the mean length and the paper's k-NN metric: a k-NN classifier fitted on real training
-  cells (reconstructed from their top-K ranks by the inverse transform, like the generated
-  cells) predicts each generated cell's type; real training -> real ``--split`` cells is the
-  ceiling. A PCA figure shows real and generated cells together.
+  with ``--temperature``/``--top_k``/``--top_p``. Evaluated as eval/generation.py does (the same
+  code, ``utils.metrics.score_generated``): valid-gene and duplicate rates, the paper's k-NN
+  metric with the real -> real ceiling, MMD and energy distance with their real-vs-real floors.
+  A PCA figure shows real and generated cells together.
 
     data/model/<run>/ + data/cell_sentences_hf/ (+ data/cell_sentences/vocab.txt,
     data/eval/transformation_metrics.csv)
@@ -47,28 +46,16 @@ from utils.common import (
     seed_everything,
     staged_outputs,
 )
-from utils.evaluation import (
-    classification_summary,
-    embed_pca,
-    knn_accuracy,
-    majority_baseline,
-    plot_confusion_matrix,
-    plot_embedding,
-    sentence_stats,
-)
+from utils.eval_io import load_splits, transform_reference
+from utils.evaluation import classification_summary, plot_confusion_matrix
 from utils.fit import RankExpressionFit
 from utils.generation import (
     allocate_counts,
     answer_token_budget,
     pick_device,
 )
-from utils.inverse import (
-    VocabIndex,
-    build_vocab_index,
-    load_transform_fit,
-    load_vocab,
-    sentences_to_expression,
-)
+from utils.inverse import VocabIndex
+from utils.metrics import plot_generation, score_generated
 
 logger = logging.getLogger("cell2sentence")
 
@@ -169,48 +156,6 @@ def read_train_args(model_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def load_splits(data_dir: Path, split: str, label_column: str, *, need_labels: bool) -> dict[str, Any]:
-    """The train split and ``split`` of the DatasetDict as Arrow tables."""
-    import datasets
-
-    if not data_dir.is_dir():
-        raise InputError(f"{data_dir} does not exist; pass transform.py's cell_sentences_hf folder as --data_dir.")
-    try:
-        dd = datasets.load_from_disk(str(data_dir))
-    except (FileNotFoundError, ValueError) as err:
-        raise InputError(f"{data_dir} is no datasets folder written by save_to_disk ({err}).") from None
-    if not isinstance(dd, datasets.DatasetDict):
-        raise InputError(f"{data_dir} holds one dataset, not transform.py's DatasetDict with train/valid/test.")
-    if split not in dd:
-        raise InputError(f"{data_dir} has no split {split!r} (it has {list(dd)}); fix --split.")
-    out = {}
-    for name in dict.fromkeys(["train", split]):
-        if name not in dd:
-            continue
-        columns = dd[name].column_names
-        if "cell_sentence" not in columns:
-            raise InputError(f"{data_dir}/{name} has no cell_sentence column (it has {columns}).")
-        if need_labels and label_column not in columns:
-            raise InputError(f"{data_dir}/{name} has no {label_column!r} column (it has {columns}); "
-                             "pass --cell_type_column or use --tasks without predict/generate by type.")
-        out[name] = dd[name].with_format("arrow")[:]
-    return out
-
-
-def reference(transform_dir: Path, tables: dict[str, Any], top_k: int) -> tuple[VocabIndex, RankExpressionFit, bool]:
-    """The vocabulary and fit of the transform; without them, a nominal fit over the train genes."""
-    vocab_path = transform_dir / "cell_sentences" / "vocab.txt"
-    metrics_path = transform_dir / "eval" / "transformation_metrics.csv"
-    if vocab_path.is_file() and metrics_path.is_file():
-        return build_vocab_index(load_vocab(vocab_path)), load_transform_fit(metrics_path), True
-    logger.warning("No transform outputs in %s: the valid-gene rate uses the genes of the training "
-                   "sentences and the k-NN metric a nominal fit (slope -1); pass --transform_dir.", transform_dir)
-    genes: dict[str, None] = {}
-    for sentence in tables["train"].column("cell_sentence").to_pylist():
-        genes.update(dict.fromkeys(sentence.split()))
-    return build_vocab_index(list(genes)), RankExpressionFit(slope=-1.0, intercept=float(np.log10(1 + top_k))), False
-
-
 def subsample(n: int, cap: int | None, seed: int) -> np.ndarray:
     """Row indices: all, or a seeded random subset of ``cap`` in their original order."""
     if cap is None or cap >= n:
@@ -253,36 +198,11 @@ def generate_cells(model: Any, counts: dict[str, int], *, budget: int, genes: Se
 def evaluate_generated(generated: pd.DataFrame, tables: dict[str, Any], *, split: str, label_column: str,
                        index: VocabIndex, fit: RankExpressionFit, top_k: int, k: int, seed: int
                        ) -> tuple[dict[str, Any], Any]:
-    """Word statistics, the k-NN metric and the PCA figure of real and generated cells."""
-    # Word statistics over every generated word; the k-NN representation from the top K only,
-    # like the real cells.
-    everything = sentences_to_expression(generated["cell_sentence"].tolist(), index, fit)
-    metrics: dict[str, Any] = {"sentences": sentence_stats(everything)}
-    gen = sentences_to_expression(generated["cell_sentence"].tolist(), index, fit, max_words=top_k)
-    real_train = sentences_to_expression(tables["train"].column("cell_sentence"), index, fit, max_words=top_k)
-    real_eval = sentences_to_expression(tables[split].column("cell_sentence"), index, fit, max_words=top_k)
-    y_train = tables["train"].column(label_column).to_pylist()
-    y_eval = tables[split].column(label_column).to_pylist()
-    requested = generated["requested_cell_type"].tolist()
-    knn_gen = knn_accuracy(real_train.X, y_train, gen.X, requested, k=k)
-    knn_real = knn_accuracy(real_train.X, y_train, real_eval.X, y_eval, k=k)
-    metrics["knn"] = {
-        "k": knn_gen["k"],
-        "top_k_genes": top_k,
-        "generated_accuracy": knn_gen["accuracy"],
-        "real_vs_real_accuracy": knn_real["accuracy"],
-        "majority_baseline": majority_baseline(y_train, requested)["accuracy"],
-        "n_real_train": int(real_train.X.shape[0]),
-        "n_real_eval": int(real_eval.X.shape[0]),
-        "n_generated": int(gen.X.shape[0]),
-    }
-    figure = None
-    if real_eval.X.shape[0] >= 3 and real_eval.X.nnz:
-        a, b = embed_pca(real_eval.X, gen.X, seed=seed)
-        if a.shape[1] == 2:
-            figure = plot_embedding(a, [str(y) for y in y_eval], b, [str(y) for y in requested],
-                                    title=f"Real ({split}) and generated cells, PCA of the top-{top_k} reconstruction")
-    return metrics, figure
+    """The metrics of eval/generation.py (utils.metrics.score_generated) and its PCA figure."""
+    metrics, result = score_generated(generated["cell_sentence"].tolist(), generated["requested_cell_type"].tolist(),
+                                      tables, split=split, label_column=label_column, index=index, fit=fit,
+                                      top_k=top_k, k=k, seed=seed)
+    return metrics, plot_generation(result, split=split, top_k=top_k)
 
 
 # ---------------------------------------------------------------------------------- main
@@ -354,7 +274,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         budget = args.max_new_tokens or answer_token_budget(
             [len(encode_answer(tokenizer, fmt.generation_answer(s.split()[:top_k]), fmt)) for s in sample]
             or [top_k])
-        index, fit, from_transform = reference(args.transform_dir, tables, top_k)
+        index, fit, from_transform = transform_reference(args.transform_dir, tables, top_k)
         start = time.perf_counter()
         seed_everything(args.seed)
         generated = generate_cells(model, counts, budget=budget, genes=index.genes, args=args)
@@ -367,11 +287,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                            constrained=not args.no_constrain_genes,
                            sampling={"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p})
         metrics["generation"] = gen_metrics
-        s, knn = gen_metrics["sentences"], gen_metrics["knn"]
+        s = gen_metrics["sentences"]
         logger.info("Generated %s cells: valid-gene rate %.3f, duplicate rate %.3f, mean length %.1f; "
-                    "k-NN accuracy %.3f (real vs real %.3f).", f"{len(generated):,}", s["valid_gene_rate"],
-                    s["duplicate_rate"], s["mean_sentence_length"], knn["generated_accuracy"],
-                    knn["real_vs_real_accuracy"])
+                    "k-NN accuracy %.3f (real vs real %.3f), MMD %.4f (real vs real %.4f).", f"{len(generated):,}",
+                    s["valid_gene_rate"], s["duplicate_rate"], s["mean_sentence_length"], gen_metrics["knn_accuracy"],
+                    gen_metrics["knn_ceiling"], gen_metrics["mmd"], gen_metrics["mmd_floor"])
     with staged_outputs(args.output_dir, OUTPUTS, overwrite=args.overwrite) as tmp:
         if predictions is not None:
             predictions.to_csv(tmp / "predictions.csv", index=False)

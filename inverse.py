@@ -42,7 +42,8 @@ from utils.common import (
     seed_everything,
     staged_outputs,
 )
-from utils.evaluation import knn_accuracy, sentence_stats
+from utils.eval_io import find_preprocessed, load_splits, read_lines
+from utils.evaluation import sentence_stats
 from utils.fit import RankExpressionFit
 from utils.inverse import (
     SentenceBytes,
@@ -55,6 +56,7 @@ from utils.inverse import (
     sentences_to_expression,
     zero_crossing_rank,
 )
+from utils.metrics import evaluate_generation
 
 logger = logging.getLogger("cell2sentence")
 
@@ -120,15 +122,6 @@ def _check_args(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------- input
 
 
-def read_lines(path: Path) -> list[str]:
-    """Lines of a small text file (labels, names), without line ends; a final newline ends the last."""
-    text = path.read_text()
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    return [line.rstrip("\r") for line in lines]
-
-
 def load_sentences(args: argparse.Namespace) -> tuple[SentenceBytes, pd.DataFrame]:
     """The sentences as one byte buffer and an obs frame (cell names, labels when known)."""
     path: Path = args.sentences
@@ -191,18 +184,6 @@ def _load_arrow(path: Path, args: argparse.Namespace) -> tuple[SentenceBytes, pd
 # ---------------------------------------------------------------------------------- evaluation
 
 
-def find_preprocessed(transform_dir: Path) -> Path | None:
-    """transform.py's ``<input stem>_preprocessed.h5ad`` in ``transform_dir``, if any."""
-    args_file = transform_dir / "transform_args.json"
-    if args_file.is_file():
-        stem = Path(json.loads(args_file.read_text()).get("data_filepath", "")).stem
-        candidate = transform_dir / f"{stem}_preprocessed.h5ad"
-        if candidate.is_file():
-            return candidate
-    found = sorted(transform_dir.glob("*_preprocessed.h5ad"))
-    return found[0] if len(found) == 1 else None
-
-
 def reconstruction_metrics(adata: ad.AnnData, preprocessed: Path) -> dict[str, Any] | None:
     """Reconstructed vs preprocessed values on the sentences' genes, for cells found by name."""
     from scipy.stats import pearsonr, spearmanr
@@ -245,34 +226,29 @@ def real_knn_metrics(adata: ad.AnnData, packed: SentenceBytes, transform_dir: Pa
                      fit: RankExpressionFit,
                      vocab_index: Any, max_genes: int | None, k: int,
                      case_insensitive: bool) -> dict[str, Any] | None:
-    """k-NN fitted on the transform's real training cells (top-K ranks) scores the labelled cells."""
-    import datasets
-
+    """The labelled cells scored like generated ones (utils.metrics.evaluate_generation) against
+    the transform's real cells: k-NN fitted on its training cells, with the real -> real
+    (test split) ceiling, and the distances to its test cells with their floors."""
     hf = transform_dir / "cell_sentences_hf"
     if not hf.is_dir() or labels_key not in adata.obs:
         return None
-    dd = datasets.load_from_disk(str(hf))
-    if "train" not in dd or "cell_type" not in dd["train"].column_names:
-        return None
+    try:
+        tables = load_splits(hf, "test", "cell_type", need_labels=True)
+    except InputError:
+        return None  # no test split or no cell types: nothing to compare with
     top_k = max_genes or int(max(1, np.median(adata.obs["n_words"])))
-    ref = {}
-    for split in ("train", "test"):
-        if split not in dd:
-            continue
-        table = dd[split].with_format("arrow")[:]
-        res = sentences_to_expression(table.column("cell_sentence"), vocab_index, fit,
-                                      case_insensitive=case_insensitive, max_words=top_k)
-        ref[split] = (res.X, table.column("cell_type").to_pylist())
+    real = {name: sentences_to_expression(table.column("cell_sentence"), vocab_index, fit,
+                                          case_insensitive=case_insensitive, max_words=top_k).X
+            for name, table in tables.items()}
     # The evaluated cells in the same representation: their first top_k words.
     X_eval = sentences_to_expression(packed, vocab_index, fit, case_insensitive=case_insensitive,
                                      max_words=top_k).X
     if max_genes is None:
         logger.info("k-NN on the first %d genes (the median sentence length).", top_k)
-    out: dict[str, Any] = {"k": k, "top_k_genes": top_k}
-    out["accuracy"] = knn_accuracy(*ref["train"], X_eval, adata.obs[labels_key].astype(str).tolist(), k=k)["accuracy"]
-    if "test" in ref:
-        out["real_vs_real_accuracy"] = knn_accuracy(*ref["train"], *ref["test"], k=k)["accuracy"]
-    return out
+    result = evaluate_generation(X_eval, adata.obs[labels_key].astype(str).tolist(),
+                                 real["train"], tables["train"].column("cell_type").to_pylist(),
+                                 real["test"], tables["test"].column("cell_type").to_pylist(), k=k)
+    return {"top_k_genes": top_k, **result.metrics}
 
 
 def main(args: argparse.Namespace) -> ad.AnnData:
@@ -333,8 +309,8 @@ def main(args: argparse.Namespace) -> ad.AnnData:
                                    case_insensitive=args.case_insensitive)
             if knn is not None:
                 metrics[f"knn_{key}"] = knn
-                logger.info("k-NN accuracy against %s: %.3f (real vs real: %.3f).", key, knn["accuracy"],
-                            knn.get("real_vs_real_accuracy", float("nan")))
+                logger.info("k-NN accuracy against %s: %.3f (real vs real: %.3f).", key, knn["knn_accuracy"],
+                            knn["knn_ceiling"])
     with staged_outputs(out_dir, names, overwrite=args.overwrite) as tmp:
         adata.write_h5ad(tmp / name)
         save_args(args, tmp / f"{args.output.stem}_args.json")

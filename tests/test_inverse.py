@@ -262,7 +262,7 @@ def test_transform_then_inverse_reproduces_the_fit(tmp_path: Path) -> None:
         row = adata.X[i]
         assert adata.var_names[row.indices[np.argsort(-row.data, kind="stable")]].tolist() == sentence.split()
     assert adata.obs["cell_type"].notna().all()
-    assert metrics["knn_cell_type"]["real_vs_real_accuracy"] > 0.8
+    assert metrics["knn_cell_type"]["knn_ceiling"] > 0.8
 
 
 def reference_inverse(sentences: list[str], vocab: list[str], fit: RankExpressionFit) -> np.ndarray:

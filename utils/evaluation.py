@@ -29,12 +29,14 @@ from utils.inverse import InverseResult
 
 __all__ = [
     "classification_summary",
+    "distinct_colours",
     "embed_pca",
     "knn_accuracy",
     "majority_baseline",
     "normalize_label",
     "plot_confusion_matrix",
     "plot_embedding",
+    "plot_labelled_panels",
     "sentence_stats",
 ]
 
@@ -69,24 +71,38 @@ def majority_baseline(train_labels: Sequence[str], eval_labels: Sequence[str]) -
 def classification_summary(
     true: Sequence[str], predicted: Sequence[str], *, train_labels: Sequence[str] | None = None
 ) -> dict[str, Any]:
-    """Exact-match accuracy (normalized labels), per-class accuracy and the majority baseline.
+    """Accuracy, balanced accuracy, macro-F1 and per-class scores, with the majority baseline.
 
-    The baseline's majority class comes from ``train_labels`` when given, else from ``true``.
+    Labels are compared normalized. The classes are the true labels: a predicted label that
+    is no true class (an unknown answer) counts against the true class's recall and adds no
+    class of its own, so ``macro_f1`` and ``balanced_accuracy`` (mean recall) average over the
+    true classes. ``per_class`` holds precision, recall, F1 and support per class;
+    ``per_class_accuracy`` is the recall. The baseline's majority class comes from
+    ``train_labels`` when given, else from ``true``.
 
     >>> s = classification_summary(["B cell", "T cell"], ["b cell ", "NK"])
-    >>> s["accuracy"], s["n_cells"], s["n_correct"]
-    (0.5, 2, 1)
+    >>> s["accuracy"], s["n_cells"], s["n_correct"], s["macro_f1"]
+    (0.5, 2, 1, 0.5)
     """
+    from sklearn.metrics import precision_recall_fscore_support
+
     t = np.array([normalize_label(x) for x in true], dtype=object)
     p = np.array([normalize_label(x) for x in predicted], dtype=object)
     if len(t) != len(p):
         raise ValueError(f"{len(t)} true labels but {len(p)} predictions.")
     correct = t == p
-    per_class = {}
     names = {normalize_label(x): str(x) for x in true}
-    for label in sorted(set(t)):
-        mask = t == label
-        per_class[names[label]] = float(correct[mask].mean())
+    classes = sorted(set(t))
+    per_class: dict[str, dict[str, float]] = {}
+    balanced = macro_f1 = float("nan")
+    if classes:
+        precision, recall, f1, support = precision_recall_fscore_support(
+            t, p, labels=classes, zero_division=0.0
+        )
+        balanced, macro_f1 = float(np.mean(recall)), float(np.mean(f1))
+        for i, label in enumerate(classes):
+            per_class[names[label]] = {"precision": float(precision[i]), "recall": float(recall[i]),
+                                       "f1": float(f1[i]), "support": int(support[i])}
     baseline = majority_baseline(
         list(train_labels) if train_labels is not None else list(true), true
     )
@@ -97,9 +113,12 @@ def classification_summary(
         "n_cells": int(len(t)),
         "n_correct": int(correct.sum()),
         "accuracy": float(correct.mean()) if len(t) else float("nan"),
+        "balanced_accuracy": balanced,
+        "macro_f1": macro_f1,
         "majority_baseline": baseline["accuracy"],
         "majority_label": baseline["label"],
-        "per_class_accuracy": per_class,
+        "per_class_accuracy": {name: v["recall"] for name, v in per_class.items()},
+        "per_class": per_class,
         "fraction_unknown_label": float(np.mean([x not in known for x in p])) if len(p) else 0.0,
     }
 
@@ -158,14 +177,14 @@ def knn_accuracy(
 
 def embed_pca(
     X_fit: sp.spmatrix | np.ndarray,
-    X_other: sp.spmatrix | np.ndarray,
-    *,
+    *others: sp.spmatrix | np.ndarray,
     n_components: int = 2,
     seed: int = 0,
-) -> tuple[np.ndarray, np.ndarray]:
-    """PCA fitted on ``X_fit`` (e.g. real cells) and applied to both matrices.
+) -> tuple[np.ndarray, ...]:
+    """PCA fitted on ``X_fit`` (e.g. real cells) and applied to it and to each of ``others``.
 
-    Sparse input stays sparse (sklearn's PCA centres it implicitly).
+    Returns the coordinates of ``X_fit`` followed by those of each other matrix. Sparse input
+    stays sparse (sklearn's PCA centres it implicitly).
     """
     from sklearn.decomposition import PCA
 
@@ -174,9 +193,9 @@ def embed_pca(
     if sp.issparse(X_fit) and solver == "full":
         solver = "covariance_eigh"
     pca = PCA(n_components=n_components, svd_solver=solver, random_state=seed)
-    a = pca.fit_transform(X_fit)
-    b = pca.transform(X_other) if X_other.shape[0] else np.zeros((0, n_components))
-    return np.asarray(a), np.asarray(b)
+    fitted = np.asarray(pca.fit_transform(X_fit))
+    return (fitted, *(np.asarray(pca.transform(X)) if X.shape[0] else np.zeros((0, n_components))
+                      for X in others))
 
 
 def plot_confusion_matrix(
@@ -216,6 +235,79 @@ def plot_confusion_matrix(
     return fig
 
 
+# Colours that are told apart at a glance on white: tab10, then colours of Kelly's list of
+# maximum contrast unlike any of them. tab20's pairs (a dark and a light shade of one hue at
+# neighbouring places) gave types next to each other by name two shades of one blue.
+PALETTE = (
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+    "#bcbd22", "#17becf", "#f3c300", "#875692", "#008856", "#f99379", "#604e97", "#b3446c",
+    "#882d17", "#8db600", "#2b3d26", "#e25822",
+)
+
+
+def _lab(colour: str) -> np.ndarray:
+    """CIELAB (D65) of a matplotlib colour."""
+    rgb = np.array(matplotlib.colors.to_rgb(colour))
+    linear = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+    xyz = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722],
+                    [0.0193, 0.1192, 0.9505]]) @ linear / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    return np.array([116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])])
+
+
+def _colour_distance(a: str, b: str) -> float:
+    """Distance in CIELAB with lightness at half weight: two shades of one hue (dark and light
+    blue) read as one family, so they count as close."""
+    d = _lab(a) - _lab(b)
+    return float(np.sqrt((d[0] / 2) ** 2 + d[1] ** 2 + d[2] ** 2))
+
+
+def distinct_colours(types: Sequence[str], centroids: np.ndarray) -> dict[str, str]:
+    """A colour per type such that types close together in the embedding look different.
+
+    Minimizes the sum over pairs of types of closeness(centroids) × likeness(colours), with
+    closeness exp(−(d / s)²) (s: the median distance of a centroid to its nearest other one)
+    and likeness exp(−colour distance / 40), by local search from the palette's order: each
+    type in turn takes the colour (a free one, or another type's by a swap) that lowers the sum
+    most, until no move does. Deterministic; past the palette's length colours repeat.
+
+    >>> distinct_colours(["a", "b"], np.array([[0.0, 0.0], [1.0, 0.0]]))
+    {'a': '#1f77b4', 'b': '#ff7f0e'}
+    """
+    n = len(types)
+    centroids = np.asarray(centroids, dtype=np.float64).reshape(n, -1)
+    if n == 0:
+        return {}
+    d = np.sqrt(((centroids[:, None, :] - centroids[None, :, :]) ** 2).sum(-1))
+    np.fill_diagonal(d, np.inf)
+    scale = float(np.median(d.min(axis=1))) if n > 1 else 1.0
+    close = np.exp(-((d / (scale if scale > 0 else 1.0)) ** 2))
+    palette = [PALETTE[i % len(PALETTE)] for i in range(max(n, len(PALETTE)))]
+    like = np.array([[np.exp(-_colour_distance(a, b) / 40.0) for b in palette] for a in palette])
+    pick = list(range(n))  # type i has palette[pick[i]]
+
+    def total(p: list[int]) -> float:
+        return float((close * like[np.ix_(p, p)]).sum()) / 2
+
+    current = total(pick)
+    for _ in range(100):
+        moved = False
+        for i in range(n):
+            for c in range(len(palette)):
+                if c == pick[i]:
+                    continue
+                trial = pick.copy()
+                if c in trial:  # a swap with the type holding c
+                    trial[trial.index(c)] = pick[i]
+                trial[i] = c
+                value = total(trial)
+                if value < current - 0.01:  # a clear gain only: tab10 stays where it serves
+                    pick, current, moved = trial, value, True
+        if not moved:
+            break
+    return {str(types[i]): palette[pick[i]] for i in range(n)}
+
+
 def plot_embedding(
     real: np.ndarray,
     real_labels: Sequence[str],
@@ -225,25 +317,58 @@ def plot_embedding(
     title: str = "Real and generated cells (PCA)",
     axis_label: str = "PC",
 ) -> Figure:
-    """2-d scatter of real (dots) and generated (crosses) cells, coloured by cell type."""
+    """2-d scatter of real (dots) and generated (crosses) cells, coloured by cell type
+    (:func:`distinct_colours`, from the centroids of each type's cells)."""
     fig = Figure(figsize=(8.5, 6))
     ax = fig.add_subplot()
     types = sorted({str(x) for x in real_labels} | {str(x) for x in generated_labels})
-    cmap = matplotlib.colormaps["tab20"]
-    colors = {t: cmap(i % 20) for i, t in enumerate(types)}
     groups = [  # (points, labels, marker size, alpha, marker, legend suffix)
-        (real, np.asarray(real_labels, dtype=object), 10, 0.5, "o", "real"),
-        (generated, np.asarray(generated_labels, dtype=object), 22, 0.9, "x", "generated"),
+        (np.asarray(real)[:, :2], np.asarray([str(x) for x in real_labels], dtype=object), 10, 0.5, "o", "real"),
+        (np.asarray(generated)[:, :2], np.asarray([str(x) for x in generated_labels], dtype=object), 22, 0.9,
+         "x", "generated"),
     ]
+    points = np.vstack([g[0].reshape(-1, 2) for g in groups])
+    labels = np.concatenate([g[1] for g in groups])
+    centroids = np.array([points[labels == t].mean(axis=0) for t in types]).reshape(len(types), 2)
+    colors = distinct_colours(types, centroids)
     for t in types:
-        for points, labels, size, alpha, marker, kind in groups:
-            m = labels == t
+        for pts, labs, size, alpha, marker, kind in groups:
+            m = labs == t
             if m.any():
-                ax.scatter(points[m, 0], points[m, 1], s=size, alpha=alpha, color=colors[t],
+                ax.scatter(pts[m, 0], pts[m, 1], s=size, alpha=alpha, color=colors[t],
                            marker=marker, label=f"{t} ({kind})")
     ax.set_xlabel(f"{axis_label}1")
     ax.set_ylabel(f"{axis_label}2")
     ax.set_title(title)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     fig.tight_layout()
+    return fig
+
+
+def plot_labelled_panels(panels: Sequence[tuple[str, np.ndarray, Sequence[str]]], *,
+                         axis_label: str = "PC") -> Figure:
+    """Side-by-side 2-d scatters of (title, coordinates, labels), one colour per label in every
+    panel (:func:`distinct_colours` from the first panel's centroids)."""
+    fig = Figure(figsize=(5.2 * len(panels) + 2.5, 5))
+    types = sorted({str(x) for _, _, labels in panels for x in labels})
+    first = np.asarray(panels[0][1])[:, :2]
+    first_labels = np.asarray([str(x) for x in panels[0][2]], dtype=object)
+    centroids = np.array([first[first_labels == t].mean(axis=0) if (first_labels == t).any() else
+                          np.full(2, np.inf) for t in types]).reshape(len(types), 2)
+    centroids[~np.isfinite(centroids)] = 1e6  # a type absent from the first panel: far away
+    colors = distinct_colours(types, centroids)
+    for i, (title, coords, labels) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        coords = np.asarray(coords)
+        labs = np.asarray([str(x) for x in labels], dtype=object)
+        for t in types:
+            m = labs == t
+            if m.any():
+                ax.scatter(coords[m, 0], coords[m, 1], s=8, alpha=0.7, color=colors[t], label=t)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(f"{axis_label}1")
+        ax.set_ylabel(f"{axis_label}2")
+    handles, names = fig.axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, fontsize=7, loc="center right", frameon=False)
+    fig.tight_layout(rect=(0, 0, 1 - 2.3 / (5.2 * len(panels) + 2.5), 1))
     return fig

@@ -1,0 +1,128 @@
+"""Score cell embeddings against the cell types, next to PCA of the expression.
+
+For the cells of an ``embeddings.h5ad`` (embed.py's: ``.obsm["X_c2s"]`` and the cells' obs):
+leave-one-out k-NN accuracy of the types, silhouette width of the types, and ARI / NMI between
+the types and a KMeans clustering with as many clusters as types; the same for the first
+principal components of the same cells' expression (transform.py's preprocessed AnnData,
+matched by cell name), the baseline an embedding should beat.
+
+    embeddings.h5ad [+ <transform_dir>/<stem>_preprocessed.h5ad]
+        -> <output_dir>/metrics.json, embedding_vs_pca.png, eval_args.json
+
+Example:
+    python eval/embedding.py --embeddings data/embeddings/<run>/embeddings.h5ad \\
+        --transform_dir data --output_dir data/eval/embedding
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as `python eval/embedding.py`: the repository's utils
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from utils.common import InputError, check_can_write, run_cli, seed_everything  # noqa: E402
+from utils.eval_io import (  # noqa: E402
+    EVAL_ARGS,
+    evaluation_parser,
+    parse_evaluation_args,
+    read_preprocessed,
+    write_evaluation,
+)
+from utils.evaluation import embed_pca, plot_labelled_panels  # noqa: E402
+from utils.metrics import embedding_scores  # noqa: E402
+
+logger = logging.getLogger("cell2sentence")
+
+OUTPUTS = ["metrics.json", "embedding_vs_pca.png", EVAL_ARGS]
+SCORES = ("knn_accuracy", "silhouette", "ari", "nmi")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = evaluation_parser(__doc__)
+    p.add_argument("--embeddings", type=Path, default=None,
+                   help="embeddings.h5ad (or the folder holding it) written by embed.py (required)")
+    p.add_argument("--obsm_key", type=str, default="X_c2s", help="the embedding in .obsm")
+    p.add_argument("--cell_type_column", type=str, default="cell_type", help="obs column of the types")
+    p.add_argument("--transform_dir", type=Path, default=Path("data"),
+                   help="transform.py's output folder, for the PCA-of-expression baseline")
+    p.add_argument("--n_components", type=int, default=50, help="principal components of the baseline")
+    p.add_argument("--k_neighbors", type=int, default=5, help="k of the leave-one-out k-NN")
+    args = parse_evaluation_args(p, argv, name="embedding", seed_help="seed of KMeans, PCA and the silhouette sample")
+    if args.embeddings is None:
+        raise InputError("Pass --embeddings, the embeddings.h5ad written by embed.py.")
+    if args.embeddings.is_dir():
+        args.embeddings = args.embeddings / "embeddings.h5ad"
+    if args.k_neighbors < 1 or args.n_components < 1:
+        raise InputError("--k_neighbors and --n_components must be at least 1.")
+    return args
+
+
+def read_embeddings(args: argparse.Namespace) -> tuple[Any, np.ndarray, list[str]]:
+    """Names, embedding and labels of the labelled cells."""
+    import anndata as ad
+
+    if not args.embeddings.is_file():
+        raise InputError(f"{args.embeddings} does not exist; pass the embeddings.h5ad written by embed.py.")
+    adata = ad.read_h5ad(args.embeddings)
+    if args.obsm_key not in adata.obsm:
+        raise InputError(f"{args.embeddings} has no .obsm[{args.obsm_key!r}] (it has {list(adata.obsm)}); "
+                         "fix --obsm_key.")
+    if args.cell_type_column not in adata.obs:
+        raise InputError(f"{args.embeddings} has no obs column {args.cell_type_column!r} (it has "
+                         f"{list(adata.obs.columns)}); fix --cell_type_column.")
+    labelled = adata.obs[args.cell_type_column].notna().to_numpy()
+    if not labelled.all():
+        logger.warning("%s cells without a type are left out.", f"{(~labelled).sum():,}")
+    X = np.asarray(adata.obsm[args.obsm_key], dtype=np.float64)[labelled]
+    if len(X) < 3:
+        raise InputError(f"{args.embeddings} has {len(X)} labelled cells; at least 3 are needed.")
+    return adata.obs_names[labelled], X, adata.obs[args.cell_type_column][labelled].astype(str).tolist()
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    seed_everything(args.seed)
+    check_can_write(args.output_dir, OUTPUTS, overwrite=args.overwrite)
+    names, X, labels = read_embeddings(args)
+    metrics: dict[str, Any] = {"embeddings": str(args.embeddings), "obsm_key": args.obsm_key}
+    metrics["c2s"] = embedding_scores(X, labels, k=args.k_neighbors, seed=args.seed)
+    (view,) = embed_pca(X, n_components=2, seed=args.seed)
+    panels = [(f"{args.obsm_key} ({X.shape[1]} dimensions), its PCA", view, labels)]
+    expression = read_preprocessed(args.transform_dir, names)
+    if expression is None or expression.n_obs == 0:
+        logger.warning("No preprocessed AnnData with these cells in %s: no PCA-of-expression baseline.",
+                       args.transform_dir)
+    else:
+        if expression.n_obs < len(names):
+            logger.warning("%s of %s cells are not in the preprocessed AnnData; the baseline scores the rest.",
+                           f"{len(names) - expression.n_obs:,}", f"{len(names):,}")
+        where = dict(zip(names, range(len(names)), strict=True))
+        pca_labels = [labels[where[n]] for n in expression.obs_names]
+        (pcs,) = embed_pca(expression.X, n_components=args.n_components, seed=args.seed)
+        metrics["pca"] = {**embedding_scores(pcs, pca_labels, k=args.k_neighbors, seed=args.seed),
+                          "n_components": int(pcs.shape[1])}
+        panels.append((f"PCA of expression ({pcs.shape[1]} components)", pcs, pca_labels))
+    for key in SCORES:
+        metrics[key] = metrics["c2s"][key]
+        if "pca" in metrics:
+            metrics[f"pca_{key}"] = metrics["pca"][key]
+    logger.info("%s cells, %d types: k-NN accuracy %.3f, silhouette %.3f, ARI %.3f, NMI %.3f%s.",
+                f"{len(labels):,}", metrics["c2s"]["n_types"], *(metrics[key] for key in SCORES),
+                "" if "pca" not in metrics else
+                "; PCA of expression: " + ", ".join(f"{metrics['pca'][key]:.3f}" for key in SCORES))
+    write_evaluation(args.output_dir, OUTPUTS, metrics=metrics,
+                     figures={"embedding_vs_pca.png": plot_labelled_panels(panels)}, frames={},
+                     args=args, overwrite=args.overwrite)
+    logger.info("Wrote %s.", args.output_dir)
+    return metrics
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args)

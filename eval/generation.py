@@ -1,0 +1,156 @@
+"""Score generated cells against real ones, each score next to what real cells reach.
+
+Generated sentences and their requested types (as generate.py writes them) against the real
+cells of a split of transform.py's dataset. Real and generated cells are turned into expression
+by the inverse transform of their first K genes (the same representation for both):
+
+- k-NN accuracy: a k-NN classifier fitted on the real training cells predicts each generated
+  cell's type; the real -> real accuracy (training -> ``--split`` cells) is the ceiling;
+- MMD (RBF kernel, median-heuristic bandwidth) and energy distance in the first principal
+  components of the real training cells, overall and per cell type, each next to its floor:
+  the same distance between real training cells (matched to the generated type counts) and the
+  ``--split`` cells;
+- valid-gene rate (generated words that are vocabulary genes) and duplicate rate;
+- a figure of real and generated cells in one PCA, coloured so that neighbouring types differ.
+
+    <generated_dir>/generated_cells.txt + generated_labels.txt + <data_dir> (cell_sentences_hf)
+    + <transform_dir>/cell_sentences/vocab.txt + eval/transformation_metrics.csv
+        -> <output_dir>/metrics.json, per_type.csv, real_vs_generated_pca.png, eval_args.json
+
+Example:
+    python eval/generation.py --generated_dir data/generated/<run> \\
+        --data_dir data/cell_sentences_hf --output_dir data/eval/generation
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as `python eval/generation.py`: the repository's utils
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from utils.common import InputError, check_can_write, run_cli, seed_everything  # noqa: E402
+from utils.eval_io import (  # noqa: E402
+    EVAL_ARGS,
+    evaluation_parser,
+    load_splits,
+    parse_evaluation_args,
+    read_lines,
+    transform_reference,
+    write_evaluation,
+)
+from utils.inverse import read_sentence_file  # noqa: E402
+from utils.metrics import plot_generation, score_generated  # noqa: E402
+
+logger = logging.getLogger("cell2sentence")
+
+OUTPUTS = ["metrics.json", "per_type.csv", "real_vs_generated_pca.png", EVAL_ARGS]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = evaluation_parser(__doc__)
+    p.add_argument("--generated_dir", type=Path, default=None,
+                   help="folder with generated_cells.txt and generated_labels.txt (generate.py's output; required)")
+    p.add_argument("--data_dir", type=Path, default=Path("data/cell_sentences_hf"),
+                   help="transform.py's DatasetDict of the real cells")
+    p.add_argument("--transform_dir", type=Path, default=None,
+                   help="transform.py's output folder with cell_sentences/vocab.txt and "
+                        "eval/transformation_metrics.csv (default: the parent of --data_dir)")
+    p.add_argument("--split", type=str, default="test", help="the held-out real cells to compare with")
+    p.add_argument("--cell_type_column", type=str, default="cell_type", help="column of the real cells' types")
+    p.add_argument("--top_k_genes", type=int, default=None,
+                   help="genes per cell in the comparison (default: generate.py's top_k_genes from "
+                        "<generated_dir>/metrics.json, else the median generated length)")
+    p.add_argument("--k_neighbors", type=int, default=5, help="k of the k-NN metric")
+    args = parse_evaluation_args(p, argv, name="generation", seed_help="seed of the PCA and of the floors' samples")
+    if args.generated_dir is None:
+        raise InputError("Pass --generated_dir, a folder written by generate.py (e.g. data/generated/<run>).")
+    if args.k_neighbors < 1 or (args.top_k_genes is not None and args.top_k_genes < 1):
+        raise InputError("--k_neighbors and --top_k_genes must be at least 1.")
+    if args.transform_dir is None:
+        args.transform_dir = args.data_dir.parent
+    return args
+
+
+def read_generated(generated_dir: Path) -> tuple[Any, list[str]]:
+    """The generated sentences (one byte buffer) and their requested types."""
+    cells, labels = generated_dir / "generated_cells.txt", generated_dir / "generated_labels.txt"
+    for path in (cells, labels):
+        if not path.is_file():
+            raise InputError(f"{path} does not exist; pass as --generated_dir a folder where generate.py "
+                             "ran with --tasks generate.")
+    packed = read_sentence_file(cells)
+    requested = read_lines(labels)
+    if len(requested) != packed.n:
+        raise InputError(f"{labels} has {len(requested):,} labels for {packed.n:,} sentences in {cells}; "
+                         "both must come from one generate.py run.")
+    if packed.n == 0:
+        raise InputError(f"{cells} holds no generated cells.")
+    return packed, requested
+
+
+def genes_per_cell(args: argparse.Namespace, packed: Any) -> int:
+    """--top_k_genes, else the generating run's, else the median length of the generated cells."""
+    if args.top_k_genes is not None:
+        return args.top_k_genes
+    recorded = args.generated_dir / "metrics.json"
+    if recorded.is_file():
+        top_k = json.loads(recorded.read_text()).get("top_k_genes")
+        if top_k:
+            return int(top_k)
+    bounds = zip(packed.offsets[:-1], packed.offsets[1:], strict=True)
+    median = int(np.median([len(packed.data[a:b].tobytes().split()) for a, b in bounds]))
+    logger.warning("No top_k_genes recorded in %s: comparing the first %d genes (the median length).",
+                   recorded, median)
+    return max(1, median)
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    seed_everything(args.seed)
+    check_can_write(args.output_dir, OUTPUTS, overwrite=args.overwrite)
+    packed, requested = read_generated(args.generated_dir)
+    tables = load_splits(args.data_dir, args.split, args.cell_type_column, need_labels=True)
+    if "train" not in tables:
+        raise InputError(f"{args.data_dir} has no train split, needed for the k-NN classifier and the PCA.")
+    top_k = genes_per_cell(args, packed)
+    index, fit, from_transform = transform_reference(args.transform_dir, tables, top_k)
+    scored, result = score_generated(packed, requested, tables, split=args.split,
+                                     label_column=args.cell_type_column, index=index, fit=fit,
+                                     top_k=top_k, k=args.k_neighbors, seed=args.seed)
+    s = scored["sentences"]
+    metrics = {
+        "knn_accuracy": scored["knn_accuracy"], "knn_ceiling": scored["knn_ceiling"],
+        "mmd": scored["mmd"], "mmd_floor": scored["mmd_floor"],
+        "energy_distance": scored["energy_distance"], "energy_distance_floor": scored["energy_distance_floor"],
+        "valid_gene_rate": s["valid_gene_rate"], "duplicate_rate": s["duplicate_rate"],
+        **{key: value for key, value in scored.items() if key not in ("per_type",)},
+        "split": args.split, "generated_dir": str(args.generated_dir),
+        "vocabulary": "transform" if from_transform else "train sentences",
+    }
+    per_type = pd.DataFrame([{"cell_type": t, **v} for t, v in scored["per_type"].items()])
+    metrics["per_type"] = scored["per_type"]
+    logger.info("%s generated cells vs %s real %s cells (top %d genes): k-NN accuracy %.3f (ceiling %.3f, "
+                "majority %.3f); MMD %.4f (floor %.4f); energy distance %.3f (floor %.3f); valid-gene rate "
+                "%.4f, duplicate rate %.3f.", f"{scored['n_generated']:,}", f"{scored['n_real_eval']:,}",
+                args.split, top_k, metrics["knn_accuracy"], metrics["knn_ceiling"], scored["majority_baseline"],
+                metrics["mmd"], metrics["mmd_floor"], metrics["energy_distance"],
+                metrics["energy_distance_floor"], metrics["valid_gene_rate"], metrics["duplicate_rate"])
+    figure = plot_generation(result, split=args.split, top_k=top_k)
+    write_evaluation(args.output_dir, OUTPUTS, metrics=metrics,
+                     figures={"real_vs_generated_pca.png": figure}, frames={"per_type.csv": per_type},
+                     args=args, overwrite=args.overwrite)
+    logger.info("Wrote %s.", args.output_dir)
+    return metrics
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args)

@@ -1,0 +1,163 @@
+"""Score cell-type predictions against the truth, next to baselines on the same cells.
+
+Accuracy alone hides a model that answers the frequent types only (a published C2S-Scale run
+had accuracy 0.717 with macro-F1 0.178), so this reports accuracy, balanced accuracy (mean
+per-class recall), macro-F1 and per-class precision/recall over the true classes, a confusion
+matrix, and two baselines on the same cells: always the most frequent training type, and a
+k-NN classifier on the first principal components of the expression (transform.py's
+preprocessed AnnData; the PCA and the classifier are fitted on its training cells).
+
+    predictions.csv (cell_name,true,predicted, as generate.py writes) [+ <transform_dir>/
+    <stem>_preprocessed.h5ad] -> <output_dir>/metrics.json, per_class.csv,
+    confusion_matrix.png, eval_args.json
+
+Example:
+    python eval/prediction.py --predictions data/generated/<run>/predictions.csv \\
+        --transform_dir data --output_dir data/eval/prediction
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as `python eval/prediction.py`: the repository's utils
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from utils.common import InputError, check_can_write, run_cli, seed_everything  # noqa: E402
+from utils.eval_io import (  # noqa: E402
+    EVAL_ARGS,
+    evaluation_parser,
+    label_column_of,
+    parse_evaluation_args,
+    read_preprocessed,
+    write_evaluation,
+)
+from utils.evaluation import (  # noqa: E402
+    classification_summary,
+    embed_pca,
+    knn_accuracy,
+    plot_confusion_matrix,
+)
+
+logger = logging.getLogger("cell2sentence")
+
+OUTPUTS = ["metrics.json", "per_class.csv", "confusion_matrix.png", EVAL_ARGS]
+SCORES = ("accuracy", "balanced_accuracy", "macro_f1")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = evaluation_parser(__doc__)
+    p.add_argument("--predictions", type=Path, default=None,
+                   help="predictions.csv with columns cell_name,true,predicted (generate.py's; required)")
+    p.add_argument("--transform_dir", type=Path, default=None,
+                   help="transform.py's output folder, for the training labels and the expression "
+                        "baseline (default: the parent of --data_dir, else data)")
+    p.add_argument("--data_dir", type=Path, default=None,
+                   help="transform.py's cell_sentences_hf folder (only to find --transform_dir, its parent)")
+    p.add_argument("--cell_type_column", type=str, default=None,
+                   help="obs column of the types in the preprocessed AnnData (default: the transform's)")
+    p.add_argument("--k_neighbors", type=int, default=5, help="k of the expression baseline's k-NN")
+    p.add_argument("--n_components", type=int, default=50, help="principal components of the baseline")
+    args = parse_evaluation_args(p, argv, name="prediction", seed_help="seed of the PCA")
+    if args.predictions is None:
+        raise InputError("Pass --predictions, a predictions.csv written by generate.py.")
+    if args.k_neighbors < 1 or args.n_components < 1:
+        raise InputError("--k_neighbors and --n_components must be at least 1.")
+    if args.transform_dir is None:
+        args.transform_dir = args.data_dir.parent if args.data_dir is not None else Path("data")
+    return args
+
+
+def read_predictions(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise InputError(f"{path} does not exist; pass the predictions.csv of a generate.py run.")
+    # Labels are text: "NA" or "None" are cell types here, not missing values.
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = {"true", "predicted"} - set(table.columns)
+    if missing:
+        raise InputError(f"{path} has no column {', '.join(sorted(missing))} (it has {list(table.columns)}); "
+                         "it must have cell_name,true,predicted.")
+    if table.empty:
+        raise InputError(f"{path} holds no predictions.")
+    return table
+
+
+def expression_baseline(table: pd.DataFrame, args: argparse.Namespace) -> tuple[dict[str, Any] | None, list[str]]:
+    """k-NN on PCA of the preprocessed expression (fitted on training cells) for the predicted
+    cells found by name; also returns the training labels (empty when there is no AnnData)."""
+    adata = read_preprocessed(args.transform_dir)
+    if adata is None:
+        logger.warning("No preprocessed AnnData in %s: no expression baseline, and the majority class is "
+                       "taken from the true labels; pass --transform_dir.", args.transform_dir)
+        return None, []
+    column = args.cell_type_column or label_column_of(args.transform_dir)
+    if column not in adata.obs or "split" not in adata.obs:
+        logger.warning("%s has no obs %r or 'split' column: no expression baseline.", args.transform_dir, column)
+        return None, []
+    labels = adata.obs[column].astype(str).to_numpy()
+    train = (adata.obs["split"].astype(str) == "train").to_numpy()
+    train_labels = labels[train].tolist()
+    if "cell_name" not in table.columns:
+        logger.warning("No cell_name column: no expression baseline.")
+        return None, train_labels
+    rows = adata.obs_names.get_indexer(table["cell_name"])
+    found = rows >= 0
+    if not found.all():
+        logger.warning("%s of %s predicted cells are not in the preprocessed AnnData; the expression "
+                       "baseline scores the %s found.", f"{(~found).sum():,}", f"{len(rows):,}", f"{found.sum():,}")
+    if not found.any():
+        return None, train_labels
+    train &= ~np.isin(np.arange(adata.n_obs), rows[found])  # never a predicted cell among the neighbours
+    train_pc, eval_pc = embed_pca(adata.X[train], adata.X[rows[found]], n_components=args.n_components,
+                                  seed=args.seed)
+    knn = knn_accuracy(train_pc, labels[train].tolist(), eval_pc, table["true"][found].tolist(),
+                       k=args.k_neighbors)
+    summary = classification_summary(table["true"][found].tolist(), knn["predicted"], train_labels=train_labels)
+    out = {key: summary[key] for key in SCORES}
+    out.update(n_cells=int(found.sum()), k=knn["k"], n_components=int(train_pc.shape[1]),
+               n_train=int(train.sum()))
+    return out, train_labels
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    seed_everything(args.seed)
+    check_can_write(args.output_dir, OUTPUTS, overwrite=args.overwrite)
+    table = read_predictions(args.predictions)
+    pca_knn, train_labels = expression_baseline(table, args)
+    summary = classification_summary(table["true"], table["predicted"], train_labels=train_labels or None)
+    constant = classification_summary(table["true"], [summary["majority_label"]] * len(table),
+                                      train_labels=train_labels or None)
+    baselines: dict[str, Any] = {"majority": {"label": summary["majority_label"],
+                                              **{key: constant[key] for key in SCORES}}}
+    if pca_knn is not None:
+        baselines["pca_knn"] = pca_knn
+    metrics = {**{key: summary[key] for key in SCORES}, "majority_baseline": summary["majority_baseline"],
+               **{key: value for key, value in summary.items() if key not in SCORES},
+               "baselines": baselines, "predictions": str(args.predictions)}
+    logger.info("%s cells: accuracy %.3f, balanced accuracy %.3f, macro-F1 %.3f; majority class (%s) %.3f / "
+                "%.3f / %.3f%s.", f"{summary['n_cells']:,}", summary["accuracy"], summary["balanced_accuracy"],
+                summary["macro_f1"], summary["majority_label"], constant["accuracy"],
+                constant["balanced_accuracy"], constant["macro_f1"],
+                "" if pca_knn is None else
+                f"; k-NN on PCA of expression {pca_knn['accuracy']:.3f} / {pca_knn['balanced_accuracy']:.3f} / "
+                f"{pca_knn['macro_f1']:.3f}")
+    per_class = pd.DataFrame([{"cell_type": t, **v} for t, v in summary["per_class"].items()])
+    figure = plot_confusion_matrix(table["true"], table["predicted"],
+                                   title=f"Cell-type prediction (accuracy {summary['accuracy']:.3f}, "
+                                         f"macro-F1 {summary['macro_f1']:.3f})")
+    write_evaluation(args.output_dir, OUTPUTS, metrics=metrics, figures={"confusion_matrix.png": figure},
+                     frames={"per_class.csv": per_class}, args=args, overwrite=args.overwrite)
+    logger.info("Wrote %s.", args.output_dir)
+    return metrics
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args)

@@ -1,0 +1,186 @@
+"""The rank-to-expression fit over all cells of a dataset, overall and per cell.
+
+transform.py fits log10(1 + expression) ≈ intercept + slope · log10(1 + rank) on a sample of
+``--eval_cells`` cells. This takes every cell of its preprocessed AnnData: it refits the line
+over all their expressed genes (``utils.fit.fit_rank_expression``, the transform's own fit and
+threshold), scores the transform's line on all of them, and scores each cell alone (R² over its
+expressed genes, Pearson r, mean absolute error under the transform's line).
+
+    <transform_dir>/<stem>_preprocessed.h5ad + eval/transformation_metrics.csv
+        -> <output_dir>/metrics.json, per_cell.csv, log_rank_vs_log_expression.png,
+           expression_vs_reconstruction.png, per_cell_r_squared.png, eval_args.json
+
+Memory: 16 bytes per expressed value (all of them are fitted at once), e.g. 6.4 GB for
+200,000 cells of 2,000 genes; ``--max_cells`` fits a seeded subset of larger datasets.
+
+Example:
+    python eval/reconstruction.py --transform_dir data --output_dir data/eval/reconstruction
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as `python eval/reconstruction.py`: the repository's utils
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import scipy.sparse as sp  # noqa: E402
+
+from utils.common import InputError, check_can_write, run_cli, seed_everything  # noqa: E402
+from utils.eval_io import (  # noqa: E402
+    EVAL_ARGS,
+    evaluation_parser,
+    find_preprocessed,
+    parse_evaluation_args,
+    write_evaluation,
+)
+from utils.fit import RankExpressionFit, fit_rank_expression  # noqa: E402
+from utils.metrics import per_cell_reconstruction, rank_expression_points  # noqa: E402
+
+logger = logging.getLogger("cell2sentence")
+
+OUTPUTS = ["metrics.json", "per_cell.csv", "log_rank_vs_log_expression.png", "expression_vs_reconstruction.png",
+           "per_cell_r_squared.png", EVAL_ARGS]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = evaluation_parser(__doc__)
+    p.add_argument("--transform_dir", type=Path, default=Path("data"),
+                   help="transform.py's output folder (the preprocessed AnnData and eval/transformation_metrics.csv)")
+    p.add_argument("--data_filepath", type=Path, default=None,
+                   help="the preprocessed .h5ad (default: the one in --transform_dir)")
+    p.add_argument("--fit_threshold", type=float, default=None,
+                   help="fit on genes with log10(1 + rank) below this (default: the transform's, else 3)")
+    p.add_argument("--max_cells", type=int, default=None, help="use a seeded subset of this many cells")
+    p.add_argument("--chunk_size", type=int, default=4096, help="cells read at a time")
+    args = parse_evaluation_args(p, argv, name="reconstruction", seed_help="seed of --max_cells and of the figures' subsample")
+    if args.max_cells is not None and args.max_cells < 1 or args.chunk_size < 1:
+        raise InputError("--max_cells and --chunk_size must be at least 1.")
+    return args
+
+
+def transform_fit(transform_dir: Path) -> RankExpressionFit | None:
+    """The transform's line with its reported scores (a row of transformation_metrics.csv)."""
+    path = transform_dir / "eval" / "transformation_metrics.csv"
+    if not path.is_file():
+        return None
+    row = pd.read_csv(path).iloc[0]
+    fields = RankExpressionFit.__dataclass_fields__
+    return RankExpressionFit(**{k: (int(v) if k == "n_points" else float(v)) for k, v in row.items() if k in fields})
+
+
+def read_points(path: Path, *, chunk_size: int, max_cells: int | None, seed: int
+                ) -> tuple[pd.Index, np.ndarray, np.ndarray, np.ndarray]:
+    """Cell names, log-rank, log-expression and per-cell offsets of every expressed value."""
+    import anndata as ad
+    from tqdm.auto import tqdm
+
+    adata = ad.read_h5ad(path, backed="r")
+    try:
+        rows = np.arange(adata.n_obs)
+        if max_cells is not None and max_cells < adata.n_obs:
+            rows = np.sort(np.random.default_rng(seed).choice(adata.n_obs, max_cells, replace=False))
+            logger.warning("Using %s of the %s cells (--max_cells).", f"{max_cells:,}", f"{adata.n_obs:,}")
+        parts = []
+        for start in tqdm(range(0, len(rows), chunk_size), desc="Reading cells", unit="chunk"):
+            chunk = adata[rows[start : start + chunk_size]].X
+            parts.append(rank_expression_points(sp.csr_matrix(chunk)))
+        names = adata.obs_names[rows]
+    finally:
+        adata.file.close()
+    if not parts:
+        raise InputError(f"{path} holds no cells.")
+    log_rank = np.concatenate([p[0] for p in parts])
+    log_expression = np.concatenate([p[1] for p in parts])
+    counts = np.concatenate([np.diff(p[2]) for p in parts])
+    return names, log_rank, log_expression, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+
+def line_scores(log_rank: np.ndarray, log_expression: np.ndarray, fit: RankExpressionFit) -> dict[str, float]:
+    """R² (over all points) and Pearson r of a given line's reconstruction."""
+    predicted = fit.predict(log_rank)
+    total = log_expression - log_expression.mean()
+    residual = log_expression - predicted
+    return {"r_squared": float(1.0 - residual @ residual / (total @ total)),
+            "pearson_r": float(np.corrcoef(log_expression, predicted)[0, 1]),
+            "mean_abs_error": float(np.abs(residual).mean())}
+
+
+def summary(values: pd.Series) -> dict[str, float]:
+    v = values.dropna()
+    return {"mean": float(v.mean()), "median": float(v.median()), "q05": float(v.quantile(0.05)),
+            "q25": float(v.quantile(0.25)), "q75": float(v.quantile(0.75)), "n_cells": int(len(v))}
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    from utils.plots import plot_log_rank_fit, plot_reconstruction
+
+    seed_everything(args.seed)
+    check_can_write(args.output_dir, OUTPUTS, overwrite=args.overwrite)
+    path = args.data_filepath or find_preprocessed(args.transform_dir)
+    if path is None or not path.is_file():
+        raise InputError(f"No preprocessed .h5ad in {args.transform_dir}; pass transform.py's --output_dir as "
+                         "--transform_dir or the file as --data_filepath.")
+    reported = transform_fit(args.transform_dir)
+    threshold = args.fit_threshold if args.fit_threshold is not None else (
+        reported.threshold if reported is not None and np.isfinite(reported.threshold) else 3.0)
+    names, log_rank, log_expression, indptr = read_points(path, chunk_size=args.chunk_size,
+                                                          max_cells=args.max_cells, seed=args.seed)
+    refit = fit_rank_expression(log_rank, log_expression, threshold=threshold)
+    line = reported if reported is not None else refit
+    per_cell = per_cell_reconstruction(log_rank, log_expression, indptr, line)
+    per_cell.insert(0, "cell_name", np.asarray(names, dtype=str))
+    metrics: dict[str, Any] = {
+        "data_filepath": str(path), "n_cells": int(len(names)), "n_points": int(len(log_rank)),
+        "all_cells_fit": refit.as_row(),
+        "per_cell_line": "transform" if reported is not None else "all_cells_fit",
+        "per_cell": {key: summary(per_cell[key]) for key in ("r_squared", "pearson_r", "mean_abs_error")},
+    }
+    if reported is not None:
+        metrics["transform_fit"] = {"reported": reported.as_row(),
+                                    "on_all_cells": line_scores(log_rank, log_expression, reported)}
+    logger.info("%s cells, %s expressed values: all-cell fit slope %.3f, intercept %.3f, R² %.3f, Pearson r %.3f, "
+                "Spearman r %.3f%s; per cell median R² %.3f, median Pearson r %.3f.", f"{len(names):,}",
+                f"{len(log_rank):,}", refit.slope, refit.intercept, refit.r_squared, refit.pearson_r,
+                refit.spearman_r, "" if reported is None else
+                f" (transform's line: slope {reported.slope:.3f}, intercept {reported.intercept:.3f}, R² on all "
+                f"cells {metrics['transform_fit']['on_all_cells']['r_squared']:.3f})",
+                metrics["per_cell"]["r_squared"]["median"], metrics["per_cell"]["pearson_r"]["median"])
+    figures = {  # the fit figures by the transform's own plotting code
+        "log_rank_vs_log_expression.png": lambda out: plot_log_rank_fit(log_rank, log_expression, refit, out,
+                                                                        seed=args.seed),
+        "expression_vs_reconstruction.png": lambda out: plot_reconstruction(
+            log_expression, refit.predict(log_rank), refit, out, seed=args.seed),
+        "per_cell_r_squared.png": _histogram(per_cell),
+    }
+    write_evaluation(args.output_dir, OUTPUTS, metrics=metrics, figures=figures, frames={"per_cell.csv": per_cell},
+                     args=args, overwrite=args.overwrite)
+    logger.info("Wrote %s.", args.output_dir)
+    return metrics
+
+
+def _histogram(per_cell: pd.DataFrame):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 3.6))
+    for i, (key, label) in enumerate([("r_squared", "R² per cell"), ("pearson_r", "Pearson r per cell")]):
+        ax = fig.add_subplot(1, 2, i + 1)
+        values = per_cell[key].dropna()
+        ax.hist(values, bins=40, color="#1f77b4")
+        ax.axvline(values.median(), color="#d62728", ls="--", label=f"median {values.median():.3f}")
+        ax.set_xlabel(label)
+        ax.set_ylabel("cells")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args)

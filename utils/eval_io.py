@@ -1,0 +1,183 @@
+"""Files of the evaluations: reading the steps' outputs (the DatasetDict's splits, the
+transform's vocabulary and fit, its preprocessed AnnData, small text files of labels or names)
+and writing an evaluation's results (``metrics.json``, figures, tables) in one staged move.
+
+Each loader fails with one :class:`~utils.common.InputError` sentence naming the file and the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from utils.common import InputError, save_args, staged_outputs
+from utils.fit import RankExpressionFit
+from utils.inverse import VocabIndex, build_vocab_index, load_transform_fit, load_vocab
+
+logger = logging.getLogger("cell2sentence")
+
+__all__ = [
+    "EVAL_ARGS",
+    "evaluation_parser",
+    "find_preprocessed",
+    "label_column_of",
+    "load_splits",
+    "read_preprocessed",
+    "read_lines",
+    "transform_reference",
+    "write_evaluation",
+]
+
+EVAL_ARGS = "eval_args.json"
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Help with the defaults shown and the docstring's layout kept."""
+
+
+def evaluation_parser(doc: str) -> argparse.ArgumentParser:
+    """The parser of an eval/ script, its description the docstring's first paragraph."""
+    return argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=_HelpFormatter)
+
+
+def parse_evaluation_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None, *, name: str,
+                          seed_help: str) -> argparse.Namespace:
+    """Add the flags every evaluation has (``--output_dir`` defaulting to data/eval/<name>,
+    ``--seed``, ``--overwrite``) and parse."""
+    parser.add_argument("--output_dir", type=Path, default=Path("data/eval") / name, help="where outputs go")
+    parser.add_argument("--seed", type=int, default=1234, help=seed_help)
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    return parser.parse_args(argv)
+
+
+def read_lines(path: Path) -> list[str]:
+    """Lines of a small text file (labels, names), without line ends; a final newline ends the last."""
+    if not path.is_file():
+        raise InputError(f"{path} does not exist.")
+    text = path.read_text()
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line.rstrip("\r") for line in lines]
+
+
+def load_splits(data_dir: Path, split: str, label_column: str, *, need_labels: bool) -> dict[str, Any]:
+    """The train split and ``split`` of transform.py's DatasetDict as Arrow tables."""
+    import datasets
+
+    if not data_dir.is_dir():
+        raise InputError(f"{data_dir} does not exist; pass transform.py's cell_sentences_hf folder as --data_dir.")
+    try:
+        dd = datasets.load_from_disk(str(data_dir))
+    except (FileNotFoundError, ValueError) as err:
+        raise InputError(f"{data_dir} is no datasets folder written by save_to_disk ({err}).") from None
+    if not isinstance(dd, datasets.DatasetDict):
+        raise InputError(f"{data_dir} holds one dataset, not transform.py's DatasetDict with train/valid/test.")
+    if split not in dd:
+        raise InputError(f"{data_dir} has no split {split!r} (it has {list(dd)}); fix --split.")
+    out = {}
+    for name in dict.fromkeys(["train", split]):
+        if name not in dd:
+            continue
+        columns = dd[name].column_names
+        if "cell_sentence" not in columns:
+            raise InputError(f"{data_dir}/{name} has no cell_sentence column (it has {columns}).")
+        if need_labels and label_column not in columns:
+            raise InputError(f"{data_dir}/{name} has no {label_column!r} column (it has {columns}); "
+                             "pass --cell_type_column or use --tasks without predict/generate by type.")
+        out[name] = dd[name].with_format("arrow")[:]
+    return out
+
+
+def transform_reference(transform_dir: Path, tables: dict[str, Any], top_k: int
+                        ) -> tuple[VocabIndex, RankExpressionFit, bool]:
+    """The vocabulary and fit of the transform; without them, a nominal fit over the train genes
+    (the third value says which: True for the transform's)."""
+    vocab_path = transform_dir / "cell_sentences" / "vocab.txt"
+    metrics_path = transform_dir / "eval" / "transformation_metrics.csv"
+    if vocab_path.is_file() and metrics_path.is_file():
+        return build_vocab_index(load_vocab(vocab_path)), load_transform_fit(metrics_path), True
+    logger.warning("No transform outputs in %s: the valid-gene rate uses the genes of the training "
+                   "sentences and the k-NN metric a nominal fit (slope -1); pass --transform_dir.", transform_dir)
+    genes: dict[str, None] = {}
+    for sentence in tables["train"].column("cell_sentence").to_pylist():
+        genes.update(dict.fromkeys(sentence.split()))
+    return build_vocab_index(list(genes)), RankExpressionFit(slope=-1.0, intercept=float(np.log10(1 + top_k))), False
+
+
+def find_preprocessed(transform_dir: Path) -> Path | None:
+    """transform.py's ``<input stem>_preprocessed.h5ad`` in ``transform_dir``, if any."""
+    args_file = transform_dir / "transform_args.json"
+    if args_file.is_file():
+        stem = Path(json.loads(args_file.read_text()).get("data_filepath", "")).stem
+        candidate = transform_dir / f"{stem}_preprocessed.h5ad"
+        if candidate.is_file():
+            return candidate
+    found = sorted(transform_dir.glob("*_preprocessed.h5ad"))
+    return found[0] if len(found) == 1 else None
+
+
+def label_column_of(transform_dir: Path, default: str = "cell_type") -> str:
+    """The obs column of the cell types in transform.py's preprocessed AnnData."""
+    args_file = transform_dir / "transform_args.json"
+    if args_file.is_file():
+        return json.loads(args_file.read_text()).get("label_column") or default
+    return default
+
+
+def read_preprocessed(transform_dir: Path, names: Any = None) -> Any:
+    """transform.py's preprocessed AnnData (log10(1 + normalized), CSR) in memory, or only the
+    cells named in ``names`` (those found, in the file's order); ``None`` when there is none."""
+    import anndata as ad
+
+    path = find_preprocessed(transform_dir)
+    if path is None:
+        return None
+    if names is None:
+        return ad.read_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    try:
+        rows = np.sort(backed.obs_names.get_indexer(list(names)))
+        rows = rows[rows >= 0]  # backed AnnData reads rows in increasing order
+        return backed[rows].to_memory()
+    finally:
+        backed.file.close()
+
+
+def write_evaluation(output_dir: Path, names: list[str], *, metrics: dict[str, Any], figures: dict[str, Any],
+                     frames: dict[str, Any], args: Any, overwrite: bool) -> None:
+    """Write ``metrics.json``, the figures (PNG: a matplotlib figure, or a function writing the
+    file at the path it is given), the frames (CSV) and the arguments into ``output_dir``
+    through a staging folder, so a failed run leaves no half of them.
+
+    ``names`` are all the outputs this evaluation can write (those of an earlier run that were
+    not written now are removed, so the folder never mixes two runs).
+    """
+    with staged_outputs(output_dir, names, overwrite=overwrite) as tmp:
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_value) + "\n")
+        for name, figure in figures.items():
+            if callable(figure):  # a function that writes the file itself
+                figure(tmp / name)
+            elif figure is not None:
+                figure.savefig(tmp / name, dpi=150, bbox_inches="tight")
+        for name, frame in frames.items():
+            frame.to_csv(tmp / name, index=False)
+        save_args(args, tmp / EVAL_ARGS)
+        written = {p.name for p in tmp.iterdir()}
+    for name in names:
+        if name not in written and (output_dir / name).is_file():
+            logger.warning("Removed %s, an output of an earlier run not written now.", output_dir / name)
+            (output_dir / name).unlink()
+
+
+def _json_value(value: Any) -> Any:
+    """numpy scalars and paths as JSON values."""
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
