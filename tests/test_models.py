@@ -154,3 +154,24 @@ def test_gene_tries_spell_genes_as_in_answers(published: Path) -> None:
             break
         trie, node = rest, rest.children[0][token]
     assert seen == ["HLA-DRA", "CD14", "LYZ"] and closing[-1] == tok.eos_token_id
+
+
+def test_model_api_takes_an_anndata(published: Path) -> None:
+    import anndata as ad
+    import scipy.sparse as sp
+
+    from utils import adata_to_sentences
+
+    sentences, _ = make_sentences(6, n_genes=12)
+    genes = sorted({g for s in sentences for g in s.split()})
+    col = {g: j for j, g in enumerate(genes)}
+    counts = np.zeros((len(sentences), len(genes)), dtype=np.float32)
+    for i, s in enumerate(sentences):
+        for rank, g in enumerate(s.split()):
+            counts[i, col[g]] = 100 - 5 * rank  # distinct counts: the order is the sentence's
+    adata = ad.AnnData(sp.csr_matrix(counts), var=pd.DataFrame(index=genes),
+                       obs=pd.DataFrame(index=[f"c{i}" for i in range(6)]))
+    assert adata_to_sentences(adata, qc=False).sentences == sentences
+    model = CellSentenceModel.load(published, device="cpu", top_k_genes=8)
+    assert model.predict_cell_types(adata, max_new_tokens=4) == model.predict_cell_types(sentences, max_new_tokens=4)
+    np.testing.assert_allclose(model.embed_cells(adata), model.embed_cells(sentences), atol=1e-6)

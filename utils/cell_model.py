@@ -55,29 +55,28 @@ def record_prompt_format(record: Mapping[str, Any]) -> str:
     return str(value)
 
 
-def as_sentences(cells: Any, *, column: str = "cell_sentence") -> list[str]:
-    """Cell sentences from a list of sentences, a ``datasets.Dataset`` (a DatasetDict split)
-    or an AnnData (run through the transform's API, ``utils.adata_to_sentences``)."""
+def as_sentences(cells: Any, *, column: str = "cell_sentence", max_genes: int | None = None) -> list[str]:
+    """Cell sentences from a list of sentences, a ``datasets.Dataset`` (a DatasetDict split),
+    a ``CellSentences`` or an AnnData.
+
+    An AnnData goes through the transform's API (``utils.adata_to_sentences``) without QC, so
+    every cell gets its sentence, in the AnnData's order (its counts from ``.raw``,
+    ``layers["counts"]`` or ``X``, as transform.py picks them).
+    """
+    import anndata
+
     if isinstance(cells, str):
         raise InputError("Pass a list of cell sentences, not one string.")
-    try:
-        import anndata
+    if isinstance(cells, anndata.AnnData):
+        from utils.api import adata_to_sentences
 
-        if isinstance(cells, anndata.AnnData):
-            import utils
-
-            to_sentences = getattr(utils, "adata_to_sentences", None)
-            if to_sentences is None:
-                raise InputError("This version cannot turn an AnnData into cell sentences; run "
-                                 "transform.py and pass its cell_sentences_hf split.")
-            result = to_sentences(cells)
-            return as_sentences(result, column=column)
-    except ImportError:
-        pass
+        cells = adata_to_sentences(cells, qc=False, max_genes=max_genes)
+    if hasattr(cells, "sentences") and hasattr(cells, "cell_names"):  # utils.api.CellSentences
+        return [str(s) for s in cells.sentences]
     if hasattr(cells, "column_names"):  # datasets.Dataset / pyarrow.Table
         if column not in cells.column_names:
             raise InputError(f"The dataset has no {column!r} column (it has {list(cells.column_names)}).")
-        values = cells[column] if not hasattr(cells, "column") else cells.column(column).to_pylist()
+        values = cells[column] if hasattr(cells, "with_format") else cells.column(column).to_pylist()
         return [str(s) for s in values]
     if hasattr(cells, "keys") and "train" in cells:
         raise InputError("Pass one split of the DatasetDict (e.g. dataset['test']), not the whole dict.")
@@ -196,13 +195,13 @@ class CellSentenceModel:
                            progress: Callable[[int], None] | None = None) -> list[str]:
         """The predicted cell type of each cell (batched greedy decoding, left padding).
 
-        ``cells``: cell sentences, a dataset split, or an AnnData. ``labels`` (the known cell
+        ``cells``: cell sentences, a dataset split, or an AnnData (see :func:`as_sentences`). ``labels`` (the known cell
         types) size the answer budget; ``n_genes`` overrides the genes per prompt.
         """
         from utils.generation import generate_batched
         from utils.training import decode_answer
 
-        sentences = as_sentences(cells)
+        sentences = as_sentences(cells, max_genes=n_genes or self.top_k_genes)
         budget = max_new_tokens or self.label_budget(labels)
         prompts, shortened = self.prediction_prompts(sentences, budget=budget, n_genes=n_genes)
         if shortened:
@@ -300,7 +299,7 @@ class CellSentenceModel:
         from utils.embedding import embed_batched
 
         k = n_genes or self.top_k_genes
-        genes = [s.split()[:k] for s in as_sentences(cells)]
+        genes = [s.split()[:k] for s in as_sentences(cells, max_genes=k)]
         n_layers = int(getattr(self.model.config, "num_hidden_layers", 0) or getattr(self.model.config, "n_layer", 0))
         if n_layers and not -(n_layers + 1) <= layer <= n_layers:
             raise InputError(f"layer {layer} is out of range: the model has {n_layers} layers "
