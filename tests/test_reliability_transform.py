@@ -7,6 +7,8 @@ Run alone with ``python -m pytest -q tests/test_reliability_transform.py``.
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import anndata as ad
@@ -195,3 +197,153 @@ def test_r_squared_is_the_original_over_every_expressed_gene(tmp_path):
     expected = r2_score(y, intercept + slope * x)
     assert metrics["r_squared"] == pytest.approx(expected, abs=1e-5)
     assert abs(r2_score(y[in_fit], intercept + slope * x[in_fit]) - expected) > 0.01  # not the fit's own R²
+
+
+# --- labels, cell names and QC messages (issue 11, section 6) ---------------------------------
+
+
+def _labelled(labels) -> ad.AnnData:
+    adata = synthetic_counts(90, 250, seed=12)
+    adata.obs["cell_type"] = labels(adata.obs["cell_type"])
+    return adata
+
+
+def _with_nan(types: pd.Series) -> pd.Series:
+    types = types.astype(object).copy()
+    types.iloc[::7] = np.nan
+    return pd.Series(pd.Categorical(types), index=types.index)  # categorical with NaN, as scanpy has
+
+
+def _with_none(types: pd.Series) -> pd.Series:
+    types = types.astype(object).copy()
+    types.iloc[::5] = None
+    return types
+
+
+@pytest.mark.parametrize("labels", [_with_nan, _with_none], ids=["categorical_nan", "object_none"])
+def test_cells_without_a_label_keep_their_sentence_and_a_missing_label(labels, tmp_path, caplog):
+    import datasets
+
+    from utils.prompts import prompt_words
+    from utils.tokenizer import build_word_tokenizer
+    from utils.training import tokenize_batch
+
+    adata = _labelled(labels)
+    missing = set(adata.obs_names[adata.obs["cell_type"].isna()])
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING", logger="cell2sentence"):
+        run(write_h5ad(adata, tmp_path / "a.h5ad"), out, "--min_genes_per_cell", "5")
+    assert f"{len(missing)} of 90 cells have no label" in caplog.text
+    hf = datasets.load_from_disk(str(out / "cell_sentences_hf"))
+    pre = ad.read_h5ad(out / "a_preprocessed.h5ad")
+    seen = 0
+    for split in SPLITS:
+        for row in hf[split]:
+            assert row["cell_sentence"]
+            expected = None if row["cell_name"] in missing else adata.obs.loc[row["cell_name"], "cell_type"]
+            assert row["cell_type"] == expected
+            assert pd.isna(pre.obs.loc[row["cell_name"], "cell_type"]) == (expected is None)
+            seen += row["cell_name"] in missing
+    assert seen == len(missing) > 0
+    # train.py: a cell without a label gets only untyped tasks, a labelled one may get any
+    train = hf["train"][:]
+    tokenizer = build_word_tokenizer(train["cell_sentence"], extra_words=prompt_words(["type 0", "type 1", "type 2"]))
+    examples = tokenize_batch(train, list(range(len(train["cell_name"]))), tokenizer=tokenizer,
+                              tasks={"cell_type_prediction": 0.5, "unconditional_generation": 0.5},
+                              top_k=20, max_length=256, seed=0, split="train")
+    tasks = dict(zip(train["cell_name"], examples["task"], strict=True))
+    assert {tasks[c] for c in missing if c in tasks} == {"unconditional_generation"}
+    assert "cell_type_prediction" in {tasks[c] for c in tasks if c not in missing}
+
+
+@pytest.mark.parametrize(("label", "token"), [("T <eos> cell", "<eos>"), ("<pad>", "<pad>"), ("B<bos>", "<bos>"),
+                                              ("<unk> type", "<unk>"), ("NK<|endoftext|>", "<|endoftext|>")])
+def test_labels_with_a_special_token_are_refused_before_any_work(label, token, tmp_path):
+    adata = _labelled(lambda t: t.astype(str).where(np.arange(len(t)) % 9 != 4, label))
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=rf"obs\['cell_type'\] label .* holds the special token '{re.escape(token)}'"):
+        run(write_h5ad(adata, tmp_path / "a.h5ad"), out, "--min_genes_per_cell", "5")
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_our_tokenizers_special_tokens_are_all_refused():
+    from utils.labels import SPECIAL_TOKEN
+    from utils.tokenizer import SPECIAL_TOKENS
+
+    assert all(SPECIAL_TOKEN.fullmatch(t) for t in SPECIAL_TOKENS)
+    assert not SPECIAL_TOKEN.search("CD4+ T cell (alpha<beta)")
+
+
+@pytest.mark.parametrize("label", ["CD4\nT cell", "CD4\r\nT cell", "CD4\tT cell"])
+def test_labels_with_line_breaks_become_one_line(label, tmp_path, caplog):
+    adata = _labelled(lambda t: pd.Categorical(t.astype(str).where(np.arange(len(t)) % 3 != 0, label)))
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING", logger="cell2sentence"):
+        run(write_h5ad(adata, tmp_path / "a.h5ad"), out, "--min_genes_per_cell", "5")
+    import datasets
+
+    hf = datasets.load_from_disk(str(out / "cell_sentences_hf"))
+    types = [t for s in SPLITS for t in hf[s]["cell_type"]]
+    assert not any(re.search(r"[\n\r\t]", t) for t in types) and "CD4 T cell" in types
+    for split in SPLITS:  # one line per cell in the text outputs
+        n = len(hf[split])
+        assert len((out / "cell_sentences" / f"{split}_barcodes.txt").read_text().splitlines()) == n
+    assert "Replaced line breaks and tabs" in caplog.text
+
+
+def test_duplicate_cell_names_are_made_unique_and_inverse_evaluates(tmp_path, caplog):
+    import inverse
+
+    adata = synthetic_counts(90, 250, seed=13)
+    names = adata.obs_names.tolist()
+    names[10:20] = names[:10]  # ten names twice, as after concatenating two samples
+    adata.obs_names = names
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING", logger="cell2sentence"):
+        run(write_h5ad(adata, tmp_path / "a.h5ad"), out, "--min_genes_per_cell", "5")
+    pre = ad.read_h5ad(out / "a_preprocessed.h5ad")
+    assert pre.obs_names.is_unique and "cell0003-1" in pre.obs_names
+    assert pre.obs.loc["cell0003-1", "original_cell_name"] == "cell0003"
+    barcodes = [b for s in SPLITS for b in (out / "cell_sentences" / f"{s}_barcodes.txt").read_text().split()]
+    assert sorted(barcodes) == sorted(pre.obs_names)
+    inverse.main(inverse.parse_args(["--sentences", str(out / "cell_sentences" / "train.txt"),
+                                              "--transform_dir", str(out), "--output", str(tmp_path / "inv.h5ad"),
+                                              "--evaluate"]))
+    back = ad.read_h5ad(tmp_path / "inv.h5ad")
+    assert back.obs_names.tolist() == (out / "cell_sentences" / "train_barcodes.txt").read_text().split()
+    metrics = json.loads((tmp_path / "inv_metrics.json").read_text())
+    assert metrics["reconstruction"]["n_cells"] == len(back) and metrics["reconstruction"]["pearson_r"] > 0.5
+    assert "10 cell names are repeated" in caplog.text
+
+
+def test_qc_message_of_a_single_cell_names_a_real_flag(tmp_path):
+    adata = synthetic_counts(30, 250, seed=14)[20:21].copy()
+    with pytest.raises(InputError, match=r"--min_cells_per_gene 3 removed every gene of the 1 cells .* lower it or "
+                                         r"pass --no_qc") as err:
+        run(write_h5ad(adata, tmp_path / "a.h5ad"), tmp_path / "out", "--min_genes_per_cell", "5")
+    assert "no_expressed_genes" not in str(err.value)
+
+
+def test_qc_message_with_no_qc_does_not_talk_about_min_genes(tmp_path):
+    adata = synthetic_counts(30, 250, seed=14)
+    adata.X = sp.csr_matrix(adata.shape, dtype=np.float32)
+    with pytest.raises(InputError, match=r"all 30 cells of .* are empty") as err:
+        run(write_h5ad(adata, tmp_path / "a.h5ad"), tmp_path / "out", "--no_qc")
+    assert "--min_genes_per_cell" not in str(err.value) and "--no_qc" not in str(err.value)
+
+
+def test_the_api_gives_the_same_missing_labels_and_unique_names():
+    from utils import adata_to_sentences
+    from utils.preprocess import QCParams
+
+    adata = _labelled(_with_nan)
+    names = adata.obs_names.tolist()
+    names[21] = names[20]  # both kept (the first five cells are tiny)
+    adata.obs_names = names
+    cs = adata_to_sentences(adata, qc=QCParams(min_genes_per_cell=5))
+    missing = adata.obs["cell_type"].isna().to_numpy()
+    kept = [n in set(cs.cell_names) for n in ad.utils.make_index_unique(adata.obs_names.astype(str))]
+    assert [x is None for x in cs.labels] == missing[kept].tolist() and any(missing[kept])
+    assert len(set(cs.cell_names)) == len(cs.cell_names) and "cell0020-1" in cs.cell_names
+    dd = cs.to_dataset_dict()
+    assert sum(x is None for s in SPLITS for x in dd[s]["cell_type"]) == int(missing[kept].sum())

@@ -30,7 +30,6 @@ from utils.fit import RankExpressionFit
 from utils.io import InMemorySource
 from utils.outputs import (
     contract_names,
-    dataset_columns,
     fit_points,
     preprocessed_obs,
     write_evaluation,
@@ -211,9 +210,9 @@ def adata_to_sentences(
     fit = fit_points(log_rank, log_expression, threshold=fit_threshold, path=source.path)
 
     kept = plan.qc.cell_mask
-    columns = {n: v[kept] for n, v in dataset_columns(source.obs, plan.obs_columns).items()}
+    columns = {n: v[kept] for n, v in plan.columns.items()}
     preprocessed = ad.AnnData(
-        X=matrix, obs=preprocessed_obs(plan, dataset_columns(source.obs, {})["cell_name"]),
+        X=matrix, obs=preprocessed_obs(plan, plan.columns["cell_name"]),
         var=pd.DataFrame({"n_cells": gene_cells}, index=pd.Index(plan.kept_names.astype(str))),
         uns={"log1p": {"base": 10.0}},
     )

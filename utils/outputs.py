@@ -37,17 +37,6 @@ def contract_names(stem: str) -> list[str]:
     return ["cell_sentences", "cell_sentences_hf", "eval", f"{stem}_preprocessed.h5ad", "transform_args.json"]
 
 
-def dataset_columns(obs: pd.DataFrame, obs_columns: dict[str, str]) -> dict[str, np.ndarray]:
-    """Per input cell, the dataset's columns: ``cell_name``, then ``obs_columns`` (dataset name
-    -> obs column); cell types and non-numeric columns as strings."""
-    columns = {"cell_name": obs.index.astype(str).to_numpy(dtype=object)}
-    for name, column in obs_columns.items():
-        values = obs[column]
-        as_text = name == "cell_type" or not pd.api.types.is_numeric_dtype(values)
-        columns[name] = values.astype(str).to_numpy(dtype=object) if as_text else values.to_numpy()
-    return columns
-
-
 def arrow_schema(columns: dict[str, np.ndarray]) -> pa.Schema:
     return pa.schema([pa.field("cell_name", pa.string()), pa.field("cell_sentence", pa.string())]
                      + [pa.field(n, pa.string() if v.dtype == object else pa.from_numpy_dtype(v.dtype))
@@ -59,8 +48,12 @@ def preprocessed_obs(plan: RunPlan, cell_names: np.ndarray) -> pd.DataFrame:
     and their QC statistics (``split`` is added by whoever draws the splits)."""
     kept = plan.qc.cell_mask
     obs = pd.DataFrame(index=pd.Index(cell_names[kept], name=None))
-    for name, column in plan.obs_columns.items():
-        obs[name] = plan.source.obs[column].to_numpy()[kept]
+    for name, values in plan.columns.items():
+        if name != "cell_name":  # strings as categories, a missing one as NaN (as scanpy has them)
+            obs[name] = pd.Categorical(values[kept]) if values.dtype == object else values[kept]
+    given = plan.source.obs.index.astype(str).to_numpy(dtype=object)
+    if not np.array_equal(plan.columns["cell_name"], given):  # repeated names were made unique
+        obs["original_cell_name"] = given[kept]
     obs["n_genes"] = plan.qc.n_genes[kept]
     obs["total_counts"] = plan.qc.total[kept]
     obs["pct_counts_mt"] = plan.qc.pct_mt[kept]
@@ -122,7 +115,7 @@ class TransformOutputs:
         self.gene_cells = np.zeros(len(plan.kept_names), np.int64)
         self.eval_points: list[tuple[np.ndarray, np.ndarray]] = []
         self.n_written = 0
-        self.columns = dataset_columns(plan.source.obs, plan.obs_columns)
+        self.columns = plan.columns
         schema = arrow_schema(self.columns)
         row_lengths = qc.n_stored[qc.cell_mask]
         expected_bytes = expected_sentence_bytes(

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from utils.common import InputError
 from utils.io import NO_LOG1P, MatrixSource
+from utils.labels import dataset_columns
 from utils.preprocess import (
     TARGET_SUM,
     Normalization,
@@ -87,6 +88,7 @@ class RunPlan:
     source: MatrixSource
     settings: RunSettings
     obs_columns: dict[str, str]  # dataset column -> obs column
+    columns: dict[str, np.ndarray]  # per input cell, the dataset's columns (see ``dataset_columns``)
     qc: QCResult
     chunks: list[tuple[int, int]]
     kept_names: np.ndarray  # the kept genes' names, in input order
@@ -245,6 +247,9 @@ def plan_run(source: MatrixSource, options: TransformOptions, *, progress: bool 
         raise InputError(f"{source.path}: {source.matrix_name} is empty ({source.shape}).")
     gene_names = resolve_gene_names(source.var, options.gene_column, bad=options.bad_gene_names, path=source.path)
     obs_columns = resolve_obs_columns(source.obs, options.label_column, options.obs_columns, path=source.path)
+    columns, notes = dataset_columns(source.obs, obs_columns, path=source.path)  # before any work: may refuse
+    for note in notes:
+        logger.warning("%s", note)
     normalization = resolve_input_kind(source, options.input_kind, target_sum=options.target_sum)
     settings = RunSettings(normalization, options.qc, options.seed, options.max_genes)
     is_mt = np.char.startswith(np.char.upper(gene_names.astype(str)), "MT-")
@@ -258,7 +263,7 @@ def plan_run(source: MatrixSource, options: TransformOptions, *, progress: bool 
             accumulator.add(stats)
             bar.update(len(stats.n_genes))
     result = accumulator.finalize(is_mt, excluded)
-    log_qc(result, source.n_cells, options.qc)
+    log_qc(result, source.n_cells, options.qc, path=source.path)
 
     # Splits and the evaluation sample are drawn over the kept cells, by input index.
     split_of_cell = np.full(source.n_cells, -1, np.int8)
@@ -266,7 +271,7 @@ def plan_run(source: MatrixSource, options: TransformOptions, *, progress: bool 
                                                     seed=options.seed)
     kept_names = gene_names[result.gene_mask]
     return RunPlan(
-        source=source, settings=settings, obs_columns=obs_columns, qc=result, chunks=chunks,
+        source=source, settings=settings, obs_columns=obs_columns, columns=columns, qc=result, chunks=chunks,
         kept_names=kept_names,
         gene_position=np.where(result.gene_mask, np.cumsum(result.gene_mask) - 1, -1).astype(np.int32),
         names=GeneNameTable(list(kept_names)), split_of_cell=split_of_cell,
@@ -274,21 +279,37 @@ def plan_run(source: MatrixSource, options: TransformOptions, *, progress: bool 
     )  # fmt: skip
 
 
-def log_qc(result: QCResult, n_cells: int, qc: QCParams) -> None:
-    """Log what each filter removed; fail when no cell is left."""
+def log_qc(result: QCResult, n_cells: int, qc: QCParams, *, path: Any = "the input") -> None:
+    """Log what each filter removed; fail when no cell is left (naming a flag that exists)."""
     for flag, removed in result.cells_removed.items():
         if removed:
-            logger.info("QC: %s cells removed by %s.", f"{removed:,}", flag)
+            logger.info("QC: %s cells removed by %s.", f"{removed:,}", _removal_reason(flag, qc))
     logger.info("QC: %s genes removed by min_cells_per_gene (%s); %s of %s cells kept.",
                 f"{result.genes_removed:,}", qc.min_cells_per_gene,
                 f"{int(result.cell_mask.sum()):,}", f"{n_cells:,}")
     if result.genes_excluded:
         logger.info("%s genes excluded (--exclude_genes).", f"{result.genes_excluded:,}")
-    if not result.cell_mask.any():
-        worst = max(result.cells_removed, key=result.cells_removed.get)
-        raise InputError(
-            f"No cells left after QC: --{worst} removed {result.cells_removed[worst]:,} of "
-            f"{n_cells:,} cells; relax it or pass --no_qc.")
+    if result.cell_mask.any():
+        return
+    removed = result.cells_removed
+    if not qc.enabled:  # only empty cells are dropped then
+        raise InputError(f"No cells left: all {n_cells:,} cells of {path} are empty (no non-zero value); "
+                         "check --layer (or the input file).")
+    worst = max(removed, key=removed.get)
+    if worst == "no_expressed_genes":
+        raise InputError(f"No cells left after QC: --min_cells_per_gene {qc.min_cells_per_gene} removed every gene of "
+                         f"the {removed[worst]:,} cells that passed the cell filters; lower it or pass --no_qc.")
+    raise InputError(f"No cells left after QC: --{worst} removed {removed[worst]:,} of {n_cells:,} cells; "
+                     "relax it or pass --no_qc.")
+
+
+def _removal_reason(filter_name: str, qc: QCParams) -> str:
+    """What removed cells, in the words of the flags (not every filter is a flag)."""
+    if filter_name == "no_expressed_genes":
+        return "having no gene left after --min_cells_per_gene"
+    if filter_name == "min_genes_per_cell" and not qc.enabled:
+        return "being empty"
+    return f"--{filter_name}"
 
 
 def _stats_task(context: PassContext, index: int, bounds: tuple[int, int]):
