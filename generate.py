@@ -156,6 +156,23 @@ def read_train_args(model_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def labelled_rows(tables: dict[str, Any], label_column: str) -> dict[str, Any]:
+    """The tables without cells that have no label (null: NaN in the transform's input), which
+    are neither asked, generated nor counted."""
+    import pyarrow as pa
+
+    from utils.training import has_label
+
+    out = {}
+    for name, table in tables.items():
+        keep = [has_label(x) for x in table.column(label_column).to_pylist()]
+        if not all(keep):
+            logger.warning("%s of %s %s cells have no %r label: left out.", f"{len(keep) - sum(keep):,}",
+                           f"{len(keep):,}", name, label_column)
+        out[name] = table if all(keep) else table.filter(pa.array(keep))
+    return out
+
+
 def subsample(n: int, cap: int | None, seed: int) -> np.ndarray:
     """Row indices: all, or a seeded random subset of ``cap`` in their original order."""
     if cap is None or cap >= n:
@@ -230,6 +247,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     tables = load_splits(args.data_dir, args.split, label_column, need_labels=True)
     if "train" not in tables:
         raise InputError(f"{args.data_dir} has no train split, needed for the baseline and the k-NN metric.")
+    tables = labelled_rows(tables, label_column)
     eval_table = tables[args.split]
     labels = sorted({str(x) for x in tables["train"].column(label_column).to_pylist()}
                     | {str(x) for x in eval_table.column(label_column).to_pylist()})

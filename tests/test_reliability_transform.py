@@ -347,3 +347,64 @@ def test_the_api_gives_the_same_missing_labels_and_unique_names():
     assert len(set(cs.cell_names)) == len(cs.cell_names) and "cell0020-1" in cs.cell_names
     dd = cs.to_dataset_dict()
     assert sum(x is None for s in SPLITS for x in dd[s]["cell_type"]) == int(missing[kept].sum())
+
+
+def test_cells_without_a_label_are_left_out_of_generate(one_thread, tmp_path):
+    """Downstream of the missing labels: train.py trains on them (untyped tasks only) and
+    generate.py neither asks them, generates a "None" type, nor counts them."""
+    from datasets import load_from_disk
+    from helpers_train import make_dataset_dir
+
+    import generate
+    import train
+
+    data = make_dataset_dir(tmp_path / "hf", n_train=60, n_valid=10, n_test=20)
+    dd = load_from_disk(str(data))
+    nulls = {split: [None if i % 4 == 1 else t for i, t in enumerate(dd[split]["cell_type"])] for split in dd}
+    for split in dd:
+        dd[split] = dd[split].remove_columns("cell_type").add_column("cell_type", nulls[split])
+    data = tmp_path / "hf_nulls"
+    dd.save_to_disk(str(data))
+    model = train.main(train.parse_args([
+        "--data_dir", str(data), "--output_dir", str(tmp_path / "model"), "--run_name", "tiny", "--max_steps", "3",
+        "--init_from_scratch", "True", "--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--n_positions", "128",
+        "--top_k_genes", "8", "--per_device_train_batch_size", "8", "--disable_tqdm", "True"]))
+    out = tmp_path / "gen"
+    generate.main(generate.parse_args(["--model_dir", str(model), "--data_dir", str(data), "--output_dir", str(out),
+                                       "--n_per_type", "1", "--batch_size", "8", "--max_new_tokens", "12"]))
+    predictions = pd.read_csv(out / "predictions.csv", keep_default_na=False)
+    assert len(predictions) == sum(t is not None for t in nulls["test"]) == 15
+    assert set(predictions["true"]) == {t for t in nulls["test"] if t is not None}
+    requested = (out / "generated_labels.txt").read_text().splitlines()
+    assert "None" not in requested and sorted(requested) == sorted({t for t in nulls["test"] if t is not None})
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "None" not in metrics["prediction"]["per_class_accuracy"]
+
+
+# --- determinism as documented (issue 11, section 7) ------------------------------------------
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and p.name != "transform_args.json"}  # it records the flags
+
+
+def test_outputs_are_identical_as_the_readme_says(tmp_path):
+    """Any --num_proc: every file byte-identical. Any --chunk_size: every file byte-identical
+    but the .arrow files, whose tables are equal (record batches follow the chunks)."""
+    import pyarrow as pa
+
+    h5ad = write_h5ad(_counts(), tmp_path / "a.h5ad")
+    runs = {}
+    for name, flags in {"base": ("--chunk_size", "64"), "workers": ("--chunk_size", "64", "--num_proc", "2"),
+                        "chunks": ("--chunk_size", "23", "--num_proc", "2")}.items():
+        run(h5ad, tmp_path / name, "--min_genes_per_cell", "20", *flags)
+        runs[name] = _files(tmp_path / name)
+    assert runs["workers"] == runs["base"]
+    arrow = [n for n in runs["base"] if n.endswith(".arrow")]
+    assert len(arrow) == 3 and set(runs["chunks"]) == set(runs["base"])
+    assert {n: b for n, b in runs["chunks"].items() if n not in arrow} == {
+        n: b for n, b in runs["base"].items() if n not in arrow}
+    for name in arrow:
+        tables = [pa.ipc.open_stream(runs[r][name]).read_all() for r in ("base", "chunks")]
+        assert tables[0].num_rows > 0 and tables[0].equals(tables[1], check_metadata=True)

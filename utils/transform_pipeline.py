@@ -4,7 +4,8 @@ Pass 1 reads every chunk once for the QC statistics (per-cell genes, totals and 
 per-gene cell counts) and decides which cells and genes are kept. Pass 2 reads every chunk again,
 normalizes, ranks and hands back sentences, the preprocessed rows and the evaluation points,
 which the parent process writes in input order. Memory depends on the chunk size, not on the
-number of cells; the output is byte-identical for any chunk size and number of workers.
+number of cells. The output is byte-identical for any number of workers, and for any chunk
+size except the Arrow files' record batches, which follow the chunks (their tables are equal).
 """
 
 from __future__ import annotations
