@@ -26,9 +26,12 @@ LINE_BREAKING = re.compile(r"[^\S ]")
 
 def as_strings(values: pd.Series) -> np.ndarray:
     """Values as strings (object array), missing ones (NaN, None) as None (Arrow's null)."""
-    missing = values.isna().to_numpy()
-    return np.array([None if m else str(v) for v, m in zip(values.astype(object), missing, strict=True)],
-                    dtype=object)
+    if isinstance(values.dtype, pd.CategoricalDtype):  # one str() per category, not per cell
+        table = np.array([str(c) for c in values.cat.categories] + [None], dtype=object)
+        return table[values.cat.codes.to_numpy()]  # a missing value's code, -1, picks the None
+    text = values.astype(str).to_numpy(dtype=object)
+    text[values.isna().to_numpy()] = None
+    return text
 
 
 def clean_labels(values: pd.Series, *, column: str, path: Path) -> tuple[np.ndarray, list[str]]:
@@ -49,8 +52,7 @@ def clean_labels(values: pd.Series, *, column: str, path: Path) -> tuple[np.ndar
             f"{int(missing.sum()):,} of {len(labels):,} cells have no label in obs[{column!r}] (NaN): they keep "
             "their sentence with a missing label (null); train.py gives them only untyped tasks."
         )
-    present = labels[~missing].astype(str)
-    distinct = np.unique(present)
+    distinct = pd.unique(labels[~missing])
     tokens = [v for v in distinct if SPECIAL_TOKEN.search(v)]
     if tokens:
         raise InputError(
@@ -61,7 +63,7 @@ def clean_labels(values: pd.Series, *, column: str, path: Path) -> tuple[np.ndar
     broken = [v for v in distinct if LINE_BREAKING.search(v)]
     if broken:
         fixed = {v: re.sub(r"\s+", " ", v).strip() for v in broken}
-        labels[~missing] = [fixed.get(v, v) for v in present]
+        labels[~missing] = pd.Series(labels[~missing]).replace(fixed).to_numpy(dtype=object)
         notes.append(f"Replaced line breaks and tabs by one space in {len(broken):,} labels of obs[{column!r}] "
                      f"(e.g. {broken[0]!r} -> {fixed[broken[0]]!r}).")
     return labels, notes
