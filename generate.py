@@ -46,7 +46,7 @@ from utils.common import (
     seed_everything,
     staged_outputs,
 )
-from utils.eval_io import load_splits, transform_reference
+from utils.eval_io import labelled_rows, load_splits, transform_reference
 from utils.evaluation import classification_summary, plot_confusion_matrix
 from utils.fit import RankExpressionFit
 from utils.generation import (
@@ -154,23 +154,6 @@ def read_train_args(model_dir: Path) -> dict[str, Any]:
         logger.warning("%s has no train_args.json; using the defaults (top_k_genes 100).", model_dir)
         return {}
     return json.loads(path.read_text())
-
-
-def labelled_rows(tables: dict[str, Any], label_column: str) -> dict[str, Any]:
-    """The tables without cells that have no label (null: NaN in the transform's input), which
-    are neither asked, generated nor counted."""
-    import pyarrow as pa
-
-    from utils.training import has_label
-
-    out = {}
-    for name, table in tables.items():
-        keep = [has_label(x) for x in table.column(label_column).to_pylist()]
-        if not all(keep):
-            logger.warning("%s of %s %s cells have no %r label: left out.", f"{len(keep) - sum(keep):,}",
-                           f"{len(keep):,}", name, label_column)
-        out[name] = table if all(keep) else table.filter(pa.array(keep))
-    return out
 
 
 def subsample(n: int, cap: int | None, seed: int) -> np.ndarray:

@@ -42,7 +42,7 @@ from utils.common import (
     seed_everything,
     staged_outputs,
 )
-from utils.eval_io import find_preprocessed, load_splits, read_lines
+from utils.eval_io import find_preprocessed, labelled_rows, load_splits, read_lines
 from utils.evaluation import sentence_stats
 from utils.fit import RankExpressionFit
 from utils.inverse import (
@@ -233,7 +233,7 @@ def real_knn_metrics(adata: ad.AnnData, packed: SentenceBytes, transform_dir: Pa
     if not hf.is_dir() or labels_key not in adata.obs:
         return None
     try:
-        tables = load_splits(hf, "test", "cell_type", need_labels=True)
+        tables = labelled_rows(load_splits(hf, "test", "cell_type", need_labels=True), "cell_type")
     except InputError:
         return None  # no test split or no cell types: nothing to compare with
     top_k = max_genes or int(max(1, np.median(adata.obs["n_words"])))

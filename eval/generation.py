@@ -42,6 +42,7 @@ from utils.common import InputError, check_can_write, run_cli, seed_everything  
 from utils.eval_io import (  # noqa: E402
     EVAL_ARGS,
     evaluation_parser,
+    labelled_rows,
     load_splits,
     parse_evaluation_args,
     read_lines,
@@ -121,6 +122,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     tables = load_splits(args.data_dir, args.split, args.cell_type_column, need_labels=True)
     if "train" not in tables:
         raise InputError(f"{args.data_dir} has no train split, needed for the k-NN classifier and the PCA.")
+    tables = labelled_rows(tables, args.cell_type_column)
     top_k = genes_per_cell(args, packed)
     index, fit, from_transform = transform_reference(args.transform_dir, tables, top_k)
     scored, result = score_generated(packed, requested, tables, split=args.split,

@@ -103,7 +103,8 @@ def expression_baseline(table: pd.DataFrame, args: argparse.Namespace) -> tuple[
         logger.warning("%s has no obs %r or 'split' column: no expression baseline.", args.transform_dir, column)
         return None, []
     labels = adata.obs[column].astype(str).to_numpy()
-    train = (adata.obs["split"].astype(str) == "train").to_numpy()
+    # Cells without a label (NaN) are neither neighbours nor counted for the majority class.
+    train = ((adata.obs["split"].astype(str) == "train") & adata.obs[column].notna()).to_numpy()
     train_labels = labels[train].tolist()
     if "cell_name" not in table.columns:
         logger.warning("No cell_name column: no expression baseline.")

@@ -27,7 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def transformed(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("eval")
-    h5ad = write_h5ad(synthetic_counts(300, 400, seed=4), tmp / "syn.h5ad")
+    adata = synthetic_counts(300, 400, seed=4)
+    adata.obs.loc[adata.obs_names[::25], "cell_type"] = np.nan  # unlabelled cells are left out
+    h5ad = write_h5ad(adata, tmp / "syn.h5ad")
     out = tmp / "out"
     # Every cell in the transform's own fit, so an all-cell refit must give its line.
     transform.main(transform.parse_args(["--data_filepath", str(h5ad), "--output_dir", str(out),
@@ -36,9 +38,11 @@ def transformed(tmp_path_factory) -> Path:
 
 
 def split(out: Path, name: str) -> pd.DataFrame:
+    """A split's labelled cells."""
     from datasets import load_from_disk
 
-    return load_from_disk(str(out / "cell_sentences_hf"))[name].to_pandas()
+    table = load_from_disk(str(out / "cell_sentences_hf"))[name].to_pandas()
+    return table[table["cell_type"].notna()].reset_index(drop=True)
 
 
 def write_generated(folder: Path, sentences: list[str], labels: list[str]) -> Path:
@@ -58,6 +62,7 @@ def test_generation_real_cells_and_random_gene_lists(transformed: Path, tmp_path
     assert m["knn_accuracy"] == m["knn_ceiling"] > 0.8
     assert m["mmd"] == 0.0 and m["energy_distance"] == 0.0 and m["mmd_floor"] > 0
     assert m["valid_gene_rate"] == 1.0 and m["duplicate_rate"] == 0.0
+    assert m["n_real_eval"] == len(test) and m["n_real_train"] == len(split(transformed, "train"))
     written = json.loads((tmp_path / "e1" / "metrics.json").read_text())
     assert {"knn_accuracy", "knn_ceiling", "mmd", "mmd_floor", "valid_gene_rate", "duplicate_rate"} <= set(written)
     per_type = pd.read_csv(tmp_path / "e1" / "per_type.csv")
@@ -91,6 +96,7 @@ def test_prediction_perfect_shuffled_and_as_a_script(transformed: Path, tmp_path
     assert m["accuracy"] == m["balanced_accuracy"] == m["macro_f1"] == 1.0
     pca = m["baselines"]["pca_knn"]
     assert pca["n_cells"] == len(test) and pca["accuracy"] > 0.8  # the synthetic types have markers
+    assert pca["n_train"] == len(split(transformed, "train"))  # labelled training cells only
     majority = m["baselines"]["majority"]
     n_types = len(set(truth))
     assert majority["balanced_accuracy"] == pytest.approx(1 / n_types)
@@ -123,15 +129,16 @@ def test_embedding_scores_against_pca(transformed: Path, tmp_path: Path) -> None
     rng = np.random.default_rng(0)
     # An embedding in embed.py's layout that separates the types perfectly.
     emb = ad.AnnData(obs=pre.obs.copy())
-    emb.obsm["X_c2s"] = np.eye(3)[codes] * 10 + rng.normal(0, 0.3, (pre.n_obs, 3))
+    emb.obsm["X_c2s"] = np.eye(codes.max() + 1)[codes] * 10 + rng.normal(0, 0.3, (pre.n_obs, codes.max() + 1))
     emb.obs.loc[emb.obs_names[:3], "cell_type"] = np.nan  # unlabelled cells are left out
+    n_labelled = int(emb.obs["cell_type"].notna().sum())
     path = tmp_path / "emb" / "embeddings.h5ad"
     path.parent.mkdir()
     emb.write_h5ad(path)
     m = eval_embedding.main(eval_embedding.parse_args(
         ["--embeddings", str(path.parent), "--transform_dir", str(transformed), "--output_dir", str(tmp_path / "m")]))
     assert m["knn_accuracy"] == 1.0 and m["ari"] == pytest.approx(1.0) and m["nmi"] == pytest.approx(1.0)
-    assert m["c2s"]["n_cells"] == pre.n_obs - 3 == m["pca"]["n_cells"]
+    assert m["c2s"]["n_cells"] == n_labelled == m["pca"]["n_cells"] < pre.n_obs - 3
     assert m["silhouette"] > m["pca_silhouette"]
     assert 0 < m["pca_knn_accuracy"] <= 1
     assert (tmp_path / "m" / "embedding_vs_pca.png").stat().st_size > 10_000

@@ -27,6 +27,7 @@ __all__ = [
     "evaluation_parser",
     "find_preprocessed",
     "label_column_of",
+    "labelled_rows",
     "load_splits",
     "read_preprocessed",
     "read_lines",
@@ -92,6 +93,23 @@ def load_splits(data_dir: Path, split: str, label_column: str, *, need_labels: b
             raise InputError(f"{data_dir}/{name} has no {label_column!r} column (it has {columns}); "
                              "pass --cell_type_column or use --tasks without predict/generate by type.")
         out[name] = dd[name].with_format("arrow")[:]
+    return out
+
+
+def labelled_rows(tables: dict[str, Any], label_column: str) -> dict[str, Any]:
+    """The tables without cells that have no label (null: NaN in the transform's input), which
+    are neither asked, generated nor counted."""
+    import pyarrow as pa
+
+    from utils.training import has_label
+
+    out = {}
+    for name, table in tables.items():
+        keep = [has_label(x) for x in table.column(label_column).to_pylist()]
+        if not all(keep):
+            logger.warning("%s of %s %s cells have no %r label: left out.", f"{len(keep) - sum(keep):,}",
+                           f"{len(keep):,}", name, label_column)
+        out[name] = table if all(keep) else table.filter(pa.array(keep))
     return out
 
 
