@@ -42,7 +42,13 @@ from utils.common import (
     seed_everything,
     staged_outputs,
 )
-from utils.eval_io import find_preprocessed, labelled_rows, load_splits, read_lines
+from utils.eval_io import (
+    find_preprocessed,
+    labelled_rows,
+    load_splits,
+    read_lines,
+    read_preprocessed,
+)
 from utils.evaluation import sentence_stats
 from utils.fit import RankExpressionFit
 from utils.inverse import (
@@ -188,18 +194,11 @@ def reconstruction_metrics(adata: ad.AnnData, preprocessed: Path) -> dict[str, A
     """Reconstructed vs preprocessed values on the sentences' genes, for cells found by name."""
     from scipy.stats import pearsonr, spearmanr
 
-    real = ad.read_h5ad(preprocessed, backed="r")
-    try:
-        common = adata.obs_names.intersection(real.obs_names)
-        if len(common) == 0:
-            return None
-        rows = real.obs_names.get_indexer(common)
-        order = np.argsort(rows)  # backed AnnData reads rows in increasing order
-        truth = real[rows[order]].to_memory()
-    finally:
-        real.file.close()
+    truth = read_preprocessed(preprocessed, adata.obs_names)
+    if truth.n_obs == 0:
+        return None
     truth = truth[:, truth.var_names.isin(adata.var_names)]
-    mine = sp.csr_matrix(adata[common[order], truth.var_names].X)
+    mine = sp.csr_matrix(adata[truth.obs_names, truth.var_names].X)
     theirs = sp.csr_matrix(truth.X)
     mine.sort_indices()
     theirs.sort_indices()
@@ -214,7 +213,7 @@ def reconstruction_metrics(adata: ad.AnnData, preprocessed: Path) -> dict[str, A
     if x.size < 3:
         return None
     return {
-        "n_cells": int(len(common)),
+        "n_cells": int(truth.n_obs),
         "n_points": int(x.size),
         "pearson_r": float(pearsonr(x, y)[0]),
         "spearman_r": float(spearmanr(x, y)[0]),

@@ -149,12 +149,13 @@ def label_column_of(transform_dir: Path, default: str = "cell_type") -> str:
     return default
 
 
-def read_preprocessed(transform_dir: Path, names: Any = None) -> Any:
+def read_preprocessed(source: Path, names: Any = None) -> Any:
     """transform.py's preprocessed AnnData (log10(1 + normalized), CSR) in memory, or only the
-    cells named in ``names`` (those found, in the file's order); ``None`` when there is none."""
+    cells named in ``names`` (those found, in the file's order). ``source`` is the file or the
+    transform's output folder; ``None`` when that folder holds none."""
     import anndata as ad
 
-    path = find_preprocessed(transform_dir)
+    path = find_preprocessed(source) if source.is_dir() else source
     if path is None:
         return None
     if names is None:
