@@ -22,6 +22,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
@@ -189,24 +190,28 @@ def adata_to_sentences(
     )  # fmt: skip
     source = InMemorySource(adata, "the AnnData", layer=layer)
     plan = plan_run(source, options, progress=progress)
-    context = PassContext(source, plan.settings, np.empty(0, np.uint8), plan=plan)
-    chunks: list[SentenceChunk] = []
+    # The preprocessed matrix's size is known after the QC pass: the kernel writes each chunk's
+    # rows into their place in it.
+    indptr = np.zeros(plan.n_kept + 1, np.int64)
+    np.cumsum(plan.qc.n_stored[plan.qc.cell_mask], out=indptr[1:])
+    matrix = sp.csr_matrix((np.empty(indptr[-1], np.float32), np.empty(indptr[-1], np.int32), indptr),
+                           shape=(plan.n_kept, len(plan.kept_names)))
+    context = PassContext(source, plan.settings, np.empty(0, np.uint8), plan=plan, outputs=matrix)
+    sentences: list[str] = []
+    gene_cells = np.zeros(len(plan.kept_names), np.int64)
+    points: list[tuple[np.ndarray, np.ndarray]] = []
     with tqdm(total=source.n_cells, desc="Cell sentences", unit="cells", disable=not progress) as bar:
         for (start, stop), chunk in zip(plan.chunks, ordered_map(_sentence_task, plan.chunks, num_proc=num_proc,
                                                                  context=context), strict=True):
-            chunks.append(chunk)
+            # The kernel ran every kept cell as split 0: its Arrow strings are the sentences in
+            # input order, made into Python strings with one copy.
+            sentences += pa.StringArray.from_buffers(
+                len(chunk.kept), pa.py_buffer(chunk.arrow_offsets[0]), pa.py_buffer(chunk.arrow_text[0])).to_pylist()
+            gene_cells += chunk.gene_cells
+            points.append((chunk.eval_log_rank, chunk.eval_log_expression))
             bar.update(stop - start)
-
-    # One text for all cells (split 0 in the kernel: the cells stay in input order).
-    text = np.concatenate([c.text[0] for c in chunks]).tobytes().decode("utf-8")
-    sentences = text[:-1].split("\n") if text else []
-    nnz = np.cumsum([0] + [c.indptr[-1] for c in chunks])
-    indptr = np.concatenate([[0]] + [c.indptr[1:] + base for c, base in zip(chunks, nnz, strict=False)])
-    matrix = sp.csr_matrix((np.concatenate([c.data for c in chunks]), np.concatenate([c.indices for c in chunks]),
-                            indptr), shape=(plan.n_kept, len(plan.kept_names)))
-    gene_cells = np.sum([c.gene_cells for c in chunks], axis=0)
-    log_rank = np.concatenate([c.eval_log_rank for c in chunks])
-    log_expression = np.concatenate([c.eval_log_expression for c in chunks])
+    log_rank = np.concatenate([p[0] for p in points])
+    log_expression = np.concatenate([p[1] for p in points])
     fit = fit_points(log_rank, log_expression, threshold=fit_threshold, path=source.path)
 
     kept = plan.qc.cell_mask
@@ -223,11 +228,19 @@ def adata_to_sentences(
 
 def _sentence_task(context: PassContext, index: int, bounds: tuple[int, int]) -> SentenceChunk:
     start, stop = bounds
-    plan, settings = context.plan, context.settings
+    plan, settings, matrix = context.plan, context.settings, context.outputs
     chunk = plan.source.read_rows(start, stop)
+    first = matrix.indptr[np.count_nonzero(plan.qc.cell_mask[:start])]  # where the chunk's rows go
+    # The kernel needs room for every stored entry of the chunk, kept or not: near the end of
+    # the matrix that room is not there, and the chunk's rows are made apart and copied in.
+    in_place = first + chunk.nnz <= len(matrix.data)
     ranked = rank_chunk(
         chunk.indptr, chunk.indices, chunk.data, row_split=np.where(plan.split_of_cell[start:stop] >= 0, 0, -1),
         row_eval=plan.eval_mask[start:stop], cell_ids=np.arange(start, stop), gene_position=plan.gene_position,
         names=plan.names, normalization=settings.normalization, seed=settings.seed, max_genes=settings.max_genes,
+        out_arrays=(matrix.indices[first:], matrix.data[first:]) if in_place else None,
     )  # fmt: skip
+    if not in_place:
+        matrix.indices[first : first + len(ranked.indices)] = ranked.indices
+        matrix.data[first : first + len(ranked.data)] = ranked.data
     return write_text(ranked, plan.names)

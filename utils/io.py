@@ -288,7 +288,19 @@ class InMemorySource(MatrixSource):
             self.log1p_base = _log1p_base(adata.uns["log1p"])
 
     def read_rows(self, start: int, stop: int) -> sp.csr_matrix:
-        return _canonical(self._matrix[start:stop].astype(np.float64, copy=True))
+        """Rows ``[start, stop)`` as views of the matrix (scipy's row slicing copies, through a
+        routine that also handles columns: 5 s for 20,000 cells); copied only when they must be
+        made canonical, so the caller's AnnData is never changed."""
+        m = self._matrix
+        lo, hi = int(m.indptr[start]), int(m.indptr[stop])
+        data = m.data[lo:hi]
+        if data.dtype not in (np.float32, np.float64):  # the kernels are compiled for floats
+            data = data.astype(np.float64)
+        chunk = sp.csr_matrix((data, m.indices[lo:hi], m.indptr[start : stop + 1] - lo),
+                              shape=(stop - start, m.shape[1]), copy=False)
+        if _is_canonical(chunk.indptr, chunk.indices, chunk.data):
+            return chunk
+        return _canonical(chunk.copy())
 
 
 def _attr(node: h5py.Group, name: str) -> str | None:

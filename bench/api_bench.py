@@ -1,0 +1,127 @@
+"""Benchmark the in-memory API against the newer cell2sentence package, side by side.
+
+synthetic h5ad (``bench/synthetic.py``, cached under ``data/bench/``) -> a table on stdout:
+cells/s of ``utils.adata_to_sentences`` (ours: QC, normalization, ranking, sentences and the
+fit, in memory; also with ``.to_dataset_dict()``, which gives an Arrow dataset like theirs) and
+of ``cell2sentence.CSData.adata_to_arrow`` (theirs: sentences of ``X`` as given, into an Arrow
+dataset) on the same cells, and the ratio.
+
+Theirs runs in its own virtual environment (``--their_python``; it pins other versions of our
+dependencies), in a subprocess that reads the same file and times only the call. Set it up once:
+
+    python -m venv /tmp/c2s-venv
+    /tmp/c2s-venv/bin/pip install torch==2.13.0      # first: else it pulls a CUDA torch
+    /tmp/c2s-venv/bin/pip install cell2sentence==1.2.0
+
+Both are timed after a warm-up on the first 500 cells (our compiled kernels load from numba's
+cache; their imports are done), best of ``--repeats``.
+
+Example::
+
+    python bench/api_bench.py --n_cells 20000 --their_python /tmp/c2s-venv/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as `python bench/api_bench.py`
+    sys.path.insert(0, str(ROOT))
+
+from bench.synthetic import cached_synthetic_h5ad  # noqa: E402
+from utils.common import InputError, run_cli  # noqa: E402
+
+logger = logging.getLogger("cell2sentence")
+
+THEIRS = """
+import json, sys, time
+import anndata as ad
+from cell2sentence import CSData
+adata = ad.read_h5ad(sys.argv[1])
+CSData.adata_to_arrow(adata[:500].copy(), label_col_names=["cell_type"])  # warm-up
+best = float("inf")
+for _ in range(int(sys.argv[2])):
+    start = time.perf_counter()
+    dataset, vocabulary = CSData.adata_to_arrow(adata, label_col_names=["cell_type"])
+    best = min(best, time.perf_counter() - start)
+print(json.dumps({"seconds": best, "rows": len(dataset), "first": dataset[0]["cell_sentence"][:60]}))
+"""
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--n_cells", type=int, default=20_000, help="cells of the synthetic dataset")
+    p.add_argument("--n_genes", type=int, default=33_000, help="genes of the synthetic dataset")
+    p.add_argument("--genes_per_cell", type=int, default=2_000, help="mean expressed genes per cell")
+    p.add_argument("--cache_dir", type=Path, default=Path("data/bench"), help="where synthetic files are cached")
+    p.add_argument("--their_python", type=str, default=None,
+                   help="interpreter with cell2sentence==1.2.0 installed (left out: ours only)")
+    p.add_argument("--num_proc", type=int, default=1, help="adata_to_sentences' worker threads")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of each (the best counts)")
+    args = p.parse_args(argv)
+    if min(args.n_cells, args.repeats, args.num_proc) < 1:
+        p.error("--n_cells, --repeats and --num_proc must be positive.")
+    return args
+
+
+def time_ours(path: Path, *, repeats: int, num_proc: int) -> dict[str, float]:
+    import anndata as ad
+
+    from utils import adata_to_sentences
+
+    adata = ad.read_h5ad(path)
+    adata_to_sentences(adata[:500].copy())  # warm-up: the kernels load from numba's cache
+    best = {"sentences": float("inf"), "sentences + to_dataset_dict": float("inf")}
+    for _ in range(repeats):
+        start = time.perf_counter()
+        cs = adata_to_sentences(adata, num_proc=num_proc)
+        middle = time.perf_counter()
+        dataset = cs.to_dataset_dict()
+        end = time.perf_counter()
+        best["sentences"] = min(best["sentences"], middle - start)
+        best["sentences + to_dataset_dict"] = min(best["sentences + to_dataset_dict"], end - start)
+    logger.info("Ours: %s kept cells (%s in the train split); first sentence %s...", f"{len(cs):,}",
+                f"{len(dataset['train']):,}", cs.sentences[0][:60])
+    return best
+
+
+def time_theirs(python: str, path: Path, *, repeats: int) -> float:
+    done = subprocess.run([python, "-c", THEIRS, str(path), str(repeats)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise InputError(f"{python} could not run CSData.adata_to_arrow ({done.stderr.strip().splitlines()[-1:]}); "
+                         "install cell2sentence==1.2.0 there (see this script's docstring).")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    logger.info("Theirs: %s cells; first sentence %s...", f"{result['rows']:,}", result["first"])
+    return float(result["seconds"])
+
+
+def main(args: argparse.Namespace) -> dict[str, float]:
+    path = cached_synthetic_h5ad(args.cache_dir, n_cells=args.n_cells, n_genes=args.n_genes,
+                                 genes_per_cell=args.genes_per_cell, seed=0)
+    seconds = {f"ours: adata_to_sentences, {k}": v
+               for k, v in time_ours(path, repeats=args.repeats, num_proc=args.num_proc).items()}
+    if args.their_python:
+        seconds["theirs: CSData.adata_to_arrow (cell2sentence 1.2.0)"] = time_theirs(
+            args.their_python, path, repeats=args.repeats)
+    reference = seconds.get("theirs: CSData.adata_to_arrow (cell2sentence 1.2.0)")
+    width = max(len(k) for k in seconds)
+    print(f"{'':{width}}  {'seconds':>8}  {'cells/s':>9}  {'vs theirs':>9}")
+    for name, s in seconds.items():
+        ratio = f"{reference / s:.1f}x" if reference else "-"
+        print(f"{name:{width}}  {s:8.2f}  {args.n_cells / s:9,.0f}  {ratio:>9}")
+    print(f"{args.n_cells:,} cells x {args.n_genes:,} genes, ~{args.genes_per_cell:,} expressed per cell; "
+          f"best of {args.repeats}; num_proc={args.num_proc}")
+    return seconds
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args)
