@@ -123,6 +123,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="The script(s) to benchmark, side by side (runs alternate between them).",
     )
     parser.add_argument(
+        "--without", nargs="*", default=[], metavar="TRICK",
+        help="Also run the first --transform with each of these low-level tricks turned off "
+             "(bench/without.py: mmap, direct_reader, o_direct, fallocate, phased_buffers, mallopt, os_exit).",
+    )
+    parser.add_argument(
         "--compare_outputs", action="store_true",
         help="Check that every --transform writes byte-identical outputs (first run of each size).",
     )
@@ -297,13 +302,17 @@ def main(args: argparse.Namespace) -> list[RunResult]:
                 f"{transform} does not exist; pass the script to benchmark with --transform."
             )
     labels = _labels(scripts)
+    # A script is run as [python, *prefix, script]: bench/without.py takes the trick first.
+    variants = [([], t, label) for t, label in zip(scripts, labels, strict=True)]
+    variants += [([str(ROOT / "bench" / "without.py"), trick], scripts[0], f"without {trick}") for trick in args.without]
+    labels = [v[2] for v in variants]
     args.cache_dir.mkdir(parents=True, exist_ok=True)
     output_root = args.output_root or args.cache_dir
     output_root.mkdir(parents=True, exist_ok=True)
     results: list[RunResult] = []
     kept: dict[int, list[Path]] = {}  # per size: the outputs kept for --compare_outputs
-    runs = [(n, t, label) for n in args.n_cells for _ in range(args.repeats) for t, label in zip(scripts, labels, strict=True)]
-    for n_cells, transform, label in runs:
+    runs = [(n, *v) for n in args.n_cells for _ in range(args.repeats) for v in variants]
+    for n_cells, prefix, transform, label in runs:
         data = cached_synthetic_h5ad(
             args.cache_dir, n_cells=n_cells, n_genes=args.n_genes,
             genes_per_cell=args.genes_per_cell, seed=args.seed,
@@ -311,14 +320,14 @@ def main(args: argparse.Namespace) -> list[RunResult]:
         nnz = count_nnz(data)
         out = Path(tempfile.mkdtemp(prefix=f"run-c{n_cells}-", dir=output_root))
         command = [
-            args.python, str(transform), "--data_filepath", str(data), "--output_dir", str(out / "out"),
+            args.python, *prefix, *([] if prefix else [str(transform)]), "--data_filepath", str(data), "--output_dir", str(out / "out"),
             "--overwrite", "--max_genes_per_cell", "100000", "--num_proc", str(args.num_proc),
         ]  # fmt: skip
         if args.chunk_size is not None:
             command += ["--chunk_size", str(args.chunk_size)]
         logger.info("Running %s", " ".join(command))
         log_path = out / "transform.log"
-        keep = args.keep_outputs or (args.compare_outputs and len(kept.get(n_cells, [])) < len(scripts))
+        keep = args.keep_outputs or (args.compare_outputs and len(kept.get(n_cells, [])) < len(variants))
         try:
             seconds, peak, single, code, usage = measure(command, log_path=log_path, timeout=args.timeout)
             if code != 0:
@@ -343,7 +352,7 @@ def main(args: argparse.Namespace) -> list[RunResult]:
             logger.info("Kept the outputs of this run in %s.", out)
         elif keep:
             kept.setdefault(n_cells, []).append(out)
-            if len(kept[n_cells]) == len(scripts):
+            if len(kept[n_cells]) == len(variants):
                 for other, other_label in zip(kept[n_cells][1:], labels[1:], strict=True):
                     differ = differing_files(kept[n_cells][0] / "out", other / "out")
                     print(f"{n_cells:,} cells: outputs of {other_label} vs {labels[0]}: "
