@@ -39,9 +39,9 @@ from utils.common import (
     save_args,
     staged_outputs,
 )
-from utils.io import open_source
 from utils.outputs import TransformOutputs, contract_names, write_chunk_task
 from utils.preprocess import INPUT_KINDS, TARGET_SUM, QCParams
+from utils.readers import open_source
 from utils.transform_pipeline import (
     DEFAULT_LABEL_COLUMN,
     PassContext,

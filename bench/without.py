@@ -19,40 +19,40 @@ if str(ROOT) not in sys.path:
 
 
 def _no_mmap() -> None:  # input ranges read with preadv instead of mapped
-    from utils import io
+    from utils import readers
 
-    io._DirectReader._map = lambda self, lo, hi: None
+    readers._DirectReader._map = lambda self, lo, hi: None
 
 
 def _no_direct_reader() -> None:  # input read through h5py (and its global lock)
-    from utils import io
+    from utils import readers
 
-    io._DirectReader.open = classmethod(lambda cls, path, dataset: None)
+    readers._DirectReader.open = classmethod(lambda cls, path, dataset: None)
 
 
 def _no_o_direct() -> None:  # outputs written through the page cache
-    from utils import io
+    from utils import filewriter
 
-    original = io.OutputFile.__init__
+    original = filewriter.OutputFile.__init__
 
     def init(self, path, *, direct=None, create=True):
         original(self, path, direct=None, create=create)
 
-    io.OutputFile.__init__ = init
+    filewriter.OutputFile.__init__ = init
 
 
 def _no_fallocate() -> None:  # no disk blocks reserved ahead of the writes
-    from utils import io
+    from utils import filewriter
 
-    io._reserve_blocks = lambda fd, offset, length: False
+    filewriter._reserve_blocks = lambda fd, offset, length: False
 
 
 def _no_phased_buffers() -> None:  # arrays placed anywhere: direct writes copy them first
     import numpy as np
 
-    from utils import io, outputs
+    from utils import filewriter, formats, outputs
 
-    io.phased_empty = lambda n, dtype, file_offset: np.empty(n, dtype)
+    formats.phased_empty = filewriter.phased_empty = lambda n, dtype, file_offset: np.empty(n, dtype)
 
     def back_to_back(offsets, sizes, *, slack):
         starts = np.concatenate([[0], np.cumsum(np.asarray(sizes, np.int64) + slack)[:-1]]).astype(np.int64)

@@ -15,22 +15,19 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-import utils.io
+import utils.filewriter
 from tests.helpers import synthetic_counts, write_h5ad
 from tests.test_transform import _read_all, run
-from utils.io import (
-    ArrowSplitWriter,
+from utils.filewriter import (
     DirectWriter,
-    H5adCSRWriter,
     OrderedAppendFile,
     OutputAborted,
     OutputFile,
-    _DirectReader,
-    _is_canonical,
-    open_source,
     phased_empty,
     phased_pieces,
 )
+from utils.formats import ArrowSplitWriter, H5adCSRWriter
+from utils.readers import _DirectReader, _is_canonical, open_source
 
 
 @pytest.mark.parametrize(
@@ -239,7 +236,7 @@ def test_direct_writes_land_in_place(tmp_path, monkeypatch):
 
 
 def test_a_file_system_refusing_direct_writes_gets_plain_ones(tmp_path, monkeypatch):
-    original = utils.io._pwrite_all
+    original = utils.filewriter._pwrite_all
     refused = []
 
     def refuse_direct(fd, data, offset):
@@ -248,7 +245,7 @@ def test_a_file_system_refusing_direct_writes_gets_plain_ones(tmp_path, monkeypa
             raise OSError(errno.EINVAL, "Invalid argument")
         original(fd, data, offset)
 
-    monkeypatch.setattr(utils.io, "_pwrite_all", refuse_direct)
+    monkeypatch.setattr(utils.filewriter, "_pwrite_all", refuse_direct)
     expected = _write_pieces_from_threads(tmp_path / "out.bin")
     assert (tmp_path / "out.bin").read_bytes() == expected
     assert refused or not _supports_direct_io(tmp_path)
@@ -304,7 +301,7 @@ def test_a_write_after_close_is_refused_and_files_end_at_their_size(tmp_path, mo
     with pytest.raises(RuntimeError, match="after close"):
         writer.write(None, memoryview(bytes(8192)), 0)
     # a reservation that failed part-way but grew the file: close still cuts it to its size
-    monkeypatch.setattr(utils.io, "_reserve_blocks", lambda fd, offset, n: os.ftruncate(fd, n) and False)
+    monkeypatch.setattr(utils.filewriter, "_reserve_blocks", lambda fd, offset, n: os.ftruncate(fd, n) and False)
     appender = OrderedAppendFile(tmp_path / "x.txt")
     appender.reserve(10_000)
     appender.append(0, b"abc\n")
@@ -325,7 +322,7 @@ def test_transform_outputs_are_the_same_with_every_write_direct(tmp_path, monkey
     adata = synthetic_counts(120, 400, seed=9)
     path = write_h5ad(adata, tmp_path / "tiny.h5ad")
     run(path, tmp_path / "plain", "--min_genes_per_cell", "5")
-    monkeypatch.setattr(utils.io, "_DIRECT_MIN_BYTES", 0)  # even a few KB go direct
+    monkeypatch.setattr(utils.filewriter, "_DIRECT_MIN_BYTES", 0)  # even a few KB go direct
     run(path, tmp_path / "direct", "--min_genes_per_cell", "5", "--chunk_size", "23", "--num_proc", "2")
     assert _read_all(tmp_path / "direct") == _read_all(tmp_path / "plain")
 

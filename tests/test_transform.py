@@ -21,8 +21,9 @@ from helpers import synthetic_counts, write_h5ad
 import transform
 import utils.transform_pipeline
 from utils.common import InputError
+from utils.filewriter import OrderedAppendFile
 from utils.fit import METRIC_COLUMNS, fit_rank_expression
-from utils.io import H5adCSRWriter, OrderedAppendFile
+from utils.formats import H5adCSRWriter
 from utils.outputs import TransformOutputs
 from utils.preprocess import (
     QCAccumulator,

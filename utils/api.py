@@ -28,7 +28,6 @@ from tqdm.auto import tqdm
 
 from utils.common import InputError, staged_outputs
 from utils.fit import RankExpressionFit
-from utils.io import InMemorySource
 from utils.outputs import (
     contract_names,
     fit_points,
@@ -37,6 +36,7 @@ from utils.outputs import (
     write_vocab,
 )
 from utils.preprocess import TARGET_SUM, QCParams
+from utils.readers import InMemorySource
 from utils.sentence_chunk import SentenceChunk, rank_chunk, write_text
 from utils.transform_pipeline import (
     SPLITS,

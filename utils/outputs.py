@@ -16,15 +16,9 @@ import pandas as pd
 import pyarrow as pa
 
 from utils.common import InputError
+from utils.filewriter import DirectWriter, OrderedAppendFile, phased_pieces
 from utils.fit import METRIC_COLUMNS, NonFiniteError, RankExpressionFit, fit_rank_expression
-from utils.io import (
-    ArrowSplitWriter,
-    DirectWriter,
-    H5adCSRWriter,
-    OrderedAppendFile,
-    phased_pieces,
-    write_dataset_dict_index,
-)
+from utils.formats import ArrowSplitWriter, H5adCSRWriter, write_dataset_dict_index
 from utils.sentence_chunk import TEXT_SLACK, RankedChunk, SentenceChunk, rank_chunk, write_text
 from utils.transform_pipeline import SPLITS, PassContext, RunPlan, expected_sentence_bytes
 

@@ -26,7 +26,6 @@ from numba import njit
 from tqdm.auto import tqdm
 
 from utils.common import InputError
-from utils.io import NO_LOG1P, MatrixSource
 from utils.labels import dataset_columns
 from utils.preprocess import (
     TARGET_SUM,
@@ -42,6 +41,7 @@ from utils.preprocess import (
     to_linear,
 )
 from utils.ranking import GeneNameTable
+from utils.readers import NO_LOG1P, MatrixSource
 
 logger = logging.getLogger("cell2sentence")
 

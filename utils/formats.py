@@ -1,0 +1,208 @@
+"""Writers of other libraries' file formats, filled chunk by chunk: an AnnData ``.h5ad`` whose X
+is a CSR matrix of known row lengths, and the Arrow shards, ``state.json`` and
+``dataset_info.json`` of a ``datasets.DatasetDict`` saved with ``save_to_disk``. They write
+through ``utils/filewriter.py``; the tests read each result back with ``anndata`` and
+``datasets`` (the versions in ``requirements.txt``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from utils.filewriter import DirectWriter, OutputFile, _Turns, phased_empty
+
+
+class H5adCSRWriter:
+    """Writes an AnnData .h5ad whose X is a CSR float32 matrix of known row lengths.
+
+    The sizes are known after the QC pass, so ``data`` and ``indices`` are allocated up front
+    as contiguous datasets and rows are written straight to their place in the file with
+    ``os.pwrite``: from any thread, in any order, without HDF5's lock or its chunk cache
+    (which made appending through h5py cost as much as ranking).
+    """
+
+    def __init__(self, path: Path, n_genes: int, row_lengths: np.ndarray, *, direct: DirectWriter | None = None):
+        self.path = path
+        self.n_genes = n_genes
+        self.indptr = np.zeros(len(row_lengths) + 1, np.int64)
+        np.cumsum(row_lengths, out=self.indptr[1:])
+        self._file = h5py.File(path, "w")
+        x = self._file.create_group("X")
+        x.attrs["encoding-type"] = "csr_matrix"
+        x.attrs["encoding-version"] = "0.1.0"
+        x.attrs["shape"] = (len(row_lengths), n_genes)
+        x.create_dataset("indptr", data=self.indptr)
+        nnz = int(self.indptr[-1])
+        self._places = {name: _preallocated(x, name, dtype, nnz) for name, dtype in (("data", "<f4"), ("indices", "<i4"))}
+        self._file.flush()  # the datasets' places are final; our own descriptor writes there
+        self._out = OutputFile(path, direct=direct, create=False)
+        for offset, dtype in self._places.values():
+            self._out.reserve(nnz * dtype.itemsize, offset=offset)
+
+    def row_arrays(self, first_row: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Empty indices and data arrays for up to ``n`` entries of rows ``first_row, ...``,
+        placed so that ``write_rows`` writes them without a copy (see ``phased_empty``)."""
+        start = int(self.indptr[first_row])
+        (indices_offset, indices_dtype), (data_offset, data_dtype) = self._places["indices"], self._places["data"]
+        return (phased_empty(n, indices_dtype, indices_offset + start * indices_dtype.itemsize),
+                phased_empty(n, data_dtype, data_offset + start * data_dtype.itemsize))
+
+    def write_rows(self, first_row: int, indices: np.ndarray, data: np.ndarray) -> None:
+        """Write the entries of rows ``first_row, first_row + 1, ...`` (any thread, any order)."""
+        start = int(self.indptr[first_row])
+        if start + len(data) > self.indptr[-1] or len(indices) != len(data):
+            raise ValueError("rows do not fit the row lengths the writer was made for")
+        for name, values in (("data", data), ("indices", indices)):
+            offset, dtype = self._places[name]
+            self._out.pwrite(np.ascontiguousarray(values, dtype=dtype), offset + start * dtype.itemsize)
+
+    def finish(self, *, obs: pd.DataFrame, var: pd.DataFrame, uns: dict[str, Any]) -> None:
+        """Write obs, var and uns and close the file (after ``DirectWriter.flush``)."""
+        self._out.close()
+        self._file.attrs["encoding-type"] = "anndata"
+        self._file.attrs["encoding-version"] = "0.1.0"
+        ad.io.write_elem(self._file, "obs", obs)
+        ad.io.write_elem(self._file, "var", var)
+        ad.io.write_elem(self._file, "uns", uns)
+        for empty in ("obsm", "varm", "obsp", "varp", "layers"):
+            ad.io.write_elem(self._file, empty, {})
+        self._file.close()
+
+    def close(self) -> None:
+        """Release the file without finishing it (a failed run)."""
+        self._out.close()
+        self._file.close()
+
+
+def _preallocated(group: h5py.Group, name: str, dtype: str, size: int) -> tuple[int, np.dtype]:
+    """A contiguous 1-D dataset whose file space is allocated now and never filled by HDF5;
+    returns its byte offset in the file and its dtype."""
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    dcpl.set_obj_track_times(False)  # no timestamps: the same input gives the same file
+    dataset = h5py.h5d.create(group.id, name.encode(), h5py.h5t.py_create(np.dtype(dtype)),
+                              h5py.h5s.create_simple((size,)), dcpl=dcpl)
+    offset = dataset.get_offset()
+    return (0 if offset is None else int(offset)), np.dtype(dtype)
+
+
+_ARROW_END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"
+
+
+class ArrowSplitWriter:
+    """One split of a ``datasets.DatasetDict`` on disk: Arrow IPC stream shards that chunks
+    append record batches to in chunk order, each from its own thread (see
+    ``OrderedAppendFile``); ``finish`` writes the metadata that ``datasets.load_from_disk``
+    reads."""
+
+    def __init__(self, folder: Path, schema: pa.Schema, *, shard_bytes: int = 500 << 20,
+                 direct: DirectWriter | None = None, expected_bytes: int = 0):
+        self.folder = folder
+        self.folder.mkdir(parents=True)
+        self.features = {f.name: {"dtype": _value_dtype(f.type), "_type": "Value"} for f in schema}
+        metadata = {"huggingface": json.dumps({"info": {"features": self.features}})}
+        self.schema = schema.with_metadata(metadata)
+        self._schema_message = self.schema.serialize()
+        self.shard_bytes = shard_bytes
+        self._direct = direct
+        self._unreserved = expected_bytes  # an estimate of the split's size, reserved shard by shard
+        self._shards: list[tuple[Path, OutputFile, int]] = []  # (path, file, bytes so far)
+        self._turns = _Turns()
+        self.n_rows = 0
+
+    def append(self, ticket: int, batch: pa.RecordBatch | None) -> None:
+        """Append ``batch`` (None: nothing, but the ticket is used)."""
+        size = 0
+        if batch is not None:
+            batch = batch.replace_schema_metadata(self.schema.metadata)
+            size = pa.ipc.get_record_batch_size(batch)  # the message's size, without making it
+        with self._turns.turn(ticket):
+            if batch is None:
+                return
+            if not self._shards or self._shards[-1][2] >= self.shard_bytes:
+                self._new_shard()
+            path, file, offset = self._shards[-1]
+            self._shards[-1] = (path, file, offset + size)
+            self.n_rows += batch.num_rows
+        file.pwrite(self._message(batch, size, offset), offset)
+
+    def _message(self, batch: pa.RecordBatch, size: int, offset: int) -> Any:
+        """The IPC message of ``batch``, made where the direct writer writes it without a copy:
+        Arrow's stream writer serializes into a buffer placed like the file (see
+        ``phased_empty``), after the schema message it always writes first."""
+        head = self._schema_message.size
+        buffer = phased_empty(head + size + len(_ARROW_END_OF_STREAM), np.uint8, offset - head)
+        sink = pa.FixedSizeBufferWriter(pa.py_buffer(buffer))
+        with pa.ipc.new_stream(sink, self.schema) as stream:
+            stream.write_batch(batch)
+        if sink.tell() == len(buffer) and buffer[:head].tobytes() == self._schema_message.to_pybytes():
+            return buffer[head : head + size]
+        # Not the layout expected: Arrow's own message (glibc's heap, which keeps freed memory;
+        # Arrow's pool handed pages back, and faulting them in again cost 0.4 s per 200k cells).
+        message = batch.serialize(memory_pool=pa.system_memory_pool())
+        if message.size != size:  # its place in the shard was taken for `size` bytes
+            raise RuntimeError(f"Arrow made a {message.size}-byte message, {size} expected")
+        return message
+
+    def _new_shard(self) -> None:
+        path = self.folder / f"shard-{len(self._shards):05d}.arrow"
+        file = OutputFile(path, direct=self._direct)
+        reserve = min(self.shard_bytes, self._unreserved)
+        file.reserve(reserve)
+        self._unreserved -= reserve
+        file.pwrite(self._schema_message, 0)
+        self._shards.append((path, file, self._schema_message.size))
+
+    def abort(self, failed_ticket: int = -1) -> None:
+        self._turns.abort(failed_ticket)
+
+    def close(self) -> None:
+        """Release the shards without finishing them (a failed run)."""
+        for _, file, _ in self._shards:
+            file.close()
+
+    def finish(self) -> None:
+        if not self._shards:  # an empty split still gets one file
+            self._new_shard()
+        names = []
+        for i, (path, file, size) in enumerate(self._shards):
+            file.pwrite(_ARROW_END_OF_STREAM, size)
+            file.close(final_size=size + len(_ARROW_END_OF_STREAM))
+            name = f"data-{i:05d}-of-{len(self._shards):05d}.arrow"
+            path.rename(self.folder / name)
+            names.append({"filename": name})
+        state = {
+            "_data_files": names,
+            "_fingerprint": hashlib.sha1(f"{self.folder.name}:{self.n_rows}".encode()).hexdigest()[:16],
+            "_format_columns": None,
+            "_format_kwargs": {},
+            "_format_type": None,
+            "_output_all_columns": False,
+            "_split": None,
+        }
+        info = {"citation": "", "description": "", "features": self.features,
+                "homepage": "", "license": ""}
+        (self.folder / "state.json").write_text(json.dumps(state, indent=2))
+        (self.folder / "dataset_info.json").write_text(json.dumps(info, indent=2))
+
+
+def _value_dtype(arrow_type: pa.DataType) -> str:
+    """The ``datasets.Value`` dtype of a plain Arrow type (without importing datasets, which
+    costs seconds at start-up)."""
+    names = {"double": "float64", "float": "float32", "halffloat": "float16"}
+    return names.get(str(arrow_type), str(arrow_type))
+
+
+def write_dataset_dict_index(folder: Path, splits: list[str]) -> None:
+    """The ``dataset_dict.json`` listing the splits of a saved ``DatasetDict``."""
+    (folder / "dataset_dict.json").write_text(json.dumps({"splits": splits}))

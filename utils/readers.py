@@ -1,0 +1,343 @@
+"""Readers of the transform's input: count matrices served in chunks of rows.
+
+An ``.h5ad`` whose matrix is stored as CSR (or dense) is read out of core with h5py, a slice of
+rows at a time, so memory does not grow with the number of cells. Other formats (10x ``.h5``,
+10x matrix folders, ``.loom``, ``.csv``, CSC-stored h5ad) go through anndata/scanpy readers
+into memory and are then served in the same chunks.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from numba import njit
+
+from utils.common import InputError
+
+logger = logging.getLogger("cell2sentence")
+
+# Marks "uns['log1p'] absent" apart from "present with base None (natural log)".
+NO_LOG1P = "absent"
+
+
+def _canonical(chunk: sp.csr_matrix) -> sp.csr_matrix:
+    """Sorted indices, no explicit zeros: what the ranking kernel expects."""
+    if _is_canonical(chunk.indptr, chunk.indices, chunk.data):
+        return chunk
+    chunk.sum_duplicates()
+    chunk.eliminate_zeros()
+    chunk.sort_indices()
+    return chunk
+
+
+@njit(cache=True, nogil=True)
+def _is_canonical(indptr, indices, data):
+    """Whether every row's indices strictly increase and no stored value is 0 (counted without
+    early exits so that the loops vectorize: checking costs a fraction of scipy's in-place
+    canonicalization, which runs even when there is nothing to do)."""
+    zeros = 0
+    for j in range(data.shape[0]):
+        zeros += data[j] == 0
+    # Descents over the whole array, minus those where a (non-empty) row starts.
+    unsorted = 0
+    for j in range(1, indices.shape[0]):
+        unsorted += indices[j] <= indices[j - 1]
+    base = indptr[0]
+    for r in range(1, indptr.shape[0] - 1):
+        if indptr[r] - base > 0 and indptr[r] < indptr[r + 1]:
+            unsorted -= indices[indptr[r] - base] <= indices[indptr[r] - base - 1]
+    return zeros == 0 and unsorted == 0
+
+
+class _DirectReader:
+    """Reads element ranges of an uncompressed 1-D HDF5 dataset straight from the file with
+    ``os.preadv``: no HDF5 call, whose global lock would serialize the worker threads, and no
+    intermediate copy (4x faster than slicing through h5py here)."""
+
+    def __init__(self, path: Path, dataset: h5py.Dataset, file_offsets: np.ndarray, piece: int):
+        self._path = path
+        self._fd = os.open(path, os.O_RDONLY)
+        self._file_size = os.fstat(self._fd).st_size
+        # Ranges stored back to back are mapped, not copied (see ``_map``); tests turn it off to
+        # check the reading path, which serves ranges stored apart.
+        self.mapped = True
+        self.dtype = dataset.dtype
+        self._offsets = file_offsets  # file offset of each stored piece (chunk) in order
+        self._piece = piece  # elements per piece
+
+    @classmethod
+    def open(cls, path: Path, dataset: h5py.Dataset) -> _DirectReader | None:
+        """A reader for ``dataset``, or None when it is compressed, filtered, not yet fully
+        written or not a little-endian number array (h5py reads those)."""
+        dtype = dataset.dtype
+        if dataset.ndim != 1 or dtype.kind not in "fiu" or dtype.byteorder == ">" or len(dataset) == 0:
+            return None
+        plist = dataset.id.get_create_plist()
+        if plist.get_nfilters() or plist.get_external_count():
+            return None
+        layout = plist.get_layout()
+        if layout == h5py.h5d.CONTIGUOUS:
+            offset = dataset.id.get_offset()
+            return None if offset is None else cls(path, dataset, np.array([offset], np.int64), len(dataset))
+        if layout != h5py.h5d.CHUNKED:
+            return None
+        piece = dataset.chunks[0]
+        offsets = np.full(-(-len(dataset) // piece), -1, np.int64)
+
+        def visit(info):
+            offsets[info.chunk_offset[0] // piece] = info.byte_offset
+
+        dataset.id.chunk_iter(visit)
+        return None if (offsets < 0).any() else cls(path, dataset, offsets, piece)
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        """Elements ``[lo, hi)``."""
+        mapped = self._map(lo, hi) if self.mapped else None
+        if mapped is not None:
+            return mapped
+        self._read_ahead(hi, 2 * (hi - lo))
+        out = np.empty(hi - lo, self.dtype)
+        view = memoryview(out).cast("B")
+        size = self.dtype.itemsize
+        pos = lo
+        while pos < hi:
+            first = last = pos // self._piece
+            stop = min(hi, (first + 1) * self._piece)
+            # Pieces stored back to back in the file are read with one call.
+            while stop < hi and self._offsets[last + 1] == self._offsets[last] + self._piece * size:
+                last += 1
+                stop = min(hi, (last + 1) * self._piece)
+            self._pread_all(view[(pos - lo) * size : (stop - lo) * size], self._file_offset(pos))
+            pos = stop
+        return out
+
+    def _file_offset(self, pos: int) -> int:
+        """Where element ``pos`` is stored in the file."""
+        piece = pos // self._piece
+        return int(self._offsets[piece]) + (pos - piece * self._piece) * self.dtype.itemsize
+
+    def _read_ahead(self, lo: int, n: int) -> None:
+        """Ask the kernel to start reading elements ``[lo, lo + n)`` (the chunks the workers take
+        next) from disk now: reading a file that is not cached went from 0.9 to 1.1 GB/s."""
+        if n > 0 and lo // self._piece < len(self._offsets):
+            os.posix_fadvise(self._fd, self._file_offset(lo), n * self.dtype.itemsize, os.POSIX_FADV_WILLNEED)
+
+    def _map(self, lo: int, hi: int) -> np.ndarray | None:
+        """Elements ``[lo, hi)`` mapped from the file when they are stored back to back: the
+        array then uses the page cache's pages, without the copy that reading makes (a
+        private mapping, so it stays writable; it is unmapped when the array is freed)."""
+        if hi <= lo:
+            return None
+        size = self.dtype.itemsize
+        first, last = lo // self._piece, (hi - 1) // self._piece
+        if last > first and (np.diff(self._offsets[first : last + 1]) != self._piece * size).any():
+            return None
+        start = self._file_offset(lo)
+        stop = start + (hi - lo) * size
+        if stop > self._file_size:  # a mapping would fault past the end; reading reports it
+            return None
+        skip = start % mmap.ALLOCATIONGRANULARITY
+        region = mmap.mmap(self._fd, stop - start + skip, offset=start - skip, access=mmap.ACCESS_COPY)
+        region.madvise(mmap.MADV_WILLNEED)  # read ahead when the file is not cached yet
+        return np.frombuffer(region, self.dtype, hi - lo, skip)
+
+    def _pread_all(self, view: memoryview, offset: int) -> None:
+        while len(view):  # a single read returns at most about 2 GB
+            got = os.preadv(self._fd, [view], offset)
+            if got == 0:
+                raise InputError(f"{self._path} ends early; the file is truncated.")
+            view, offset = view[got:], offset + got
+
+    def __del__(self, _close=os.close) -> None:  # bound now: at interpreter exit os may be gone
+        _close(self._fd)
+
+
+class MatrixSource:
+    """Rows of the input's count matrix, with its obs, var and log1p marker.
+
+    ``matrix_name`` says which matrix was chosen (``raw.X``, ``layers['counts']`` or ``X``).
+    """
+
+    path: Path
+    matrix_name: str
+    obs: pd.DataFrame
+    var: pd.DataFrame
+    log1p_base: Any  # of uns["log1p"] when the matrix is X: NO_LOG1P, None (natural log) or a number
+    shape: tuple[int, int]
+
+    def read_rows(self, start: int, stop: int) -> sp.csr_matrix:
+        raise NotImplementedError
+
+    @property
+    def n_cells(self) -> int:
+        return self.shape[0]
+
+    @property
+    def n_genes(self) -> int:
+        return self.shape[1]
+
+
+def _choose_matrix(has: dict[str, bool], layer: str | None) -> str:
+    """The matrix holding counts: --layer, else .raw.X (as the original), else
+    layers['counts'], else X."""
+    if layer is not None:
+        if not has.get(f"layers/{layer}"):
+            raise InputError(f"The input has no layer {layer!r}; drop --layer or name one it has.")
+        return f"layers/{layer}"
+    for key in ("raw/X", "layers/counts", "X"):
+        if has.get(key):
+            return key
+    raise InputError("The input holds no count matrix (no X, .raw.X or layers).")
+
+
+def _display_name(key: str) -> str:
+    if key.startswith("layers/"):
+        return f"layers[{key.split('/', 1)[1]!r}]"
+    return key.replace("/", ".")
+
+
+class H5adSource(MatrixSource):
+    """Out-of-core reader of an .h5ad whose matrix is CSR or dense on disk."""
+
+    def __init__(self, path: Path, *, layer: str | None):
+        self.path = path
+        # One handle shared by the worker threads: h5py serializes access to it.
+        self._file = h5py.File(path, "r")
+        f = self._file
+        has = {"X": "X" in f, "raw/X": "raw" in f and "X" in f["raw"]}
+        if "layers" in f:
+            has.update({f"layers/{name}": True for name in f["layers"]})
+        self._key = _choose_matrix(has, layer)
+        self.matrix_name = _display_name(self._key)
+        node = f[self._key]
+        self._dense = isinstance(node, h5py.Dataset)
+        self._direct: dict[str, _DirectReader | None] = {}
+        if self._dense:
+            self.shape = tuple(int(n) for n in node.shape)
+        else:
+            encoding = _attr(node, "encoding-type") or _attr(node, "h5sparse_format")
+            if encoding not in ("csr_matrix", "csr"):
+                raise _NeedsInMemory(f"{self.matrix_name} is stored as {encoding}")
+            shape = node.attrs["shape"] if "shape" in node.attrs else node.attrs["h5sparse_shape"]
+            self.shape = tuple(int(n) for n in shape)
+            self._direct = {name: _DirectReader.open(path, node[name]) for name in ("indptr", "indices", "data")}
+        self.obs = ad.io.read_elem(f["obs"])
+        self.var = ad.io.read_elem(f["raw/var"] if self._key == "raw/X" else f["var"])
+        self.log1p_base = NO_LOG1P
+        if self._key == "X" and "uns" in f and "log1p" in f["uns"]:  # it describes X only
+            self.log1p_base = _log1p_base(ad.io.read_elem(f["uns/log1p"]))
+
+    def read_rows(self, start: int, stop: int) -> sp.csr_matrix:
+        node = self._file[self._key]
+        if self._dense:
+            return _canonical(sp.csr_matrix(node[start:stop]))
+        indptr = self._read(node, "indptr", start, stop + 1).astype(np.int64)
+        lo, hi = int(indptr[0]), int(indptr[-1])
+        data = self._read(node, "data", lo, hi)
+        indices = self._read(node, "indices", lo, hi)
+        chunk = sp.csr_matrix((data, indices, indptr - lo), shape=(stop - start, self.shape[1]))
+        return _canonical(chunk)
+
+    def _read(self, node: h5py.Group, name: str, lo: int, hi: int) -> np.ndarray:
+        reader = self._direct.get(name)
+        return node[name][lo:hi] if reader is None else reader.read(lo, hi)
+
+
+class _NeedsInMemory(Exception):
+    """The h5ad's layout cannot be streamed by rows (e.g. CSC); read it into memory."""
+
+
+class InMemorySource(MatrixSource):
+    """An AnnData loaded into memory, served in row chunks."""
+
+    def __init__(self, adata: ad.AnnData, path: Path, *, layer: str | None):
+        self.path = path
+        has = {"X": adata.X is not None, "raw/X": adata.raw is not None}
+        has.update({f"layers/{name}": True for name in adata.layers})
+        key = _choose_matrix(has, layer)
+        self.matrix_name = _display_name(key)
+        if key == "raw/X":
+            matrix, self.var = adata.raw.X, adata.raw.var.copy()
+        elif key == "X":
+            matrix, self.var = adata.X, adata.var.copy()
+        else:
+            matrix, self.var = adata.layers[key.split("/", 1)[1]], adata.var.copy()
+        self._matrix = sp.csr_matrix(matrix) if not sp.issparse(matrix) else matrix.tocsr()
+        self.shape = self._matrix.shape
+        self.obs = adata.obs.copy()
+        self.log1p_base = NO_LOG1P
+        if key == "X" and "log1p" in adata.uns:  # it describes X only
+            self.log1p_base = _log1p_base(adata.uns["log1p"])
+
+    def read_rows(self, start: int, stop: int) -> sp.csr_matrix:
+        """Rows ``[start, stop)`` as views of the matrix (scipy's row slicing copies, through a
+        routine that also handles columns: 5 s for 20,000 cells); copied only when they must be
+        made canonical, so the caller's AnnData is never changed."""
+        m = self._matrix
+        lo, hi = int(m.indptr[start]), int(m.indptr[stop])
+        data = m.data[lo:hi]
+        if data.dtype not in (np.float32, np.float64):  # the kernels are compiled for floats
+            data = data.astype(np.float64)
+        chunk = sp.csr_matrix((data, m.indices[lo:hi], m.indptr[start : stop + 1] - lo),
+                              shape=(stop - start, m.shape[1]), copy=False)
+        if _is_canonical(chunk.indptr, chunk.indices, chunk.data):
+            return chunk
+        return _canonical(chunk.copy())
+
+
+def _attr(node: h5py.Group, name: str) -> str | None:
+    value = node.attrs.get(name)
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _log1p_base(entry: Any) -> float | None:
+    base = entry.get("base") if isinstance(entry, dict) else None
+    if base is None or (isinstance(base, float) and np.isnan(base)):
+        return None
+    return float(np.asarray(base).item())
+
+
+def open_source(path: Path, *, layer: str | None = None) -> MatrixSource:
+    """Open the input for chunked reading; one clear ``InputError`` when it cannot be read."""
+    if not path.exists():
+        raise InputError(f"Input file {path} does not exist; check --data_filepath.")
+    suffix = "".join(path.suffixes[-1:]).lower()
+    if path.is_file() and suffix == ".h5ad":
+        try:
+            return H5adSource(path, layer=layer)
+        except _NeedsInMemory as why:
+            logger.warning("%s cannot be read by rows (%s); loading it into memory.", path, why)
+        except (OSError, KeyError) as err:
+            raise InputError(f"{path} is not a readable .h5ad file ({err}).") from err
+    return InMemorySource(_read_with_scanpy(path), path, layer=layer)
+
+
+def _read_with_scanpy(path: Path) -> ad.AnnData:
+    import scanpy as sc
+
+    suffix = path.suffix.lower()
+    try:
+        if path.is_dir():
+            return sc.read_10x_mtx(path)
+        if suffix == ".h5ad":
+            return ad.read_h5ad(path)
+        if suffix == ".h5":
+            return sc.read_10x_h5(path)
+        if suffix == ".loom":
+            return sc.read_loom(path)
+        if suffix == ".csv":
+            return sc.read_csv(path)
+    except Exception as err:  # readers raise many kinds; the user needs one sentence
+        raise InputError(f"{path} could not be read as {suffix or 'a 10x folder'} ({err}).") from err
+    raise InputError(
+        f"{path} has an unsupported format; give an .h5ad, 10x .h5, 10x matrix folder, .loom or .csv."
+    )
