@@ -656,6 +656,7 @@ def main(args: TrainArgs) -> Path:
     """Train and write the model folder; returns its path."""
     from transformers import Trainer
 
+    from utils.labels import refuse_unsafe_labels
     from utils.training import CausalLMCollator, has_label
 
     m, d, t = args
@@ -694,6 +695,7 @@ def main(args: TrainArgs) -> Path:
         cell_types = sorted(
             {str(x) for x in train_split.unique(d.cell_type_column) if has_label(x)}
         )
+        refuse_unsafe_labels(cell_types, column=d.cell_type_column, path=d.data_dir)
     logger.info(
         "Training on %s cells of %s (%s cell types); tasks %s.",
         f"{len(train_split):,}", d.data_dir, f"{len(cell_types):,}",

@@ -408,3 +408,23 @@ def test_outputs_are_identical_as_the_readme_says(tmp_path):
     for name in arrow:
         tables = [pa.ipc.open_stream(runs[r][name]).read_all() for r in ("base", "chunks")]
         assert tables[0].num_rows > 0 and tables[0].equals(tables[1], check_metadata=True)
+
+
+@pytest.mark.parametrize(("label", "message"), [("CD4\nT cell", "line break"), ("T <eos>", "special token '<eos>'")])
+def test_train_refuses_a_dataset_label_that_would_break_lines_or_answers(label, message, tmp_path):
+    """Datasets not made by transform.py: train.py checks the labels before building anything,
+    so generate.py's generated_labels.txt stays one line per cell."""
+    from datasets import load_from_disk
+    from helpers_train import make_dataset_dir
+
+    import train
+
+    dd = load_from_disk(str(make_dataset_dir(tmp_path / "hf", n_train=20, n_valid=4, n_test=4)))
+    types = list(dd["train"]["cell_type"])
+    types[3] = label
+    dd["train"] = dd["train"].remove_columns("cell_type").add_column("cell_type", types)
+    dd.save_to_disk(str(tmp_path / "bad"))
+    with pytest.raises(InputError, match=rf"column 'cell_type' label .* {re.escape(message)}"):
+        train.main(train.parse_args(["--data_dir", str(tmp_path / "bad"), "--output_dir", str(tmp_path / "model"),
+                                     "--init_from_scratch", "True", "--max_steps", "1"]))
+    assert not (tmp_path / "model").exists() or not any((tmp_path / "model").rglob("config.json"))

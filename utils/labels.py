@@ -53,13 +53,7 @@ def clean_labels(values: pd.Series, *, column: str, path: Path) -> tuple[np.ndar
             "their sentence with a missing label (null); train.py gives them only untyped tasks."
         )
     distinct = pd.unique(labels[~missing])
-    tokens = [v for v in distinct if SPECIAL_TOKEN.search(v)]
-    if tokens:
-        raise InputError(
-            f"{path}: obs[{column!r}] label {tokens[0]!r} holds the special token "
-            f"{SPECIAL_TOKEN.search(tokens[0]).group()!r}, which would end or pad the model's answers; rename it "
-            "(e.g. without the angle brackets)."
-        )
+    _refuse_special_tokens(distinct, where=f"obs[{column!r}]", path=path)
     broken = [v for v in distinct if LINE_BREAKING.search(v)]
     if broken:
         fixed = {v: re.sub(r"\s+", " ", v).strip() for v in broken}
@@ -67,6 +61,29 @@ def clean_labels(values: pd.Series, *, column: str, path: Path) -> tuple[np.ndar
         notes.append(f"Replaced line breaks and tabs by one space in {len(broken):,} labels of obs[{column!r}] "
                      f"(e.g. {broken[0]!r} -> {fixed[broken[0]]!r}).")
     return labels, notes
+
+
+def _refuse_special_tokens(labels, *, where: str, path: Path) -> None:
+    tokens = [v for v in labels if SPECIAL_TOKEN.search(v)]
+    if tokens:
+        raise InputError(
+            f"{path}: {where} label {tokens[0]!r} holds the special token "
+            f"{SPECIAL_TOKEN.search(tokens[0]).group()!r}, which would end or pad the model's answers; rename it "
+            "(e.g. without the angle brackets)."
+        )
+
+
+def refuse_unsafe_labels(labels: list[str], *, column: str, path: Path) -> None:
+    """One sentence (``InputError``) for a label of a dataset (not necessarily made by
+    ``transform.py``, which cleans them) that holds a special token or a line break.
+
+    >>> refuse_unsafe_labels(["T cell", "B cell"], column="cell_type", path=Path("d"))
+    """
+    _refuse_special_tokens(labels, where=f"column {column!r}", path=path)
+    broken = [v for v in labels if LINE_BREAKING.search(v)]
+    if broken:
+        raise InputError(f"{path}: column {column!r} label {broken[0]!r} holds a line break or tab, which would "
+                         "split a line of the text outputs; make it one line (transform.py does so).")
 
 
 def unique_cell_names(names: pd.Index) -> tuple[np.ndarray, list[str]]:
