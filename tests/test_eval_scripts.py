@@ -52,6 +52,13 @@ def write_generated(folder: Path, sentences: list[str], labels: list[str]) -> Pa
     return folder
 
 
+@pytest.mark.parametrize("module", [eval_generation, eval_prediction, eval_embedding, eval_reconstruction])
+def test_help(module, capsys) -> None:
+    with pytest.raises(SystemExit) as done:
+        module.parse_args(["--help"])
+    assert done.value.code == 0 and "--output_dir" in capsys.readouterr().out
+
+
 def test_generation_real_cells_and_random_gene_lists(transformed: Path, tmp_path: Path) -> None:
     test = split(transformed, "test")
     common = ["--data_dir", str(transformed / "cell_sentences_hf"), "--top_k_genes", "50"]
@@ -63,7 +70,8 @@ def test_generation_real_cells_and_random_gene_lists(transformed: Path, tmp_path
     assert m["mmd"] == 0.0 and m["energy_distance"] == 0.0 and m["mmd_floor"] > 0
     assert m["valid_gene_rate"] == 1.0 and m["duplicate_rate"] == 0.0
     assert m["n_real_eval"] == len(test) and m["n_real_train"] == len(split(transformed, "train"))
-    written = json.loads((tmp_path / "e1" / "metrics.json").read_text())
+    # Strict JSON: the undefined per-type scores (a type with fewer than 2 cells) are null.
+    written = json.loads((tmp_path / "e1" / "metrics.json").read_text(), parse_constant=pytest.fail)
     assert {"knn_accuracy", "knn_ceiling", "mmd", "mmd_floor", "valid_gene_rate", "duplicate_rate"} <= set(written)
     per_type = pd.read_csv(tmp_path / "e1" / "per_type.csv")
     assert sorted(per_type["cell_type"]) == sorted(set(test["cell_type"]))
