@@ -41,7 +41,7 @@ from utils.eval_io import (  # noqa: E402
     parse_evaluation_args,
     write_evaluation,
 )
-from utils.fit import RankExpressionFit, fit_rank_expression  # noqa: E402
+from utils.fit import RankExpressionFit, fit_rank_expression, score_line  # noqa: E402
 from utils.metrics import per_cell_reconstruction, rank_expression_points  # noqa: E402
 
 logger = logging.getLogger("cell2sentence")
@@ -103,16 +103,6 @@ def read_points(path: Path, *, chunk_size: int, max_cells: int | None, seed: int
     return names, log_rank, log_expression, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
 
-def line_scores(log_rank: np.ndarray, log_expression: np.ndarray, fit: RankExpressionFit) -> dict[str, float]:
-    """R² (over all points) and Pearson r of a given line's reconstruction."""
-    predicted = fit.predict(log_rank)
-    total = log_expression - log_expression.mean()
-    residual = log_expression - predicted
-    return {"r_squared": float(1.0 - residual @ residual / (total @ total)),
-            "pearson_r": float(np.corrcoef(log_expression, predicted)[0, 1]),
-            "mean_abs_error": float(np.abs(residual).mean())}
-
-
 def summary(values: pd.Series) -> dict[str, float]:
     v = values.dropna()
     return {"mean": float(v.mean()), "median": float(v.median()), "q05": float(v.quantile(0.05)),
@@ -144,8 +134,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "per_cell": {key: summary(per_cell[key]) for key in ("r_squared", "pearson_r", "mean_abs_error")},
     }
     if reported is not None:
-        metrics["transform_fit"] = {"reported": reported.as_row(),
-                                    "on_all_cells": line_scores(log_rank, log_expression, reported)}
+        on_all = score_line(log_rank, log_expression, slope=reported.slope, intercept=reported.intercept)
+        on_all["mean_abs_error"] = float(np.abs(log_expression - reported.predict(log_rank)).mean())
+        metrics["transform_fit"] = {"reported": reported.as_row(), "on_all_cells": on_all}
     logger.info("%s cells, %s expressed values: all-cell fit slope %.3f, intercept %.3f, R² %.3f, Pearson r %.3f, "
                 "Spearman r %.3f%s; per cell median R² %.3f, median Pearson r %.3f.", f"{len(names):,}",
                 f"{len(log_rank):,}", refit.slope, refit.intercept, refit.r_squared, refit.pearson_r,

@@ -11,6 +11,7 @@ import pytest
 import scipy.sparse as sp
 from test_evaluation import typed_sentences
 
+import utils.fit
 import utils.metrics
 from utils.evaluation import _colour_distance, classification_summary, distinct_colours
 from utils.fit import RankExpressionFit
@@ -28,8 +29,9 @@ from utils.metrics import (
 FIT = RankExpressionFit(-0.8, 2.5)
 
 
-def test_doctests() -> None:
-    result = doctest.testmod(utils.metrics)
+@pytest.mark.parametrize("module", [utils.metrics, utils.fit])
+def test_doctests(module) -> None:
+    result = doctest.testmod(module)
     assert result.failed == 0 and result.attempted > 0
 
 

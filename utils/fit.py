@@ -85,7 +85,26 @@ def fit_rank_expression(
             f"Cannot fit the rank-expression line: {x.size} point(s) with log-rank below {threshold}."
         )
     slope, intercept = np.polyfit(x, y, deg=1)
+    scores = score_line(log_rank, log_expression, slope=float(slope), intercept=float(intercept))
+    return RankExpressionFit(
+        slope=float(slope),
+        intercept=float(intercept),
+        **scores,
+        threshold=float(threshold),
+        n_points=int(x.size),
+    )
 
+
+def score_line(log_rank: np.ndarray, log_expression: np.ndarray, *, slope: float, intercept: float
+               ) -> dict[str, float]:
+    """R² (sklearn's ``r2_score``), Pearson and Spearman r of a line's prediction of every point.
+
+    >>> r = np.log10(1 + np.arange(10.0))
+    >>> {k: round(v, 6) for k, v in score_line(r, 1.0 - r, slope=-1.0, intercept=1.0).items()}
+    {'r_squared': 1.0, 'pearson_r': 1.0, 'spearman_r': 1.0}
+    """
+    log_rank = np.asarray(log_rank, dtype=np.float64)
+    log_expression = np.asarray(log_expression, dtype=np.float64)
     reconstructed = intercept + slope * log_rank
     residual = log_expression - reconstructed
     total = log_expression - log_expression.mean()
@@ -99,15 +118,7 @@ def fit_rank_expression(
     else:
         pearson = float(np.corrcoef(log_expression, reconstructed)[0, 1])
         spearman = float(np.corrcoef(average_ranks(log_expression), average_ranks(reconstructed))[0, 1])
-    return RankExpressionFit(
-        slope=float(slope),
-        intercept=float(intercept),
-        r_squared=float(r_squared),
-        pearson_r=pearson,
-        spearman_r=spearman,
-        threshold=float(threshold),
-        n_points=int(x.size),
-    )
+    return {"r_squared": float(r_squared), "pearson_r": pearson, "spearman_r": spearman}
 
 
 def average_ranks(values: np.ndarray) -> np.ndarray:
