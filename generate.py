@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from utils.cell_model import add_model_arguments
 from utils.common import (
     InputError,
     check_can_write,
@@ -52,7 +53,6 @@ from utils.fit import RankExpressionFit
 from utils.generation import (
     allocate_counts,
     answer_token_budget,
-    pick_device,
 )
 from utils.inverse import VocabIndex
 from utils.metrics import plot_generation, score_generated
@@ -74,9 +74,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
     )
-    p.add_argument("--model_dir", type=Path, default=None,
-                   help="a train.py run folder (full model or LoRA adapter), a published C2S model's "
-                        "folder, or its hub name, e.g. vandijklab/C2S-Pythia-410m-cell-type-prediction (required)")
+    add_model_arguments(p)
     p.add_argument("--data_dir", type=Path, default=Path("data/cell_sentences_hf"),
                    help="the DatasetDict written by transform.py")
     p.add_argument("--transform_dir", type=Path, default=None,
@@ -104,13 +102,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
     p.add_argument("--no_constrain_genes", action="store_true",
                    help="generate freely (default: every generated word is a vocabulary gene, each once)")
-    p.add_argument("--prompt_format", choices=("auto", "ours", "c2s_scale"), default="auto",
-                   help="auto: the run's (train_args.json), c2s_scale for a published model without one")
-    p.add_argument("--organism", type=str, default="Homo sapiens", help="{organism} of c2s_scale prompts")
     p.add_argument("--k_neighbors", type=int, default=5, help="k of the k-NN metric")
-    p.add_argument("--device", type=str, default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1")
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                   help="weights dtype (auto: bf16/fp16 on CUDA, float32 on CPU)")
     p.add_argument("--seed", type=int, default=1234, help="seed of sampling and of the --max_cells subset")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     args = p.parse_args(argv)
@@ -120,7 +112,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def _check_args(args: argparse.Namespace) -> None:
     if args.model_dir is None:
-        raise InputError("Pass --model_dir, a model folder written by train.py (e.g. data/model/<run>).")
+        raise InputError("Pass --model_dir: a train.py run folder (e.g. data/model/<run>), a published C2S "
+                         "model's folder, or its hub name.")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown or not tasks:
@@ -223,7 +216,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     seed_everything(args.seed)
     tasks = args.tasks.split(",")
     check_can_write(args.output_dir, OUTPUTS, overwrite=args.overwrite)
-    from utils.cell_model import CellSentenceModel
+    from utils.cell_model import load_from_args
 
     record = read_train_args(args.model_dir)
     label_column = args.cell_type_column or record.get("cell_type_column", "cell_type")
@@ -237,14 +230,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     from utils.training import encode_answer
 
-    device, dtype = pick_device(args.device, args.dtype)
-    model = CellSentenceModel.load(args.model_dir, device=device, dtype=str(dtype).replace("torch.", ""),
-                                   prompt_format_name=None if args.prompt_format == "auto" else args.prompt_format,
-                                   top_k_genes=args.top_k_genes, organism=args.organism)
+    model = load_from_args(args)
     top_k, tokenizer, fmt = model.top_k_genes, model.tokenizer, model.prompt_format
+    device = str(model.device)
     logger.info("Model %s on %s (%s), context %d tokens, %s prompt format, top %d genes, split %s (%s cells).",
-                args.model_dir, device, str(dtype).replace("torch.", ""), model.context, fmt.name, top_k,
-                args.split, f"{eval_table.num_rows:,}")
+                args.model_dir, device, str(model.model.dtype).replace("torch.", ""), model.context, fmt.name,
+                top_k, args.split, f"{eval_table.num_rows:,}")
     metrics: dict[str, Any] = {"model_dir": str(args.model_dir), "split": args.split, "top_k_genes": top_k,
                                "device": device, "prompt_format": fmt.name}
     predictions = generated = None

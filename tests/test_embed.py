@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from helpers_models import make_published_model, word_level_model
@@ -73,3 +75,63 @@ def test_bad_layer(word_model: CellSentenceModel) -> None:
 
     with pytest.raises(InputError, match="layer 5 is out of range"):
         word_model.embed_cells(CELLS, layer=5)
+
+
+def test_embed_script_writes_embeddings_umap_and_scores(one_thread, tmp_path: Path) -> None:
+    import anndata as ad
+    import scipy.sparse as sp
+    from helpers_train import make_dataset_dir
+
+    import embed
+
+    data = make_dataset_dir(tmp_path / "t" / "cell_sentences_hf", n_train=24, n_valid=8, n_test=8)
+    # transform.py's preprocessed AnnData next to it, for the PCA baseline (markers expressed).
+    from datasets import load_from_disk
+
+    dd = load_from_disk(str(data))
+    names = [n for split in ("train", "valid", "test") for n in dd[split]["cell_name"]]
+    sentences = [s for split in ("train", "valid", "test") for s in dd[split]["cell_sentence"]]
+    genes = sorted({g for s in sentences for g in s.split()})
+    col = {g: j for j, g in enumerate(genes)}
+    X = np.zeros((len(names), len(genes)), dtype=np.float32)
+    for i, s in enumerate(sentences):
+        for rank, g in enumerate(s.split()):
+            X[i, col[g]] = 2.0 - 0.5 * np.log10(1 + rank)
+    ad.AnnData(sp.csr_matrix(X), obs=pd.DataFrame(index=names), var=pd.DataFrame(index=genes)).write_h5ad(
+        tmp_path / "t" / "x_preprocessed.h5ad")
+    model = word_level_model(tmp_path / "model")
+    out = tmp_path / "emb"
+    metrics = embed.main(embed.parse_args(["--model_dir", str(model), "--data_dir", str(data), "--output_dir",
+                                           str(out), "--batch_size", "7", "--n_components", "5"]))
+    written = ad.read_h5ad(out / "embeddings.h5ad")
+    assert written.obs_names.tolist() == names and written.obsm["X_c2s"].shape == (40, 32)
+    assert written.obs["split"].tolist() == ["train"] * 24 + ["valid"] * 8 + ["test"] * 8
+    assert written.obs["cell_type"].tolist() == [t for split in ("train", "valid", "test")
+                                                 for t in dd[split]["cell_type"]]
+    api = CellSentenceModel.load(model, device="cpu").embed_cells(sentences)
+    np.testing.assert_allclose(written.obsm["X_c2s"], api, atol=1e-5)  # the script = the API
+    assert written.obsm["X_umap"].shape == (40, 2) and (out / "umap.png").stat().st_size > 5000
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(metrics))
+    assert saved["n_cells"] == 40 and saved["pooling"] == "mean" and saved["prompt_format"] == "ours"
+    assert 0 <= saved["c2s"]["knn_accuracy"] <= 1 and -1 <= saved["c2s"]["silhouette"] <= 1
+    # The expression of marker genes separates the 4 types: the baseline is perfect.
+    assert saved["pca"]["knn_accuracy"] == 1.0 and saved["pca"]["n_components"] == 5
+    # --split and --pooling last; an existing output needs --overwrite.
+    last = embed.main(embed.parse_args(["--model_dir", str(model), "--data_dir", str(data), "--output_dir",
+                                        str(out), "--split", "test", "--pooling", "last", "--overwrite"]))
+    assert last["n_cells"] == 8 and last["pooling"] == "last"
+    from utils.common import InputError
+
+    with pytest.raises(InputError, match="--overwrite"):
+        embed.main(embed.parse_args(["--model_dir", str(model), "--data_dir", str(data), "--output_dir", str(out)]))
+    # Straight from an h5ad of counts: every cell, through the transform's API.
+    counts = ad.AnnData(sp.csr_matrix(np.where(X > 0, np.round(10 ** (X * 1.5)), 0).astype(np.float32)),
+                        obs=pd.DataFrame({"cell_type": written.obs["cell_type"].to_numpy()}, index=names),
+                        var=pd.DataFrame(index=genes))
+    counts.write_h5ad(tmp_path / "cells.h5ad")
+    direct = embed.main(embed.parse_args(["--model_dir", str(model), "--h5ad", str(tmp_path / "cells.h5ad"),
+                                          "--output_dir", str(tmp_path / "direct"), "--n_components", "5"]))
+    assert direct["n_cells"] == 40 and direct["pca"]["knn_accuracy"] == 1.0
+    again = ad.read_h5ad(tmp_path / "direct" / "embeddings.h5ad")
+    assert again.obs_names.tolist() == names

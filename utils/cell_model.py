@@ -31,7 +31,6 @@ from utils.prompts import (
     prompt_format,
     prompt_words,
 )
-from utils.tokenizer import SPECIAL_TOKENS
 
 logger = logging.getLogger("cell2sentence")
 
@@ -53,6 +52,31 @@ def record_prompt_format(record: Mapping[str, Any]) -> str:
     if isinstance(value, Mapping):
         return str(value.get("name", OURS))  # earlier runs recorded a description: ours
     return str(value)
+
+
+MODEL_HELP = ("a train.py run folder (full model or LoRA adapter), a published C2S model's folder, or its hub "
+              "name, e.g. vandijklab/C2S-Pythia-410m-cell-type-prediction (required)")
+
+
+def add_model_arguments(parser: Any) -> None:
+    """The flags of every script that uses a model: --model_dir, --prompt_format, --organism,
+    --device, --dtype (``load_from_args`` reads them)."""
+    parser.add_argument("--model_dir", type=Path, default=None, help=MODEL_HELP)
+    parser.add_argument("--prompt_format", choices=("auto", OURS, C2S_SCALE), default="auto",
+                        help="auto: the run's (train_args.json), c2s_scale for a published model without one")
+    parser.add_argument("--organism", type=str, default=DEFAULT_ORGANISM, help="{organism} of c2s_scale prompts")
+    parser.add_argument("--device", type=str, default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                        help="weights dtype (auto: bf16/fp16 on CUDA, float32 on CPU)")
+
+
+def load_from_args(args: Any) -> CellSentenceModel:
+    """The model of a script's flags (``add_model_arguments``; ``args.top_k_genes`` when set)."""
+    if args.model_dir is None:
+        raise InputError(f"Pass --model_dir: {MODEL_HELP.replace(' (required)', '')}.")
+    return CellSentenceModel.load(args.model_dir, device=args.device, dtype=args.dtype,
+                                  prompt_format_name=None if args.prompt_format == "auto" else args.prompt_format,
+                                  top_k_genes=getattr(args, "top_k_genes", None), organism=args.organism)
 
 
 def as_sentences(cells: Any, *, column: str = "cell_sentence", max_genes: int | None = None) -> list[str]:
@@ -152,6 +176,8 @@ class CellSentenceModel:
     def known_genes(self) -> list[str] | None:
         """The genes a word-level tokenizer of ``train.py`` spells (None for sub-word tokenizers,
         whose gene list must come from the data)."""
+        from utils.tokenizer import SPECIAL_TOKENS
+
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         if backend is None or type(backend.model).__name__ != "WordLevel":
             return None

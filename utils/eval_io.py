@@ -68,8 +68,8 @@ def read_lines(path: Path) -> list[str]:
     return [line.rstrip("\r") for line in lines]
 
 
-def load_splits(data_dir: Path, split: str, label_column: str, *, need_labels: bool) -> dict[str, Any]:
-    """The train split and ``split`` of transform.py's DatasetDict as Arrow tables."""
+def open_dataset_dict(data_dir: Path, *, single_ok: bool = False) -> Any:
+    """transform.py's DatasetDict (``single_ok``: a single saved Dataset becomes split "all")."""
     import datasets
 
     if not data_dir.is_dir():
@@ -79,7 +79,15 @@ def load_splits(data_dir: Path, split: str, label_column: str, *, need_labels: b
     except (FileNotFoundError, ValueError) as err:
         raise InputError(f"{data_dir} is no datasets folder written by save_to_disk ({err}).") from None
     if not isinstance(dd, datasets.DatasetDict):
-        raise InputError(f"{data_dir} holds one dataset, not transform.py's DatasetDict with train/valid/test.")
+        if not single_ok:
+            raise InputError(f"{data_dir} holds one dataset, not transform.py's DatasetDict with train/valid/test.")
+        dd = datasets.DatasetDict({"all": dd})
+    return dd
+
+
+def load_splits(data_dir: Path, split: str, label_column: str, *, need_labels: bool) -> dict[str, Any]:
+    """The train split and ``split`` of transform.py's DatasetDict as Arrow tables."""
+    dd = open_dataset_dict(data_dir)
     if split not in dd:
         raise InputError(f"{data_dir} has no split {split!r} (it has {list(dd)}); fix --split.")
     out = {}

@@ -1,0 +1,224 @@
+"""Embed cells with a cell-sentence language model: one vector per cell, a UMAP, and scores.
+
+A model (ours from train.py, a LoRA run folder, a published C2S model or its hub name) reads each
+cell as the prediction prompt of its format; the cell's embedding is one layer's hidden states
+averaged over the tokens of its cell sentence only (``--pooling mean``: not the prompt's words,
+not padding) or the state of the prompt's last token (``--pooling last``). Cells come from
+transform.py's arrow dataset (``--data_dir``, ``--split``) or straight from an ``.h5ad``
+(``--h5ad``, turned into sentences by the transform's API, every cell kept).
+
+    model + data/cell_sentences_hf/ (or cells.h5ad)
+        -> data/embeddings/<model name>/: embeddings.h5ad (.obsm["X_c2s"], .obsm["X_umap"], the
+           cells' obs), umap.png (coloured by cell type), metrics.json, embed_args.json
+
+metrics.json scores how well the embedding separates the cell types (leave-one-out k-NN
+accuracy, silhouette, ARI/NMI of a KMeans clustering), next to the same scores on the PCA of
+the cells' expression (transform.py's preprocessed AnnData, or the h5ad's), the baseline.
+
+Example:
+    python embed.py --model_dir data/model/<run> --data_dir data/cell_sentences_hf/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from utils.cell_model import add_model_arguments
+from utils.common import (
+    InputError,
+    check_can_write,
+    run_cli,
+    save_args,
+    seed_everything,
+    staged_outputs,
+)
+
+logger = logging.getLogger("cell2sentence")
+
+OUTPUTS = ["embeddings.h5ad", "umap.png", "metrics.json", "embed_args.json"]
+SPLITS = ("train", "valid", "test")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Help with the defaults shown."""
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    add_model_arguments(p)
+    p.add_argument("--data_dir", type=Path, default=Path("data/cell_sentences_hf"),
+                   help="the DatasetDict written by transform.py")
+    p.add_argument("--split", type=str, default="all", help="split to embed: train, valid, test or all")
+    p.add_argument("--h5ad", type=Path, default=None,
+                   help="embed the cells of this .h5ad instead (sentences made by the transform's API, no QC)")
+    p.add_argument("--transform_dir", type=Path, default=None,
+                   help="transform.py's output folder, for the PCA baseline (default: the parent of --data_dir)")
+    p.add_argument("--output_dir", type=Path, default=None,
+                   help="where outputs go (default: data/embeddings/<model_dir name>)")
+    p.add_argument("--pooling", choices=("mean", "last"), default="mean",
+                   help="mean over the cell sentence's tokens, or the last token")
+    p.add_argument("--layer", type=int, default=-1, help="hidden states of this layer (-1: the last, 0: embeddings)")
+    p.add_argument("--top_k_genes", type=int, default=None,
+                   help="genes per cell (default: the run's top_k_genes, 100 for published models)")
+    p.add_argument("--cell_type_column", type=str, default="cell_type", help="label column for the scores and UMAP")
+    p.add_argument("--batch_size", type=int, default=16, help="cells per forward pass")
+    p.add_argument("--max_cells", type=int, default=None, help="embed a seeded random subset of this many cells")
+    p.add_argument("--k_neighbors", type=int, default=5, help="k of the k-NN accuracy")
+    p.add_argument("--n_components", type=int, default=50, help="principal components of the expression baseline")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the --max_cells subset and the UMAP")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    args = p.parse_args(argv)
+    if args.model_dir is None:
+        raise InputError("Pass --model_dir: a train.py run folder, a published C2S model's folder, or its hub name.")
+    if args.split not in (*SPLITS, "all"):
+        raise InputError(f"--split {args.split!r}: choose train, valid, test or all.")
+    for flag in ("batch_size", "k_neighbors", "n_components"):
+        if getattr(args, flag) < 1:
+            raise InputError(f"--{flag} must be at least 1.")
+    for flag in ("top_k_genes", "max_cells"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise InputError(f"--{flag} must be at least 1 (or left out).")
+    if args.transform_dir is None:
+        args.transform_dir = args.data_dir.parent
+    if args.output_dir is None:
+        args.output_dir = Path("data/embeddings") / args.model_dir.name
+    return args
+
+
+# ---------------------------------------------------------------------------------- inputs
+
+
+def cells_from_dataset(data_dir: Path, split: str) -> tuple[pd.DataFrame, list[str]]:
+    """(obs, sentences) of one split or of all splits of transform.py's DatasetDict."""
+    from utils.eval_io import open_dataset_dict
+
+    dd = open_dataset_dict(data_dir, single_ok=True)
+    names = list(dd) if split == "all" else [split]
+    if split != "all" and split not in dd:
+        raise InputError(f"{data_dir} has no split {split!r} (it has {list(dd)}); fix --split.")
+    frames = []
+    for name in names:
+        if "cell_sentence" not in dd[name].column_names:
+            raise InputError(f"{data_dir}/{name} has no cell_sentence column (it has {dd[name].column_names}).")
+        frame = dd[name].to_pandas()
+        frame["split"] = name
+        frames.append(frame)
+    table = pd.concat(frames, ignore_index=True)
+    if "cell_name" not in table:
+        table["cell_name"] = [f"cell_{i}" for i in range(len(table))]
+    obs = table.drop(columns=["cell_sentence"]).set_index("cell_name")
+    obs.index = obs.index.astype(str)
+    return obs, table["cell_sentence"].astype(str).tolist()
+
+
+def cells_from_h5ad(path: Path, label_column: str) -> tuple[pd.DataFrame, list[str], Any]:
+    """(obs, sentences, preprocessed AnnData) of every cell of an .h5ad, via the transform's API."""
+    import anndata as ad
+
+    from utils.api import adata_to_sentences
+
+    if not path.is_file():
+        raise InputError(f"{path} does not exist; pass an .h5ad file with --h5ad.")
+    adata = ad.read_h5ad(path)
+    cells = adata_to_sentences(adata, qc=False, label_column=label_column if label_column in adata.obs else None)
+    obs = adata.obs.loc[cells.cell_names].copy()
+    return obs, cells.sentences, cells.preprocessed
+
+
+def subsample(obs: pd.DataFrame, sentences: list[str], cap: int | None, seed: int) -> tuple[pd.DataFrame, list[str]]:
+    if cap is None or cap >= len(sentences):
+        return obs, sentences
+    rows = np.sort(np.random.default_rng(seed).choice(len(sentences), size=cap, replace=False))
+    return obs.iloc[rows], [sentences[i] for i in rows]
+
+
+# ---------------------------------------------------------------------------------- main
+
+
+def umap_figure(coords: np.ndarray, labels: list[str], title: str):
+    from utils.evaluation import plot_labelled_panels
+
+    return plot_labelled_panels([(title, coords, labels)], axis_label="UMAP")
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    import anndata as ad
+    from tqdm.auto import tqdm
+
+    from utils.cell_model import load_from_args
+    from utils.eval_io import read_preprocessed
+    from utils.evaluation import embed_pca
+    from utils.metrics import embedding_scores
+
+    seed_everything(args.seed)
+    check_can_write(args.output_dir, OUTPUTS, overwrite=args.overwrite)
+    expression = None
+    if args.h5ad is not None:
+        obs, sentences, expression = cells_from_h5ad(args.h5ad, args.cell_type_column)
+    else:
+        obs, sentences = cells_from_dataset(args.data_dir, args.split)
+    obs, sentences = subsample(obs, sentences, args.max_cells, args.seed)
+    if not sentences:
+        raise InputError("There are no cells to embed.")
+    model = load_from_args(args)
+    logger.info("Embedding %s cells with %s (%s format, top %d genes, %s pooling, layer %d) on %s.",
+                f"{len(sentences):,}", args.model_dir, model.prompt_format.name, model.top_k_genes, args.pooling,
+                args.layer, model.device)
+    with tqdm(total=len(sentences), desc="Embedding cells", unit="cell") as bar:
+        X = model.embed_cells(sentences, pooling=args.pooling, layer=args.layer, batch_size=args.batch_size,
+                              progress=bar.update)
+    adata = ad.AnnData(obs=obs.copy(), obsm={"X_c2s": X})
+    adata.uns["c2s_embedding"] = {"model": str(args.model_dir), "pooling": args.pooling, "layer": args.layer,
+                                  "prompt_format": model.prompt_format.name, "top_k_genes": model.top_k_genes}
+    metrics: dict[str, Any] = {"model_dir": str(args.model_dir), "n_cells": len(sentences), "n_dims": int(X.shape[1]),
+                               "pooling": args.pooling, "layer": args.layer,
+                               "prompt_format": model.prompt_format.name, "top_k_genes": model.top_k_genes}
+    labelled = (obs[args.cell_type_column].notna().to_numpy() if args.cell_type_column in obs
+                else np.zeros(len(obs), dtype=bool))
+    labels = obs[args.cell_type_column].astype(str).to_numpy() if labelled.any() else None
+    if labels is not None and len(set(labels[labelled])) >= 2:
+        metrics["c2s"] = embedding_scores(X[labelled], labels[labelled].tolist(), k=args.k_neighbors, seed=args.seed)
+        if expression is None:
+            expression = read_preprocessed(args.transform_dir, obs.index[labelled])
+        if expression is not None and expression.n_obs >= 3:
+            by_name = pd.Series(labels, index=obs.index)
+            (pcs,) = embed_pca(expression.X, n_components=args.n_components, seed=args.seed)
+            metrics["pca"] = {**embedding_scores(pcs, by_name.loc[expression.obs_names].tolist(), k=args.k_neighbors,
+                                                 seed=args.seed), "n_components": int(pcs.shape[1])}
+        else:
+            logger.warning("No preprocessed expression of these cells in %s: no PCA baseline in metrics.json "
+                           "(pass --transform_dir).", args.transform_dir)
+        logger.info("k-NN accuracy %.3f, silhouette %.3f (PCA of expression: %s).", metrics["c2s"]["knn_accuracy"],
+                    metrics["c2s"]["silhouette"],
+                    f"{metrics['pca']['knn_accuracy']:.3f}, {metrics['pca']['silhouette']:.3f}"
+                    if "pca" in metrics else "none")
+    else:
+        logger.warning("No %r column with two or more types: no scores in metrics.json.", args.cell_type_column)
+    figure = None
+    if len(sentences) >= 4:
+        import scanpy as sc
+
+        sc.pp.neighbors(adata, use_rep="X_c2s", n_neighbors=min(15, len(sentences) - 1), random_state=args.seed)
+        sc.tl.umap(adata, random_state=args.seed)
+        colour = labels.tolist() if labels is not None else ["cells"] * len(sentences)
+        figure = umap_figure(adata.obsm["X_umap"], colour, f"UMAP of X_c2s ({X.shape[1]} dimensions, {args.pooling})")
+    with staged_outputs(args.output_dir, OUTPUTS, overwrite=args.overwrite) as tmp:
+        adata.write_h5ad(tmp / "embeddings.h5ad")
+        if figure is not None:
+            figure.savefig(tmp / "umap.png", dpi=130)
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+        save_args(args, tmp / "embed_args.json")
+    logger.info("Wrote %s.", args.output_dir)
+    return metrics
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args)
