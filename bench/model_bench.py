@@ -14,7 +14,8 @@ prompt format, saved and loaded like a published model. Per task, side by side i
   batches of 8, forward with autograd on, mean over every position (padding and prompt too).
 
 Every method stops an answer at EOS or at the same token budget (the model's generation
-config holds its EOS, as the newer package relies on).
+config holds its EOS, as the newer package relies on); generation samples with top-k 1, so
+the unconstrained methods decode the same tokens and do the same work.
 
 synthetic sentences -> printed table (and a JSON line with ``--json``)
 
@@ -120,7 +121,7 @@ def theirs_generate(model: Any, tok: Any, prompts: list[str], max_new_tokens: in
         enc = tok(part, padding=True, return_tensors="pt")
         ids = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                              max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, do_sample=True,
-                             top_k=50)
+                             top_k=1)
         for text, prompt in zip(tok.batch_decode(ids, skip_special_tokens=True), part, strict=True):
             out.append(text.replace(prompt, "").lstrip())
     return out
@@ -138,10 +139,20 @@ def theirs_embed(model: Any, tok: Any, prompts: list[str], batch: int = 8) -> li
 # ----------------------------------------------------------------- timing
 
 
-def timed(fn: Callable[[], Any]) -> float:
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def agreement(a: Any, b: Any) -> float:
+    """Fraction of cells with the same answer (lists of text), or 1 - max |difference| of
+    embeddings (cells x dims) as a closeness figure."""
+    import numpy as np
+
+    if isinstance(a, list) and isinstance(b, list):
+        return float(np.mean([x == y for x, y in zip(a, b, strict=True)]))
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max())
 
 
 def main(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -169,10 +180,23 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
         pred_prompts = [fmt.prediction_prompt(s.split()) for s in sentences]
         gen_prompts = [fmt.generation_prompt(t, args.n_genes) for t in labels]
 
-        def add(task: str, method: str, seconds: float) -> None:
+        reference: dict[str, Any] = {}
+
+        def add(task: str, method: str, run: tuple[float, Any], *, parse: Callable[[str], str] | None = None,
+                compare: bool = True) -> None:
+            seconds, result = run
+            if parse is not None:
+                result = [parse(x) for x in result]
+            if hasattr(result, "columns"):
+                result = result["cell_sentence"].tolist()
+            same = None
+            if task not in reference:
+                reference[task] = result
+            elif compare:
+                same = round(agreement(reference[task], result), 6)
             rows.append({"task": task, "method": method, "cells": n, "seconds": round(seconds, 3),
-                         "cells_per_s": round(n / seconds, 2)})
-            logger.info("%-9s %-34s %7.2f s %9.2f cells/s", task, method, seconds, n / seconds)
+                         "cells_per_s": round(n / seconds, 2), "vs_first": same})
+            logger.info("%-9s %-38s %7.2f s %9.2f cells/s", task, method, seconds, n / seconds)
 
         m.predict_cell_types(sentences[:2], max_new_tokens=2)  # warm-up: first calls allocate
         if "predict" in tasks:
@@ -181,24 +205,30 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
                 timed(lambda: m.predict_cell_types(sentences, batch_size=args.batch_size, **kw)))
             add("predict", "ours, one cell at a time", timed(lambda: m.predict_cell_types(sentences, batch_size=1, **kw)))
             add("predict", "newer package's way (1 per call)",
-                timed(lambda: theirs_predict(model, tok, pred_prompts, args.label_tokens)))
+                timed(lambda: theirs_predict(model, tok, pred_prompts, args.label_tokens)), parse=fmt.parse_label)
         if "generate" in tasks:
-            kw = {"max_new_tokens": gen_tokens, "n_genes": args.n_genes, "genes": genes, "seed": args.seed}
-            add("generate", f"ours, batched ({args.batch_size}), constrained",
-                timed(lambda: m.generate_cells(labels, batch_size=args.batch_size, **kw)))
+            # top_k 1: every method decodes the same tokens (the same work), up to the constraint.
+            kw = {"max_new_tokens": gen_tokens, "n_genes": args.n_genes, "genes": genes, "seed": args.seed,
+                  "top_k": 1}
             add("generate", f"ours, batched ({args.batch_size}), free",
                 timed(lambda: m.generate_cells(labels, batch_size=args.batch_size, constrain_genes=False, **kw)))
+            add("generate", f"ours, batched ({args.batch_size}), constrained",
+                timed(lambda: m.generate_cells(labels, batch_size=args.batch_size, **kw)), compare=False)
             add("generate", "ours, one cell at a time, free",
                 timed(lambda: m.generate_cells(labels, batch_size=1, constrain_genes=False, **kw)))
             add("generate", "newer package's way (batches of 8)",
-                timed(lambda: theirs_generate(model, tok, gen_prompts, gen_tokens)))
+                timed(lambda: theirs_generate(model, tok, gen_prompts, gen_tokens)), parse=fmt.parse_genes)
         if "embed" in tasks:
             add("embed", f"ours, batched ({args.batch_size})", timed(lambda: m.embed_cells(sentences, batch_size=args.batch_size)))
             add("embed", "ours, one cell at a time", timed(lambda: m.embed_cells(sentences, batch_size=1)))
-            add("embed", "newer package's way (batches of 8)", timed(lambda: theirs_embed(model, tok, pred_prompts)))
-    print(f"{'task':<9} {'method':<38} {'seconds':>8} {'cells/s':>9}")
+            add("embed", "newer package's way (batches of 8)", timed(lambda: theirs_embed(model, tok, pred_prompts)),
+                compare=False)  # another pooling: not comparable
+    # vs_first: for answers, the fraction equal to the first method's; for embeddings, the
+    # largest absolute difference from the first method's vectors.
+    print(f"{'task':<9} {'method':<40} {'seconds':>8} {'cells/s':>9} {'vs first':>9}")
     for r in rows:
-        print(f"{r['task']:<9} {r['method']:<38} {r['seconds']:>8.2f} {r['cells_per_s']:>9.2f}")
+        same = "" if r["vs_first"] is None else f"{r['vs_first']:.6g}"
+        print(f"{r['task']:<9} {r['method']:<40} {r['seconds']:>8.2f} {r['cells_per_s']:>9.2f} {same:>9}")
     if args.json:
         print(json.dumps(rows))
     return rows

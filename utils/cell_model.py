@@ -276,7 +276,7 @@ class CellSentenceModel:
                        constrain_genes: bool = True, genes: Iterable[str] | None = None,
                        seed: int | None = None, progress: Callable[[int], None] | None = None
                        ) -> pd.DataFrame:
-        """Generate ``n_per_type`` cells of each type (or ``{type: count}``), sampled.
+        """Generate ``n_per_type`` cells of each listed type (or ``{type: count}``), sampled.
 
         With ``constrain_genes`` (default) every generated word is a gene of ``genes`` (default:
         the genes of a word-level tokenizer) and no gene repeats. Returns a DataFrame with
@@ -286,8 +286,10 @@ class CellSentenceModel:
         from utils.generation import generate_batched
         from utils.training import decode_answer, encode_prompt
 
-        counts = dict(cell_types) if isinstance(cell_types, Mapping) else {str(t): n_per_type for t in cell_types}
-        requested = [t for t, n in counts.items() for _ in range(int(n))]
+        if isinstance(cell_types, Mapping):
+            requested = [str(t) for t, n in cell_types.items() for _ in range(int(n))]
+        else:  # each entry n_per_type times, in order (a type listed twice is asked twice)
+            requested = [str(t) for t in cell_types for _ in range(n_per_type)]
         k = n_genes or self.top_k_genes
         fmt, tok = self.prompt_format, self.tokenizer
         prompts = [encode_prompt(tok, fmt.generation_prompt(t, k), fmt) for t in requested]
