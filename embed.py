@@ -21,6 +21,15 @@ Example:
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # Ctrl-C or SIGTERM while the libraries below load: a line, no traceback
+    import os
+    import signal
+    import sys
+
+    for _signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_signal, lambda n, _: (print("Stopped while starting; nothing was written.",
+                                                   file=sys.stderr), os._exit(128 + n)))
+
 import argparse
 import json
 import logging
@@ -34,7 +43,8 @@ import pandas as pd
 from utils.cell_model import add_model_arguments
 from utils.common import (
     InputError,
-    check_can_write,
+    claim_output_dir,
+    releasing_outputs,
     run_cli,
     save_args,
     seed_everything,
@@ -149,6 +159,7 @@ def umap_figure(coords: np.ndarray, labels: list[str], title: str):
     return plot_labelled_panels([(title, coords, labels)], axis_label="UMAP")
 
 
+@releasing_outputs
 def main(args: argparse.Namespace) -> dict[str, Any]:
     import anndata as ad
     from tqdm.auto import tqdm
@@ -159,7 +170,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     from utils.metrics import embedding_scores
 
     seed_everything(args.seed)
-    check_can_write(args.output_dir, OUTPUTS, overwrite=args.overwrite)
+    claim_output_dir(args.output_dir, OUTPUTS, overwrite=args.overwrite)
     expression = None
     if args.h5ad is not None:
         obs, sentences, expression = cells_from_h5ad(args.h5ad, args.cell_type_column)

@@ -24,6 +24,15 @@ Example:
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # Ctrl-C or SIGTERM while the libraries below load: a line, no traceback
+    import os
+    import signal
+    import sys
+
+    for _signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_signal, lambda n, _: (print("Stopped while starting; nothing was written.",
+                                                   file=sys.stderr), os._exit(128 + n)))
+
 import argparse
 import json
 import logging
@@ -33,7 +42,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -41,11 +50,14 @@ import pandas as pd
 from utils.cell_model import add_model_arguments
 from utils.common import (
     InputError,
-    check_can_write,
+    claim_output_dir,
+    releasing_outputs,
     run_cli,
     save_args,
     seed_everything,
+    settle_inputs,
     staged_outputs,
+    strict_json,
 )
 from utils.eval_io import labelled_rows, load_splits, transform_reference
 from utils.evaluation import classification_summary, plot_confusion_matrix
@@ -83,13 +95,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output_dir", type=Path, default=None,
                    help="where outputs go (default: data/generated/<model_dir name>)")
     p.add_argument("--split", type=str, default="test", help="split to predict and to compare with")
-    p.add_argument("--tasks", type=str, default="predict,generate", help="comma-separated: predict, generate")
+    p.add_argument("--tasks", type=str, default=None,
+                   help="comma-separated: predict, generate (default: what the model was trained for; "
+                        "generate only for a model trained without cell types)")
+    p.add_argument("--cell_types", type=str, default=None,
+                   help="comma-separated cell types to generate (default: those of --split); each must be "
+                        "one the model was trained on")
     p.add_argument("--top_k_genes", type=int, default=None,
                    help="genes per prompt/answer (default: the run's top_k_genes from train_args.json)")
     p.add_argument("--cell_type_column", type=str, default=None,
                    help="column of the labels (default: the run's, else cell_type)")
     p.add_argument("--n_per_type", type=int, default=None,
-                   help="cells to generate per cell type (default: as many as the split has)")
+                   help="cells to generate per cell type (default: as many as the split has); for a "
+                        "model trained without cell types, cells in total")
     p.add_argument("--max_cells", type=int, default=None,
                    help="cap on the cells predicted and on the cells generated (default: no cap)")
     p.add_argument("--batch_size", type=int, default=16, help="prompts per generate() call")
@@ -114,11 +132,14 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.model_dir is None:
         raise InputError("Pass --model_dir: a train.py run folder (e.g. data/model/<run>), a published C2S "
                          "model's folder, or its hub name.")
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    unknown = sorted(set(tasks) - set(TASKS))
-    if unknown or not tasks:
-        raise InputError(f"--tasks {args.tasks!r}: choose among {', '.join(TASKS)} (comma-separated).")
-    args.tasks = ",".join(t for t in TASKS if t in tasks)
+    if args.tasks is not None:
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        unknown = sorted(set(tasks) - set(TASKS))
+        if unknown or not tasks:
+            raise InputError(f"--tasks {args.tasks!r}: choose among {', '.join(TASKS)} (comma-separated).")
+        args.tasks = ",".join(t for t in TASKS if t in tasks)
+    if args.cell_types is not None and not [t for t in args.cell_types.split(",") if t.strip()]:
+        raise InputError("--cell_types is empty; list cell types separated by commas, e.g. --cell_types \"B cell,NK cell\".")
     for flag in ("batch_size", "k_neighbors"):
         if getattr(args, flag) < 1:
             raise InputError(f"--{flag} must be at least 1.")
@@ -147,6 +168,63 @@ def read_train_args(model_dir: Path) -> dict[str, Any]:
         logger.warning("%s has no train_args.json; using the defaults (top_k_genes 100).", model_dir)
         return {}
     return json.loads(path.read_text())
+
+
+class ModelScope(NamedTuple):
+    """What a model was trained for, from its train_args.json (None: not recorded)."""
+
+    tasks: list[str] | None
+    cell_types: list[str] | None
+
+    @property
+    def unconditional(self) -> bool:
+        """Trained without cell types: it generates cells of any type only."""
+        return self.cell_types == [] or (self.tasks is not None and "conditional_generation" not in self.tasks)
+
+
+def resolve_tasks(args: argparse.Namespace, scope: ModelScope) -> list[str]:
+    """The tasks to run (--tasks, or what the model can do), checked against the model."""
+    can_predict = scope.tasks is None or "cell_type_prediction" in scope.tasks
+    if args.tasks is None:
+        tasks = ["predict", "generate"] if can_predict and not scope.unconditional else ["generate"]
+    else:
+        tasks = args.tasks.split(",")
+    if "predict" in tasks and not can_predict:
+        raise InputError(f"{args.model_dir} was trained without cell-type prediction (tasks: "
+                         f"{', '.join(scope.tasks or [])}); drop predict from --tasks.")
+    return tasks
+
+
+def requested_types(args: argparse.Namespace, scope: ModelScope) -> list[str] | None:
+    """The cell types of --cell_types, each checked against those the model was trained on."""
+    if args.cell_types is None:
+        return None
+    wanted = list(dict.fromkeys(t.strip() for t in args.cell_types.split(",") if t.strip()))
+    if scope.unconditional:
+        raise InputError(f"{args.model_dir} was trained without cell types, so it generates cells of any "
+                         "type; drop --cell_types.")
+    if scope.cell_types is not None:
+        unknown = [t for t in wanted if t not in scope.cell_types]
+        if unknown:
+            raise InputError(f"--cell_types: the model never saw {', '.join(map(repr, unknown))}; it was "
+                             f"trained on {', '.join(map(repr, scope.cell_types))}.")
+    return wanted
+
+
+def generation_counts(args: argparse.Namespace, scope: ModelScope, wanted: list[str] | None,
+                      split_labels: list[Any] | None, n_split: int) -> dict[str | None, int]:
+    """Cells to generate per cell type (None: the one unconditional "type")."""
+    if scope.unconditional:
+        n = args.n_per_type or n_split
+        return {None: min(n, args.max_cells) if args.max_cells else n}
+    available = Counter(str(x) for x in split_labels or [])
+    if wanted is not None:
+        missing = [t for t in wanted if not available[t]]
+        if missing and args.n_per_type is None:
+            raise InputError(f"The {args.split} split has no cells of {', '.join(map(repr, missing))}; pass "
+                             "--n_per_type to say how many to generate.")
+        available = Counter({t: available[t] for t in wanted})
+    return allocate_counts(dict(sorted(available.items())), n_per_type=args.n_per_type, max_cells=args.max_cells)
 
 
 def subsample(n: int, cap: int | None, seed: int) -> np.ndarray:
@@ -191,7 +269,14 @@ def generate_cells(model: Any, counts: dict[str, int], *, budget: int, genes: Se
 def evaluate_generated(generated: pd.DataFrame, tables: dict[str, Any], *, split: str, label_column: str,
                        index: VocabIndex, fit: RankExpressionFit, top_k: int, k: int, seed: int
                        ) -> tuple[dict[str, Any], Any]:
-    """The metrics of eval/generation.py (utils.metrics.score_generated) and its PCA figure."""
+    """The metrics of eval/generation.py (utils.metrics.score_generated) and its PCA figure;
+    cells generated without a cell type get the word statistics only (the rest compares types)."""
+    if None in set(generated["requested_cell_type"]):
+        from utils.evaluation import sentence_stats
+        from utils.inverse import sentences_to_expression
+
+        return {"sentences": sentence_stats(sentences_to_expression(generated["cell_sentence"].tolist(),
+                                                                    index, fit))}, None
     metrics, result = score_generated(generated["cell_sentence"].tolist(), generated["requested_cell_type"].tolist(),
                                       tables, split=split, label_column=label_column, index=index, fit=fit,
                                       top_k=top_k, k=k, seed=seed)
@@ -201,32 +286,40 @@ def evaluate_generated(generated: pd.DataFrame, tables: dict[str, Any], *, split
 # ---------------------------------------------------------------------------------- main
 
 
-def produced(tasks: Sequence[str], with_pca: bool) -> set[str]:
-    """The outputs a run of ``tasks`` writes."""
+def produced(tasks: Sequence[str], with_pca: bool, *, labels: bool = True) -> set[str]:
+    """The outputs a run of ``tasks`` writes (``labels``: generated for cell types)."""
     names = {"metrics.json", "generate_args.json"}
     if "predict" in tasks:
         names |= {"predictions.csv", "confusion_matrix.png"}
     if "generate" in tasks:
-        names |= {"generated_cells.txt", "generated_labels.txt", "generated_cells_hf"}
+        names |= {"generated_cells.txt", "generated_cells_hf"} | ({"generated_labels.txt"} if labels else set())
         names |= {"real_vs_generated_pca.png"} if with_pca else set()
     return names
 
 
+@releasing_outputs
 def main(args: argparse.Namespace) -> dict[str, Any]:
     seed_everything(args.seed)
-    tasks = args.tasks.split(",")
-    check_can_write(args.output_dir, OUTPUTS, overwrite=args.overwrite)
+    settle_inputs(args.model_dir, args.data_dir.parent, args.transform_dir)
+    claim_output_dir(args.output_dir, OUTPUTS, overwrite=args.overwrite)
     from utils.cell_model import load_from_args
 
     record = read_train_args(args.model_dir)
-    label_column = args.cell_type_column or record.get("cell_type_column", "cell_type")
-    tables = load_splits(args.data_dir, args.split, label_column, need_labels=True)
+    scope = ModelScope(record.get("tasks"), record.get("cell_types"))
+    tasks = resolve_tasks(args, scope)
+    args.tasks = ",".join(tasks)
+    wanted = requested_types(args, scope)
+    label_column = args.cell_type_column or record.get("cell_type_column") or "cell_type"
+    tables = load_splits(args.data_dir, args.split, label_column,
+                         need_labels="predict" in tasks or not scope.unconditional)
     if "train" not in tables:
         raise InputError(f"{args.data_dir} has no train split, needed for the baseline and the k-NN metric.")
-    tables = labelled_rows(tables, label_column)
+    has_labels = all(label_column in t.column_names for t in tables.values())
+    if has_labels:
+        tables = labelled_rows(tables, label_column)
     eval_table = tables[args.split]
     labels = sorted({str(x) for x in tables["train"].column(label_column).to_pylist()}
-                    | {str(x) for x in eval_table.column(label_column).to_pylist()})
+                    | {str(x) for x in eval_table.column(label_column).to_pylist()}) if has_labels else []
 
     from utils.training import encode_answer
 
@@ -256,9 +349,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                                           title=f"Cell-type prediction on {args.split} "
                                                 f"(accuracy {summary['accuracy']:.3f})")
     if "generate" in tasks:
-        available = Counter(str(x) for x in eval_table.column(label_column).to_pylist())
-        counts = allocate_counts(dict(sorted(available.items())), n_per_type=args.n_per_type,
-                                 max_cells=args.max_cells)
+        counts = generation_counts(args, scope, wanted, eval_table.column(label_column).to_pylist()
+                                   if has_labels else None, eval_table.num_rows)
         # The answer budget from a sample of real answers (top K genes of training cells).
         n_train = tables["train"].num_rows
         picked = sorted(random.Random(args.seed).sample(range(n_train), min(n_train, 200)))
@@ -274,16 +366,19 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         gen_metrics, pca = evaluate_generated(generated, tables, split=args.split, label_column=label_column,
                                               index=index, fit=fit, top_k=top_k, k=args.k_neighbors,
                                               seed=args.seed)
-        gen_metrics.update(requested_counts=counts, max_new_tokens=budget, seconds=elapsed,
+        gen_metrics.update(requested_counts={"any" if t is None else t: n for t, n in counts.items()},
+                           max_new_tokens=budget, seconds=elapsed,
                            vocabulary="transform" if from_transform else "train sentences",
                            constrained=not args.no_constrain_genes,
                            sampling={"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p})
         metrics["generation"] = gen_metrics
         s = gen_metrics["sentences"]
-        logger.info("Generated %s cells: valid-gene rate %.3f, duplicate rate %.3f, mean length %.1f; "
-                    "k-NN accuracy %.3f (real vs real %.3f), MMD %.4f (real vs real %.4f).", f"{len(generated):,}",
-                    s["valid_gene_rate"], s["duplicate_rate"], s["mean_sentence_length"], gen_metrics["knn_accuracy"],
-                    gen_metrics["knn_ceiling"], gen_metrics["mmd"], gen_metrics["mmd_floor"])
+        logger.info("Generated %s %scells: valid-gene rate %.3f, duplicate rate %.3f, mean length %.1f%s.",
+                    f"{len(generated):,}", "unconditional " if scope.unconditional else "", s["valid_gene_rate"],
+                    s["duplicate_rate"], s["mean_sentence_length"],
+                    "" if scope.unconditional else
+                    f"; k-NN accuracy {gen_metrics['knn_accuracy']:.3f} (real vs real {gen_metrics['knn_ceiling']:.3f}),"
+                    f" MMD {gen_metrics['mmd']:.4f} (real vs real {gen_metrics['mmd_floor']:.4f})")
     with staged_outputs(args.output_dir, OUTPUTS, overwrite=args.overwrite) as tmp:
         if predictions is not None:
             predictions.to_csv(tmp / "predictions.csv", index=False)
@@ -292,19 +387,22 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             from datasets import Dataset
 
             (tmp / "generated_cells.txt").write_text("".join(s + "\n" for s in generated["cell_sentence"]))
-            (tmp / "generated_labels.txt").write_text(
-                "".join(t + "\n" for t in generated["requested_cell_type"]))
+            if scope.unconditional:  # no cell types asked for: no labels to write
+                generated = generated.drop(columns="requested_cell_type")
+            else:
+                (tmp / "generated_labels.txt").write_text(
+                    "".join(t + "\n" for t in generated["requested_cell_type"]))
             Dataset.from_pandas(generated, preserve_index=False).save_to_disk(str(tmp / "generated_cells_hf"))
             if pca is not None:
                 pca.savefig(tmp / "real_vs_generated_pca.png", dpi=150, bbox_inches="tight")
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+        (tmp / "metrics.json").write_text(strict_json(metrics, indent=2, default=str) + "\n")
         save_args(args, tmp / "generate_args.json")
     written = {p.name for p in args.output_dir.iterdir()}
     for name in OUTPUTS:
         # An output of an earlier run whose task was not run now would no longer match.
         stale = args.output_dir / name
-        if name in written and name not in produced(tasks, pca is not None):
-            logger.warning("Removed %s, an output of an earlier run (task not run now).", stale)
+        if name in written and name not in produced(tasks, pca is not None, labels=not scope.unconditional):
+            logger.warning("Removed %s, an output of an earlier run (not written by this one).", stale)
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     logger.info("Wrote %s.", args.output_dir)
     return metrics

@@ -21,8 +21,16 @@ Example:
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # Ctrl-C or SIGTERM while the libraries below load: a line, no traceback
+    import os
+    import signal
+    import sys
+
+    for _signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_signal, lambda n, _: (print("Stopped while starting; nothing was written.",
+                                                   file=sys.stderr), os._exit(128 + n)))
+
 import argparse
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -36,11 +44,14 @@ import scipy.sparse as sp
 
 from utils.common import (
     InputError,
-    check_can_write,
+    claim_output_dir,
+    releasing_outputs,
     run_cli,
     save_args,
     seed_everything,
+    settle_inputs,
     staged_outputs,
+    strict_json,
 )
 from utils.eval_io import (
     find_preprocessed,
@@ -250,14 +261,16 @@ def real_knn_metrics(adata: ad.AnnData, packed: SentenceBytes, transform_dir: Pa
     return {"top_k_genes": top_k, **result.metrics}
 
 
+@releasing_outputs
 def main(args: argparse.Namespace) -> ad.AnnData:
     seed_everything(args.seed)
+    settle_inputs(args.transform_dir)  # a transform killed while publishing: finish it first
     fit = load_transform_fit(args.transform_dir / "eval" / "transformation_metrics.csv")
     vocab = load_vocab(args.transform_dir / "cell_sentences" / "vocab.txt")
     out_dir, name = args.output.parent, args.output.name
     metrics_name = f"{args.output.stem}_metrics.json"
     names = [name, f"{args.output.stem}_args.json"] + ([metrics_name] if args.evaluate else [])
-    check_can_write(out_dir, names, overwrite=args.overwrite)
+    claim_output_dir(out_dir, names, overwrite=args.overwrite)
     packed, obs = load_sentences(args)
     logger.info("Read %s sentences (%s bytes) from %s.", f"{packed.n:,}", f"{packed.data.size:,}", args.sentences)
     index = build_vocab_index(vocab)
@@ -314,7 +327,7 @@ def main(args: argparse.Namespace) -> ad.AnnData:
         adata.write_h5ad(tmp / name)
         save_args(args, tmp / f"{args.output.stem}_args.json")
         if args.evaluate:
-            (tmp / metrics_name).write_text(json.dumps(metrics, indent=2) + "\n")
+            (tmp / metrics_name).write_text(strict_json(metrics, indent=2) + "\n")
     logger.info("Wrote %s%s.", args.output, f" and {out_dir / metrics_name}" if args.evaluate else "")
     return adata
 

@@ -27,6 +27,15 @@ Offline, a small GPT-2-style model with a word-level tokenizer built from the da
 Several GPUs: ``torchrun --nproc_per_node 4 train.py ...`` or ``accelerate launch train.py ...``.
 """
 
+if __name__ == "__main__":  # Ctrl-C or SIGTERM while the libraries below load: a line, no traceback
+    import os
+    import signal
+    import sys
+
+    for _signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_signal, lambda n, _: (print("Stopped while starting; nothing was written.",
+                                                   file=sys.stderr), os._exit(128 + n)))
+
 import contextlib
 import json
 import logging
@@ -44,7 +53,18 @@ from typing import Any, NamedTuple
 
 from transformers import TrainingArguments
 
-from utils.common import InputError, check_can_write, run_cli, seed_everything
+from utils.common import (
+    InputError,
+    check_can_write,
+    claim_output_dir,
+    publish_staged,
+    release_output_dir,
+    releasing_outputs,
+    run_cli,
+    seed_everything,
+    settle_inputs,
+    strict_json,
+)
 
 logger = logging.getLogger("cell2sentence.train")
 
@@ -136,8 +156,12 @@ class DataArguments:
         default=None,
         metadata={"help": "Comma-separated weights of --tasks (default: equal)."},
     )
-    cell_type_column: str = field(
-        default="cell_type", metadata={"help": "Column with the cell-type labels."}
+    cell_type_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "Column with the cell-type labels (default: cell_type when the data has "
+            "it, else training without labels); a named column must exist."
+        },
     )
     prompt_format: str = field(
         default="ours",
@@ -284,11 +308,22 @@ def load_cell_sentences(data_dir: Path) -> Any:
     return dataset
 
 
+def resolve_label_column(requested: str | None, columns: Sequence[str]) -> str:
+    """The label column: ``cell_type`` by default; one named with --cell_type_column must
+    exist (a typo would otherwise train an unconditional model without a word)."""
+    if requested is not None and requested not in columns:
+        raise InputError(
+            f"The data has no column {requested!r} given by --cell_type_column (it has "
+            f"{', '.join(columns)}); fix the name or leave the flag out."
+        )
+    return requested or "cell_type"
+
+
 def resolve_tasks(data_args: DataArguments, columns: Sequence[str]) -> dict[str, float]:
     """The task mix: the flags, or all tasks the data allows."""
     from utils.training import TASKS, TYPED_TASKS, UNCONDITIONAL_GENERATION, parse_tasks
 
-    has_types = data_args.cell_type_column in columns
+    has_types = (data_args.cell_type_column or "cell_type") in columns
     scale = data_args.prompt_format == "c2s_scale"  # it has no unconditional prompts
     if data_args.tasks is None:
         if has_types:
@@ -348,17 +383,28 @@ def default_run_name(model_args: ModelArguments) -> str:
     return f"{base}-{stamp}"
 
 
-def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
-    """The ``checkpoint-N`` folder with the largest N, or None."""
-    found = [
-        p for p in checkpoints_dir.glob("checkpoint-*")
-        if p.is_dir() and p.name.split("-")[-1].isdigit()
-    ]
-    return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
+def latest_checkpoint(checkpoints_dir: Path, *, complete: bool = True) -> Path | None:
+    """The ``checkpoint-N`` folder with the largest N, or None; with ``complete``, the largest
+    that can be resumed from (one the Trainer was still writing when the run died is skipped)."""
+    from utils.model_files import checkpoint_problem
+
+    found = sorted(
+        (p for p in checkpoints_dir.glob("checkpoint-*")
+         if p.is_dir() and p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]), reverse=True,
+    )
+    for candidate in found:
+        problem = checkpoint_problem(candidate) if complete else None
+        if problem is None:
+            return candidate
+        logger.warning("Skipping %s, which is incomplete: %s.", candidate.name, problem)
+    return None
 
 
 def resolve_run(args: TrainArgs) -> tuple[Path, Path | None]:
     """The run folder and the checkpoint to resume from (None: a fresh run)."""
+    from utils.model_files import checkpoint_problem
+
     m, t = args.model, args.training
     output_dir = Path(t.output_dir or "data/model/")
     checkpoint: Path | None = None
@@ -369,7 +415,7 @@ def resolve_run(args: TrainArgs) -> tuple[Path, Path | None]:
         checkpoint = latest_checkpoint(output_dir / run_name / "checkpoints")
         if checkpoint is None:
             raise InputError(
-                f"No checkpoint-N folder in {output_dir / run_name / 'checkpoints'}; "
+                f"No complete checkpoint-N folder in {output_dir / run_name / 'checkpoints'}; "
                 "pass --checkpoint with a checkpoint folder."
             )
     elif m.checkpoint:
@@ -379,6 +425,10 @@ def resolve_run(args: TrainArgs) -> tuple[Path, Path | None]:
                 f"{checkpoint} is no Trainer checkpoint (no trainer_state.json); pass a "
                 "<run>/checkpoints/checkpoint-N folder or --checkpoint latest."
             )
+        problem = checkpoint_problem(checkpoint)
+        if problem:
+            raise InputError(f"Cannot resume from {checkpoint}: {problem}; pass an earlier "
+                             "checkpoint-N folder.")
     if run_name:
         run_dir = output_dir / run_name
     elif checkpoint is not None and checkpoint.parent.name == "checkpoints":
@@ -392,15 +442,19 @@ def prepare_run_dir(
     run_dir: Path, checkpoint: Path | None, *, overwrite: bool, delete: bool = True
 ) -> None:
     """Refuse to replace a finished run without --overwrite; clear stale checkpoints
-    (only where ``delete``: rank 0 of a distributed run)."""
-    check_can_write(run_dir, ["config.json", "adapter_config.json"], overwrite=overwrite)
+    (only where ``delete``: rank 0 of a distributed run, which also holds the run's lock)."""
+    markers = ["config.json", "adapter_config.json"]
+    if delete:
+        claim_output_dir(run_dir, markers, overwrite=overwrite)
+    else:
+        check_can_write(run_dir, markers, overwrite=overwrite)
     checkpoints = run_dir / "checkpoints"
     resuming_here = checkpoint is not None and checkpoints.resolve() in (
         checkpoint.resolve().parents
     )
     if not checkpoints.is_dir() or resuming_here:
         return
-    if latest_checkpoint(checkpoints) is not None and not overwrite:
+    if latest_checkpoint(checkpoints, complete=False) is not None and not overwrite:
         raise InputError(
             f"{checkpoints} holds checkpoints of an earlier run; resume it with "
             f"--checkpoint latest --run_name {run_dir.name}, or pass --overwrite to start "
@@ -411,25 +465,20 @@ def prepare_run_dir(
 
 
 def publish(staging: Path, run_dir: Path) -> None:
-    """Move the staged final files into ``run_dir``, ``config.json`` (or a LoRA run's
-    ``adapter_config.json``) last.
+    """Move the staged final files into ``run_dir`` by renames, ``config.json`` (or a LoRA
+    run's ``adapter_config.json``) last and its old one aside first, then remove files of an
+    earlier run that this one did not write.
 
     Without it a folder does not load as a model, so a crash in between never leaves
-    something that looks like a finished model.
+    something that looks like a finished model; the next run on the folder finishes the
+    publish (``utils.common.publish_staged``).
     """
-    keep = {"checkpoints", staging.name}
-    for old in sorted(run_dir.iterdir()):
-        if old.name in keep:
-            continue
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old)
-        else:
-            old.unlink()
     names = sorted(p.name for p in staging.iterdir())
-    markers = [n for n in ("adapter_config.json", "config.json") if n in names]
-    for name in [n for n in names if n not in markers] + markers:
-        (staging / name).replace(run_dir / name)
-    staging.rmdir()
+    published = publish_staged(staging, run_dir, ["config.json", "adapter_config.json", *names])
+    for old in sorted(run_dir.iterdir()):
+        if old.name not in published and old.name != "checkpoints" and not old.name.startswith("."):
+            shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+    release_output_dir(run_dir)
 
 
 # --------------------------------------------------------------------------- model
@@ -652,6 +701,7 @@ def effective_args(
     return record
 
 
+@releasing_outputs
 def main(args: TrainArgs) -> Path:
     """Train and write the model folder; returns its path."""
     from transformers import Trainer
@@ -664,7 +714,9 @@ def main(args: TrainArgs) -> Path:
     # Sets up the device and, under torchrun/accelerate, the process group, so that rank 0
     # can share its run name and alone write files.
     logger.info("Device %s, %d process(es).", t.device, t.world_size)
+    settle_inputs(Path(d.data_dir).parent, Path(m.model_name))  # publishes cut short there
     dataset = load_cell_sentences(Path(d.data_dir))
+    d.cell_type_column = resolve_label_column(d.cell_type_column, dataset["train"].column_names)
     tasks = resolve_tasks(d, dataset["train"].column_names)
     do_eval = t.eval_strategy != "no" or t.do_eval
     if do_eval and ("valid" not in dataset or len(dataset["valid"]) == 0):
@@ -798,10 +850,8 @@ def main(args: TrainArgs) -> Path:
         (staging / TRAIN_ARGS_FILE).write_text(
             json.dumps(record, indent=2, sort_keys=True, default=str) + "\n"
         )
-        (staging / RESULTS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-        (staging / LOG_FILE).write_text(
-            json.dumps(trainer.state.log_history, indent=2) + "\n"
-        )
+        (staging / RESULTS_FILE).write_text(strict_json(metrics, indent=2, sort_keys=True) + "\n")
+        (staging / LOG_FILE).write_text(strict_json(trainer.state.log_history, indent=2) + "\n")
         publish(staging, run_dir)
         logger.info(
             "Wrote the model to %s after %s steps (train loss %.4f%s).",

@@ -20,6 +20,15 @@ Example:
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # Ctrl-C or SIGTERM while the libraries below load: a line, no traceback
+    import os
+    import signal
+    import sys
+
+    for _signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_signal, lambda n, _: (print("Stopped while starting; nothing was written.",
+                                                   file=sys.stderr), os._exit(128 + n)))
+
 import argparse
 import importlib
 import logging
@@ -33,8 +42,9 @@ from tqdm.auto import tqdm
 
 from utils.common import (
     InputError,
-    check_can_write,
+    claim_output_dir,
     keep_freed_memory_for_reuse,
+    releasing_outputs,
     run_cli,
     save_args,
     staged_outputs,
@@ -128,11 +138,12 @@ def output_names(data_filepath: Path) -> list[str]:
     return contract_names(data_filepath.stem)
 
 
+@releasing_outputs
 def main(args: argparse.Namespace) -> dict[str, float]:
     started = time.perf_counter()
     keep_freed_memory_for_reuse()
     names = output_names(args.data_filepath)
-    check_can_write(args.output_dir, names, overwrite=args.overwrite)
+    claim_output_dir(args.output_dir, names, overwrite=args.overwrite)
     source = open_source(args.data_filepath, layer=args.layer)
     logger.info("Read %s: %s cells x %s genes from %s.", args.data_filepath,
                 f"{source.n_cells:,}", f"{source.n_genes:,}", source.matrix_name)

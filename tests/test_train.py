@@ -216,5 +216,5 @@ def test_latest_checkpoint_is_the_highest_step(tmp_path: Path) -> None:
     for step in (5, 40, 100, 9):
         (tmp_path / f"checkpoint-{step}").mkdir()
     (tmp_path / "checkpoint-x").mkdir()
-    assert train.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-100"
+    assert train.latest_checkpoint(tmp_path, complete=False) == tmp_path / "checkpoint-100"
     assert train.latest_checkpoint(tmp_path / "none") is None

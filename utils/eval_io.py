@@ -100,6 +100,9 @@ def load_splits(data_dir: Path, split: str, label_column: str, *, need_labels: b
         if need_labels and label_column not in columns:
             raise InputError(f"{data_dir}/{name} has no {label_column!r} column (it has {columns}); "
                              "pass --cell_type_column or use --tasks without predict/generate by type.")
+        if dd[name].num_rows == 0:
+            raise InputError(f"The {name} split of {data_dir} is empty; choose another --split or re-run "
+                             "transform.py with other --split_fractions.")
         out[name] = dd[name].with_format("arrow")[:]
     return out
 

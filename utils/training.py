@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from utils.common import InputError
+from utils.model_files import check_model_dir
 from utils.prompts import OURS, PromptFormat, prompt_format
 
 IGNORE_INDEX = -100
@@ -381,6 +382,7 @@ def from_pretrained(
                 f"{path} holds no config.json, so it is no model directory; pass a folder "
                 "written by train.py or save_pretrained (an unfinished run has none)."
             )
+        check_model_dir(path)
         return loader(str(path), **kwargs)
     if path.exists() or _looks_like_path(name):
         raise InputError(f"Model directory {name} does not exist; check the path.")

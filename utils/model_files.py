@@ -1,0 +1,141 @@
+"""Is a model folder or a Trainer checkpoint whole? Checked before loading it.
+
+A folder copied in part (weights without the tokenizer, or the reverse), a save or a download
+cut short, a checkpoint the Trainer was still writing: loading such a folder either fails deep
+inside a library or, worse, works on what is there (a tokenizer of one token gives empty
+predictions; a missing ``scheduler.pt`` silently restarts the learning-rate schedule). These
+checks name the file that is missing or damaged. They read headers and checksums only, never
+the tensors into memory.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+from utils.common import InputError
+
+#: Files holding a model's weights, whole or as the index of shards (any one is enough).
+WEIGHT_FILES: tuple[str, ...] = (
+    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+    "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin",
+)
+#: Files of which a saved tokenizer has at least one (fast, BPE, sentencepiece, WordPiece).
+TOKENIZER_FILES: tuple[str, ...] = (
+    "tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model", "vocab.txt",
+    "sentencepiece.bpe.model",
+)
+#: What the Trainer needs to resume exactly where it stopped, besides the weights.
+RESUME_FILES: tuple[str, ...] = ("optimizer.pt", "scheduler.pt")
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since 1.6 (a zip archive with CRCs)
+
+
+def file_problem(path: Path) -> str | None:
+    """What is wrong with one saved file, judged by its format (None: it reads back).
+
+    ``.safetensors``: the header and the file size agree; ``.json``: it parses; torch files
+    (``.pt``, ``.pth``, ``.bin``) in the zip format: the archive is whole and every member
+    matches its CRC. An index of shards is checked with its shards.
+
+    >>> file_problem(Path("no/such/file.json"))
+    'is missing'
+    """
+    if not path.is_file():
+        return "is missing"
+    if path.stat().st_size == 0:
+        return "is empty"
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="numpy"):
+                pass
+        except Exception as err:  # safetensors raises its own error type for every defect
+            return f"is truncated or damaged ({err})"
+        return None
+    if path.suffix == ".json":
+        try:
+            content = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            return f"is truncated or damaged (not valid JSON: {err})"
+        if path.name.endswith(".index.json") and isinstance(content, dict):
+            for shard in sorted(set(content.get("weight_map", {}).values())):
+                problem = file_problem(path.parent / shard)
+                if problem:
+                    return f"lists the shard {shard}, which {problem}"
+        return None
+    if path.suffix in (".pt", ".pth", ".bin"):
+        with path.open("rb") as fh:
+            if fh.read(4) != _ZIP_MAGIC:
+                return None  # torch's legacy (pickle) format has no checksums to verify
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as err:
+            return f"is truncated or damaged ({err})"
+        return f"is damaged (member {bad} fails its checksum)" if bad else None
+    return None
+
+
+def check_model_dir(path: Path) -> None:
+    """Fail with one sentence when a local model folder has no weights or no tokenizer, or one
+    of its weight, config or tokenizer files is damaged.
+
+    An adapter folder (``adapter_config.json``, e.g. LoRA) needs its adapter weights; its
+    tokenizer may come from the base model.
+    """
+    weights = [name for name in WEIGHT_FILES if (path / name).is_file()]
+    if not weights:
+        raise InputError(
+            f"{path} holds no model weights (none of {', '.join(WEIGHT_FILES[:3])}, ...); the "
+            "folder is an incomplete copy or an unfinished save: copy the whole model folder "
+            "or train it again."
+        )
+    tokenizer = [name for name in TOKENIZER_FILES if (path / name).is_file()]
+    if not tokenizer and not (path / "adapter_config.json").is_file():
+        raise InputError(
+            f"{path} holds no tokenizer files (none of {', '.join(TOKENIZER_FILES[:4])}, ...); "
+            "copy them from where the model came from (tokenizer.save_pretrained writes them)."
+        )
+    for name in [*weights, "config.json", "tokenizer.json", "tokenizer_config.json"]:
+        problem = file_problem(path / name) if (path / name).is_file() else None
+        if problem:
+            raise InputError(f"{path / name} {problem}; copy or save the model folder again.")
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why the Trainer checkpoint ``folder`` cannot be resumed from (None: it is complete).
+
+    The Trainer writes ``trainer_state.json`` last, so a checkpoint it was still writing
+    lacks it. Every file the resume reads is checked; a missing ``scheduler.pt`` is a problem,
+    not a schedule that silently starts over.
+    """
+    state_path = folder / "trainer_state.json"
+    problem = file_problem(state_path)
+    if problem:
+        return f"{state_path} {problem}"
+    state = json.loads(state_path.read_text())
+    step = folder.name.rpartition("-")[2]
+    if not isinstance(state, dict) or "global_step" not in state:
+        return f"{state_path} holds no global_step"
+    if step.isdigit() and int(step) != state["global_step"]:
+        return f"{state_path} is for step {state['global_step']}, not {step}"
+    weights = [name for name in WEIGHT_FILES if (folder / name).is_file()]
+    if not weights:
+        return f"{folder} holds no model weights (none of {', '.join(WEIGHT_FILES[:3])}, ...)"
+    # DeepSpeed and FSDP keep the optimizer in folders of their own.
+    sharded = any(p.is_dir() for p in folder.glob("global_step*")) or any(
+        p.is_dir() for p in folder.glob("optimizer*"))
+    resume = [] if sharded else list(RESUME_FILES)
+    others = sorted(p.name for p in folder.glob("rng_state*.pth")) + ["scaler.pt"]
+    for name in [*weights, *resume, *others]:
+        path = folder / name
+        if name in others and not path.is_file():
+            continue  # optional: written only by some runs (mixed precision, several ranks)
+        problem = file_problem(path)
+        if problem:
+            if name == "scheduler.pt" and problem == "is missing":
+                problem += " (resuming would restart the learning-rate schedule)"
+            return f"{path} {problem}"
+    return None
