@@ -31,7 +31,6 @@ if __name__ == "__main__":  # Ctrl-C or SIGTERM while the libraries below load: 
                                                    file=sys.stderr), os._exit(128 + n)))
 
 import argparse
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,6 +48,7 @@ from utils.common import (
     save_args,
     seed_everything,
     staged_outputs,
+    strict_json,
 )
 
 logger = logging.getLogger("cell2sentence")
@@ -225,7 +225,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         adata.write_h5ad(tmp / "embeddings.h5ad")
         if figure is not None:
             figure.savefig(tmp / "umap.png", dpi=130)
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+        (tmp / "metrics.json").write_text(strict_json(metrics, indent=2, default=str) + "\n")
         save_args(args, tmp / "embed_args.json")
     logger.info("Wrote %s.", args.output_dir)
     return metrics
