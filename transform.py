@@ -188,4 +188,4 @@ def _log_pass(name: str, n_cells: int, started: float) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main, parse_args, skip_teardown=True)
+    run_cli(main, parse_args)

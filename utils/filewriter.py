@@ -2,25 +2,35 @@
 
 A format writer (``utils/formats.py``) or the transform's outputs (``utils/outputs.py``) use:
 
-- ``OutputFile(path, direct=...)``: ``pwrite(data, offset)`` from any thread, ``reserve(n)``,
-  ``close(final_size)``;
+- ``OutputFile(path, direct=...)``: ``pwrite(data, offset)`` from any thread, ``close(size)``;
 - ``OrderedAppendFile``: appends in chunk order (``append(ticket, data)``, or ``place`` then
   ``write_at``), ``abort`` when a chunk fails;
 - ``DirectWriter``: the background thread that writes large pieces around the page cache
-  (``flush``, ``close``), and ``phased_empty`` / ``phased_pieces``, memory placed like the file
-  so that it is written without a copy.
+  (``flush``, ``close``).
 
-Everything below that (``O_DIRECT``, ``fallocate``, alignment) stays in this module.
+Low-level tricks kept, and what each earns (a trick stays only when removing it costs at least
+15% end to end at 200,000 cells; ``python bench/transform_bench.py --n_cells 200000 --repeats 2
+--without mmap direct_reader o_direct fallocate phased_buffers mallopt os_exit``, every variant
+side by side in one run, best of 2, on the 2 shared cores):
+
+- ``O_DIRECT`` writes (here): without them 77.5 s instead of 27.7 s (+180%; 23.6 s of kernel
+  time copying into the page cache instead of 1.7 s).
+- glibc's malloc kept from unmapping freed chunks (``utils.common.keep_freed_memory_for_reuse``):
+  without it 37.2 s (+34%).
+
+Removed because they earned less: memory-mapped input ranges (24.2 s without: no gain),
+``preadv`` reads around HDF5 (29.8 s, +8%), ``fallocate`` reservations (30.0 s, +8%), memory
+placed like the file to spare a copy (27.3 s, -1%), skipping the interpreter's teardown with
+``os._exit`` (25.4 s, no gain).
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -70,22 +80,6 @@ def _pwrite_all(fd: int, data: Any, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
-def _reserve_blocks(fd: int, offset: int, length: int) -> bool:
-    """Give ``[offset, offset + length)`` of the file its disk blocks now (Linux ``fallocate``;
-    the file grows to cover the range). ``O_DIRECT`` writes into reserved blocks ran 10% faster
-    here than writes that grow the file. Best effort: False where the file system cannot (glibc's
-    ``posix_fallocate`` would instead write zeros over the range)."""
-    if length <= 0 or _LIBC is None or not hasattr(_LIBC, "fallocate"):
-        return False
-    return _LIBC.fallocate(fd, 0, ctypes.c_int64(offset), ctypes.c_int64(length)) == 0
-
-
-try:
-    _LIBC = ctypes.CDLL("libc.so.6", use_errno=True)
-except OSError:  # not glibc: no reservation
-    _LIBC = None
-
-
 # O_DIRECT needs file offsets, lengths and memory addresses aligned to the device's block size;
 # a page is a multiple of every common one.
 _DIRECT_ALIGN = 4096
@@ -102,14 +96,9 @@ class DirectWriter:
     into fresh cache pages, then writeback); ``O_DIRECT`` ran at the disk's 1.7 GB/s with almost
     no CPU (``bench/transform_bench.py``). The data is copied into a few page-aligned buffers
     (which bound the memory in flight); ``flush`` waits for the queue and raises the first error.
-    Data already placed in memory like in the file (see ``phased_empty``) is written from where
-    it is, without the copy, ``buffer_bytes`` at a time and at most ``n_buffers`` such pieces in
-    flight.
     """
 
     def __init__(self, *, n_buffers: int = 8, buffer_bytes: int = 16 << 20):
-        self._buffer_bytes = buffer_bytes
-        self._uncopied = threading.BoundedSemaphore(n_buffers)
         self._free: queue.Queue = queue.Queue()
         for _ in range(n_buffers):
             raw = np.empty(buffer_bytes + _DIRECT_ALIGN, np.uint8)
@@ -125,9 +114,6 @@ class DirectWriter:
         if not self._thread.is_alive():
             raise RuntimeError("DirectWriter.write after close: nothing would write it")
         source = np.frombuffer(data, np.uint8)
-        if (source.ctypes.data - offset) % _DIRECT_ALIGN == 0:
-            self._write_in_place(file, source, offset)
-            return
         done = 0
         while done < len(source):
             buffer = self._free.get()
@@ -136,33 +122,19 @@ class DirectWriter:
                 raise self._error
             n = min(len(buffer), len(source) - done)
             np.copyto(buffer[:n], source[done : done + n])
-            self._jobs.put((file, buffer, n, offset + done, True))
+            self._jobs.put((file, buffer, n, offset + done))
             done += n
-
-    def _write_in_place(self, file: OutputFile, source: np.ndarray, offset: int) -> None:
-        # The job keeps the caller's array alive until it is written; the semaphore bounds how
-        # much of it the workers can have in flight.
-        for done in range(0, len(source), self._buffer_bytes):
-            self._uncopied.acquire()
-            if self._error is not None:
-                self._uncopied.release()
-                raise self._error
-            piece = source[done : done + self._buffer_bytes]
-            self._jobs.put((file, piece, len(piece), offset + done, False))
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
-            file, data, n, offset, pooled = job
+            file, data, n, offset = job
             try:
                 if self._error is None:
                     file.write_aligned(data[:n], offset)
             except BaseException as err:  # noqa: BLE001 - handed to the caller by flush/write
                 self._error = err
             finally:
-                if pooled:
-                    self._free.put(data)
-                else:
-                    self._uncopied.release()
+                self._free.put(data)
                 self._jobs.task_done()
         self._jobs.task_done()
 
@@ -177,31 +149,6 @@ class DirectWriter:
         if self._thread.is_alive():
             self._jobs.put(None)
             self._thread.join()
-
-
-def phased_empty(n: int, dtype: Any, file_offset: int) -> np.ndarray:
-    """An empty array of ``n`` elements placed in memory at the same offset within a page as
-    ``file_offset`` in its file, so that ``DirectWriter`` writes it without copying it (a plain
-    array when the offset does not suit the dtype's alignment)."""
-    dtype = np.dtype(dtype)
-    if file_offset % dtype.itemsize:
-        return np.empty(n, dtype)
-    raw = np.empty(n * dtype.itemsize + _DIRECT_ALIGN, np.uint8)
-    skip = (file_offset - raw.ctypes.data) % _DIRECT_ALIGN
-    return raw[skip : skip + n * dtype.itemsize].view(dtype)
-
-
-def phased_pieces(offsets: Sequence[int], sizes: Sequence[int], *, slack: int) -> tuple[np.ndarray, np.ndarray]:
-    """One uint8 buffer holding pieces of ``sizes`` bytes, in order and each followed by at
-    least ``slack`` spare bytes, each placed like its file offset in ``offsets`` (see
-    ``phased_empty``); returns the buffer and where each piece starts in it."""
-    buffer = np.empty(int(sum(sizes)) + len(sizes) * (_DIRECT_ALIGN + slack), np.uint8)
-    starts, pos = [], 0
-    for offset, n in zip(offsets, sizes, strict=True):
-        pos += (offset - (buffer.ctypes.data + pos)) % _DIRECT_ALIGN
-        starts.append(pos)
-        pos += int(n) + slack
-    return buffer, np.array(starts, np.int64)
 
 
 class OutputFile:
@@ -220,8 +167,7 @@ class OutputFile:
                 self._direct_fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
 
     def pwrite(self, data: Any, offset: int) -> None:
-        """Write ``data`` at ``offset``. Large writes may be queued and written later from the
-        memory itself: leave ``data`` unchanged until ``DirectWriter.flush``."""
+        """Write ``data`` at ``offset`` (large writes are copied into the direct writer's queue)."""
         view = memoryview(data).cast("B")
         first = -(-offset // _DIRECT_ALIGN) * _DIRECT_ALIGN
         last = (offset + view.nbytes) // _DIRECT_ALIGN * _DIRECT_ALIGN
@@ -246,14 +192,7 @@ class OutputFile:
                 self._direct_refused = True  # opened, but refused: go through the page cache
         _pwrite_all(self._fd, data, offset)
 
-    def reserve(self, length: int, *, offset: int = 0) -> None:
-        """Reserve bytes ``[offset, offset + length)`` on disk (see ``_reserve_blocks``); pass
-        the real size to ``close``, which gives back what was reserved beyond it."""
-        _reserve_blocks(self._fd, offset, length)
-
     def close(self, final_size: int | None = None) -> None:
-        # fstat, not only what was reserved: a reservation that failed part-way (a full disk) can
-        # still have grown the file.
         if self._fd is not None and final_size is not None and final_size < os.fstat(self._fd).st_size:
             os.ftruncate(self._fd, final_size)
         for fd in (self._fd, self._direct_fd):
@@ -284,11 +223,6 @@ class OrderedAppendFile:
 
     def write_at(self, data: Any, offset: int) -> None:
         self._out.pwrite(data, offset)
-
-    def reserve(self, size: int) -> None:
-        """Reserve ``size`` bytes on disk ahead of the appends (an estimate: the file ends up
-        exactly as long as what was appended)."""
-        self._out.reserve(size)
 
     def abort(self, failed_ticket: int = -1) -> None:
         self._turns.abort(failed_ticket)

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from utils.filewriter import DirectWriter, OutputFile, _Turns, phased_empty
+from utils.filewriter import DirectWriter, OutputFile, _Turns
 
 
 class H5adCSRWriter:
@@ -45,16 +45,6 @@ class H5adCSRWriter:
         self._places = {name: _preallocated(x, name, dtype, nnz) for name, dtype in (("data", "<f4"), ("indices", "<i4"))}
         self._file.flush()  # the datasets' places are final; our own descriptor writes there
         self._out = OutputFile(path, direct=direct, create=False)
-        for offset, dtype in self._places.values():
-            self._out.reserve(nnz * dtype.itemsize, offset=offset)
-
-    def row_arrays(self, first_row: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Empty indices and data arrays for up to ``n`` entries of rows ``first_row, ...``,
-        placed so that ``write_rows`` writes them without a copy (see ``phased_empty``)."""
-        start = int(self.indptr[first_row])
-        (indices_offset, indices_dtype), (data_offset, data_dtype) = self._places["indices"], self._places["data"]
-        return (phased_empty(n, indices_dtype, indices_offset + start * indices_dtype.itemsize),
-                phased_empty(n, data_dtype, data_offset + start * data_dtype.itemsize))
 
     def write_rows(self, first_row: int, indices: np.ndarray, data: np.ndarray) -> None:
         """Write the entries of rows ``first_row, first_row + 1, ...`` (any thread, any order)."""
@@ -106,7 +96,7 @@ class ArrowSplitWriter:
     reads."""
 
     def __init__(self, folder: Path, schema: pa.Schema, *, shard_bytes: int = 500 << 20,
-                 direct: DirectWriter | None = None, expected_bytes: int = 0):
+                 direct: DirectWriter | None = None):
         self.folder = folder
         self.folder.mkdir(parents=True)
         self.features = {f.name: {"dtype": _value_dtype(f.type), "_type": "Value"} for f in schema}
@@ -115,7 +105,6 @@ class ArrowSplitWriter:
         self._schema_message = self.schema.serialize()
         self.shard_bytes = shard_bytes
         self._direct = direct
-        self._unreserved = expected_bytes  # an estimate of the split's size, reserved shard by shard
         self._shards: list[tuple[Path, OutputFile, int]] = []  # (path, file, bytes so far)
         self._turns = _Turns()
         self.n_rows = 0
@@ -134,32 +123,16 @@ class ArrowSplitWriter:
             path, file, offset = self._shards[-1]
             self._shards[-1] = (path, file, offset + size)
             self.n_rows += batch.num_rows
-        file.pwrite(self._message(batch, size, offset), offset)
-
-    def _message(self, batch: pa.RecordBatch, size: int, offset: int) -> Any:
-        """The IPC message of ``batch``, made where the direct writer writes it without a copy:
-        Arrow's stream writer serializes into a buffer placed like the file (see
-        ``phased_empty``), after the schema message it always writes first."""
-        head = self._schema_message.size
-        buffer = phased_empty(head + size + len(_ARROW_END_OF_STREAM), np.uint8, offset - head)
-        sink = pa.FixedSizeBufferWriter(pa.py_buffer(buffer))
-        with pa.ipc.new_stream(sink, self.schema) as stream:
-            stream.write_batch(batch)
-        if sink.tell() == len(buffer) and buffer[:head].tobytes() == self._schema_message.to_pybytes():
-            return buffer[head : head + size]
-        # Not the layout expected: Arrow's own message (glibc's heap, which keeps freed memory;
-        # Arrow's pool handed pages back, and faulting them in again cost 0.4 s per 200k cells).
+        # In glibc's heap, which keeps freed memory; Arrow's pool handed pages back, and faulting
+        # them in again cost 0.4 s per 200k cells.
         message = batch.serialize(memory_pool=pa.system_memory_pool())
         if message.size != size:  # its place in the shard was taken for `size` bytes
             raise RuntimeError(f"Arrow made a {message.size}-byte message, {size} expected")
-        return message
+        file.pwrite(message, offset)
 
     def _new_shard(self) -> None:
         path = self.folder / f"shard-{len(self._shards):05d}.arrow"
         file = OutputFile(path, direct=self._direct)
-        reserve = min(self.shard_bytes, self._unreserved)
-        file.reserve(reserve)
-        self._unreserved -= reserve
         file.pwrite(self._schema_message, 0)
         self._shards.append((path, file, self._schema_message.size))
 

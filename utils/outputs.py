@@ -16,11 +16,11 @@ import pandas as pd
 import pyarrow as pa
 
 from utils.common import InputError
-from utils.filewriter import DirectWriter, OrderedAppendFile, phased_pieces
+from utils.filewriter import DirectWriter, OrderedAppendFile
 from utils.fit import METRIC_COLUMNS, NonFiniteError, RankExpressionFit, fit_rank_expression
 from utils.formats import ArrowSplitWriter, H5adCSRWriter, write_dataset_dict_index
-from utils.sentence_chunk import TEXT_SLACK, RankedChunk, SentenceChunk, rank_chunk, write_text
-from utils.transform_pipeline import SPLITS, PassContext, RunPlan, expected_sentence_bytes
+from utils.sentence_chunk import SentenceChunk, rank_chunk, write_text
+from utils.transform_pipeline import SPLITS, PassContext, RunPlan
 
 logger = logging.getLogger("cell2sentence")
 
@@ -111,22 +111,14 @@ class TransformOutputs:
         self.n_written = 0
         self.columns = plan.columns
         schema = arrow_schema(self.columns)
-        row_lengths = qc.n_stored[qc.cell_mask]
-        expected_bytes = expected_sentence_bytes(
-            row_lengths, plan.split_of_cell[qc.cell_mask], plan.names.lengths, qc.gene_cells[qc.gene_mask],
-            max_genes=plan.settings.max_genes)
-        # Disk blocks reserved up front make the direct writes faster (see OutputFile.reserve).
-        for split, expected in zip(SPLITS, expected_bytes, strict=True):
-            self.sentence_files[split].reserve(int(expected))
-        self.arrow = {s: ArrowSplitWriter(root / "cell_sentences_hf" / s, schema, direct=self.direct,
-                                          expected_bytes=int(e))
-                      for s, e in zip(SPLITS, expected_bytes, strict=True)}
-        self.h5ad = H5adCSRWriter(root / h5ad_name, len(plan.kept_names), row_lengths, direct=self.direct)
+        self.arrow = {s: ArrowSplitWriter(root / "cell_sentences_hf" / s, schema, direct=self.direct) for s in SPLITS}
+        self.h5ad = H5adCSRWriter(root / h5ad_name, len(plan.kept_names), qc.n_stored[qc.cell_mask],
+                                  direct=self.direct)
 
     def write_chunk(self, ticket: int, bounds: tuple[int, int]) -> SentenceChunk:
-        """Pass 2 of chunk ``ticket`` (rows ``bounds``), from a worker thread: rank it into
-        arrays placed like the preprocessed h5ad, take its place in the text files, write its
-        text there, and append its barcodes and Arrow rows. Chunk ``ticket`` waits only until
+        """Pass 2 of chunk ``ticket`` (rows ``bounds``), from a worker thread: rank it, write its
+        preprocessed rows into the h5ad, take its place in the text files and write its text
+        there, and append its barcodes and Arrow rows. Chunk ``ticket`` waits only until
         chunk ``ticket - 1`` has taken its place in each file. Returns the chunk without its
         (written) rows and text."""
         try:
@@ -147,10 +139,10 @@ class TransformOutputs:
             chunk.indptr, chunk.indices, chunk.data, row_split=plan.split_of_cell[start:stop],
             row_eval=plan.eval_mask[start:stop], cell_ids=np.arange(start, stop), gene_position=plan.gene_position,
             names=plan.names, normalization=settings.normalization, seed=settings.seed, max_genes=settings.max_genes,
-            out_arrays=self.h5ad.row_arrays(first_row, chunk.nnz),  # written without a copy
         )  # fmt: skip
-        places, (text, text_start) = self._place_text(ticket, ranked)
-        sentences = write_text(ranked, plan.names, text, text_start)  # likewise
+        sentences = write_text(ranked, plan.names)
+        sizes = ranked.text_sizes
+        places = [self.sentence_files[split].place(ticket, int(n)) for split, n in zip(SPLITS, sizes, strict=True)]
         # Written in the worker: the writes run side by side, and only small results go back.
         self.h5ad.write_rows(first_row, sentences.indices, sentences.data)
         kept_rows = sentences.kept + start
@@ -169,14 +161,6 @@ class TransformOutputs:
                 batch = pa.RecordBatch.from_arrays(arrays, schema=self.arrow[split].schema)
             self.arrow[split].append(ticket, batch)
         return sentences
-
-    def _place_text(self, ticket: int, ranked: RankedChunk) -> tuple[list[int], tuple[np.ndarray, np.ndarray]]:
-        """Take chunk ``ticket``'s place in the three text files (their offsets), and a buffer
-        with the text's place in it laid out as in the files (see ``phased_empty``), so that
-        the direct writer writes the text without a copy."""
-        sizes = ranked.text_sizes
-        places = [self.sentence_files[split].place(ticket, int(n)) for split, n in zip(SPLITS, sizes, strict=True)]
-        return places, phased_pieces(places, sizes, slack=TEXT_SLACK)
 
     def abort(self, failed_ticket: int = -1) -> None:
         for appender in [*self.sentence_files.values(), *self.barcode_files.values(), *self.arrow.values()]:

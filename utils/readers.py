@@ -9,8 +9,6 @@ into memory and are then served in the same chunks.
 from __future__ import annotations
 
 import logging
-import mmap
-import os
 from pathlib import Path
 from typing import Any
 
@@ -56,109 +54,6 @@ def _is_canonical(indptr, indices, data):
         if indptr[r] - base > 0 and indptr[r] < indptr[r + 1]:
             unsorted -= indices[indptr[r] - base] <= indices[indptr[r] - base - 1]
     return zeros == 0 and unsorted == 0
-
-
-class _DirectReader:
-    """Reads element ranges of an uncompressed 1-D HDF5 dataset straight from the file with
-    ``os.preadv``: no HDF5 call, whose global lock would serialize the worker threads, and no
-    intermediate copy (4x faster than slicing through h5py here)."""
-
-    def __init__(self, path: Path, dataset: h5py.Dataset, file_offsets: np.ndarray, piece: int):
-        self._path = path
-        self._fd = os.open(path, os.O_RDONLY)
-        self._file_size = os.fstat(self._fd).st_size
-        # Ranges stored back to back are mapped, not copied (see ``_map``); tests turn it off to
-        # check the reading path, which serves ranges stored apart.
-        self.mapped = True
-        self.dtype = dataset.dtype
-        self._offsets = file_offsets  # file offset of each stored piece (chunk) in order
-        self._piece = piece  # elements per piece
-
-    @classmethod
-    def open(cls, path: Path, dataset: h5py.Dataset) -> _DirectReader | None:
-        """A reader for ``dataset``, or None when it is compressed, filtered, not yet fully
-        written or not a little-endian number array (h5py reads those)."""
-        dtype = dataset.dtype
-        if dataset.ndim != 1 or dtype.kind not in "fiu" or dtype.byteorder == ">" or len(dataset) == 0:
-            return None
-        plist = dataset.id.get_create_plist()
-        if plist.get_nfilters() or plist.get_external_count():
-            return None
-        layout = plist.get_layout()
-        if layout == h5py.h5d.CONTIGUOUS:
-            offset = dataset.id.get_offset()
-            return None if offset is None else cls(path, dataset, np.array([offset], np.int64), len(dataset))
-        if layout != h5py.h5d.CHUNKED:
-            return None
-        piece = dataset.chunks[0]
-        offsets = np.full(-(-len(dataset) // piece), -1, np.int64)
-
-        def visit(info):
-            offsets[info.chunk_offset[0] // piece] = info.byte_offset
-
-        dataset.id.chunk_iter(visit)
-        return None if (offsets < 0).any() else cls(path, dataset, offsets, piece)
-
-    def read(self, lo: int, hi: int) -> np.ndarray:
-        """Elements ``[lo, hi)``."""
-        mapped = self._map(lo, hi) if self.mapped else None
-        if mapped is not None:
-            return mapped
-        self._read_ahead(hi, 2 * (hi - lo))
-        out = np.empty(hi - lo, self.dtype)
-        view = memoryview(out).cast("B")
-        size = self.dtype.itemsize
-        pos = lo
-        while pos < hi:
-            first = last = pos // self._piece
-            stop = min(hi, (first + 1) * self._piece)
-            # Pieces stored back to back in the file are read with one call.
-            while stop < hi and self._offsets[last + 1] == self._offsets[last] + self._piece * size:
-                last += 1
-                stop = min(hi, (last + 1) * self._piece)
-            self._pread_all(view[(pos - lo) * size : (stop - lo) * size], self._file_offset(pos))
-            pos = stop
-        return out
-
-    def _file_offset(self, pos: int) -> int:
-        """Where element ``pos`` is stored in the file."""
-        piece = pos // self._piece
-        return int(self._offsets[piece]) + (pos - piece * self._piece) * self.dtype.itemsize
-
-    def _read_ahead(self, lo: int, n: int) -> None:
-        """Ask the kernel to start reading elements ``[lo, lo + n)`` (the chunks the workers take
-        next) from disk now: reading a file that is not cached went from 0.9 to 1.1 GB/s."""
-        if n > 0 and lo // self._piece < len(self._offsets):
-            os.posix_fadvise(self._fd, self._file_offset(lo), n * self.dtype.itemsize, os.POSIX_FADV_WILLNEED)
-
-    def _map(self, lo: int, hi: int) -> np.ndarray | None:
-        """Elements ``[lo, hi)`` mapped from the file when they are stored back to back: the
-        array then uses the page cache's pages, without the copy that reading makes (a
-        private mapping, so it stays writable; it is unmapped when the array is freed)."""
-        if hi <= lo:
-            return None
-        size = self.dtype.itemsize
-        first, last = lo // self._piece, (hi - 1) // self._piece
-        if last > first and (np.diff(self._offsets[first : last + 1]) != self._piece * size).any():
-            return None
-        start = self._file_offset(lo)
-        stop = start + (hi - lo) * size
-        if stop > self._file_size:  # a mapping would fault past the end; reading reports it
-            return None
-        skip = start % mmap.ALLOCATIONGRANULARITY
-        region = mmap.mmap(self._fd, stop - start + skip, offset=start - skip, access=mmap.ACCESS_COPY)
-        region.madvise(mmap.MADV_WILLNEED)  # read ahead when the file is not cached yet
-        return np.frombuffer(region, self.dtype, hi - lo, skip)
-
-    def _pread_all(self, view: memoryview, offset: int) -> None:
-        while len(view):  # a single read returns at most about 2 GB
-            got = os.preadv(self._fd, [view], offset)
-            if got == 0:
-                raise InputError(f"{self._path} ends early; the file is truncated.")
-            view, offset = view[got:], offset + got
-
-    def __del__(self, _close=os.close) -> None:  # bound now: at interpreter exit os may be gone
-        _close(self._fd)
 
 
 class MatrixSource:
@@ -210,8 +105,11 @@ class H5adSource(MatrixSource):
 
     def __init__(self, path: Path, *, layer: str | None):
         self.path = path
-        # One handle shared by the worker threads: h5py serializes access to it.
+        # One handle shared by the worker threads: h5py serializes access to it. (Reading
+        # around HDF5 with preadv, or mapping the ranges, earned less than the 15% end to end
+        # that a low-level trick must earn here: see utils/filewriter.py.)
         self._file = h5py.File(path, "r")
+        self._stamp = _file_stamp(path)
         f = self._file
         has = {"X": "X" in f, "raw/X": "raw" in f and "X" in f["raw"]}
         if "layers" in f:
@@ -220,7 +118,6 @@ class H5adSource(MatrixSource):
         self.matrix_name = _display_name(self._key)
         node = f[self._key]
         self._dense = isinstance(node, h5py.Dataset)
-        self._direct: dict[str, _DirectReader | None] = {}
         if self._dense:
             self.shape = tuple(int(n) for n in node.shape)
         else:
@@ -229,7 +126,6 @@ class H5adSource(MatrixSource):
                 raise _NeedsInMemory(f"{self.matrix_name} is stored as {encoding}")
             shape = node.attrs["shape"] if "shape" in node.attrs else node.attrs["h5sparse_shape"]
             self.shape = tuple(int(n) for n in shape)
-            self._direct = {name: _DirectReader.open(path, node[name]) for name in ("indptr", "indices", "data")}
         self.obs = ad.io.read_elem(f["obs"])
         self.var = ad.io.read_elem(f["raw/var"] if self._key == "raw/X" else f["var"])
         self.log1p_base = NO_LOG1P
@@ -237,19 +133,39 @@ class H5adSource(MatrixSource):
             self.log1p_base = _log1p_base(ad.io.read_elem(f["uns/log1p"]))
 
     def read_rows(self, start: int, stop: int) -> sp.csr_matrix:
-        node = self._file[self._key]
-        if self._dense:
-            return _canonical(sp.csr_matrix(node[start:stop]))
-        indptr = self._read(node, "indptr", start, stop + 1).astype(np.int64)
-        lo, hi = int(indptr[0]), int(indptr[-1])
-        data = self._read(node, "data", lo, hi)
-        indices = self._read(node, "indices", lo, hi)
-        chunk = sp.csr_matrix((data, indices, indptr - lo), shape=(stop - start, self.shape[1]))
+        try:
+            node = self._file[self._key]
+            if self._dense:
+                chunk = sp.csr_matrix(node[start:stop])
+            else:
+                indptr = node["indptr"][start : stop + 1].astype(np.int64)
+                lo, hi = int(indptr[0]), int(indptr[-1])
+                chunk = sp.csr_matrix((node["data"][lo:hi], node["indices"][lo:hi], indptr - lo),
+                                      shape=(stop - start, self.shape[1]))
+        except (OSError, ValueError) as err:
+            self._check_unchanged(start, stop)
+            raise InputError(f"{self.path} could not be read at cells {start}-{stop} ({err}); "
+                             "the file is damaged.") from err
+        # HDF5 fills a read past the end of a file that was cut short with zeros: a file that
+        # changed while it was read must stop the run, not give wrong sentences.
+        self._check_unchanged(start, stop)
         return _canonical(chunk)
 
-    def _read(self, node: h5py.Group, name: str, lo: int, hi: int) -> np.ndarray:
-        reader = self._direct.get(name)
-        return node[name][lo:hi] if reader is None else reader.read(lo, hi)
+    def _check_unchanged(self, start: int, stop: int) -> None:
+        now = _file_stamp(self.path)
+        if now != self._stamp:
+            raise InputError(
+                f"{self.path} changed while it was being read (size {self._stamp[0]:,} -> {now[0]:,} bytes, "
+                f"noticed at cells {start}-{stop}); rerun once nothing else writes to it.")
+
+
+def _file_stamp(path: Path) -> tuple[int, int, int]:
+    """What changes when a file is rewritten, cut short or replaced: size, mtime, inode."""
+    try:
+        st = path.stat()
+    except OSError:  # deleted or moved away
+        return (-1, -1, -1)
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
 
 
 class _NeedsInMemory(Exception):

@@ -243,19 +243,12 @@ def rank_chunk(
 
 
 
-def write_text(ranked: RankedChunk, names: GeneNameTable, text: np.ndarray | None = None,
-               text_start: np.ndarray | None = None) -> SentenceChunk:
-    """The sentences of a ranked chunk (pass 2's second half), written into ``text`` from
-    ``text_start[split]`` on, each split's text followed by ``TEXT_SLACK`` spare bytes. The
-    transform passes a buffer laid out like its files, so the text is written without a copy;
-    default: the splits back to back in a new buffer."""
+def write_text(ranked: RankedChunk, names: GeneNameTable) -> SentenceChunk:
+    """The sentences of a ranked chunk (pass 2's second half): each split's lines in one
+    buffer (``.text``) and as Arrow strings (``.arrow_offsets``, ``.arrow_text``)."""
     sizes = ranked.text_sizes
-    if text is None:
-        text_start = np.concatenate([[0], np.cumsum(sizes + TEXT_SLACK)[:-1]])
-        text = np.empty(int(sizes.sum()) + N_SPLITS * TEXT_SLACK, np.uint8)
-    text_start = np.asarray(text_start, np.int64)
-    if len(text_start) != N_SPLITS or (text_start < 0).any() or (text_start + sizes + TEXT_SLACK > len(text)).any():
-        raise ValueError("text_start gives places that do not fit the text buffer")
+    text_start = np.concatenate([[0], np.cumsum(sizes + TEXT_SLACK)[:-1]]).astype(np.int64)
+    text = np.empty(int(sizes.sum()) + N_SPLITS * TEXT_SLACK, np.uint8)
     r = ranked
     arrow_text, arrow_offsets = _text_kernel(
         r.kept, r.row_split, r.indptr, r.ranked, r.line_bytes, r.split_bytes, r.split_lines, r.limit,

@@ -389,28 +389,3 @@ def sample_eval_cells(cell_mask: np.ndarray, n_eval: int, *, seed: int) -> np.nd
     else:
         mask[np.random.default_rng(seed + 1).choice(kept, size=n_eval, replace=False)] = True
     return mask
-
-
-def expected_sentence_bytes(
-    row_lengths: np.ndarray,
-    row_splits: np.ndarray,
-    name_bytes: np.ndarray,
-    gene_cells: np.ndarray,
-    *,
-    max_genes: int | None,
-) -> np.ndarray:
-    """An estimate of each split's sentence bytes (names and separators), to reserve disk blocks
-    before pass 2: every kept cell's gene count (capped at ``max_genes``) times the mean name
-    length over all expressed genes, plus one separator. Kept 3% low on purpose: a reservation
-    must never take space the outputs will not use.
-
-    ``row_lengths`` and ``row_splits``: per kept cell; ``name_bytes`` and ``gene_cells``: per
-    kept gene (UTF-8 length of the name, cells expressing it).
-    """
-    expressed = float(gene_cells.sum())
-    if expressed == 0:
-        return np.zeros(len(SPLITS), np.int64)
-    mean_bytes = float(((name_bytes + 1) * gene_cells).sum()) / expressed
-    genes = row_lengths if max_genes is None else np.minimum(row_lengths, max_genes)
-    per_split = np.bincount(row_splits, weights=genes, minlength=len(SPLITS)) * mean_bytes
-    return (0.97 * per_split).astype(np.int64)
