@@ -125,7 +125,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--without", nargs="*", default=[], metavar="TRICK",
         help="Also run the first --transform with each of these low-level tricks turned off "
-             "(bench/without.py: o_direct, mallopt).",
+             "(bench/without.py: direct_reader, o_direct, mallopt).",
     )
     parser.add_argument(
         "--compare_outputs", action="store_true",

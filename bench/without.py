@@ -19,6 +19,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+def _no_direct_reader() -> None:  # input read through h5py (and its global lock)
+    from utils import readers
+
+    readers._DirectReader.open = classmethod(lambda cls, path, dataset: None)
+
+
 def _no_o_direct() -> None:  # outputs written through the page cache
     from utils import filewriter
 
@@ -37,6 +43,7 @@ def _no_mallopt() -> None:  # glibc's default malloc settings
 
 
 TRICKS = {
+    "direct_reader": _no_direct_reader,
     "o_direct": _no_o_direct,
     "mallopt": _no_mallopt,
 }

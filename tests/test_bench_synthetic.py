@@ -162,3 +162,16 @@ def test_bench_measures_a_subprocess_tree(tmp_path):
     with pytest.raises(transform_bench.InputError, match="boom: chunk size 13"):
         transform_bench.main(transform_bench.parse_args([*argv, "--chunk_size", "13"]))
     assert len(list((tmp_path / "cache").iterdir())) == 1
+
+
+def test_outputs_of_two_scripts_are_compared_byte_for_byte(tmp_path):
+    from bench.transform_bench import differing_files
+
+    for side in ("a", "b"):
+        (tmp_path / side / "eval").mkdir(parents=True)
+        (tmp_path / side / "eval" / "m.csv").write_text("slope\n-0.7\n")
+        (tmp_path / side / "transform_args.json").write_text(side)  # records paths: never compared
+    assert differing_files(tmp_path / "a", tmp_path / "b") == []
+    (tmp_path / "b" / "eval" / "m.csv").write_text("slope\n-0.8\n")
+    (tmp_path / "b" / "extra.txt").write_text("x")
+    assert differing_files(tmp_path / "a", tmp_path / "b") == ["eval/m.csv", "extra.txt"]

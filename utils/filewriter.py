@@ -17,11 +17,13 @@ side by side in one run, best of 2, on the 2 shared cores):
   time copying into the page cache instead of 1.7 s).
 - glibc's malloc kept from unmapping freed chunks (``utils.common.keep_freed_memory_for_reuse``):
   without it 37.2 s (+34%).
+- ``preadv`` reads of the input around HDF5 (``utils/readers.py``): 29.8 s in that run (+8%),
+  but 28.6 s against 21.0 s (+36%) measured again with the final code (``--without
+  direct_reader``), so it stays.
 
 Removed because they earned less: memory-mapped input ranges (24.2 s without: no gain),
-``preadv`` reads around HDF5 (29.8 s, +8%), ``fallocate`` reservations (30.0 s, +8%), memory
-placed like the file to spare a copy (27.3 s, -1%), skipping the interpreter's teardown with
-``os._exit`` (25.4 s, no gain).
+``fallocate`` reservations (30.0 s, +8%), memory placed like the file to spare a copy (27.3 s,
+-1%), skipping the interpreter's teardown with ``os._exit`` (25.4 s, no gain).
 """
 
 from __future__ import annotations
