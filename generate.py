@@ -271,7 +271,8 @@ def evaluate_generated(generated: pd.DataFrame, tables: dict[str, Any], *, split
                        ) -> tuple[dict[str, Any], Any]:
     """The metrics of eval/generation.py (utils.metrics.score_generated) and its PCA figure;
     cells generated without a cell type get the word statistics only (the rest compares types)."""
-    if None in set(generated["requested_cell_type"]):
+    # pandas may hold "no cell type" as None or NaN; a dataset without labels has no types to compare
+    if generated["requested_cell_type"].isna().any() or label_column not in tables["train"].column_names:
         from utils.evaluation import sentence_stats
         from utils.inverse import sentences_to_expression
 

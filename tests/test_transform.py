@@ -340,8 +340,16 @@ def test_existing_output_needs_overwrite(small_h5ad, tmp_path):
     with pytest.raises(InputError, match="--overwrite"):
         run(small_h5ad, tmp_path, "--min_genes_per_cell", "50", "--seed", "9")
     assert (tmp_path / "cell_sentences" / "train.txt").read_bytes() == before
+    evaluation = tmp_path / "eval" / "generation" / "metrics.json"  # as eval/generation.py writes
+    evaluation.parent.mkdir()
+    evaluation.write_text("{}")
+    old_csv = (tmp_path / "eval" / "transformation_metrics.csv").read_text()
+    (tmp_path / "eval" / "transformation_metrics.csv").write_text("stale")
     run(small_h5ad, tmp_path, "--min_genes_per_cell", "50", "--seed", "9", "--overwrite")
     assert (tmp_path / "cell_sentences" / "train.txt").read_bytes() != before
+    # --overwrite replaces the transform's own files in eval/ and leaves the evaluations there
+    assert evaluation.read_text() == "{}"
+    assert (tmp_path / "eval" / "transformation_metrics.csv").read_text().splitlines()[0] == old_csv.splitlines()[0]
 
 
 def test_interrupted_run_leaves_no_output(small_h5ad, tmp_path, monkeypatch):

@@ -406,11 +406,13 @@ def _finish_publish(committed: Path, folder: Path) -> None:
     pending = [n for n in names if (committed / n).exists() or (committed / n).is_symlink()]
     old = committed / _OLD_DIR
     old.mkdir(exist_ok=True)
-    for name in pending:
+    for name in pending:  # a name may be nested ("eval/x.csv"): its folders are made as needed
         dst = folder / name
         if dst.exists() or dst.is_symlink():
+            (old / name).parent.mkdir(parents=True, exist_ok=True)
             dst.rename(old / name)
     for name in reversed(pending):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (committed / name).rename(folder / name)
     trash = folder / (TRASH_PREFIX + committed.name[len(PUBLISH_PREFIX):])
     committed.rename(trash)

@@ -25,10 +25,16 @@ from utils.transform_pipeline import SPLITS, PassContext, RunPlan
 logger = logging.getLogger("cell2sentence")
 
 
+# The transform's files in ``eval/``, named one by one: ``eval/`` also holds what the eval
+# scripts write (``eval/<name>/``), which a transform run with --overwrite must leave alone.
+EVAL_FILES = ("eval/transformation_metrics.csv", "eval/log_rank_vs_log_expression.png",
+              "eval/expression_vs_reconstruction.png")
+
+
 def contract_names(stem: str) -> list[str]:
     """What the transform writes under its output folder (the data contract), for an input
     named ``stem``; the preprocessed AnnData is the fourth."""
-    return ["cell_sentences", "cell_sentences_hf", "eval", f"{stem}_preprocessed.h5ad", "transform_args.json"]
+    return ["cell_sentences", "cell_sentences_hf", "transform_args.json", f"{stem}_preprocessed.h5ad", *EVAL_FILES]
 
 
 def arrow_schema(columns: dict[str, np.ndarray]) -> pa.Schema:
