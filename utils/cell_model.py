@@ -276,7 +276,7 @@ class CellSentenceModel:
                        constrain_genes: bool = True, genes: Iterable[str] | None = None,
                        seed: int | None = None, progress: Callable[[int], None] | None = None
                        ) -> pd.DataFrame:
-        """Generate ``n_per_type`` cells of each listed type (or ``{type: count}``), sampled.
+        """Generate ``n_per_type`` cells of each listed type (or ``{type: count}``; None: any type), sampled.
 
         With ``constrain_genes`` (default) every generated word is a gene of ``genes`` (default:
         the genes of a word-level tokenizer) and no gene repeats. Returns a DataFrame with
@@ -287,9 +287,9 @@ class CellSentenceModel:
         from utils.training import decode_answer, encode_prompt
 
         if isinstance(cell_types, Mapping):
-            requested = [str(t) for t, n in cell_types.items() for _ in range(int(n))]
+            requested = [None if t is None else str(t) for t, n in cell_types.items() for _ in range(int(n))]
         else:  # each entry n_per_type times, in order (a type listed twice is asked twice)
-            requested = [str(t) for t in cell_types for _ in range(n_per_type)]
+            requested = [None if t is None else str(t) for t in cell_types for _ in range(n_per_type)]
         k = n_genes or self.top_k_genes
         fmt, tok = self.prompt_format, self.tokenizer
         prompts = [encode_prompt(tok, fmt.generation_prompt(t, k), fmt) for t in requested]
