@@ -224,7 +224,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     with staged_outputs(args.output_dir, OUTPUTS, overwrite=args.overwrite) as tmp:
         adata.write_h5ad(tmp / "embeddings.h5ad")
         if figure is not None:
-            figure.savefig(tmp / "umap.png", dpi=130)
+            figure.savefig(tmp / "umap.png", dpi=130, bbox_inches="tight")
         (tmp / "metrics.json").write_text(strict_json(metrics, indent=2, default=str) + "\n")
         save_args(args, tmp / "embed_args.json")
     logger.info("Wrote %s.", args.output_dir)

@@ -1,13 +1,16 @@
 """Use a trained cell-sentence model: predict cell types and generate cells, then evaluate.
 
 Two tasks (``--tasks predict,generate``), with the prompt templates of training
-(``utils/prompts.py``) and the token ids the model saw (``utils/training.py``):
+(``utils/prompts.py``) and the token ids the model saw (``utils/training.py``), through
+``utils.CellSentenceModel``. The model is a train.py run (full or LoRA), or a published C2S
+model (hub name or folder; no train_args.json: the C2S-Scale prompt format):
 
 - predict: for each cell of ``--split``, the first K genes (K = the run's ``top_k_genes``) ->
   the cell type, by batched greedy decoding with left padding. Accuracy is exact match after
   trimming and case-folding, next to the majority-class baseline; a confusion-matrix figure.
 - generate: ``--n_per_type`` cells per cell type (default: as many as the split has), sampled
-  with ``--temperature``/``--top_k``/``--top_p``. Evaluated as eval/generation.py does (the same
+  with ``--temperature``/``--top_k``/``--top_p``, every word a vocabulary gene named once
+  (``--no_constrain_genes``: free). Evaluated as eval/generation.py does (the same
   code, ``utils.metrics.score_generated``): valid-gene and duplicate rates, the paper's k-NN
   metric with the real -> real ceiling, MMD and energy distance with their real-vs-real floors.
   A PCA figure shows real and generated cells together.
@@ -20,6 +23,7 @@ Two tasks (``--tasks predict,generate``), with the prompt templates of training
 
 Example:
     python generate.py --model_dir data/model/scratch-small --data_dir data/cell_sentences_hf/
+    python generate.py --model_dir vandijklab/C2S-Pythia-410m-cell-type-prediction --tasks predict
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ them) with a byte-level BPE tokenizer trained on synthetic cell sentences, in th
 prompt format, saved and loaded like a published model. Per task, side by side in one run:
 
 - ``ours, batched``: ``utils.CellSentenceModel`` with ``--batch_size`` (what generate.py and
-  embed.py do); generation with and without the valid-gene constraint;
+  embed.py do); generation greedy (to compare methods) and sampled with and without the
+  valid-gene constraint (what the constraint costs; "words" is the mean words per cell);
 - ``ours, one cell at a time``: the same code with batch size 1;
 - ``newer package's way`` (vandijklab/cell2sentence's ``tasks.py``/``csmodel.py``, as
   described there): prediction one text prompt per ``generate`` call, decoded and the prompt
@@ -14,8 +15,8 @@ prompt format, saved and loaded like a published model. Per task, side by side i
   batches of 8, forward with autograd on, mean over every position (padding and prompt too).
 
 Every method stops an answer at EOS or at the same token budget (the model's generation
-config holds its EOS, as the newer package relies on); generation samples with top-k 1, so
-the unconstrained methods decode the same tokens and do the same work.
+config holds its EOS, as the newer package relies on); the compared generation rows decode
+greedily (top-k 1), so they decode the same tokens and do the same work.
 
 synthetic sentences -> printed table (and a JSON line with ``--json``)
 
@@ -194,9 +195,11 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
                 reference[task] = result
             elif compare:
                 same = round(agreement(reference[task], result), 6)
+            texts = isinstance(result, list) and all(isinstance(x, str) for x in result)
+            words = round(sum(len(x.split()) for x in result) / len(result), 1) if texts else None
             rows.append({"task": task, "method": method, "cells": n, "seconds": round(seconds, 3),
-                         "cells_per_s": round(n / seconds, 2), "vs_first": same})
-            logger.info("%-9s %-38s %7.2f s %9.2f cells/s", task, method, seconds, n / seconds)
+                         "cells_per_s": round(n / seconds, 2), "vs_first": same, "words_per_cell": words})
+            logger.info("%-9s %-46s %7.2f s %9.2f cells/s", task, method, seconds, n / seconds)
 
         m.predict_cell_types(sentences[:2], max_new_tokens=2)  # warm-up: first calls allocate
         if "predict" in tasks:
@@ -207,17 +210,22 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
             add("predict", "newer package's way (1 per call)",
                 timed(lambda: theirs_predict(model, tok, pred_prompts, args.label_tokens)), parse=fmt.parse_label)
         if "generate" in tasks:
-            # top_k 1: every method decodes the same tokens (the same work), up to the constraint.
+            # Greedy (top-k 1): every free method decodes the same tokens, so the same work.
             kw = {"max_new_tokens": gen_tokens, "n_genes": args.n_genes, "genes": genes, "seed": args.seed,
-                  "top_k": 1}
-            add("generate", f"ours, batched ({args.batch_size}), free",
-                timed(lambda: m.generate_cells(labels, batch_size=args.batch_size, constrain_genes=False, **kw)))
-            add("generate", f"ours, batched ({args.batch_size}), constrained",
-                timed(lambda: m.generate_cells(labels, batch_size=args.batch_size, **kw)), compare=False)
-            add("generate", "ours, one cell at a time, free",
-                timed(lambda: m.generate_cells(labels, batch_size=1, constrain_genes=False, **kw)))
-            add("generate", "newer package's way (batches of 8)",
+                  "constrain_genes": False, "top_k": 1}
+            add("generate", f"ours, batched ({args.batch_size}), greedy",
+                timed(lambda: m.generate_cells(labels, batch_size=args.batch_size, **kw)))
+            add("generate", "ours, one cell at a time, greedy",
+                timed(lambda: m.generate_cells(labels, batch_size=1, **kw)))
+            add("generate", "newer package's way (8 per call), greedy",
                 timed(lambda: theirs_generate(model, tok, gen_prompts, gen_tokens)), parse=fmt.parse_genes)
+            # Sampled (top-k 50), free and constrained: what the constraint costs per cell.
+            kw.update(top_k=50)
+            add("generate", f"ours, batched ({args.batch_size}), sampled, free",
+                timed(lambda: m.generate_cells(labels, batch_size=args.batch_size, **kw)), compare=False)
+            kw.update(constrain_genes=True)
+            add("generate", f"ours, batched ({args.batch_size}), sampled, constrained",
+                timed(lambda: m.generate_cells(labels, batch_size=args.batch_size, **kw)), compare=False)
         if "embed" in tasks:
             add("embed", f"ours, batched ({args.batch_size})", timed(lambda: m.embed_cells(sentences, batch_size=args.batch_size)))
             add("embed", "ours, one cell at a time", timed(lambda: m.embed_cells(sentences, batch_size=1)))
@@ -225,10 +233,11 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
                 compare=False)  # another pooling: not comparable
     # vs_first: for answers, the fraction equal to the first method's; for embeddings, the
     # largest absolute difference from the first method's vectors.
-    print(f"{'task':<9} {'method':<40} {'seconds':>8} {'cells/s':>9} {'vs first':>9}")
+    print(f"{'task':<9} {'method':<46} {'seconds':>8} {'cells/s':>9} {'vs first':>9} {'words':>6}")
     for r in rows:
         same = "" if r["vs_first"] is None else f"{r['vs_first']:.6g}"
-        print(f"{r['task']:<9} {r['method']:<40} {r['seconds']:>8.2f} {r['cells_per_s']:>9.2f} {same:>9}")
+        words = "" if r["words_per_cell"] is None else f"{r['words_per_cell']:.1f}"
+        print(f"{r['task']:<9} {r['method']:<46} {r['seconds']:>8.2f} {r['cells_per_s']:>9.2f} {same:>9} {words:>6}")
     if args.json:
         print(json.dumps(rows))
     return rows
