@@ -175,3 +175,14 @@ def test_model_api_takes_an_anndata(published: Path) -> None:
     model = CellSentenceModel.load(published, device="cpu", top_k_genes=8)
     assert model.predict_cell_types(adata, max_new_tokens=4) == model.predict_cell_types(sentences, max_new_tokens=4)
     np.testing.assert_allclose(model.embed_cells(adata), model.embed_cells(sentences), atol=1e-6)
+
+
+def test_unconditional_generation_keeps_its_none_type(tmp_path: Path, published: Path) -> None:
+    from utils.common import InputError
+
+    model = CellSentenceModel.load(word_level_model(tmp_path), device="cpu")
+    cells = model.generate_cells({None: 2, "B cell": 1}, n_genes=5, seed=0, max_new_tokens=8)
+    assert cells["requested_cell_type"].tolist() == [None, None, "B cell"]
+    assert all(cells["cell_sentence"])  # constrained: genes only
+    with pytest.raises(InputError, match="any type"):
+        CellSentenceModel.load(published, device="cpu").generate_cells([None], genes=GENES)

@@ -276,7 +276,8 @@ class CellSentenceModel:
                        constrain_genes: bool = True, genes: Iterable[str] | None = None,
                        seed: int | None = None, progress: Callable[[int], None] | None = None
                        ) -> pd.DataFrame:
-        """Generate ``n_per_type`` cells of each listed type (or ``{type: count}``; None: any type), sampled.
+        """Generate ``n_per_type`` cells of each listed type (or ``{type: count}``; the type None
+        asks for cells of any type, the unconditional prompts), sampled.
 
         With ``constrain_genes`` (default) every generated word is a gene of ``genes`` (default:
         the genes of a word-level tokenizer) and no gene repeats. Returns a DataFrame with
@@ -286,10 +287,16 @@ class CellSentenceModel:
         from utils.generation import generate_batched
         from utils.training import decode_answer, encode_prompt
 
+        def name(t: Any) -> str | None:
+            return None if t is None else str(t)  # None: a cell of any type (unconditional)
+
         if isinstance(cell_types, Mapping):
-            requested = [None if t is None else str(t) for t, n in cell_types.items() for _ in range(int(n))]
+            requested = [name(t) for t, n in cell_types.items() for _ in range(int(n))]
         else:  # each entry n_per_type times, in order (a type listed twice is asked twice)
-            requested = [None if t is None else str(t) for t in cell_types for _ in range(n_per_type)]
+            requested = [name(t) for t in cell_types for _ in range(n_per_type)]
+        if None in requested and not self.prompt_format.unconditional_templates:
+            raise InputError(f"The {self.prompt_format.name} prompt format has no prompts for cells of any type; "
+                             "name the cell types to generate.")
         k = n_genes or self.top_k_genes
         fmt, tok = self.prompt_format, self.tokenizer
         prompts = [encode_prompt(tok, fmt.generation_prompt(t, k), fmt) for t in requested]
