@@ -526,10 +526,18 @@ def test_train_with_a_misspelled_label_column_is_an_error(tmp_path, cells):
                                      "--cell_type_column", "celltype", *TINY]))
 
 
-def test_a_model_trained_without_labels_generates_from_the_command_line(tmp_path, unconditional):
+def test_a_model_trained_without_labels_generates_from_the_command_line(tmp_path, monkeypatch, unconditional):
+    import utils.training
+    from utils.prompts import generation_prompt
+
     model, data = unconditional
     out = tmp_path / "gen"
+    prompts = []
+    encode = utils.training.encode_prompt
+    monkeypatch.setattr(utils.training, "encode_prompt", lambda tok, prompt, *a: prompts.append(prompt) or
+                        encode(tok, prompt, *a))
     metrics = generate_with(model, data, out, "--max_new_tokens", "12")
+    assert prompts == [generation_prompt(None, 10)] * 8  # the unconditional prompt, not "of type None"
     sentences = (out / "generated_cells.txt").read_text().splitlines()
     assert len(sentences) == 8 == metrics["generation"]["sentences"]["n_cells"]
     assert metrics["generation"]["requested_counts"] == {"any": 8}
