@@ -89,14 +89,17 @@ class CellSentences:
         import datasets  # seconds to import: only when asked for
 
         split = self.split_of_cells(split_fractions, seed)
-        sentences = np.asarray(self.sentences, dtype=object)
-        parts = {}
-        for i, name in enumerate(SPLITS):
-            rows = np.flatnonzero(split == i)
-            table = {"cell_name": self.columns["cell_name"][rows].tolist(), "cell_sentence": sentences[rows].tolist()}
-            table.update({n: v[rows].tolist() for n, v in self.columns.items() if n != "cell_name"})
-            parts[name] = datasets.Dataset.from_dict(table, features=_features(self.columns))
-        return datasets.DatasetDict(parts)
+        features = _features(self.columns)
+        # One Arrow table, split by taking rows: Dataset.from_dict encodes row by row (3.8 s for
+        # 20,000 sentences of 2,000 genes).
+        columns = {"cell_name": self.columns["cell_name"], "cell_sentence": self.sentences}
+        columns.update({n: v for n, v in self.columns.items() if n != "cell_name"})
+        table = pa.table({n: pa.array(v, type=features[n].pa_type) for n, v in columns.items()})
+        info = datasets.DatasetInfo(features=features)
+        return datasets.DatasetDict({
+            name: datasets.Dataset(table.take(pa.array(np.flatnonzero(split == i))), info=info)
+            for i, name in enumerate(SPLITS)
+        })
 
     def save(self, output_dir: Path | str, *, name: str = "adata", split_fractions: Sequence[float] | None = None,
              seed: int | None = None, overwrite: bool = False) -> Path:
