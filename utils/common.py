@@ -52,23 +52,51 @@ def run_cli(main: Callable[[Any], Any], parse_args: Callable[[Sequence[str] | No
     setup_logging()
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _raise_terminated)
+    sys.unraisablehook = _quiet_disk_full_unraisable
+    sys.excepthook = _quiet_disk_full_excepthook
+    code = 0
     try:
         main(parse_args(None))
     except InputError as err:
         logger.error("%s", err)
-        sys.exit(2)
+        code = 2
     except KeyboardInterrupt as err:
         what = "Stopped by SIGTERM" if isinstance(err, Terminated) else "Interrupted"
         logger.error("%s; no partial output was left in place.", what)
-        sys.exit(143 if isinstance(err, Terminated) else 130)
+        code = 143 if isinstance(err, Terminated) else 130
     except Exception as err:
         if not is_disk_full(err):
             raise
         folder = getattr(err, "filename", None) or next(iter(_HELD), None) or Path.cwd()
         logger.error("%s", disk_full_error(Path(folder), staged=False))
-        sys.exit(2)
+        code = 2
     finally:
         release_output_dirs()
+    if code:
+        # A library may still hold a file it failed to write: HDF5 keeps an h5ad whose flush
+        # hit ENOSPC open and crashes the interpreter's teardown on it (SIGSEGV: exit 139, not
+        # 2). The outputs are settled and the lock released by now, so leave without teardown.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _h5py_disk_full(err: BaseException | None) -> bool:
+    return isinstance(err, RuntimeError) and "No space left on device" in str(err)
+
+
+def _quiet_disk_full_unraisable(unraisable: Any) -> None:
+    """Drop the tracebacks h5py prints while freeing a file it could not write for a full disk
+    (the run reports the full disk in one sentence); anything else is reported as usual."""
+    if not _h5py_disk_full(unraisable.exc_value):
+        sys.__unraisablehook__(unraisable)
+
+
+def _quiet_disk_full_excepthook(kind: type, err: BaseException, tb: Any) -> None:
+    # h5py's Cython __dealloc__ prints its error through sys.excepthook before the unraisable hook
+    if not _h5py_disk_full(err):
+        sys.__excepthook__(kind, err, tb)
 
 
 def keep_freed_memory_for_reuse() -> None:
