@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from utils.common import InputError, save_args, staged_outputs
+from utils.common import InputError, save_args, staged_outputs, strict_json
 from utils.fit import RankExpressionFit
 from utils.inverse import VocabIndex, build_vocab_index, load_transform_fit, load_vocab
 
@@ -191,8 +191,7 @@ def write_evaluation(output_dir: Path, names: list[str], *, metrics: dict[str, A
     """
     with staged_outputs(output_dir, names, overwrite=overwrite) as tmp:
         # Strict JSON (jq, JavaScript): a score that is not defined (NaN) is written as null.
-        (tmp / "metrics.json").write_text(json.dumps(_finite(metrics), indent=2, default=_json_value,
-                                                     allow_nan=False) + "\n")
+        (tmp / "metrics.json").write_text(strict_json(metrics, indent=2, default=_json_value) + "\n")
         for name, figure in figures.items():
             if callable(figure):  # a function that writes the file itself
                 figure(tmp / name)
@@ -206,17 +205,6 @@ def write_evaluation(output_dir: Path, names: list[str], *, metrics: dict[str, A
         if name not in written and (output_dir / name).is_file():
             logger.warning("Removed %s, an output of an earlier run not written now.", output_dir / name)
             (output_dir / name).unlink()
-
-
-def _finite(value: Any) -> Any:
-    """``value`` with every non-finite float (NaN, inf) inside dicts and lists made ``None``."""
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return float(value) if np.isfinite(value) else None
-    return value
 
 
 def _json_value(value: Any) -> Any:
