@@ -51,11 +51,12 @@ from utils.common import (
 )
 from utils.outputs import TransformOutputs, contract_names, write_chunk_task
 from utils.preprocess import INPUT_KINDS, TARGET_SUM, QCParams
-from utils.readers import open_source
+from utils.readers import input_stem
 from utils.transform_pipeline import (
     DEFAULT_LABEL_COLUMN,
     PassContext,
     TransformOptions,
+    open_inputs,
     ordered_map,
     plan_run,
 )
@@ -65,8 +66,9 @@ logger = logging.getLogger("cell2sentence")
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data_filepath", type=Path, default=Path("data/dominguez_sample.h5ad"),
-                   help="input: .h5ad (10x .h5, 10x matrix folder, .loom, .csv also read)")
+    p.add_argument("--data_filepath", type=Path, nargs="+", default=[Path("data/dominguez_sample.h5ad")],
+                   help="input: .h5ad (10x .h5, 10x matrix folder, .loom, .csv also read); several files, or a "
+                        "folder of .h5ad files, are joined into one dataset (genes matched by name)")
     p.add_argument("--output_dir", type=Path, default=Path("data"), help="where outputs go")
     p.add_argument("--layer", type=str, default=None,
                    help="layer holding counts (default: .raw.X, else layers['counts'], else X)")
@@ -104,6 +106,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1234, help="seed of tie-breaking, splits and sampling")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     args = p.parse_args(argv)
+    if len(args.data_filepath) == 1:  # one file: a path, as it always was (transform_args.json too)
+        args.data_filepath = args.data_filepath[0]
     _check_args(args)
     return args
 
@@ -133,9 +137,10 @@ def transform_options(args: argparse.Namespace) -> TransformOptions:
     )  # fmt: skip
 
 
-def output_names(data_filepath: Path) -> list[str]:
-    """What the transform writes under --output_dir (the data contract)."""
-    return contract_names(data_filepath.stem)
+def output_names(data_filepath: Path | list[Path]) -> list[str]:
+    """What the transform writes under --output_dir (the data contract); several inputs are
+    named after their folder, or ``combined``."""
+    return contract_names(input_stem(data_filepath))
 
 
 @releasing_outputs
@@ -144,13 +149,13 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     keep_freed_memory_for_reuse()
     names = output_names(args.data_filepath)
     claim_output_dir(args.output_dir, names, overwrite=args.overwrite)
-    source = open_source(args.data_filepath, layer=args.layer)
-    logger.info("Read %s: %s cells x %s genes from %s.", args.data_filepath,
+    source, options, normalization = open_inputs(args.data_filepath, transform_options(args), layer=args.layer)
+    logger.info("Read %s: %s cells x %s genes from %s.", source.path,
                 f"{source.n_cells:,}", f"{source.n_genes:,}", source.matrix_name)
 
     # Pass 1: QC statistics, then the splits and the evaluation sample.
     pass_started = time.perf_counter()
-    plan = plan_run(source, transform_options(args))
+    plan = plan_run(source, options, normalization=normalization)
     _log_pass("QC pass", source.n_cells, pass_started)
 
     # matplotlib takes 0.3 s to import: let it load while pass 2 waits on the disk (the

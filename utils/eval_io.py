@@ -19,6 +19,7 @@ import numpy as np
 from utils.common import InputError, save_args, staged_outputs, strict_json
 from utils.fit import RankExpressionFit
 from utils.inverse import VocabIndex, build_vocab_index, load_transform_fit, load_vocab
+from utils.readers import input_stem
 
 logger = logging.getLogger("cell2sentence")
 
@@ -144,7 +145,8 @@ def find_preprocessed(transform_dir: Path) -> Path | None:
     """transform.py's ``<input stem>_preprocessed.h5ad`` in ``transform_dir``, if any."""
     args_file = transform_dir / "transform_args.json"
     if args_file.is_file():
-        stem = Path(json.loads(args_file.read_text()).get("data_filepath", "")).stem
+        given = json.loads(args_file.read_text()).get("data_filepath", "")
+        stem = input_stem(Path(given) if isinstance(given, str) else [Path(p) for p in given])
         candidate = transform_dir / f"{stem}_preprocessed.h5ad"
         if candidate.is_file():
             return candidate

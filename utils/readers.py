@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -340,3 +341,78 @@ def _read_with_scanpy(path: Path) -> ad.AnnData:
     raise InputError(
         f"{path} has an unsupported format; give an .h5ad, 10x .h5, 10x matrix folder, .loom or .csv."
     )
+
+
+class ConcatenatedSource(MatrixSource):
+    """Several inputs' cells one after another, over one gene vocabulary: the union of their
+    gene names in first-seen order, each file's columns remapped into it by name.
+
+    ``gene_names`` holds each source's resolved gene names (unique within a file). ``obs`` is
+    the files' obs one after another, with a ``dataset`` column naming each cell's file (its
+    stem); ``var`` is indexed by the union's names. Rows are served as the per-file sources
+    serve them, so memory and streaming are those of one file."""
+
+    def __init__(self, sources: Sequence[MatrixSource], gene_names: Sequence[np.ndarray], *, path: Path,
+                 log1p_base: Any = NO_LOG1P):
+        self.path = path
+        self._sources = list(sources)
+        union = pd.Index(pd.unique(np.concatenate([np.asarray(n, dtype=object) for n in gene_names])))
+        self._maps = [union.get_indexer(pd.Index(n)).astype(np.int32) for n in gene_names]
+        # The first file's map is the identity: its chunks pass through untouched.
+        self._identity = [np.array_equal(m, np.arange(len(union))) for m in self._maps]
+        self._starts = np.cumsum([0] + [s.n_cells for s in self._sources])
+        self.shape = (int(self._starts[-1]), len(union))
+        chosen = {s.matrix_name for s in self._sources}
+        self.matrix_name = (chosen.pop() if len(chosen) == 1
+                            else ", ".join(f"{s.matrix_name} of {s.path.name}" for s in self._sources))
+        self.log1p_base = log1p_base
+        stems = [s.path.stem for s in self._sources]
+        obs = [s.obs for s in self._sources]
+        if any("dataset" in o.columns for o in obs):
+            logger.warning("obs column 'dataset' of the inputs is replaced by the name of each cell's file.")
+        self.obs = pd.concat([o.drop(columns="dataset", errors="ignore") for o in obs])
+        self.obs["dataset"] = pd.Categorical(np.repeat(stems, [s.n_cells for s in self._sources]), categories=stems)
+        self.var = pd.DataFrame(index=union)
+
+    def read_rows(self, start: int, stop: int) -> sp.csr_matrix:
+        pieces = []
+        first = int(np.searchsorted(self._starts, start, side="right")) - 1
+        for i in range(first, len(self._sources)):
+            offset = int(self._starts[i])
+            if offset >= stop:
+                break
+            lo, hi = max(start - offset, 0), min(stop - offset, self._sources[i].n_cells)
+            if hi > lo:
+                pieces.append(self._remapped(i, self._sources[i].read_rows(lo, hi)))
+        return pieces[0] if len(pieces) == 1 else sp.vstack(pieces, format="csr")
+
+    def _remapped(self, i: int, chunk: sp.csr_matrix) -> sp.csr_matrix:
+        """A file's rows in the union's columns, indices sorted within each row (the kernels
+        expect canonical rows: remapping keeps them free of zeros and duplicates, not sorted)."""
+        if self._identity[i]:
+            return chunk
+        # Copied: an in-memory source's chunk is a view of the caller's matrix, sorted in place below.
+        out = sp.csr_matrix((chunk.data.copy(), self._maps[i][chunk.indices], chunk.indptr.copy()),
+                            shape=(chunk.shape[0], self.shape[1]))
+        out.has_sorted_indices = False
+        out.sort_indices()
+        return out
+
+
+def input_paths(data_filepath: Path | Sequence[Path]) -> list[Path]:
+    """The files of ``--data_filepath``: the ones given, or every ``*.h5ad`` of a folder (sorted
+    by name); a folder without .h5ad files is one input (a 10x matrix folder)."""
+    paths = [data_filepath] if isinstance(data_filepath, Path) else list(data_filepath)
+    if len(paths) == 1 and paths[0].is_dir():
+        found = sorted(paths[0].glob("*.h5ad"))
+        return found or paths
+    return paths
+
+
+def input_stem(data_filepath: Path | Sequence[Path]) -> str:
+    """The name of the outputs made from ``--data_filepath``: a file's stem, a folder's name,
+    or ``combined`` for several files."""
+    paths = [data_filepath] if isinstance(data_filepath, Path) else list(data_filepath)
+    if len(paths) > 1:
+        return "combined"
+    return paths[0].name if input_paths(paths) != paths else paths[0].stem

@@ -10,12 +10,14 @@ size except the Arrow files' record batches, which follow the chunks (their tabl
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import anndata as ad
@@ -41,7 +43,14 @@ from utils.preprocess import (
     to_linear,
 )
 from utils.ranking import GeneNameTable
-from utils.readers import NO_LOG1P, MatrixSource
+from utils.readers import (
+    NO_LOG1P,
+    ConcatenatedSource,
+    MatrixSource,
+    input_paths,
+    input_stem,
+    open_source,
+)
 
 logger = logging.getLogger("cell2sentence")
 
@@ -241,9 +250,11 @@ def excluded_genes(gene_names: np.ndarray, pattern: str | None) -> np.ndarray | 
     return mask
 
 
-def plan_run(source: MatrixSource, options: TransformOptions, *, progress: bool = True) -> RunPlan:
+def plan_run(source: MatrixSource, options: TransformOptions, *, progress: bool = True,
+             normalization: Normalization | None = None) -> RunPlan:
     """Resolve names, columns and the input kind, run the QC pass over ``source``, and draw the
-    splits and the evaluation sample: everything pass 2 needs, for the script and the API alike."""
+    splits and the evaluation sample: everything pass 2 needs, for the script and the API alike.
+    ``normalization``: the input kind already agreed on (by ``open_inputs``), else detected here."""
     if source.n_cells == 0 or source.n_genes == 0:
         raise InputError(f"{source.path}: {source.matrix_name} is empty ({source.shape}).")
     gene_names = resolve_gene_names(source.var, options.gene_column, bad=options.bad_gene_names, path=source.path)
@@ -251,7 +262,8 @@ def plan_run(source: MatrixSource, options: TransformOptions, *, progress: bool 
     columns, notes = dataset_columns(source.obs, obs_columns, path=source.path)  # before any work: may refuse
     for note in notes:
         logger.warning("%s", note)
-    normalization = resolve_input_kind(source, options.input_kind, target_sum=options.target_sum)
+    if normalization is None:
+        normalization = resolve_input_kind(source, options.input_kind, target_sum=options.target_sum)
     settings = RunSettings(normalization, options.qc, options.seed, options.max_genes)
     is_mt = np.char.startswith(np.char.upper(gene_names.astype(str)), "MT-")
     excluded = excluded_genes(gene_names, options.exclude_genes)
@@ -278,6 +290,53 @@ def plan_run(source: MatrixSource, options: TransformOptions, *, progress: bool 
         names=GeneNameTable(list(kept_names)), split_of_cell=split_of_cell,
         eval_mask=sample_eval_cells(result.cell_mask, options.eval_cells, seed=options.seed),
     )  # fmt: skip
+
+
+def open_inputs(data_filepath: Path | Sequence[Path], options: TransformOptions, *,
+                layer: str | None = None) -> tuple[MatrixSource, TransformOptions, Normalization | None]:
+    """The input of ``--data_filepath`` with the options to plan it with, and its input kind
+    when several files had theirs agreed on.
+
+    One file is opened as it is. Several files (or a folder of .h5ad files) become one
+    ``ConcatenatedSource``: gene names resolved per file (``--gene_column``), matched by name;
+    a ``dataset`` column for each cell's file; the input kind detected per file and required to
+    agree (unless ``--input_kind`` is given); QC later runs over all their cells together."""
+    paths = input_paths(data_filepath)
+    if paths == [data_filepath]:
+        return open_source(data_filepath, layer=layer), options, None
+    stems = [p.stem for p in paths]
+    repeated = sorted({s for s in stems if stems.count(s) > 1})
+    if repeated:
+        raise InputError(f"Several inputs are named {repeated[0]!r}; the dataset column names cells by their file's "
+                         "name, so give files of different names.")
+    sources = [open_source(p, layer=layer) for p in paths]
+    for source in sources:
+        if source.n_cells == 0 or source.n_genes == 0:
+            raise InputError(f"{source.path}: {source.matrix_name} is empty ({source.shape}).")
+    gene_names = [resolve_gene_names(s.var, options.gene_column, bad=options.bad_gene_names, path=s.path)
+                  for s in sources]
+    normalization, log1p_base = None, NO_LOG1P
+    if options.input_kind == "auto":
+        kinds = [resolve_input_kind(s, "auto", target_sum=options.target_sum) for s in sources]
+        shown = {(k.input_kind, k.log1p_base) for k in kinds}
+        if len(shown) > 1:
+            groups: dict[str, list[str]] = {}
+            for path, kind in zip(paths, kinds, strict=True):
+                base = f" (base {kind.log1p_base or 'e'})" if kind.input_kind == "log1p" else ""
+                groups.setdefault(f"{kind.input_kind}{base}", []).append(path.name)
+            raise InputError("The input files hold different kinds of values (" + "; ".join(
+                f"{kind}: {', '.join(names)}" for kind, names in groups.items())
+                + "); give files of one kind, or pass --input_kind to read them all as one.")
+        normalization = kinds[0]
+        log1p_base = normalization.log1p_base if normalization.input_kind == "log1p" else NO_LOG1P
+    where = data_filepath if isinstance(data_filepath, Path) else Path(input_stem(data_filepath))
+    source = ConcatenatedSource(sources, gene_names, path=where, log1p_base=log1p_base)
+    logger.info("Joined %s files into %s cells x %s genes (genes matched by name); QC runs over all cells "
+                "together, and obs column 'dataset' names each cell's file.", len(sources),
+                f"{source.n_cells:,}", f"{source.n_genes:,}")
+    # Names are resolved per file already; the union is the var index.
+    columns = tuple(options.obs_columns) + (() if "dataset" in options.obs_columns else ("dataset",))
+    return source, dataclasses.replace(options, gene_column=None, obs_columns=columns), normalization
 
 
 def log_qc(result: QCResult, n_cells: int, qc: QCParams, *, path: Any = "the input") -> None:
