@@ -380,7 +380,7 @@ def no_work(monkeypatch) -> None:
     """Reading the input counts as work: the checks must come first."""
     def refuse(*args, **kwargs):
         raise AssertionError("the input was read before the output folder was checked")
-    monkeypatch.setattr(transform, "open_source", refuse)
+    monkeypatch.setattr(transform, "open_inputs", refuse)
     monkeypatch.setattr(inverse, "load_sentences", refuse)
     monkeypatch.setattr(train, "build_model_and_tokenizer", refuse)
 

@@ -352,20 +352,20 @@ class ConcatenatedSource(MatrixSource):
     stem); ``var`` is indexed by the union's names. Rows are served as the per-file sources
     serve them, so memory and streaming are those of one file."""
 
-    def __init__(self, sources: Sequence[MatrixSource], gene_names: Sequence[np.ndarray], *, path: Path,
-                 log1p_base: Any = NO_LOG1P):
+    def __init__(self, sources: Sequence[MatrixSource], gene_names: Sequence[np.ndarray], *, path: Path):
         self.path = path
         self._sources = list(sources)
         union = pd.Index(pd.unique(np.concatenate([np.asarray(n, dtype=object) for n in gene_names])))
         self._maps = [union.get_indexer(pd.Index(n)).astype(np.int32) for n in gene_names]
-        # The first file's map is the identity: its chunks pass through untouched.
-        self._identity = [np.array_equal(m, np.arange(len(union))) for m in self._maps]
+        # A map that keeps the order (the first file's always does) keeps rows sorted.
+        self._in_order = [bool(np.all(np.diff(m) > 0)) for m in self._maps]
         self._starts = np.cumsum([0] + [s.n_cells for s in self._sources])
         self.shape = (int(self._starts[-1]), len(union))
         chosen = {s.matrix_name for s in self._sources}
         self.matrix_name = (chosen.pop() if len(chosen) == 1
                             else ", ".join(f"{s.matrix_name} of {s.path.name}" for s in self._sources))
-        self.log1p_base = log1p_base
+        bases = {repr(s.log1p_base) for s in self._sources}  # the files' uns["log1p"], when they agree
+        self.log1p_base = self._sources[0].log1p_base if len(bases) == 1 else NO_LOG1P
         stems = [s.path.stem for s in self._sources]
         obs = [s.obs for s in self._sources]
         if any("dataset" in o.columns for o in obs):
@@ -389,11 +389,11 @@ class ConcatenatedSource(MatrixSource):
     def _remapped(self, i: int, chunk: sp.csr_matrix) -> sp.csr_matrix:
         """A file's rows in the union's columns, indices sorted within each row (the kernels
         expect canonical rows: remapping keeps them free of zeros and duplicates, not sorted)."""
-        if self._identity[i]:
-            return chunk
-        # Copied: an in-memory source's chunk is a view of the caller's matrix, sorted in place below.
-        out = sp.csr_matrix((chunk.data.copy(), self._maps[i][chunk.indices], chunk.indptr.copy()),
-                            shape=(chunk.shape[0], self.shape[1]))
+        indices = self._maps[i][chunk.indices]
+        if self._in_order[i]:
+            return sp.csr_matrix((chunk.data, indices, chunk.indptr), shape=(chunk.shape[0], self.shape[1]))
+        # Copied: an in-memory source's chunk is a view of the caller's matrix, sorted in place here.
+        out = sp.csr_matrix((chunk.data.copy(), indices, chunk.indptr.copy()), shape=(chunk.shape[0], self.shape[1]))
         out.has_sorted_indices = False
         out.sort_indices()
         return out

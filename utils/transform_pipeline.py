@@ -315,7 +315,7 @@ def open_inputs(data_filepath: Path | Sequence[Path], options: TransformOptions,
             raise InputError(f"{source.path}: {source.matrix_name} is empty ({source.shape}).")
     gene_names = [resolve_gene_names(s.var, options.gene_column, bad=options.bad_gene_names, path=s.path)
                   for s in sources]
-    normalization, log1p_base = None, NO_LOG1P
+    normalization = None
     if options.input_kind == "auto":
         kinds = [resolve_input_kind(s, "auto", target_sum=options.target_sum) for s in sources]
         shown = {(k.input_kind, k.log1p_base) for k in kinds}
@@ -328,9 +328,8 @@ def open_inputs(data_filepath: Path | Sequence[Path], options: TransformOptions,
                 f"{kind}: {', '.join(names)}" for kind, names in groups.items())
                 + "); give files of one kind, or pass --input_kind to read them all as one.")
         normalization = kinds[0]
-        log1p_base = normalization.log1p_base if normalization.input_kind == "log1p" else NO_LOG1P
     where = data_filepath if isinstance(data_filepath, Path) else Path(input_stem(data_filepath))
-    source = ConcatenatedSource(sources, gene_names, path=where, log1p_base=log1p_base)
+    source = ConcatenatedSource(sources, gene_names, path=where)
     logger.info("Joined %s files into %s cells x %s genes (genes matched by name); QC runs over all cells "
                 "together, and obs column 'dataset' names each cell's file.", len(sources),
                 f"{source.n_cells:,}", f"{source.n_genes:,}")
