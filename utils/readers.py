@@ -357,8 +357,10 @@ class ConcatenatedSource(MatrixSource):
         self._sources = list(sources)
         union = pd.Index(pd.unique(np.concatenate([np.asarray(n, dtype=object) for n in gene_names])))
         self._maps = [union.get_indexer(pd.Index(n)).astype(np.int32) for n in gene_names]
-        # A map that keeps the order (the first file's always does) keeps rows sorted.
+        # A map that keeps the order (the first file's always does) keeps rows sorted; otherwise
+        # the file's columns are taken in the union's order (see ``_remapped``).
         self._in_order = [bool(np.all(np.diff(m) > 0)) for m in self._maps]
+        self._orders = [np.argsort(m).astype(np.int32) for m in self._maps]
         self._starts = np.cumsum([0] + [s.n_cells for s in self._sources])
         self.shape = (int(self._starts[-1]), len(union))
         chosen = {s.matrix_name for s in self._sources}
@@ -389,14 +391,15 @@ class ConcatenatedSource(MatrixSource):
     def _remapped(self, i: int, chunk: sp.csr_matrix) -> sp.csr_matrix:
         """A file's rows in the union's columns, indices sorted within each row (the kernels
         expect canonical rows: remapping keeps them free of zeros and duplicates, not sorted)."""
-        indices = self._maps[i][chunk.indices]
+        shape = (chunk.shape[0], self.shape[1])
         if self._in_order[i]:
-            return sp.csr_matrix((chunk.data, indices, chunk.indptr), shape=(chunk.shape[0], self.shape[1]))
-        # Copied: an in-memory source's chunk is a view of the caller's matrix, sorted in place here.
-        out = sp.csr_matrix((chunk.data.copy(), indices, chunk.indptr.copy()), shape=(chunk.shape[0], self.shape[1]))
-        out.has_sorted_indices = False
-        out.sort_indices()
-        return out
+            return sp.csr_matrix((chunk.data, self._maps[i][chunk.indices], chunk.indptr), shape=shape)
+        # The columns taken in the union's order (a column slice of the CSC form, back to CSR)
+        # come out sorted: a bucket sort, half the time of sorting each row (0.029 against
+        # 0.058 s per 2,048 cells of 800 genes), and the caller's matrix is not touched.
+        order = self._orders[i]
+        out = chunk.tocsc()[:, order].tocsr()
+        return sp.csr_matrix((out.data, self._maps[i][order][out.indices], out.indptr), shape=shape)
 
 
 def input_paths(data_filepath: Path | Sequence[Path]) -> list[Path]:
