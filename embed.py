@@ -22,13 +22,9 @@ Example:
 from __future__ import annotations
 
 if __name__ == "__main__":  # Ctrl-C or SIGTERM while the libraries below load: a line, no traceback
-    import os
-    import signal
-    import sys
+    import startup_guard
 
-    for _signal in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(_signal, lambda n, _: (print("Stopped while starting; nothing was written.",
-                                                   file=sys.stderr), os._exit(128 + n)))
+    startup_guard.install()
 
 import argparse
 import logging
