@@ -37,7 +37,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from utils.common import (
-    InputError,
     claim_output_dir,
     keep_freed_memory_for_reuse,
     releasing_outputs,
@@ -104,21 +103,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if len(args.data_filepath) == 1:  # one file: a path, as it always was (transform_args.json too)
         args.data_filepath = args.data_filepath[0]
-    _check_args(args)
+    transform_options(args).check(prefix="--")
     return args
-
-
-def _check_args(args: argparse.Namespace) -> None:
-    fractions = args.split_fractions
-    if min(fractions) < 0 or not np.isclose(sum(fractions), 1.0):
-        raise InputError(f"--split_fractions {fractions} must be non-negative and add up to 1, e.g. 0.8 0.1 0.1.")
-    for flag in ("chunk_size", "num_proc", "eval_cells"):
-        if getattr(args, flag) < 1:
-            raise InputError(f"--{flag} must be at least 1.")
-    if args.max_genes is not None and args.max_genes < 1:
-        raise InputError("--max_genes must be at least 1 (or left out for full sentences).")
-    if not args.target_sum > 0:
-        raise InputError(f"--target_sum must be positive (got {args.target_sum}); the default is {TARGET_SUM:,g}.")
 
 
 def transform_options(args: argparse.Namespace) -> TransformOptions:

@@ -130,6 +130,13 @@ def test_bad_arguments_are_one_sentence():
         adata_to_sentences(adata, exclude_genes="(")
     with pytest.raises(InputError, match="AnnData"):
         adata_to_sentences(adata.X)
+    # the options the script checks are checked here too, before any work
+    with pytest.raises(InputError, match=r"^chunk_size must be at least 1"):
+        adata_to_sentences(adata, chunk_size=0)
+    with pytest.raises(InputError, match=r"^split_fractions \[0.9, 0.9, 0.1\] .* add up to 1"):
+        adata_to_sentences(adata, split_fractions=(0.9, 0.9, 0.1))
+    with pytest.raises(InputError, match=r"^target_sum must be positive"):
+        adata_to_sentences(adata, target_sum=0)
 
 
 def test_the_readme_notebook_session_runs_as_written(tmp_path, monkeypatch, capsys):

@@ -180,10 +180,6 @@ def adata_to_sentences(
     """
     if not isinstance(adata, ad.AnnData):
         raise InputError(f"adata_to_sentences takes an AnnData, not {type(adata).__name__}.")
-    if max_genes is not None and max_genes < 1:
-        raise InputError("max_genes must be at least 1 (or None for full sentences).")
-    if not target_sum > 0:
-        raise InputError(f"target_sum must be positive (got {target_sum}).")
     params = qc if isinstance(qc, QCParams) else QCParams(enabled=bool(qc))
     options = TransformOptions(
         input_kind=input_kind, gene_column=gene_column, label_column=label_column, obs_columns=tuple(obs_columns),
@@ -191,6 +187,7 @@ def adata_to_sentences(
         target_sum=float(target_sum), split_fractions=tuple(split_fractions), eval_cells=eval_cells, seed=seed,
         chunk_size=chunk_size, num_proc=num_proc,
     )  # fmt: skip
+    options.check()
     source = InMemorySource(adata, "the AnnData", layer=layer)
     plan = plan_run(source, options, progress=progress)
     # The preprocessed matrix's size is known after the QC pass: the kernel writes each chunk's

@@ -80,6 +80,22 @@ class TransformOptions:
     chunk_size: int = 2_048
     num_proc: int = 1
 
+    def check(self, *, prefix: str = "") -> None:
+        """Fail with one sentence on an option no run can use; ``prefix`` names them as flags
+        (``"--"`` for the script)."""
+        fractions = tuple(self.split_fractions)
+        if len(fractions) != 3 or min(fractions) < 0 or not np.isclose(sum(fractions), 1.0):
+            raise InputError(f"{prefix}split_fractions {list(fractions)} must be three non-negative numbers that "
+                             "add up to 1, e.g. 0.8 0.1 0.1.")
+        for name in ("chunk_size", "num_proc", "eval_cells"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{prefix}{name} must be at least 1.")
+        if self.max_genes is not None and self.max_genes < 1:
+            raise InputError(f"{prefix}max_genes must be at least 1 (or left out for full sentences).")
+        if not self.target_sum > 0:
+            raise InputError(f"{prefix}target_sum must be positive (got {self.target_sum}); the default is "
+                             f"{TARGET_SUM:,g}.")
+
 
 @dataclass(frozen=True)
 class RunSettings:
