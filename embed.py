@@ -195,6 +195,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         metrics["c2s"] = embedding_scores(X[labelled], labels[labelled].tolist(), k=args.k_neighbors, seed=args.seed)
         if expression is None:
             expression = read_preprocessed(args.transform_dir, obs.index[labelled])
+        else:  # the h5ad's own cells: only those embedded (after --max_cells) and labelled
+            expression = expression[obs.index[labelled]]
         if expression is not None and expression.n_obs >= 3:
             by_name = pd.Series(labels, index=obs.index)
             (pcs,) = embed_pca(expression.X, n_components=args.n_components, seed=args.seed)

@@ -135,3 +135,9 @@ def test_embed_script_writes_embeddings_umap_and_scores(one_thread, tmp_path: Pa
     assert direct["n_cells"] == 40 and direct["pca"]["knn_accuracy"] == 1.0
     again = ad.read_h5ad(tmp_path / "direct" / "embeddings.h5ad")
     assert again.obs_names.tolist() == names
+    # --max_cells on an h5ad: the PCA baseline is taken on the embedded cells only (it raised a KeyError)
+    some = embed.main(embed.parse_args(["--model_dir", str(model), "--h5ad", str(tmp_path / "cells.h5ad"),
+                                        "--output_dir", str(tmp_path / "some"), "--n_components", "5",
+                                        "--max_cells", "20"]))
+    assert some["n_cells"] == 20 and some["pca"]["knn_accuracy"] == 1.0
+    assert ad.read_h5ad(tmp_path / "some" / "embeddings.h5ad").n_obs == 20
