@@ -243,12 +243,12 @@ class CellSentenceModel:
     def gene_budget(self, n_genes: int, genes: Sequence[str] | None) -> int:
         """New tokens for ``n_genes`` genes: 1.25 x their mean token length (from ``genes``,
         else 4 tokens a gene) + 2."""
-        from utils.training import encode_answer
-
         per_gene = 4.0
         if genes:
             sample = list(genes)[:: max(1, len(genes) // 500)]
-            per_gene = float(np.mean([len(encode_answer(self.tokenizer, " " + g)) for g in sample]))
+            # as a gene appears after the first in an answer, in any format: after one space
+            per_gene = float(np.mean([len(self.tokenizer(" " + g, add_special_tokens=False)["input_ids"])
+                                      for g in sample]))
         return int(np.ceil(1.25 * n_genes * per_gene)) + 2
 
     def gene_constraint(self, genes: Iterable[str] | None) -> Callable[[], Any] | None:

@@ -33,8 +33,6 @@ CELL_TYPE_PREDICTION = "cell_type_prediction"
 TASKS: tuple[str, ...] = (CONDITIONAL_GENERATION, UNCONDITIONAL_GENERATION, CELL_TYPE_PREDICTION)
 #: Tasks that need a cell-type label per cell.
 TYPED_TASKS: frozenset[str] = frozenset({CONDITIONAL_GENERATION, CELL_TYPE_PREDICTION})
-#: What separates the prompt from the answer (see the module docstring).
-ANSWER_PREFIX = " "
 
 
 # --------------------------------------------------------------------------- encoding
