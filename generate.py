@@ -34,7 +34,6 @@ if __name__ == "__main__":  # Ctrl-C or SIGTERM while the libraries below load: 
     startup_guard.install()
 
 import argparse
-import json
 import logging
 import random
 import shutil
@@ -47,7 +46,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
-from utils.cell_model import add_model_arguments
+from utils.cell_model import add_model_arguments, read_train_record
 from utils.common import (
     InputError,
     claim_output_dir,
@@ -163,11 +162,10 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def read_train_args(model_dir: Path) -> dict[str, Any]:
-    path = model_dir / "train_args.json"
-    if not path.is_file():
+    record = read_train_record(model_dir)
+    if not record:
         logger.warning("%s has no train_args.json; using the defaults (top_k_genes 100).", model_dir)
-        return {}
-    return json.loads(path.read_text())
+    return record
 
 
 class ModelScope(NamedTuple):
