@@ -52,7 +52,8 @@ def test_sentences_are_the_scripts(tmp_path, sparse):
     adata.obs.loc[adata.obs_names[:7], "cell_type"] = "type 0"  # labels as users have them
     out = run_script(adata, tmp_path, "--chunk_size", "64")
     before = adata.copy()
-    cs = adata_to_sentences(adata, qc=QCParams(min_genes_per_cell=50), chunk_size=37, num_proc=2)
+    cs = adata_to_sentences(adata, qc=QCParams(min_genes_per_cell=50), chunk_size=37,
+                            num_proc=2 if sparse else None)  # None: the default, every core
     assert_same_as_script(cs, out)
     assert cs.labels == adata.obs.loc[cs.cell_names, "cell_type"].astype(str).tolist()
     assert len(cs) == 235 and cs.preprocessed.n_obs == 235  # QC removed the 5 tiny cells
@@ -112,6 +113,12 @@ def test_save_writes_the_scripts_contract(tmp_path):
     ours = datasets.load_from_disk(str(saved / "cell_sentences_hf"))
     assert {s: ours[s].to_dict() for s in SPLITS} == {s: theirs[s].to_dict() for s in SPLITS}
     assert ours["train"].features == theirs["train"].features
+    # In memory: the splits share one table through indices mappings, with the same rows.
+    in_memory = cs.to_dataset_dict()
+    assert {s: in_memory[s].to_dict() for s in SPLITS} == {s: theirs[s].to_dict() for s in SPLITS}
+    assert in_memory["valid"].map(lambda row: {"n": len(row["cell_sentence"].split())})["n"] == [
+        len(t.split()) for t in theirs["valid"]["cell_sentence"]]
+    assert cs.sentences == cs.sentence_array.to_pylist() and len(cs) == len(cs.sentences)
     assert load_transform_fit(saved / "eval" / "transformation_metrics.csv") == load_transform_fit(
         out / "eval" / "transformation_metrics.csv")
     pre, ref = ad.read_h5ad(saved / "cells_preprocessed.h5ad"), ad.read_h5ad(out / "cells_preprocessed.h5ad")

@@ -102,6 +102,30 @@ def test_fit_recovers_known_line():
     assert fit_rank_expression(log_rank, bent, threshold=3.0).slope == pytest.approx(-0.8, abs=2e-3)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fit_scores_match_numpy_scipy_and_sklearn(dtype):
+    """The closed-form line and the one-ranking Spearman r against the libraries' own."""
+    from scipy.stats import spearmanr
+    from sklearn.metrics import r2_score
+
+    rng = np.random.default_rng(3)
+    ranks = np.concatenate([np.arange(n) for n in rng.integers(50, 1500, 40)])
+    log_rank = np.log10(1.0 + ranks).astype(dtype)
+    # Expression with many ties (rounded), falling with rank.
+    log_expr = np.round(2.0 - 0.6 * log_rank + rng.normal(0, 0.15, log_rank.size), 2).astype(dtype)
+    fit = fit_rank_expression(log_rank, log_expr, threshold=2.5)
+    x, y = log_rank.astype(np.float64), log_expr.astype(np.float64)
+    slope, intercept = np.polyfit(x[x < 2.5], y[x < 2.5], 1)
+    assert (fit.slope, fit.intercept) == pytest.approx((slope, intercept), rel=1e-9)
+    predicted = intercept + slope * x
+    assert fit.r_squared == pytest.approx(r2_score(y, predicted), rel=1e-9)
+    assert fit.pearson_r == pytest.approx(np.corrcoef(y, predicted)[0, 1], rel=1e-9)
+    assert fit.spearman_r == pytest.approx(spearmanr(y, predicted)[0], rel=1e-9)
+    # A rising line: the correlations keep their sign.
+    rising = fit_rank_expression(log_rank, (3.0 - log_expr).astype(dtype), threshold=2.5)
+    assert rising.slope > 0 and rising.spearman_r == pytest.approx(fit.spearman_r, rel=1e-9)
+
+
 def test_splits_are_exact_and_seeded():
     split = assign_splits(1000, [0.8, 0.1, 0.1], seed=4)
     assert np.bincount(split).tolist() == [800, 100, 100]

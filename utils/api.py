@@ -15,8 +15,10 @@ against. ``CellSentences.save`` writes the script's data contract.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 
 import anndata as ad
@@ -49,16 +51,27 @@ from utils.transform_pipeline import (
 
 __all__ = ["CellSentences", "adata_to_sentences"]
 
+MAX_DEFAULT_THREADS = 8  # n threads hold n + 1 chunks in flight (~100 MB each at 2,000 genes a cell)
+
+
+def default_threads() -> int:
+    """``adata_to_sentences``' default ``num_proc``: the cores this process may use, at most
+    ``MAX_DEFAULT_THREADS``."""
+    return min(len(os.sched_getaffinity(0)), MAX_DEFAULT_THREADS)
+
 
 @dataclass
 class CellSentences:
     """The cell sentences of an AnnData's kept cells (input order), with what made them.
 
-    ``columns`` holds the dataset's columns per kept cell (``cell_name``, ``cell_type`` when
-    there is a label, further ``obs_columns``); ``labels`` is its ``cell_type`` or None.
+    ``sentence_array`` holds the sentences as the kernels wrote them, Arrow strings (one chunk
+    per chunk of cells); ``.sentences`` makes Python strings of them when first asked, and
+    ``to_dataset_dict`` uses them as they are. ``columns`` holds the dataset's columns per kept
+    cell (``cell_name``, ``cell_type`` when there is a label, further ``obs_columns``);
+    ``labels`` is its ``cell_type`` or None.
     """
 
-    sentences: list[str]
+    sentence_array: pa.ChunkedArray
     cell_names: list[str]
     labels: list[str] | None
     preprocessed: ad.AnnData  # kept cells x kept genes, log10(1 + normalized), CSR float32
@@ -68,7 +81,13 @@ class CellSentences:
     eval_points: tuple[np.ndarray, np.ndarray]  # (log-rank, log-expression) of the fit's sample
 
     def __len__(self) -> int:
-        return len(self.sentences)
+        return len(self.sentence_array)
+
+    @cached_property
+    def sentences(self) -> list[str]:
+        """One string per kept cell, in input order (made on first use: Python strings of full
+        sentences take about as long to make as the sentences themselves)."""
+        return self.sentence_array.to_pylist()
 
     @property
     def genes(self) -> list[str]:
@@ -87,17 +106,23 @@ class CellSentences:
         """A ``datasets.DatasetDict`` with splits train/valid/test and the script's columns
         (``cell_name``, ``cell_sentence``, ``cell_type`` when labelled, further obs columns)."""
         import datasets  # seconds to import: only when asked for
+        from datasets.fingerprint import generate_random_fingerprint
 
         split = self.split_of_cells(split_fractions, seed)
         features = _features(self.columns)
-        # One Arrow table, split by taking rows: Dataset.from_dict encodes row by row (3.8 s for
-        # 20,000 sentences of 2,000 genes).
-        columns = {"cell_name": self.columns["cell_name"], "cell_sentence": self.sentences}
-        columns.update({n: v for n, v in self.columns.items() if n != "cell_name"})
-        table = pa.table({n: pa.array(v, type=features[n].pa_type) for n, v in columns.items()})
+        # One Arrow table of the kernels' strings, split by taking rows: Dataset.from_dict
+        # encodes row by row (3.8 s for 20,000 sentences of 2,000 genes).
+        columns = {n: pa.array(v, type=features[n].pa_type) for n, v in self.columns.items()}
+        columns = {"cell_name": columns.pop("cell_name"), "cell_sentence": self.sentence_array, **columns}
+        table = pa.table(columns)
         info = datasets.DatasetInfo(features=features)
+        # The splits share the table through an indices mapping, as datasets' own `select` and
+        # `train_test_split` make them (taking the rows copied every sentence: 0.3 s for 20,000
+        # cells); a fingerprint is given, else datasets hashes the whole table (0.6 s).
         return datasets.DatasetDict({
-            name: datasets.Dataset(table.take(pa.array(np.flatnonzero(split == i))), info=info)
+            name: datasets.Dataset(table, info=info, indices_table=pa.table({"indices": np.flatnonzero(split == i)
+                                                                             .astype(np.uint64)}),
+                                   fingerprint=generate_random_fingerprint())
             for i, name in enumerate(SPLITS)
         })
 
@@ -158,7 +183,7 @@ def adata_to_sentences(
     eval_cells: int = 1_000,
     bad_gene_names: str = "replace",
     chunk_size: int = 2_048,
-    num_proc: int = 1,
+    num_proc: int | None = None,
     progress: bool = False,
 ) -> CellSentences:
     """Cell sentences of an in-memory AnnData, as ``transform.py`` makes them.
@@ -171,7 +196,8 @@ def adata_to_sentences(
     ``exclude_genes`` (a regular expression, e.g. ``"^MT-|^RP[SL]"``: matching genes are left
     out after QC, before normalization and ranking), ``target_sum`` (counts are normalized to
     it), ``seed`` (tie-breaking, splits, the fit's sample). ``split_fractions`` and ``seed`` are
-    the defaults of ``to_dataset_dict`` and ``save``. ``chunk_size`` and ``num_proc`` change
+    the defaults of ``to_dataset_dict`` and ``save``. ``chunk_size`` and ``num_proc`` (worker
+    threads; default: the cores this process may use, at most ``MAX_DEFAULT_THREADS``) change
     speed and memory only, never the result.
 
     Returns a ``CellSentences``: ``.sentences`` (kept cells, input order), ``.cell_names``,
@@ -181,6 +207,8 @@ def adata_to_sentences(
     if not isinstance(adata, ad.AnnData):
         raise InputError(f"adata_to_sentences takes an AnnData, not {type(adata).__name__}.")
     params = qc if isinstance(qc, QCParams) else QCParams(enabled=bool(qc))
+    if num_proc is None:  # a notebook user gets every core: the sentences do not depend on it
+        num_proc = default_threads()
     options = TransformOptions(
         input_kind=input_kind, gene_column=gene_column, label_column=label_column, obs_columns=tuple(obs_columns),
         bad_gene_names=bad_gene_names, qc=params, max_genes=max_genes, exclude_genes=exclude_genes,
@@ -197,16 +225,16 @@ def adata_to_sentences(
     matrix = sp.csr_matrix((np.empty(indptr[-1], np.float32), np.empty(indptr[-1], np.int32), indptr),
                            shape=(plan.n_kept, len(plan.kept_names)))
     context = PassContext(source, plan.settings, np.empty(0, np.uint8), plan=plan, outputs=matrix)
-    sentences: list[str] = []
+    sentence_chunks: list[pa.StringArray] = []
     gene_cells = np.zeros(len(plan.kept_names), np.int64)
     points: list[tuple[np.ndarray, np.ndarray]] = []
     with tqdm(total=source.n_cells, desc="Cell sentences", unit="cells", disable=not progress) as bar:
         for (start, stop), chunk in zip(plan.chunks, ordered_map(_sentence_task, plan.chunks, num_proc=num_proc,
                                                                  context=context), strict=True):
             # The kernel ran every kept cell as split 0: its Arrow strings are the sentences in
-            # input order, made into Python strings with one copy.
-            sentences += pa.StringArray.from_buffers(
-                len(chunk.kept), pa.py_buffer(chunk.arrow_offsets[0]), pa.py_buffer(chunk.arrow_text[0])).to_pylist()
+            # input order, taken without a copy.
+            sentence_chunks.append(pa.StringArray.from_buffers(
+                len(chunk.kept), pa.py_buffer(chunk.arrow_offsets[0]), pa.py_buffer(chunk.arrow_text[0])))
             gene_cells += chunk.gene_cells
             points.append((chunk.eval_log_rank, chunk.eval_log_expression))
             bar.update(stop - start)
@@ -222,7 +250,7 @@ def adata_to_sentences(
         uns={"log1p": {"base": 10.0}},
     )
     labels = columns["cell_type"].tolist() if "cell_type" in columns else None
-    return CellSentences(sentences, columns["cell_name"].tolist(), labels, preprocessed, fit, columns, options,
+    return CellSentences(pa.chunked_array(sentence_chunks, pa.string()), columns["cell_name"].tolist(), labels, preprocessed, fit, columns, options,
                          (log_rank, log_expression))
 
 
