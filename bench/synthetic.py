@@ -29,6 +29,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -269,3 +270,36 @@ def cached_synthetic_h5ad(
         path, n_cells=n_cells, n_genes=n_genes, genes_per_cell=genes_per_cell,
         n_cell_types=n_cell_types, chunk_size=chunk_size, seed=seed,
     )  # fmt: skip
+
+
+def cached_split_inputs(path: str | Path, n_files: int, *, seed: int = 0) -> Path:
+    """A folder next to the synthetic file ``path`` holding its cells as ``n_files`` h5ad files of
+    consecutive cells (``part0.h5ad``, ...), written if missing: the input of a several-file run.
+    Every file after the first has its genes in another (seeded) order, so that the transform
+    matches them by name, as it must for files from different sources."""
+    import anndata as ad
+
+    path = Path(path)
+    folder = path.with_name(f"{path.stem}_split{n_files}_s{seed}")
+    if folder.is_dir() and len(list(folder.glob("part*.h5ad"))) == n_files:
+        logger.info("Reusing %s.", folder)
+        return folder
+    part_dir = folder.with_name(folder.name + ".part")
+    shutil.rmtree(part_dir, ignore_errors=True)
+    part_dir.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    source = ad.read_h5ad(path, backed="r")
+    bounds = np.linspace(0, source.n_obs, n_files + 1).round().astype(int)
+    try:
+        for i, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            cells = source[start:stop].to_memory()
+            if i:
+                cells = cells[:, rng.permutation(cells.n_vars)].copy()
+            cells.write_h5ad(part_dir / f"part{i}.h5ad")
+        shutil.rmtree(folder, ignore_errors=True)
+        part_dir.rename(folder)
+    finally:
+        source.file.close()
+        shutil.rmtree(part_dir, ignore_errors=True)
+    logger.info("Wrote %s: the cells of %s as %s files.", folder, path.name, n_files)
+    return folder

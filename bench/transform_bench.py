@@ -30,13 +30,16 @@ Each size runs ``--repeats`` times (one row each); the best run per size is prin
 worktree`` of the code before a change against the change), alternating between them for every
 repeat so that a busy machine or a slower disk hits both alike; ``--compare_outputs`` then also
 checks that their outputs of each size are byte for byte the same (``transform_args.json``,
-which records the paths, aside).
+which records the paths, aside). ``--split_inputs K`` also runs each script on the same
+cells as K files in a folder (the genes of each file after the first in another order), to
+compare a several-file run with the one-file run.
 Outputs go under ``--output_root`` (default: the cache folder) and are removed afterwards unless
 ``--keep_outputs``.
 
 Example::
 
     python bench/transform_bench.py --n_cells 2000 20000 --num_proc 2
+    python bench/transform_bench.py --n_cells 200000 --num_proc 2 --repeats 2 --split_inputs 4
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import multiprocessing
 import os
 import re
 import resource
@@ -54,6 +58,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,7 +70,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python bench/transform_bench.py`
     sys.path.insert(0, str(ROOT))
 
-from bench.synthetic import cached_synthetic_h5ad  # noqa: E402
+from bench.synthetic import cached_split_inputs, cached_synthetic_h5ad  # noqa: E402
 from utils.common import InputError, run_cli  # noqa: E402
 
 logger = logging.getLogger("cell2sentence")
@@ -128,6 +133,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
              "(bench/without.py: direct_reader, o_direct, mallopt).",
     )
     parser.add_argument(
+        "--split_inputs", type=int, default=0, metavar="K",
+        help="Also run each --transform on the same cells as K files in a folder (genes in "
+             "another order in each file after the first; bench/synthetic.py: cached_split_inputs), "
+             "to compare several inputs with one.",
+    )
+    parser.add_argument(
         "--compare_outputs", action="store_true",
         help="Check that every --transform writes byte-identical outputs (first run of each size).",
     )
@@ -150,9 +161,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if min(args.n_cells) < 1 or min(args.num_proc, args.genes_per_cell, args.repeats) < 1:
         parser.error("--n_cells, --num_proc, --genes_per_cell and --repeats must be positive.")
+    if args.split_inputs == 1 or args.split_inputs < 0:
+        parser.error("--split_inputs must be at least 2 (files), or left out.")
+    if args.compare_outputs and args.split_inputs:
+        parser.error("--compare_outputs compares scripts on one input; several files add a dataset column.")
     if args.chunk_size is not None and args.chunk_size < 1:
         parser.error("--chunk_size must be positive; leave it out to use transform.py's default.")
     return args
+
+
+def _in_fresh_process(function: Any, *args: Any, **kwargs: Any) -> Any:
+    """``function(*args, **kwargs)`` in a spawned process: the runs forked later would report
+    this process's peak memory as their own ``ru_maxrss`` (Linux keeps it across fork)."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, *args, **kwargs).result()
 
 
 def _tree_rss(proc: psutil.Process) -> int:
@@ -302,9 +324,14 @@ def main(args: argparse.Namespace) -> list[RunResult]:
                 f"{transform} does not exist; pass the script to benchmark with --transform."
             )
     labels = _labels(scripts)
-    # A script is run as [python, *prefix, script]: bench/without.py takes the trick first.
-    variants = [([], t, label) for t, label in zip(scripts, labels, strict=True)]
-    variants += [([str(ROOT / "bench" / "without.py"), trick], scripts[0], f"without {trick}") for trick in args.without]
+    # A script is run as [python, *prefix, script]: bench/without.py takes the trick first. The
+    # last field is the number of input files (1: the synthetic file itself).
+    variants = [([], t, label, 1) for t, label in zip(scripts, labels, strict=True)]
+    variants += [([str(ROOT / "bench" / "without.py"), trick], scripts[0], f"without {trick}", 1)
+                 for trick in args.without]
+    if args.split_inputs:
+        variants += [([], t, f"{label}, {args.split_inputs} files", args.split_inputs)
+                     for t, label in zip(scripts, labels, strict=True)]
     labels = [v[2] for v in variants]
     args.cache_dir.mkdir(parents=True, exist_ok=True)
     output_root = args.output_root or args.cache_dir
@@ -312,12 +339,14 @@ def main(args: argparse.Namespace) -> list[RunResult]:
     results: list[RunResult] = []
     kept: dict[int, list[Path]] = {}  # per size: the outputs kept for --compare_outputs
     runs = [(n, *v) for n in args.n_cells for _ in range(args.repeats) for v in variants]
-    for n_cells, prefix, transform, label in runs:
+    for n_cells, prefix, transform, label, n_files in runs:
         data = cached_synthetic_h5ad(
             args.cache_dir, n_cells=n_cells, n_genes=args.n_genes,
             genes_per_cell=args.genes_per_cell, seed=args.seed,
         )  # fmt: skip
         nnz = count_nnz(data)
+        if n_files > 1:
+            data = _in_fresh_process(cached_split_inputs, data, n_files, seed=args.seed)
         out = Path(tempfile.mkdtemp(prefix=f"run-c{n_cells}-", dir=output_root))
         command = [
             args.python, *prefix, *([] if prefix else [str(transform)]), "--data_filepath", str(data), "--output_dir", str(out / "out"),

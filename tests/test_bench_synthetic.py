@@ -175,3 +175,21 @@ def test_outputs_of_two_scripts_are_compared_byte_for_byte(tmp_path):
     (tmp_path / "b" / "eval" / "m.csv").write_text("slope\n-0.8\n")
     (tmp_path / "b" / "extra.txt").write_text("x")
     assert differing_files(tmp_path / "a", tmp_path / "b") == ["eval/m.csv", "extra.txt"]
+
+
+def test_split_inputs_hold_the_same_cells_with_genes_reordered(tmp_path):
+    import anndata as ad
+
+    from bench.synthetic import cached_split_inputs, cached_synthetic_h5ad
+
+    path = cached_synthetic_h5ad(tmp_path, n_cells=70, n_genes=1000, genes_per_cell=40, seed=1)
+    folder = cached_split_inputs(path, 3, seed=1)
+    parts = [ad.read_h5ad(folder / f"part{i}.h5ad") for i in range(3)]
+    assert [p.n_obs for p in parts] == [23, 24, 23]
+    original = ad.read_h5ad(path)
+    assert parts[0].var_names.equals(original.var_names)
+    assert not parts[1].var_names.equals(original.var_names)  # matched by name, not by position
+    joined = ad.concat(parts, join="outer")[:, original.var_names]
+    assert joined.obs_names.equals(original.obs_names)
+    assert (joined.X != original.X).nnz == 0
+    assert cached_split_inputs(path, 3, seed=1) == folder  # cached

@@ -16,7 +16,7 @@ from helpers import synthetic_counts, write_h5ad
 
 import transform
 from utils.common import InputError
-from utils.readers import ConcatenatedSource, open_source
+from utils.readers import ConcatenatedSource, open_source, sort_rows
 
 FLAGS = ["--min_genes_per_cell", "20", "--max_genes_per_cell", "1000", "--eval_cells", "100", "--chunk_size", "37"]
 
@@ -70,6 +70,40 @@ def test_two_files_equal_their_outer_concatenation(tmp_path):
     assert {"MT-0", "GENE0100"} <= set(pre.var_names)
     assert json.loads((tmp_path / "multi" / "transform_args.json").read_text())["data_filepath"] == \
         [str(tmp_path / "in" / "alpha.h5ad"), str(tmp_path / "in" / "beta.h5ad")]
+
+
+def _stored_messily(X: sp.csr_matrix, seed: int) -> sp.csr_matrix:
+    """X with each row's entries shuffled, its first value split in two stored entries and an
+    explicit zero for a gene it lacks (as files subset by columns or made by hand hold them)."""
+    rng = np.random.default_rng(seed)
+    indices, data, indptr = [], [], [0]
+    for r in range(X.shape[0]):
+        genes, values = X.indices[X.indptr[r] : X.indptr[r + 1]], X.data[X.indptr[r] : X.indptr[r + 1]]
+        order = rng.permutation(len(genes))
+        g, v = genes[order], values[order]
+        absent = np.setdiff1d(np.arange(X.shape[1]), genes)[:1]
+        if len(g):
+            indices += [*g, g[0]]
+            data += [v[0] / 2, *v[1:], v[0] / 2]
+        indices += [*absent]
+        data += [0.0] * len(absent)
+        indptr.append(len(indices))
+    return sp.csr_matrix((np.array(data, np.float32), np.array(indices), np.array(indptr)), shape=X.shape)
+
+
+def test_files_stored_unsorted_give_the_same_sentences(tmp_path):
+    a, b = two_files(tmp_path)
+    run([tmp_path / "in" / "alpha.h5ad", tmp_path / "in" / "beta.h5ad"], tmp_path / "clean")
+    (tmp_path / "messy").mkdir()
+    for name, cells, seed in (("alpha", a, 1), ("beta", b, 2)):  # genes in the union's order, then not
+        messy = ad.AnnData(X=_stored_messily(cells.X.tocsr(), seed), obs=cells.obs, var=cells.var)
+        assert not messy.X.has_canonical_format
+        write_h5ad(messy, tmp_path / "messy" / f"{name}.h5ad")
+    run([tmp_path / "messy" / "alpha.h5ad", tmp_path / "messy" / "beta.h5ad"], tmp_path / "out")
+    assert sentences(tmp_path / "out") == sentences(tmp_path / "clean")
+    clean = ad.read_h5ad(tmp_path / "clean" / "combined_preprocessed.h5ad")
+    out = ad.read_h5ad(tmp_path / "out" / "combined_preprocessed.h5ad")
+    assert out.X.has_canonical_format and (out.X != clean.X).nnz == 0
 
 
 def test_a_folder_is_its_sorted_h5ad_files(tmp_path):
@@ -127,3 +161,23 @@ def test_qc_counts_all_cells_together(tmp_path, caplog):
     assert "of 160 cells kept" in caplog.text
     run([tmp_path / "in" / "alpha.h5ad"], tmp_path / "alone", "--min_cells_per_gene", "3")
     assert "GENE0050" not in ad.read_h5ad(tmp_path / "alone" / "alpha_preprocessed.h5ad").var_names
+
+
+@pytest.mark.parametrize(("n_columns", "dtype"), [(300, np.float32), (70_000, np.float64), (20_000_000, np.float32)])
+def test_remapped_rows_are_sorted_by_their_new_columns(n_columns, dtype):
+    """The radix sort on 1, 2 and 3 bytes of the new column, against scipy's own sorting."""
+    rng = np.random.default_rng(n_columns)
+    matrix = sp.random(40, 250, density=0.3, format="csr", random_state=rng, dtype=dtype)
+    matrix.data[matrix.indptr[5] : matrix.indptr[6]] = 0  # an empty row
+    matrix.eliminate_zeros()
+    column_map = rng.choice(n_columns, size=250, replace=False).astype(np.int32)
+    start, stop = 3, 37  # rows of a chunk: indptr starts above 0
+    lo, hi = matrix.indptr[start], matrix.indptr[stop]
+    indices, data = sort_rows(matrix.indptr[start : stop + 1].astype(np.int64), matrix.indices[lo:hi],
+                                      matrix.data[lo:hi], column_map, n_columns)
+    expected = sp.csr_matrix((matrix.data[lo:hi], column_map[matrix.indices[lo:hi]],
+                              matrix.indptr[start : stop + 1] - lo), shape=(stop - start, n_columns))
+    expected.sort_indices()
+    assert data.dtype == dtype
+    np.testing.assert_array_equal(indices, expected.indices)
+    np.testing.assert_array_equal(data, expected.data)
