@@ -98,9 +98,12 @@ class DirectWriter:
     into fresh cache pages, then writeback); ``O_DIRECT`` ran at the disk's 1.7 GB/s with almost
     no CPU (``bench/transform_bench.py``). The data is copied into a few page-aligned buffers
     (which bound the memory in flight); ``flush`` waits for the queue and raises the first error.
+    Every buffer gets used, so all count in the peak: four 16 MB buffers instead of eight
+    peaked 90 MB lower at 200,000 cells (medians of 6 runs: 914 against 1,002 MB), for 2% more
+    time (8.5 against 8.3 s).
     """
 
-    def __init__(self, *, n_buffers: int = 8, buffer_bytes: int = 16 << 20):
+    def __init__(self, *, n_buffers: int = 4, buffer_bytes: int = 16 << 20):
         self._free: queue.Queue = queue.Queue()
         for _ in range(n_buffers):
             raw = np.empty(buffer_bytes + _DIRECT_ALIGN, np.uint8)
