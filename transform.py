@@ -33,7 +33,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from utils.common import (
@@ -44,7 +43,7 @@ from utils.common import (
     save_args,
     staged_outputs,
 )
-from utils.outputs import TransformOutputs, contract_names, write_chunk_task
+from utils.outputs import TransformOutputs, contract_names, preprocessed_name, write_chunk_task
 from utils.preprocess import INPUT_KINDS, TARGET_SUM, QCParams
 from utils.readers import input_stem
 from utils.transform_pipeline import (
@@ -146,8 +145,8 @@ def main(args: argparse.Namespace) -> dict[str, float]:
 
     # Pass 2: sentences, preprocessed matrix and evaluation points, written as they come.
     with staged_outputs(args.output_dir, names, overwrite=args.overwrite) as tmp:
-        outputs = TransformOutputs(tmp, plan, h5ad_name=names[3])
-        context = PassContext(source, plan.settings, np.empty(0, np.uint8), plan=plan, outputs=outputs)
+        outputs = TransformOutputs(tmp, plan, h5ad_name=preprocessed_name(input_stem(args.data_filepath)))
+        context = PassContext(source, plan.settings, plan=plan, outputs=outputs)
         pass_started = time.perf_counter()
         results = ordered_map(write_chunk_task, plan.chunks, num_proc=args.num_proc, context=context)
         try:

@@ -33,6 +33,7 @@ from utils.fit import RankExpressionFit
 from utils.outputs import (
     contract_names,
     fit_points,
+    preprocessed_name,
     preprocessed_obs,
     write_evaluation,
     write_vocab,
@@ -148,7 +149,7 @@ class CellSentences:
             write_evaluation(tmp / "eval", self.fit, *self.eval_points, seed=self.options.seed)
             preprocessed = self.preprocessed.copy()
             preprocessed.obs["split"] = pd.Categorical(np.array(SPLITS, dtype=object)[split], categories=SPLITS)
-            preprocessed.write_h5ad(tmp / names[3])
+            preprocessed.write_h5ad(tmp / preprocessed_name(name))
             recorded = {**asdict(self.options), "split_fractions": list(self.options.split_fractions
                                                                          if split_fractions is None else split_fractions)}
             (tmp / "transform_args.json").write_text(json.dumps(recorded, indent=2, sort_keys=True, default=str) + "\n")
@@ -224,7 +225,7 @@ def adata_to_sentences(
     np.cumsum(plan.qc.n_stored[plan.qc.cell_mask], out=indptr[1:])
     matrix = sp.csr_matrix((np.empty(indptr[-1], np.float32), np.empty(indptr[-1], np.int32), indptr),
                            shape=(plan.n_kept, len(plan.kept_names)))
-    context = PassContext(source, plan.settings, np.empty(0, np.uint8), plan=plan, outputs=matrix)
+    context = PassContext(source, plan.settings, plan=plan, outputs=matrix)
     sentence_chunks: list[pa.StringArray] = []
     gene_cells = np.zeros(len(plan.kept_names), np.int64)
     points: list[tuple[np.ndarray, np.ndarray]] = []

@@ -31,10 +31,15 @@ EVAL_FILES = ("eval/transformation_metrics.csv", "eval/log_rank_vs_log_expressio
               "eval/expression_vs_reconstruction.png")
 
 
+def preprocessed_name(stem: str) -> str:
+    """The file name of the preprocessed AnnData made from an input named ``stem``."""
+    return f"{stem}_preprocessed.h5ad"
+
+
 def contract_names(stem: str) -> list[str]:
     """What the transform writes under its output folder (the data contract), for an input
-    named ``stem``; the preprocessed AnnData is the fourth."""
-    return ["cell_sentences", "cell_sentences_hf", "transform_args.json", f"{stem}_preprocessed.h5ad", *EVAL_FILES]
+    named ``stem``."""
+    return ["cell_sentences", "cell_sentences_hf", "transform_args.json", preprocessed_name(stem), *EVAL_FILES]
 
 
 def arrow_schema(columns: dict[str, np.ndarray]) -> pa.Schema:

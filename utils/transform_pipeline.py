@@ -134,7 +134,7 @@ class PassContext:
 
     source: MatrixSource
     settings: RunSettings
-    flags: np.ndarray  # ``gene_flags`` of every input gene
+    flags: np.ndarray | None = None  # pass 1: ``gene_flags`` of every input gene
     plan: RunPlan | None = None  # pass 2
     outputs: Any = None  # pass 2 of the script: the ``TransformOutputs`` its workers write to
 
