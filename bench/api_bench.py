@@ -15,7 +15,8 @@ dependencies), in a subprocess that reads the same file and times only the call.
     /tmp/c2s-venv/bin/pip install cell2sentence==1.2.0
 
 Both are timed after a warm-up on the first 500 cells (our compiled kernels load from numba's
-cache; their imports are done), best of ``--repeats``.
+cache; their imports are done), each run after the previous result was freed, ours and theirs
+alternating; the best of ``--repeats`` counts.
 
 Example::
 
@@ -80,32 +81,35 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def time_ours(path: Path, *, repeats: int, threads: Sequence[int]) -> dict[str, float]:
-    """Best seconds of ``adata_to_sentences`` + ``.to_dataset_dict()`` (an Arrow dataset, as
-    theirs returns) per thread count, and of that plus making ``.sentences`` Python strings."""
-    import anndata as ad
+class OurRuns:
+    """``adata_to_sentences`` + ``.to_dataset_dict()`` (an Arrow dataset, as theirs returns) on
+    the file's cells, per thread count, and that plus making ``.sentences`` Python strings."""
 
-    from utils import adata_to_sentences
+    def __init__(self, path: Path, threads: Sequence[int]):
+        import anndata as ad
 
-    adata = ad.read_h5ad(path)
-    adata_to_sentences(adata[:500].copy())  # warm-up: the kernels load from numba's cache
-    best: dict[str, float] = {}
-    for _ in range(repeats):
-        for n in threads:  # alternated, so that a busy machine hits each alike
+        from utils import adata_to_sentences
+
+        self.adata, self.threads, self.run = ad.read_h5ad(path), threads, adata_to_sentences
+        self.run(self.adata[:500].copy())  # warm-up: the kernels load from numba's cache
+
+    def seconds(self) -> dict[str, float]:
+        """One timed run of each thread count."""
+        timed = {}
+        for n in self.threads:
             cs = dataset = None
             gc.collect()  # the previous result freed first: else each run also pays for new memory
             start = time.perf_counter()
-            cs = adata_to_sentences(adata, num_proc=n)
+            cs = self.run(self.adata, num_proc=n)
             dataset = cs.to_dataset_dict()
             middle = time.perf_counter()
             _ = cs.sentences
             end = time.perf_counter()
-            for name, seconds in ((f"ours, {n} thread(s): adata_to_sentences + to_dataset_dict", middle - start),
-                                  (f"ours, {n} thread(s): the same + .sentences as Python strings", end - start)):
-                best[name] = min(best.get(name, float("inf")), seconds)
-    logger.info("Ours: %s kept cells (%s in the train split); first sentence %s...", f"{len(cs):,}",
-                f"{len(dataset['train']):,}", cs.sentences[0][:60])
-    return dict(sorted(best.items()))
+            timed[f"ours, {n} thread(s): adata_to_sentences + to_dataset_dict"] = middle - start
+            timed[f"ours, {n} thread(s): the same + .sentences as Python strings"] = end - start
+        logger.info("Ours: %s kept cells (%s in the train split); first sentence %s...", f"{len(cs):,}",
+                    f"{len(dataset['train']):,}", cs.sentences[0][:60])
+        return timed
 
 
 def time_theirs(python: str, path: Path, *, repeats: int) -> float:
@@ -124,11 +128,15 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     from utils.api import default_threads
 
     threads = args.num_proc or sorted({1, default_threads()})
-    seconds = time_ours(path, repeats=args.repeats, threads=threads)
-    if args.their_python:
-        seconds["theirs: CSData.adata_to_arrow (cell2sentence 1.2.0)"] = time_theirs(
-            args.their_python, path, repeats=args.repeats)
-    reference = seconds.get("theirs: CSData.adata_to_arrow (cell2sentence 1.2.0)")
+    ours = OurRuns(path, threads)
+    theirs = "theirs: CSData.adata_to_arrow (cell2sentence 1.2.0)"
+    seconds: dict[str, float] = {}
+    for _ in range(args.repeats):  # ours and theirs alternate, so that a busy machine hits both alike
+        timed = ours.seconds()
+        if args.their_python:
+            timed[theirs] = time_theirs(args.their_python, path, repeats=1)
+        seconds = {name: min(s, seconds.get(name, float("inf"))) for name, s in timed.items()}
+    reference = seconds.get(theirs)
     width = max(len(k) for k in seconds)
     print(f"{'':{width}}  {'seconds':>8}  {'cells/s':>9}  {'vs theirs':>9}")
     for name, s in seconds.items():

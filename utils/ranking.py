@@ -237,12 +237,16 @@ class GeneNameTable:
         self.offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
         self.offsets[1:] = np.cumsum(self.lengths)
         self.buffer = np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()
-        slots = np.zeros((len(encoded), _SLOT), dtype=np.uint8)
-        for i, e in enumerate(encoded):
-            if len(e) < _SLOT:
-                slots[i, : len(e)] = np.frombuffer(e, dtype=np.uint8)
-                slots[i, len(e)] = 32  # space
-        self.slots = slots.reshape(-1)
+        # Each byte to its name's slot, at its place in the name (whole arrays: a loop over
+        # 33,000 names took 0.03 s per call of the API).
+        name_of_byte = np.repeat(np.arange(len(encoded)), self.lengths)
+        place = np.arange(len(self.buffer)) - self.offsets[name_of_byte]
+        short = self.lengths[name_of_byte] < _SLOT
+        slots = np.zeros(len(encoded) * _SLOT, dtype=np.uint8)
+        slots[name_of_byte[short] * _SLOT + place[short]] = self.buffer[short]
+        short_names = np.flatnonzero(self.lengths < _SLOT)
+        slots[short_names * _SLOT + self.lengths[short_names]] = 32  # space
+        self.slots = slots
 
 
 @njit(cache=True, nogil=True)
