@@ -3,6 +3,7 @@ notebook session, and --exclude_genes / --target_sum in both."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -167,3 +168,26 @@ def test_the_readme_notebook_session_runs_as_written(tmp_path, monkeypatch, caps
     genes = back.var_names[np.argsort(-row, kind="stable")][: int((row != 0).sum())].tolist()
     assert genes == cs.sentences[0].split()
     assert back.obs_names.tolist() == cs.cell_names
+
+
+def test_default_threads_pickling_and_repr(tmp_path, monkeypatch):
+    import pickle
+
+    from utils.api import MAX_DEFAULT_THREADS, default_threads
+
+    adata = synthetic_counts(60, 200, seed=5)
+    monkeypatch.delattr("os.sched_getaffinity", raising=False)  # as on macOS and Windows
+    monkeypatch.setattr("os.cpu_count", lambda: 64)
+    assert default_threads() == MAX_DEFAULT_THREADS
+    cs = adata_to_sentences(adata, qc=False, chunk_size=16)  # the default: 8 threads for 4 chunks
+    assert cs.sentences == adata_to_sentences(adata, qc=False, num_proc=1).sentences
+    back = pickle.loads(pickle.dumps(cs))
+    assert back.sentences == cs.sentences and back.cell_names == cs.cell_names
+    assert pickle.loads(pickle.dumps(cs)).__dict__["_sentences"] is None  # the Arrow strings only
+    assert len(repr(cs)) < 2_000 and cs.sentences[0] not in repr(cs)
+    saved = cs.save(tmp_path / "s", seed=cs.options.seed + 1)
+    recorded = json.loads((saved / "transform_args.json").read_text())
+    assert recorded["seed"] == cs.options.seed and recorded["split_seed"] == cs.options.seed + 1
+    lines = (saved / "cell_sentences" / "valid.txt").read_text().splitlines()
+    rows = np.load(saved / "cell_sentences" / "valid_indices.npy")
+    assert lines == [cs.sentences[r] for r in rows] and len(lines) == 6

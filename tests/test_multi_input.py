@@ -163,9 +163,10 @@ def test_qc_counts_all_cells_together(tmp_path, caplog):
     assert "GENE0050" not in ad.read_h5ad(tmp_path / "alone" / "alpha_preprocessed.h5ad").var_names
 
 
-@pytest.mark.parametrize(("n_columns", "dtype"), [(300, np.float32), (70_000, np.float64), (20_000_000, np.float32)])
+@pytest.mark.parametrize(("n_columns", "dtype"), [(250, np.float32), (300, np.float32), (70_000, np.float64),
+                                                  (20_000_000, np.float32)])
 def test_remapped_rows_are_sorted_by_their_new_columns(n_columns, dtype):
-    """The radix sort on 1, 2 and 3 bytes of the new column, against scipy's own sorting."""
+    """The radix sort on 1, 2, 3 and 4 bytes of the new column, against scipy's own sorting."""
     rng = np.random.default_rng(n_columns)
     matrix = sp.random(40, 250, density=0.3, format="csr", random_state=rng, dtype=dtype)
     matrix.data[matrix.indptr[5] : matrix.indptr[6]] = 0  # an empty row

@@ -22,7 +22,7 @@ import transform
 import utils.transform_pipeline
 from utils.common import InputError
 from utils.filewriter import OrderedAppendFile
-from utils.fit import METRIC_COLUMNS, fit_rank_expression
+from utils.fit import METRIC_COLUMNS, fit_rank_expression, score_line
 from utils.formats import H5adCSRWriter
 from utils.outputs import TransformOutputs
 from utils.preprocess import (
@@ -121,6 +121,10 @@ def test_fit_scores_match_numpy_scipy_and_sklearn(dtype):
     assert fit.r_squared == pytest.approx(r2_score(y, predicted), rel=1e-9)
     assert fit.pearson_r == pytest.approx(np.corrcoef(y, predicted)[0, 1], rel=1e-9)
     assert fit.spearman_r == pytest.approx(spearmanr(y, predicted)[0], rel=1e-9)
+    # Constant expression is predicted exactly (r2_score's convention); NaN is no score.
+    flat = fit_rank_expression(log_rank, np.full_like(log_rank, 1.5), threshold=2.5)
+    assert (flat.slope, flat.intercept, flat.r_squared) == (0.0, 1.5, 1.0) and np.isnan(flat.spearman_r)
+    assert np.isnan(score_line(x, np.r_[y[:-1], np.nan], slope=slope, intercept=intercept)["r_squared"])
     # A rising line: the correlations keep their sign.
     rising = fit_rank_expression(log_rank, (3.0 - log_expr).astype(dtype), threshold=2.5)
     assert rising.slope > 0 and rising.spearman_r == pytest.approx(fit.spearman_r, rel=1e-9)

@@ -17,8 +17,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from functools import cached_property
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import anndata as ad
@@ -56,9 +55,10 @@ MAX_DEFAULT_THREADS = 8  # n threads hold n + 1 chunks in flight (~100 MB each a
 
 
 def default_threads() -> int:
-    """``adata_to_sentences``' default ``num_proc``: the cores this process may use, at most
-    ``MAX_DEFAULT_THREADS``."""
-    return min(len(os.sched_getaffinity(0)), MAX_DEFAULT_THREADS)
+    """``adata_to_sentences``' default ``num_proc``: the cores this process may use (all of
+    them where the OS cannot say, as on macOS and Windows), at most ``MAX_DEFAULT_THREADS``."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(cores, MAX_DEFAULT_THREADS)
 
 
 @dataclass
@@ -72,23 +72,30 @@ class CellSentences:
     ``labels`` is its ``cell_type`` or None.
     """
 
-    sentence_array: pa.ChunkedArray
-    cell_names: list[str]
-    labels: list[str] | None
+    # The large fields stay out of the repr (a notebook prints it).
+    sentence_array: pa.ChunkedArray = field(repr=False)
+    cell_names: list[str] = field(repr=False)
+    labels: list[str] | None = field(repr=False)
     preprocessed: ad.AnnData  # kept cells x kept genes, log10(1 + normalized), CSR float32
     fit: RankExpressionFit
-    columns: dict[str, np.ndarray]
+    columns: dict[str, np.ndarray] = field(repr=False)
     options: TransformOptions
-    eval_points: tuple[np.ndarray, np.ndarray]  # (log-rank, log-expression) of the fit's sample
+    eval_points: tuple[np.ndarray, np.ndarray] = field(repr=False)  # (log-rank, log-expression) of the fit's sample
+    _sentences: list[str] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.sentence_array)
 
-    @cached_property
+    @property
     def sentences(self) -> list[str]:
-        """One string per kept cell, in input order (made on first use: Python strings of full
-        sentences take about as long to make as the sentences themselves)."""
-        return self.sentence_array.to_pylist()
+        """One string per kept cell, in input order (made on first use and kept: Python strings
+        of full sentences take about as long to make as the sentences themselves)."""
+        if self._sentences is None:
+            self._sentences = self.sentence_array.to_pylist()
+        return self._sentences
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_sentences": None}  # pickled once, as Arrow strings
 
     @property
     def genes(self) -> list[str]:
@@ -140,7 +147,10 @@ class CellSentences:
             text_dir.mkdir()
             for i, s in enumerate(SPLITS):
                 rows = np.flatnonzero(split == i)
-                (text_dir / f"{s}.txt").write_text("".join(self.sentences[r] + "\n" for r in rows))
+                with (text_dir / f"{s}.txt").open("w") as text:  # a few thousand Python strings at a time
+                    for batch in range(0, len(rows), 4_096):
+                        taken = self.sentence_array.take(pa.array(rows[batch : batch + 4_096])).to_pylist()
+                        text.write("".join(t + "\n" for t in taken))
                 (text_dir / f"{s}_barcodes.txt").write_text("".join(self.cell_names[r] + "\n" for r in rows))
                 np.save(text_dir / f"{s}_indices.npy", rows.astype(np.int64))
             write_vocab(text_dir / "vocab.txt", np.asarray(self.genes, dtype=object),
@@ -152,6 +162,8 @@ class CellSentences:
             preprocessed.write_h5ad(tmp / preprocessed_name(name))
             recorded = {**asdict(self.options), "split_fractions": list(self.options.split_fractions
                                                                          if split_fractions is None else split_fractions)}
+            if seed is not None and seed != self.options.seed:  # "seed" made the sentences' tie-breaking
+                recorded["split_seed"] = seed
             (tmp / "transform_args.json").write_text(json.dumps(recorded, indent=2, sort_keys=True, default=str) + "\n")
         return output_dir
 

@@ -120,8 +120,8 @@ def score_line(log_rank: np.ndarray, log_expression: np.ndarray, *, slope: float
     residual = y - (intercept + slope * x)
     total = y - y.mean()
     total_squares = float(total @ total)
-    # r2_score's convention for constant targets: 1 when predicted exactly, else 0.
-    if total_squares > 0:
+    # r2_score's convention for constant targets: 1 when predicted exactly, else 0 (NaN stays NaN).
+    if total_squares > 0 or not np.isfinite(total_squares):
         r_squared = 1.0 - float(residual @ residual) / total_squares
     else:
         r_squared = 0.0 if residual.any() else 1.0
