@@ -317,35 +317,38 @@ def resolve_label_column(requested: str | None, columns: Sequence[str]) -> str:
 
 def resolve_tasks(data_args: DataArguments, columns: Sequence[str]) -> dict[str, float]:
     """The task mix: the flags, or all tasks the data allows."""
+    from utils.prompts import PROMPT_FORMATS, prompt_format
     from utils.training import TASKS, TYPED_TASKS, UNCONDITIONAL_GENERATION, parse_tasks
 
-    has_types = (data_args.cell_type_column or "cell_type") in columns
-    scale = data_args.prompt_format == "c2s_scale"  # it has no unconditional prompts
+    label = data_args.cell_type_column or "cell_type"
+    has_types = label in columns
+    fmt = prompt_format(data_args.prompt_format)  # a format may lack some tasks' prompts
     if data_args.tasks is None:
         if has_types:
-            typed = [t for t in TASKS if t in TYPED_TASKS] if scale else list(TASKS)
-            return parse_tasks(",".join(typed), data_args.task_weights)
-        if scale:
+            return parse_tasks(",".join(t for t in TASKS if t in fmt.tasks), data_args.task_weights)
+        if UNCONDITIONAL_GENERATION not in fmt.tasks:
             raise InputError(
-                f"The c2s_scale format has only cell-type tasks, but the data has no "
-                f"{data_args.cell_type_column!r} column; pass --cell_type_column."
+                f"The {fmt.name} format has only cell-type tasks, but the data has no "
+                f"{label!r} column; pass --cell_type_column."
             )
         logger.warning(
             "The data has no %r column; training unconditional_generation only.",
-            data_args.cell_type_column,
+            label,
         )
         return parse_tasks(UNCONDITIONAL_GENERATION, data_args.task_weights)
     tasks = parse_tasks(data_args.tasks, data_args.task_weights)
-    if scale and UNCONDITIONAL_GENERATION in tasks:
+    lacking = [t for t in tasks if t not in fmt.tasks]
+    if lacking:
+        others = [n for n in PROMPT_FORMATS if set(tasks) <= set(prompt_format(n).tasks)]
         raise InputError(
-            "The c2s_scale prompt format has no unconditional_generation prompts; drop it "
-            "from --tasks or use --prompt_format ours."
+            f"The {fmt.name} prompt format has no {', '.join(lacking)} prompts; drop it "
+            f"from --tasks{' or use --prompt_format ' + ' or '.join(others) if others else ''}."
         )
     typed = [t for t in tasks if t in TYPED_TASKS]
     if typed and not has_types:
         raise InputError(
             f"Task(s) {', '.join(typed)} need cell types, but the data has no "
-            f"{data_args.cell_type_column!r} column; pass --cell_type_column with the label "
+            f"{label!r} column; pass --cell_type_column with the label "
             "column or --tasks unconditional_generation."
         )
     return tasks

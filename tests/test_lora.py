@@ -121,3 +121,50 @@ def test_lora_flags_are_checked(base: Path, data_dir: Path) -> None:
         train.check_args(train.parse_args(["--merge_lora", "True"]))
     with pytest.raises(InputError, match="c2s_scale"):
         train.check_args(train.parse_args(["--init_from_scratch", "True", "--prompt_format", "c2s_scale"]))
+
+
+def _copy_adapter(lora_run: Path, to: Path) -> Path:
+    import shutil
+
+    to.mkdir()
+    for p in lora_run.iterdir():
+        if p.is_file():
+            shutil.copy(p, to / p.name)
+    return to
+
+
+def test_broken_adapter_folder_fails_with_one_sentence(lora_run: Path, base: Path, tmp_path: Path) -> None:
+    import re
+
+    from utils.training import load_model_and_tokenizer
+
+    no_weights = _copy_adapter(lora_run, tmp_path / "no_weights")
+    (no_weights / "adapter_model.safetensors").unlink()
+    with pytest.raises(InputError) as err:
+        CellSentenceModel.load(no_weights, device="cpu")
+    assert str(err.value) == (
+        f"{no_weights} is a LoRA adapter folder whose adapter weights {no_weights / 'adapter_model.safetensors'} "
+        "are missing; the folder is an incomplete copy or an unfinished save: copy the whole run folder or "
+        "train it again.")
+    cut = _copy_adapter(lora_run, tmp_path / "cut")
+    weights = cut / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with pytest.raises(InputError, match=rf"^{re.escape(str(weights))} is truncated or damaged"):
+        load_model_and_tokenizer(cut, "cpu")
+    moved = _copy_adapter(lora_run, tmp_path / "moved")
+    config = json.loads((moved / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "gone" / "C2S-tiny")
+    (moved / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError) as err:
+        load_model_and_tokenizer(moved, "cpu")
+    assert str(err.value) == (
+        f"{moved} is a LoRA adapter of the base model {tmp_path / 'gone' / 'C2S-tiny'}, which does not exist "
+        f"here; put the base model there or set base_model_name_or_path in {moved / 'adapter_config.json'} "
+        "to where it is.")
+    # Without tokenizer files of its own, the adapter takes the base model's tokenizer.
+    bare = _copy_adapter(lora_run, tmp_path / "bare")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt"):
+        (bare / name).unlink(missing_ok=True)
+    model, tok = load_model_and_tokenizer(bare, "cpu")
+    assert tok.get_vocab() == load_model_and_tokenizer(lora_run, "cpu")[1].get_vocab()
+    assert model.config.model_type == "gpt_neox"

@@ -9,35 +9,60 @@ import pytest
 
 from utils import prompts
 
+OURS = prompts.prompt_format("ours")
+
 
 def test_generation_prompt_is_deterministic_without_rng() -> None:
-    first = prompts.generation_prompt("B cell", 100)
-    assert first == prompts.generation_prompt("B cell", 100)
-    assert first == prompts.CONDITIONAL_GENERATION_TEMPLATES[0].format(
-        n_genes=100, cell_type="B cell"
+    first = OURS.generation_prompt("B cell", 100)
+    assert first == OURS.generation_prompt("B cell", 100) == (
+        "List the 100 most highly expressed genes of a cell of type B cell in order, from highest "
+        "to lowest expression:"
     )
-    assert "B cell" in first and "100" in first
+    assert OURS.generation_prompt("B cell", 100, template=OURS.conditional_templates[8]) == (
+        "Cell type: B cell . Top 100 expressed genes, highest first:"
+    )
 
 
 def test_unconditional_prompt_names_no_cell_type() -> None:
-    prompt = prompts.generation_prompt(None, 50)
-    assert prompt == prompts.UNCONDITIONAL_GENERATION_TEMPLATES[0].format(n_genes=50)
-    assert "None" not in prompt
-    for template in prompts.UNCONDITIONAL_GENERATION_TEMPLATES:
+    prompt = OURS.generation_prompt(None, 50)
+    assert prompt == (
+        "List the 50 most highly expressed genes of a cell, ordered from highest to lowest expression:"
+    )
+    for template in OURS.templates("unconditional_generation"):
         assert "{cell_type}" not in template
+        assert "None" not in OURS.generation_prompt(None, 5, template=template)
 
 
 def test_prediction_prompt_lists_genes_in_order() -> None:
-    prompt = prompts.prediction_prompt(["CD14", "LYZ", "HLA-DRA"])
-    assert "CD14 LYZ HLA-DRA" in prompt
-    assert prompt.split().count("CD14") == 1
+    genes = ["CD14", "LYZ", "HLA-DRA"]
+    assert OURS.prediction_prompt(genes) == (
+        "The 3 most highly expressed genes of a cell, ordered from highest to lowest expression, "
+        "are CD14 LYZ HLA-DRA Which cell type is this cell?"
+    )
+    assert OURS.prediction_prompt(genes, template=OURS.prediction_templates[3]) == (
+        "Cell sentence: CD14 LYZ HLA-DRA Cell type:"
+    )
+    text, start, end = OURS.gene_span(genes)
+    assert text == OURS.prediction_prompt(genes) and text[start:end] == "CD14 LYZ HLA-DRA"
+    assert (start, end) == (92, 108)
 
 
 def test_rng_draws_several_templates_reproducibly() -> None:
-    draws = [prompts.generation_prompt("NK cell", 10, rng=random.Random(i)) for i in range(60)]
-    again = [prompts.generation_prompt("NK cell", 10, rng=random.Random(i)) for i in range(60)]
+    draws = [OURS.generation_prompt("NK cell", 10, rng=random.Random(i)) for i in range(60)]
+    again = [OURS.generation_prompt("NK cell", 10, rng=random.Random(i)) for i in range(60)]
     assert draws == again
-    assert len(set(draws)) >= 8
+    assert set(draws) == {t.format(n_genes=10, cell_type="NK cell") for t in OURS.conditional_templates}
+
+
+def test_module_prompts_are_the_ours_formats() -> None:
+    # generation_prompt / prediction_prompt (the README's snippet) ask exactly what train.py trains on.
+    for i in range(5):
+        assert prompts.generation_prompt("NK cell", 7, rng=random.Random(i)) == OURS.generation_prompt(
+            "NK cell", 7, rng=random.Random(i))
+        assert prompts.generation_prompt(None, 7, rng=random.Random(i)) == OURS.generation_prompt(
+            None, 7, rng=random.Random(i))
+        assert prompts.prediction_prompt(["A", "B"], rng=random.Random(i)) == OURS.prediction_prompt(
+            ["A", "B"], rng=random.Random(i))
 
 
 @pytest.mark.parametrize("template", prompts.all_templates())
@@ -51,11 +76,7 @@ def test_placeholders_stand_alone_between_whitespace(template: str) -> None:
 
 
 def test_each_task_has_about_ten_paraphrases() -> None:
-    for templates in (
-        prompts.CONDITIONAL_GENERATION_TEMPLATES,
-        prompts.UNCONDITIONAL_GENERATION_TEMPLATES,
-        prompts.CELL_TYPE_PREDICTION_TEMPLATES,
-    ):
+    for templates in (OURS.templates(task) for task in OURS.tasks):
         assert len(templates) >= 10
         assert len(set(templates)) == len(templates)
 

@@ -218,3 +218,21 @@ def test_latest_checkpoint_is_the_highest_step(tmp_path: Path) -> None:
     (tmp_path / "checkpoint-x").mkdir()
     assert train.latest_checkpoint(tmp_path, complete=False) == tmp_path / "checkpoint-100"
     assert train.latest_checkpoint(tmp_path / "none") is None
+
+
+def test_tasks_follow_what_the_prompt_format_has() -> None:
+    from utils.prompts import prompt_format
+
+    assert prompt_format("ours").tasks == ("conditional_generation", "unconditional_generation",
+                                           "cell_type_prediction")
+    scale = train.DataArguments(prompt_format="c2s_scale")
+    assert list(train.resolve_tasks(scale, ["cell_sentence", "cell_type"])) == [
+        "conditional_generation", "cell_type_prediction"
+    ]
+    with pytest.raises(InputError, match="^The c2s_scale format has only cell-type tasks, but the data "
+                                         "has no 'cell_type' column; pass --cell_type_column.$"):
+        train.resolve_tasks(scale, ["cell_sentence"])
+    scale.tasks = "unconditional_generation,cell_type_prediction"
+    with pytest.raises(InputError, match="^The c2s_scale prompt format has no unconditional_generation "
+                                         "prompts; drop it from --tasks or use --prompt_format ours.$"):
+        train.resolve_tasks(scale, ["cell_sentence", "cell_type"])

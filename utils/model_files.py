@@ -26,6 +26,8 @@ TOKENIZER_FILES: tuple[str, ...] = (
     "tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model", "vocab.txt",
     "sentencepiece.bpe.model",
 )
+#: Files holding a peft adapter's weights (a LoRA run folder has one of them).
+ADAPTER_WEIGHT_FILES: tuple[str, ...] = ("adapter_model.safetensors", "adapter_model.bin")
 #: What the Trainer needs to resume exactly where it stopped, besides the weights.
 RESUME_FILES: tuple[str, ...] = ("optimizer.pt", "scheduler.pt")
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since 1.6 (a zip archive with CRCs)
@@ -82,8 +84,8 @@ def check_model_dir(path: Path) -> None:
     """Fail with one sentence when a local model folder has no weights or no tokenizer, or one
     of its weight, config or tokenizer files is damaged.
 
-    An adapter folder (``adapter_config.json``, e.g. LoRA) needs its adapter weights; its
-    tokenizer may come from the base model.
+    An adapter folder (``adapter_config.json``, e.g. LoRA, see ``check_adapter_dir``) needs its
+    adapter weights; its tokenizer may come from the base model.
     """
     weights = [name for name in WEIGHT_FILES if (path / name).is_file()]
     if not weights:
@@ -102,6 +104,42 @@ def check_model_dir(path: Path) -> None:
         problem = file_problem(path / name) if (path / name).is_file() else None
         if problem:
             raise InputError(f"{path / name} {problem}; copy or save the model folder again.")
+
+
+def check_adapter_dir(path: Path) -> str:
+    """Fail with one sentence when a peft adapter folder (a LoRA run of ``train.py``:
+    ``adapter_config.json`` + adapter weights, no model of its own) has its config or adapter
+    weights missing or damaged, or names a local base model folder that is not there.
+
+    Returns the base model's name (``base_model_name_or_path``: a hub name or a folder); a
+    base folder that exists is checked by ``check_model_dir`` when it is loaded.
+    """
+    from utils.lora import ADAPTER_CONFIG, base_model_name
+
+    problem = file_problem(path / ADAPTER_CONFIG)
+    if problem:
+        raise InputError(f"{path / ADAPTER_CONFIG} {problem}; copy or save the adapter folder again.")
+    weights = [name for name in ADAPTER_WEIGHT_FILES if (path / name).is_file()]
+    if not weights:
+        raise InputError(
+            f"{path} is a LoRA adapter folder whose adapter weights "
+            f"{path / ADAPTER_WEIGHT_FILES[0]} are missing; the folder is an incomplete copy or "
+            "an unfinished save: copy the whole run folder or train it again."
+        )
+    problem = file_problem(path / weights[0])
+    if problem:
+        raise InputError(f"{path / weights[0]} {problem}; copy or save the adapter folder again.")
+    base = base_model_name(path)
+    base_path = Path(base).expanduser()
+    # An absolute or ./-relative name is a folder (train.py records the base folder's absolute
+    # path); anything else may be a hub name, which the loader resolves with its own errors.
+    if (base_path.is_absolute() or base.startswith((".", "~"))) and not base_path.is_dir():
+        raise InputError(
+            f"{path} is a LoRA adapter of the base model {base}, which does not exist here; put "
+            f"the base model there or set base_model_name_or_path in {path / ADAPTER_CONFIG} to "
+            "where it is."
+        )
+    return base
 
 
 def checkpoint_problem(folder: Path) -> str | None:

@@ -12,8 +12,10 @@ does not learn a single wording. Every placeholder (``{n_genes}``, ``{cell_type}
 whitespace sees cell types and gene names as whole words, and the punctuation of a template
 stays attached to template words only.
 
-``train.py`` builds the training examples from these functions and ``generate.py`` asks the
-trained model with the very same ones.
+``PromptFormat`` (``prompt_format(name)``) holds the templates of a format and fills them:
+``train.py`` builds the training examples with it and ``generate.py`` asks the trained model
+with the very same prompts. ``generation_prompt`` and ``prediction_prompt`` are the ``ours``
+format's, for scripts of one's own.
 
 >>> generation_prompt("B cell", 3)
 'List the 3 most highly expressed genes of a cell of type B cell in order, from highest to lowest expression:'
@@ -75,42 +77,27 @@ def _pick(templates: Sequence[str], rng: random.Random | None) -> str:
     return templates[0] if rng is None else templates[rng.randrange(len(templates))]
 
 
-def format_generation(template: str, cell_type: str | None, n_genes: int) -> str:
-    """Fill a generation template (``cell_type`` is ignored by unconditional templates)."""
-    return template.format(n_genes=n_genes, cell_type=cell_type)
-
-
-def format_prediction(template: str, genes: Sequence[str]) -> str:
-    """Fill a cell-type-prediction template with a ranked gene list."""
-    return template.format(n_genes=len(genes), genes=" ".join(genes))
-
-
-def generation_templates(cell_type: str | None) -> tuple[str, ...]:
-    """The templates of conditional generation, or of unconditional when ``cell_type`` is None."""
-    if cell_type is None:
-        return UNCONDITIONAL_GENERATION_TEMPLATES
-    return CONDITIONAL_GENERATION_TEMPLATES
-
-
 def generation_prompt(
     cell_type: str | None, n_genes: int, *, rng: random.Random | None = None
 ) -> str:
-    """Prompt asking for the top ``n_genes`` genes of a cell of ``cell_type`` (None: any cell).
+    """Prompt of the ``ours`` format asking for the top ``n_genes`` genes of a cell of
+    ``cell_type`` (None: any cell); ``PromptFormat.generation_prompt`` of ``prompt_format()``.
 
     ``rng`` None gives the first template, so the prompt is deterministic.
 
     >>> generation_prompt(None, 100)
     'List the 100 most highly expressed genes of a cell, ordered from highest to lowest expression:'
     """
-    return format_generation(_pick(generation_templates(cell_type), rng), cell_type, n_genes)
+    return prompt_format(OURS).generation_prompt(cell_type, n_genes, rng=rng)
 
 
 def prediction_prompt(genes: Sequence[str], *, rng: random.Random | None = None) -> str:
-    """Prompt giving a cell's ranked ``genes`` and asking for its cell type.
+    """Prompt of the ``ours`` format giving a cell's ranked ``genes`` and asking for its cell
+    type; ``PromptFormat.prediction_prompt`` of ``prompt_format()``.
 
     ``rng`` None gives the first template, so the prompt is deterministic.
     """
-    return format_prediction(_pick(CELL_TYPE_PREDICTION_TEMPLATES, rng), genes)
+    return prompt_format(OURS).prediction_prompt(genes, rng=rng)
 
 
 def all_templates() -> tuple[str, ...]:
@@ -214,16 +201,28 @@ class PromptFormat:
         return template.format(n_genes=n, num_genes=n, genes=text, cell_sentence=text,
                                cell_type=cell_type, organism=self.organism)
 
-    def templates(self, task: str) -> tuple[str, ...]:
-        """The templates of ``task`` (a task name of ``utils.training``)."""
-        table = {
+    def _table(self) -> dict[str, tuple[str, ...]]:
+        return {
             "conditional_generation": self.conditional_templates,
             "unconditional_generation": self.unconditional_templates,
             "cell_type_prediction": self.prediction_templates,
         }
-        if not table.get(task):
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """The tasks (names of ``utils.training``) this format has prompts for, in that order.
+
+        >>> prompt_format("c2s_scale").tasks
+        ('conditional_generation', 'cell_type_prediction')
+        """
+        return tuple(task for task, templates in self._table().items() if templates)
+
+    def templates(self, task: str) -> tuple[str, ...]:
+        """The templates of ``task`` (a task name of ``utils.training``)."""
+        templates = self._table().get(task)
+        if not templates:
             raise ValueError(f"The {self.name} prompt format has no {task} prompts.")
-        return table[task]
+        return templates
 
     def generation_prompt(self, cell_type: str | None, n_genes: int, *,
                           rng: random.Random | None = None, template: str | None = None) -> str:

@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from utils.common import InputError
-from utils.model_files import check_model_dir
+from utils.model_files import TOKENIZER_FILES, check_adapter_dir, check_model_dir
 from utils.prompts import OURS, PromptFormat, prompt_format
 
 IGNORE_INDEX = -100
@@ -431,15 +431,21 @@ def load_model_and_tokenizer(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from utils.lora import base_model_name, is_adapter_dir, load_adapter_model
+    from utils.lora import ADAPTER_CONFIG, is_adapter_dir, load_adapter_model
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     name = str(model_dir)
     adapter = is_adapter_dir(name)
     if adapter:  # a LoRA run folder: its tokenizer, the base model's weights + the adapter
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        name = base_model_name(model_dir)
+        base = check_adapter_dir(Path(name))
+        offline_hint = (f"{name} is a LoRA adapter of it: save the base model to a folder and set "
+                        f"base_model_name_or_path in {Path(name) / ADAPTER_CONFIG} to it")
+        if any((Path(name) / f).is_file() for f in TOKENIZER_FILES):
+            tokenizer = AutoTokenizer.from_pretrained(name)
+        else:  # an adapter saved without its tokenizer uses the base model's
+            tokenizer = from_pretrained(AutoTokenizer.from_pretrained, base, offline_hint=offline_hint)
+        name = base
     else:
         tokenizer = from_pretrained(AutoTokenizer.from_pretrained, name, offline_hint=offline_hint)
     model = from_pretrained(
