@@ -162,8 +162,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     from utils.cell_model import load_from_args
     from utils.eval_io import read_preprocessed
-    from utils.evaluation import embed_pca
-    from utils.metrics import embedding_scores
+    from utils.metrics import evaluate_embedding
 
     seed_everything(args.seed)
     claim_output_dir(args.output_dir, OUTPUTS, overwrite=args.overwrite)
@@ -192,17 +191,16 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 else np.zeros(len(obs), dtype=bool))
     labels = obs[args.cell_type_column].astype(str).to_numpy() if labelled.any() else None
     if labels is not None and len(set(labels[labelled])) >= 2:
-        metrics["c2s"] = embedding_scores(X[labelled], labels[labelled].tolist(), k=args.k_neighbors, seed=args.seed)
         if expression is None:
             expression = read_preprocessed(args.transform_dir, obs.index[labelled])
         else:  # the h5ad's own cells: only those embedded (after --max_cells) and labelled
             expression = expression[obs.index[labelled]]
-        if expression is not None and expression.n_obs >= 3:
-            by_name = pd.Series(labels, index=obs.index)
-            (pcs,) = embed_pca(expression.X, n_components=args.n_components, seed=args.seed)
-            metrics["pca"] = {**embedding_scores(pcs, by_name.loc[expression.obs_names].tolist(), k=args.k_neighbors,
-                                                 seed=args.seed), "n_components": int(pcs.shape[1])}
-        else:
+        if expression is not None and expression.n_obs < 3:
+            expression = None
+        metrics.update(evaluate_embedding(X[labelled], labels[labelled].tolist(), obs.index[labelled],
+                                          expression=expression, k=args.k_neighbors,
+                                          n_components=args.n_components, seed=args.seed).scores)
+        if expression is None:
             logger.warning("No preprocessed expression of these cells in %s: no PCA baseline in metrics.json "
                            "(pass --transform_dir).", args.transform_dir)
         logger.info("k-NN accuracy %.3f, silhouette %.3f (PCA of expression: %s).", metrics["c2s"]["knn_accuracy"],

@@ -69,7 +69,7 @@ from utils.inverse import (
     sentences_to_expression,
     zero_crossing_rank,
 )
-from utils.metrics import evaluate_generation
+from utils.metrics import real_expression, score_expression
 
 logger = logging.getLogger("cell2sentence")
 
@@ -228,33 +228,36 @@ def reconstruction_metrics(adata: ad.AnnData, preprocessed: Path) -> dict[str, A
     }
 
 
-def real_knn_metrics(adata: ad.AnnData, packed: SentenceBytes, transform_dir: Path, labels_key: str, *,
-                     fit: RankExpressionFit,
-                     vocab_index: Any, max_genes: int | None, k: int,
-                     case_insensitive: bool) -> dict[str, Any] | None:
-    """The labelled cells scored like generated ones (utils.metrics.evaluate_generation) against
-    the transform's real cells: k-NN fitted on its training cells, with the real -> real
-    (test split) ceiling, and the distances to its test cells with their floors."""
+def real_knn_metrics(adata: ad.AnnData, packed: SentenceBytes, transform_dir: Path, labels_keys: Sequence[str], *,
+                     fit: RankExpressionFit, vocab_index: Any, max_genes: int | None, k: int,
+                     case_insensitive: bool) -> dict[str, dict[str, Any]]:
+    """The cells labelled in each of ``labels_keys`` scored like generated ones
+    (utils.metrics.score_expression) against the transform's real cells: k-NN fitted on its
+    training cells, with the real -> real (test split) ceiling, and the distances to its test
+    cells with their floors; by label column (none when there is nothing to compare with). The
+    real cells and the evaluated ones are put in that representation once for all columns."""
     hf = transform_dir / "cell_sentences_hf"
-    if not hf.is_dir() or labels_key not in adata.obs:
-        return None
+    keys = [key for key in labels_keys if key in adata.obs]
+    if not hf.is_dir() or not keys:
+        return {}
     try:
         tables = labelled_rows(load_splits(hf, "test", "cell_type", need_labels=True), "cell_type")
     except InputError:
-        return None  # no test split or no cell types: nothing to compare with
+        return {}  # no test split or no cell types: nothing to compare with
     top_k = max_genes or int(max(1, np.median(adata.obs["n_words"])))
-    real = {name: sentences_to_expression(table.column("cell_sentence"), vocab_index, fit,
-                                          case_insensitive=case_insensitive, max_words=top_k).X
-            for name, table in tables.items()}
+    real = real_expression(tables, split="test", index=vocab_index, fit=fit, top_k=top_k,
+                           case_insensitive=case_insensitive)
     # The evaluated cells in the same representation: their first top_k words.
     X_eval = sentences_to_expression(packed, vocab_index, fit, case_insensitive=case_insensitive,
                                      max_words=top_k).X
     if max_genes is None:
         logger.info("k-NN on the first %d genes (the median sentence length).", top_k)
-    result = evaluate_generation(X_eval, adata.obs[labels_key].astype(str).tolist(),
-                                 real["train"], tables["train"].column("cell_type").to_pylist(),
-                                 real["test"], tables["test"].column("cell_type").to_pylist(), k=k)
-    return {"top_k_genes": top_k, **result.metrics}
+    out = {}
+    for key in keys:
+        result = score_expression(X_eval, adata.obs[key].astype(str).tolist(), tables, real, split="test",
+                                  label_column="cell_type", top_k=top_k, k=k)
+        out[key] = {"top_k_genes": top_k, **result.metrics}  # top_k_genes first, as before
+    return out
 
 
 @releasing_outputs
@@ -311,14 +314,13 @@ def main(args: argparse.Namespace) -> ad.AnnData:
                 metrics["reconstruction"] = rec
                 logger.info("Reconstruction vs %s: Pearson r %.3f on %s values of %s cells.", pre.name,
                             rec["pearson_r"], f"{rec['n_points']:,}", f"{rec['n_cells']:,}")
-        for key in LABEL_COLUMNS if args.labels is None else (args.labels_key,):
-            knn = real_knn_metrics(adata, packed, args.transform_dir, key, fit=fit, vocab_index=index,
-                                   max_genes=args.max_genes, k=args.k_neighbors,
-                                   case_insensitive=args.case_insensitive)
-            if knn is not None:
-                metrics[f"knn_{key}"] = knn
-                logger.info("k-NN accuracy against %s: %.3f (real vs real: %.3f).", key, knn["knn_accuracy"],
-                            knn["knn_ceiling"])
+        keys = LABEL_COLUMNS if args.labels is None else (args.labels_key,)
+        for key, knn in real_knn_metrics(adata, packed, args.transform_dir, keys, fit=fit, vocab_index=index,
+                                         max_genes=args.max_genes, k=args.k_neighbors,
+                                         case_insensitive=args.case_insensitive).items():
+            metrics[f"knn_{key}"] = knn
+            logger.info("k-NN accuracy against %s: %.3f (real vs real: %.3f).", key, knn["knn_accuracy"],
+                        knn["knn_ceiling"])
     with staged_outputs(out_dir, names, overwrite=args.overwrite) as tmp:
         adata.write_h5ad(tmp / name)
         save_args(args, tmp / f"{args.output.stem}_args.json")

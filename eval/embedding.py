@@ -37,7 +37,7 @@ from utils.eval_io import (  # noqa: E402
     write_evaluation,
 )
 from utils.evaluation import embed_pca, plot_labelled_panels  # noqa: E402
-from utils.metrics import embedding_scores  # noqa: E402
+from utils.metrics import evaluate_embedding  # noqa: E402
 
 logger = logging.getLogger("cell2sentence")
 
@@ -92,23 +92,22 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     check_can_write(args.output_dir, OUTPUTS, overwrite=args.overwrite)
     names, X, labels = read_embeddings(args)
     metrics: dict[str, Any] = {"embeddings": str(args.embeddings), "obsm_key": args.obsm_key}
-    metrics["c2s"] = embedding_scores(X, labels, k=args.k_neighbors, seed=args.seed)
-    (view,) = embed_pca(X, n_components=2, seed=args.seed)
-    panels = [(f"{args.obsm_key} ({X.shape[1]} dimensions), its PCA", view, labels)]
     expression = read_preprocessed(args.transform_dir, names)
     if expression is None or expression.n_obs == 0:
         logger.warning("No preprocessed AnnData with these cells in %s: no PCA-of-expression baseline.",
                        args.transform_dir)
-    else:
-        if expression.n_obs < len(names):
-            logger.warning("%s of %s cells are not in the preprocessed AnnData; the baseline scores the rest.",
-                           f"{len(names) - expression.n_obs:,}", f"{len(names):,}")
-        where = dict(zip(names, range(len(names)), strict=True))
-        pca_labels = [labels[where[n]] for n in expression.obs_names]
-        (pcs,) = embed_pca(expression.X, n_components=args.n_components, seed=args.seed)
-        metrics["pca"] = {**embedding_scores(pcs, pca_labels, k=args.k_neighbors, seed=args.seed),
-                          "n_components": int(pcs.shape[1])}
-        panels.append((f"PCA of expression ({pcs.shape[1]} components)", pcs, pca_labels))
+        expression = None
+    elif expression.n_obs < len(names):
+        logger.warning("%s of %s cells are not in the preprocessed AnnData; the baseline scores the rest.",
+                       f"{len(names) - expression.n_obs:,}", f"{len(names):,}")
+    scored = evaluate_embedding(X, labels, names, expression=expression, k=args.k_neighbors,
+                                n_components=args.n_components, seed=args.seed)
+    metrics.update(scored.scores)
+    (view,) = embed_pca(X, n_components=2, seed=args.seed)
+    panels = [(f"{args.obsm_key} ({X.shape[1]} dimensions), its PCA", view, labels)]
+    if scored.pca_coords is not None:
+        panels.append((f"PCA of expression ({scored.pca_coords.shape[1]} components)", scored.pca_coords,
+                       scored.pca_labels))
     for key in SCORES:
         metrics[key] = metrics["c2s"][key]
         if "pca" in metrics:

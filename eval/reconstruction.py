@@ -42,6 +42,7 @@ from utils.eval_io import (  # noqa: E402
     write_evaluation,
 )
 from utils.fit import RankExpressionFit, fit_rank_expression, score_line  # noqa: E402
+from utils.inverse import load_transform_fit  # noqa: E402
 from utils.metrics import per_cell_reconstruction, rank_expression_points  # noqa: E402
 
 logger = logging.getLogger("cell2sentence")
@@ -69,11 +70,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def transform_fit(transform_dir: Path) -> RankExpressionFit | None:
     """The transform's line with its reported scores (a row of transformation_metrics.csv)."""
     path = transform_dir / "eval" / "transformation_metrics.csv"
-    if not path.is_file():
-        return None
-    row = pd.read_csv(path).iloc[0]
-    fields = RankExpressionFit.__dataclass_fields__
-    return RankExpressionFit(**{k: (int(v) if k == "n_points" else float(v)) for k, v in row.items() if k in fields})
+    return load_transform_fit(path) if path.is_file() else None
 
 
 def read_points(path: Path, *, chunk_size: int, max_cells: int | None, seed: int

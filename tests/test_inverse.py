@@ -180,7 +180,8 @@ def test_vocab_and_fit_loaders(tmp_path: Path) -> None:
     (tmp_path / "vocab.txt").write_text("B 10\nA 3\n")
     assert load_vocab(tmp_path / "vocab.txt") == ["B", "A"]
     (tmp_path / "m.csv").write_text("slope,intercept,r_squared\n-0.5,1.5,0.9\n")
-    assert load_transform_fit(tmp_path / "m.csv") == RankExpressionFit(-0.5, 1.5)
+    # the reported scores come along where the file has them
+    assert load_transform_fit(tmp_path / "m.csv") == RankExpressionFit(-0.5, 1.5, r_squared=0.9)
     with pytest.raises(InputError, match="does not exist"):
         load_vocab(tmp_path / "missing.txt")
     (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
@@ -263,6 +264,23 @@ def test_transform_then_inverse_reproduces_the_fit(tmp_path: Path) -> None:
         assert adata.var_names[row.indices[np.argsort(-row.data, kind="stable")]].tolist() == sentence.split()
     assert adata.obs["cell_type"].notna().all()
     assert metrics["knn_cell_type"]["knn_ceiling"] > 0.8
+    # Both label columns in one run (the real cells built once) score as each alone.
+    import datasets
+
+    test = datasets.load_from_disk(str(out / "cell_sentences_hf"))["test"]
+    test.add_column("requested_cell_type", test["cell_type"][::-1]).save_to_disk(str(tmp_path / "both"))
+    test.remove_columns("cell_type").add_column("requested_cell_type", test["cell_type"][::-1]).save_to_disk(
+        str(tmp_path / "req_only"))
+    scored = {}
+    for name in ("both", "req_only"):
+        inverse.main(inverse.parse_args(["--sentences", str(tmp_path / name), "--transform_dir", str(out),
+                                         "--output", str(tmp_path / "inv" / f"{name}.h5ad"), "--evaluate"]))
+        scored[name] = json.loads((tmp_path / "inv" / f"{name}_metrics.json").read_text())
+    assert scored["both"]["knn_cell_type"] == metrics["knn_cell_type"]
+    assert "knn_cell_type" not in scored["req_only"]
+    assert scored["both"]["knn_requested_cell_type"] == scored["req_only"]["knn_requested_cell_type"]
+    assert scored["both"]["knn_requested_cell_type"]["knn_ceiling"] == metrics["knn_cell_type"]["knn_ceiling"]
+    assert scored["both"]["knn_requested_cell_type"]["knn_accuracy"] < metrics["knn_cell_type"]["knn_accuracy"]
 
 
 def reference_inverse(sentences: list[str], vocab: list[str], fit: RankExpressionFit) -> np.ndarray:

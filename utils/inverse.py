@@ -73,7 +73,9 @@ def zero_crossing_rank(fit: RankExpressionFit) -> float:
 
 
 def load_transform_fit(path: Path) -> RankExpressionFit:
-    """Read slope and intercept from ``eval/transformation_metrics.csv`` (first row)."""
+    """The line of ``eval/transformation_metrics.csv`` (first row): slope and intercept, and the
+    scores the transform reported with them (R², Pearson and Spearman r, threshold, points) where
+    the file has them (NaN, 0 where not)."""
     if not path.is_file():
         raise InputError(
             f"{path} does not exist; run transform.py first or point --transform_dir at its output."
@@ -94,7 +96,10 @@ def load_transform_fit(path: Path) -> RankExpressionFit:
             "with rank.",
             slope,
         )
-    return RankExpressionFit(slope=slope, intercept=intercept)
+    row = table.iloc[0]
+    scores = {k: (int(row[k]) if k == "n_points" else float(row[k]))
+              for k in RankExpressionFit.__dataclass_fields__ if k in row.index and k not in ("slope", "intercept")}
+    return RankExpressionFit(slope=slope, intercept=intercept, **scores)
 
 
 def load_vocab(path: Path) -> list[str]:

@@ -6,7 +6,8 @@
   ceiling) and those distances (with real-vs-real as the floor, overall and per cell type)
   together.
 - Embeddings: :func:`embedding_scores`: leave-one-out k-NN accuracy, silhouette, and the
-  agreement (ARI, NMI) of a KMeans clustering with the labels.
+  agreement (ARI, NMI) of a KMeans clustering with the labels; :func:`evaluate_embedding`: those
+  of an embedding next to those of the PCA of the same cells' expression.
 - Reconstruction: per-cell and overall fit of log-expression on log-rank over a whole
   preprocessed matrix (:func:`rank_expression_points`, :func:`per_cell_reconstruction`).
 
@@ -35,15 +36,19 @@ from utils.fit import RankExpressionFit
 from utils.inverse import SentenceBytes, VocabIndex, sentences_to_expression
 
 __all__ = [
+    "EmbeddingEvaluation",
     "GenerationEvaluation",
     "distribution_distances",
     "embedding_scores",
+    "evaluate_embedding",
     "evaluate_generation",
     "knn_loo_accuracy",
     "median_heuristic",
     "per_cell_reconstruction",
     "plot_generation",
     "rank_expression_points",
+    "real_expression",
+    "score_expression",
     "score_generated",
 ]
 
@@ -242,6 +247,49 @@ def evaluate_generation(
     )
 
 
+def real_expression(
+    tables: dict[str, Any],
+    *,
+    split: str,
+    index: VocabIndex,
+    fit: RankExpressionFit,
+    top_k: int,
+    case_insensitive: bool = False,
+) -> dict[str, sp.csr_matrix]:
+    """The real cells of ``tables`` (Arrow tables of the ``train`` split and of ``split``, as
+    ``utils.eval_io.load_splits`` gives) in the representation of generated cells: the inverse
+    transform of each cell's first ``top_k`` genes, by split name. Built once, it serves every
+    set of generated cells scored against them (:func:`score_expression`)."""
+    return {name: sentences_to_expression(tables[name].column("cell_sentence"), index, fit,
+                                          case_insensitive=case_insensitive, max_words=top_k).X
+            for name in dict.fromkeys(("train", split))}
+
+
+def score_expression(
+    generated_X: sp.spmatrix | np.ndarray,
+    requested: Sequence[str],
+    tables: dict[str, Any],
+    real: dict[str, sp.spmatrix],
+    *,
+    split: str,
+    label_column: str,
+    top_k: int,
+    k: int = 5,
+    seed: int = 0,
+) -> GenerationEvaluation:
+    """:func:`evaluate_generation` of generated cells (already in the representation of
+    :func:`real_expression`, whose ``real`` it takes) against the real cells of ``tables``,
+    labelled by their ``label_column``; the metrics record ``top_k_genes``."""
+    result = evaluate_generation(
+        generated_X, [str(y) for y in requested],
+        real["train"], tables["train"].column(label_column).to_pylist(),
+        real[split], tables[split].column(label_column).to_pylist(),
+        k=k, seed=seed,
+    )
+    result.metrics["top_k_genes"] = int(top_k)
+    return result
+
+
 def score_generated(
     sentences: Sequence[str] | SentenceBytes,
     requested: Sequence[str],
@@ -258,19 +306,13 @@ def score_generated(
     """Generated sentences (with their requested types) against the real cells of ``tables``
     (Arrow tables of the ``train`` split and of ``split``, as ``utils.eval_io.load_splits``
     gives): the word statistics of every generated word (``sentence_stats``) under
-    ``"sentences"``, and :func:`evaluate_generation` on the first ``top_k`` genes of every
+    ``"sentences"``, and :func:`score_expression` on the first ``top_k`` genes of every
     cell, real and generated alike (the same representation)."""
     everything = sentences_to_expression(sentences, index, fit)
     generated = sentences_to_expression(sentences, index, fit, max_words=top_k)
-    real = {name: sentences_to_expression(tables[name].column("cell_sentence"), index, fit, max_words=top_k).X
-            for name in ("train", split)}
-    result = evaluate_generation(
-        generated.X, [str(y) for y in requested],
-        real["train"], tables["train"].column(label_column).to_pylist(),
-        real[split], tables[split].column(label_column).to_pylist(),
-        k=k, seed=seed,
-    )
-    result.metrics["top_k_genes"] = int(top_k)
+    real = real_expression(tables, split=split, index=index, fit=fit, top_k=top_k)
+    result = score_expression(generated.X, requested, tables, real, split=split, label_column=label_column,
+                              top_k=top_k, k=k, seed=seed)
     return {"sentences": sentence_stats(everything), **result.metrics}, result
 
 
@@ -343,6 +385,42 @@ def embedding_scores(
     else:
         out.update(silhouette=float("nan"), ari=float("nan"), nmi=float("nan"))
     return out
+
+
+@dataclass
+class EmbeddingEvaluation:
+    """What :func:`evaluate_embedding` returns: the scores (``"c2s"``: the embedding's,
+    ``"pca"``: the expression baseline's, when expression was given) and the baseline's
+    principal components with their cells' labels (for a figure)."""
+
+    scores: dict[str, Any]
+    pca_coords: np.ndarray | None = None
+    pca_labels: list[str] = field(default_factory=list)
+
+
+def evaluate_embedding(
+    X: np.ndarray,
+    labels: Sequence[str],
+    names: Sequence[str],
+    *,
+    expression: Any = None,
+    k: int = 5,
+    n_components: int = 50,
+    seed: int = 0,
+) -> EmbeddingEvaluation:
+    """:func:`embedding_scores` of an embedding of labelled cells (rows of ``X``, named
+    ``names``) under ``"c2s"``, and, given ``expression`` (an AnnData of the preprocessed
+    expression of some or all of these cells, matched by name), the same scores of its first
+    ``n_components`` principal components under ``"pca"`` (with the ``n_components`` used):
+    the baseline an embedding should beat."""
+    scores: dict[str, Any] = {"c2s": embedding_scores(X, labels, k=k, seed=seed)}
+    if expression is None:
+        return EmbeddingEvaluation(scores)
+    label_of = dict(zip(names, labels, strict=True))
+    pca_labels = [label_of[n] for n in expression.obs_names]
+    (pcs,) = embed_pca(expression.X, n_components=n_components, seed=seed)
+    scores["pca"] = {**embedding_scores(pcs, pca_labels, k=k, seed=seed), "n_components": int(pcs.shape[1])}
+    return EmbeddingEvaluation(scores, pcs, pca_labels)
 
 
 # -------------------------------------------------------------------------- reconstruction
