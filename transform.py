@@ -118,17 +118,12 @@ def transform_options(args: argparse.Namespace) -> TransformOptions:
     )  # fmt: skip
 
 
-def output_names(data_filepath: Path | list[Path]) -> list[str]:
-    """What the transform writes under --output_dir (the data contract); several inputs are
-    named after their folder, or ``combined``."""
-    return contract_names(input_stem(data_filepath))
-
-
 @releasing_outputs
 def main(args: argparse.Namespace) -> dict[str, float]:
     started = time.perf_counter()
     keep_freed_memory_for_reuse()
-    names = output_names(args.data_filepath)
+    stem = input_stem(args.data_filepath)  # several inputs: their folder's name, or "combined"
+    names = contract_names(stem)  # what the transform writes under --output_dir (the data contract)
     claim_output_dir(args.output_dir, names, overwrite=args.overwrite)
     source, options, normalization = open_inputs(args.data_filepath, transform_options(args), layer=args.layer)
     logger.info("Read %s: %s cells x %s genes from %s.", source.path,
@@ -145,7 +140,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
 
     # Pass 2: sentences, preprocessed matrix and evaluation points, written as they come.
     with staged_outputs(args.output_dir, names, overwrite=args.overwrite) as tmp:
-        outputs = TransformOutputs(tmp, plan, h5ad_name=preprocessed_name(input_stem(args.data_filepath)))
+        outputs = TransformOutputs(tmp, plan, h5ad_name=preprocessed_name(stem))
         context = PassContext(source, plan.settings, plan=plan, outputs=outputs)
         pass_started = time.perf_counter()
         results = ordered_map(write_chunk_task, plan.chunks, num_proc=args.num_proc, context=context)
