@@ -130,6 +130,15 @@ def _check_args(args: argparse.Namespace) -> None:
         args.output = Path("data/inverse") / f"{name or 'sentences'}.h5ad"
     if args.output.suffix != ".h5ad":
         raise InputError(f"--output {args.output} must end in .h5ad.")
+    for path in output_paths(args):  # a folder would be replaced (so deleted) by the publish: never the user's
+        if path.is_dir():
+            raise InputError(f"{path} is a folder, not a file; choose another --output (nothing was changed).")
+
+
+def output_paths(args: argparse.Namespace) -> list[Path]:
+    """The files the run writes: the h5ad, its args record, and with --evaluate its metrics."""
+    stem = args.output.parent / args.output.stem
+    return [args.output, Path(f"{stem}_args.json")] + ([Path(f"{stem}_metrics.json")] if args.evaluate else [])
 
 
 # ---------------------------------------------------------------------------------- input
@@ -268,9 +277,12 @@ def main(args: argparse.Namespace) -> ad.AnnData:
     vocab = load_vocab(args.transform_dir / "cell_sentences" / "vocab.txt")
     out_dir, name = args.output.parent, args.output.name
     metrics_name = f"{args.output.stem}_metrics.json"
-    names = [name, f"{args.output.stem}_args.json"] + ([metrics_name] if args.evaluate else [])
+    names = [path.name for path in output_paths(args)]
     claim_output_dir(out_dir, names, overwrite=args.overwrite)
     packed, obs = load_sentences(args)
+    if packed.n == 0:  # an h5ad of no cells would look like a result to the next step
+        raise InputError(f"{args.sentences} holds no sentences; give a file with one sentence per line (or a "
+                         "dataset with rows).")
     logger.info("Read %s sentences (%s bytes) from %s.", f"{packed.n:,}", f"{packed.data.size:,}", args.sentences)
     index = build_vocab_index(vocab)
     start = time.perf_counter()

@@ -8,7 +8,7 @@ that sentences can later be turned back into expression (inverse.py).
     data/<name>.h5ad -> data/cell_sentences/{train,valid,test}.txt, *_barcodes.txt,
                         *_indices.npy, vocab.txt
                         data/cell_sentences_hf/ (datasets.DatasetDict)
-                        data/eval/transformation_metrics.csv + figures
+                        data/eval/transformation_metrics.csv + figures, qc_by_label.csv
                         data/<name>_preprocessed.h5ad, data/transform_args.json
 
 The matrix is read and processed in chunks of --chunk_size cells (out of core for CSR or

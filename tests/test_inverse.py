@@ -318,3 +318,65 @@ def test_matches_the_plain_python_definition(tmp_path: Path, as_file: bool) -> N
         res = sentences_to_expression(sentences, vocab, fit)
     np.testing.assert_allclose(dense(res), reference_inverse(sentences, vocab, fit), rtol=2e-6, atol=1e-6)
     assert res.n_words.tolist() == [len(s.split()) for s in sentences]
+
+
+# --- issue 18: nonsense refused, nothing of the user's lost ------------------------------------
+
+
+def test_an_output_that_is_a_folder_is_refused_and_kept(tmp_path: Path) -> None:
+    tdir = write_transform_dir(tmp_path / "t", VOCAB, FIT)
+    (tmp_path / "gen.txt").write_text("B A\n")
+    folder = tmp_path / "adir.h5ad"
+    folder.mkdir()
+    (folder / "mine.txt").write_text("the user's")
+    with pytest.raises(InputError, match=r"adir.h5ad is a folder, not a file; choose another --output"):
+        inverse.main(inverse.parse_args(["--sentences", str(tmp_path / "gen.txt"), "--transform_dir", str(tdir),
+                                         "--output", str(folder), "--overwrite"]))
+    assert (folder / "mine.txt").read_text() == "the user's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir.h5ad", "gen.txt", "t"]
+
+
+def test_an_empty_sentences_file_is_refused(tmp_path: Path) -> None:
+    tdir = write_transform_dir(tmp_path / "t", VOCAB, FIT)
+    (tmp_path / "gen.txt").write_text("")
+    out = tmp_path / "inv" / "gen.h5ad"
+    with pytest.raises(InputError, match=r"gen.txt holds no sentences"):
+        inverse.main(inverse.parse_args(["--sentences", str(tmp_path / "gen.txt"), "--transform_dir", str(tdir),
+                                         "--output", str(out)]))
+    assert not out.parent.exists()  # the folder it made is removed again
+    # an empty line is still a cell (an empty generated one): one cell, no gene
+    (tmp_path / "gen.txt").write_text("\n")
+    adata = inverse.main(inverse.parse_args(["--sentences", str(tmp_path / "gen.txt"), "--transform_dir",
+                                             str(tdir), "--output", str(out)]))
+    assert adata.shape == (1, len(VOCAB)) and adata.X.nnz == 0
+
+
+def test_one_string_instead_of_a_list_is_refused() -> None:
+    from utils.inverse import sentences_to_adata
+
+    with pytest.raises(InputError, match=r"a list of sentences, not one string \('B A'\)"):
+        sentences_to_adata("B A", VOCAB, FIT)
+    with pytest.raises(InputError, match="must be strings"):
+        sentences_to_adata([1, 2], VOCAB, FIT)
+    with pytest.raises(InputError, match="cell_names must be a list"):
+        sentences_to_adata(["B A"], VOCAB, FIT, cell_names="c1")
+    assert sentences_to_adata(["B A"], VOCAB, FIT).obs["n_genes"].tolist() == [2]
+
+
+def test_a_full_disk_while_writing_the_h5ad_is_one_sentence_and_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    tdir = write_transform_dir(tmp_path / "t", VOCAB, FIT)
+    (tmp_path / "gen.txt").write_text("B A\nA C\n")
+    out = tmp_path / "inv"
+    out.mkdir()
+
+    def full(self, path, *args, **kwargs):
+        Path(path).write_bytes(b"\x89HDF half")  # what a write cut short leaves
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ad.AnnData, "write_h5ad", full)
+    with pytest.raises(InputError, match=r"The disk holding .*inv is full \(.* free\); nothing was written"):
+        inverse.main(inverse.parse_args(["--sentences", str(tmp_path / "gen.txt"), "--transform_dir", str(tdir),
+                                         "--output", str(out / "gen.h5ad")]))
+    assert list(out.iterdir()) == []

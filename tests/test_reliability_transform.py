@@ -288,7 +288,7 @@ def test_labels_with_line_breaks_become_one_line(label, tmp_path, caplog):
     for split in SPLITS:  # one line per cell in the text outputs
         n = len(hf[split])
         assert len((out / "cell_sentences" / f"{split}_barcodes.txt").read_text().splitlines()) == n
-    assert "Replaced line breaks and tabs" in caplog.text
+    assert "Replaced line breaks, tabs and runs of spaces by one space" in caplog.text
 
 
 def test_duplicate_cell_names_are_made_unique_and_inverse_evaluates(tmp_path, caplog):
@@ -351,7 +351,8 @@ def test_the_api_gives_the_same_missing_labels_and_unique_names():
 
 def test_cells_without_a_label_are_left_out_of_generate(one_thread, tmp_path):
     """Downstream of the missing labels: train.py trains on them (untyped tasks only) and
-    generate.py neither asks them, generates a "None" type, nor counts them."""
+    generate.py neither generates a "None" type nor counts one (prediction is predict.py's since
+    issue 18, and tested with it)."""
     from datasets import load_from_disk
     from helpers_train import make_dataset_dir
 
@@ -372,13 +373,9 @@ def test_cells_without_a_label_are_left_out_of_generate(one_thread, tmp_path):
     out = tmp_path / "gen"
     generate.main(generate.parse_args(["--model_dir", str(model), "--data_dir", str(data), "--output_dir", str(out),
                                        "--n_per_type", "1", "--batch_size", "8", "--max_new_tokens", "12"]))
-    predictions = pd.read_csv(out / "predictions.csv", keep_default_na=False)
-    assert len(predictions) == sum(t is not None for t in nulls["test"]) == 15
-    assert set(predictions["true"]) == {t for t in nulls["test"] if t is not None}
     requested = (out / "generated_labels.txt").read_text().splitlines()
     assert "None" not in requested and sorted(requested) == sorted({t for t in nulls["test"] if t is not None})
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert "None" not in metrics["prediction"]["per_class_accuracy"]
+    assert "None" not in (out / "metrics.json").read_text()
 
 
 # --- determinism as documented (issue 11, section 7) ------------------------------------------

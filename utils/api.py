@@ -15,6 +15,7 @@ against. ``CellSentences.save`` writes the script's data contract.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -35,6 +36,7 @@ from utils.outputs import (
     preprocessed_name,
     preprocessed_obs,
     write_evaluation,
+    write_qc_by_label,
     write_vocab,
 )
 from utils.preprocess import TARGET_SUM, QCParams
@@ -50,6 +52,8 @@ from utils.transform_pipeline import (
 )
 
 __all__ = ["CellSentences", "adata_to_sentences"]
+
+logger = logging.getLogger("cell2sentence")
 
 MAX_DEFAULT_THREADS = 8  # n threads hold n + 1 chunks in flight (~100 MB each at 2,000 genes a cell)
 
@@ -69,7 +73,8 @@ class CellSentences:
     per chunk of cells); ``.sentences`` makes Python strings of them when first asked, and
     ``to_dataset_dict`` uses them as they are. ``columns`` holds the dataset's columns per kept
     cell (``cell_name``, ``cell_type`` when there is a label, further ``obs_columns``);
-    ``labels`` is its ``cell_type`` or None.
+    ``labels`` is its ``cell_type`` or None; ``qc_table`` says per label what each QC filter
+    removed (``eval/qc_by_label.csv`` of ``save``).
     """
 
     # The large fields stay out of the repr (a notebook prints it).
@@ -81,6 +86,8 @@ class CellSentences:
     columns: dict[str, np.ndarray] = field(repr=False)
     options: TransformOptions
     eval_points: tuple[np.ndarray, np.ndarray] = field(repr=False)  # (log-rank, log-expression) of the fit's sample
+    kept_rows: np.ndarray | None = field(default=None, repr=False)  # the kept cells' rows in the input
+    qc_table: pd.DataFrame | None = field(default=None, repr=False)  # what QC removed per label (``qc_by_label``)
     _sentences: list[str] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
@@ -157,6 +164,8 @@ class CellSentences:
                         self.preprocessed.var["n_cells"].to_numpy())
             self.to_dataset_dict(split_fractions, seed).save_to_disk(str(tmp / "cell_sentences_hf"))
             write_evaluation(tmp / "eval", self.fit, *self.eval_points, seed=self.options.seed)
+            if self.qc_table is not None:
+                write_qc_by_label(tmp / "eval", self.qc_table)
             preprocessed = self.preprocessed.copy()
             preprocessed.obs["split"] = pd.Categorical(np.array(SPLITS, dtype=object)[split], categories=SPLITS)
             preprocessed.write_h5ad(tmp / preprocessed_name(name))
@@ -184,7 +193,7 @@ def adata_to_sentences(
     layer: str | None = None,
     input_kind: str = "auto",
     gene_column: str | None = None,
-    label_column: str | None = None,
+    label_column: str | bool | None = None,
     obs_columns: Sequence[str] = (),
     qc: QCParams | bool = True,
     max_genes: int | None = None,
@@ -204,7 +213,7 @@ def adata_to_sentences(
     Parameters mirror the script's flags: ``layer`` (default ``.raw.X``, else
     ``layers["counts"]``, else ``X``), ``input_kind`` (``auto``, ``counts``, ``normalized``,
     ``log1p``), ``gene_column`` (default ``var["feature_name"]`` when present, else
-    ``var_names``), ``label_column`` (default ``cell_type`` when present), ``qc`` (True: the
+    ``var_names``), ``label_column`` (default ``cell_type`` when present; False: none), ``qc`` (True: the
     original's QC, False: none, or a ``QCParams``), ``max_genes`` (top K genes per sentence),
     ``exclude_genes`` (a regular expression, e.g. ``"^MT-|^RP[SL]"``: matching genes are left
     out after QC, before normalization and ranking), ``target_sum`` (counts are normalized to
@@ -215,11 +224,20 @@ def adata_to_sentences(
 
     Returns a ``CellSentences``: ``.sentences`` (kept cells, input order), ``.cell_names``,
     ``.labels``, ``.preprocessed``, ``.fit``, ``.to_dataset_dict()``, ``.save(output_dir)``.
-    The input is not modified.
+    The input is not modified; a backed one (``read_h5ad(path, backed="r")``) is read into memory
+    (``transform.py`` streams a file from disk).
     """
     if not isinstance(adata, ad.AnnData):
         raise InputError(f"adata_to_sentences takes an AnnData, not {type(adata).__name__}.")
-    params = qc if isinstance(qc, QCParams) else QCParams(enabled=bool(qc))
+    if isinstance(qc, QCParams):
+        params = qc
+    elif isinstance(qc, bool | np.bool_):
+        params = QCParams(enabled=bool(qc))
+    else:  # bool("no") is True: anything but a bool or QCParams would silently mean some QC
+        raise InputError(f"qc must be True (the original's QC), False (none) or a QCParams, not {qc!r}.")
+    if adata.isbacked:  # its matrix is on disk, where rows cannot be served as views
+        logger.info("Reading the backed AnnData %s into memory.", adata.filename)
+        adata = adata.to_memory()
     if num_proc is None:  # a notebook user gets every core: the sentences do not depend on it
         num_proc = default_threads()
     options = TransformOptions(
@@ -264,7 +282,8 @@ def adata_to_sentences(
     )
     labels = columns["cell_type"].tolist() if "cell_type" in columns else None
     return CellSentences(pa.chunked_array(sentence_chunks, pa.string()), columns["cell_name"].tolist(), labels,
-                         preprocessed, fit, columns, options, (log_rank, log_expression))
+                         preprocessed, fit, columns, options, (log_rank, log_expression), np.flatnonzero(kept),
+                         plan.qc_table)
 
 
 def _sentence_task(context: PassContext, index: int, bounds: tuple[int, int]) -> SentenceChunk:

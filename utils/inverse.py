@@ -131,14 +131,21 @@ class SentenceBytes:
 def sentence_bytes(sentences: Sequence[str] | pa.Array | pa.ChunkedArray) -> SentenceBytes:
     """Pack sentences (Python strings or an Arrow string column) into one byte buffer.
 
-    An Arrow column is used without copying its bytes; nulls count as empty sentences.
+    An Arrow column is used without copying its bytes; nulls count as empty sentences. One
+    string is refused (it would be one sentence per character).
     """
+    if isinstance(sentences, str | bytes):
+        raise InputError(f"Sentences must be a list of sentences, not one string ({sentences[:40]!r}); wrap it in a "
+                         "list for one cell.")
     if isinstance(sentences, pa.ChunkedArray):
         sentences = (
             sentences.combine_chunks() if sentences.num_chunks else pa.array([], pa.string())
         )
     if not isinstance(sentences, pa.Array):
-        sentences = pa.array(list(sentences), type=pa.large_string())
+        try:
+            sentences = pa.array(list(sentences), type=pa.large_string())
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+            raise InputError(f"Sentences must be strings ({err}).") from None
     if not (pa.types.is_string(sentences.type) or pa.types.is_large_string(sentences.type)):
         raise InputError(f"Sentences must be strings, got an Arrow column of {sentences.type}.")
     if sentences.null_count:
@@ -734,6 +741,8 @@ def sentences_to_adata(
     result = sentences_to_expression(sentences, vocab, fit, case_insensitive=case_insensitive,
                                      clip_negative=clip_negative, max_words=max_genes)
     n = len(result.n_words)
+    if isinstance(cell_names, str):
+        raise InputError(f"cell_names must be a list of names, not one string ({cell_names[:40]!r}).")
     if obs is None:
         obs = pd.DataFrame(index=pd.RangeIndex(n) if cell_names is None else pd.Index(list(cell_names), dtype=str))
     if len(obs) != n:

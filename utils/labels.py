@@ -22,6 +22,8 @@ from utils.common import InputError
 SPECIAL_TOKEN = re.compile(r"</?\|?[A-Za-z_]+\|?>")
 # Whitespace other than a plain space (newline, tab, ...): it would split a line of text output.
 LINE_BREAKING = re.compile(r"[^\S ]")
+# More distinct whole numbers than this in a label column are not class labels (cluster numbers are).
+MAX_NUMERIC_CLASSES = 100
 
 
 def as_strings(values: pd.Series) -> np.ndarray:
@@ -35,32 +37,56 @@ def as_strings(values: pd.Series) -> np.ndarray:
 
 
 def clean_labels(values: pd.Series, *, column: str, path: Path) -> tuple[np.ndarray, list[str]]:
-    """Labels as strings (object array), missing ones (NaN, None) as None; whitespace runs with a
-    newline or tab become one space. Returns the labels and warnings to log.
+    """Labels as strings (object array), missing ones (NaN, None, empty or blank) as None;
+    whitespace runs become one space and the ends are stripped, so ``"  T   cell "`` and
+    ``"T\\ncell"`` are the class ``"T cell"``. Returns the labels and warnings to log (labels that
+    differ only by letter case are kept apart, with a warning).
 
     A label holding a special token is refused with one sentence (``InputError``).
 
-    >>> labels, notes = clean_labels(pd.Series(["T cell", None, "B\\ncell"]), column="c", path=Path("a"))
+    >>> labels, notes = clean_labels(pd.Series(["T cell", None, "B\\ncell", " "]), column="c", path=Path("a"))
     >>> labels.tolist(), len(notes)
-    (['T cell', None, 'B cell'], 2)
+    (['T cell', None, 'B cell', None], 2)
     """
     labels = as_strings(values)
-    missing = np.equal(labels, None)
     notes = []
+    distinct = pd.unique(labels[~np.equal(labels, None)])
+    _refuse_special_tokens(distinct, where=f"obs[{column!r}]", path=path)
+    fixed = {v: one_line(v) for v in distinct if one_line(v) != v}
+    if fixed:  # a blank label becomes "": missing, below
+        present = ~np.equal(labels, None)
+        labels[present] = pd.Series(labels[present]).replace(fixed).to_numpy(dtype=object)
+        changed = [v for v, new in fixed.items() if new]
+        if changed:
+            notes.append(f"Replaced line breaks, tabs and runs of spaces by one space and stripped the ends of "
+                         f"{len(changed):,} labels of obs[{column!r}] (e.g. {changed[0]!r} -> {fixed[changed[0]]!r}).")
+    blank = np.equal(labels, "")
+    labels[blank] = None
+    missing = np.equal(labels, None)
     if missing.any():
-        notes.append(
-            f"{int(missing.sum()):,} of {len(labels):,} cells have no label in obs[{column!r}] (NaN): they keep "
+        what = "NaN or empty" if blank.any() else "NaN"
+        notes.insert(0,
+            f"{int(missing.sum()):,} of {len(labels):,} cells have no label in obs[{column!r}] ({what}): they keep "
             "their sentence with a missing label (null); train.py gives them only untyped tasks."
         )
-    distinct = pd.unique(labels[~missing])
-    _refuse_special_tokens(distinct, where=f"obs[{column!r}]", path=path)
-    broken = [v for v in distinct if LINE_BREAKING.search(v)]
-    if broken:
-        fixed = {v: re.sub(r"\s+", " ", v).strip() for v in broken}
-        labels[~missing] = pd.Series(labels[~missing]).replace(fixed).to_numpy(dtype=object)
-        notes.append(f"Replaced line breaks and tabs by one space in {len(broken):,} labels of obs[{column!r}] "
-                     f"(e.g. {broken[0]!r} -> {fixed[broken[0]]!r}).")
+    spellings = pd.Series(pd.unique(labels[~missing]), dtype=object)
+    by_case = spellings.groupby(spellings.str.casefold()).agg(list)
+    variants = [group for group in by_case if len(group) > 1]
+    if variants:
+        shown = "; ".join(", ".join(repr(v) for v in sorted(group)) for group in variants[:3])
+        more = f"; {len(variants) - 3:,} more" if len(variants) > 3 else ""
+        notes.append(f"Labels of obs[{column!r}] that differ only by letter case ({shown}{more}) stay separate "
+                     "classes; give them one spelling if they are one type.")
     return labels, notes
+
+
+def one_line(text: str) -> str:
+    """``text`` with every whitespace run (line breaks and tabs included) one space, ends stripped.
+
+    >>> one_line("  T \\n  cell ")
+    'T cell'
+    """
+    return re.sub(r"\s+", " ", text).strip()
 
 
 def _refuse_special_tokens(labels, *, where: str, path: Path) -> None:
@@ -87,25 +113,50 @@ def refuse_unsafe_labels(labels: list[str], *, column: str, path: Path) -> None:
 
 
 def unique_cell_names(names: pd.Index) -> tuple[np.ndarray, list[str]]:
-    """Cell names as strings, made unique by appending -1, -2, ... (as ``make_index_unique``),
-    and warnings to log.
+    """Cell names as strings, each on one line (``one_line`` where a name holds a line break or
+    tab, which would split a line of ``{split}_barcodes.txt``), made unique by appending -1, -2,
+    ... (as ``make_index_unique``), and warnings to log.
 
-    >>> unique_cell_names(pd.Index(["a", "b", "a"]))[0].tolist()
-    ['a', 'b', 'a-1']
+    >>> unique_cell_names(pd.Index(["a", "b", "a", "c\\td"]))[0].tolist()
+    ['a', 'b', 'a-1', 'c d']
     """
     names = pd.Index(names.astype(str))
+    notes = []
+    broken = names.str.contains(LINE_BREAKING.pattern, regex=True)
+    if broken.any():
+        example = names[broken][0]
+        names = pd.Index([one_line(n) if b else n for n, b in zip(names, broken, strict=True)])
+        notes.append(f"Replaced line breaks and tabs by one space in {int(broken.sum()):,} cell names (e.g. "
+                     f"{example!r} -> {one_line(example)!r}); the preprocessed AnnData keeps the names as given "
+                     "in obs['original_cell_name'].")
     if names.is_unique:
-        return names.to_numpy(dtype=object), []
+        return names.to_numpy(dtype=object), notes
     duplicated = names[names.duplicated()]
-    note = (f"{len(duplicated):,} cell names are repeated (e.g. {duplicated[0]!r}): made unique by appending -1, -2, "
-            "...; the preprocessed AnnData keeps the names as given in obs['original_cell_name'].")
-    return ad.utils.make_index_unique(names).to_numpy(dtype=object), [note]
+    notes.append(f"{len(duplicated):,} cell names are repeated (e.g. {duplicated[0]!r}): made unique by appending -1, "
+                 "-2, ...; the preprocessed AnnData keeps the names as given in obs['original_cell_name'].")
+    return ad.utils.make_index_unique(names).to_numpy(dtype=object), notes
+
+
+def numeric_label_note(values: pd.Series, *, column: str) -> str | None:
+    """A warning when the label column holds numbers that cannot be class labels: fractions, or
+    more than ``MAX_NUMERIC_CLASSES`` distinct whole numbers (cluster numbers pass)."""
+    numbers = values.cat.categories if isinstance(values.dtype, pd.CategoricalDtype) else values.dropna()
+    if pd.api.types.is_bool_dtype(numbers) or not pd.api.types.is_numeric_dtype(numbers):
+        return None
+    distinct = np.unique(np.asarray(numbers, dtype=np.float64))
+    if len(distinct) <= MAX_NUMERIC_CLASSES and np.all(distinct == np.round(distinct)):
+        return None
+    shown = ", ".join(f"{v:g}" for v in distinct[:3])
+    return (f"obs[{column!r}] holds numbers ({len(distinct):,} distinct values, e.g. {shown}), which do not look "
+            "like cell-type labels: each value becomes a class of its own; pass the obs column of cell types as "
+            "--label_column.")
 
 
 def dataset_columns(obs: pd.DataFrame, obs_columns: dict[str, str], *, path: Path) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Per input cell, the dataset's columns: ``cell_name`` (unique), then ``obs_columns``
-    (dataset name -> obs column): the cell type as clean labels, other non-numeric columns as
-    strings, a missing value as None. Returns the columns and warnings to log."""
+    """Per input cell, the dataset's columns: ``cell_name`` (unique, one line), then
+    ``obs_columns`` (dataset name -> obs column): the cell type as clean labels, other
+    non-numeric columns as strings, a missing value as None. Returns the columns and warnings to
+    log."""
     names, notes = unique_cell_names(obs.index)
     columns = {"cell_name": names}
     for name, column in obs_columns.items():
@@ -113,6 +164,8 @@ def dataset_columns(obs: pd.DataFrame, obs_columns: dict[str, str], *, path: Pat
         if name == "cell_type":
             columns[name], label_notes = clean_labels(values, column=column, path=path)
             notes += label_notes
+            note = numeric_label_note(values, column=column)
+            notes += [note] if note else []
         else:
             columns[name] = values.to_numpy() if pd.api.types.is_numeric_dtype(values) else as_strings(values)
     return columns, notes

@@ -28,7 +28,7 @@ logger = logging.getLogger("cell2sentence")
 # The transform's files in ``eval/``, named one by one: ``eval/`` also holds what the eval
 # scripts write (``eval/<name>/``), which a transform run with --overwrite must leave alone.
 EVAL_FILES = ("eval/transformation_metrics.csv", "eval/log_rank_vs_log_expression.png",
-              "eval/expression_vs_reconstruction.png")
+              "eval/expression_vs_reconstruction.png", "eval/qc_by_label.csv")
 
 
 def preprocessed_name(stem: str) -> str:
@@ -86,6 +86,12 @@ def write_evaluation(eval_dir: Path, fit: RankExpressionFit, log_rank: np.ndarra
     plot_reconstruction(log_expression, fit.predict(log_rank), fit, eval_dir / "expression_vs_reconstruction.png", seed=seed)
     logger.info("Fit: log10(1+expr) = %.4f %+.4f * log10(1+rank); R^2 %.3f, Pearson r %.3f, Spearman r %.3f (%s points).",
                 fit.intercept, fit.slope, fit.r_squared, fit.pearson_r, fit.spearman_r, f"{fit.n_points:,}")
+
+
+def write_qc_by_label(eval_dir: Path, table: pd.DataFrame) -> None:
+    """``qc_by_label.csv``: per label, its cells, those each QC filter removed, those kept
+    (``utils.preprocess.qc_by_label``; cells without a label have an empty label)."""
+    table.to_csv(eval_dir / "qc_by_label.csv", index=False)
 
 
 def write_vocab(path: Path, names: np.ndarray, gene_cells: np.ndarray) -> None:
@@ -223,6 +229,7 @@ class TransformOutputs:
         log_expression = np.concatenate([p[1] for p in self.eval_points])
         fit = fit_points(log_rank, log_expression, threshold=fit_threshold, path=self.plan.source.path)
         write_evaluation(self.root / "eval", fit, log_rank, log_expression, seed=seed)
+        write_qc_by_label(self.root / "eval", self.plan.qc_table)
         return fit.as_row()
 
 

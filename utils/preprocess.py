@@ -20,10 +20,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 from numba import njit
 
 INPUT_KINDS = ("auto", "counts", "normalized", "log1p")
+# The cell filters in the order they apply (``QCResult.removed_by`` numbers them so); the last
+# removes cells left with no gene by the gene filter (or ``--exclude_genes``). Without QC,
+# min_genes_per_cell removes the empty cells only.
+QC_FILTERS = ("min_genes_per_cell", "max_genes_per_cell", "max_mt_percent", "no_expressed_genes")
+ALL_CELLS = "(all cells)"  # the one row of ``qc_by_label`` for cells without a label column
 TARGET_SUM = 1e4
 NORMALIZATION_MODES = {"counts": 0, "normalized": 1, "log1p": 2}  # the kernels' mode codes
 
@@ -207,6 +213,8 @@ class QCAccumulator:
             pct_mt = np.where(total > 0, 100.0 * mt_total / total, 0.0)
 
         keep = passes_min_genes.copy()
+        removed_by = np.full(self.n_cells, -1, np.int8)
+        removed_by[~passes_min_genes] = QC_FILTERS.index("min_genes_per_cell")
         removed = {"min_genes_per_cell": int((~passes_min_genes).sum())}
         if p.enabled:
             too_many = keep & (n_genes >= p.max_genes_per_cell)
@@ -215,10 +223,13 @@ class QCAccumulator:
             keep &= ~too_mt
             removed["max_genes_per_cell"] = int(too_many.sum())
             removed["max_mt_percent"] = int(too_mt.sum())
+            removed_by[too_many] = QC_FILTERS.index("max_genes_per_cell")
+            removed_by[too_mt] = QC_FILTERS.index("max_mt_percent")
         # A cell whose every gene was filtered out (or excluded) has no sentence.
         empty = keep & (n_stored == 0)
         keep &= ~empty
         removed["no_expressed_genes"] = int(empty.sum())
+        removed_by[empty] = QC_FILTERS.index("no_expressed_genes")
         genes_excluded = 0
         if excluded is not None:
             genes_excluded = int((gene_mask & excluded).sum())
@@ -231,6 +242,7 @@ class QCAccumulator:
             total=total,
             pct_mt=pct_mt,
             cells_removed=removed,
+            removed_by=removed_by,
             genes_removed=int((~gene_mask).sum()) - genes_excluded,
             gene_cells=self.gene_cells,
             genes_excluded=genes_excluded,
@@ -248,9 +260,33 @@ class QCResult:
     total: np.ndarray  # after the gene filter: the normalization denominator
     pct_mt: np.ndarray
     cells_removed: dict[str, int]
+    removed_by: np.ndarray  # per cell: the position in QC_FILTERS of the filter that removed it, -1 kept
     genes_removed: int  # by the gene filter
     gene_cells: np.ndarray
     genes_excluded: int = 0  # passing the filter, but excluded
+
+
+def qc_by_label(result: QCResult, labels: np.ndarray | None) -> pd.DataFrame:
+    """Per label, its cells, those each filter removed (``removed_by_<filter>``, the filters of
+    ``QC_FILTERS``) and those kept: ``eval/qc_by_label.csv``.
+
+    ``labels`` holds each input cell's label (None: missing); labels come sorted, cells without
+    one last (label NaN). Without labels (None) the table has one row, ``ALL_CELLS``.
+    """
+    if labels is None:
+        codes, names = np.zeros(len(result.cell_mask), np.int64), [ALL_CELLS]
+    else:
+        codes, uniques = pd.factorize(pd.Series(labels, dtype=object), sort=True)  # a missing label: -1
+        names = list(uniques)
+        if (codes < 0).any():
+            codes = np.where(codes < 0, len(names), codes)
+            names.append(None)
+    n = len(names)
+    table = {"label": names, "n_cells": np.bincount(codes, minlength=n)}
+    for i, name in enumerate(QC_FILTERS):
+        table[f"removed_by_{name}"] = np.bincount(codes[result.removed_by == i], minlength=n)
+    table["kept"] = np.bincount(codes[result.cell_mask], minlength=n)
+    return pd.DataFrame(table)
 
 
 # No value of a normalized matrix is this large: a cell's values add up to the target sum (1e4

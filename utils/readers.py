@@ -203,6 +203,9 @@ class H5adSource(MatrixSource):
         self._file = h5py.File(path, "r")
         self._stamp = _file_stamp(path)
         f = self._file
+        if any(isinstance(f.get(key), h5py.Dataset) for key in ("obs", "var", "raw/var")):
+            f.close()  # anndata before 0.7 stored them as tables; anndata's own reader still reads those
+            raise _NeedsInMemory("it was written by anndata before 0.7")
         has = {"X": "X" in f, "raw/X": "raw" in f and "X" in f["raw"]}
         if "layers" in f:
             has.update({f"layers/{name}": True for name in f["layers"]})
@@ -230,11 +233,11 @@ class H5adSource(MatrixSource):
         try:
             node = self._file[self._key]
             if self._dense:
-                chunk = sp.csr_matrix(node[start:stop])
+                chunk = sp.csr_matrix(exact_float(node[start:stop]))
             else:
                 indptr = self._read(node, "indptr", start, stop + 1).astype(np.int64)
                 lo, hi = int(indptr[0]), int(indptr[-1])
-                chunk = sp.csr_matrix((self._read(node, "data", lo, hi), self._read(node, "indices", lo, hi),
+                chunk = sp.csr_matrix((exact_float(self._read(node, "data", lo, hi)), self._read(node, "indices", lo, hi),
                                        indptr - lo), shape=(stop - start, self.shape[1]))
         except (OSError, ValueError) as err:
             self._check_unchanged(start, stop)
@@ -285,7 +288,7 @@ class InMemorySource(MatrixSource):
             matrix, self.var = adata.X, adata.var.copy()
         else:
             matrix, self.var = adata.layers[key.split("/", 1)[1]], adata.var.copy()
-        self._matrix = sp.csr_matrix(matrix) if not sp.issparse(matrix) else matrix.tocsr()
+        self._matrix = sp.csr_matrix(exact_float(matrix)) if not sp.issparse(matrix) else matrix.tocsr()
         self.shape = self._matrix.shape
         self.obs = adata.obs.copy()
         self.log1p_base = NO_LOG1P
@@ -303,6 +306,12 @@ class InMemorySource(MatrixSource):
             data = data.astype(np.float64)
         return sp.csr_matrix((data, m.indices[lo:hi], m.indptr[start : stop + 1] - lo),
                              shape=(stop - start, m.shape[1]), copy=False)
+
+
+def exact_float(values: np.ndarray) -> np.ndarray:
+    """float16 values (which AnnData reads, but neither scipy.sparse nor the compiled kernels
+    take) as float32, which holds each of them exactly; any other array as it is."""
+    return values.astype(np.float32) if values.dtype == np.float16 else values
 
 
 def _attr(node: h5py.Group, name: str) -> str | None:

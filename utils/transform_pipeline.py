@@ -28,8 +28,9 @@ from numba import njit
 from tqdm.auto import tqdm
 
 from utils.common import InputError
-from utils.labels import dataset_columns
+from utils.labels import SPECIAL_TOKEN, dataset_columns
 from utils.preprocess import (
+    QC_FILTERS,
     TARGET_SUM,
     Normalization,
     QCAccumulator,
@@ -40,6 +41,7 @@ from utils.preprocess import (
     gene_flags,
     log1p_ceiling,
     log1p_problem,
+    qc_by_label,
     to_linear,
 )
 from utils.ranking import GeneNameTable
@@ -57,6 +59,8 @@ logger = logging.getLogger("cell2sentence")
 SPLITS = ("train", "valid", "test")
 DEFAULT_LABEL_COLUMN = "cell_type"
 DETECTION_CELLS = 2_000
+MAX_SEED = 2**64 - 1  # the tie-breaking hash takes the seed as an unsigned 64-bit integer
+QC_WARN_SHARE = 0.10  # a filter removing more of a label's cells than this is a warning
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,7 @@ class TransformOptions:
 
     input_kind: str = "auto"
     gene_column: str | None = None
-    label_column: str | None = None
+    label_column: str | bool | None = None  # False: no label column (a model's new cells)
     obs_columns: Sequence[str] = ()
     bad_gene_names: str = "replace"
     qc: QCParams = field(default_factory=QCParams)
@@ -92,6 +96,9 @@ class TransformOptions:
                 raise InputError(f"{prefix}{name} must be at least 1.")
         if self.max_genes is not None and self.max_genes < 1:
             raise InputError(f"{prefix}max_genes must be at least 1 (or left out for full sentences).")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int | np.integer) or not 0 <= self.seed <= MAX_SEED:
+            raise InputError(f"{prefix}seed must be a whole number from 0 to 2**64 - 1 (got {self.seed}); e.g. the "
+                             "default, 1234.")
         if not self.target_sum > 0:
             raise InputError(f"{prefix}target_sum must be positive (got {self.target_sum}); the default is "
                              f"{TARGET_SUM:,g}.")
@@ -122,6 +129,7 @@ class RunPlan:
     names: GeneNameTable
     split_of_cell: np.ndarray  # per input cell: 0 train, 1 valid, 2 test, -1 removed
     eval_mask: np.ndarray  # per input cell: in the fit's sample
+    qc_table: pd.DataFrame  # what each filter removed, per label (``qc_by_label``)
 
     @property
     def n_kept(self) -> int:
@@ -202,16 +210,26 @@ def resolve_gene_names(var: pd.DataFrame, gene_column: str | None, *, bad: str, 
                              "rename them or pass --bad_gene_names replace.")
         logger.warning("Replaced whitespace by '_' in %s gene names (e.g. %r).", f"{has_space.sum():,}", example)
         names = pd.Index([re.sub(r"\s+", "_", n) for n in names])
+    # A gene named like a tokenizer's special token would end or pad a generated cell; renaming it
+    # is the user's choice (it changes what the gene is called), so it is refused, as labels are.
+    special = names.str.contains(SPECIAL_TOKEN.pattern, regex=True) | names.str.fullmatch(r"<.*>")
+    if special.any():
+        raise InputError(f"{path}: {special.sum():,} gene names are or hold a tokenizer's special token (e.g. "
+                         f"{names[special][0]!r}), which would end or pad the model's cells; rename those genes "
+                         "(e.g. without the angle brackets) or choose another --gene_column.")
     if not names.is_unique:
         logger.warning("Made %s duplicated gene names unique by appending -1, -2, ...", f"{names.duplicated().sum():,}")
         names = ad.utils.make_index_unique(names)
     return names.to_numpy(dtype=object)
 
 
-def resolve_obs_columns(obs: pd.DataFrame, label_column: str | None, extra: Sequence[str], *, path: Any) -> dict[str, str]:
-    """Dataset column name -> obs column: cell_type from the label column, plus extras."""
+def resolve_obs_columns(obs: pd.DataFrame, label_column: str | bool | None, extra: Sequence[str], *, path: Any) -> dict[str, str]:
+    """Dataset column name -> obs column: cell_type from the label column (False: none, quietly,
+    as for a model's new cells), plus extras."""
     columns: dict[str, str] = {}
-    if label_column is not None:
+    if label_column is False:
+        pass
+    elif label_column is not None:
         if label_column not in obs.columns:
             raise InputError(f"{path}: obs has no column {label_column!r} (it has {list(obs.columns)[:8]}); fix --label_column.")
         columns["cell_type"] = label_column
@@ -292,7 +310,8 @@ def plan_run(source: MatrixSource, options: TransformOptions, *, progress: bool 
             accumulator.add(stats)
             bar.update(len(stats.n_genes))
     result = accumulator.finalize(is_mt, excluded)
-    log_qc(result, source.n_cells, options.qc, path=source.path)
+    qc_table = qc_by_label(result, columns.get("cell_type"))
+    log_qc(result, source.n_cells, options.qc, path=source.path, by_label=qc_table if "cell_type" in columns else None)
 
     # Splits and the evaluation sample are drawn over the kept cells, by input index.
     split_of_cell = np.full(source.n_cells, -1, np.int8)
@@ -304,7 +323,7 @@ def plan_run(source: MatrixSource, options: TransformOptions, *, progress: bool 
         kept_names=kept_names,
         gene_position=np.where(result.gene_mask, np.cumsum(result.gene_mask) - 1, -1).astype(np.int32),
         names=GeneNameTable(list(kept_names)), split_of_cell=split_of_cell,
-        eval_mask=sample_eval_cells(result.cell_mask, options.eval_cells, seed=options.seed),
+        eval_mask=sample_eval_cells(result.cell_mask, options.eval_cells, seed=options.seed), qc_table=qc_table,
     )  # fmt: skip
 
 
@@ -354,8 +373,10 @@ def open_inputs(data_filepath: Path | Sequence[Path], options: TransformOptions,
     return source, dataclasses.replace(options, gene_column=None, obs_columns=columns), normalization
 
 
-def log_qc(result: QCResult, n_cells: int, qc: QCParams, *, path: Any = "the input") -> None:
-    """Log what each filter removed; fail when no cell is left (naming a flag that exists)."""
+def log_qc(result: QCResult, n_cells: int, qc: QCParams, *, path: Any = "the input",
+           by_label: pd.DataFrame | None = None) -> None:
+    """Log what each filter removed, in all and per label of ``by_label`` (``qc_by_label``,
+    when the cells have labels); fail when no cell is left (naming a flag that exists)."""
     for flag, removed in result.cells_removed.items():
         if removed:
             logger.info("QC: %s cells removed by %s.", f"{removed:,}", _removal_reason(flag, qc))
@@ -364,6 +385,8 @@ def log_qc(result: QCResult, n_cells: int, qc: QCParams, *, path: Any = "the inp
                 f"{int(result.cell_mask.sum()):,}", f"{n_cells:,}")
     if result.genes_excluded:
         logger.info("%s genes excluded (--exclude_genes).", f"{result.genes_excluded:,}")
+    if by_label is not None:
+        _log_qc_by_label(by_label, qc, excluded=result.genes_excluded > 0)
     if result.cell_mask.any():
         return
     removed = result.cells_removed
@@ -376,6 +399,33 @@ def log_qc(result: QCResult, n_cells: int, qc: QCParams, *, path: Any = "the inp
                          f"the {removed[worst]:,} cells that passed the cell filters; lower it or pass --no_qc.")
     raise InputError(f"No cells left after QC: --{worst} removed {removed[worst]:,} of {n_cells:,} cells; "
                      "relax it or pass --no_qc.")
+
+
+def _log_qc_by_label(by_label: pd.DataFrame, qc: QCParams, *, excluded: bool) -> None:
+    """One line per label of what QC removed, and a warning, naming the flag that relaxes it,
+    for each filter that removed more than ``QC_WARN_SHARE`` of a label's cells: a total can
+    hide a population that a threshold removes almost entirely."""
+    exclusion = (" or --exclude_genes", " or narrow --exclude_genes") if excluded else ("", "")
+    causes = {  # what removed the cells, and what keeps them
+        "min_genes_per_cell": (f"--min_genes_per_cell {qc.min_genes_per_cell}", "lower --min_genes_per_cell"),
+        "max_genes_per_cell": (f"--max_genes_per_cell {qc.max_genes_per_cell}", "raise --max_genes_per_cell"),
+        "max_mt_percent": (f"--max_mt_percent {qc.max_mt_percent:g}", "raise --max_mt_percent"),
+        "no_expressed_genes": (f"having no gene left after --min_cells_per_gene {qc.min_cells_per_gene}"
+                               + exclusion[0], "lower --min_cells_per_gene" + exclusion[1]),
+    }
+    if not qc.enabled:  # only empty cells are removed then (nothing relaxes that), and exclusion's
+        causes = {"no_expressed_genes": ("having no gene left after --exclude_genes", "narrow --exclude_genes")}
+    for row in by_label.to_dict("records"):
+        name = "cells without a label" if pd.isna(row["label"]) else f"cells labelled {row['label']!r}"
+        n = row["n_cells"]
+        removed = {f: row[f"removed_by_{f}"] for f in QC_FILTERS if row[f"removed_by_{f}"]}
+        logger.info("QC: %s of %s %s kept%s.", f"{row['kept']:,}", f"{n:,}", name,
+                    "".join(f"; {c:,} removed by {f}" for f, c in removed.items()))
+        for f, count in removed.items():
+            if f in causes and count > QC_WARN_SHARE * n:
+                cause, fix = causes[f]
+                logger.warning("QC: %s removed %s of the %s %s (%.0f%%); %s to keep them.", cause,
+                               f"{count:,}", f"{n:,}", name, 100 * count / n, fix)
 
 
 def _removal_reason(filter_name: str, qc: QCParams) -> str:
