@@ -3,9 +3,16 @@
 Input -> output: ``data/cell_sentences_hf/`` (the DatasetDict written by transform.py) ->
 ``data/model/<run_name>/``: a Hugging Face model directory (``save_pretrained`` model and
 tokenizer) with ``train_args.json`` (the effective arguments, tasks and prompt format),
+``recipe.json`` (what turns new cells into the sentences and prompts the model was trained on:
+``utils.recipe.Recipe``; ``merged/`` of a LoRA run has the same records),
 ``train_results.json`` (train/eval metrics) and ``train_log.json`` (the logged losses).
 Checkpoints go to ``<run>/checkpoints/``; the final files are written to a staging folder and
 moved into place at the end, ``config.json`` last, so an interrupted run never looks finished.
+Files of the user's in the run folder are never touched.
+
+``--checkpoint latest --run_name R`` continues run R as it was recorded (its data, tasks and
+weights, ``top_k_genes``, prompt format, model size and seed; a flag given with another value is
+an error) and adds the resume to the run record's ``resumes``.
 
 Each training cell becomes one example of a task drawn at random (seeded per cell):
 conditional generation (cell type -> top K genes), unconditional generation (-> top K genes)
@@ -37,6 +44,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import statistics
 import warnings
@@ -48,11 +56,14 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from transformers import TrainingArguments
+from transformers.training_args import trainer_log_levels
 
 from utils.common import (
     InputError,
     check_can_write,
     claim_output_dir,
+    disk_full_error,
+    is_disk_full,
     publish_staged,
     release_output_dir,
     releasing_outputs,
@@ -61,6 +72,7 @@ from utils.common import (
     settle_inputs,
     strict_json,
 )
+from utils.recipe import RECIPE_FILE, Recipe
 
 logger = logging.getLogger("cell2sentence.train")
 
@@ -68,6 +80,23 @@ TRAIN_ARGS_FILE = "train_args.json"
 RESULTS_FILE = "train_results.json"
 LOG_FILE = "train_log.json"
 RUN_ARGS_FILE = "run_args.json"  # inside <run>/checkpoints, read when resuming
+MERGED_DIR = "merged"
+# What a run writes into its folder besides model, adapter and tokenizer files
+# (utils.model_files names those): a later run on the folder may replace or remove these,
+# never anything else.
+RUN_OUTPUTS = frozenset({
+    TRAIN_ARGS_FILE, RESULTS_FILE, LOG_FILE, RECIPE_FILE, MERGED_DIR, "config.json",
+    "generation_config.json", "adapter_config.json", "tokenizer_config.json",
+    "special_tokens_map.json", "added_tokens.json", "merges.txt", "chat_template.jinja",
+    "chat_template.json", "training_args.bin",
+})
+_SHARD = re.compile(r"(model|pytorch_model|adapter_model)-\d+-of-\d+\.(safetensors|bin)")
+# The flags that make a run what it is: resuming restores them from the run's record.
+MODEL_FLAGS = ("model_name", "init_from_scratch", "n_layer", "n_embd", "n_head", "n_positions",
+               "min_gene_count", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+DATA_FLAGS = ("data_dir", "top_k_genes", "tasks", "task_weights", "cell_type_column",
+              "prompt_format", "organism", "max_seq_length", "max_train_samples",
+              "max_eval_samples")
 OFFLINE_HINT = (
     "pass a local model directory with --model_name (a folder written by save_pretrained or "
     "an earlier train.py run), or train a small model from scratch with --init_from_scratch True"
@@ -202,6 +231,21 @@ class CellTrainingArguments(TrainingArguments):
         default="none",
         metadata={"help": "Experiment trackers to report to (wandb, tensorboard, ...); none."},
     )
+    log_level_replica: str = field(
+        default="error",
+        metadata={
+            "help": "Log level of the other processes under torchrun (rank 0 logs for all).",
+            "choices": list(trainer_log_levels),
+        },
+    )
+    ddp_find_unused_parameters: bool | None = field(
+        default=False,
+        metadata={
+            "help": "Under torchrun: let DDP search for parameters without a gradient in every "
+            "step (slower; every parameter of a causal LM gets one, LoRA's frozen ones are left "
+            "out anyway)."
+        },
+    )
 
     def __post_init__(self) -> None:
         import torch
@@ -218,11 +262,15 @@ class CellTrainingArguments(TrainingArguments):
 
 
 class TrainArgs(NamedTuple):
-    """The parsed flags: model, data and Trainer arguments."""
+    """The parsed flags: model, data and Trainer arguments, and which flags were given."""
 
     model: ModelArguments
     data: DataArguments
     training: CellTrainingArguments
+    given: frozenset[str] | None = None  # None: not parsed (a flag off its default counts)
+
+
+_UNSET = object()
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainArgs:
@@ -231,10 +279,15 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainArgs:
 
     parser = HfArgumentParser((ModelArguments, DataArguments, CellTrainingArguments))
     parser.description = __doc__.split("\n\n")[0] if __doc__ else None
+    argv = list(argv) if argv is not None else None
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(
-        args=list(argv) if argv is not None else None, look_for_args_file=False
+        args=argv, look_for_args_file=False
     )
-    return TrainArgs(model_args, data_args, training_args)
+    # Parsed again with every default replaced by a marker: what stays marked was not given
+    # (argparse also takes abbreviations such as --top_k, so argv itself cannot tell).
+    parser.set_defaults(**dict.fromkeys(vars(parser.parse_known_args([])[0]), _UNSET))
+    given = frozenset(k for k, v in vars(parser.parse_known_args(argv)[0]).items() if v is not _UNSET)
+    return TrainArgs(model_args, data_args, training_args, given)
 
 
 # --------------------------------------------------------------------------- checks
@@ -242,7 +295,21 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainArgs:
 
 def check_args(args: TrainArgs) -> None:
     """Fail early on flag values and combinations that cannot work."""
-    m, d = args.model, args.data
+    m, d, t = args.model, args.data, args.training
+    for flag in ("per_device_train_batch_size", "per_device_eval_batch_size",
+                 "gradient_accumulation_steps"):
+        if getattr(t, flag) < 1:
+            raise InputError(f"--{flag} must be at least 1, not {getattr(t, flag)}.")
+    if not (math.isfinite(t.learning_rate) and t.learning_rate > 0):
+        raise InputError(
+            f"--learning_rate must be a positive number, not {t.learning_rate}; the default is "
+            "5e-5 (fine-tuning), a small model from scratch takes about 1e-3."
+        )
+    if t.max_steps <= 0 and not (math.isfinite(t.num_train_epochs) and t.num_train_epochs > 0):
+        raise InputError(
+            f"--max_steps {t.max_steps} with --num_train_epochs {t.num_train_epochs} would train "
+            "no step; give a positive --max_steps or --num_train_epochs."
+        )
     if d.top_k_genes < 1:
         raise InputError(f"--top_k_genes must be at least 1, not {d.top_k_genes}.")
     if d.max_seq_length is not None and d.max_seq_length < 8:
@@ -437,20 +504,148 @@ def resolve_run(args: TrainArgs) -> tuple[Path, Path | None]:
     return run_dir, checkpoint
 
 
+def read_run_record(checkpoint: Path) -> tuple[dict[str, Any], Path] | None:
+    """The record of the run ``checkpoint`` belongs to and its path: ``run_args.json`` beside
+    the checkpoints, else the run's ``train_args.json``; None when it has neither."""
+    for path in (checkpoint.parent / RUN_ARGS_FILE, checkpoint.parent.parent / TRAIN_ARGS_FILE):
+        if not path.is_file():
+            continue
+        try:
+            record = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise InputError(
+                f"{path} is not valid JSON ({err}), so the run to resume is unknown; restore "
+                "the file or start a new run without --checkpoint."
+            ) from None
+        if isinstance(record, dict):
+            return record, path
+    return None
+
+
+def recorded_flags(args: TrainArgs) -> dict[str, Any]:
+    """The flags of ``MODEL_FLAGS``, ``DATA_FLAGS`` and the seed, as given (before the run
+    derives anything from them): what a resume restores."""
+    values = {name: getattr(args.model, name) for name in MODEL_FLAGS}
+    values.update({name: getattr(args.data, name) for name in DATA_FLAGS})
+    values["seed"] = args.training.seed
+    return values
+
+
+def _flags_of(record: dict[str, Any]) -> dict[str, Any]:
+    """The recorded flags; a record written before they were kept has the derived values."""
+    if isinstance(record.get("flags"), dict):
+        return record["flags"]
+    flags = {k: record[k] for k in (*MODEL_FLAGS, *DATA_FLAGS, "seed") if k in record}
+    if flags.get("model_name") is None:
+        flags.pop("model_name", None)  # a from-scratch run records no model
+    if not record.get("cell_types"):
+        flags.pop("cell_type_column", None)  # the default it recorded names no column of the data
+    if isinstance(flags.get("tasks"), list):
+        flags["tasks"] = ",".join(flags["tasks"])
+    if isinstance(flags.get("task_weights"), list):
+        flags["task_weights"] = ",".join(repr(float(w)) for w in flags["task_weights"])
+    return flags
+
+
+def _given(args: TrainArgs) -> frozenset[str]:
+    """The flags given on the command line; for arguments made in Python, those off their
+    defaults."""
+    if args.given is not None:
+        return args.given
+    seed_default = CellTrainingArguments.__dataclass_fields__["seed"].default
+    current, defaults = recorded_flags(args), {
+        **asdict(ModelArguments()), **asdict(DataArguments()), "seed": seed_default}
+    return frozenset(k for k, v in current.items() if v != defaults.get(k))
+
+
+def _same_flag(name: str, value: Any, *recorded: Any) -> bool:
+    """Whether a given flag value is one of the recorded ones (folders compared as paths)."""
+    for other in recorded:
+        if name in ("data_dir", "model_name") and value is not None and other is not None:
+            if Path(value).expanduser().resolve() == Path(other).expanduser().resolve():
+                return True
+        elif value == other:
+            return True
+    return False
+
+
+def restore_run(args: TrainArgs, record: dict[str, Any], source: Path) -> None:
+    """Continue the recorded run as it was: its model and data flags and seed replace the
+    ones of ``args``; a flag given on the command line with another value is one sentence.
+
+    The recorded value counts as given either as the run had it (``--max_seq_length 2000``)
+    or as the run derived it (the context of 1024 it became, the label column ``cell_type``).
+    """
+    from utils.training import parse_tasks
+
+    flags, given = _flags_of(record), _given(args)
+    holders = {**dict.fromkeys(MODEL_FLAGS, args.model), **dict.fromkeys(DATA_FLAGS, args.data),
+               "seed": args.training}
+    tasks, weights = record.get("tasks"), record.get("task_weights")
+    if given & {"tasks", "task_weights"} and isinstance(tasks, list) and isinstance(weights, list):
+        recorded_mix = dict(zip(tasks, map(float, weights), strict=True))
+        mix = parse_tasks(args.data.tasks or ",".join(tasks), args.data.task_weights)
+        if list(mix) != list(recorded_mix) or not all(
+                math.isclose(mix[k], recorded_mix[k], rel_tol=1e-6) for k in mix):
+            def show(m: dict[str, float]) -> str:
+                return ", ".join(f"{k}={v:.2f}" for k, v in m.items())
+            raise InputError(
+                f"--tasks/--task_weights give {show(mix)}, but the run being resumed was trained "
+                f"with {show(recorded_mix)} (recorded in {source}); drop the flags to continue "
+                "the run as it was, or start a new run without --checkpoint."
+            )
+    for name, holder in holders.items():
+        if name not in flags:
+            continue
+        value, recorded = getattr(holder, name), flags[name]
+        if (name in given and name not in ("tasks", "task_weights")
+                and not _same_flag(name, value, recorded, record.get(name))):
+            raise InputError(
+                f"--{name} {value} differs from the {recorded} that the run being resumed was "
+                f"trained with (recorded in {source}); drop the flag to continue the run as it "
+                "was, or start a new run without --checkpoint."
+            )
+        setattr(holder, name, recorded)
+    d = args.data
+    logger.info(
+        "Resuming the run recorded in %s: data %s, tasks %s, top %d genes, %s prompts, seed %d.",
+        source, d.data_dir, d.tasks or "(from the data)", d.top_k_genes, d.prompt_format,
+        args.training.seed,
+    )
+
+
+def resume_entry(record: dict[str, Any], earlier: dict[str, Any], checkpoint: Path,
+                 from_step: int) -> dict[str, Any]:
+    """One entry of a record's ``resumes``: when, from which checkpoint and step, and the
+    values that differ from the run's record so far (``[before, now]``, e.g. a larger
+    ``training.max_steps``); ``to_step`` is filled in when the run ends."""
+    volatile = {"resumed_from", "resumes", "checkpoint", "overwrite", "recipe", "flags",
+                "training"}
+    changed = {k: [earlier.get(k), v] for k, v in record.items()
+               if k not in volatile and earlier.get(k) != v}
+    before = earlier.get("training") or {}
+    changed.update({f"training.{k}": [before.get(k), v]
+                    for k, v in (record.get("training") or {}).items()
+                    if before.get(k) != v and k not in ("output_dir", "logging_dir")})
+    return {"at": datetime.now(UTC).isoformat(timespec="seconds"), "checkpoint": str(checkpoint),
+            "from_step": from_step, "to_step": None, "changed": changed}
+
+
 def prepare_run_dir(
     run_dir: Path, checkpoint: Path | None, *, overwrite: bool, delete: bool = True
 ) -> None:
-    """Refuse to replace a finished run without --overwrite; clear stale checkpoints
+    """Refuse to replace a finished run without --overwrite (resuming a run from one of its
+    own checkpoints continues it: its final files are replaced); clear stale checkpoints
     (only where ``delete``: rank 0 of a distributed run, which also holds the run's lock)."""
     markers = ["config.json", "adapter_config.json"]
-    if delete:
-        claim_output_dir(run_dir, markers, overwrite=overwrite)
-    else:
-        check_can_write(run_dir, markers, overwrite=overwrite)
     checkpoints = run_dir / "checkpoints"
     resuming_here = checkpoint is not None and checkpoints.resolve() in (
         checkpoint.resolve().parents
     )
+    if delete:
+        claim_output_dir(run_dir, markers, overwrite=overwrite or resuming_here)
+    else:
+        check_can_write(run_dir, markers, overwrite=overwrite or resuming_here)
     if not checkpoints.is_dir() or resuming_here:
         return
     if latest_checkpoint(checkpoints, complete=False) is not None and not overwrite:
@@ -463,10 +658,20 @@ def prepare_run_dir(
         shutil.rmtree(checkpoints, ignore_errors=True)
 
 
+def is_run_output(name: str) -> bool:
+    """Whether ``name`` in a run folder is a file train.py writes there (a model, adapter or
+    tokenizer file, a record, ``merged/``); anything else is the user's."""
+    from utils.model_files import TOKENIZER_FILES, WEIGHT_FILES
+
+    return name in RUN_OUTPUTS or name in WEIGHT_FILES or name in TOKENIZER_FILES or bool(
+        _SHARD.fullmatch(name))
+
+
 def publish(staging: Path, run_dir: Path) -> None:
     """Move the staged final files into ``run_dir`` by renames, ``config.json`` (or a LoRA
-    run's ``adapter_config.json``) last and its old one aside first, then remove files of an
-    earlier run that this one did not write.
+    run's ``adapter_config.json``) last and its old one aside first, then remove the files an
+    earlier run wrote that this one did not write again (a full model's weights when this run
+    is a LoRA adapter, say). The user's own files in the folder stay.
 
     Without it a folder does not load as a model, so a crash in between never leaves
     something that looks like a finished model; the next run on the folder finishes the
@@ -475,7 +680,7 @@ def publish(staging: Path, run_dir: Path) -> None:
     names = sorted(p.name for p in staging.iterdir())
     published = publish_staged(staging, run_dir, ["config.json", "adapter_config.json", *names])
     for old in sorted(run_dir.iterdir()):
-        if old.name not in published and old.name != "checkpoints" and not old.name.startswith("."):
+        if old.name not in published and is_run_output(old.name):
             shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
     release_output_dir(run_dir)
 
@@ -510,7 +715,8 @@ def build_model_and_tokenizer(
                                 offline_hint=OFFLINE_HINT, dtype=torch.float32)
     elif checkpoint is not None:
         tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
-        model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32)
+        model = from_pretrained(AutoModelForCausalLM.from_pretrained, str(checkpoint),
+                                offline_hint=OFFLINE_HINT, dtype=torch.float32)
     elif m.init_from_scratch:
         labels: list[str] = []
         if d.cell_type_column in train_split.column_names:
@@ -661,9 +867,10 @@ def describe_examples(examples: Any) -> dict[str, Any]:
 def effective_args(
     args: TrainArgs, tasks: dict[str, float], max_length: int, stats: dict[str, Any],
     tokenizer: Any, checkpoint: Path | None, run_dir: Path, cell_types: list[str],
-    lora_modules: Sequence[str] = (),
+    lora_modules: Sequence[str] = (), flags: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """What train_args.json records: every flag plus what the run derived from them."""
+    """What train_args.json records: every flag plus what the run derived from them, and
+    (``flags``) the flags a resume restores as they were given."""
     from utils.prompts import prompt_format
 
     fmt = prompt_format(args.data.prompt_format, organism=args.data.organism)
@@ -696,24 +903,64 @@ def effective_args(
         ),
         seed=args.training.seed,
         training=json.loads(args.training.to_json_string()),
+        flags=flags if flags is not None else recorded_flags(args),
     )
     return record
 
 
+def _write_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
+
+
 @releasing_outputs
 def main(args: TrainArgs) -> Path:
-    """Train and write the model folder; returns its path."""
+    """Train and write the model folder; returns its path.
+
+    A full disk on the way is one sentence naming the output's disk and its free space.
+    """
+    try:
+        return _train(args)
+    except Exception as err:
+        if not is_disk_full(err):
+            raise
+        # Named here: once main returns, the run's folder is no longer held, and the CLI
+        # would name the current folder's disk instead.
+        where = getattr(err, "filename", None)
+        folder = Path(where).parent if where else Path(args.training.output_dir or "data/model/")
+        raise disk_full_error(folder, staged=False) from None
+
+
+def _train(args: TrainArgs) -> Path:
+    """``main`` without the full-disk sentence."""
     from transformers import Trainer
 
     from utils.labels import refuse_unsafe_labels
-    from utils.training import CausalLMCollator, has_label
+    from utils.training import TYPED_TASKS, CausalLMCollator, has_label
 
-    m, d, t = args
-    check_args(args)
+    m, d, t = args.model, args.data, args.training
     # Sets up the device and, under torchrun/accelerate, the process group, so that rank 0
     # can share its run name and alone write files.
-    logger.info("Device %s, %d process(es).", t.device, t.world_size)
-    settle_inputs(Path(d.data_dir).parent, Path(m.model_name))  # publishes cut short there
+    device = t.device
+    if not _rank_zero(t):
+        # Every process sees the same data and flags: rank 0's log speaks for all.
+        logging.getLogger("cell2sentence").setLevel(logging.ERROR)
+        import datasets
+
+        datasets.disable_progress_bars()
+    logger.info("Device %s, %d process(es).", device, t.world_size)
+    run_dir, checkpoint = resolve_run(args)
+    earlier: dict[str, Any] = {}
+    if checkpoint is not None:
+        found = read_run_record(checkpoint)
+        if found is None:
+            logger.warning("%s has no run record (%s); resuming with the flags as given.",
+                           checkpoint, checkpoint.parent / RUN_ARGS_FILE)
+        else:
+            earlier = found[0]
+            restore_run(args, *found)
+    check_args(args)
+    flags = recorded_flags(args)  # before the run derives anything from them
+    settle_inputs(Path(d.data_dir).parent, *([Path(m.model_name)] if m.model_name else []))
     dataset = load_cell_sentences(Path(d.data_dir))
     d.cell_type_column = resolve_label_column(d.cell_type_column, dataset["train"].column_names)
     tasks = resolve_tasks(d, dataset["train"].column_names)
@@ -725,14 +972,6 @@ def main(args: TrainArgs) -> Path:
         )
     if len(dataset["train"]) == 0:
         raise InputError(f"The train split of {d.data_dir} is empty; nothing to train on.")
-    run_dir, checkpoint = resolve_run(args)
-    if checkpoint is not None and (checkpoint.parent / RUN_ARGS_FILE).is_file():
-        earlier = json.loads((checkpoint.parent / RUN_ARGS_FILE).read_text())
-        for key in ("model_name", "init_from_scratch", "n_layer", "n_embd", "n_head",
-                    "n_positions", "lora_r", "lora_alpha", "lora_dropout",
-                    "lora_target_modules"):
-            if key in earlier:
-                setattr(m, key, earlier[key])
     prepare_run_dir(run_dir, checkpoint, overwrite=d.overwrite, delete=_rank_zero(t))
     t.output_dir = str(run_dir / "checkpoints")
     t.run_name = run_dir.name
@@ -752,6 +991,22 @@ def main(args: TrainArgs) -> Path:
         f"{len(train_split):,}", d.data_dir, f"{len(cell_types):,}",
         ", ".join(f"{k}={v:.2f}" for k, v in tasks.items()),
     )
+    # The labels are part of the recipe only when a task taught them.
+    labelled = cell_types and any(task in TYPED_TASKS for task in tasks)
+    recipe = Recipe.for_training(
+        Path(d.data_dir).resolve(), prompt_format=d.prompt_format, organism=d.organism,
+        top_k_genes=d.top_k_genes, tasks=tasks,
+        label_columns={d.cell_type_column: cell_types} if labelled else {},
+    )
+    logger.info("Model %s.", recipe.describe())
+    before = earlier.get("recipe")
+    if isinstance(before, dict) and (before.get("transform"), before.get("genes")) != (
+            recipe.transform, recipe.genes):
+        logger.warning(
+            "The transform of %s changed since the run started (its options or vocabulary "
+            "differ from the run's recipe); the resumed run trains on the new sentences.",
+            d.data_dir,
+        )
 
     model, tokenizer = build_model_and_tokenizer(args, train_split, checkpoint)
     max_length = context_length(model, tokenizer, d.max_seq_length)
@@ -798,12 +1053,17 @@ def main(args: TrainArgs) -> Path:
 
     lora_modules = model.peft_config["default"].target_modules if m.lora_r else ()
     record = effective_args(args, tasks, max_length, stats, tokenizer, checkpoint, run_dir,
-                            cell_types, lora_modules)
+                            cell_types, lora_modules, flags)
+    if checkpoint is not None and earlier:
+        # The run record is extended, never replaced: what it held stays, the resume is added.
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        entry = resume_entry(record, earlier, checkpoint, int(state["global_step"]))
+        kept = {k: v for k, v in earlier.items() if k not in ("recipe", "resumes")}
+        record = {**kept, **record, "resumes": [*earlier.get("resumes", []), entry]}
+    run_record = Path(t.output_dir) / RUN_ARGS_FILE
     if _rank_zero(t):
         Path(t.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(t.output_dir) / RUN_ARGS_FILE).write_text(
-            json.dumps(record, indent=2, sort_keys=True, default=str) + "\n"
-        )
+        _write_json(run_record, {**record, "recipe": recipe.to_dict()})
 
     trainer = Trainer(
         model=model,
@@ -830,6 +1090,8 @@ def main(args: TrainArgs) -> Path:
             eval_metrics["eval_perplexity"] = math.exp(eval_metrics["eval_loss"])
         metrics.update(eval_metrics)
     trainer.log_metrics("train", metrics)
+    if record.get("resumes"):
+        record["resumes"][-1]["to_step"] = trainer.state.global_step
 
     # Every process takes part in saving (sharded/DeepSpeed weights are gathered); only
     # rank 0 writes files.
@@ -837,21 +1099,18 @@ def main(args: TrainArgs) -> Path:
     if _rank_zero(t) and staging.exists():
         shutil.rmtree(staging)
     trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(staging))
-    if _rank_zero(t) and m.merge_lora:
-        # The adapter folds into the base weights: a plain model anyone loads without peft.
-        merged = trainer.model.merge_and_unload()
-        merged.save_pretrained(str(staging / "merged"))
-        tokenizer.save_pretrained(str(staging / "merged"))
+    try:
+        trainer.save_model(str(staging))
+        if _rank_zero(t):
+            save_final_files(staging, trainer, tokenizer, record, recipe, metrics,
+                             merge=m.merge_lora)
+            _write_json(run_record, {**record, "recipe": recipe.to_dict()})
+            publish(staging, run_dir)
+    except BaseException:
+        if _rank_zero(t):  # a full disk, Ctrl-C: the half-written staging goes at once
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     if _rank_zero(t):
-        tokenizer.save_pretrained(str(staging))
-        (staging / "training_args.bin").unlink(missing_ok=True)
-        (staging / TRAIN_ARGS_FILE).write_text(
-            json.dumps(record, indent=2, sort_keys=True, default=str) + "\n"
-        )
-        (staging / RESULTS_FILE).write_text(strict_json(metrics, indent=2, sort_keys=True) + "\n")
-        (staging / LOG_FILE).write_text(strict_json(trainer.state.log_history, indent=2) + "\n")
-        publish(staging, run_dir)
         logger.info(
             "Wrote the model to %s after %s steps (train loss %.4f%s).",
             run_dir, f"{trainer.state.global_step:,}", metrics.get("train_loss", float("nan")),
@@ -859,6 +1118,29 @@ def main(args: TrainArgs) -> Path:
         )
     trainer.accelerator.wait_for_everyone()
     return run_dir
+
+
+def save_final_files(staging: Path, trainer: Any, tokenizer: Any, record: dict[str, Any],
+                     recipe: Recipe, metrics: dict[str, Any], *, merge: bool) -> None:
+    """Write the tokenizer, the records and the recipe next to the saved model in ``staging``
+    (and, with ``merge``, the merged model with the same records into ``merged/``, so that it
+    is used exactly as the adapter folder)."""
+    tokenizer.save_pretrained(str(staging))
+    (staging / "training_args.bin").unlink(missing_ok=True)
+    # peft's model card template; left out so that a README.md of the user's is never replaced
+    (staging / "README.md").unlink(missing_ok=True)
+    folders = [staging]
+    if merge:
+        # The adapter folds into the base weights: a plain model anyone loads without peft.
+        merged = trainer.model.merge_and_unload()
+        merged.save_pretrained(str(staging / MERGED_DIR))
+        tokenizer.save_pretrained(str(staging / MERGED_DIR))
+        folders.append(staging / MERGED_DIR)
+    for folder in folders:
+        _write_json(folder / TRAIN_ARGS_FILE, record)
+        recipe.write(folder)
+    (staging / RESULTS_FILE).write_text(strict_json(metrics, indent=2, sort_keys=True) + "\n")
+    (staging / LOG_FILE).write_text(strict_json(trainer.state.log_history, indent=2) + "\n")
 
 
 if __name__ == "__main__":

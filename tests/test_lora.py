@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 from helpers_models import make_published_model
+from helpers_train import MARKERS
 
-import generate
+import predict
 import train
 from utils.cell_model import CellSentenceModel
 from utils.common import InputError
@@ -76,19 +77,29 @@ def test_merged_and_unmerged_give_the_same_logits(lora_run: Path, base: Path) ->
     assert not torch.allclose(a, c, atol=1e-3)  # the adapter does change the model
 
 
-def test_adapter_folder_loads_in_generate_and_the_api(lora_run: Path, data_dir: Path, tmp_path: Path) -> None:
+def test_adapter_and_merged_folders_load_alike_with_their_recipe(lora_run: Path, data_dir: Path,
+                                                                  tmp_path: Path) -> None:
+    # merged/ carries the run's records, so it is used exactly as the adapter folder
+    for name in ("recipe.json", "train_args.json"):
+        assert (lora_run / "merged" / name).read_text() == (lora_run / name).read_text()
+    recipe = json.loads((lora_run / "recipe.json").read_text())
+    assert recipe["prompt_format"] == "c2s_scale" and recipe["top_k_genes"] == 6
+    assert recipe["tasks"] == ["cell_type_prediction"] and recipe["task_weights"] == [1.0]
+    assert recipe["label_columns"] == {"cell_type": sorted(MARKERS)}
     model = CellSentenceModel.load(lora_run, device="cpu")
-    merged = CellSentenceModel.load(lora_run / "merged", device="cpu", prompt_format_name="c2s_scale",
-                                    top_k_genes=6)
+    merged = CellSentenceModel.load(lora_run / "merged", device="cpu")
     cells = ["CD14 LYZ S100A8 S100A9 FCN1 VCAN", "CD79A MS4A1 CD79B BANK1 IGHM CD74"]
-    assert model.prompt_format.name == "c2s_scale" and model.top_k_genes == 6
+    for m in (model, merged):
+        assert m.prompt_format.name == "c2s_scale" and m.top_k_genes == 6
     assert model.predict_cell_types(cells) == merged.predict_cell_types(cells)
     assert torch.allclose(torch.from_numpy(model.embed_cells(cells)), torch.from_numpy(merged.embed_cells(cells)),
                           atol=1e-4)
-    metrics = generate.main(generate.parse_args([
-        "--model_dir", str(lora_run), "--data_dir", str(data_dir), "--output_dir", str(tmp_path / "g"),
-        "--tasks", "predict", "--max_cells", "8"]))
-    assert metrics["prediction"]["n_cells"] == 8 and metrics["prompt_format"] == "c2s_scale"
+    metrics = predict.main(predict.parse_args([
+        "--model_dir", str(lora_run), "--data_dir", str(data_dir), "--output_dir", str(tmp_path / "p"),
+        "--max_cells", "8"]))
+    assert metrics["n_cells"] == 8
+    used = json.loads((tmp_path / "p" / "predict_args.json").read_text())["recipe"]
+    assert used["prompt_format"] == "c2s_scale" and used["top_k_genes"] == 6
 
 
 def test_resume_a_lora_run(lora_run: Path, base: Path, data_dir: Path) -> None:

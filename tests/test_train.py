@@ -56,7 +56,7 @@ def test_loss_falls(trained: Path) -> None:
 
 def test_run_folder_records_the_run(trained: Path) -> None:
     names = {p.name for p in trained.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "train_args.json",
+    assert {"config.json", "model.safetensors", "tokenizer.json", "train_args.json", "recipe.json",
             "train_results.json", "train_log.json", "checkpoints"} <= names
     assert not [n for n in names if n.startswith(".staging")]
     assert {p.name for p in (trained / "checkpoints").glob("checkpoint-*")} == {
@@ -184,6 +184,10 @@ def test_readme_command_parses(caplog) -> None:
     assert args.training.gradient_accumulation_steps == 4
     assert args.training.logging_steps == 32 and args.training.save_steps == 500
     assert args.training.report_to in ([], "none", ["none"])
+    # under torchrun: no search for unused parameters unless asked, and one log (rank 0's)
+    assert args.training.ddp_find_unused_parameters is False
+    assert args.training.log_level_replica == "error"
+    assert train.parse_args(["--ddp_find_unused_parameters", "True"]).training.ddp_find_unused_parameters
     if not torch.cuda.is_available():
         assert args.training.fp16 is False
         assert "fp16" in caplog.text

@@ -5,12 +5,13 @@ cut short, a checkpoint the Trainer was still writing: loading such a folder eit
 inside a library or, worse, works on what is there (a tokenizer of one token gives empty
 predictions; a missing ``scheduler.pt`` silently restarts the learning-rate schedule). These
 checks name the file that is missing or damaged. They read headers and checksums only, never
-the tensors into memory.
+the tensors into memory (torch files are memory-mapped for torch's weights-only loader).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import zipfile
 from pathlib import Path
 
@@ -31,14 +32,18 @@ ADAPTER_WEIGHT_FILES: tuple[str, ...] = ("adapter_model.safetensors", "adapter_m
 #: What the Trainer needs to resume exactly where it stopped, besides the weights.
 RESUME_FILES: tuple[str, ...] = ("optimizer.pt", "scheduler.pt")
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since 1.6 (a zip archive with CRCs)
+# torch.save's legacy format is a pickle: the PROTO opcode, then the protocol (2 by default).
+_PICKLE_PROTO = b"\x80"
+_PICKLE_VERSIONS = (b"\x02", b"\x03", b"\x04", b"\x05")
 
 
 def file_problem(path: Path) -> str | None:
     """What is wrong with one saved file, judged by its format (None: it reads back).
 
     ``.safetensors``: the header and the file size agree; ``.json``: it parses; torch files
-    (``.pt``, ``.pth``, ``.bin``) in the zip format: the archive is whole and every member
-    matches its CRC. An index of shards is checked with its shards.
+    (``.pt``, ``.pth``, ``.bin``): saved by torch, and in the zip format the archive is whole,
+    every member matches its CRC and torch's weights-only loader accepts it (nothing but
+    tensors and plain data). An index of shards is checked with its shards.
 
     >>> file_problem(Path("no/such/file.json"))
     'is missing'
@@ -69,14 +74,43 @@ def file_problem(path: Path) -> str | None:
         return None
     if path.suffix in (".pt", ".pth", ".bin"):
         with path.open("rb") as fh:
-            if fh.read(4) != _ZIP_MAGIC:
-                return None  # torch's legacy (pickle) format has no checksums to verify
+            head = fh.read(4)
+        if head[:1] == _PICKLE_PROTO and head[1:2] in _PICKLE_VERSIONS:
+            # torch's legacy (pickle) format has no checksums, and cannot be memory-mapped: its
+            # loader judges it when it loads
+            return None
+        if not head.startswith(_ZIP_MAGIC):
+            return "is no file saved by torch (neither its zip nor its legacy format)"
         try:
             with zipfile.ZipFile(path) as archive:
                 bad = archive.testzip()
         except (zipfile.BadZipFile, OSError, EOFError) as err:
             return f"is truncated or damaged ({err})"
-        return f"is damaged (member {bad} fails its checksum)" if bad else None
+        if bad:
+            return f"is damaged (member {bad} fails its checksum)"
+        return _weights_only_problem(path)
+    return None
+
+
+def _weights_only_problem(path: Path) -> str | None:
+    """Why torch's weights-only loader, as the Trainer and ``from_pretrained`` call it, refuses
+    the zip-format torch file ``path`` (None: it loads). Memory-mapped, so the tensors are not
+    read; the refusal happens before any code of the file runs."""
+    import pickle
+
+    import torch
+    from transformers.trainer_pt_utils import safe_globals
+
+    try:
+        with safe_globals():  # the numpy types the Trainer allows in rng_state.pth
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        what = f"the Python object {found.group(1)}" if found else "Python objects"
+        return (f"is refused by torch's safe weights-only loader: it holds {what} besides tensors, "
+                "which could run code when loaded (re-save it with tensors only, or delete it)")
+    except (RuntimeError, OSError, EOFError, ValueError) as err:
+        return f"is truncated or damaged ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
     return None
 
 

@@ -381,7 +381,16 @@ def from_pretrained(
                 "written by train.py or save_pretrained (an unfinished run has none)."
             )
         check_model_dir(path)
-        return loader(str(path), **kwargs)
+        try:
+            return loader(str(path), **kwargs)
+        except RuntimeError as err:
+            if "size mismatch" not in str(err) and "ignore_mismatched_sizes" not in str(err):
+                raise
+            raise InputError(
+                f"The weights in {path} do not fit the model its config.json describes (tensors "
+                "of other sizes: the weights of a differently sized model); copy the model "
+                "folder again, weights and config.json together."
+            ) from None
     if path.exists() or _looks_like_path(name):
         raise InputError(f"Model directory {name} does not exist; check the path.")
     try:
@@ -456,6 +465,13 @@ def load_model_and_tokenizer(
     )
     if adapter:
         model = load_adapter_model(model_dir, model)
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:  # ids past the embedding: garbage out (or an index error) later
+        raise InputError(
+            f"The tokenizer of {model_dir} has {len(tokenizer):,} tokens, but its model has only "
+            f"{rows:,} (vocab_size): the tokenizer belongs to another model; copy the tokenizer "
+            "files of the run that trained these weights."
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"

@@ -1,0 +1,224 @@
+"""A model's recipe: everything that turns new cells into the sentences and prompts it was
+trained on.
+
+``train.py`` writes ``recipe.json`` into every run folder (full model, LoRA adapter, and
+``merged/``); every use of a model (``predict.py``, ``embed.py``, ``generate.py``,
+``CellSentenceModel``) reads it back with :meth:`Recipe.read` and re-applies it. A run of an
+earlier version has no ``recipe.json``: its recipe is rebuilt from its ``train_args.json`` and,
+where its data folder still exists, that transform's ``transform_args.json``. A published
+model without either keeps the ``c2s_scale`` defaults.
+
+>>> Recipe.for_published_model().describe()
+'published model defaults: c2s_scale prompts, top 100 genes, no recorded transform or labels'
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from utils.common import InputError
+
+logger = logging.getLogger("cell2sentence")
+
+RECIPE_FILE = "recipe.json"
+RECIPE_VERSION = 1
+DEFAULT_TOP_K_GENES = 100
+DEFAULT_ORGANISM = "Homo sapiens"
+
+# The transform options that shape a sentence of new cells (QC is left out: a user's cells are
+# all predicted; ``qc`` is kept to flag the cells that QC would have dropped).
+SENTENCE_OPTIONS = ("layer", "input_kind", "gene_column", "bad_gene_names", "exclude_genes", "target_sum", "seed")
+QC_OPTIONS = ("min_genes_per_cell", "max_genes_per_cell", "max_mt_percent")
+
+
+def _read_json(path: Path) -> Any:
+    """A JSON file, or one sentence naming it when it is not valid JSON."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{path} is not valid JSON ({err}); restore it from the run or delete it "
+                         "(then the model counts as a published one).") from None
+
+
+def transform_options_of(transform_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The sentence options and the QC thresholds of the transform whose output is
+    ``transform_dir`` (its ``transform_args.json``, as the script or ``CellSentences.save``
+    wrote it); two empty dicts when it has none."""
+    path = Path(transform_dir) / "transform_args.json"
+    if not path.is_file():
+        return {}, {}
+    recorded = _read_json(path)
+    sentence = {k: recorded.get(k) for k in SENTENCE_OPTIONS if k in recorded}
+    qc_source = recorded.get("qc") if isinstance(recorded.get("qc"), Mapping) else recorded  # API / script
+    qc = {k: qc_source[k] for k in QC_OPTIONS if k in qc_source}
+    qc["enabled"] = not recorded.get("no_qc", False) and bool(qc_source.get("enabled", True))
+    return sentence, qc
+
+
+def vocabulary_of(transform_dir: Path) -> list[str] | None:
+    """The genes of the transform's ``cell_sentences/vocab.txt`` (None when absent)."""
+    path = Path(transform_dir) / "cell_sentences" / "vocab.txt"
+    if not path.is_file():
+        return None
+    return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+
+
+@dataclass
+class Recipe:
+    """How a model's training cells became sentences and prompts.
+
+    Attributes
+    ----------
+    prompt_format, organism
+        The prompt format (``ours`` or ``c2s_scale``) and the ``{organism}`` of its prompts.
+    top_k_genes
+        Genes per prompt and answer.
+    tasks, task_weights
+        The training tasks and their weights (empty: not recorded, as for a published model).
+    label_columns
+        Per label column (e.g. ``cell_type``), the labels the model was trained on, sorted.
+    transform
+        The transform options that shape a sentence (``SENTENCE_OPTIONS``).
+    qc
+        The transform's QC thresholds (``QC_OPTIONS`` and ``enabled``), to flag new cells it
+        would have dropped.
+    genes
+        The vocabulary of the training transform (None: unknown).
+    data_dir
+        The dataset the model was trained on.
+    published
+        True when nothing was recorded: the ``c2s_scale`` defaults.
+    """
+
+    prompt_format: str = "c2s_scale"
+    organism: str = DEFAULT_ORGANISM
+    top_k_genes: int = DEFAULT_TOP_K_GENES
+    tasks: list[str] = field(default_factory=list)
+    task_weights: list[float] = field(default_factory=list)
+    label_columns: dict[str, list[str]] = field(default_factory=dict)
+    transform: dict[str, Any] = field(default_factory=dict)
+    qc: dict[str, Any] = field(default_factory=dict)
+    genes: list[str] | None = None
+    data_dir: str | None = None
+    published: bool = False
+    version: int = RECIPE_VERSION
+
+    # ------------------------------------------------------------------ making and reading
+
+    @classmethod
+    def for_published_model(cls) -> Recipe:
+        """The defaults of a published C2S model with no record."""
+        return cls(published=True)
+
+    @classmethod
+    def for_training(cls, data_dir: str | Path, *, prompt_format: str, organism: str, top_k_genes: int,
+                     tasks: Mapping[str, float], label_columns: Mapping[str, Sequence[str]]) -> Recipe:
+        """The recipe of a training run on ``data_dir`` (a transform's ``cell_sentences_hf/``):
+        the transform's options and vocabulary are read from its parent folder."""
+        transform_dir = Path(data_dir).parent
+        sentence, qc = transform_options_of(transform_dir)
+        return cls(prompt_format=prompt_format, organism=organism, top_k_genes=int(top_k_genes),
+                   tasks=list(tasks), task_weights=[float(w) for w in tasks.values()],
+                   label_columns={c: sorted(map(str, v)) for c, v in label_columns.items()},
+                   transform=sentence, qc=qc, genes=vocabulary_of(transform_dir), data_dir=str(data_dir))
+
+    @classmethod
+    def from_train_record(cls, record: Mapping[str, Any]) -> Recipe:
+        """The recipe of a run written before ``recipe.json`` existed (its ``train_args.json``)."""
+        fmt = record.get("prompt_format", "ours")
+        if isinstance(fmt, Mapping):  # earlier runs recorded a description of ours
+            fmt = fmt.get("name", "ours")
+        column = record.get("cell_type_column") or "cell_type"
+        labels = record.get("cell_types") or []
+        data_dir = record.get("data_dir")
+        sentence, qc = transform_options_of(Path(data_dir).parent) if data_dir else ({}, {})
+        genes = vocabulary_of(Path(data_dir).parent) if data_dir else None
+        return cls(prompt_format=str(fmt), organism=record.get("organism", DEFAULT_ORGANISM),
+                   top_k_genes=int(record.get("top_k_genes", DEFAULT_TOP_K_GENES)),
+                   tasks=list(record.get("tasks") or []), task_weights=list(record.get("task_weights") or []),
+                   label_columns={column: list(labels)} if labels else {}, transform=sentence, qc=qc,
+                   genes=genes, data_dir=data_dir)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Recipe:
+        known = {k: values[k] for k in cls.__dataclass_fields__ if k in values}
+        return cls(**known)
+
+    @classmethod
+    def read(cls, model_dir: str | Path) -> Recipe:
+        """The recipe of a model folder or hub name: ``recipe.json``, else rebuilt from
+        ``train_args.json``, else (a checkpoint folder) its run's ``run_args.json``, else the
+        published defaults."""
+        folder = Path(str(model_dir)).expanduser()
+        if (folder / RECIPE_FILE).is_file():
+            values = _read_json(folder / RECIPE_FILE)
+            if not isinstance(values, Mapping):
+                raise InputError(f"{folder / RECIPE_FILE} holds no recipe (a JSON object); restore it from the run.")
+            return cls.from_dict(values)
+        if (folder / "train_args.json").is_file():
+            record = _read_json(folder / "train_args.json")
+            if isinstance(record, Mapping) and record:
+                return cls.from_train_record(record)
+        run_args = folder.parent / "run_args.json"  # a checkpoint-N folder of a train.py run
+        if folder.name.startswith("checkpoint-") and run_args.is_file():
+            recorded = _read_json(run_args)
+            if isinstance(recorded, Mapping) and isinstance(recorded.get("recipe"), Mapping):
+                return cls.from_dict(recorded["recipe"])
+        return cls.for_published_model()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def write(self, folder: str | Path) -> Path:
+        """Write ``recipe.json`` into ``folder`` (a staging folder: publishing is the caller's)."""
+        path = Path(folder) / RECIPE_FILE
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True, default=str) + "\n")
+        return path
+
+    # ------------------------------------------------------------------ using
+
+    @property
+    def label_column(self) -> str | None:
+        """The first label column (the cell type's), or None for a model trained without labels."""
+        return next(iter(self.label_columns), None)
+
+    def labels(self, column: str | None = None) -> list[str]:
+        """The label set of ``column`` (default: the first); [] when not recorded."""
+        column = column or self.label_column
+        return list(self.label_columns.get(column, [])) if column else []
+
+    def has_task(self, task: str) -> bool | None:
+        """Whether the model was trained for ``task`` (None: not recorded)."""
+        return task in self.tasks if self.tasks else None
+
+    def sentence_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``utils.adata_to_sentences`` that rebuild the training
+        sentences' order for new cells (no QC: every cell of the user's gets a sentence)."""
+        kwargs = {k: v for k, v in self.transform.items() if k in SENTENCE_OPTIONS and v is not None}
+        if "target_sum" in kwargs:
+            kwargs["target_sum"] = float(kwargs["target_sum"])
+        return kwargs
+
+    def describe(self) -> str:
+        """One line for the log: what is re-applied."""
+        if self.published:
+            return ("published model defaults: c2s_scale prompts, top 100 genes, no recorded transform or labels")
+        parts = [f"{self.prompt_format} prompts", f"top {self.top_k_genes} genes"]
+        if self.tasks:
+            parts.append("tasks " + ", ".join(self.tasks))
+        for column, labels in self.label_columns.items():
+            parts.append(f"{len(labels):,} {column} labels")
+        if self.transform.get("exclude_genes"):
+            parts.append(f"excluding genes {self.transform['exclude_genes']!r}")
+        if self.transform.get("layer"):
+            parts.append(f"counts from layer {self.transform['layer']!r}")
+        if self.genes is not None:
+            parts.append(f"vocabulary of {len(self.genes):,} genes")
+        if not self.transform:
+            parts.append("no recorded transform options (defaults)")
+        return "recipe: " + ", ".join(parts)
