@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # run as `python eval/embedding.py`: the reposito
 
 import numpy as np  # noqa: E402
 
-from utils.common import InputError, check_can_write, run_cli, seed_everything  # noqa: E402
+from utils.common import InputError, check_can_write, run_cli, seed_everything, settle_inputs  # noqa: E402
 from utils.eval_io import (  # noqa: E402
     EVAL_ARGS,
     evaluation_parser,
@@ -89,6 +89,7 @@ def read_embeddings(args: argparse.Namespace) -> tuple[Any, np.ndarray, list[str
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     seed_everything(args.seed)
+    settle_inputs(args.embeddings, args.transform_dir)  # publishes cut short there: finished first
     check_can_write(args.output_dir, OUTPUTS, overwrite=args.overwrite)
     names, X, labels = read_embeddings(args)
     metrics: dict[str, Any] = {"embeddings": str(args.embeddings), "obsm_key": args.obsm_key}

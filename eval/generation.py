@@ -13,6 +13,9 @@ by the inverse transform of their first K genes (the same representation for bot
 - valid-gene rate (generated words that are vocabulary genes) and duplicate rate;
 - a figure of real and generated cells in one PCA, coloured so that neighbouring types differ.
 
+When generate.py was asked for some types (its ``--cell_types``, read from
+``<generated_dir>/generate_args.json``), the real cells are those of these types only, as there.
+
     <generated_dir>/generated_cells.txt + generated_labels.txt + <data_dir> (cell_sentences_hf)
     + <transform_dir>/cell_sentences/vocab.txt + eval/transformation_metrics.csv
         -> <output_dir>/metrics.json, per_type.csv, real_vs_generated_pca.png, eval_args.json
@@ -38,7 +41,7 @@ if __package__ in (None, ""):  # run as `python eval/generation.py`: the reposit
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from utils.common import InputError, check_can_write, run_cli, seed_everything  # noqa: E402
+from utils.common import InputError, check_can_write, run_cli, seed_everything, settle_inputs  # noqa: E402
 from utils.eval_io import (  # noqa: E402
     EVAL_ARGS,
     evaluation_parser,
@@ -88,7 +91,7 @@ def read_generated(generated_dir: Path) -> tuple[Any, list[str]]:
     for path in (cells, labels):
         if not path.is_file():
             raise InputError(f"{path} does not exist; pass as --generated_dir a folder where generate.py "
-                             "ran with --tasks generate.")
+                             "generated cells of chosen types (without --unconditional: those have no types to compare).")
     packed = read_sentence_file(cells)
     requested = read_lines(labels)
     if len(requested) != packed.n:
@@ -115,8 +118,18 @@ def genes_per_cell(args: argparse.Namespace, packed: Any) -> int:
     return max(1, median)
 
 
+def asked_types(generated_dir: Path) -> list[str] | None:
+    """The ``--cell_types`` of the generate.py run that wrote ``generated_dir`` (None: all types)."""
+    record = generated_dir / "generate_args.json"
+    if not record.is_file():
+        return None
+    asked = json.loads(record.read_text()).get("cell_types")
+    return list(dict.fromkeys(t.strip() for t in asked.split(",") if t.strip())) if asked else None
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
     seed_everything(args.seed)
+    settle_inputs(args.generated_dir, args.data_dir, args.transform_dir)  # publishes cut short there: finished first
     check_can_write(args.output_dir, OUTPUTS, overwrite=args.overwrite)
     packed, requested = read_generated(args.generated_dir)
     tables = load_splits(args.data_dir, args.split, args.cell_type_column, need_labels=True)
@@ -125,9 +138,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     tables = labelled_rows(tables, args.cell_type_column)
     top_k = genes_per_cell(args, packed)
     index, fit, from_transform = transform_reference(args.transform_dir, tables, top_k)
+    cell_types = asked_types(args.generated_dir)
+    if cell_types is not None:
+        logger.info("Comparing with the real cells of the %d types generate.py was asked for (%s).",
+                    len(cell_types), ", ".join(cell_types))
     scored, result = score_generated(packed, requested, tables, split=args.split,
                                      label_column=args.cell_type_column, index=index, fit=fit,
-                                     top_k=top_k, k=args.k_neighbors, seed=args.seed)
+                                     top_k=top_k, k=args.k_neighbors, seed=args.seed, cell_types=cell_types)
     s = scored["sentences"]
     metrics = {
         "knn_accuracy": scored["knn_accuracy"], "knn_ceiling": scored["knn_ceiling"],

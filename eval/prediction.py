@@ -7,12 +7,13 @@ matrix, and two baselines on the same cells: always the most frequent training t
 k-NN classifier on the first principal components of the expression (transform.py's
 preprocessed AnnData; the PCA and the classifier are fitted on its training cells).
 
-    predictions.csv (cell_name,true,predicted, as generate.py writes) [+ <transform_dir>/
+    predictions.csv (predict.py's: cell_name, predicted_<column>, <column>; or cell_name,true,
+    predicted) [+ <transform_dir>/
     <stem>_preprocessed.h5ad] -> <output_dir>/metrics.json, per_class.csv,
     confusion_matrix.png, eval_args.json
 
 Example:
-    python eval/prediction.py --predictions data/generated/<run>/predictions.csv \\
+    python eval/prediction.py --predictions data/predictions/<run>/predictions.csv \\
         --transform_dir data --output_dir data/eval/prediction
 """
 
@@ -31,7 +32,7 @@ if __package__ in (None, ""):  # run as `python eval/prediction.py`: the reposit
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from utils.common import InputError, check_can_write, run_cli, seed_everything  # noqa: E402
+from utils.common import InputError, check_can_write, run_cli, seed_everything, settle_inputs  # noqa: E402
 from utils.eval_io import (  # noqa: E402
     EVAL_ARGS,
     evaluation_parser,
@@ -56,19 +57,21 @@ SCORES = ("accuracy", "balanced_accuracy", "macro_f1")
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = evaluation_parser(__doc__)
     p.add_argument("--predictions", type=Path, default=None,
-                   help="predictions.csv with columns cell_name,true,predicted (generate.py's; required)")
+                   help="predictions.csv of predict.py (cell_name, predicted_<column>, <column>), or with "
+                        "columns cell_name,true,predicted (required)")
     p.add_argument("--transform_dir", type=Path, default=None,
                    help="transform.py's output folder, for the training labels and the expression "
                         "baseline (default: the parent of --data_dir, else data)")
     p.add_argument("--data_dir", type=Path, default=None,
                    help="transform.py's cell_sentences_hf folder (only to find --transform_dir, its parent)")
     p.add_argument("--cell_type_column", type=str, default=None,
-                   help="obs column of the types in the preprocessed AnnData (default: the transform's)")
+                   help="the label column: of predictions.csv's predicted_<column>, and in the preprocessed "
+                        "AnnData (default: the only one predicted, and the transform's)")
     p.add_argument("--k_neighbors", type=int, default=5, help="k of the expression baseline's k-NN")
     p.add_argument("--n_components", type=int, default=50, help="principal components of the baseline")
     args = parse_evaluation_args(p, argv, name="prediction", seed_help="seed of the PCA")
     if args.predictions is None:
-        raise InputError("Pass --predictions, a predictions.csv written by generate.py.")
+        raise InputError("Pass --predictions, a predictions.csv written by predict.py.")
     if args.k_neighbors < 1 or args.n_components < 1:
         raise InputError("--k_neighbors and --n_components must be at least 1.")
     if args.transform_dir is None:
@@ -76,15 +79,31 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def read_predictions(path: Path) -> pd.DataFrame:
+def read_predictions(path: Path, column: str | None = None) -> pd.DataFrame:
+    """cell_name, true, predicted of a predictions.csv: predict.py's ``predicted_<column>`` and
+    ``<column>`` (``column``: which, when several were predicted), or columns true,predicted."""
     if not path.is_file():
-        raise InputError(f"{path} does not exist; pass the predictions.csv of a generate.py run.")
+        raise InputError(f"{path} does not exist; pass the predictions.csv of a predict.py run.")
     # Labels are text: "NA" or "None" are cell types here, not missing values.
     table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    predicted = [c.removeprefix("predicted_") for c in table.columns if c.startswith("predicted_")]
+    if not {"true", "predicted"} <= set(table.columns) and predicted:
+        if column is None and len(predicted) > 1:
+            raise InputError(f"{path} holds predictions of {', '.join(predicted)}; choose one with --cell_type_column.")
+        column = column or predicted[0]
+        if f"predicted_{column}" not in table or column not in table:
+            raise InputError(f"{path} has no columns predicted_{column} and {column} (the truth; predict.py "
+                             f"writes it for labelled cells only); it has {list(table.columns)}.")
+        table = table.rename(columns={f"predicted_{column}": "predicted", column: "true"})
+        unknown = table["true"].str.strip() == ""  # a cell of the user's without a label: nothing to score
+        if unknown.any():
+            logger.info("%s cells have no %s label; scoring the other %s.", f"{int(unknown.sum()):,}", column,
+                        f"{int((~unknown).sum()):,}")
+            table = table[~unknown].reset_index(drop=True)
     missing = {"true", "predicted"} - set(table.columns)
     if missing:
         raise InputError(f"{path} has no column {', '.join(sorted(missing))} (it has {list(table.columns)}); "
-                         "it must have cell_name,true,predicted.")
+                         "it must have predict.py's predicted_<column> and <column>, or true,predicted.")
     if table.empty:
         raise InputError(f"{path} holds no predictions.")
     return table
@@ -130,8 +149,9 @@ def expression_baseline(table: pd.DataFrame, args: argparse.Namespace) -> tuple[
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     seed_everything(args.seed)
+    settle_inputs(args.predictions, args.transform_dir, *[d for d in [args.data_dir] if d is not None])  # publishes cut short there: finished first
     check_can_write(args.output_dir, OUTPUTS, overwrite=args.overwrite)
-    table = read_predictions(args.predictions)
+    table = read_predictions(args.predictions, args.cell_type_column)
     pca_knn, train_labels = expression_baseline(table, args)
     summary = classification_summary(table["true"], table["predicted"], train_labels=train_labels or None)
     constant = classification_summary(table["true"], [summary["majority_label"]] * len(table),

@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import scipy.sparse as sp  # noqa: E402
 
-from utils.common import InputError, check_can_write, run_cli, seed_everything  # noqa: E402
+from utils.common import InputError, check_can_write, run_cli, seed_everything, settle_inputs  # noqa: E402
 from utils.eval_io import (  # noqa: E402
     EVAL_ARGS,
     evaluation_parser,
@@ -110,6 +110,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     from utils.plots import plot_log_rank_fit, plot_reconstruction
 
     seed_everything(args.seed)
+    settle_inputs(args.transform_dir, *[f for f in [args.data_filepath] if f is not None])  # publishes cut short there: finished first
     check_can_write(args.output_dir, OUTPUTS, overwrite=args.overwrite)
     path = args.data_filepath or find_preprocessed(args.transform_dir)
     if path is None or not path.is_file():

@@ -77,17 +77,15 @@ def test_bad_layer(word_model: CellSentenceModel) -> None:
         word_model.embed_cells(CELLS, layer=5)
 
 
-def test_embed_script_writes_embeddings_umap_and_scores(one_thread, tmp_path: Path) -> None:
+def transform_like(folder: Path) -> tuple[Path, list[str], list[str], np.ndarray, list[str]]:
+    """A transform output in ``folder``: ``cell_sentences_hf/`` and the preprocessed AnnData
+    (markers expressed, for the PCA baseline); (data_dir, names, sentences, X, genes)."""
     import anndata as ad
     import scipy.sparse as sp
+    from datasets import load_from_disk
     from helpers_train import make_dataset_dir
 
-    import embed
-
-    data = make_dataset_dir(tmp_path / "t" / "cell_sentences_hf", n_train=24, n_valid=8, n_test=8)
-    # transform.py's preprocessed AnnData next to it, for the PCA baseline (markers expressed).
-    from datasets import load_from_disk
-
+    data = make_dataset_dir(folder / "cell_sentences_hf", n_train=24, n_valid=8, n_test=8)
     dd = load_from_disk(str(data))
     names = [n for split in ("train", "valid", "test") for n in dd[split]["cell_name"]]
     sentences = [s for split in ("train", "valid", "test") for s in dd[split]["cell_sentence"]]
@@ -98,7 +96,19 @@ def test_embed_script_writes_embeddings_umap_and_scores(one_thread, tmp_path: Pa
         for rank, g in enumerate(s.split()):
             X[i, col[g]] = 2.0 - 0.5 * np.log10(1 + rank)
     ad.AnnData(sp.csr_matrix(X), obs=pd.DataFrame(index=names), var=pd.DataFrame(index=genes)).write_h5ad(
-        tmp_path / "t" / "x_preprocessed.h5ad")
+        folder / "x_preprocessed.h5ad")
+    return data, names, sentences, X, genes
+
+
+def test_embed_script_writes_embeddings_umap_and_scores(one_thread, tmp_path: Path) -> None:
+    import anndata as ad
+    import scipy.sparse as sp
+    from datasets import load_from_disk
+
+    import embed
+
+    data, names, sentences, X, genes = transform_like(tmp_path / "t")
+    dd = load_from_disk(str(data))
     model = word_level_model(tmp_path / "model")
     out = tmp_path / "emb"
     metrics = embed.main(embed.parse_args(["--model_dir", str(model), "--data_dir", str(data), "--output_dir",
@@ -141,3 +151,25 @@ def test_embed_script_writes_embeddings_umap_and_scores(one_thread, tmp_path: Pa
                                         "--max_cells", "20"]))
     assert some["n_cells"] == 20 and some["pca"]["knn_accuracy"] == 1.0
     assert ad.read_h5ad(tmp_path / "some" / "embeddings.h5ad").n_obs == 20
+
+
+def test_the_pca_baseline_takes_exactly_the_embedded_cells(one_thread, tmp_path: Path, monkeypatch) -> None:
+    """embed.py --max_cells 40 of 401 cells took 168 s and 4.9 GB: the baseline's PCA must be sized
+    by the cells scored (their rows of the preprocessed AnnData, all genes), nothing else."""
+    import anndata as ad
+
+    import embed
+    import utils.metrics
+
+    data, names, _, _, genes = transform_like(tmp_path / "t")
+    fitted = []
+    pca = utils.metrics.embed_pca
+    monkeypatch.setattr(utils.metrics, "embed_pca", lambda X, *a, **kw: fitted.append(X.shape) or pca(X, *a, **kw))
+    out = tmp_path / "emb"
+    metrics = embed.main(embed.parse_args(["--model_dir", str(word_level_model(tmp_path / "model")), "--data_dir",
+                                           str(data), "--output_dir", str(out), "--max_cells", "9"]))
+    embedded = ad.read_h5ad(out / "embeddings.h5ad").obs_names.tolist()
+    assert len(embedded) == 9 and set(embedded) < set(names)
+    assert fitted == [(9, len(genes))] and metrics["pca"]["n_cells"] == 9
+    # All components of 9 cells (fewer than --n_components 50): as many as the cells.
+    assert metrics["pca"]["n_components"] == 9

@@ -123,6 +123,18 @@ def test_prediction_perfect_shuffled_and_as_a_script(transformed: Path, tmp_path
     s = json.loads((tmp_path / "p2" / "metrics.json").read_text())
     assert abs(s["balanced_accuracy"] - 1 / n_types) < 0.2 and s["accuracy"] <= s["majority_baseline"] + 0.15
     assert (tmp_path / "p2" / "confusion_matrix.png").is_file()
+    # predict.py's layout (predicted_<column>, <column>_score, <column>) gives the same scores.
+    layout = tmp_path / "predict_py.csv"
+    pd.DataFrame({"cell_name": test["cell_name"], "predicted_cell_type": truth, "cell_type_score": 0.9,
+                  "cell_type": truth}).to_csv(layout, index=False)
+    same = eval_prediction.main(eval_prediction.parse_args(
+        ["--predictions", str(layout), "--transform_dir", str(transformed), "--output_dir", str(tmp_path / "p4")]))
+    assert {k: v for k, v in same.items() if k != "predictions"} == {k: v for k, v in m.items() if k != "predictions"}
+    unlabelled = tmp_path / "unlabelled.csv"
+    pd.DataFrame({"cell_name": test["cell_name"], "predicted_cell_type": truth}).to_csv(unlabelled, index=False)
+    with pytest.raises(InputError, match="no columns predicted_cell_type and cell_type"):
+        eval_prediction.main(eval_prediction.parse_args(["--predictions", str(unlabelled), "--output_dir",
+                                                         str(tmp_path / "p5")]))
     bad = tmp_path / "bad.csv"
     bad.write_text("cell_name,truth\nx,y\n")
     with pytest.raises(InputError, match="has no column predicted, true"):

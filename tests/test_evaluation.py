@@ -104,3 +104,30 @@ def test_figures() -> None:
     fig = plot_embedding(a, train_y, b, train_y[:5])
     labels = fig.axes[0].get_legend_handles_labels()[1]
     assert "alpha (real)" in labels and "alpha (generated)" in labels
+
+
+def test_pca_of_fewer_cells_than_components_is_sized_by_the_cells() -> None:
+    """All components of few sparse cells (embed.py --max_cells 40 of 25,000 genes) are a dense
+    SVD of the cells' rows, not an eigendecomposition of genes × genes (168 s and 4.9 GB)."""
+    import tracemalloc
+
+    import scipy.sparse as sp
+    from sklearn.decomposition import PCA
+
+    X = sp.random(12, 1500, density=0.05, random_state=1, format="csr")
+    Y = sp.random(4, 1500, density=0.05, random_state=2, format="csr")
+    tracemalloc.start()
+    try:
+        fitted, other = embed_pca(X, Y, n_components=50, seed=0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert fitted.shape == (12, 12) and other.shape == (4, 12)
+    assert peak < 8 * 2**20, f"{peak / 2**20:.0f} MiB: a genes × genes matrix (18 MiB) was made"
+    # The same coordinates as sklearn's dense PCA (up to each component's sign; the 12th, of a
+    # centred rank-11 matrix, is noise).
+    ref = PCA(n_components=12, svd_solver="full").fit(X.toarray())
+    expected = ref.transform(X.toarray())[:, :11], ref.transform(Y.toarray())[:, :11]
+    sign = np.sign((fitted[:, :11] * expected[0]).sum(axis=0))
+    np.testing.assert_allclose(fitted[:, :11], expected[0] * sign, atol=1e-9)
+    np.testing.assert_allclose(other[:, :11], expected[1] * sign, atol=1e-9)

@@ -1,4 +1,5 @@
-"""generate.py on a tiny from-scratch model: predictions, generated cells, metrics, left padding."""
+"""generate.py on a tiny from-scratch model: generated cells (conditional and unconditional),
+their metrics (on the types asked for), the tasks a model was trained for, left padding."""
 
 from __future__ import annotations
 
@@ -6,15 +7,12 @@ import json
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
 from helpers_train import MARKERS
 
 import generate
 import train
 from utils.common import InputError
-from utils.evaluation import normalize_label
 from utils.generation import allocate_counts, generate_batched, left_pad, shorten_to_fit
 from utils.prompts import prediction_prompt
 from utils.training import decode_answer, encode_prompt, load_model_and_tokenizer
@@ -44,20 +42,6 @@ def run(one_thread, model_dir: Path, data_dir: Path, tmp_path_factory) -> Path:
     return out
 
 
-def test_predictions_and_accuracy(run: Path) -> None:
-    table = pd.read_csv(run / "predictions.csv", keep_default_na=False)
-    assert list(table.columns) == ["cell_name", "true", "predicted"]
-    assert len(table) == 40 and table["cell_name"].tolist()[:2] == ["test_cell0", "test_cell1"]
-    assert all(isinstance(x, str) for x in table["predicted"])
-    metrics = json.loads((run / "metrics.json").read_text())
-    hits = [normalize_label(a) == normalize_label(b) for a, b in zip(table["true"], table["predicted"], strict=True)]
-    assert metrics["prediction"]["accuracy"] == pytest.approx(np.mean(hits))
-    assert metrics["prediction"]["n_cells"] == 40
-    # The markers make the types easy: the tiny model beats the majority class.
-    assert metrics["prediction"]["accuracy"] > metrics["prediction"]["majority_baseline"] == 0.25
-    assert (run / "confusion_matrix.png").stat().st_size > 1000
-
-
 def test_generated_cells_are_written_consistently(run: Path) -> None:
     from datasets import load_from_disk
 
@@ -77,24 +61,111 @@ def test_generated_cells_are_written_consistently(run: Path) -> None:
     assert 0 <= gen["knn_accuracy"] <= 1 and gen["n_generated"] == 12
     assert (run / "real_vs_generated_pca.png").is_file()
     args = json.loads((run / "generate_args.json").read_text())
-    assert args["tasks"] == "predict,generate" and args["n_per_type"] == 3
+    assert args["n_per_type"] == 3 and args["unconditional"] is False
+    assert not (run / "predictions.csv").exists()  # prediction is predict.py's
 
 
-def test_same_seed_same_cells(run: Path, model_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+def test_same_seed_same_cells(run: Path, model_dir: Path, data_dir: Path, tmp_path: Path, caplog) -> None:
     out = tmp_path / "again"
     generate.main(generate.parse_args([
         "--model_dir", str(model_dir), "--data_dir", str(data_dir), "--output_dir", str(out),
         "--n_per_type", "3", "--batch_size", "5", "--seed", "11", "--tasks", "generate",
     ]))
     assert (out / "generated_cells.txt").read_text() == (run / "generated_cells.txt").read_text()
-    assert not (out / "predictions.csv").exists()
-    # --max_cells caps the predicted cells; a rerun with --overwrite drops stale outputs.
+    # A rerun with --overwrite drops the outputs it does not write: those of another mode and the
+    # predictions of earlier versions.
+    (out / "predictions.csv").write_text("cell_name,true,predicted\n")
+    (out / "confusion_matrix.png").write_bytes(b"png")
     generate.main(generate.parse_args([
         "--model_dir", str(model_dir), "--data_dir", str(data_dir), "--output_dir", str(out),
-        "--tasks", "predict", "--max_cells", "7", "--overwrite",
+        "--unconditional", "--n_per_type", "2", "--max_new_tokens", "12", "--overwrite",
     ]))
-    assert len(pd.read_csv(out / "predictions.csv")) == 7
-    assert not (out / "generated_cells.txt").exists()
+    assert len((out / "generated_cells.txt").read_text().splitlines()) == 2
+    for stale in ("predictions.csv", "confusion_matrix.png", "generated_labels.txt", "real_vs_generated_pca.png"):
+        assert not (out / stale).exists() and f"Removed {out / stale}" in caplog.text
+
+
+def test_unconditional_generation_from_the_default_training_mix(model_dir: Path, data_dir: Path, tmp_path: Path,
+                                                                monkeypatch) -> None:
+    import utils.training
+    from utils.prompts import generation_prompt
+
+    tasks = json.loads((model_dir / "train_args.json").read_text())["tasks"]
+    assert "unconditional_generation" in tasks and "conditional_generation" in tasks  # the default mix
+    prompts = []
+    encode = utils.training.encode_prompt
+    monkeypatch.setattr(utils.training, "encode_prompt", lambda tok, prompt, *a: prompts.append(prompt) or
+                        encode(tok, prompt, *a))
+    out = tmp_path / "any"
+    metrics = generate.main(generate.parse_args([
+        "--model_dir", str(model_dir), "--data_dir", str(data_dir), "--output_dir", str(out),
+        "--unconditional", "--n_per_type", "5", "--batch_size", "5", "--max_new_tokens", "14"]))
+    assert prompts == [generation_prompt(None, 10)] * 5  # the unconditional prompt, not "of type None"
+    gen = metrics["generation"]
+    assert gen["requested_counts"] == {"any": 5} and gen["sentences"]["n_cells"] == 5
+    assert gen["sentences"]["valid_gene_rate"] > 0.9 and "knn_accuracy" not in gen
+    assert not (out / "generated_labels.txt").exists()
+    assert len((out / "generated_cells.txt").read_text().splitlines()) == 5
+
+
+def test_metrics_of_chosen_types_compare_with_real_cells_of_those_types(model_dir: Path, data_dir: Path,
+                                                                        tmp_path: Path) -> None:
+    from datasets import load_from_disk
+
+    from utils.eval_io import load_splits, transform_reference
+    from utils.metrics import score_generated
+
+    chosen = ["CD4 T cell", "NK cell"]  # not B cell, the majority (by name) of the four
+    out = tmp_path / "two"
+    metrics = generate.main(generate.parse_args([
+        "--model_dir", str(model_dir), "--data_dir", str(data_dir), "--output_dir", str(out),
+        "--cell_types", ",".join(chosen), "--n_per_type", "4", "--batch_size", "8", "--seed", "3"]))
+    gen = metrics["generation"]
+    # The same scores as against a dataset that has only these two types.
+    only = tmp_path / "only" / "cell_sentences_hf"
+    dd = load_from_disk(str(data_dir))
+    for split in dd:
+        dd[split] = dd[split].filter(lambda row: row["cell_type"] in chosen)
+    dd.save_to_disk(str(only))
+    sentences = (out / "generated_cells.txt").read_text().splitlines()
+    labels = (out / "generated_labels.txt").read_text().splitlines()
+    full = load_splits(data_dir, "test", "cell_type", need_labels=True)
+    index, fit, _ = transform_reference(data_dir.parent, full, 10)  # generate.py's vocabulary: all training genes
+    expected, _ = score_generated(sentences, labels, load_splits(only, "test", "cell_type", need_labels=True),
+                                  split="test", label_column="cell_type", index=index, fit=fit, top_k=10, seed=3)
+    for key in ("knn_accuracy", "knn_ceiling", "majority_baseline", "mmd", "mmd_floor", "energy_distance",
+                "energy_distance_floor", "n_real_train", "n_real_eval", "per_type"):
+        assert gen[key] == expected[key], key
+    assert gen["n_real_eval"] == 20 and gen["n_real_train"] == 120 and gen["majority_baseline"] == 0.5
+    assert gen["cell_types"] == chosen and gen["knn_ceiling"] == 1.0
+    # eval/generation.py on this output compares with the same real cells.
+    from eval import generation as eval_generation
+
+    again = eval_generation.main(eval_generation.parse_args([
+        "--generated_dir", str(out), "--data_dir", str(data_dir), "--output_dir", str(tmp_path / "eval"),
+        "--seed", "3"]))
+    for key in ("knn_accuracy", "knn_ceiling", "majority_baseline", "mmd_floor", "n_real_eval", "cell_types"):
+        assert again[key] == gen[key], key
+
+
+@pytest.mark.parametrize("tasks,flags,message", [
+    (["conditional_generation", "cell_type_prediction"], ["--unconditional"],
+     "not trained for unconditional generation"),
+    (["unconditional_generation"], ["--cell_types", "B cell"], "trained without cell types"),
+    (["cell_type_prediction"], [], "not trained to generate cells.*predict.py"),
+    (None, ["--unconditional"], "published model.*the c2s_scale prompts have no unconditional"),
+])
+def test_a_generation_the_model_was_not_trained_for_is_one_sentence(tmp_path: Path, data_dir: Path, tasks,
+                                                                    flags, message) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    if tasks is not None:  # None: a published model (no record)
+        (model / "train_args.json").write_text(json.dumps({"tasks": tasks, "cell_types": sorted(MARKERS),
+                                                           "prompt_format": "ours", "top_k_genes": 10}))
+    with pytest.raises(InputError, match=message):
+        generate.main(generate.parse_args(["--model_dir", str(model), "--data_dir", str(data_dir),
+                                           "--output_dir", str(tmp_path / "gen"), *flags]))
+    assert not (tmp_path / "gen").exists()
 
 
 def test_left_padding_gives_the_answers_of_single_prompts(one_thread, model_dir: Path) -> None:
@@ -123,8 +194,12 @@ def test_helpers() -> None:
 def test_bad_flags(model_dir: Path, data_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(InputError, match="--model_dir"):
         generate.parse_args([])
-    with pytest.raises(InputError, match="--tasks"):
-        generate.parse_args(["--model_dir", str(model_dir), "--tasks", "predict,dance"])
+    with pytest.raises(InputError, match=r"predict\.py --model_dir M --data_dir D"):
+        generate.parse_args(["--model_dir", str(model_dir), "--tasks", "predict,generate"])
+    with pytest.raises(InputError, match="--tasks 'dance'"):
+        generate.parse_args(["--model_dir", str(model_dir), "--tasks", "dance"])
+    with pytest.raises(InputError, match="contradict"):
+        generate.parse_args(["--model_dir", str(model_dir), "--unconditional", "--cell_types", "B cell"])
     with pytest.raises(InputError, match="no split"):
         generate.main(generate.parse_args([
             "--model_dir", str(model_dir), "--data_dir", str(data_dir), "--split", "nope",

@@ -189,3 +189,35 @@ def test_neighbouring_types_get_distinct_colours() -> None:
     tab20 = [matplotlib.colors.to_hex(matplotlib.colormaps["tab20"](i)) for i in range(12)]
     assert min(_colour_distance(tab20[i], tab20[i + 1]) for i in range(0, 12, 2)) < 40
     assert distinct_colours(types, centroids) == colours  # deterministic
+
+
+def test_scores_of_chosen_types_are_those_of_a_dataset_of_only_those_types() -> None:
+    import pyarrow as pa
+
+    from utils.inverse import build_vocab_index
+    from utils.metrics import score_generated
+
+    train_s, train_y, vocab = typed_sentences(160, seed=0)
+    test_s, test_y, _ = typed_sentences(80, seed=1)
+    gen_s, gen_y, _ = typed_sentences(40, seed=2)
+    chosen = ["beta", "gamma"]  # 2 of the 4 types; "alpha" is the majority (first by name)
+    gen = [(s, y) for s, y in zip(gen_s, gen_y, strict=True) if y in chosen]
+    sentences, requested = [s for s, _ in gen], [y for _, y in gen]
+
+    def tables(keep) -> dict:
+        return {name: pa.table({"cell_sentence": [s for s, y in zip(ss, yy, strict=True) if keep(y)],
+                                "cell_type": [y for y in yy if keep(y)]})
+                for name, ss, yy in (("train", train_s, train_y), ("test", test_s, test_y))}
+
+    kwargs = {"split": "test", "label_column": "cell_type", "index": build_vocab_index(vocab), "fit": FIT,
+              "top_k": 20, "seed": 4}
+    subset, _ = score_generated(sentences, requested, tables(lambda y: True), cell_types=chosen, **kwargs)
+    only, _ = score_generated(sentences, requested, tables(lambda y: y in chosen), **kwargs)
+    whole, _ = score_generated(sentences, requested, tables(lambda y: True), **kwargs)
+    for key in ("knn_accuracy", "knn_ceiling", "majority_baseline", "mmd", "mmd_floor", "energy_distance",
+                "energy_distance_floor", "bandwidth", "n_real_train", "n_real_eval", "per_type"):
+        assert subset[key] == only[key], key
+    assert subset["n_real_eval"] == 40 and subset["n_real_train"] == 80 and subset["cell_types"] == chosen
+    # Against the whole split the majority type is one never generated; on the two types it is half.
+    assert whole["majority_baseline"] == 0.0 and subset["majority_baseline"] == 0.5
+    assert whole["n_real_eval"] == 80 and whole["mmd_floor"] != subset["mmd_floor"]

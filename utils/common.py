@@ -17,6 +17,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -83,7 +84,8 @@ def run_cli(main: Callable[[Any], Any], parse_args: Callable[[Sequence[str] | No
 
 
 def _h5py_disk_full(err: BaseException | None) -> bool:
-    return isinstance(err, RuntimeError) and "No space left on device" in str(err)
+    # h5py reports a full disk as RuntimeError or (h5py >= 3.16) OSError.
+    return isinstance(err, RuntimeError | OSError) and "No space left on device" in str(err)
 
 
 def _quiet_disk_full_unraisable(unraisable: Any) -> None:
@@ -187,9 +189,9 @@ def check_can_write(output_dir: Path, names: Sequence[str], *, overwrite: bool) 
 #      then every new one is moved in (in reverse order, so the first name arrives last);
 #   3. ``.publish-*`` is renamed ``.trash-*`` and deleted with the old outputs.
 # Ctrl-C and SIGTERM wait during steps 1-2 (a few renames). After a kill -9 the next run on the
-# folder (any script, as output or as input) finishes a committed publish from what is left,
-# and removes the staging and trash folders of dead runs: a live run holds the lock, so under
-# the lock every such folder is a dead run's.
+# folder finishes a committed publish from what is left, and removes the staging and trash
+# folders of dead runs: a live run holds the lock, so under the lock every such folder is a dead
+# run's. A script that reads a folder finishes its publish first too (``settle_inputs``).
 
 LOCK_NAME = ".c2s-lock"
 STAGING_PREFIX = ".staging-"
@@ -205,6 +207,14 @@ class _Hold(NamedTuple):
 
 
 _HELD: dict[Path, _Hold] = {}  # the output folders this process holds
+
+
+class FolderInUse(InputError):
+    """The folder is locked by another live run, process ``holder``."""
+
+    def __init__(self, message: str, holder: str) -> None:
+        super().__init__(message)
+        self.holder = holder
 
 
 class Terminated(KeyboardInterrupt):
@@ -286,9 +296,10 @@ def _lock(folder: Path) -> int:
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise InputError(
+            raise FolderInUse(
                 f"The output folder {folder} is in use by another run (process {holder}); wait "
-                "for it to finish or choose another output folder."
+                "for it to finish or choose another output folder.",
+                holder,
             ) from None
         except OSError as err:  # a file system without locks (some NFS mounts)
             logger.warning("Cannot lock %s (%s); concurrent runs into it are not detected.", folder, err)
@@ -367,6 +378,13 @@ def releasing_outputs(main: Callable[..., Any]) -> Callable[..., Any]:
         before = set(_HELD)
         try:
             return main(*args, **kwargs)
+        except Exception as err:
+            # Named while the folder is still known: after the release below the CLI runner
+            # could only name the current folder's disk.
+            held = [f for f in _HELD if f not in before]
+            if held and not isinstance(err, InputError) and is_disk_full(err):
+                raise disk_full_error(held[0], staged=False) from None
+            raise
         finally:
             for folder in [f for f in _HELD if f not in before]:
                 release_output_dir(folder)
@@ -386,21 +404,61 @@ def _settle(folder: Path) -> None:
             _remove(stale)
 
 
-def settle_inputs(*folders: Path) -> None:
-    """Finish publishes interrupted in input folders (a transform or train run killed while
-    publishing) before reading them; folders held by a live run are left to it."""
-    for folder in map(Path, folders):
-        if not folder.is_dir() or not any(folder.glob(PUBLISH_PREFIX + "*")):
-            continue
-        if folder.resolve() in _HELD:
-            _settle(folder)
-            continue
+def settle_inputs(*paths: Path, wait_s: float = 10.0) -> None:
+    """Make input folders safe to read: finish every publish that a killed run committed but
+    did not complete, in each of ``paths`` and in its parent (a published output such as
+    ``cell_sentences_hf/`` or ``merged/`` is moved into its parent folder; a run folder's
+    files into the folder itself). Call it before reading anything there.
+
+    Without it a reader sees the old outputs while the new ones wait in ``.publish-*`` (after a
+    kill at the commit point), or neither (a model without its config.json, a transform without
+    ``cell_sentences_hf``). A publish that another live run is making is waited for up to
+    ``wait_s`` seconds (it is a few renames); one that cannot be finished (the folder is
+    read-only, or the other run does not finish) is one sentence (``InputError``). Folders
+    without a pending publish are only looked at: nothing is written there.
+    """
+    seen: set[Path] = set()
+    for path in map(Path, paths):
+        for folder in (path, path.parent):
+            key = folder.resolve()
+            if key not in seen:
+                seen.add(key)
+                _settle_input(folder, wait_s=wait_s)
+
+
+def _pending_publishes(folder: Path) -> list[Path]:
+    return sorted(folder.glob(PUBLISH_PREFIX + "*")) if folder.is_dir() else []
+
+
+def _settle_input(folder: Path, *, wait_s: float) -> None:
+    pending = _pending_publishes(folder)
+    if not pending:
+        return
+    if folder.resolve() in _HELD:  # this process's own folder: its lock is ours
+        _settle(folder)
+        return
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(
+            f"{folder} holds outputs whose publish was cut short ({pending[0].name}), and this user cannot "
+            "finish it (the folder is not writable); rerun the step that wrote it, or run this once with "
+            "write access to the folder."
+        )
+    deadline = time.monotonic() + wait_s
+    while True:
         try:
-            claim_output_dir(folder)
-        except InputError as err:
-            logger.warning("%s holds an unfinished publish that cannot be finished now: %s", folder, err)
+            claim_output_dir(folder)  # finishes the publish under the folder's lock
+        except FolderInUse as err:
+            if not _pending_publishes(folder):
+                return  # the live run finished its publish meanwhile
+            if time.monotonic() >= deadline:
+                raise InputError(
+                    f"{folder} is being published by another run (process {err.holder}) "
+                    "that has not finished; wait for it to finish and run this again."
+                ) from None
+            time.sleep(0.1)
             continue
         release_output_dir(folder)
+        return
 
 
 def _remove(path: Path) -> None:

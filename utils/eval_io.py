@@ -2,7 +2,8 @@
 transform's vocabulary and fit, its preprocessed AnnData, small text files of labels or names)
 and writing an evaluation's results (``metrics.json``, figures, tables) in one staged move.
 
-Each loader fails with one :class:`~utils.common.InputError` sentence naming the file and the fix.
+Each loader fails with one :class:`~utils.common.InputError` sentence naming the file and the fix,
+and first finishes a publish cut short in the folder it reads (``utils.common.settle_inputs``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from utils.common import InputError, save_args, staged_outputs, strict_json
+from utils.common import InputError, save_args, settle_inputs, staged_outputs, strict_json
 from utils.fit import RankExpressionFit
 from utils.inverse import VocabIndex, build_vocab_index, load_transform_fit, load_vocab
 from utils.readers import input_stem
@@ -73,6 +74,7 @@ def open_dataset_dict(data_dir: Path, *, single_ok: bool = False) -> Any:
     """transform.py's DatasetDict (``single_ok``: a single saved Dataset becomes split "all")."""
     import datasets
 
+    settle_inputs(data_dir)  # a transform killed while publishing: its new dataset first
     if not data_dir.is_dir():
         raise InputError(f"{data_dir} does not exist; pass transform.py's cell_sentences_hf folder as --data_dir.")
     try:
@@ -100,7 +102,7 @@ def load_splits(data_dir: Path, split: str, label_column: str, *, need_labels: b
             raise InputError(f"{data_dir}/{name} has no cell_sentence column (it has {columns}).")
         if need_labels and label_column not in columns:
             raise InputError(f"{data_dir}/{name} has no {label_column!r} column (it has {columns}); "
-                             "pass --cell_type_column or use --tasks without predict/generate by type.")
+                             "pass --cell_type_column, or generate cells of no chosen type (generate.py --unconditional).")
         if dd[name].num_rows == 0:
             raise InputError(f"The {name} split of {data_dir} is empty; choose another --split or re-run "
                              "transform.py with other --split_fractions.")
@@ -129,6 +131,7 @@ def transform_reference(transform_dir: Path, tables: dict[str, Any], top_k: int
                         ) -> tuple[VocabIndex, RankExpressionFit, bool]:
     """The vocabulary and fit of the transform; without them, a nominal fit over the train genes
     (the third value says which: True for the transform's)."""
+    settle_inputs(transform_dir)
     vocab_path = transform_dir / "cell_sentences" / "vocab.txt"
     metrics_path = transform_dir / "eval" / "transformation_metrics.csv"
     if vocab_path.is_file() and metrics_path.is_file():
@@ -168,6 +171,7 @@ def read_preprocessed(source: Path, names: Any = None) -> Any:
     transform's output folder; ``None`` when that folder holds none."""
     import anndata as ad
 
+    settle_inputs(source)
     path = find_preprocessed(source) if source.is_dir() else source
     if path is None:
         return None

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from utils.common import InputError
 from utils.evaluation import (
     embed_pca,
     knn_accuracy,
@@ -50,6 +51,7 @@ __all__ = [
     "real_expression",
     "score_expression",
     "score_generated",
+    "tables_of_types",
 ]
 
 # Rows of X per block of pairwise distances: block × len(Y) doubles stay a few MB.
@@ -290,6 +292,17 @@ def score_expression(
     return result
 
 
+def tables_of_types(tables: dict[str, Any], label_column: str, cell_types: Sequence[str]) -> dict[str, Any]:
+    """The Arrow tables with only the cells whose ``label_column`` is one of ``cell_types``
+    (compared normalized, as every label here)."""
+    import pyarrow as pa
+
+    wanted = {normalize_label(t) for t in cell_types}
+    return {name: table.filter(pa.array([normalize_label(x) in wanted for x in
+                                         table.column(label_column).to_pylist()], type=pa.bool_()))
+            for name, table in tables.items()}
+
+
 def score_generated(
     sentences: Sequence[str] | SentenceBytes,
     requested: Sequence[str],
@@ -302,18 +315,34 @@ def score_generated(
     top_k: int,
     k: int = 5,
     seed: int = 0,
+    cell_types: Sequence[str] | None = None,
 ) -> tuple[dict[str, Any], GenerationEvaluation]:
     """Generated sentences (with their requested types) against the real cells of ``tables``
     (Arrow tables of the ``train`` split and of ``split``, as ``utils.eval_io.load_splits``
     gives): the word statistics of every generated word (``sentence_stats``) under
     ``"sentences"``, and :func:`score_expression` on the first ``top_k`` genes of every
-    cell, real and generated alike (the same representation)."""
+    cell, real and generated alike (the same representation).
+
+    ``cell_types``: the types that were asked for (e.g. generate.py's ``--cell_types``); the
+    real cells are then those of these types only, in both splits, so that the k-NN classifier,
+    its ceiling, the majority baseline and the distance floors answer the question that was
+    asked (against the whole split the majority type may be one never generated: baseline 0).
+    The metrics record them under ``"cell_types"``.
+    """
+    if cell_types is not None:
+        tables = tables_of_types(tables, label_column, cell_types)
+        if tables["train"].num_rows == 0:
+            raise InputError(f"The train split has no cells of {', '.join(map(repr, cell_types))}, needed "
+                             "for the k-NN metric and the PCA; choose types of the training data.")
     everything = sentences_to_expression(sentences, index, fit)
     generated = sentences_to_expression(sentences, index, fit, max_words=top_k)
     real = real_expression(tables, split=split, index=index, fit=fit, top_k=top_k)
     result = score_expression(generated.X, requested, tables, real, split=split, label_column=label_column,
                               top_k=top_k, k=k, seed=seed)
-    return {"sentences": sentence_stats(everything), **result.metrics}, result
+    metrics = {"sentences": sentence_stats(everything), **result.metrics}
+    if cell_types is not None:
+        metrics["cell_types"] = list(cell_types)
+    return metrics, result
 
 
 def plot_generation(result: GenerationEvaluation, *, split: str, top_k: int):
