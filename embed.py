@@ -43,6 +43,7 @@ from utils.common import (
     run_cli,
     save_args,
     seed_everything,
+    settle_inputs,
     staged_outputs,
     strict_json,
 )
@@ -125,8 +126,9 @@ def cells_from_dataset(data_dir: Path, split: str) -> tuple[pd.DataFrame, list[s
     return obs, table["cell_sentence"].astype(str).tolist()
 
 
-def cells_from_h5ad(path: Path, label_column: str) -> tuple[pd.DataFrame, list[str], Any]:
-    """(obs, sentences, preprocessed AnnData) of every cell of an .h5ad, via the transform's API."""
+def cells_from_h5ad(path: Path, label_column: str, recipe: Any) -> tuple[pd.DataFrame, list[str], Any]:
+    """(obs, sentences, preprocessed AnnData) of every cell of an .h5ad, via the transform's API
+    with the model's recipe (the training transform's sentence options)."""
     import anndata as ad
 
     from utils.api import adata_to_sentences
@@ -134,8 +136,10 @@ def cells_from_h5ad(path: Path, label_column: str) -> tuple[pd.DataFrame, list[s
     if not path.is_file():
         raise InputError(f"{path} does not exist; pass an .h5ad file with --h5ad.")
     adata = ad.read_h5ad(path)
-    cells = adata_to_sentences(adata, qc=False, label_column=label_column if label_column in adata.obs else None)
-    obs = adata.obs.loc[cells.cell_names].copy()
+    cells = adata_to_sentences(adata, qc=False, label_column=label_column if label_column in adata.obs else None,
+                               **recipe.sentence_kwargs())
+    obs = adata.obs.iloc[cells.kept_rows].copy()
+    obs.index = pd.Index(cells.cell_names)  # the preprocessed AnnData's names (cleaned, unique)
     return obs, cells.sentences, cells.preprocessed
 
 
@@ -161,26 +165,37 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from utils.cell_model import load_from_args
+    from utils.distributed import Processes
     from utils.eval_io import read_preprocessed
     from utils.metrics import evaluate_embedding
+    from utils.recipe import Recipe
+
+    procs = Processes.start()
 
     seed_everything(args.seed)
-    claim_output_dir(args.output_dir, OUTPUTS, overwrite=args.overwrite)
+    # A model or transform killed while publishing: finish its publish before reading anything.
+    settle_inputs(args.model_dir, *([args.h5ad] if args.h5ad is not None else [args.data_dir, args.transform_dir]))
+    if procs.main:
+        claim_output_dir(args.output_dir, OUTPUTS, overwrite=args.overwrite)
     expression = None
     if args.h5ad is not None:
-        obs, sentences, expression = cells_from_h5ad(args.h5ad, args.cell_type_column)
+        obs, sentences, expression = cells_from_h5ad(args.h5ad, args.cell_type_column, Recipe.read(args.model_dir))
     else:
         obs, sentences = cells_from_dataset(args.data_dir, args.split)
     obs, sentences = subsample(obs, sentences, args.max_cells, args.seed)
     if not sentences:
         raise InputError("There are no cells to embed.")
-    model = load_from_args(args)
-    logger.info("Embedding %s cells with %s (%s format, top %d genes, %s pooling, layer %d) on %s.",
+    model = load_from_args(args, device=procs.device(args.device))
+    logger.info("Embedding %s cells with %s (%s format, top %d genes, %s pooling, layer %d) on %s%s.",
                 f"{len(sentences):,}", args.model_dir, model.prompt_format.name, model.top_k_genes, args.pooling,
-                args.layer, model.device)
-    with tqdm(total=len(sentences), desc="Embedding cells", unit="cell") as bar:
-        X = model.embed_cells(sentences, pooling=args.pooling, layer=args.layer, batch_size=args.batch_size,
-                              progress=bar.update)
+                args.layer, model.device, procs.describe())
+    mine = procs.share(len(sentences))
+    with tqdm(total=len(mine), desc="Embedding cells", unit="cell", disable=not procs.main) as bar:
+        X = model.embed_cells([sentences[i] for i in mine], pooling=args.pooling, layer=args.layer,
+                              batch_size=args.batch_size, progress=bar.update)
+    X = procs.gather(mine, X, len(sentences))
+    if not procs.main:  # rank 0 scores and writes
+        return {}
     adata = ad.AnnData(obs=obs.copy(), obsm={"X_c2s": X})
     adata.uns["c2s_embedding"] = {"model": str(args.model_dir), "pooling": args.pooling, "layer": args.layer,
                                   "prompt_format": model.prompt_format.name, "top_k_genes": model.top_k_genes}

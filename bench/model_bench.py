@@ -5,8 +5,9 @@ A GPT-NeoX model (the C2S-Pythia architecture, random weights: the speed does no
 them) with a byte-level BPE tokenizer trained on synthetic cell sentences, in the C2S-Scale
 prompt format, saved and loaded like a published model. Per task, side by side in one run:
 
-- ``ours, batched``: ``utils.CellSentenceModel`` with ``--batch_size`` (what generate.py and
-  embed.py do); generation greedy (to compare methods) and sampled with and without the
+- ``ours, batched``: ``utils.CellSentenceModel`` with ``--batch_size`` (what predict.py,
+  generate.py and embed.py do); prediction label-constrained (every label of ``--n_labels``
+  scored whole, predict.py's default) and free text (greedy, ``--label_tokens``); generation greedy (to compare methods) and sampled with and without the
   valid-gene constraint (what the constraint costs; "words" is the mean words per cell);
 - ``ours, one cell at a time``: the same code with batch size 1;
 - ``newer package's way`` (vandijklab/cell2sentence's ``tasks.py``/``csmodel.py``, as
@@ -51,15 +52,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=256, help="hidden size of the model")
     p.add_argument("--layers", type=int, default=4, help="transformer layers")
     p.add_argument("--batch_size", type=int, default=32, help="batch size of ours, batched")
-    p.add_argument("--label_tokens", type=int, default=8, help="new tokens per predicted label")
+    p.add_argument("--label_tokens", type=int, default=8, help="new tokens per free-text predicted label")
+    p.add_argument("--n_labels", type=int, default=4,
+                   help="labels of the label-constrained prediction (the 4 cell types, then made-up ones)")
     p.add_argument("--tasks", type=str, default="predict,generate,embed", help="comma-separated")
     p.add_argument("--threads", type=int, default=None, help="CPU threads of torch (default: torch's)")
     p.add_argument("--device", type=str, default="cpu", help="cpu or cuda")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and model")
     p.add_argument("--json", action="store_true", help="also print the figures as JSON")
     args = p.parse_args(argv)
-    if min(args.n_cells, args.n_genes, args.batch_size, args.label_tokens) < 1:
-        raise InputError("--n_cells, --n_genes, --batch_size and --label_tokens must be at least 1.")
+    if min(args.n_cells, args.n_genes, args.batch_size, args.label_tokens, args.n_labels) < 1:
+        raise InputError("--n_cells, --n_genes, --batch_size, --label_tokens and --n_labels must be at least 1.")
     return args
 
 
@@ -201,12 +204,19 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
                          "cells_per_s": round(n / seconds, 2), "vs_first": same, "words_per_cell": words})
             logger.info("%-9s %-46s %7.2f s %9.2f cells/s", task, method, seconds, n / seconds)
 
-        m.predict_cell_types(sentences[:2], max_new_tokens=2)  # warm-up: first calls allocate
+        m.predict_cell_types(sentences[:2], max_new_tokens=2, constrain=False)  # warm-up: first calls allocate
         if "predict" in tasks:
-            kw = {"max_new_tokens": args.label_tokens}
-            add("predict", f"ours, batched ({args.batch_size})",
+            kw = {"max_new_tokens": args.label_tokens, "constrain": False}
+            add("predict", f"ours, batched ({args.batch_size}), free text",
                 timed(lambda: m.predict_cell_types(sentences, batch_size=args.batch_size, **kw)))
-            add("predict", "ours, one cell at a time", timed(lambda: m.predict_cell_types(sentences, batch_size=1, **kw)))
+            add("predict", "ours, one cell at a time, free text",
+                timed(lambda: m.predict_cell_types(sentences, batch_size=1, **kw)))
+            label_set = sorted(set(labels)) + [f"cell type {i}" for i in range(max(0, args.n_labels - 4))]
+            kw = {"labels": label_set[: args.n_labels]}
+            add("labels", f"ours, batched ({args.batch_size}), {len(kw['labels'])} labels constrained",
+                timed(lambda: m.predict_cell_types(sentences, batch_size=args.batch_size, **kw)))
+            add("labels", f"ours, one cell at a time, {len(kw['labels'])} labels constrained",
+                timed(lambda: m.predict_cell_types(sentences, batch_size=1, **kw)))
             add("predict", "newer package's way (1 per call)",
                 timed(lambda: theirs_predict(model, tok, pred_prompts, args.label_tokens)), parse=fmt.parse_label)
         if "generate" in tasks:

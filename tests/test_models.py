@@ -13,6 +13,7 @@ from helpers_models import make_published_model, word_level_model
 from helpers_train import MARKERS, make_sentences
 
 import generate
+import predict
 import train
 from utils.cell_model import CellSentenceModel, record_prompt_format
 from utils.constrain import build_gene_tries
@@ -66,27 +67,32 @@ def test_train_records_the_format_and_generate_uses_it(scale_run: Path, data_dir
     assert record["prompt_format"] == "c2s_scale" and record["prompt_format_details"]["answer_suffix"] == "."
     assert record_prompt_format(record) == "c2s_scale" and record_prompt_format({}) == "c2s_scale"
     assert record_prompt_format({"prompt_format": {"answer_prefix": " "}}) == "ours"  # older runs
-    # The fine-tuned model, stripped to the hub layout (no train_args.json), as a user downloads it.
+    # The fine-tuned model, stripped to the hub layout (no record, no recipe), as a user downloads it.
     hub = tmp_path / "hub-layout"
-    shutil.copytree(scale_run, hub, ignore=shutil.ignore_patterns("train_*.json", "checkpoints"))
+    shutil.copytree(scale_run, hub, ignore=shutil.ignore_patterns("train_*.json", "recipe.json", "checkpoints"))
     assert not (hub / "train_args.json").exists()
-    metrics = generate.main(generate.parse_args([
+    metrics = predict.main(predict.parse_args([
+        "--model_dir", str(hub), "--data_dir", str(data_dir), "--output_dir", str(tmp_path / "pred"),
+        "--top_k_genes", "8",
+    ]))
+    # Only a model asked in its own format answers this well (4 types, majority 0.25); without a
+    # recorded label set it answers in free text.
+    assert metrics["prediction"]["accuracy"] >= 0.9 > metrics["prediction"]["majority_baseline"]
+    assert metrics["prediction"]["fraction_unknown_label"] == 0 and not metrics["constrained"]
+    gen = generate.main(generate.parse_args([
         "--model_dir", str(hub), "--data_dir", str(data_dir), "--output_dir", str(tmp_path / "gen"),
         "--top_k_genes", "8", "--n_per_type", "2", "--seed", "5",
     ]))
-    assert metrics["prompt_format"] == "c2s_scale"
-    # Only a model asked in its own format answers this well (4 types, majority 0.25).
-    assert metrics["prediction"]["accuracy"] >= 0.9 > metrics["prediction"]["majority_baseline"]
-    assert metrics["prediction"]["fraction_unknown_label"] == 0
-    sentences = metrics["generation"]["sentences"]
+    assert gen["prompt_format"] == "c2s_scale"
+    sentences = gen["generation"]["sentences"]
     assert sentences["valid_gene_rate"] == 1.0 and sentences["duplicate_rate"] == 0.0
     assert sentences["mean_sentence_length"] > 3
     # The same model asked in our format fails: the format matters.
-    ours = generate.main(generate.parse_args([
+    ours = predict.main(predict.parse_args([
         "--model_dir", str(hub), "--data_dir", str(data_dir), "--output_dir", str(tmp_path / "ours"),
-        "--top_k_genes", "8", "--tasks", "predict", "--prompt_format", "ours",
+        "--top_k_genes", "8", "--prompt_format", "ours",
     ]))
-    assert ours["prompt_format"] == "ours" and ours["prediction"]["accuracy"] < 0.9
+    assert ours["prediction"]["accuracy"] < 0.9
 
 
 def test_model_api_gives_the_scripts_results(scale_run: Path, data_dir: Path, tmp_path: Path) -> None:
@@ -97,14 +103,19 @@ def test_model_api_gives_the_scripts_results(scale_run: Path, data_dir: Path, tm
         "--model_dir", str(scale_run), "--data_dir", str(data_dir), "--output_dir", str(out),
         "--n_per_type", "2", "--seed", "9", "--batch_size", "3", "--max_new_tokens", "40",
     ]))
+    predict.main(predict.parse_args(["--model_dir", str(scale_run), "--data_dir", str(data_dir),
+                                     "--output_dir", str(tmp_path / "pred"), "--batch_size", "3"]))
     import utils
 
     model = utils.CellSentenceModel.load(scale_run, device="cpu")
     assert model.prompt_format.name == "c2s_scale" and model.top_k_genes == 8
     test = load_from_disk(str(data_dir))["test"]
-    table = pd.read_csv(out / "predictions.csv", keep_default_na=False)
-    assert model.predict_cell_types(test, batch_size=7) == table["predicted"].tolist()
-    assert model.predict_cell_types(test["cell_sentence"][:5]) == table["predicted"].tolist()[:5]
+    table = pd.read_csv(tmp_path / "pred" / "predictions.csv", keep_default_na=False)
+    result = model.predict_cell_types(test, batch_size=7, return_scores=True)
+    assert result.labels == table["predicted_cell_type"].tolist()
+    assert np.allclose(result.scores, table["cell_type_score"], atol=1e-6)
+    assert model.predict_cell_types(test["cell_sentence"][:5]) == table["predicted_cell_type"].tolist()[:5]
+    assert set(result.labels) <= set(MARKERS)  # every answer one of the model's labels
     genes = sorted({g for s in load_from_disk(str(data_dir))["train"]["cell_sentence"] for g in s.split()})
     cells = model.generate_cells({t: 2 for t in sorted(MARKERS)}, genes=genes, seed=9, batch_size=3,
                                  max_new_tokens=40)

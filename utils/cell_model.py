@@ -12,7 +12,6 @@ predicts cell types, generates cells and embeds cells, in batches. ``generate.py
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from utils.common import InputError
+from utils.common import InputError, settle_inputs
 from utils.prompts import (
     C2S_SCALE,
     DEFAULT_ORGANISM,
@@ -31,6 +30,7 @@ from utils.prompts import (
     prompt_format,
     prompt_words,
 )
+from utils.recipe import Recipe, _read_json
 
 logger = logging.getLogger("cell2sentence")
 
@@ -38,10 +38,19 @@ DEFAULT_TOP_K_GENES = 100
 DEFAULT_LABEL_TOKENS = 32  # answer budget for a label when the model's labels are unknown
 
 
+UNKNOWN_GENES_WARNING = 0.10  # share of a cell's top genes the model never saw that is worth a warning
+
+
 def read_train_record(name_or_dir: str | Path) -> dict[str, Any]:
-    """``train_args.json`` of a ``train.py`` run, or {} (a published or other model)."""
+    """``train_args.json`` of a ``train.py`` run, or {} (a published or other model); one
+    sentence when the file is not valid JSON."""
     path = Path(str(name_or_dir)).expanduser() / "train_args.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    record = _read_json(path)
+    if not isinstance(record, dict):
+        raise InputError(f"{path} holds no run record (a JSON object); restore it from the run or delete it.")
+    return record
 
 
 def record_prompt_format(record: Mapping[str, Any]) -> str:
@@ -70,22 +79,25 @@ def add_model_arguments(parser: Any) -> None:
                         help="weights dtype (auto: bf16/fp16 on CUDA, float32 on CPU)")
 
 
-def load_from_args(args: Any) -> CellSentenceModel:
-    """The model of a script's flags (``add_model_arguments``; ``args.top_k_genes`` when set)."""
+def load_from_args(args: Any, *, device: str | None = None) -> CellSentenceModel:
+    """The model of a script's flags (``add_model_arguments``; ``args.top_k_genes`` when set);
+    ``device`` overrides ``--device`` (a process's own GPU under torchrun)."""
     if args.model_dir is None:
         raise InputError(f"Pass --model_dir: {MODEL_HELP.replace(' (required)', '')}.")
-    return CellSentenceModel.load(args.model_dir, device=args.device, dtype=args.dtype,
+    return CellSentenceModel.load(args.model_dir, device=device or args.device, dtype=args.dtype,
                                   prompt_format_name=None if args.prompt_format == "auto" else args.prompt_format,
                                   top_k_genes=getattr(args, "top_k_genes", None), organism=args.organism)
 
 
-def as_sentences(cells: Any, *, column: str = "cell_sentence", max_genes: int | None = None) -> list[str]:
+def as_sentences(cells: Any, *, column: str = "cell_sentence", max_genes: int | None = None,
+                 recipe: Recipe | None = None) -> list[str]:
     """Cell sentences from a list of sentences, a ``datasets.Dataset`` (a DatasetDict split),
     a ``CellSentences`` or an AnnData.
 
-    An AnnData goes through the transform's API (``utils.adata_to_sentences``) without QC, so
-    every cell gets its sentence, in the AnnData's order (its counts from ``.raw``,
-    ``layers["counts"]`` or ``X``, as transform.py picks them).
+    An AnnData goes through the transform's API (``utils.adata_to_sentences``) without QC, with
+    the sentence options of ``recipe`` (the model's: layer, input kind, gene names, excluded
+    genes, seed), so every cell gets the sentence it would have had in training, in the
+    AnnData's order (a cell with no counts gets an empty one).
     """
     import anndata
 
@@ -94,7 +106,12 @@ def as_sentences(cells: Any, *, column: str = "cell_sentence", max_genes: int | 
     if isinstance(cells, anndata.AnnData):
         from utils.api import adata_to_sentences
 
-        cells = adata_to_sentences(cells, qc=False, max_genes=max_genes)
+        options = recipe.sentence_kwargs() if recipe is not None else {}
+        made = adata_to_sentences(cells, qc=False, max_genes=max_genes, label_column=False, **options)
+        sentences = [""] * cells.n_obs
+        for row, sentence in zip(made.kept_rows, made.sentences, strict=True):
+            sentences[row] = sentence
+        return sentences
     if hasattr(cells, "sentences") and hasattr(cells, "cell_names"):  # utils.api.CellSentences
         return [str(s) for s in cells.sentences]
     if hasattr(cells, "column_names"):  # datasets.Dataset / pyarrow.Table
@@ -105,6 +122,40 @@ def as_sentences(cells: Any, *, column: str = "cell_sentence", max_genes: int | 
     if hasattr(cells, "keys") and "train" in cells:
         raise InputError("Pass one split of the DatasetDict (e.g. dataset['test']), not the whole dict.")
     return [str(s) for s in cells]
+
+
+def qc_kept(adata: Any, recipe: Recipe) -> np.ndarray:
+    """Per cell of ``adata``, whether the training transform's QC (the recipe's thresholds)
+    would have kept it; all True when the transform ran without QC or recorded none."""
+    from utils.api import adata_to_sentences
+    from utils.preprocess import QCParams
+
+    if not recipe.qc or not recipe.qc.get("enabled", True):
+        return np.ones(adata.n_obs, dtype=bool)
+    params = QCParams(**{k: v for k, v in recipe.qc.items() if k in QCParams.__dataclass_fields__},
+                      min_cells_per_gene=1)  # genes: the model's vocabulary decides, not this data's counts
+    kept = np.zeros(adata.n_obs, dtype=bool)
+    try:
+        made = adata_to_sentences(adata, qc=params, max_genes=1, label_column=False, **recipe.sentence_kwargs())
+    except InputError as err:  # "no cells left after QC": every cell is flagged, none dropped
+        logger.warning("The training transform's QC would drop every cell (%s).", err)
+        return kept
+    kept[made.kept_rows] = True
+    return kept
+
+
+@dataclass
+class LabelPredictions:
+    """Label-constrained predictions of one label column.
+
+    ``labels``: the predicted label per cell; ``scores``: its probability; ``probabilities``:
+    cells x the model's labels, each row the normalized sequence probabilities (sums to 1).
+    """
+
+    column: str
+    labels: list[str]
+    scores: np.ndarray
+    probabilities: pd.DataFrame
 
 
 def _drop_cut_gene(sentence: str, genes: set[str]) -> str:
@@ -137,29 +188,37 @@ class CellSentenceModel:
     top_k_genes: int = DEFAULT_TOP_K_GENES
     record: dict[str, Any] = field(default_factory=dict)
     name: str = ""
+    recipe: Recipe = field(default_factory=Recipe.for_published_model)
 
     @classmethod
     def load(cls, name_or_dir: str | Path, *, device: str = "auto", dtype: str = "auto",
              prompt_format_name: str | None = None, top_k_genes: int | None = None,
              organism: str = DEFAULT_ORGANISM) -> CellSentenceModel:
-        """Load a model folder (``train.py`` run, LoRA adapter run, published model) or hub name.
+        """Load a model folder (``train.py`` run, LoRA adapter run, merged model, published
+        model) or hub name, with its recipe (``utils.recipe.Recipe``).
 
-        ``prompt_format_name`` overrides the format (default: the run's, C2S-Scale without a
-        ``train_args.json``); ``device`` auto takes CUDA with bf16 when available.
+        ``prompt_format_name`` and ``top_k_genes`` override the recipe's, with a warning;
+        ``device`` auto takes CUDA with bf16 when available.
         """
         from utils.generation import pick_device
         from utils.training import load_model_and_tokenizer
 
+        settle_inputs(Path(str(name_or_dir)).expanduser())  # a publish cut short there (or in its parent): finish it
         record = read_train_record(name_or_dir)
-        fmt_name = prompt_format_name or record_prompt_format(record)
-        fmt = prompt_format(fmt_name, organism=record.get("organism", organism) if record else organism)
+        recipe = Recipe.read(name_or_dir)
+        if prompt_format_name and not recipe.published and prompt_format_name != recipe.prompt_format:
+            logger.warning("Prompting in the %s format although %s was trained with %s prompts (--prompt_format).",
+                           prompt_format_name, name_or_dir, recipe.prompt_format)
+        if top_k_genes and not recipe.published and top_k_genes != recipe.top_k_genes:
+            logger.warning("Using the top %d genes although %s was trained on the top %d.", top_k_genes,
+                           name_or_dir, recipe.top_k_genes)
+        fmt_name = prompt_format_name or recipe.prompt_format
+        fmt = prompt_format(fmt_name, organism=organism if recipe.published else recipe.organism)
         dev, torch_dtype = pick_device(device, dtype)
         model, tokenizer = load_model_and_tokenizer(name_or_dir, dev, dtype=torch_dtype)
-        top_k = top_k_genes or int(record.get("top_k_genes", DEFAULT_TOP_K_GENES))
-        if not record:
-            logger.info("%s has no train_args.json: a published model, %s prompt format, top %d genes.",
-                        name_or_dir, fmt.name, top_k)
-        return cls(model, tokenizer, fmt, top_k, record, str(name_or_dir))
+        top_k = top_k_genes or recipe.top_k_genes
+        logger.info("%s: %s.", name_or_dir, recipe.describe())
+        return cls(model, tokenizer, fmt, top_k, record, str(name_or_dir), recipe)
 
     # ------------------------------------------------------------------ properties
 
@@ -181,8 +240,8 @@ class CellSentenceModel:
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         if backend is None or type(backend.model).__name__ != "WordLevel":
             return None
-        other = set(SPECIAL_TOKENS) | set(prompt_words(self.record.get("cell_types", []),
-                                                       max_number=max(1024, self.top_k_genes)))
+        labels = [x for column in self.recipe.label_columns.values() for x in column]
+        other = set(SPECIAL_TOKENS) | set(prompt_words(labels, max_number=max(1024, self.top_k_genes)))
         vocab = self.tokenizer.get_vocab()
         return [w for w, _ in sorted(vocab.items(), key=lambda kv: kv[1]) if w not in other]
 
@@ -206,11 +265,53 @@ class CellSentenceModel:
             prompts.append(ids)
         return prompts, shortened
 
+    def vocabulary(self) -> set[str] | None:
+        """The genes the model was trained on: the recipe's vocabulary, else those of a
+        word-level tokenizer; None when unknown (a published sub-word model)."""
+        if self.recipe.genes is not None:
+            return set(self.recipe.genes)
+        known = self.known_genes()
+        return set(known) if known else None
+
+    def cell_sentences(self, cells: Any, *, n_genes: int | None = None) -> list[str]:
+        """The first K genes of each cell's sentence, made as in training (the recipe applied
+        to an AnnData; genes outside the model's vocabulary dropped, as the training transform
+        had no such genes). The share of top genes the model never saw is logged: a warning
+        above 10%, an error when it knows none of them."""
+        k = n_genes or self.top_k_genes
+        vocabulary = self.vocabulary()
+        # Unknown genes are dropped before the cut to K, so an AnnData's sentences stay whole.
+        full = as_sentences(cells, recipe=self.recipe, max_genes=None if vocabulary is not None else k)
+        if vocabulary is None:
+            return [" ".join(s.split()[:k]) for s in full]
+        n_seen = n_unknown = 0
+        kept = []
+        for sentence in full:
+            words = sentence.split()
+            top = words[:k]
+            n_seen += len(top)
+            n_unknown += sum(w not in vocabulary for w in top)
+            kept.append(" ".join([w for w in words if w in vocabulary][:k]))
+        share = n_unknown / n_seen if n_seen else 0.0
+        if n_seen and n_unknown == n_seen:
+            raise InputError(f"None of the cells' top {k} genes is one {self.name} was trained on (its vocabulary "
+                             f"has {len(vocabulary):,} genes, e.g. {', '.join(sorted(vocabulary)[:3])}); check that "
+                             "the gene names are of the same kind (symbols, not Ensembl ids: --gene_column) and "
+                             "organism.")
+        level = logging.WARNING if share > UNKNOWN_GENES_WARNING else logging.INFO if n_unknown else logging.DEBUG
+        logger.log(level, "%.1f%% of the cells' top %d genes are unknown to the model (left out of the sentences).",
+                   100 * share, k)
+        return kept
+
+    def label_set(self, column: str | None = None) -> list[str]:
+        """The labels the model was trained to predict for ``column`` (default: its first)."""
+        return self.recipe.labels(column)
+
     def label_budget(self, labels: Iterable[str] | None = None) -> int:
-        """New tokens for a label: the longest known label's tokens + 2."""
+        """New tokens for a free-text label: the longest known label's tokens + 2."""
         from utils.training import encode_answer
 
-        labels = list(labels if labels is not None else self.record.get("cell_types", []))
+        labels = list(labels if labels is not None else self.label_set())
         if not labels:
             return DEFAULT_LABEL_TOKENS
         fmt = self.prompt_format
@@ -218,25 +319,74 @@ class CellSentenceModel:
 
     def predict_cell_types(self, cells: Any, *, batch_size: int = 16, max_new_tokens: int | None = None,
                            labels: Iterable[str] | None = None, n_genes: int | None = None,
-                           progress: Callable[[int], None] | None = None) -> list[str]:
-        """The predicted cell type of each cell (batched greedy decoding, left padding).
+                           constrain: bool = True, return_scores: bool = False,
+                           progress: Callable[[int], None] | None = None) -> list[str] | LabelPredictions:
+        """The predicted cell type of each cell.
 
-        ``cells``: cell sentences, a dataset split, or an AnnData (see :func:`as_sentences`). ``labels`` (the known cell
-        types) size the answer budget; ``n_genes`` overrides the genes per prompt.
+        ``cells``: cell sentences, a dataset split, or an AnnData (the model's recipe applied).
+        With ``constrain`` (default) every answer is one of ``labels`` (default: the labels the
+        model was trained on), scored whole: a label's score is its sequence probability,
+        normalized over the label set. ``return_scores`` returns a :class:`LabelPredictions`
+        with every label's probability. Without a label set (a published model), or with
+        ``constrain=False``, answers are free text by greedy decoding (``max_new_tokens``),
+        with NaN scores.
         """
-        from utils.generation import generate_batched
-        from utils.training import decode_answer
+        sentences = self.cell_sentences(cells, n_genes=n_genes)
+        n_genes = n_genes or self.top_k_genes
+        label_set = sorted(dict.fromkeys(str(x) for x in labels)) if labels is not None else self.label_set()
+        if constrain and not label_set:
+            logger.warning("%s records no label set: answering in free text (pass labels=... to constrain).",
+                           self.name)
+        if constrain and label_set:
+            result = self._score_labels(sentences, label_set, batch_size=batch_size, n_genes=n_genes,
+                                        progress=progress)
+        else:
+            answers = self._free_text_labels(sentences, batch_size=batch_size, progress=progress, n_genes=n_genes,
+                                             max_new_tokens=max_new_tokens or self.label_budget(label_set or None))
+            result = LabelPredictions(self.recipe.label_column or "cell_type", answers,
+                                      np.full(len(answers), np.nan), pd.DataFrame(index=range(len(answers))))
+        return result if return_scores else result.labels
 
-        sentences = as_sentences(cells, max_genes=n_genes or self.top_k_genes)
-        budget = max_new_tokens or self.label_budget(labels)
+    def _prompts(self, sentences: Sequence[str], budget: int, n_genes: int) -> list[list[int]]:
         prompts, shortened = self.prediction_prompts(sentences, budget=budget, n_genes=n_genes)
         if shortened:
             logger.warning("%s prediction prompts were shortened to fit the model's %d-token context.",
                            f"{shortened:,}", self.context)
+        return prompts
+
+    def _free_text_labels(self, sentences: Sequence[str], *, batch_size: int, max_new_tokens: int, n_genes: int,
+                          progress: Callable[[int], None] | None) -> list[str]:
+        from utils.generation import generate_batched
+        from utils.training import decode_answer
+
+        prompts = self._prompts(sentences, max_new_tokens, n_genes)
         answers = generate_batched(self.model, prompts, pad_token_id=self.tokenizer.pad_token_id,
-                                   eos_token_id=self.tokenizer.eos_token_id, max_new_tokens=budget,
+                                   eos_token_id=self.tokenizer.eos_token_id, max_new_tokens=max_new_tokens,
                                    batch_size=batch_size, do_sample=False, progress=progress)
         return [decode_answer(self.tokenizer, a, self.prompt_format) for a in answers]
+
+    def _score_labels(self, sentences: Sequence[str], label_set: list[str], *, batch_size: int, n_genes: int,
+                      progress: Callable[[int], None] | None) -> LabelPredictions:
+        from utils.constrain import label_sequences, score_labels
+
+        fmt = self.prompt_format
+        sequences = label_sequences(self.tokenizer, label_set, fmt)
+        seen: dict[tuple[int, ...], str] = {}
+        for label, ids in zip(label_set, sequences, strict=True):
+            if tuple(ids) in seen:
+                raise InputError(f"The labels {seen[tuple(ids)]!r} and {label!r} have the same tokens for "
+                                 f"{self.name}'s tokenizer; the model cannot tell them apart.")
+            seen[tuple(ids)] = label
+        prompts = self._prompts(sentences, max(len(x) for x in sequences), n_genes)
+        log_p = score_labels(self.model, prompts, sequences, pad_token_id=self.tokenizer.pad_token_id,
+                             batch_size=batch_size, progress=progress)
+        log_p -= log_p.max(axis=1, keepdims=True)
+        probabilities = np.exp(log_p)
+        probabilities /= probabilities.sum(axis=1, keepdims=True)
+        best = probabilities.argmax(axis=1)
+        return LabelPredictions(self.recipe.label_column or "cell_type", [label_set[i] for i in best],
+                                probabilities[np.arange(len(best)), best],
+                                pd.DataFrame(probabilities, columns=label_set))
 
     # ------------------------------------------------------------------ generation
 
@@ -270,6 +420,23 @@ class CellSentenceModel:
         self._constraint_genes = set(kept)
         return lambda: GeneConstraint(first, rest, closing, vocab_size)
 
+    def _check_generation(self, requested: Sequence[str | None]) -> None:
+        """Refuse what the model was not trained for: cells of any type from a model trained
+        without unconditional generation, types outside its label set."""
+        recipe = self.recipe
+        if None in requested and recipe.has_task("unconditional_generation") is False:
+            raise InputError(f"{self.name} was not trained to generate cells of any type (its tasks: "
+                             f"{', '.join(recipe.tasks)}); name the cell types to generate.")
+        types = {t for t in requested if t is not None}
+        if types and recipe.has_task("conditional_generation") is False:
+            raise InputError(f"{self.name} was not trained to generate cells of a given type (its tasks: "
+                             f"{', '.join(recipe.tasks)}); ask for cells of any type (None).")
+        known = set(self.label_set())
+        unknown = sorted(types - known) if known else []
+        if unknown:
+            raise InputError(f"{self.name} was never trained on the cell type(s) {', '.join(map(repr, unknown))}; "
+                             f"it knows {', '.join(map(repr, sorted(known)))}.")
+
     def generate_cells(self, cell_types: Sequence[str] | Mapping[str, int], n_per_type: int = 1, *,
                        n_genes: int | None = None, batch_size: int = 16, max_new_tokens: int | None = None,
                        temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0,
@@ -290,6 +457,8 @@ class CellSentenceModel:
         def name(t: Any) -> str | None:
             return None if t is None else str(t)  # None: a cell of any type (unconditional)
 
+        if isinstance(cell_types, str | None):
+            cell_types = [cell_types]  # one type (or None: any), not its characters
         if isinstance(cell_types, Mapping):
             requested = [name(t) for t, n in cell_types.items() for _ in range(int(n))]
         else:  # each entry n_per_type times, in order (a type listed twice is asked twice)
@@ -297,6 +466,7 @@ class CellSentenceModel:
         if None in requested and not self.prompt_format.unconditional_templates:
             raise InputError(f"The {self.prompt_format.name} prompt format has no prompts for cells of any type; "
                              "name the cell types to generate.")
+        self._check_generation(requested)
         k = n_genes or self.top_k_genes
         fmt, tok = self.prompt_format, self.tokenizer
         prompts = [encode_prompt(tok, fmt.generation_prompt(t, k), fmt) for t in requested]
@@ -333,8 +503,7 @@ class CellSentenceModel:
         over the cell sentence's tokens (``pooling="mean"``) or at the last token."""
         from utils.embedding import embed_batched
 
-        k = n_genes or self.top_k_genes
-        genes = [s.split()[:k] for s in as_sentences(cells, max_genes=k)]
+        genes = [s.split() for s in self.cell_sentences(cells, n_genes=n_genes)]
         n_layers = int(getattr(self.model.config, "num_hidden_layers", 0) or getattr(self.model.config, "n_layer", 0))
         if n_layers and not -(n_layers + 1) <= layer <= n_layers:
             raise InputError(f"layer {layer} is out of range: the model has {n_layers} layers "

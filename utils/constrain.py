@@ -214,3 +214,131 @@ class GeneConstraint:
                 mask[row, allowed[allowed < scores.shape[1]]] = True
         keep = torch.from_numpy(mask).to(scores.device)
         return scores.masked_fill(~keep, float("-inf"))
+
+
+# --------------------------------------------------------------------------- labels
+
+
+def label_sequences(tokenizer: Any, labels: Sequence[str], fmt: Any) -> list[list[int]]:
+    """Token ids of each label's answer as it follows the prompt in training, EOS included
+    (``utils.training.join_example``), so that a label that is a prefix of another (``T`` and
+    ``T cell``) is still told apart."""
+    from utils.training import encode_answer
+
+    return [[*encode_answer(tokenizer, fmt.prediction_answer(x), fmt), int(tokenizer.eos_token_id)] for x in labels]
+
+
+class LabelTrie:
+    """The labels' token sequences as a prefix trie, its nodes in breadth-first order: the
+    tokens every label needs, each shared prefix once."""
+
+    def __init__(self, sequences: Sequence[Sequence[int]]) -> None:
+        index: dict[tuple[int, ...], int] = {}
+        self.token: list[int] = []
+        self.parent: list[int] = []  # -1: a child of the root (follows the prompt)
+        self.depth: list[int] = []
+        self.paths: list[list[int]] = []
+        for seq in sequences:
+            path = []
+            for d in range(len(seq)):
+                key = tuple(seq[: d + 1])
+                if key not in index:
+                    index[key] = len(self.token)
+                    self.token.append(int(seq[d]))
+                    self.parent.append(path[-1] if path else -1)
+                    self.depth.append(d)
+                path.append(index[key])
+            self.paths.append(path)
+
+    def __len__(self) -> int:
+        return len(self.token)
+
+    def ancestry(self) -> np.ndarray:
+        """(nodes x nodes) bool: node i may see node j (j is i or one of its ancestors)."""
+        n = len(self)
+        sees = np.eye(n, dtype=bool)
+        for i in range(n):
+            j = self.parent[i]
+            while j >= 0:
+                sees[i, j] = True
+                j = self.parent[j]
+        return sees
+
+
+def score_labels(model: Any, prompts: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], *,
+                 pad_token_id: int, batch_size: int = 16, progress: Any = None) -> np.ndarray:
+    """Log-probability of every label's token sequence after every prompt (cells x labels).
+
+    The answer is constrained to the label set by scoring every label whole, in two forward
+    passes per batch: the left-padded prompts (their cache kept, as generation starts), then
+    the inner nodes of the labels' prefix trie (:class:`LabelTrie`) over that cache, with a
+    4-d attention mask that lets every node see its prompt and its own ancestors only, at the
+    positions it would have after the prompt. So a shared prefix is computed once and nothing is
+    repeated per label; a node's token probability is read at its parent's position (the
+    prompt's last for a label's first token). On the example model this costs what greedy
+    free-text decoding of the same cells costs (``bench/predict_bench.py``).
+    """
+    import torch
+
+    from utils.generation import left_pad
+
+    trie = LabelTrie(labels)
+    # Only nodes with children are fed: a leaf (each label's EOS) is read at its parent, so its
+    # own state is never needed.
+    fed = np.array(sorted(set(trie.parent) - {-1}), dtype=np.int64)
+    slot = np.full(len(trie), -1, dtype=np.int64)
+    slot[fed] = np.arange(len(fed))
+    n_nodes = len(fed)
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    node_tokens = torch.as_tensor(np.asarray(trie.token)[fed], dtype=torch.long, device=device)
+    node_depth = torch.as_tensor(np.asarray(trie.depth)[fed], dtype=torch.long, device=device)
+    sees = torch.as_tensor(trie.ancestry()[np.ix_(fed, fed)], device=device)
+    every_token = torch.as_tensor(trie.token, device=device)
+    parents = np.asarray(trie.parent)
+    parent = torch.as_tensor(np.where(parents >= 0, slot[np.maximum(parents, 0)], -1),
+                             device=device)  # per node, its parent's fed slot (-1: the root)
+    order = np.argsort([len(p) for p in prompts], kind="stable")
+    scores = np.zeros((len(prompts), len(labels)), dtype=np.float64)
+    lowest = torch.finfo(dtype).min
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        ids, mask = left_pad([prompts[i] for i in batch], pad_token_id)
+        n = len(batch)
+        ids_t, mask_t = torch.as_tensor(ids, device=device), torch.as_tensor(mask, device=device)
+        prompt_mask = mask_t.bool()
+        with torch.inference_mode():
+            out = model(input_ids=ids_t, attention_mask=mask_t, position_ids=(mask_t.cumsum(-1) - 1).clamp(min=0),
+                        use_cache=True, **_last_logits(model, 1))
+            cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+            allowed = torch.cat([prompt_mask[:, None, :].expand(-1, n_nodes, -1), sees[None].expand(n, -1, -1)], dim=2)
+            additive = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, lowest)
+            nodes = model(input_ids=node_tokens.expand(n, -1), attention_mask=additive[:, None],
+                          position_ids=mask_t.sum(-1, keepdim=True) + node_depth[None, :], use_cache=True,
+                          **{_cache_argument(model): cache})
+            # Position 0 is after the prompt, i + 1 after fed node i: a node's probability is read
+            # at its parent's position, only (cells x nodes) values kept (the vocabulary may be large).
+            logits = torch.cat([out.logits[:, -1:], nodes.logits], dim=1).float()
+            at = parent + 1
+            rows = torch.arange(n, device=device)[:, None]
+            node_logp = logits[rows, at[None, :], every_token[None, :]] - logits.logsumexp(-1)[:, at]
+        per_node = node_logp.double().cpu().numpy()
+        scores[batch] = np.stack([per_node[:, path].sum(1) for path in trie.paths], axis=1)
+        if progress is not None:
+            progress(len(batch))
+    return scores
+
+
+def _last_logits(model: Any, n: int) -> dict[str, int]:
+    """Ask for the logits of the last ``n`` positions only, where the model supports it."""
+    import inspect
+
+    return {"logits_to_keep": n} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
+def _cache_argument(model: Any) -> str:
+    """The name a model's forward takes its cache by: ``cache`` (transformers 5), formerly
+    ``past_key_values`` (a deprecated alias there)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

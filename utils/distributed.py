@@ -1,0 +1,99 @@
+"""Several processes under ``torchrun``: each takes a share of the cells, rank 0 writes.
+
+``torchrun --nproc_per_node N predict.py ...`` sets ``WORLD_SIZE``, ``RANK`` and
+``LOCAL_RANK``; :meth:`Processes.start` joins the process group (NCCL on GPUs, gloo on CPUs),
+:meth:`Processes.share` gives each process every N-th cell, and :meth:`Processes.gather` puts
+the results back in the cells' order on rank 0, so the files are those of one process. Without
+torchrun it is one process and every call is the identity.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+logger = logging.getLogger("cell2sentence")
+
+
+@dataclass
+class Processes:
+    """This process's place among the processes of a run."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def start(cls) -> Processes:
+        """Join the process group when started by torchrun; other ranks log warnings only."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        import torch
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            if torch.cuda.is_available():  # NCCL's collectives run on the current device: this rank's
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        procs = cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        if not procs.main:
+            logging.getLogger("cell2sentence").setLevel(logging.WARNING)
+        return procs
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def describe(self) -> str:
+        return f", {self.world_size} processes" if self.world_size > 1 else ""
+
+    def device(self, requested: str) -> str:
+        """The device of this process: its own GPU under torchrun, else as requested."""
+        import torch
+
+        if self.world_size > 1 and requested in ("auto", "cuda") and torch.cuda.is_available():
+            return f"cuda:{self.local_rank}"
+        return requested
+
+    def share(self, n: int) -> np.ndarray:
+        """The indices of this process's cells among ``n``."""
+        return np.arange(self.rank, n, self.world_size)
+
+    def gather(self, indices: np.ndarray, result: Any, n: int) -> Any:
+        """Every process's ``LabelPredictions``, list or array (one row per cell) put together
+        in the cells' order on rank 0 (None elsewhere)."""
+        if self.world_size == 1:
+            return result
+        import torch.distributed as dist
+
+        parts: list[Any] = [None] * self.world_size if self.main else None
+        dist.gather_object((indices, result), parts, dst=0)
+        if not self.main:
+            return None
+        order = np.concatenate([p[0] for p in parts])
+        position = np.empty(n, dtype=np.int64)
+        position[order] = np.arange(n)
+        if isinstance(result, list):
+            merged = [x for p in parts for x in p[1]]
+            return [merged[i] for i in position]
+        if isinstance(result, np.ndarray):  # rows of cells, e.g. embeddings
+            return np.concatenate([p[1] for p in parts])[position]
+        from utils.cell_model import LabelPredictions
+
+        labels = [x for p in parts for x in p[1].labels]
+        scores = np.concatenate([p[1].scores for p in parts])
+        probabilities = pd.concat([p[1].probabilities for p in parts], ignore_index=True)
+        return LabelPredictions(result.column, [labels[i] for i in position], scores[position],
+                                probabilities.iloc[position].reset_index(drop=True))
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
