@@ -230,14 +230,15 @@ def generation_counts(args: argparse.Namespace, unconditional: bool, wanted: lis
 
 
 def generate_cells(model: Any, counts: dict[str | None, int], *, budget: int, genes: Sequence[str],
-                   args: argparse.Namespace) -> pd.DataFrame:
+                   args: argparse.Namespace, processes: Any) -> pd.DataFrame | None:
+    """The generated cells (on rank 0; None on the other processes under torchrun)."""
     from tqdm.auto import tqdm
 
-    with tqdm(total=sum(counts.values()), desc="Generating cells", unit="cell") as bar:
+    with tqdm(total=sum(counts.values()), desc="Generating cells", unit="cell", disable=not processes.main) as bar:
         return model.generate_cells(counts, batch_size=args.batch_size, max_new_tokens=budget,
                                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                     constrain_genes=not args.no_constrain_genes, genes=genes,
-                                    progress=bar.update)
+                                    seed=args.seed, progress=bar.update, processes=processes)
 
 
 def evaluate_generated(generated: pd.DataFrame, tables: dict[str, Any], *, split: str, label_column: str,
@@ -271,10 +272,14 @@ def produced(with_pca: bool, *, labels: bool = True) -> set[str]:
 
 @releasing_outputs
 def main(args: argparse.Namespace) -> dict[str, Any]:
+    from utils.cell_model import load_from_args
+    from utils.distributed import Processes
+
+    procs = Processes.start()
     seed_everything(args.seed)
     settle_inputs(args.model_dir, args.data_dir, args.transform_dir)
-    claim_output_dir(args.output_dir, OUTPUTS, overwrite=args.overwrite)
-    from utils.cell_model import load_from_args
+    if procs.main:
+        claim_output_dir(args.output_dir, OUTPUTS, overwrite=args.overwrite)
 
     recipe = Recipe.read(args.model_dir)
     unconditional = unconditional_mode(args, recipe)
@@ -290,7 +295,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     from utils.training import encode_answer
 
-    model = load_from_args(args)
+    model = load_from_args(args, device=procs.device(args.device))
     top_k, tokenizer, fmt = model.top_k_genes, model.tokenizer, model.prompt_format
     device = str(model.device)
     logger.info("Model %s on %s (%s), context %d tokens, %s prompt format, top %d genes, split %s (%s cells).",
@@ -309,9 +314,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         or [top_k])
     index, fit, from_transform = transform_reference(args.transform_dir, tables, top_k)
     start = time.perf_counter()
-    seed_everything(args.seed)
-    generated = generate_cells(model, counts, budget=budget, genes=index.genes, args=args)
+    generated = generate_cells(model, counts, budget=budget, genes=index.genes, args=args, processes=procs)
     elapsed = time.perf_counter() - start
+    if not procs.main:  # rank 0 scores and writes
+        return {}
     gen_metrics, pca = evaluate_generated(generated, tables, split=args.split, label_column=label_column,
                                           index=index, fit=fit, top_k=top_k, k=args.k_neighbors,
                                           seed=args.seed, cell_types=wanted)

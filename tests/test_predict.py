@@ -236,3 +236,21 @@ def test_embed_applies_the_recipe_and_two_processes_embed_alike(pipeline, tmp_pa
     assert done.returncode == 0, done.stderr[-2000:]
     two = ad.read_h5ad(tmp_path / "two" / "embeddings.h5ad")
     assert two.obs_names.equals(a.obs_names) and np.allclose(two.obsm["X_c2s"], a.obsm["X_c2s"], atol=1e-5)
+
+
+def test_two_processes_generate_the_cells_of_one(pipeline, tmp_path: Path) -> None:
+    """Each batch is seeded by its number, so two gloo processes sharing the batches write the
+    cells one process writes."""
+    import generate
+
+    base = ["--model_dir", str(pipeline["model"]), "--data_dir", str(pipeline["tx"] / "cell_sentences_hf"),
+            "--n_per_type", "3", "--batch_size", "2", "--max_new_tokens", "12", "--seed", "5"]
+    generate.main(generate.parse_args([*base, "--output_dir", str(tmp_path / "one")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29519", str(ROOT / "generate.py"), *base,
+                           "--output_dir", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    one, two = ((tmp_path / d / "generated_cells.txt").read_text().splitlines() for d in ("one", "two"))
+    assert one == two and len(one) == 9 and len(set(one)) > 1
+    assert (tmp_path / "one" / "generated_labels.txt").read_text() == (tmp_path / "two" / "generated_labels.txt").read_text()

@@ -441,16 +441,20 @@ class CellSentenceModel:
                        n_genes: int | None = None, batch_size: int = 16, max_new_tokens: int | None = None,
                        temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0,
                        constrain_genes: bool = True, genes: Iterable[str] | None = None,
-                       seed: int | None = None, progress: Callable[[int], None] | None = None
-                       ) -> pd.DataFrame:
+                       seed: int | None = None, progress: Callable[[int], None] | None = None,
+                       processes: Any = None) -> pd.DataFrame | None:
         """Generate ``n_per_type`` cells of each listed type (or ``{type: count}``; the type None
         asks for cells of any type, the unconditional prompts), sampled.
 
         With ``constrain_genes`` (default) every generated word is a gene of ``genes`` (default:
-        the genes of a word-level tokenizer) and no gene repeats. Returns a DataFrame with
-        ``cell_name``, ``cell_sentence``, ``requested_cell_type``.
+        the genes of a word-level tokenizer) and no gene repeats. ``seed`` seeds each batch
+        (``utils.generation.generate_batched``), so ``processes`` (``utils.distributed.Processes``
+        under torchrun: each process a share of the batches) give the cells of one process.
+        Returns a DataFrame with ``cell_name``, ``cell_sentence``, ``requested_cell_type`` (None
+        on the processes other than rank 0).
         """
-        from utils.common import seed_everything
+        import math
+
         from utils.generation import generate_batched
         from utils.training import decode_answer, encode_prompt
 
@@ -478,13 +482,18 @@ class CellSentenceModel:
             logger.warning("Generating at most %d new tokens (the model's context is %d).", new_tokens,
                            self.context)
         factory = self.gene_constraint(names) if constrain_genes else None
-        if seed is not None:
-            seed_everything(seed)
+        mine = processes.share(math.ceil(len(prompts) / batch_size)) if processes is not None else None
         answers = generate_batched(self.model, prompts, pad_token_id=tok.pad_token_id,
                                    eos_token_id=tok.eos_token_id, max_new_tokens=new_tokens,
                                    batch_size=batch_size, do_sample=True, temperature=temperature,
                                    top_k=top_k, top_p=top_p, progress=progress,
-                                   logits_processor_factory=factory)
+                                   logits_processor_factory=factory, batch_seed=seed,
+                                   batches=None if mine is None else set(mine.tolist()))
+        if processes is not None:
+            done = np.array([i for i, a in enumerate(answers) if a is not None], dtype=np.int64)
+            answers = processes.gather(done, [answers[i] for i in done], len(prompts))
+            if answers is None:
+                return None
         sentences = [decode_answer(tok, a, fmt) for a in answers]
         if factory is not None:
             sentences = [_drop_cut_gene(s, self._constraint_genes) for s in sentences]

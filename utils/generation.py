@@ -121,13 +121,18 @@ def generate_batched(
     top_p: float | None = None,
     progress: Callable[[int], None] | None = None,
     logits_processor_factory: Callable[[], Any] | None = None,
-) -> list[list[int]]:
+    batch_seed: int | None = None,
+    batches: Sequence[int] | None = None,
+) -> list[list[int] | None]:
     """Generate a continuation of every prompt; returns the new token ids per prompt.
 
     Greedy decoding unless ``do_sample``. The ids after the first EOS are left in; the caller's
     decoder drops them (``utils.training.decode_answer``). ``progress(n)`` is called after each
     batch with its size. ``logits_processor_factory()`` makes a fresh logits processor per
     batch (e.g. ``utils.constrain.GeneConstraint``, which keeps per-row state).
+    ``batch_seed`` seeds torch with ``batch_seed + b`` before batch ``b`` (of the prompts sorted
+    by length), so a sampled batch does not depend on which others ran; ``batches`` runs only
+    those batch numbers (one process's share) and leaves None for the other prompts.
     """
     import torch
     from transformers import GenerationConfig, LogitsProcessorList
@@ -149,8 +154,12 @@ def generate_batched(
         config_kwargs.update(temperature=None, top_k=None, top_p=None)
     config = GenerationConfig(**config_kwargs)
     order = np.argsort([len(p) for p in prompts], kind="stable")
-    answers: list[list[int]] = [[] for _ in prompts]
-    for start in range(0, len(order), batch_size):
+    answers: list[list[int] | None] = [[] if batches is None else None for _ in prompts]
+    for number, start in enumerate(range(0, len(order), batch_size)):
+        if batches is not None and number not in batches:
+            continue
+        if batch_seed is not None:
+            torch.manual_seed(batch_seed + number)
         batch = order[start : start + batch_size]
         ids, mask = left_pad([prompts[i] for i in batch], pad_token_id)
         extra = {}
