@@ -92,6 +92,10 @@ RUN_OUTPUTS = frozenset({
 })
 _SHARD = re.compile(r"(model|pytorch_model|adapter_model)-\d+-of-\d+\.(safetensors|bin)")
 # The flags that make a run what it is: resuming restores them from the run's record.
+# The optimization a resume keeps unless given again (then used, with a warning): a different
+# batch size would also make the Trainer skip the wrong number of batches of the epoch.
+TRAINING_FLAGS = ("per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "weight_decay",
+                  "warmup_steps", "warmup_ratio", "max_grad_norm", "lr_scheduler_type")
 MODEL_FLAGS = ("model_name", "init_from_scratch", "n_layer", "n_embd", "n_head", "n_positions",
                "min_gene_count", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 DATA_FLAGS = ("data_dir", "top_k_genes", "tasks", "task_weights", "cell_type_column",
@@ -606,12 +610,31 @@ def restore_run(args: TrainArgs, record: dict[str, Any], source: Path) -> None:
                 "was, or start a new run without --checkpoint."
             )
         setattr(holder, name, recorded)
+    _restore_training(args.training, record.get("training") or {}, given, source)
     d = args.data
     logger.info(
         "Resuming the run recorded in %s: data %s, tasks %s, top %d genes, %s prompts, seed %d.",
         source, d.data_dir, d.tasks or "(from the data)", d.top_k_genes, d.prompt_format,
         args.training.seed,
     )
+
+
+def _restore_training(t: TrainingArguments, recorded: dict[str, Any], given: frozenset[str], source: Path) -> None:
+    """The recorded optimization flags (``TRAINING_FLAGS``) replace the defaults; one given
+    with another value is used, with a warning (the resume records the change)."""
+    from transformers import SchedulerType
+
+    for name in TRAINING_FLAGS:
+        if name not in recorded:
+            continue
+        value, before = getattr(t, name), recorded[name]
+        value = value.value if isinstance(value, SchedulerType) else value
+        if name in given:
+            if value != before:
+                logger.warning("--%s %s replaces the %s the run being resumed was trained with (%s).", name, value,
+                               before, source)
+            continue
+        setattr(t, name, SchedulerType(before) if name == "lr_scheduler_type" else before)
 
 
 def resume_entry(record: dict[str, Any], earlier: dict[str, Any], checkpoint: Path,

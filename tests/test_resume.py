@@ -175,3 +175,21 @@ def test_a_run_recorded_before_the_flags_were_kept_resumes_as_recorded(tmp_path)
     args.data.top_k_genes = 30
     with pytest.raises(InputError, match="^--top_k_genes 30 differs from the 20"):
         train.restore_run(args, record, tmp_path / "run_args.json")
+
+
+def test_a_resume_keeps_the_recorded_optimization(first_run, tmp_path, caplog) -> None:
+    """Batch size and learning rate come back from the record (a default batch size would also
+    skip the wrong number of batches); a learning rate given again is used, with a warning."""
+    import logging
+
+    run = tmp_path / "runs" / "r"
+    shutil.copytree(first_run, run)
+    bare = ["--output_dir", str(run.parent), "--run_name", run.name, "--checkpoint", "latest", "--disable_tqdm", "True",
+            "--save_steps", "2"]
+    train.main(train.parse_args([*bare, "--max_steps", "6"]))
+    training = read(run / "train_args.json")["training"]
+    assert training["per_device_train_batch_size"] == 8 and training["learning_rate"] == 5e-3
+    with caplog.at_level(logging.WARNING, logger="cell2sentence"):
+        train.main(train.parse_args([*bare, "--max_steps", "8", "--learning_rate", "1e-3"]))
+    assert "--learning_rate 0.001 replaces the 0.005" in caplog.text
+    assert read(run / "train_args.json")["training"]["learning_rate"] == 1e-3
