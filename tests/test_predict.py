@@ -254,3 +254,22 @@ def test_two_processes_generate_the_cells_of_one(pipeline, tmp_path: Path) -> No
     one, two = ((tmp_path / d / "generated_cells.txt").read_text().splitlines() for d in ("one", "two"))
     assert one == two and len(one) == 9 and len(set(one)) > 1
     assert (tmp_path / "one" / "generated_labels.txt").read_text() == (tmp_path / "two" / "generated_labels.txt").read_text()
+
+
+@pytest.mark.parametrize("damaged", ["train_args.json", "recipe.json"])
+def test_a_record_that_is_not_json_is_one_sentence(pipeline, tmp_path: Path, damaged: str) -> None:
+    import shutil
+
+    import embed
+    import generate
+
+    model = tmp_path / "model"
+    shutil.copytree(pipeline["model"], model, ignore=shutil.ignore_patterns("checkpoints"))
+    (model / damaged).write_text('{"top_k_genes": 20,')
+    with pytest.raises(InputError, match=f"{damaged} is not valid JSON"):
+        CellSentenceModel.load(model)
+    data = str(pipeline["tx"] / "cell_sentences_hf")
+    for script, argv in ((predict, ["--data_dir", data]), (embed, ["--data_dir", data]),
+                         (generate, ["--data_dir", data, "--n_per_type", "1"])):
+        with pytest.raises(InputError, match="is not valid JSON"):
+            script.main(script.parse_args(["--model_dir", str(model), "--output_dir", str(tmp_path / "out"), *argv]))
