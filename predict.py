@@ -62,7 +62,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "transform.py reads; every cell is predicted")
     p.add_argument("--data_dir", type=Path, default=None,
                    help="or transform.py's cell_sentences_hf/ folder (with --split)")
-    p.add_argument("--split", type=str, default="test", help="with --data_dir: train, valid, test or all")
+    p.add_argument("--split", type=str, default="test", help="with --data_dir: train, valid, test (default) or all")
     p.add_argument("--label_column", type=str, default=None,
                    help="the column to predict (default: the one the model was trained on); its truth is "
                         "read from the cells when they have it")
