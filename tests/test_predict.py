@@ -273,3 +273,27 @@ def test_a_record_that_is_not_json_is_one_sentence(pipeline, tmp_path: Path, dam
                          (generate, ["--data_dir", data, "--n_per_type", "1"])):
         with pytest.raises(InputError, match="is not valid JSON"):
             script.main(script.parse_args(["--model_dir", str(model), "--output_dir", str(tmp_path / "out"), *argv]))
+
+
+def test_cells_as_scanpy_leaves_them_get_the_predictions_of_raw_counts(pipeline, tmp_path: Path) -> None:
+    """Counts in layers["counts"], X normalized and log1p'd by scanpy, categorical obs with NaN."""
+    import scanpy as sc
+
+    adata = ad.read_h5ad(pipeline["cells"])[:40].copy()
+    adata.layers["counts"] = adata.X.copy()
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    adata.obs["cell_type"] = adata.obs["cell_type"].cat.add_categories([]).astype(object)
+    adata.obs.loc[adata.obs_names[:3], "cell_type"] = np.nan
+    adata.obs["cell_type"] = pd.Categorical(adata.obs["cell_type"])
+    adata.write_h5ad(tmp_path / "scanpy.h5ad")
+    ad.read_h5ad(pipeline["cells"])[:40].copy().write_h5ad(tmp_path / "raw.h5ad")
+    for name in ("scanpy", "raw"):
+        predict.main(predict.parse_args(["--model_dir", str(pipeline["model"]), "--h5ad", str(tmp_path / f"{name}.h5ad"),
+                                         "--output_dir", str(tmp_path / f"out_{name}")]))
+    a, b = (pd.read_csv(tmp_path / f"out_{n}" / "predictions.csv") for n in ("scanpy", "raw"))
+    assert a["predicted_cell_type"].tolist() == b["predicted_cell_type"].tolist()
+    assert np.allclose(a["cell_type_score"], b["cell_type_score"], atol=1e-6)
+    assert a["cell_type"].isna().sum() == 3
+    metrics = json.loads((tmp_path / "out_scanpy" / "metrics.json").read_text())
+    assert metrics["prediction"]["n_cells"] == 37  # the cells without a label are not scored
