@@ -105,22 +105,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def cells_from_dataset(data_dir: Path, split: str) -> tuple[pd.DataFrame, list[str]]:
     """(obs, sentences) of one split or of all splits of transform.py's DatasetDict."""
-    from utils.eval_io import open_dataset_dict
+    from utils.eval_io import split_table
 
-    dd = open_dataset_dict(data_dir, single_ok=True)
-    names = list(dd) if split == "all" else [split]
-    if split != "all" and split not in dd:
-        raise InputError(f"{data_dir} has no split {split!r} (it has {list(dd)}); fix --split.")
-    frames = []
-    for name in names:
-        if "cell_sentence" not in dd[name].column_names:
-            raise InputError(f"{data_dir}/{name} has no cell_sentence column (it has {dd[name].column_names}).")
-        frame = dd[name].to_pandas()
-        frame["split"] = name
-        frames.append(frame)
-    table = pd.concat(frames, ignore_index=True)
-    if "cell_name" not in table:
-        table["cell_name"] = [f"cell_{i}" for i in range(len(table))]
+    table = split_table(data_dir, split)
     obs = table.drop(columns=["cell_sentence"]).set_index("cell_name")
     obs.index = obs.index.astype(str)
     return obs, table["cell_sentence"].astype(str).tolist()
@@ -144,9 +131,9 @@ def cells_from_h5ad(path: Path, label_column: str, recipe: Any) -> tuple[pd.Data
 
 
 def subsample(obs: pd.DataFrame, sentences: list[str], cap: int | None, seed: int) -> tuple[pd.DataFrame, list[str]]:
-    if cap is None or cap >= len(sentences):
-        return obs, sentences
-    rows = np.sort(np.random.default_rng(seed).choice(len(sentences), size=cap, replace=False))
+    from utils.eval_io import sample_rows
+
+    rows = sample_rows(len(sentences), cap, seed)
     return obs.iloc[rows], [sentences[i] for i in rows]
 
 

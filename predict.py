@@ -121,35 +121,15 @@ def read_cells(path: Path) -> Any:
     return read_with_scanpy(path)
 
 
-def cells_from_dataset(data_dir: Path, split: str, column: str) -> tuple[pd.DataFrame, list[str] | None]:
-    """One row per cell of one split (or all splits) of transform.py's DatasetDict, and the
-    train split's labels of ``column`` (for the majority-class baseline; None without them)."""
+def train_labels_of(data_dir: Path, column: str) -> list[str] | None:
+    """The train split's labels of ``column`` (for the majority-class baseline; None without them)."""
     from utils.eval_io import open_dataset_dict
     from utils.training import has_label
 
     dd = open_dataset_dict(data_dir, single_ok=True)
-    if split != "all" and split not in dd:
-        raise InputError(f"{data_dir} has no split {split!r} (it has {list(dd)}); fix --split.")
-    frames = []
-    for name in (list(dd) if split == "all" else [split]):
-        if "cell_sentence" not in dd[name].column_names:
-            raise InputError(f"{data_dir}/{name} has no cell_sentence column (it has {dd[name].column_names}).")
-        frame = dd[name].to_pandas()
-        frame["split"] = name
-        frames.append(frame)
-    table = pd.concat(frames, ignore_index=True)
-    if "cell_name" not in table:
-        table["cell_name"] = [f"cell_{i}" for i in range(len(table))]
-    train = dd["train"] if "train" in dd and column in dd["train"].column_names else None
-    train_labels = [str(x) for x in train[column] if has_label(x)] if train is not None else None
-    return table, train_labels or None
-
-
-def subsample(n: int, cap: int | None, seed: int) -> np.ndarray:
-    """Row indices: all, or a seeded random subset of ``cap`` in their original order."""
-    if cap is None or cap >= n:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).choice(n, size=cap, replace=False))
+    if "train" not in dd or column not in dd["train"].column_names:
+        return None
+    return [str(x) for x in dd["train"][column] if has_label(x)] or None
 
 
 # ---------------------------------------------------------------------------------- outputs
@@ -213,6 +193,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from utils.cell_model import load_from_args, qc_kept
+    from utils.eval_io import sample_rows, split_table
 
     procs = Processes.start()
     seed_everything(args.seed)
@@ -234,17 +215,17 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         adata = read_cells(args.h5ad)
         if adata.n_obs == 0:
             raise InputError(f"{args.h5ad} holds no cells.")
-        rows = subsample(adata.n_obs, args.max_cells, args.seed)
+        rows = sample_rows(adata.n_obs, args.max_cells, args.seed)
         cells = adata if len(rows) == adata.n_obs else adata[rows].copy()
         names = adata.obs_names[rows].astype(str).tolist()
         qc_pass = qc_kept(adata, model.recipe) if procs.main else None
         if column in adata.obs:
             truth = adata.obs[column].to_numpy()[rows]
     else:
-        table, train_labels = cells_from_dataset(args.data_dir, args.split, column)
+        table, train_labels = split_table(args.data_dir, args.split), train_labels_of(args.data_dir, column)
         if table.empty:
             raise InputError(f"The {args.split} split of {args.data_dir} holds no cells.")
-        rows = subsample(len(table), args.max_cells, args.seed)
+        rows = sample_rows(len(table), args.max_cells, args.seed)
         cells, names = table["cell_sentence"].to_numpy()[rows].tolist(), table["cell_name"].to_numpy()[rows].tolist()
         if column in table:
             truth = table[column].to_numpy()[rows]
@@ -255,9 +236,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     mine = procs.share(len(sentences))
     start = time.perf_counter()
     with tqdm(total=len(mine), desc=f"Predicting {column}", unit="cell", disable=not procs.main) as bar:
-        result = model.predict_cell_types([sentences[i] for i in mine], batch_size=args.batch_size,
-                                          labels=label_set or None, constrain=not args.free_text,
-                                          return_scores=True, progress=bar.update)
+        result = model.predict_sentences([sentences[i] for i in mine], batch_size=args.batch_size,
+                                         labels=label_set or None, constrain=not args.free_text, progress=bar.update)
     result = procs.gather(mine, result, len(sentences))
     seconds = time.perf_counter() - start
     if not procs.main:

@@ -15,9 +15,10 @@ from helpers_train import MARKERS, make_sentences
 import generate
 import predict
 import train
-from utils.cell_model import CellSentenceModel, record_prompt_format
+from utils.cell_model import CellSentenceModel
 from utils.constrain import build_gene_tries
 from utils.prompts import prompt_format
+from utils.recipe import Recipe
 from utils.training import decode_answer, encode_answer, encode_prompt
 
 GENES = sorted({g for s in make_sentences(200)[0] for g in s.split()})
@@ -65,8 +66,9 @@ def test_c2s_scale_format_encodes_like_the_published_package(published: Path) ->
 def test_train_records_the_format_and_generate_uses_it(scale_run: Path, data_dir: Path, tmp_path: Path) -> None:
     record = json.loads((scale_run / "train_args.json").read_text())
     assert record["prompt_format"] == "c2s_scale" and record["prompt_format_details"]["answer_suffix"] == "."
-    assert record_prompt_format(record) == "c2s_scale" and record_prompt_format({}) == "c2s_scale"
-    assert record_prompt_format({"prompt_format": {"answer_prefix": " "}}) == "ours"  # older runs
+    assert Recipe.from_train_record(record).prompt_format == "c2s_scale"
+    assert Recipe.read(tmp_path).prompt_format == "c2s_scale"  # no record: a published model
+    assert Recipe.from_train_record({"prompt_format": {"answer_prefix": " "}}).prompt_format == "ours"  # older runs
     # The fine-tuned model, stripped to the hub layout (no record, no recipe), as a user downloads it.
     hub = tmp_path / "hub-layout"
     shutil.copytree(scale_run, hub, ignore=shutil.ignore_patterns("train_*.json", "recipe.json", "checkpoints"))

@@ -30,11 +30,10 @@ from utils.prompts import (
     prompt_format,
     prompt_words,
 )
-from utils.recipe import Recipe, _read_json
+from utils.recipe import DEFAULT_TOP_K_GENES, Recipe, read_json
 
 logger = logging.getLogger("cell2sentence")
 
-DEFAULT_TOP_K_GENES = 100
 DEFAULT_LABEL_TOKENS = 32  # answer budget for a label when the model's labels are unknown
 
 
@@ -47,20 +46,10 @@ def read_train_record(name_or_dir: str | Path) -> dict[str, Any]:
     path = Path(str(name_or_dir)).expanduser() / "train_args.json"
     if not path.is_file():
         return {}
-    record = _read_json(path)
+    record = read_json(path)
     if not isinstance(record, dict):
         raise InputError(f"{path} holds no run record (a JSON object); restore it from the run or delete it.")
     return record
-
-
-def record_prompt_format(record: Mapping[str, Any]) -> str:
-    """The prompt format a run was trained with: ours when it has a record, else C2S-Scale."""
-    if not record:
-        return C2S_SCALE
-    value = record.get("prompt_format", OURS)
-    if isinstance(value, Mapping):
-        return str(value.get("name", OURS))  # earlier runs recorded a description: ours
-    return str(value)
 
 
 MODEL_HELP = ("a train.py run folder (full model or LoRA adapter), a published C2S model's folder, or its hub "
@@ -331,7 +320,16 @@ class CellSentenceModel:
         ``constrain=False``, answers are free text by greedy decoding (``max_new_tokens``),
         with NaN scores.
         """
-        sentences = self.cell_sentences(cells, n_genes=n_genes)
+        result = self.predict_sentences(self.cell_sentences(cells, n_genes=n_genes), batch_size=batch_size,
+                                        max_new_tokens=max_new_tokens, labels=labels, n_genes=n_genes,
+                                        constrain=constrain, progress=progress)
+        return result if return_scores else result.labels
+
+    def predict_sentences(self, sentences: Sequence[str], *, batch_size: int = 16, max_new_tokens: int | None = None,
+                          labels: Iterable[str] | None = None, n_genes: int | None = None, constrain: bool = True,
+                          progress: Callable[[int], None] | None = None) -> LabelPredictions:
+        """:meth:`predict_cell_types` of sentences that :meth:`cell_sentences` already made (the
+        recipe applied once, e.g. before the cells are shared among processes)."""
         n_genes = n_genes or self.top_k_genes
         label_set = sorted(dict.fromkeys(str(x) for x in labels)) if labels is not None else self.label_set()
         if constrain and not label_set:
@@ -345,7 +343,7 @@ class CellSentenceModel:
                                              max_new_tokens=max_new_tokens or self.label_budget(label_set or None))
             result = LabelPredictions(self.recipe.label_column or "cell_type", answers,
                                       np.full(len(answers), np.nan), pd.DataFrame(index=range(len(answers))))
-        return result if return_scores else result.labels
+        return result
 
     def _prompts(self, sentences: Sequence[str], budget: int, n_genes: int) -> list[list[int]]:
         prompts, shortened = self.prediction_prompts(sentences, budget=budget, n_genes=n_genes)

@@ -91,9 +91,3 @@ class Processes:
         probabilities = pd.concat([p[1].probabilities for p in parts], ignore_index=True)
         return LabelPredictions(result.column, [labels[i] for i in position], scores[position],
                                 probabilities.iloc[position].reset_index(drop=True))
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            dist.barrier()

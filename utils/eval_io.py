@@ -88,6 +88,34 @@ def open_dataset_dict(data_dir: Path, *, single_ok: bool = False) -> Any:
     return dd
 
 
+def split_table(data_dir: Path, split: str) -> Any:
+    """One row per cell of one split (or, ``"all"``, every split) of transform.py's
+    DatasetDict as a DataFrame, with a ``split`` column (and ``cell_name`` made when absent)."""
+    import pandas as pd
+
+    dd = open_dataset_dict(data_dir, single_ok=True)
+    if split != "all" and split not in dd:
+        raise InputError(f"{data_dir} has no split {split!r} (it has {list(dd)}); fix --split.")
+    frames = []
+    for name in (list(dd) if split == "all" else [split]):
+        if "cell_sentence" not in dd[name].column_names:
+            raise InputError(f"{data_dir}/{name} has no cell_sentence column (it has {dd[name].column_names}).")
+        frame = dd[name].to_pandas()
+        frame["split"] = name
+        frames.append(frame)
+    table = pd.concat(frames, ignore_index=True)
+    if "cell_name" not in table:
+        table["cell_name"] = [f"cell_{i}" for i in range(len(table))]
+    return table
+
+
+def sample_rows(n: int, cap: int | None, seed: int) -> np.ndarray:
+    """Row indices: all ``n``, or a seeded random subset of ``cap`` in their original order."""
+    if cap is None or cap >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=cap, replace=False))
+
+
 def load_splits(data_dir: Path, split: str, label_column: str, *, need_labels: bool) -> dict[str, Any]:
     """The train split and ``split`` of transform.py's DatasetDict as Arrow tables."""
     dd = open_dataset_dict(data_dir)

@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from utils.common import InputError
+from utils.prompts import DEFAULT_ORGANISM
 
 logger = logging.getLogger("cell2sentence")
 
 RECIPE_FILE = "recipe.json"
 RECIPE_VERSION = 1
 DEFAULT_TOP_K_GENES = 100
-DEFAULT_ORGANISM = "Homo sapiens"
 
 # The transform options that shape a sentence of new cells (QC is left out: a user's cells are
 # all predicted; ``qc`` is kept to flag the cells that QC would have dropped).
@@ -36,7 +36,7 @@ SENTENCE_OPTIONS = ("layer", "input_kind", "gene_column", "bad_gene_names", "exc
 QC_OPTIONS = ("min_genes_per_cell", "max_genes_per_cell", "max_mt_percent")
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
     """A JSON file, or one sentence naming it when it is not valid JSON."""
     try:
         return json.loads(path.read_text())
@@ -52,7 +52,7 @@ def transform_options_of(transform_dir: Path) -> tuple[dict[str, Any], dict[str,
     path = Path(transform_dir) / "transform_args.json"
     if not path.is_file():
         return {}, {}
-    recorded = _read_json(path)
+    recorded = read_json(path)
     sentence = {k: recorded.get(k) for k in SENTENCE_OPTIONS if k in recorded}
     qc_source = recorded.get("qc") if isinstance(recorded.get("qc"), Mapping) else recorded  # API / script
     qc = {k: qc_source[k] for k in QC_OPTIONS if k in qc_source}
@@ -156,17 +156,17 @@ class Recipe:
         published defaults."""
         folder = Path(str(model_dir)).expanduser()
         if (folder / RECIPE_FILE).is_file():
-            values = _read_json(folder / RECIPE_FILE)
+            values = read_json(folder / RECIPE_FILE)
             if not isinstance(values, Mapping):
                 raise InputError(f"{folder / RECIPE_FILE} holds no recipe (a JSON object); restore it from the run.")
             return cls.from_dict(values)
         if (folder / "train_args.json").is_file():
-            record = _read_json(folder / "train_args.json")
+            record = read_json(folder / "train_args.json")
             if isinstance(record, Mapping) and record:
                 return cls.from_train_record(record)
         run_args = folder.parent / "run_args.json"  # a checkpoint-N folder of a train.py run
         if folder.name.startswith("checkpoint-") and run_args.is_file():
-            recorded = _read_json(run_args)
+            recorded = read_json(run_args)
             if isinstance(recorded, Mapping) and isinstance(recorded.get("recipe"), Mapping):
                 return cls.from_dict(recorded["recipe"])
         return cls.for_published_model()
