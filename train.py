@@ -783,6 +783,10 @@ def build_model_and_tokenizer(
     if tokenizer.eos_token_id is None:
         raise InputError(f"The tokenizer of {m.model_name} has no EOS token; pick another model.")
     tokenizer.padding_side = "right"
+    if getattr(model, "loss_type", None) is None:
+        # GPT-2's class name names no loss; this is the loss transformers falls back to, named
+        # here so that it does not warn about it in every process.
+        model.loss_type = "ForCausalLM"
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
