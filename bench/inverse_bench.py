@@ -2,11 +2,15 @@
 
 Synthetic sentences of --min_genes..--max_genes distinct genes over a vocabulary of --n_vocab
 gene-like names (4-8 characters) are written to a temporary text file, then turned into an
-expression matrix the way inverse.py does it (read the file's bytes, one numba pass to CSR).
-The first call compiles or loads the numba kernels and is not timed.
+expression matrix the way inverse.py does it (read the file's bytes, Arrow lookups, one numba
+loop to CSR). The first call compiles or loads the numba kernel and is not timed.
 
     python bench/inverse_bench.py                       # 20,000 sentences of 1,000-2,000 genes
     python bench/inverse_bench.py --n_sentences 5000 --repeats 5
+
+Two implementations side by side: run this script of each checkout (e.g. ``git worktree add
+/tmp/inv_before <commit>``, then ``python /tmp/inv_before/bench/inverse_bench.py`` and
+``python bench/inverse_bench.py`` with the same flags, both under ``taskset -c 0`` for one core).
 """
 
 from __future__ import annotations
@@ -19,13 +23,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import numba
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.common import run_cli  # noqa: E402
-from utils.fit import RankExpressionFit  # noqa: E402
+from utils.cli import run_cli  # noqa: E402
 from utils.inverse import (  # noqa: E402
     SentenceBytes,
     build_vocab_index,
@@ -33,6 +35,7 @@ from utils.inverse import (  # noqa: E402
     sentence_bytes,
     sentences_to_expression,
 )
+from utils.transform.fit import RankExpressionFit  # noqa: E402
 
 logger = logging.getLogger("cell2sentence")
 
@@ -45,7 +48,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_genes", type=int, default=2_000, help="most genes per sentence")
     p.add_argument("--n_vocab", type=int, default=20_000, help="genes in the vocabulary")
     p.add_argument("--repeats", type=int, default=3, help="timed runs (the best is reported too)")
-    p.add_argument("--threads", type=int, default=None, help="numba threads (None: all cores)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic sentences")
     args = p.parse_args(argv)
     if not 1 <= args.min_genes <= args.max_genes <= args.n_vocab:
@@ -81,8 +83,6 @@ def write_sentences(path: Path, vocab: list[str], args: argparse.Namespace) -> t
 
 
 def main(args: argparse.Namespace) -> dict[str, float]:
-    if args.threads:
-        numba.set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
     vocab = gene_names(args.n_vocab, rng)
     fit = RankExpressionFit(slope=-0.76, intercept=3.0)
@@ -90,7 +90,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
         path = Path(tmp) / "sentences.txt"
         n_words, n_bytes = write_sentences(path, vocab, args)
         print(f"{args.n_sentences:,} sentences, {n_words:,} words, {n_bytes / 1e6:,.0f} MB, "
-              f"vocabulary {args.n_vocab:,}, numba threads {numba.get_num_threads()}")
+              f"vocabulary {args.n_vocab:,}")
         index = build_vocab_index(vocab)
         warm = read_sentence_file(path)
         sentences_to_expression(SentenceBytes(warm.data, warm.offsets[:3]), index, fit)  # compile/load

@@ -15,8 +15,7 @@ import pytest
 from helpers import synthetic_counts, write_h5ad
 
 import inverse
-from utils.common import InputError
-from utils.fit import RankExpressionFit
+from utils.cli import InputError
 from utils.inverse import (
     build_vocab_index,
     load_transform_fit,
@@ -26,6 +25,7 @@ from utils.inverse import (
     sentences_to_expression,
     zero_crossing_rank,
 )
+from utils.transform.fit import RankExpressionFit
 
 FIT = RankExpressionFit(slope=-1.0, intercept=2.0)
 VOCAB = ["A", "B", "C", "Dx", "e1"]
@@ -99,6 +99,25 @@ def test_case_folding_prefers_the_exact_gene() -> None:
     # which then repeats: Ab at positions 1 and 2 -> 1.5.
     np.testing.assert_allclose(dense(res)[0], [value(1.5), value(0), 0], rtol=1e-6)
     assert res.n_duplicate_genes.tolist() == [1]
+
+
+def test_case_folding_is_ascii_only_and_counted_within_max_words(caplog) -> None:
+    vocab = ["É1", "GENELONGNAME9", "genelongname9", "x"]
+    with caplog.at_level("WARNING", logger="cell2sentence"):
+        res = sentences_to_expression(["é1 GeneLongName9 genelongname9 X GENELONGNAME9 x X"], vocab, FIT,
+                                      case_insensitive=True, max_words=6)
+    assert [r.getMessage() for r in caplog.records] == [
+        "1 vocabulary genes differ from another only by letter case; under case-insensitive matching they map "
+        "to the first of them."]
+    # é1: no ASCII fold to É1, unknown. GeneLongName9 folds to the first of its folded name (column 1),
+    # which the exact GENELONGNAME9 then repeats (1 and 4 -> 2.5); genelongname9 matches itself exactly;
+    # X folds to x, which repeats it (3 and 5 -> 4); the 7th word is past max_words.
+    np.testing.assert_allclose(dense(res)[0], [0, value(2.5), value(2), value(4)], rtol=1e-6)
+    assert res.n_words.tolist() == [6]
+    assert res.n_invalid_genes.tolist() == [1]
+    assert res.n_case_folded_genes.tolist() == [2]
+    assert res.n_duplicate_genes.tolist() == [2]
+    assert res.n_genes.tolist() == [3]
 
 
 def test_max_words_keeps_the_top_genes() -> None:
@@ -293,7 +312,7 @@ def reference_inverse(sentences: list[str], vocab: list[str], fit: RankExpressio
             if word in column:
                 positions.setdefault(word, []).append(rank)
         for word, ranks in positions.items():
-            out[i, column[word]] = fit.value(np.mean(ranks))
+            out[i, column[word]] = fit.predict(np.log10(1 + np.mean(ranks)))
     return out
 
 
@@ -318,6 +337,51 @@ def test_matches_the_plain_python_definition(tmp_path: Path, as_file: bool) -> N
         res = sentences_to_expression(sentences, vocab, fit)
     np.testing.assert_allclose(dense(res), reference_inverse(sentences, vocab, fit), rtol=2e-6, atol=1e-6)
     assert res.n_words.tolist() == [len(s.split()) for s in sentences]
+
+
+def test_case_folding_duplicates_and_caps_match_the_plain_python_definition() -> None:
+    rng = random.Random(11)
+    ascii_lower = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+    alphabet = "ABCDEFGHIJKLMNOPabcdefghijklmnop0123-éÉ"
+    vocab = list(dict.fromkeys("".join(rng.choices(alphabet, k=rng.randint(1, 14))) for _ in range(300)))
+    vocab += [g.swapcase() for g in vocab[:30] if g.swapcase() not in vocab]  # names equal once folded
+    words = vocab + ["unknown", "ZZZZZZZZZZ", "é"]
+    sentences = []
+    for _ in range(120):
+        picked = rng.choices(words, k=rng.randint(0, 80))  # with repeats
+        sentences.append(" ".join(rng.choice([w, w.lower(), w.upper(), w.swapcase()]) for w in picked))
+    fit = RankExpressionFit(-0.7, 2.5)
+    exact = {g: i for i, g in enumerate(vocab)}
+    folded: dict[str, int] = {}
+    for i, g in enumerate(vocab):
+        folded.setdefault(g.translate(ascii_lower), i)
+    for max_words in (None, 0, 9):
+        for case_insensitive in (False, True):
+            res = sentences_to_expression(sentences, vocab, fit, case_insensitive=case_insensitive,
+                                          max_words=max_words)
+            expected = np.zeros((len(sentences), len(vocab)))
+            for i, sentence in enumerate(sentences):
+                positions: dict[int, list[int]] = {}
+                n_folded = n_invalid = 0
+                for rank, word in enumerate(sentence.split()[:max_words]):
+                    gene = exact.get(word)
+                    if gene is None and case_insensitive:
+                        gene = folded.get(word.translate(ascii_lower))
+                        n_folded += gene is not None
+                    if gene is None:
+                        n_invalid += 1
+                    else:
+                        positions.setdefault(gene, []).append(rank)
+                for gene, ranks in positions.items():
+                    expected[i, gene] = fit.predict(np.log10(1 + np.mean(ranks)))
+                n_words = len(sentence.split()[:max_words])
+                assert res.n_words[i] == n_words and res.n_genes[i] == len(positions)
+                assert res.n_invalid_genes[i] == n_invalid and res.n_case_folded_genes[i] == n_folded
+                assert res.n_duplicate_genes[i] == n_words - n_invalid - len(positions)
+            np.testing.assert_allclose(dense(res), expected, rtol=2e-6, atol=1e-6)
+            ptr = res.X.indptr
+            assert all((np.diff(res.X.indices[ptr[i]:ptr[i + 1]]) > 0).all() for i in range(len(sentences)))
+    assert res.n_case_folded_genes.sum() > 0 and res.n_duplicate_genes.sum() > 0
 
 
 # --- issue 18: nonsense refused, nothing of the user's lost ------------------------------------
