@@ -4,7 +4,7 @@ Input -> output: ``data/cell_sentences_hf/`` (the DatasetDict written by transfo
 ``data/model/<run_name>/``: a Hugging Face model directory (``save_pretrained`` model and
 tokenizer) with ``train_args.json`` (the effective arguments, tasks and prompt format),
 ``recipe.json`` (what turns new cells into the sentences and prompts the model was trained on:
-``utils.recipe.Recipe``; ``merged/`` of a LoRA run has the same records),
+``utils.models.recipe.Recipe``; ``merged/`` of a LoRA run has the same records),
 ``train_results.json`` (train/eval metrics) and ``train_log.json`` (the logged losses).
 Checkpoints go to ``<run>/checkpoints/``; the final files are written to a staging folder and
 moved into place at the end, ``config.json`` last, so an interrupted run never looks finished.
@@ -17,7 +17,7 @@ an error) and adds the resume to the run record's ``resumes``.
 Each training cell becomes one example of a task drawn at random (seeded per cell):
 conditional generation (cell type -> top K genes), unconditional generation (-> top K genes)
 or cell-type prediction (top K genes -> cell type), worded by one of the paraphrased prompt
-templates of ``utils/prompts.py``. The loss is taken on the answer tokens only.
+templates of ``utils/models/prompts.py``. The loss is taken on the answer tokens only.
 
 Example (GPT-2 from the hub, as in the original project):
 
@@ -40,71 +40,46 @@ if __name__ == "__main__":  # Ctrl-C or SIGTERM while the libraries below load: 
     startup_guard.install()
 
 import contextlib
-import json
 import logging
 import math
 import os
-import re
-import shutil
-import statistics
 import warnings
-from collections import Counter
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from transformers import TrainingArguments
 from transformers.training_args import trainer_log_levels
 
-from utils.common import (
-    InputError,
-    check_can_write,
-    claim_output_dir,
-    disk_full_error,
-    is_disk_full,
-    publish_staged,
-    release_output_dir,
-    releasing_outputs,
-    run_cli,
-    seed_everything,
-    settle_inputs,
-    strict_json,
+from utils.cli import InputError, renamed_flags, run_cli, seed_everything
+from utils.models.build import build_model_and_tokenizer, context_length
+from utils.models.run_folder import (
+    is_rank_zero,
+    prepare_run_dir,
+    publish_run,
+    resolve_run,
+    write_run_record,
 )
-from utils.recipe import RECIPE_FILE, Recipe
+from utils.models.run_record import (
+    effective_args,
+    extend_record,
+    recorded_flags,
+    resume_run,
+    training_recipe,
+)
+from utils.models.train_data import (
+    build_examples,
+    check_splits,
+    first_cells,
+    label_set,
+    load_cell_sentences,
+    resolve_label_column,
+    resolve_tasks,
+)
+from utils.publish import disk_full_error, is_disk_full, releasing_outputs, settle_inputs
 
 logger = logging.getLogger("cell2sentence.train")
-
-TRAIN_ARGS_FILE = "train_args.json"
-RESULTS_FILE = "train_results.json"
-LOG_FILE = "train_log.json"
-RUN_ARGS_FILE = "run_args.json"  # inside <run>/checkpoints, read when resuming
-MERGED_DIR = "merged"
-# What a run writes into its folder besides model, adapter and tokenizer files
-# (utils.model_files names those): a later run on the folder may replace or remove these,
-# never anything else.
-RUN_OUTPUTS = frozenset({
-    TRAIN_ARGS_FILE, RESULTS_FILE, LOG_FILE, RECIPE_FILE, MERGED_DIR, "config.json",
-    "generation_config.json", "adapter_config.json", "tokenizer_config.json",
-    "special_tokens_map.json", "added_tokens.json", "merges.txt", "chat_template.jinja",
-    "chat_template.json", "training_args.bin",
-})
-_SHARD = re.compile(r"(model|pytorch_model|adapter_model)-\d+-of-\d+\.(safetensors|bin)")
-# The flags that make a run what it is: resuming restores them from the run's record.
-# The optimization a resume keeps unless given again (then used, with a warning): a different
-# batch size would also make the Trainer skip the wrong number of batches of the epoch.
-TRAINING_FLAGS = ("per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "weight_decay",
-                  "warmup_steps", "warmup_ratio", "max_grad_norm", "lr_scheduler_type")
-MODEL_FLAGS = ("model_name", "init_from_scratch", "n_layer", "n_embd", "n_head", "n_positions",
-               "min_gene_count", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
-DATA_FLAGS = ("data_dir", "top_k_genes", "tasks", "task_weights", "cell_type_column",
-              "prompt_format", "organism", "max_seq_length", "max_train_samples",
-              "max_eval_samples")
-OFFLINE_HINT = (
-    "pass a local model directory with --model_name (a folder written by save_pretrained or "
-    "an earlier train.py run), or train a small model from scratch with --init_from_scratch True"
-)
 
 
 @dataclass
@@ -185,7 +160,7 @@ class DataArguments:
         default=None,
         metadata={"help": "Comma-separated weights of --tasks (default: equal)."},
     )
-    cell_type_column: str | None = field(
+    label_column: str | None = field(
         default=None,
         metadata={
             "help": "Column with the cell-type labels (default: cell_type when the data has "
@@ -195,7 +170,7 @@ class DataArguments:
     prompt_format: str = field(
         default="ours",
         metadata={
-            "help": "Prompt format: ours (utils/prompts.py) or c2s_scale (the published C2S "
+            "help": "Prompt format: ours (utils/models/prompts.py) or c2s_scale (the published C2S "
             "models' prompts; use it to fine-tune one of them)."
         },
     )
@@ -215,7 +190,7 @@ class DataArguments:
     max_eval_samples: int | None = field(
         default=None, metadata={"help": "Evaluate on only the first N validation cells."}
     )
-    preprocessing_num_workers: int | None = field(
+    num_proc: int | None = field(
         default=None, metadata={"help": "Processes that tokenize the examples."}
     )
     overwrite: bool = field(
@@ -278,12 +253,13 @@ _UNSET = object()
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainArgs:
-    """Parse the command line (``argv`` None: ``sys.argv``) into the three dataclasses."""
+    """Parse the command line (``argv`` None: ``sys.argv``) into the three dataclasses; the old
+    names of renamed flags (``utils.cli.RENAMED_FLAGS``) still work, with a warning."""
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser((ModelArguments, DataArguments, CellTrainingArguments))
     parser.description = __doc__.split("\n\n")[0] if __doc__ else None
-    argv = list(argv) if argv is not None else None
+    argv = renamed_flags(argv)
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(
         args=argv, look_for_args_file=False
     )
@@ -292,9 +268,6 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainArgs:
     parser.set_defaults(**dict.fromkeys(vars(parser.parse_known_args([])[0]), _UNSET))
     given = frozenset(k for k, v in vars(parser.parse_known_args(argv)[0]).items() if v is not _UNSET)
     return TrainArgs(model_args, data_args, training_args, given)
-
-
-# --------------------------------------------------------------------------- checks
 
 
 def check_args(args: TrainArgs) -> None:
@@ -318,7 +291,7 @@ def check_args(args: TrainArgs) -> None:
         raise InputError(f"--top_k_genes must be at least 1, not {d.top_k_genes}.")
     if d.max_seq_length is not None and d.max_seq_length < 8:
         raise InputError(f"--max_seq_length {d.max_seq_length} is too small; use at least 8.")
-    from utils.prompts import C2S_SCALE, PROMPT_FORMATS
+    from utils.models.prompts import C2S_SCALE, PROMPT_FORMATS
 
     if d.prompt_format not in PROMPT_FORMATS:
         raise InputError(
@@ -346,599 +319,6 @@ def check_args(args: TrainArgs) -> None:
             )
 
 
-def load_cell_sentences(data_dir: Path) -> Any:
-    """The DatasetDict of transform.py, checked for a train split and a sentence column."""
-    from datasets import DatasetDict, load_from_disk
-
-    if not data_dir.is_dir():
-        raise InputError(
-            f"Dataset folder {data_dir} does not exist; run transform.py first or pass "
-            "--data_dir with its cell_sentences_hf/ folder."
-        )
-    try:
-        dataset = load_from_disk(str(data_dir))
-    except (FileNotFoundError, ValueError, OSError) as err:
-        raise InputError(
-            f"{data_dir} is not a dataset saved with save_to_disk ({err}); pass the "
-            "cell_sentences_hf/ folder written by transform.py."
-        ) from None
-    if not isinstance(dataset, DatasetDict) or "train" not in dataset:
-        raise InputError(
-            f"{data_dir} holds no 'train' split; pass the cell_sentences_hf/ folder written "
-            "by transform.py (splits train/valid/test)."
-        )
-    if "cell_sentence" not in dataset["train"].column_names:
-        raise InputError(
-            f"The train split of {data_dir} has no 'cell_sentence' column "
-            f"(columns: {', '.join(dataset['train'].column_names)})."
-        )
-    return dataset
-
-
-def resolve_label_column(requested: str | None, columns: Sequence[str]) -> str:
-    """The label column: ``cell_type`` by default; one named with --cell_type_column must
-    exist (a typo would otherwise train an unconditional model without a word)."""
-    if requested is not None and requested not in columns:
-        raise InputError(
-            f"The data has no column {requested!r} given by --cell_type_column (it has "
-            f"{', '.join(columns)}); fix the name or leave the flag out."
-        )
-    return requested or "cell_type"
-
-
-def resolve_tasks(data_args: DataArguments, columns: Sequence[str]) -> dict[str, float]:
-    """The task mix: the flags, or all tasks the data allows."""
-    from utils.prompts import PROMPT_FORMATS, prompt_format
-    from utils.training import TASKS, TYPED_TASKS, UNCONDITIONAL_GENERATION, parse_tasks
-
-    label = data_args.cell_type_column or "cell_type"
-    has_types = label in columns
-    fmt = prompt_format(data_args.prompt_format)  # a format may lack some tasks' prompts
-    if data_args.tasks is None:
-        if has_types:
-            return parse_tasks(",".join(t for t in TASKS if t in fmt.tasks), data_args.task_weights)
-        if UNCONDITIONAL_GENERATION not in fmt.tasks:
-            raise InputError(
-                f"The {fmt.name} format has only cell-type tasks, but the data has no "
-                f"{label!r} column; pass --cell_type_column."
-            )
-        logger.warning(
-            "The data has no %r column; training unconditional_generation only.",
-            label,
-        )
-        return parse_tasks(UNCONDITIONAL_GENERATION, data_args.task_weights)
-    tasks = parse_tasks(data_args.tasks, data_args.task_weights)
-    lacking = [t for t in tasks if t not in fmt.tasks]
-    if lacking:
-        others = [n for n in PROMPT_FORMATS if set(tasks) <= set(prompt_format(n).tasks)]
-        raise InputError(
-            f"The {fmt.name} prompt format has no {', '.join(lacking)} prompts; drop it "
-            f"from --tasks{' or use --prompt_format ' + ' or '.join(others) if others else ''}."
-        )
-    typed = [t for t in tasks if t in TYPED_TASKS]
-    if typed and not has_types:
-        raise InputError(
-            f"Task(s) {', '.join(typed)} need cell types, but the data has no "
-            f"{label!r} column; pass --cell_type_column with the label "
-            "column or --tasks unconditional_generation."
-        )
-    return tasks
-
-
-# --------------------------------------------------------------------------- run folder
-
-
-def _rank_zero(training_args: TrainingArguments) -> bool:
-    return training_args.process_index == 0
-
-
-def _broadcast(value: Any) -> Any:
-    """Rank 0's value on every process (identity when not distributed)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        holder = [value]
-        dist.broadcast_object_list(holder, src=0)
-        return holder[0]
-    return value
-
-
-def default_run_name(model_args: ModelArguments) -> str:
-    """``<model>-<UTC timestamp>``, e.g. ``gpt2-20240101-120000``."""
-    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    if model_args.init_from_scratch:
-        base = f"scratch-L{model_args.n_layer}-D{model_args.n_embd}"
-    else:
-        base = Path(model_args.model_name.rstrip("/")).name or "model"
-    return f"{base}-{stamp}"
-
-
-def latest_checkpoint(checkpoints_dir: Path, *, complete: bool = True) -> Path | None:
-    """The ``checkpoint-N`` folder with the largest N, or None; with ``complete``, the largest
-    that can be resumed from (one the Trainer was still writing when the run died is skipped)."""
-    from utils.model_files import checkpoint_problem
-
-    found = sorted(
-        (p for p in checkpoints_dir.glob("checkpoint-*")
-         if p.is_dir() and p.name.split("-")[-1].isdigit()),
-        key=lambda p: int(p.name.split("-")[-1]), reverse=True,
-    )
-    for candidate in found:
-        problem = checkpoint_problem(candidate) if complete else None
-        if problem is None:
-            return candidate
-        logger.warning("Skipping %s, which is incomplete: %s.", candidate.name, problem)
-    return None
-
-
-def resolve_run(args: TrainArgs) -> tuple[Path, Path | None]:
-    """The run folder and the checkpoint to resume from (None: a fresh run)."""
-    from utils.model_files import checkpoint_problem
-
-    m, t = args.model, args.training
-    output_dir = Path(t.output_dir or "data/model/")
-    checkpoint: Path | None = None
-    run_name = t.run_name
-    if m.checkpoint == "latest":
-        if not run_name:
-            raise InputError("--checkpoint latest needs --run_name of the run to resume.")
-        checkpoint = latest_checkpoint(output_dir / run_name / "checkpoints")
-        if checkpoint is None:
-            raise InputError(
-                f"No complete checkpoint-N folder in {output_dir / run_name / 'checkpoints'}; "
-                "pass --checkpoint with a checkpoint folder."
-            )
-    elif m.checkpoint:
-        checkpoint = Path(m.checkpoint)
-        if not (checkpoint / "trainer_state.json").is_file():
-            raise InputError(
-                f"{checkpoint} is no Trainer checkpoint (no trainer_state.json); pass a "
-                "<run>/checkpoints/checkpoint-N folder or --checkpoint latest."
-            )
-        problem = checkpoint_problem(checkpoint)
-        if problem:
-            raise InputError(f"Cannot resume from {checkpoint}: {problem}; pass an earlier "
-                             "checkpoint-N folder.")
-    if run_name:
-        run_dir = output_dir / run_name
-    elif checkpoint is not None and checkpoint.parent.name == "checkpoints":
-        run_dir = checkpoint.parent.parent  # resume into the run the checkpoint belongs to
-    else:
-        run_dir = output_dir / _broadcast(default_run_name(m))
-    return run_dir, checkpoint
-
-
-def read_run_record(checkpoint: Path) -> tuple[dict[str, Any], Path] | None:
-    """The record of the run ``checkpoint`` belongs to and its path: ``run_args.json`` beside
-    the checkpoints, else the run's ``train_args.json``; None when it has neither."""
-    for path in (checkpoint.parent / RUN_ARGS_FILE, checkpoint.parent.parent / TRAIN_ARGS_FILE):
-        if not path.is_file():
-            continue
-        try:
-            record = json.loads(path.read_text())
-        except (ValueError, UnicodeDecodeError) as err:
-            raise InputError(
-                f"{path} is not valid JSON ({err}), so the run to resume is unknown; restore "
-                "the file or start a new run without --checkpoint."
-            ) from None
-        if isinstance(record, dict):
-            return record, path
-    return None
-
-
-def recorded_flags(args: TrainArgs) -> dict[str, Any]:
-    """The flags of ``MODEL_FLAGS``, ``DATA_FLAGS`` and the seed, as given (before the run
-    derives anything from them): what a resume restores."""
-    values = {name: getattr(args.model, name) for name in MODEL_FLAGS}
-    values.update({name: getattr(args.data, name) for name in DATA_FLAGS})
-    values["seed"] = args.training.seed
-    return values
-
-
-def _flags_of(record: dict[str, Any]) -> dict[str, Any]:
-    """The recorded flags; a record written before they were kept has the derived values."""
-    if isinstance(record.get("flags"), dict):
-        return record["flags"]
-    flags = {k: record[k] for k in (*MODEL_FLAGS, *DATA_FLAGS, "seed") if k in record}
-    if flags.get("model_name") is None:
-        flags.pop("model_name", None)  # a from-scratch run records no model
-    if not record.get("cell_types"):
-        flags.pop("cell_type_column", None)  # the default it recorded names no column of the data
-    if isinstance(flags.get("tasks"), list):
-        flags["tasks"] = ",".join(flags["tasks"])
-    if isinstance(flags.get("task_weights"), list):
-        flags["task_weights"] = ",".join(repr(float(w)) for w in flags["task_weights"])
-    return flags
-
-
-def _given(args: TrainArgs) -> frozenset[str]:
-    """The flags given on the command line; for arguments made in Python, those off their
-    defaults."""
-    if args.given is not None:
-        return args.given
-    seed_default = CellTrainingArguments.__dataclass_fields__["seed"].default
-    current, defaults = recorded_flags(args), {
-        **asdict(ModelArguments()), **asdict(DataArguments()), "seed": seed_default}
-    return frozenset(k for k, v in current.items() if v != defaults.get(k))
-
-
-def _same_flag(name: str, value: Any, *recorded: Any) -> bool:
-    """Whether a given flag value is one of the recorded ones (folders compared as paths)."""
-    for other in recorded:
-        if name in ("data_dir", "model_name") and value is not None and other is not None:
-            if Path(value).expanduser().resolve() == Path(other).expanduser().resolve():
-                return True
-        elif value == other:
-            return True
-    return False
-
-
-def restore_run(args: TrainArgs, record: dict[str, Any], source: Path) -> None:
-    """Continue the recorded run as it was: its model and data flags and seed replace the
-    ones of ``args``; a flag given on the command line with another value is one sentence.
-
-    The recorded value counts as given either as the run had it (``--max_seq_length 2000``)
-    or as the run derived it (the context of 1024 it became, the label column ``cell_type``).
-    """
-    from utils.training import parse_tasks
-
-    flags, given = _flags_of(record), _given(args)
-    holders = {**dict.fromkeys(MODEL_FLAGS, args.model), **dict.fromkeys(DATA_FLAGS, args.data),
-               "seed": args.training}
-    tasks, weights = record.get("tasks"), record.get("task_weights")
-    if given & {"tasks", "task_weights"} and isinstance(tasks, list) and isinstance(weights, list):
-        recorded_mix = dict(zip(tasks, map(float, weights), strict=True))
-        mix = parse_tasks(args.data.tasks or ",".join(tasks), args.data.task_weights)
-        if list(mix) != list(recorded_mix) or not all(
-                math.isclose(mix[k], recorded_mix[k], rel_tol=1e-6) for k in mix):
-            def show(m: dict[str, float]) -> str:
-                return ", ".join(f"{k}={v:.2f}" for k, v in m.items())
-            raise InputError(
-                f"--tasks/--task_weights give {show(mix)}, but the run being resumed was trained "
-                f"with {show(recorded_mix)} (recorded in {source}); drop the flags to continue "
-                "the run as it was, or start a new run without --checkpoint."
-            )
-    for name, holder in holders.items():
-        if name not in flags:
-            continue
-        value, recorded = getattr(holder, name), flags[name]
-        if (name in given and name not in ("tasks", "task_weights")
-                and not _same_flag(name, value, recorded, record.get(name))):
-            raise InputError(
-                f"--{name} {value} differs from the {recorded} that the run being resumed was "
-                f"trained with (recorded in {source}); drop the flag to continue the run as it "
-                "was, or start a new run without --checkpoint."
-            )
-        setattr(holder, name, recorded)
-    _restore_training(args.training, record.get("training") or {}, given, source)
-    d = args.data
-    logger.info(
-        "Resuming the run recorded in %s: data %s, tasks %s, top %d genes, %s prompts, seed %d.",
-        source, d.data_dir, d.tasks or "(from the data)", d.top_k_genes, d.prompt_format,
-        args.training.seed,
-    )
-
-
-def _restore_training(t: TrainingArguments, recorded: dict[str, Any], given: frozenset[str], source: Path) -> None:
-    """The recorded optimization flags (``TRAINING_FLAGS``) replace the defaults; one given
-    with another value is used, with a warning (the resume records the change)."""
-    from transformers import SchedulerType
-
-    for name in TRAINING_FLAGS:
-        if name not in recorded:
-            continue
-        value, before = getattr(t, name), recorded[name]
-        value = value.value if isinstance(value, SchedulerType) else value
-        if name in given:
-            if value != before:
-                logger.warning("--%s %s replaces the %s the run being resumed was trained with (%s).", name, value,
-                               before, source)
-            continue
-        setattr(t, name, SchedulerType(before) if name == "lr_scheduler_type" else before)
-
-
-def resume_entry(record: dict[str, Any], earlier: dict[str, Any], checkpoint: Path,
-                 from_step: int) -> dict[str, Any]:
-    """One entry of a record's ``resumes``: when, from which checkpoint and step, and the
-    values that differ from the run's record so far (``[before, now]``, e.g. a larger
-    ``training.max_steps``); ``to_step`` is filled in when the run ends."""
-    volatile = {"resumed_from", "resumes", "checkpoint", "overwrite", "recipe", "flags",
-                "training"}
-    changed = {k: [earlier.get(k), v] for k, v in record.items()
-               if k not in volatile and earlier.get(k) != v}
-    before = earlier.get("training") or {}
-    changed.update({f"training.{k}": [before.get(k), v]
-                    for k, v in (record.get("training") or {}).items()
-                    if before.get(k) != v and k not in ("output_dir", "logging_dir")})
-    return {"at": datetime.now(UTC).isoformat(timespec="seconds"), "checkpoint": str(checkpoint),
-            "from_step": from_step, "to_step": None, "changed": changed}
-
-
-def prepare_run_dir(
-    run_dir: Path, checkpoint: Path | None, *, overwrite: bool, delete: bool = True
-) -> None:
-    """Refuse to replace a finished run without --overwrite (resuming a run from one of its
-    own checkpoints continues it: its final files are replaced); clear stale checkpoints
-    (only where ``delete``: rank 0 of a distributed run, which also holds the run's lock)."""
-    markers = ["config.json", "adapter_config.json"]
-    checkpoints = run_dir / "checkpoints"
-    resuming_here = checkpoint is not None and checkpoints.resolve() in (
-        checkpoint.resolve().parents
-    )
-    if delete:
-        claim_output_dir(run_dir, markers, overwrite=overwrite or resuming_here)
-    else:
-        check_can_write(run_dir, markers, overwrite=overwrite or resuming_here)
-    if not checkpoints.is_dir() or resuming_here:
-        return
-    if latest_checkpoint(checkpoints, complete=False) is not None and not overwrite:
-        raise InputError(
-            f"{checkpoints} holds checkpoints of an earlier run; resume it with "
-            f"--checkpoint latest --run_name {run_dir.name}, or pass --overwrite to start "
-            "over."
-        )
-    if delete:  # also the leftovers of a run that crashed before its first checkpoint
-        shutil.rmtree(checkpoints, ignore_errors=True)
-
-
-def is_run_output(name: str) -> bool:
-    """Whether ``name`` in a run folder is a file train.py writes there (a model, adapter or
-    tokenizer file, a record, ``merged/``); anything else is the user's."""
-    from utils.model_files import TOKENIZER_FILES, WEIGHT_FILES
-
-    return name in RUN_OUTPUTS or name in WEIGHT_FILES or name in TOKENIZER_FILES or bool(
-        _SHARD.fullmatch(name))
-
-
-def publish(staging: Path, run_dir: Path) -> None:
-    """Move the staged final files into ``run_dir`` by renames, ``config.json`` (or a LoRA
-    run's ``adapter_config.json``) last and its old one aside first, then remove the files an
-    earlier run wrote that this one did not write again (a full model's weights when this run
-    is a LoRA adapter, say). The user's own files in the folder stay.
-
-    Without it a folder does not load as a model, so a crash in between never leaves
-    something that looks like a finished model; the next run on the folder finishes the
-    publish (``utils.common.publish_staged``).
-    """
-    names = sorted(p.name for p in staging.iterdir())
-    published = publish_staged(staging, run_dir, ["config.json", "adapter_config.json", *names])
-    for old in sorted(run_dir.iterdir()):
-        if old.name not in published and is_run_output(old.name):
-            shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
-    release_output_dir(run_dir)
-
-
-# --------------------------------------------------------------------------- model
-
-
-def iter_top_genes(dataset: Any, top_k: int, batch_size: int = 10_000) -> Iterator[str]:
-    """The first ``top_k`` genes of every sentence, batch by batch (no full copy)."""
-    for batch in dataset.select_columns(["cell_sentence"]).iter(batch_size=batch_size):
-        for sentence in batch["cell_sentence"]:
-            yield " ".join(sentence.split()[:top_k])
-
-
-def build_model_and_tokenizer(
-    args: TrainArgs, train_split: Any, checkpoint: Path | None
-) -> tuple[Any, Any]:
-    """Load the pretrained model, the checkpoint's, or build a small one from scratch."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
-
-    from utils.prompts import prompt_words
-    from utils.tokenizer import build_word_tokenizer
-    from utils.training import from_pretrained, has_label
-
-    m, d = args.model, args.data
-    if checkpoint is not None and m.lora_r:
-        # An adapter checkpoint: the base model + fresh adapters; Trainer restores the adapter
-        # weights, optimizer and step from the checkpoint.
-        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
-        model = from_pretrained(AutoModelForCausalLM.from_pretrained, m.model_name,
-                                offline_hint=OFFLINE_HINT, dtype=torch.float32)
-    elif checkpoint is not None:
-        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
-        model = from_pretrained(AutoModelForCausalLM.from_pretrained, str(checkpoint),
-                                offline_hint=OFFLINE_HINT, dtype=torch.float32)
-    elif m.init_from_scratch:
-        labels: list[str] = []
-        if d.cell_type_column in train_split.column_names:
-            labels = sorted(
-                {str(x) for x in train_split.unique(d.cell_type_column) if has_label(x)}
-            )
-        tokenizer = build_word_tokenizer(
-            iter_top_genes(train_split, d.top_k_genes),
-            extra_words=prompt_words(labels, max_number=max(1024, d.top_k_genes)),
-            min_count=m.min_gene_count,
-            model_max_length=m.n_positions,
-        )
-        config = GPT2Config(
-            vocab_size=len(tokenizer),
-            n_positions=m.n_positions,
-            n_embd=m.n_embd,
-            n_layer=m.n_layer,
-            n_head=m.n_head,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        model = AutoModelForCausalLM.from_config(config)
-        logger.info(
-            "New GPT-2-style model: %d layers, %d dims, %d heads, %s parameters, vocabulary "
-            "of %s words.",
-            m.n_layer, m.n_embd, m.n_head, f"{model.num_parameters():,}", f"{len(tokenizer):,}",
-        )
-    else:
-        tokenizer = from_pretrained(
-            AutoTokenizer.from_pretrained, m.model_name, offline_hint=OFFLINE_HINT
-        )
-        model = from_pretrained(
-            AutoModelForCausalLM.from_pretrained,
-            m.model_name,
-            offline_hint=OFFLINE_HINT,
-            dtype=torch.float32,
-        )
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if tokenizer.eos_token_id is None:
-        raise InputError(f"The tokenizer of {m.model_name} has no EOS token; pick another model.")
-    tokenizer.padding_side = "right"
-    if getattr(model, "loss_type", None) is None:
-        # GPT-2's class name names no loss; this is the loss transformers falls back to, named
-        # here so that it does not warn about it in every process.
-        model.loss_type = "ForCausalLM"
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))
-    model.config.pad_token_id = tokenizer.pad_token_id
-    if model.generation_config is not None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
-    if m.lora_r:
-        model = add_lora(model, m, gradient_checkpointing=args.training.gradient_checkpointing)
-    return model, tokenizer
-
-
-def add_lora(model: Any, m: ModelArguments, *, gradient_checkpointing: bool) -> Any:
-    """Wrap ``model`` with LoRA adapters (only they train); the adapter names its base model
-    by an absolute path when it is a local folder, so the run folder loads from anywhere."""
-    from utils.lora import target_modules, wrap_with_lora
-
-    modules = target_modules(model.config.model_type, m.lora_target_modules)
-    if gradient_checkpointing:
-        model.enable_input_require_grads()  # checkpointed blocks need inputs that require grad
-    model = wrap_with_lora(model, r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout,
-                           modules=modules)
-    base = Path(m.model_name).expanduser()
-    model.peft_config["default"].base_model_name_or_path = (
-        str(base.resolve()) if base.is_dir() else m.model_name
-    )
-    trainable, total = model.get_nb_trainable_parameters()
-    logger.info(
-        "LoRA r=%d alpha=%g on %s: %s of %s parameters train (%.2f%%).",
-        m.lora_r, m.lora_alpha, ",".join(modules), f"{trainable:,}", f"{total:,}",
-        100 * trainable / max(total, 1),
-    )
-    return model
-
-
-def context_length(model: Any, tokenizer: Any, requested: int | None) -> int:
-    """The longest example: the model's context, or less when asked."""
-    config = model.config
-    limit = getattr(config, "n_positions", None) or getattr(
-        config, "max_position_embeddings", None
-    )
-    tok_limit = getattr(tokenizer, "model_max_length", None)
-    if tok_limit and tok_limit < 1_000_000:
-        limit = min(limit, tok_limit) if limit else tok_limit
-    limit = limit or 1024
-    if requested is None:
-        return limit
-    if requested > limit:
-        logger.warning(
-            "--max_seq_length %d exceeds the model's context of %d tokens; using %d.",
-            requested, limit, limit,
-        )
-        return limit
-    return requested
-
-
-# --------------------------------------------------------------------------- data
-
-
-def tokenize_split(
-    split: Any, name: str, args: TrainArgs, tokenizer: Any, tasks: dict[str, float],
-    max_length: int,
-) -> Any:
-    """One tokenized example per cell (input_ids, labels, task)."""
-    from utils.prompts import prompt_format
-    from utils.training import tokenize_batch
-
-    d = args.data
-    return split.map(
-        tokenize_batch,
-        batched=True,
-        with_indices=True,
-        remove_columns=split.column_names,
-        keep_in_memory=True,  # never write cache files into transform.py's output folder
-        num_proc=d.preprocessing_num_workers,
-        desc=f"Building {name} examples",
-        fn_kwargs={
-            "tokenizer": tokenizer,
-            "tasks": tasks,
-            "top_k": d.top_k_genes,
-            "max_length": max_length,
-            "seed": args.training.seed,
-            "split": name,
-            "cell_type_column": d.cell_type_column,
-            "prompt_format": prompt_format(d.prompt_format, organism=d.organism),
-        },
-    )
-
-
-def describe_examples(examples: Any) -> dict[str, Any]:
-    """Counts per task and token lengths of tokenized examples."""
-    lengths = [len(ids) for ids in examples["input_ids"]]
-    answer = [sum(1 for x in labels if x != -100) for labels in examples["labels"]]
-    return {
-        "n_examples": len(lengths),
-        "task_counts": dict(sorted(Counter(examples["task"]).items())),
-        "avg_tokens_per_example": round(statistics.fmean(lengths), 2) if lengths else 0.0,
-        "max_tokens_per_example": max(lengths, default=0),
-        "avg_answer_tokens": round(statistics.fmean(answer), 2) if answer else 0.0,
-    }
-
-
-# --------------------------------------------------------------------------- main
-
-
-def effective_args(
-    args: TrainArgs, tasks: dict[str, float], max_length: int, stats: dict[str, Any],
-    tokenizer: Any, checkpoint: Path | None, run_dir: Path, cell_types: list[str],
-    lora_modules: Sequence[str] = (), flags: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """What train_args.json records: every flag plus what the run derived from them, and
-    (``flags``) the flags a resume restores as they were given."""
-    from utils.prompts import prompt_format
-
-    fmt = prompt_format(args.data.prompt_format, organism=args.data.organism)
-    record: dict[str, Any] = {**asdict(args.model), **asdict(args.data)}
-    if args.model.init_from_scratch:
-        record["model_name"] = None  # no pretrained weights were used
-        record["architecture"] = "gpt2"
-    record.update(
-        run_name=run_dir.name,
-        run_dir=str(run_dir),
-        tasks=list(tasks),
-        task_weights=list(tasks.values()),
-        max_seq_length=max_length,
-        resumed_from=str(checkpoint) if checkpoint else None,
-        cell_types=cell_types,
-        train_examples=stats,
-        prompt_format=fmt.name,
-        prompt_format_details={
-            **fmt.record(),
-            "prompt": "utils.training.encode_prompt(tokenizer, prompt, format)",
-            "bos_token": tokenizer.bos_token,
-            "eos_token": tokenizer.eos_token,
-            "prompts_module": "utils/prompts.py",
-        },
-        lora=(
-            {"r": args.model.lora_r, "alpha": args.model.lora_alpha,
-             "dropout": args.model.lora_dropout,
-             "target_modules": sorted(lora_modules), "merged": args.model.merge_lora}
-            if args.model.lora_r else None
-        ),
-        seed=args.training.seed,
-        training=json.loads(args.training.to_json_string()),
-        flags=flags if flags is not None else recorded_flags(args),
-    )
-    return record
-
-
-def _write_json(path: Path, value: Any) -> None:
-    path.write_text(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
-
-
 @releasing_outputs
 def main(args: TrainArgs) -> Path:
     """Train and write the model folder; returns its path.
@@ -958,17 +338,17 @@ def main(args: TrainArgs) -> Path:
 
 
 def _train(args: TrainArgs) -> Path:
-    """``main`` without the full-disk sentence."""
+    """``main`` without the full-disk sentence: the pipeline."""
     from transformers import Trainer
 
-    from utils.labels import refuse_unsafe_labels
-    from utils.training import TYPED_TASKS, CausalLMCollator, has_label
+    from utils.models.examples import CausalLMCollator
+    from utils.transform.labels import refuse_unsafe_labels
 
     m, d, t = args.model, args.data, args.training
     # Sets up the device and, under torchrun/accelerate, the process group, so that rank 0
     # can share its run name and alone write files.
     device = t.device
-    if not _rank_zero(t):
+    if not is_rank_zero(t):
         # Every process sees the same data and flags: rank 0's log speaks for all.
         logging.getLogger("cell2sentence").setLevel(logging.ERROR)
         import datasets
@@ -976,198 +356,75 @@ def _train(args: TrainArgs) -> Path:
         datasets.disable_progress_bars()
     logger.info("Device %s, %d process(es).", device, t.world_size)
     run_dir, checkpoint = resolve_run(args)
-    earlier: dict[str, Any] = {}
-    if checkpoint is not None:
-        found = read_run_record(checkpoint)
-        if found is None:
-            logger.warning("%s has no run record (%s); resuming with the flags as given.",
-                           checkpoint, checkpoint.parent / RUN_ARGS_FILE)
-        else:
-            earlier = found[0]
-            restore_run(args, *found)
+    earlier = resume_run(args, checkpoint)  # a resume continues the run as it was recorded
     check_args(args)
     flags = recorded_flags(args)  # before the run derives anything from them
+
+    # The data: the cells, their labels and the task mix
     settle_inputs(Path(d.data_dir).parent, *([Path(m.model_name)] if m.model_name else []))
     dataset = load_cell_sentences(Path(d.data_dir))
-    d.cell_type_column = resolve_label_column(d.cell_type_column, dataset["train"].column_names)
+    d.label_column = resolve_label_column(d.label_column, dataset["train"].column_names)
     tasks = resolve_tasks(d, dataset["train"].column_names)
     do_eval = t.eval_strategy != "no" or t.do_eval
-    if do_eval and ("valid" not in dataset or len(dataset["valid"]) == 0):
-        raise InputError(
-            f"Evaluation was asked for, but {d.data_dir} has no or an empty 'valid' split; "
-            "drop --eval_strategy or pass a dataset with a valid split."
-        )
-    if len(dataset["train"]) == 0:
-        raise InputError(f"The train split of {d.data_dir} is empty; nothing to train on.")
-    prepare_run_dir(run_dir, checkpoint, overwrite=d.overwrite, delete=_rank_zero(t))
+    check_splits(dataset, d.data_dir, do_eval=do_eval)
+    prepare_run_dir(run_dir, checkpoint, overwrite=d.overwrite, delete=is_rank_zero(t))
     t.output_dir = str(run_dir / "checkpoints")
     t.run_name = run_dir.name
     seed_everything(t.seed)
-
-    train_split = dataset["train"]
-    if d.max_train_samples is not None:
-        train_split = train_split.select(range(min(d.max_train_samples, len(train_split))))
-    cell_types: list[str] = []
-    if d.cell_type_column in train_split.column_names:
-        cell_types = sorted(
-            {str(x) for x in train_split.unique(d.cell_type_column) if has_label(x)}
-        )
-        refuse_unsafe_labels(cell_types, column=d.cell_type_column, path=d.data_dir)
+    train_split = first_cells(dataset["train"], d.max_train_samples)
+    cell_types = label_set(train_split, d.label_column)
+    refuse_unsafe_labels(cell_types, column=d.label_column, path=d.data_dir)
     logger.info(
         "Training on %s cells of %s (%s cell types); tasks %s.",
         f"{len(train_split):,}", d.data_dir, f"{len(cell_types):,}",
         ", ".join(f"{k}={v:.2f}" for k, v in tasks.items()),
     )
-    # The labels are part of the recipe only when a task taught them.
-    labelled = cell_types and any(task in TYPED_TASKS for task in tasks)
-    recipe = Recipe.for_training(
-        Path(d.data_dir).resolve(), prompt_format=d.prompt_format, organism=d.organism,
-        top_k_genes=d.top_k_genes, tasks=tasks,
-        label_columns={d.cell_type_column: cell_types} if labelled else {},
-    )
-    logger.info("Model %s.", recipe.describe())
-    before = earlier.get("recipe")
-    if isinstance(before, dict) and (before.get("transform"), before.get("genes")) != (
-            recipe.transform, recipe.genes):
-        logger.warning(
-            "The transform of %s changed since the run started (its options or vocabulary "
-            "differ from the run's recipe); the resumed run trains on the new sentences.",
-            d.data_dir,
-        )
+    recipe = training_recipe(d, tasks, cell_types, earlier)
 
+    # The model and its examples
     model, tokenizer = build_model_and_tokenizer(args, train_split, checkpoint)
     max_length = context_length(model, tokenizer, d.max_seq_length)
     if t.gradient_checkpointing:
         model.config.use_cache = False
-
-    with t.main_process_first(desc="building examples"):
-        try:
-            train_examples = tokenize_split(train_split, "train", args, tokenizer, tasks,
-                                            max_length)
-            eval_examples = None
-            if do_eval:
-                valid = dataset["valid"]
-                if d.max_eval_samples is not None:
-                    valid = valid.select(range(min(d.max_eval_samples, len(valid))))
-                eval_examples = tokenize_split(valid, "valid", args, tokenizer, tasks,
-                                               max_length)
-        except ValueError as err:
-            if "does not fit" in str(err):
-                raise InputError(str(err)) from None
-            raise
-    stats = describe_examples(train_examples)
-    if stats["n_examples"] == 0:
-        raise InputError(
-            f"No training example could be built: no cell of {d.data_dir} has a "
-            f"{d.cell_type_column!r} label; add unconditional_generation to --tasks."
-        )
-    if stats["n_examples"] < len(train_split):
-        logger.warning(
-            "%s training cells without a cell type were left out (their tasks need one).",
-            f"{len(train_split) - stats['n_examples']:,}",
-        )
-    logger.info(
-        "%s training examples (%s), %.1f tokens per example on average (longest %d, context "
-        "%d), %.1f answer tokens.",
-        f"{stats['n_examples']:,}",
-        ", ".join(f"{k} {v:,}" for k, v in stats["task_counts"].items()),
-        stats["avg_tokens_per_example"], stats["max_tokens_per_example"], max_length,
-        stats["avg_answer_tokens"],
-    )
-    train_examples = train_examples.remove_columns("task")
-    if eval_examples is not None:
-        eval_examples = eval_examples.remove_columns("task")
-
+    valid_split = first_cells(dataset["valid"], d.max_eval_samples) if do_eval else None
+    train_examples, eval_examples, stats = build_examples(train_split, valid_split, args,
+                                                          tokenizer, tasks, max_length)
     lora_modules = model.peft_config["default"].target_modules if m.lora_r else ()
     record = effective_args(args, tasks, max_length, stats, tokenizer, checkpoint, run_dir,
                             cell_types, lora_modules, flags)
-    if checkpoint is not None and earlier:
-        # The run record is extended, never replaced: what it held stays, the resume is added.
-        state = json.loads((checkpoint / "trainer_state.json").read_text())
-        entry = resume_entry(record, earlier, checkpoint, int(state["global_step"]))
-        kept = {k: v for k, v in earlier.items() if k not in ("recipe", "resumes")}
-        record = {**kept, **record, "resumes": [*earlier.get("resumes", []), entry]}
-    run_record = Path(t.output_dir) / RUN_ARGS_FILE
-    if _rank_zero(t):
-        Path(t.output_dir).mkdir(parents=True, exist_ok=True)
-        _write_json(run_record, {**record, "recipe": recipe.to_dict()})
+    record = extend_record(record, earlier, checkpoint)
+    write_run_record(t, record, recipe)
 
-    trainer = Trainer(
-        model=model,
-        args=t,
-        data_collator=CausalLMCollator(pad_token_id=tokenizer.pad_token_id),
-        train_dataset=train_examples,
-        eval_dataset=eval_examples,
-        processing_class=tokenizer,
-    )
+    # Train, evaluate, publish
+    trainer = Trainer(model=model, args=t, train_dataset=train_examples,
+                      data_collator=CausalLMCollator(pad_token_id=tokenizer.pad_token_id),
+                      eval_dataset=eval_examples, processing_class=tokenizer)
     if checkpoint is not None:
         logger.info("Resuming from %s.", checkpoint)
     train_result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    metrics: dict[str, Any] = dict(train_result.metrics)
-    metrics["global_step"] = trainer.state.global_step
+    metrics: dict[str, Any] = {**train_result.metrics, "global_step": trainer.state.global_step}
     if eval_examples is not None:
-        last_eval = [h for h in trainer.state.log_history if "eval_loss" in h]
-        if last_eval and last_eval[-1].get("step") == trainer.state.global_step:
-            eval_metrics = dict(last_eval[-1])  # evaluated at the last step already
-            eval_metrics.pop("step", None)
-            eval_metrics.pop("epoch", None)
-        else:
-            eval_metrics = trainer.evaluate()
-        with contextlib.suppress(OverflowError):
-            eval_metrics["eval_perplexity"] = math.exp(eval_metrics["eval_loss"])
-        metrics.update(eval_metrics)
+        metrics.update(final_eval_metrics(trainer))
     trainer.log_metrics("train", metrics)
     if record.get("resumes"):
         record["resumes"][-1]["to_step"] = trainer.state.global_step
-
-    # Every process takes part in saving (sharded/DeepSpeed weights are gathered); only
-    # rank 0 writes files.
-    staging = run_dir / ".staging-final"
-    if _rank_zero(t) and staging.exists():
-        shutil.rmtree(staging)
-    trainer.accelerator.wait_for_everyone()
-    try:
-        trainer.save_model(str(staging))
-        if _rank_zero(t):
-            save_final_files(staging, trainer, tokenizer, record, recipe, metrics,
-                             merge=m.merge_lora)
-            _write_json(run_record, {**record, "recipe": recipe.to_dict()})
-            publish(staging, run_dir)
-    except BaseException:
-        if _rank_zero(t):  # a full disk, Ctrl-C: the half-written staging goes at once
-            shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if _rank_zero(t):
-        logger.info(
-            "Wrote the model to %s after %s steps (train loss %.4f%s).",
-            run_dir, f"{trainer.state.global_step:,}", metrics.get("train_loss", float("nan")),
-            f", eval loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else "",
-        )
-    trainer.accelerator.wait_for_everyone()
+    publish_run(trainer, tokenizer, run_dir, record, recipe, metrics, merge=m.merge_lora)
     return run_dir
 
 
-def save_final_files(staging: Path, trainer: Any, tokenizer: Any, record: dict[str, Any],
-                     recipe: Recipe, metrics: dict[str, Any], *, merge: bool) -> None:
-    """Write the tokenizer, the records and the recipe next to the saved model in ``staging``
-    (and, with ``merge``, the merged model with the same records into ``merged/``, so that it
-    is used exactly as the adapter folder)."""
-    tokenizer.save_pretrained(str(staging))
-    (staging / "training_args.bin").unlink(missing_ok=True)
-    # peft's model card template; left out so that a README.md of the user's is never replaced
-    (staging / "README.md").unlink(missing_ok=True)
-    folders = [staging]
-    if merge:
-        # The adapter folds into the base weights: a plain model anyone loads without peft.
-        merged = trainer.model.merge_and_unload()
-        merged.save_pretrained(str(staging / MERGED_DIR))
-        tokenizer.save_pretrained(str(staging / MERGED_DIR))
-        folders.append(staging / MERGED_DIR)
-    for folder in folders:
-        _write_json(folder / TRAIN_ARGS_FILE, record)
-        recipe.write(folder)
-    (staging / RESULTS_FILE).write_text(strict_json(metrics, indent=2, sort_keys=True) + "\n")
-    (staging / LOG_FILE).write_text(strict_json(trainer.state.log_history, indent=2) + "\n")
+def final_eval_metrics(trainer: Any) -> dict[str, Any]:
+    """The evaluation at the last step (the Trainer's own when it evaluated there), with the
+    perplexity."""
+    last_eval = [h for h in trainer.state.log_history if "eval_loss" in h]
+    if last_eval and last_eval[-1].get("step") == trainer.state.global_step:
+        eval_metrics = dict(last_eval[-1])  # evaluated at the last step already
+        eval_metrics.pop("step", None)
+        eval_metrics.pop("epoch", None)
+    else:
+        eval_metrics = trainer.evaluate()
+    with contextlib.suppress(OverflowError):
+        eval_metrics["eval_perplexity"] = math.exp(eval_metrics["eval_loss"])
+    return eval_metrics
 
 
 if __name__ == "__main__":

@@ -12,7 +12,10 @@ import pytest
 from helpers_train import MARKERS, make_dataset_dir
 
 import train
-from utils.common import InputError
+from utils.cli import InputError
+from utils.models.recipe import Recipe
+from utils.models.run_folder import publish
+from utils.models.run_record import restore_run
 
 # Two tasks of three, weighted, and K=20 instead of the defaults (3 tasks, K=100).
 RUN = [
@@ -150,7 +153,7 @@ def test_publish_removes_only_what_a_run_wrote(tmp_path) -> None:
     staging.mkdir()
     for name in ("adapter_config.json", "adapter_model.safetensors", "train_args.json"):
         (staging / name).write_text("new")
-    train.publish(staging, run)
+    publish(staging, run)
     assert sorted(p.name for p in run.iterdir()) == [
         "README.md", "adapter_config.json", "adapter_model.safetensors", "my_notes.txt", "notes",
         "train_args.json", "weights_of_mine.safetensors"]
@@ -162,19 +165,22 @@ def test_a_run_recorded_before_the_flags_were_kept_resumes_as_recorded(tmp_path)
               "top_k_genes": 20, "model_name": None, "init_from_scratch": True, "n_embd": 32,
               "data_dir": str(tmp_path / "hf"), "cell_type_column": "cell_type", "cell_types": [], "seed": 5}
     args = train.parse_args(["--n_embd", "32"])
-    train.restore_run(args, record, tmp_path / "run_args.json")
+    restore_run(args, record, tmp_path / "run_args.json")
     assert args.data.tasks == "cell_type_prediction,unconditional_generation"
     assert args.data.task_weights == "0.75,0.25" and args.data.top_k_genes == 20
     assert args.data.data_dir == str(tmp_path / "hf") and args.training.seed == 5
     assert args.model.model_name == "gpt2"  # none recorded: a from-scratch run
-    assert args.data.cell_type_column is None  # the run had no labels: derived from the data again
+    assert args.data.label_column is None  # the run had no labels: derived from the data again
+    args = train.parse_args([])  # the old key of --label_column is read by its new name
+    restore_run(args, {**record, "cell_type_column": "tissue", "cell_types": ["a"]}, tmp_path / "run_args.json")
+    assert args.data.label_column == "tissue"
     with pytest.raises(InputError, match="^--top_k_genes 100 differs from the 20"):
-        train.restore_run(train.parse_args(["--top_k_genes", "100"]), record, tmp_path / "run_args.json")
+        restore_run(train.parse_args(["--top_k_genes", "100"]), record, tmp_path / "run_args.json")
     # arguments made in Python: a value off its default counts as given
     args = train.parse_args([])._replace(given=None)
     args.data.top_k_genes = 30
     with pytest.raises(InputError, match="^--top_k_genes 30 differs from the 20"):
-        train.restore_run(args, record, tmp_path / "run_args.json")
+        restore_run(args, record, tmp_path / "run_args.json")
 
 
 def test_a_resume_keeps_the_recorded_optimization(first_run, tmp_path, caplog) -> None:
@@ -193,3 +199,37 @@ def test_a_resume_keeps_the_recorded_optimization(first_run, tmp_path, caplog) -
         train.main(train.parse_args([*bare, "--max_steps", "8", "--learning_rate", "1e-3"]))
     assert "--learning_rate 0.001 replaces the 0.005" in caplog.text
     assert read(run / "train_args.json")["training"]["learning_rate"] == 1e-3
+
+
+def test_a_run_recorded_with_the_old_flag_names_resumes(first_run, tmp_path) -> None:
+    """A record written before --cell_type_column became --label_column (and
+    --preprocessing_num_workers --num_proc) continues, with the old keys read by the new names."""
+    old_names = {"label_column": "cell_type_column", "num_proc": "preprocessing_num_workers"}
+
+    def with_old_names(values: dict) -> dict:
+        return {old_names.get(k, k): v for k, v in values.items()}
+
+    run = tmp_path / "runs" / "r"
+    shutil.copytree(first_run, run)
+    for path in (run / "train_args.json", run / "checkpoints" / "run_args.json"):
+        record = with_old_names(read(path))
+        record["flags"] = with_old_names(record["flags"])
+        path.write_text(json.dumps(record))
+    assert read(run / "train_args.json")["cell_type_column"] == "cell_type"
+    # the recorded (derived) label column counts as given, under the old flag name too
+    resume(run, "--max_steps", "6", "--cell_type_column", "cell_type")
+    record = read(run / "train_args.json")
+    assert json.loads((run / "train_results.json").read_text())["global_step"] == 6
+    assert record["label_column"] == "cell_type" and record["flags"]["label_column"] is None
+    assert "num_proc" in record
+    assert not {"cell_type_column", "preprocessing_num_workers"} & (set(record) | set(record["flags"]))
+    assert not {"label_column", "num_proc"} & set(record["resumes"][-1]["changed"])
+    assert read(run / "recipe.json")["label_columns"] == {"cell_type": sorted(MARKERS)}
+    with pytest.raises(InputError, match="^--label_column tissue differs from the None"):
+        resume(run, "--max_steps", "8", "--label_column", "tissue")
+
+
+def test_a_recipe_is_rebuilt_from_a_record_with_the_old_flag_names() -> None:
+    recipe = Recipe.from_train_record({"cell_type_column": "tissue", "cell_types": ["gut", "liver"],
+                                       "tasks": ["cell_type_prediction"], "task_weights": [1.0]})
+    assert recipe.label_columns == {"tissue": ["gut", "liver"]}

@@ -12,9 +12,12 @@ import torch
 from helpers_train import BACKGROUND, MARKERS, make_dataset_dir, make_sentences
 
 import train
-from utils.common import InputError
-from utils.prompts import generation_prompt, prediction_prompt
-from utils.training import decode_answer, encode_prompt, load_model_and_tokenizer
+from utils.cli import InputError
+from utils.models.examples import decode_answer, encode_prompt
+from utils.models.loading import load_model_and_tokenizer
+from utils.models.prompts import generation_prompt, prediction_prompt
+from utils.models.run_folder import latest_checkpoint, prepare_run_dir
+from utils.models.train_data import resolve_tasks
 
 TINY = [
     "--init_from_scratch", "True", "--n_layer", "2", "--n_embd", "64", "--n_head", "2",
@@ -133,11 +136,11 @@ def test_crashed_run_leaves_no_model(one_thread, data_dir, tmp_path, monkeypatch
         train.main(train.parse_args(argv))
     assert not (tmp_path / "r" / "config.json").exists()
     # the same run name starts over without --overwrite (no checkpoint was written)
-    train.prepare_run_dir(tmp_path / "r", None, overwrite=False)
+    prepare_run_dir(tmp_path / "r", None, overwrite=False)
     assert not (tmp_path / "r" / "checkpoints").exists()
     (tmp_path / "r" / "checkpoints" / "checkpoint-3").mkdir(parents=True)
     with pytest.raises(InputError, match="--checkpoint latest --run_name r"):
-        train.prepare_run_dir(tmp_path / "r", None, overwrite=False)
+        prepare_run_dir(tmp_path / "r", None, overwrite=False)
 
 
 def test_missing_dataset_folder(tmp_path: Path) -> None:
@@ -157,10 +160,10 @@ def test_typed_task_without_cell_types(tmp_path: Path) -> None:
 
 def test_default_tasks_follow_the_data() -> None:
     args = train.DataArguments()
-    assert list(train.resolve_tasks(args, ["cell_sentence", "cell_type"])) == [
+    assert list(resolve_tasks(args, ["cell_sentence", "cell_type"])) == [
         "conditional_generation", "unconditional_generation", "cell_type_prediction"
     ]
-    assert list(train.resolve_tasks(args, ["cell_sentence"])) == ["unconditional_generation"]
+    assert list(resolve_tasks(args, ["cell_sentence"])) == ["unconditional_generation"]
 
 
 @pytest.mark.parametrize("offline", [True, False])
@@ -193,6 +196,21 @@ def test_readme_command_parses(caplog) -> None:
         assert "fp16" in caplog.text
 
 
+def test_old_flag_names_work_with_a_warning_and_are_not_in_the_help(caplog, capsys) -> None:
+    with caplog.at_level(logging.WARNING, logger="cell2sentence"):
+        args = train.parse_args(["--cell_type_column", "tissue", "--preprocessing_num_workers=2"])
+    assert args.data.label_column == "tissue" and args.data.num_proc == 2
+    assert {"label_column", "num_proc"} <= args.given
+    assert "--cell_type_column is now called --label_column" in caplog.text
+    assert "--preprocessing_num_workers is now called --num_proc" in caplog.text
+    assert train.parse_args(["--label_column", "tissue"]).data.label_column == "tissue"
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    shown = capsys.readouterr().out
+    assert "--label_column" in shown and "--num_proc" in shown
+    assert "--cell_type_column" not in shown and "--preprocessing_num_workers" not in shown
+
+
 def test_bad_sizes_are_rejected(tmp_path: Path) -> None:
     argv = ["--init_from_scratch", "True", "--n_embd", "65", "--n_head", "2",
             "--data_dir", str(tmp_path)]
@@ -220,23 +238,23 @@ def test_latest_checkpoint_is_the_highest_step(tmp_path: Path) -> None:
     for step in (5, 40, 100, 9):
         (tmp_path / f"checkpoint-{step}").mkdir()
     (tmp_path / "checkpoint-x").mkdir()
-    assert train.latest_checkpoint(tmp_path, complete=False) == tmp_path / "checkpoint-100"
-    assert train.latest_checkpoint(tmp_path / "none") is None
+    assert latest_checkpoint(tmp_path, complete=False) == tmp_path / "checkpoint-100"
+    assert latest_checkpoint(tmp_path / "none") is None
 
 
 def test_tasks_follow_what_the_prompt_format_has() -> None:
-    from utils.prompts import prompt_format
+    from utils.models.prompts import prompt_format
 
     assert prompt_format("ours").tasks == ("conditional_generation", "unconditional_generation",
                                            "cell_type_prediction")
     scale = train.DataArguments(prompt_format="c2s_scale")
-    assert list(train.resolve_tasks(scale, ["cell_sentence", "cell_type"])) == [
+    assert list(resolve_tasks(scale, ["cell_sentence", "cell_type"])) == [
         "conditional_generation", "cell_type_prediction"
     ]
     with pytest.raises(InputError, match="^The c2s_scale format has only cell-type tasks, but the data "
-                                         "has no 'cell_type' column; pass --cell_type_column.$"):
-        train.resolve_tasks(scale, ["cell_sentence"])
+                                         "has no 'cell_type' column; pass --label_column.$"):
+        resolve_tasks(scale, ["cell_sentence"])
     scale.tasks = "unconditional_generation,cell_type_prediction"
     with pytest.raises(InputError, match="^The c2s_scale prompt format has no unconditional_generation "
                                          "prompts; drop it from --tasks or use --prompt_format ours.$"):
-        train.resolve_tasks(scale, ["cell_sentence", "cell_type"])
+        resolve_tasks(scale, ["cell_sentence", "cell_type"])

@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from utils.common import InputError
-from utils.prompts import DEFAULT_ORGANISM
+from utils.cli import InputError
+from utils.models.prompts import DEFAULT_ORGANISM
 
 logger = logging.getLogger("cell2sentence")
 
@@ -129,11 +129,15 @@ class Recipe:
 
     @classmethod
     def from_train_record(cls, record: Mapping[str, Any]) -> Recipe:
-        """The recipe of a run written before ``recipe.json`` existed (its ``train_args.json``)."""
+        """The recipe of a run written before ``recipe.json`` existed (its ``train_args.json``,
+        whose keys of renamed flags, such as ``cell_type_column``, are read by their new names)."""
+        from utils.models.run_record import renamed_keys
+
+        record = renamed_keys(record)
         fmt = record.get("prompt_format", "ours")
         if isinstance(fmt, Mapping):  # earlier runs recorded a description of ours
             fmt = fmt.get("name", "ours")
-        column = record.get("cell_type_column") or "cell_type"
+        column = record.get("label_column") or "cell_type"
         labels = record.get("cell_types") or []
         data_dir = record.get("data_dir")
         sentence, qc = transform_options_of(Path(data_dir).parent) if data_dir else ({}, {})

@@ -1,0 +1,149 @@
+"""The model and tokenizer ``train.py`` trains: a pretrained one (hub name or local folder), a
+checkpoint's, or a small GPT-2-style model with a word-level tokenizer built from the data; LoRA
+adapters on top when asked; and the context length of its examples."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from utils.cli import InputError
+
+logger = logging.getLogger("cell2sentence.train")
+
+OFFLINE_HINT = (
+    "pass a local model directory with --model_name (a folder written by save_pretrained or "
+    "an earlier train.py run), or train a small model from scratch with --init_from_scratch True"
+)
+
+
+def iter_top_genes(dataset: Any, top_k: int, batch_size: int = 10_000) -> Iterator[str]:
+    """The first ``top_k`` genes of every sentence, batch by batch (no full copy)."""
+    for batch in dataset.select_columns(["cell_sentence"]).iter(batch_size=batch_size):
+        for sentence in batch["cell_sentence"]:
+            yield " ".join(sentence.split()[:top_k])
+
+
+def build_model_and_tokenizer(
+    args: Any, train_split: Any, checkpoint: Path | None
+) -> tuple[Any, Any]:
+    """Load the pretrained model, the checkpoint's, or build a small one from scratch, as
+    train.py's parsed flags ``args`` say."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+
+    from utils.models.loading import from_pretrained
+    from utils.models.prompts import prompt_words
+    from utils.models.tokenizer import build_word_tokenizer
+    from utils.models.train_data import label_set
+
+    m, d = args.model, args.data
+    if checkpoint is not None and m.lora_r:
+        # An adapter checkpoint: the base model + fresh adapters; Trainer restores the adapter
+        # weights, optimizer and step from the checkpoint.
+        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+        model = from_pretrained(AutoModelForCausalLM.from_pretrained, m.model_name,
+                                offline_hint=OFFLINE_HINT, dtype=torch.float32)
+    elif checkpoint is not None:
+        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+        model = from_pretrained(AutoModelForCausalLM.from_pretrained, str(checkpoint),
+                                offline_hint=OFFLINE_HINT, dtype=torch.float32)
+    elif m.init_from_scratch:
+        tokenizer = build_word_tokenizer(
+            iter_top_genes(train_split, d.top_k_genes),
+            extra_words=prompt_words(label_set(train_split, d.label_column),
+                                     max_number=max(1024, d.top_k_genes)),
+            min_count=m.min_gene_count,
+            model_max_length=m.n_positions,
+        )
+        config = GPT2Config(
+            vocab_size=len(tokenizer),
+            n_positions=m.n_positions,
+            n_embd=m.n_embd,
+            n_layer=m.n_layer,
+            n_head=m.n_head,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        model = AutoModelForCausalLM.from_config(config)
+        logger.info(
+            "New GPT-2-style model: %d layers, %d dims, %d heads, %s parameters, vocabulary "
+            "of %s words.",
+            m.n_layer, m.n_embd, m.n_head, f"{model.num_parameters():,}", f"{len(tokenizer):,}",
+        )
+    else:
+        tokenizer = from_pretrained(
+            AutoTokenizer.from_pretrained, m.model_name, offline_hint=OFFLINE_HINT
+        )
+        model = from_pretrained(
+            AutoModelForCausalLM.from_pretrained,
+            m.model_name,
+            offline_hint=OFFLINE_HINT,
+            dtype=torch.float32,
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token_id is None:
+        raise InputError(f"The tokenizer of {m.model_name} has no EOS token; pick another model.")
+    tokenizer.padding_side = "right"
+    if getattr(model, "loss_type", None) is None:
+        # GPT-2's class name names no loss; this is the loss transformers falls back to, named
+        # here so that it does not warn about it in every process.
+        model.loss_type = "ForCausalLM"
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+    if m.lora_r:
+        model = add_lora(model, m, gradient_checkpointing=args.training.gradient_checkpointing)
+    return model, tokenizer
+
+
+def add_lora(model: Any, m: Any, *, gradient_checkpointing: bool) -> Any:
+    """Wrap ``model`` with LoRA adapters (only they train) as the model flags ``m`` say; the
+    adapter names its base model by an absolute path when it is a local folder, so the run
+    folder loads from anywhere."""
+    from utils.models.lora import target_modules, wrap_with_lora
+
+    modules = target_modules(model.config.model_type, m.lora_target_modules)
+    if gradient_checkpointing:
+        model.enable_input_require_grads()  # checkpointed blocks need inputs that require grad
+    model = wrap_with_lora(model, r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout,
+                           modules=modules)
+    base = Path(m.model_name).expanduser()
+    model.peft_config["default"].base_model_name_or_path = (
+        str(base.resolve()) if base.is_dir() else m.model_name
+    )
+    trainable, total = model.get_nb_trainable_parameters()
+    logger.info(
+        "LoRA r=%d alpha=%g on %s: %s of %s parameters train (%.2f%%).",
+        m.lora_r, m.lora_alpha, ",".join(modules), f"{trainable:,}", f"{total:,}",
+        100 * trainable / max(total, 1),
+    )
+    return model
+
+
+def context_length(model: Any, tokenizer: Any, requested: int | None) -> int:
+    """The longest example: the model's context, or less when asked."""
+    config = model.config
+    limit = getattr(config, "n_positions", None) or getattr(
+        config, "max_position_embeddings", None
+    )
+    tok_limit = getattr(tokenizer, "model_max_length", None)
+    if tok_limit and tok_limit < 1_000_000:
+        limit = min(limit, tok_limit) if limit else tok_limit
+    limit = limit or 1024
+    if requested is None:
+        return limit
+    if requested > limit:
+        logger.warning(
+            "--max_seq_length %d exceeds the model's context of %d tokens; using %d.",
+            requested, limit, limit,
+        )
+        return limit
+    return requested

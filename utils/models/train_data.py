@@ -1,0 +1,210 @@
+"""The data ``train.py`` trains on: transform.py's DatasetDict read and checked, the label column
+and the task mix it allows, and the tokenized examples (one per cell, its task drawn at random,
+seeded per cell) with their counts."""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from utils.cli import InputError
+
+logger = logging.getLogger("cell2sentence.train")
+
+
+def load_cell_sentences(data_dir: Path) -> Any:
+    """The DatasetDict of transform.py, checked for a train split and a sentence column."""
+    from datasets import DatasetDict, load_from_disk
+
+    if not data_dir.is_dir():
+        raise InputError(
+            f"Dataset folder {data_dir} does not exist; run transform.py first or pass "
+            "--data_dir with its cell_sentences_hf/ folder."
+        )
+    try:
+        dataset = load_from_disk(str(data_dir))
+    except (FileNotFoundError, ValueError, OSError) as err:
+        raise InputError(
+            f"{data_dir} is not a dataset saved with save_to_disk ({err}); pass the "
+            "cell_sentences_hf/ folder written by transform.py."
+        ) from None
+    if not isinstance(dataset, DatasetDict) or "train" not in dataset:
+        raise InputError(
+            f"{data_dir} holds no 'train' split; pass the cell_sentences_hf/ folder written "
+            "by transform.py (splits train/valid/test)."
+        )
+    if "cell_sentence" not in dataset["train"].column_names:
+        raise InputError(
+            f"The train split of {data_dir} has no 'cell_sentence' column "
+            f"(columns: {', '.join(dataset['train'].column_names)})."
+        )
+    return dataset
+
+
+def check_splits(dataset: Any, data_dir: str, *, do_eval: bool) -> None:
+    """A train split with cells, and a valid one with cells when evaluation was asked for."""
+    if do_eval and ("valid" not in dataset or len(dataset["valid"]) == 0):
+        raise InputError(
+            f"Evaluation was asked for, but {data_dir} has no or an empty 'valid' split; "
+            "drop --eval_strategy or pass a dataset with a valid split."
+        )
+    if len(dataset["train"]) == 0:
+        raise InputError(f"The train split of {data_dir} is empty; nothing to train on.")
+
+
+def first_cells(split: Any, n: int | None) -> Any:
+    """The first ``n`` cells of ``split`` (all of them when ``n`` is None)."""
+    return split if n is None else split.select(range(min(n, len(split))))
+
+
+def resolve_label_column(requested: str | None, columns: Sequence[str]) -> str:
+    """The label column: ``cell_type`` by default; one named with --label_column must
+    exist (a typo would otherwise train an unconditional model without a word)."""
+    if requested is not None and requested not in columns:
+        raise InputError(
+            f"The data has no column {requested!r} given by --label_column (it has "
+            f"{', '.join(columns)}); fix the name or leave the flag out."
+        )
+    return requested or "cell_type"
+
+
+def label_set(split: Any, column: str | None) -> list[str]:
+    """The sorted labels of ``column`` in ``split`` (missing labels left out); [] when the
+    split has no such column."""
+    from utils.models.examples import has_label
+
+    if column not in split.column_names:
+        return []
+    return sorted({str(x) for x in split.unique(column) if has_label(x)})
+
+
+def resolve_tasks(data_args: Any, columns: Sequence[str]) -> dict[str, float]:
+    """The task mix: the flags (``data_args``: train.py's ``DataArguments``), or all tasks the
+    data allows."""
+    from utils.models.examples import TASKS, TYPED_TASKS, UNCONDITIONAL_GENERATION, parse_tasks
+    from utils.models.prompts import PROMPT_FORMATS, prompt_format
+
+    label = data_args.label_column or "cell_type"
+    has_types = label in columns
+    fmt = prompt_format(data_args.prompt_format)  # a format may lack some tasks' prompts
+    if data_args.tasks is None:
+        if has_types:
+            return parse_tasks(",".join(t for t in TASKS if t in fmt.tasks), data_args.task_weights)
+        if UNCONDITIONAL_GENERATION not in fmt.tasks:
+            raise InputError(
+                f"The {fmt.name} format has only cell-type tasks, but the data has no "
+                f"{label!r} column; pass --label_column."
+            )
+        logger.warning(
+            "The data has no %r column; training unconditional_generation only.",
+            label,
+        )
+        return parse_tasks(UNCONDITIONAL_GENERATION, data_args.task_weights)
+    tasks = parse_tasks(data_args.tasks, data_args.task_weights)
+    lacking = [t for t in tasks if t not in fmt.tasks]
+    if lacking:
+        others = [n for n in PROMPT_FORMATS if set(tasks) <= set(prompt_format(n).tasks)]
+        raise InputError(
+            f"The {fmt.name} prompt format has no {', '.join(lacking)} prompts; drop it "
+            f"from --tasks{' or use --prompt_format ' + ' or '.join(others) if others else ''}."
+        )
+    typed = [t for t in tasks if t in TYPED_TASKS]
+    if typed and not has_types:
+        raise InputError(
+            f"Task(s) {', '.join(typed)} need cell types, but the data has no "
+            f"{label!r} column; pass --label_column with the label "
+            "column or --tasks unconditional_generation."
+        )
+    return tasks
+
+
+def tokenize_split(
+    split: Any, name: str, args: Any, tokenizer: Any, tasks: dict[str, float],
+    max_length: int,
+) -> Any:
+    """One tokenized example per cell (input_ids, labels, task)."""
+    from utils.models.examples import tokenize_batch
+    from utils.models.prompts import prompt_format
+
+    d = args.data
+    return split.map(
+        tokenize_batch,
+        batched=True,
+        with_indices=True,
+        remove_columns=split.column_names,
+        keep_in_memory=True,  # never write cache files into transform.py's output folder
+        num_proc=d.num_proc,
+        desc=f"Building {name} examples",
+        fn_kwargs={
+            "tokenizer": tokenizer,
+            "tasks": tasks,
+            "top_k": d.top_k_genes,
+            "max_length": max_length,
+            "seed": args.training.seed,
+            "split": name,
+            "cell_type_column": d.label_column,
+            "prompt_format": prompt_format(d.prompt_format, organism=d.organism),
+        },
+    )
+
+
+def describe_examples(examples: Any) -> dict[str, Any]:
+    """Counts per task and token lengths of tokenized examples."""
+    lengths = [len(ids) for ids in examples["input_ids"]]
+    answer = [sum(1 for x in labels if x != -100) for labels in examples["labels"]]
+    return {
+        "n_examples": len(lengths),
+        "task_counts": dict(sorted(Counter(examples["task"]).items())),
+        "avg_tokens_per_example": round(statistics.fmean(lengths), 2) if lengths else 0.0,
+        "max_tokens_per_example": max(lengths, default=0),
+        "avg_answer_tokens": round(statistics.fmean(answer), 2) if answer else 0.0,
+    }
+
+
+def build_examples(
+    train_split: Any, valid_split: Any | None, args: Any, tokenizer: Any,
+    tasks: dict[str, float], max_length: int,
+) -> tuple[Any, Any | None, dict[str, Any]]:
+    """The training examples, the evaluation ones (None without ``valid_split``) and the
+    counts of the training ones (``describe_examples``), as train.py's flags ``args`` say;
+    built by the main process first (the others reuse its cache)."""
+    d = args.data
+    with args.training.main_process_first(desc="building examples"):
+        try:
+            train_examples = tokenize_split(train_split, "train", args, tokenizer, tasks,
+                                            max_length)
+            eval_examples = None
+            if valid_split is not None:
+                eval_examples = tokenize_split(valid_split, "valid", args, tokenizer, tasks,
+                                               max_length)
+        except ValueError as err:
+            if "does not fit" in str(err):
+                raise InputError(str(err)) from None
+            raise
+    stats = describe_examples(train_examples)
+    if stats["n_examples"] == 0:
+        raise InputError(
+            f"No training example could be built: no cell of {d.data_dir} has a "
+            f"{d.label_column!r} label; add unconditional_generation to --tasks."
+        )
+    if stats["n_examples"] < len(train_split):
+        logger.warning(
+            "%s training cells without a cell type were left out (their tasks need one).",
+            f"{len(train_split) - stats['n_examples']:,}",
+        )
+    logger.info(
+        "%s training examples (%s), %.1f tokens per example on average (longest %d, context "
+        "%d), %.1f answer tokens.",
+        f"{stats['n_examples']:,}",
+        ", ".join(f"{k} {v:,}" for k, v in stats["task_counts"].items()),
+        stats["avg_tokens_per_example"], stats["max_tokens_per_example"], max_length,
+        stats["avg_answer_tokens"],
+    )
+    train_examples = train_examples.remove_columns("task")
+    if eval_examples is not None:
+        eval_examples = eval_examples.remove_columns("task")
+    return train_examples, eval_examples, stats
