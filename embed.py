@@ -35,31 +35,27 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from utils.cell_model import add_model_arguments
-from utils.common import (
+from utils.cli import (
     InputError,
-    claim_output_dir,
-    releasing_outputs,
+    add_run_flags,
+    renamed_flags,
     run_cli,
     save_args,
+    script_parser,
     seed_everything,
-    settle_inputs,
-    staged_outputs,
     strict_json,
 )
+from utils.contract import EMBED
+from utils.models.cell_model import add_model_arguments
+from utils.publish import claim_output_dir, releasing_outputs, settle_inputs, staged_outputs
 
 logger = logging.getLogger("cell2sentence")
 
-OUTPUTS = ["embeddings.h5ad", "umap.png", "metrics.json", "embed_args.json"]
 SPLITS = ("train", "valid", "test")
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Help with the defaults shown."""
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p = script_parser(__doc__)
     add_model_arguments(p)
     p.add_argument("--data_dir", type=Path, default=Path("data/cell_sentences_hf"),
                    help="the DatasetDict written by transform.py")
@@ -68,21 +64,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="embed the cells of this .h5ad instead (sentences made by the transform's API, no QC)")
     p.add_argument("--transform_dir", type=Path, default=None,
                    help="transform.py's output folder, for the PCA baseline (default: the parent of --data_dir)")
-    p.add_argument("--output_dir", type=Path, default=None,
-                   help="where outputs go (default: data/embeddings/<model_dir name>)")
+    add_run_flags(p, output_dir=None, output_dir_help="where outputs go (default: data/embeddings/<model_dir name>)",
+                  seed_help="seed of the --max_cells subset and the UMAP")
     p.add_argument("--pooling", choices=("mean", "last"), default="mean",
                    help="mean over the cell sentence's tokens, or the last token")
     p.add_argument("--layer", type=int, default=-1, help="hidden states of this layer (-1: the last, 0: embeddings)")
     p.add_argument("--top_k_genes", type=int, default=None,
                    help="genes per cell (default: the run's top_k_genes, 100 for published models)")
-    p.add_argument("--cell_type_column", type=str, default="cell_type", help="label column for the scores and UMAP")
+    p.add_argument("--label_column", type=str, default="cell_type", help="label column for the scores and UMAP")
     p.add_argument("--batch_size", type=int, default=16, help="cells per forward pass")
     p.add_argument("--max_cells", type=int, default=None, help="embed a seeded random subset of this many cells")
     p.add_argument("--k_neighbors", type=int, default=5, help="k of the k-NN accuracy")
     p.add_argument("--n_components", type=int, default=50, help="principal components of the expression baseline")
-    p.add_argument("--seed", type=int, default=1234, help="seed of the --max_cells subset and the UMAP")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    args = p.parse_args(argv)
+    args = p.parse_args(renamed_flags(argv))
     if args.model_dir is None:
         raise InputError("Pass --model_dir: a train.py run folder, a published C2S model's folder, or its hub name.")
     if args.split not in (*SPLITS, "all"):
@@ -105,7 +99,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def cells_from_dataset(data_dir: Path, split: str) -> tuple[pd.DataFrame, list[str]]:
     """(obs, sentences) of one split or of all splits of transform.py's DatasetDict."""
-    from utils.eval_io import split_table
+    from utils.contract import split_table
 
     table = split_table(data_dir, split)
     obs = table.drop(columns=["cell_sentence"]).set_index("cell_name")
@@ -118,7 +112,7 @@ def cells_from_h5ad(path: Path, label_column: str, recipe: Any) -> tuple[pd.Data
     with the model's recipe (the training transform's sentence options)."""
     import anndata as ad
 
-    from utils.api import adata_to_sentences
+    from utils.transform.sentences import adata_to_sentences
 
     if not path.is_file():
         raise InputError(f"{path} does not exist; pass an .h5ad file with --h5ad.")
@@ -131,7 +125,7 @@ def cells_from_h5ad(path: Path, label_column: str, recipe: Any) -> tuple[pd.Data
 
 
 def subsample(obs: pd.DataFrame, sentences: list[str], cap: int | None, seed: int) -> tuple[pd.DataFrame, list[str]]:
-    from utils.eval_io import sample_rows
+    from utils.contract import sample_rows
 
     rows = sample_rows(len(sentences), cap, seed)
     return obs.iloc[rows], [sentences[i] for i in rows]
@@ -141,7 +135,7 @@ def subsample(obs: pd.DataFrame, sentences: list[str], cap: int | None, seed: in
 
 
 def umap_figure(coords: np.ndarray, labels: list[str], title: str):
-    from utils.evaluation import plot_labelled_panels
+    from utils.evaluation.figures import plot_labelled_panels
 
     return plot_labelled_panels([(title, coords, labels)], axis_label="UMAP")
 
@@ -151,11 +145,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     import anndata as ad
     from tqdm.auto import tqdm
 
-    from utils.cell_model import load_from_args
-    from utils.distributed import Processes
-    from utils.eval_io import read_preprocessed
-    from utils.metrics import evaluate_embedding
-    from utils.recipe import Recipe
+    from utils.contract import read_preprocessed
+    from utils.evaluation.metrics import evaluate_embedding
+    from utils.models.cell_model import load_from_args
+    from utils.models.distributed import Processes
+    from utils.models.recipe import Recipe
 
     procs = Processes.start()
 
@@ -163,10 +157,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     # A model or transform killed while publishing: finish its publish before reading anything.
     settle_inputs(args.model_dir, *([args.h5ad] if args.h5ad is not None else [args.data_dir, args.transform_dir]))
     if procs.main:
-        claim_output_dir(args.output_dir, OUTPUTS, overwrite=args.overwrite)
+        claim_output_dir(args.output_dir, list(EMBED), overwrite=args.overwrite)
     expression = None
     if args.h5ad is not None:
-        obs, sentences, expression = cells_from_h5ad(args.h5ad, args.cell_type_column, Recipe.read(args.model_dir))
+        obs, sentences, expression = cells_from_h5ad(args.h5ad, args.label_column, Recipe.read(args.model_dir))
     else:
         obs, sentences = cells_from_dataset(args.data_dir, args.split)
     obs, sentences = subsample(obs, sentences, args.max_cells, args.seed)
@@ -189,9 +183,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     metrics: dict[str, Any] = {"model_dir": str(args.model_dir), "n_cells": len(sentences), "n_dims": int(X.shape[1]),
                                "pooling": args.pooling, "layer": args.layer,
                                "prompt_format": model.prompt_format.name, "top_k_genes": model.top_k_genes}
-    labelled = (obs[args.cell_type_column].notna().to_numpy() if args.cell_type_column in obs
+    labelled = (obs[args.label_column].notna().to_numpy() if args.label_column in obs
                 else np.zeros(len(obs), dtype=bool))
-    labels = obs[args.cell_type_column].astype(str).to_numpy() if labelled.any() else None
+    labels = obs[args.label_column].astype(str).to_numpy() if labelled.any() else None
     if labels is not None and len(set(labels[labelled])) >= 2:
         if expression is None:
             expression = read_preprocessed(args.transform_dir, obs.index[labelled])
@@ -210,7 +204,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                     f"{metrics['pca']['knn_accuracy']:.3f}, {metrics['pca']['silhouette']:.3f}"
                     if "pca" in metrics else "none")
     else:
-        logger.warning("No %r column with two or more types: no scores in metrics.json.", args.cell_type_column)
+        logger.warning("No %r column with two or more types: no scores in metrics.json.", args.label_column)
     figure = None
     if len(sentences) >= 4:
         import scanpy as sc
@@ -219,12 +213,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         sc.tl.umap(adata, random_state=args.seed)
         colour = labels.tolist() if labels is not None else ["cells"] * len(sentences)
         figure = umap_figure(adata.obsm["X_umap"], colour, f"UMAP of X_c2s ({X.shape[1]} dimensions, {args.pooling})")
-    with staged_outputs(args.output_dir, OUTPUTS, overwrite=args.overwrite) as tmp:
-        adata.write_h5ad(tmp / "embeddings.h5ad")
+    with staged_outputs(args.output_dir, list(EMBED), overwrite=args.overwrite) as tmp:
+        adata.write_h5ad(tmp / EMBED.embeddings)
         if figure is not None:
-            figure.savefig(tmp / "umap.png", dpi=130, bbox_inches="tight")
-        (tmp / "metrics.json").write_text(strict_json(metrics, indent=2, default=str) + "\n")
-        save_args(args, tmp / "embed_args.json")
+            figure.savefig(tmp / EMBED.umap, dpi=130, bbox_inches="tight")
+        (tmp / EMBED.metrics).write_text(strict_json(metrics, indent=2, default=str) + "\n")
+        save_args(args, tmp / EMBED.args)
     logger.info("Wrote %s.", args.output_dir)
     return metrics
 

@@ -15,7 +15,7 @@ sentence is reproduced exactly; ``--clip_negative`` drops them instead.
 
 Example:
     python inverse.py --sentences data/generated/<run>/generated_cells.txt \\
-        --labels data/generated/<run>/generated_labels.txt --labels_key requested_cell_type \\
+        --labels data/generated/<run>/generated_labels.txt --label_column requested_cell_type \\
         --transform_dir data/ --output data/inverse/generated.h5ad --evaluate
 """
 
@@ -38,26 +38,24 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from utils.common import (
+from utils.cli import (
     InputError,
-    claim_output_dir,
-    releasing_outputs,
+    renamed_flags,
     run_cli,
     save_args,
+    script_parser,
     seed_everything,
-    settle_inputs,
-    staged_outputs,
     strict_json,
 )
-from utils.eval_io import (
+from utils.contract import (
     find_preprocessed,
     labelled_rows,
     load_splits,
     read_lines,
     read_preprocessed,
 )
-from utils.evaluation import sentence_stats
-from utils.fit import RankExpressionFit
+from utils.evaluation.generation_metrics import real_expression, score_expression
+from utils.evaluation.metrics import sentence_stats
 from utils.inverse import (
     SentenceBytes,
     build_vocab_index,
@@ -69,21 +67,16 @@ from utils.inverse import (
     sentences_to_expression,
     zero_crossing_rank,
 )
-from utils.metrics import real_expression, score_expression
+from utils.publish import claim_output_dir, releasing_outputs, settle_inputs, staged_outputs
+from utils.transform.fit import RankExpressionFit
 
 logger = logging.getLogger("cell2sentence")
 
 LABEL_COLUMNS = ("cell_type", "requested_cell_type")
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Help with the defaults shown."""
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
-    )
+    p = script_parser(__doc__)
     p.add_argument("--sentences", type=Path, default=Path("data/cell_sentences/test.txt"),
                    help="a .txt file (one sentence per line) or a datasets folder (save_to_disk)")
     p.add_argument("--transform_dir", type=Path, default=Path("data"),
@@ -96,7 +89,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="column of the sentences in an arrow dataset")
     p.add_argument("--labels", type=Path, default=None,
                    help="for a .txt input: a file with one label per line (cell type or requested type)")
-    p.add_argument("--labels_key", type=str, default="cell_type",
+    p.add_argument("--label_column", type=str, default="cell_type",
                    help="obs column of the --labels values (e.g. requested_cell_type)")
     p.add_argument("--names", type=Path, default=None,
                    help="for a .txt input: cell names, one per line (default: <stem>_barcodes.txt "
@@ -105,7 +98,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="also match words that differ from a gene only in letter case (exact match first)")
     p.add_argument("--clip_negative", action="store_true",
                    help="drop genes whose reconstructed value is <= 0 instead of keeping them")
-    p.add_argument("--max_genes", type=int, default=None,
+    p.add_argument("--top_k_genes", type=int, default=None,
                    help="use only the first K words of each sentence (default: all)")
     p.add_argument("--evaluate", action="store_true",
                    help="also write <output stem>_metrics.json: word statistics, reconstruction vs the "
@@ -113,14 +106,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--k_neighbors", type=int, default=5, help="k of the k-NN metric (--evaluate)")
     p.add_argument("--seed", type=int, default=1234, help="seed (the transform itself is deterministic)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    args = p.parse_args(argv)
+    args = p.parse_args(renamed_flags(argv))
     _check_args(args)
     return args
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    if args.max_genes is not None and args.max_genes < 1:
-        raise InputError("--max_genes must be at least 1 (or left out to use whole sentences).")
+    if args.top_k_genes is not None and args.top_k_genes < 1:
+        raise InputError("--top_k_genes must be at least 1 (or left out to use whole sentences).")
     if args.k_neighbors < 1:
         raise InputError("--k_neighbors must be at least 1.")
     if args.output is None:
@@ -167,7 +160,7 @@ def load_sentences(args: argparse.Namespace) -> tuple[SentenceBytes, pd.DataFram
         if len(labels) != packed.n:
             raise InputError(f"{args.labels} has {len(labels):,} labels for {packed.n:,} sentences in {path}; "
                              "pass the labels file written with these sentences.")
-        obs[args.labels_key] = pd.Categorical(labels)
+        obs[args.label_column] = pd.Categorical(labels)
     return packed, obs
 
 
@@ -241,7 +234,7 @@ def real_knn_metrics(adata: ad.AnnData, packed: SentenceBytes, transform_dir: Pa
                      fit: RankExpressionFit, vocab_index: Any, max_genes: int | None, k: int,
                      case_insensitive: bool) -> dict[str, dict[str, Any]]:
     """The cells labelled in each of ``labels_keys`` scored like generated ones
-    (utils.metrics.score_expression) against the transform's real cells: k-NN fitted on its
+    (utils.evaluation.generation_metrics.score_expression) against the transform's real cells: k-NN fitted on its
     training cells, with the real -> real (test split) ceiling, and the distances to its test
     cells with their floors; by label column (none when there is nothing to compare with). The
     real cells and the evaluated ones are put in that representation once for all columns."""
@@ -287,7 +280,7 @@ def main(args: argparse.Namespace) -> ad.AnnData:
     index = build_vocab_index(vocab)
     start = time.perf_counter()
     result = sentences_to_expression(packed, index, fit, case_insensitive=args.case_insensitive,
-                                     clip_negative=args.clip_negative, max_words=args.max_genes)
+                                     clip_negative=args.clip_negative, max_words=args.top_k_genes)
     elapsed = time.perf_counter() - start
     logger.info("Reconstructed %s cells × %s genes (%s non-zeros) in %.2f s (%s sentences/s).",
                 f"{packed.n:,}", f"{len(vocab):,}", f"{result.X.nnz:,}", elapsed,
@@ -312,7 +305,7 @@ def main(args: argparse.Namespace) -> ad.AnnData:
     adata.uns["inverse"] = {
         "slope": fit.slope, "intercept": fit.intercept, "clip_negative": bool(args.clip_negative),
         "case_insensitive": bool(args.case_insensitive),
-        "max_genes": -1 if args.max_genes is None else int(args.max_genes),
+        "max_genes": -1 if args.top_k_genes is None else int(args.top_k_genes),
         "transform_dir": str(args.transform_dir), "sentences": str(args.sentences),
     }
     metrics: dict[str, Any] = {}
@@ -326,9 +319,9 @@ def main(args: argparse.Namespace) -> ad.AnnData:
                 metrics["reconstruction"] = rec
                 logger.info("Reconstruction vs %s: Pearson r %.3f on %s values of %s cells.", pre.name,
                             rec["pearson_r"], f"{rec['n_points']:,}", f"{rec['n_cells']:,}")
-        keys = LABEL_COLUMNS if args.labels is None else (args.labels_key,)
+        keys = LABEL_COLUMNS if args.labels is None else (args.label_column,)
         for key, knn in real_knn_metrics(adata, packed, args.transform_dir, keys, fit=fit, vocab_index=index,
-                                         max_genes=args.max_genes, k=args.k_neighbors,
+                                         max_genes=args.top_k_genes, k=args.k_neighbors,
                                          case_insensitive=args.case_insensitive).items():
             metrics[f"knn_{key}"] = knn
             logger.info("k-NN accuracy against %s: %.3f (real vs real: %.3f).", key, knn["knn_accuracy"],

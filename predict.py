@@ -33,29 +33,28 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from utils.cell_model import add_model_arguments
-from utils.common import (
+from utils.cli import (
     InputError,
-    claim_output_dir,
-    releasing_outputs,
+    add_run_flags,
+    renamed_flags,
     run_cli,
     save_args,
+    script_parser,
     seed_everything,
-    settle_inputs,
-    staged_outputs,
     strict_json,
 )
-from utils.distributed import Processes
+from utils.contract import PREDICT
+from utils.models.cell_model import add_model_arguments
+from utils.models.distributed import Processes
+from utils.publish import claim_output_dir, releasing_outputs, settle_inputs, staged_outputs
 
 logger = logging.getLogger("cell2sentence")
 
 SPLITS = ("train", "valid", "test")
-OUTPUTS = ["predictions.csv", "annotated.h5ad", "metrics.json", "confusion_matrix.png", "predict_args.json"]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = script_parser(__doc__)
     add_model_arguments(p)
     p.add_argument("--h5ad", type=Path, default=None,
                    help="cells to annotate: an .h5ad (or 10x .h5, 10x folder, .loom, .csv) in any layout "
@@ -66,17 +65,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--label_column", type=str, default=None,
                    help="the column to predict (default: the one the model was trained on); its truth is "
                         "read from the cells when they have it")
-    p.add_argument("--output_dir", type=Path, default=None,
-                   help="default: predictions/<model name>[_<h5ad name>] next to the input")
+    add_run_flags(p, output_dir=None, output_dir_help="default: predictions/<model name>[_<h5ad name>] next to the input",
+                  seed_help="seed of the --max_cells subset")
     p.add_argument("--batch_size", type=int, default=16, help="cells per forward pass")
     p.add_argument("--max_cells", type=int, default=None, help="predict a seeded random subset of this many cells")
     p.add_argument("--top_k_genes", type=int, default=None,
                    help="genes per prompt (default: the model's recipe; another value is used with a warning)")
     p.add_argument("--free_text", action="store_true",
                    help="greedy free-text answers instead of the model's label set (no scores)")
-    p.add_argument("--seed", type=int, default=1234, help="seed of the --max_cells subset")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    args = p.parse_args(argv)
+    args = p.parse_args(renamed_flags(argv))
     check_args(args)
     return args
 
@@ -109,7 +106,7 @@ def read_cells(path: Path) -> Any:
     """The user's AnnData, read whole (its obs and layout are kept as they are)."""
     import anndata as ad
 
-    from utils.readers import _read_with_scanpy as read_with_scanpy
+    from utils.transform.readers import _read_with_scanpy as read_with_scanpy
 
     if not path.exists():
         raise InputError(f"{path} does not exist; pass the cells to annotate with --h5ad.")
@@ -123,8 +120,8 @@ def read_cells(path: Path) -> Any:
 
 def train_labels_of(data_dir: Path, column: str) -> list[str] | None:
     """The train split's labels of ``column`` (for the majority-class baseline; None without them)."""
-    from utils.eval_io import open_dataset_dict
-    from utils.training import has_label
+    from utils.contract import open_dataset_dict
+    from utils.models.examples import has_label
 
     dd = open_dataset_dict(data_dir, single_ok=True)
     if "train" not in dd or column not in dd["train"].column_names:
@@ -172,10 +169,11 @@ def annotate(adata: Any, rows: np.ndarray, column: str, result: Any, label_set: 
 
 
 def metrics_of(table: pd.DataFrame, column: str, train_labels: Sequence[str] | None) -> tuple[dict[str, Any], Any]:
-    """eval/prediction.py's scores (``utils.evaluation.classification_summary``) and the
+    """eval/prediction.py's scores (``utils.evaluation.metrics.classification_summary``) and the
     confusion matrix over the cells whose truth is known."""
-    from utils.evaluation import classification_summary, plot_confusion_matrix
-    from utils.training import has_label
+    from utils.evaluation.figures import plot_confusion_matrix
+    from utils.evaluation.metrics import classification_summary
+    from utils.models.examples import has_label
 
     known = table[column].map(has_label).to_numpy(dtype=bool)
     true, predicted = table[column][known].astype(str), table[f"predicted_{column}"][known].astype(str)
@@ -192,14 +190,14 @@ def metrics_of(table: pd.DataFrame, column: str, train_labels: Sequence[str] | N
 def main(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
-    from utils.cell_model import load_from_args, qc_kept
-    from utils.eval_io import sample_rows, split_table
+    from utils.contract import sample_rows, split_table
+    from utils.models.cell_model import load_from_args, qc_kept
 
     procs = Processes.start()
     seed_everything(args.seed)
     settle_inputs(*[p for p in (args.data_dir, args.data_dir.parent if args.data_dir else None) if p])
     if procs.main:
-        claim_output_dir(args.output_dir, OUTPUTS, overwrite=args.overwrite)
+        claim_output_dir(args.output_dir, list(PREDICT), overwrite=args.overwrite)
     model = load_from_args(args, device=procs.device(args.device))
     column = args.label_column or model.recipe.label_column or "cell_type"
     label_set = [] if args.free_text else model.label_set(column)
@@ -258,19 +256,19 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if qc_pass is not None and not qc_pass.all():
         logger.warning("%s of %s cells would have been dropped by the training transform's QC; they are predicted "
                        "all the same and flagged (qc_pass False).", f"{int((~qc_pass).sum()):,}", f"{len(qc_pass):,}")
-    with staged_outputs(args.output_dir, OUTPUTS, overwrite=args.overwrite) as tmp:
-        predictions.to_csv(tmp / "predictions.csv", index=False)
+    with staged_outputs(args.output_dir, list(PREDICT), overwrite=args.overwrite) as tmp:
+        predictions.to_csv(tmp / PREDICT.predictions, index=False)
         if adata is not None:
-            annotate(adata, rows, column, result, label_set, qc_pass).write_h5ad(tmp / "annotated.h5ad")
+            annotate(adata, rows, column, result, label_set, qc_pass).write_h5ad(tmp / PREDICT.annotated)
         if figure is not None:
-            figure.savefig(tmp / "confusion_matrix.png", dpi=150, bbox_inches="tight")
-        (tmp / "metrics.json").write_text(strict_json(metrics, indent=2, default=str) + "\n")
+            figure.savefig(tmp / PREDICT.confusion, dpi=150, bbox_inches="tight")
+        (tmp / PREDICT.metrics).write_text(strict_json(metrics, indent=2, default=str) + "\n")
         save_args({**vars(args), "recipe": {"prompt_format": model.prompt_format.name,
                                             "top_k_genes": model.top_k_genes,
                                             "exclude_genes": recipe.transform.get("exclude_genes"),
                                             "label_column": column, "labels": label_set,
                                             "transform": recipe.transform, "published": recipe.published}},
-                  tmp / "predict_args.json")
+                  tmp / PREDICT.args)
     logger.info("Wrote %s.", args.output_dir)
     return metrics
 

@@ -7,7 +7,7 @@ By default it downloads the 1,000-cell subset of the Domínguez Conde et al. (Sc
 immune cell atlas used by the original Cell2Sentence project to ``data/dominguez_sample.h5ad``.
 When the network cannot be reached it says so and falls back to scanpy's bundled
 ``pbmc68k_reduced`` (700 PBMCs), written to ``data/pbmc68k_reduced.h5ad`` ready for
-transform.py (see ``utils/example_data.py`` for what that dataset holds).
+transform.py (see ``utils/transform/example_data.py`` for what that dataset holds).
 
 Example::
 
@@ -29,18 +29,15 @@ from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
-from utils import example_data
-from utils.common import InputError, run_cli
+from utils.cli import InputError, run_cli, script_parser
+from utils.transform import example_data
 
 logger = logging.getLogger("cell2sentence")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse the command line (``argv=None`` reads ``sys.argv``)."""
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = script_parser(__doc__)
     parser.add_argument(
         "--dataset",
         type=str,

@@ -1,7 +1,7 @@
 """Ctrl-C or SIGTERM while a script's libraries load: one line and no traceback.
 
 Each script imports this first, under ``if __name__ == "__main__":``, before torch, anndata and
-the rest take seconds to load; ``utils.common.run_cli`` installs the run's own handlers once
+the rest take seconds to load; ``utils.cli.run_cli`` installs the run's own handlers once
 the imports are done. Standard library only, so it is in place within milliseconds (a module
 inside ``utils/`` would first run ``utils/__init__``, which loads numba).
 """

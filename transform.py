@@ -35,18 +35,16 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from utils.common import (
-    claim_output_dir,
-    keep_freed_memory_for_reuse,
-    releasing_outputs,
-    run_cli,
-    save_args,
-    staged_outputs,
+from utils.cli import add_run_flags, renamed_flags, run_cli, save_args, script_parser
+from utils.publish import claim_output_dir, releasing_outputs, staged_outputs
+from utils.transform.filewriter import keep_freed_memory_for_reuse
+from utils.transform.outputs import (
+    TransformOutputs,
+    contract_names,
+    preprocessed_name,
+    write_chunk_task,
 )
-from utils.outputs import TransformOutputs, contract_names, preprocessed_name, write_chunk_task
-from utils.preprocess import INPUT_KINDS, TARGET_SUM, QCParams
-from utils.readers import input_stem
-from utils.transform_pipeline import (
+from utils.transform.pipeline import (
     DEFAULT_LABEL_COLUMN,
     PassContext,
     TransformOptions,
@@ -54,16 +52,20 @@ from utils.transform_pipeline import (
     ordered_map,
     plan_run,
 )
+from utils.transform.preprocess import INPUT_KINDS, TARGET_SUM, QCParams
+from utils.transform.readers import input_stem
 
 logger = logging.getLogger("cell2sentence")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data_filepath", type=Path, nargs="+", default=[Path("data/dominguez_sample.h5ad")],
+    p = script_parser(__doc__)
+    p.add_argument("--data_filepath", type=Path, nargs="+", default=None,
                    help="input: .h5ad (10x .h5, 10x matrix folder, .loom, .csv also read); several files, or a "
-                        "folder of .h5ad files, are joined into one dataset (genes matched by name)")
-    p.add_argument("--output_dir", type=Path, default=Path("data"), help="where outputs go")
+                        "folder of .h5ad files, are joined into one dataset (genes matched by name) (default: "
+                        "the file retrieve_example_data.py wrote, as recorded in data/.example_path)")
+    add_run_flags(p, output_dir=Path("data"), output_dir_help="where outputs go",
+                  seed_help="seed of tie-breaking, splits and sampling")
     p.add_argument("--layer", type=str, default=None,
                    help="layer holding counts (default: .raw.X, else layers['counts'], else X)")
     p.add_argument("--input_kind", choices=INPUT_KINDS, default="auto",
@@ -82,7 +84,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_mt_percent", type=float, default=200.0,
                    help="QC: drop cells with this percent of MT- counts or more (200, the original's, drops none)")
     p.add_argument("--no_qc", action="store_true", help="skip quality control (empty cells are still dropped)")
-    p.add_argument("--max_genes", type=int, default=None, help="keep the top K genes of each sentence (default: all)")
+    p.add_argument("--top_k_genes", type=int, default=None, help="keep the top K genes of each sentence (default: all)")
     p.add_argument("--exclude_genes", type=str, default=None, metavar="REGEX",
                    help="leave genes whose name matches this regular expression out of the sentences, "
                         "after QC and before normalization, e.g. '^MT-|^RP[SL]'")
@@ -97,9 +99,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunk_size", type=int, default=2_048,
                    help="cells read and processed at a time (memory grows with it)")
     p.add_argument("--num_proc", type=int, default=1, help="worker threads for the chunks (up to the number of cores)")
-    p.add_argument("--seed", type=int, default=1234, help="seed of tie-breaking, splits and sampling")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    args = p.parse_args(argv)
+    args = p.parse_args(renamed_flags(argv))
+    if args.data_filepath is None:
+        args.data_filepath = [example_path()]
     if len(args.data_filepath) == 1:  # one file: a path, as it always was (transform_args.json too)
         args.data_filepath = args.data_filepath[0]
     transform_options(args).check(prefix="--")
@@ -112,10 +114,19 @@ def transform_options(args: argparse.Namespace) -> TransformOptions:
                   args.max_mt_percent, enabled=not args.no_qc)
     return TransformOptions(
         input_kind=args.input_kind, gene_column=args.gene_column, label_column=args.label_column,
-        obs_columns=tuple(args.obs_columns), bad_gene_names=args.bad_gene_names, qc=qc, max_genes=args.max_genes,
+        obs_columns=tuple(args.obs_columns), bad_gene_names=args.bad_gene_names, qc=qc, max_genes=args.top_k_genes,
         exclude_genes=args.exclude_genes, target_sum=args.target_sum, split_fractions=tuple(args.split_fractions),
         eval_cells=args.eval_cells, seed=args.seed, chunk_size=args.chunk_size, num_proc=args.num_proc,
     )  # fmt: skip
+
+
+def example_path(data_dir: Path = Path("data")) -> Path:
+    """The example data retrieve_example_data.py wrote (online: Dominguez Conde; offline:
+    pbmc68k_reduced), as it recorded it in ``data/.example_path``."""
+    pointer = data_dir / ".example_path"
+    if pointer.is_file() and pointer.read_text().strip():
+        return Path(pointer.read_text().strip())
+    return data_dir / "dominguez_sample.h5ad"
 
 
 @releasing_outputs
@@ -136,7 +147,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
 
     # matplotlib takes 0.3 s to import: let it load while pass 2 waits on the disk (the
     # figures' own import below then finds it done, or waits for it).
-    threading.Thread(target=importlib.import_module, args=("utils.plots",), daemon=True).start()
+    threading.Thread(target=importlib.import_module, args=("utils.evaluation.figures",), daemon=True).start()
 
     # Pass 2: sentences, preprocessed matrix and evaluation points, written as they come.
     with staged_outputs(args.output_dir, names, overwrite=args.overwrite) as tmp:

@@ -41,7 +41,7 @@ if str(ROOT) not in sys.path:  # run as `python bench/api_bench.py`
     sys.path.insert(0, str(ROOT))
 
 from bench.synthetic import cached_synthetic_h5ad  # noqa: E402
-from utils.common import InputError, run_cli  # noqa: E402
+from utils.cli import InputError, run_cli  # noqa: E402
 
 logger = logging.getLogger("cell2sentence")
 
@@ -125,7 +125,7 @@ def time_theirs(python: str, path: Path, *, repeats: int) -> float:
 def main(args: argparse.Namespace) -> dict[str, float]:
     path = cached_synthetic_h5ad(args.cache_dir, n_cells=args.n_cells, n_genes=args.n_genes,
                                  genes_per_cell=args.genes_per_cell, seed=0)
-    from utils.api import default_threads
+    from utils.transform.sentences import default_threads
 
     threads = args.num_proc or sorted({1, default_threads()})
     ours = OurRuns(path, threads)

@@ -38,8 +38,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))  # helpers_models: the BPE tokenizer
 
-from utils.common import InputError, run_cli, seed_everything  # noqa: E402
+from utils.cli import InputError, run_cli, seed_everything  # noqa: E402
 
 logger = logging.getLogger("cell2sentence.model_bench")
 
@@ -85,10 +86,10 @@ def synthetic_cells(n_cells: int, n_genes: int, vocab: int, seed: int) -> tuple[
 
 def build_model(path: Path, genes: list[str], sentences: list[str], labels: list[str], args: argparse.Namespace) -> None:
     import torch
+    from helpers_models import build_bpe_tokenizer
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    from utils.prompts import prompt_format
-    from utils.tokenizer import build_bpe_tokenizer
+    from utils.models.prompts import prompt_format
 
     fmt = prompt_format("c2s_scale")
     texts = [" ".join(genes)] * 3 + sentences + [fmt.prediction_prompt(s.split()) + fmt.prediction_answer(t)
@@ -162,7 +163,7 @@ def agreement(a: Any, b: Any) -> float:
 def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     import torch
 
-    from utils.cell_model import CellSentenceModel
+    from utils.models.cell_model import CellSentenceModel
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -227,8 +228,9 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
                 timed(lambda: m.generate_cells(labels, batch_size=args.batch_size, **kw)))
             add("generate", "ours, one cell at a time, greedy",
                 timed(lambda: m.generate_cells(labels, batch_size=1, **kw)))
+            # A generated sentence is parsed as a label is: its first line, single spaces, no closing period.
             add("generate", "newer package's way (8 per call), greedy",
-                timed(lambda: theirs_generate(model, tok, gen_prompts, gen_tokens)), parse=fmt.parse_genes)
+                timed(lambda: theirs_generate(model, tok, gen_prompts, gen_tokens)), parse=fmt.parse_label)
             # Sampled (top-k 50), free and constrained: what the constraint costs per cell.
             kw.update(top_k=50)
             add("generate", f"ours, batched ({args.batch_size}), sampled, free",

@@ -26,7 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.common import InputError, run_cli, seed_everything  # noqa: E402
+from utils.cli import InputError, run_cli, seed_everything  # noqa: E402
 
 logger = logging.getLogger("cell2sentence.train_bench")
 
@@ -61,9 +61,9 @@ def synthetic_examples(
     n_examples: int, *, seq_len: int, n_genes: int, seed: int
 ) -> tuple[Any, list[dict[str, list[int]]]]:
     """Word-level tokenizer and conditional-generation examples of exactly ``seq_len`` tokens."""
-    from utils.prompts import CONDITIONAL_GENERATION_TEMPLATES, prompt_words
-    from utils.tokenizer import build_word_tokenizer
-    from utils.training import generation_example
+    from utils.models.examples import generation_example
+    from utils.models.prompts import CONDITIONAL_GENERATION_TEMPLATES, prompt_words
+    from utils.models.tokenizer import build_word_tokenizer
 
     rng = random.Random(seed)
     genes = [f"GENE{i:05d}" for i in range(n_genes)]
@@ -87,7 +87,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from utils.training import CausalLMCollator
+    from utils.models.examples import CausalLMCollator
 
     if args.n_embd % args.n_head:
         raise InputError(f"--n_embd {args.n_embd} is not divisible by --n_head {args.n_head}.")

@@ -71,7 +71,7 @@ if str(ROOT) not in sys.path:  # run as `python bench/transform_bench.py`
     sys.path.insert(0, str(ROOT))
 
 from bench.synthetic import cached_split_inputs, cached_synthetic_h5ad  # noqa: E402
-from utils.common import InputError, run_cli  # noqa: E402
+from utils.cli import InputError, run_cli  # noqa: E402
 
 logger = logging.getLogger("cell2sentence")
 

@@ -3,9 +3,10 @@
     python bench/without.py TRICK [transform.py flags ...]
 
 Each trick is removed by patching the functions that hold it, so the code measured is the code
-that ships, less that one trick (the tricks kept: see ``utils/filewriter.py``; the ones that
-earned less than 15% were removed from the code, and from here); ``bench/transform_bench.py --without TRICK ...`` runs these
-side by side with the unchanged script. The outputs stay byte-identical (the tricks change how
+that ships, less that one trick (the tricks kept: see ``utils/transform/filewriter.py`` and
+``utils/transform/direct_reader.py``; the ones that earned less than 15% were removed from the
+code, and from here); ``bench/transform_bench.py --without TRICK ...`` runs these side by side
+with the unchanged script. The outputs stay byte-identical (the tricks change how
 bytes are written, never which).
 """
 
@@ -20,13 +21,13 @@ if str(ROOT) not in sys.path:
 
 
 def _no_direct_reader() -> None:  # input read through h5py (and its global lock)
-    from utils import readers
+    from utils.transform import direct_reader
 
-    readers._DirectReader.open = classmethod(lambda cls, path, dataset: None)
+    direct_reader._DirectReader.open = classmethod(lambda cls, path, dataset: None)
 
 
 def _no_o_direct() -> None:  # outputs written through the page cache
-    from utils import filewriter
+    from utils.transform import filewriter
 
     original = filewriter.OutputFile.__init__
 
@@ -55,7 +56,7 @@ def main(argv: list[str]) -> None:
     trick, flags = argv[0], argv[1:]
     TRICKS[trick]()
     import transform
-    from utils.common import run_cli
+    from utils.cli import run_cli
 
     sys.argv = [str(ROOT / "transform.py"), *flags]
     run_cli(transform.main, transform.parse_args)

@@ -28,38 +28,49 @@ if __package__ in (None, ""):  # run as `python eval/embedding.py`: the reposito
 
 import numpy as np  # noqa: E402
 
-from utils.common import InputError, check_can_write, run_cli, seed_everything, settle_inputs  # noqa: E402
-from utils.eval_io import (  # noqa: E402
-    EVAL_ARGS,
-    evaluation_parser,
-    parse_evaluation_args,
+from utils.cli import (  # noqa: E402
+    InputError,
+    add_run_flags,
+    renamed_flags,
+    run_cli,
+    script_parser,
+    seed_everything,
+)
+from utils.contract import (  # noqa: E402
+    EMBED,
+    EVAL_EMBEDDING,
     read_preprocessed,
     write_evaluation,
 )
-from utils.evaluation import embed_pca, plot_labelled_panels  # noqa: E402
-from utils.metrics import evaluate_embedding  # noqa: E402
+from utils.evaluation.figures import plot_labelled_panels  # noqa: E402
+from utils.evaluation.metrics import (
+    embed_pca,  # noqa: E402
+    evaluate_embedding,  # noqa: E402
+)
+from utils.publish import check_can_write, settle_inputs  # noqa: E402
 
 logger = logging.getLogger("cell2sentence")
 
-OUTPUTS = ["metrics.json", "embedding_vs_pca.png", EVAL_ARGS]
 SCORES = ("knn_accuracy", "silhouette", "ari", "nmi")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = evaluation_parser(__doc__)
+    p = script_parser(__doc__)
     p.add_argument("--embeddings", type=Path, default=None,
                    help="embeddings.h5ad (or the folder holding it) written by embed.py (required)")
     p.add_argument("--obsm_key", type=str, default="X_c2s", help="the embedding in .obsm")
-    p.add_argument("--cell_type_column", type=str, default="cell_type", help="obs column of the types")
+    p.add_argument("--label_column", type=str, default="cell_type", help="obs column of the types")
     p.add_argument("--transform_dir", type=Path, default=Path("data"),
                    help="transform.py's output folder, for the PCA-of-expression baseline")
     p.add_argument("--n_components", type=int, default=50, help="principal components of the baseline")
     p.add_argument("--k_neighbors", type=int, default=5, help="k of the leave-one-out k-NN")
-    args = parse_evaluation_args(p, argv, name="embedding", seed_help="seed of KMeans, PCA and the silhouette sample")
+    add_run_flags(p, output_dir=Path("data/eval/embedding"), output_dir_help="where outputs go",
+                  seed_help="seed of KMeans, PCA and the silhouette sample")
+    args = p.parse_args(renamed_flags(argv))
     if args.embeddings is None:
         raise InputError("Pass --embeddings, the embeddings.h5ad written by embed.py.")
     if args.embeddings.is_dir():
-        args.embeddings = args.embeddings / "embeddings.h5ad"
+        args.embeddings = args.embeddings / EMBED.embeddings
     if args.k_neighbors < 1 or args.n_components < 1:
         raise InputError("--k_neighbors and --n_components must be at least 1.")
     return args
@@ -75,22 +86,22 @@ def read_embeddings(args: argparse.Namespace) -> tuple[Any, np.ndarray, list[str
     if args.obsm_key not in adata.obsm:
         raise InputError(f"{args.embeddings} has no .obsm[{args.obsm_key!r}] (it has {list(adata.obsm)}); "
                          "fix --obsm_key.")
-    if args.cell_type_column not in adata.obs:
-        raise InputError(f"{args.embeddings} has no obs column {args.cell_type_column!r} (it has "
-                         f"{list(adata.obs.columns)}); fix --cell_type_column.")
-    labelled = adata.obs[args.cell_type_column].notna().to_numpy()
+    if args.label_column not in adata.obs:
+        raise InputError(f"{args.embeddings} has no obs column {args.label_column!r} (it has "
+                         f"{list(adata.obs.columns)}); fix --label_column.")
+    labelled = adata.obs[args.label_column].notna().to_numpy()
     if not labelled.all():
         logger.warning("%s cells without a type are left out.", f"{(~labelled).sum():,}")
     X = np.asarray(adata.obsm[args.obsm_key], dtype=np.float64)[labelled]
     if len(X) < 3:
         raise InputError(f"{args.embeddings} has {len(X)} labelled cells; at least 3 are needed.")
-    return adata.obs_names[labelled], X, adata.obs[args.cell_type_column][labelled].astype(str).tolist()
+    return adata.obs_names[labelled], X, adata.obs[args.label_column][labelled].astype(str).tolist()
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     seed_everything(args.seed)
     settle_inputs(args.embeddings, args.transform_dir)  # publishes cut short there: finished first
-    check_can_write(args.output_dir, OUTPUTS, overwrite=args.overwrite)
+    check_can_write(args.output_dir, list(EVAL_EMBEDDING), overwrite=args.overwrite)
     names, X, labels = read_embeddings(args)
     metrics: dict[str, Any] = {"embeddings": str(args.embeddings), "obsm_key": args.obsm_key}
     expression = read_preprocessed(args.transform_dir, names)
@@ -117,8 +128,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 f"{len(labels):,}", metrics["c2s"]["n_types"], *(metrics[key] for key in SCORES),
                 "" if "pca" not in metrics else
                 "; PCA of expression: " + ", ".join(f"{metrics['pca'][key]:.3f}" for key in SCORES))
-    write_evaluation(args.output_dir, OUTPUTS, metrics=metrics,
-                     figures={"embedding_vs_pca.png": plot_labelled_panels(panels)}, frames={},
+    write_evaluation(args.output_dir, list(EVAL_EMBEDDING), metrics=metrics,
+                     figures={EVAL_EMBEDDING.panels: plot_labelled_panels(panels)}, frames={},
                      args=args, overwrite=args.overwrite)
     logger.info("Wrote %s.", args.output_dir)
     return metrics

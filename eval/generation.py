@@ -41,27 +41,34 @@ if __package__ in (None, ""):  # run as `python eval/generation.py`: the reposit
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from utils.common import InputError, check_can_write, run_cli, seed_everything, settle_inputs  # noqa: E402
-from utils.eval_io import (  # noqa: E402
-    EVAL_ARGS,
-    evaluation_parser,
+from utils.cli import (  # noqa: E402
+    InputError,
+    add_run_flags,
+    renamed_flags,
+    run_cli,
+    script_parser,
+    seed_everything,
+)
+from utils.contract import (  # noqa: E402
+    EVAL_GENERATION,
+    GENERATE,
     labelled_rows,
     load_splits,
-    parse_evaluation_args,
     read_lines,
     transform_reference,
     write_evaluation,
 )
+from utils.evaluation.figures import plot_generation  # noqa: E402
+from utils.evaluation.generation_metrics import score_generated  # noqa: E402
 from utils.inverse import read_sentence_file  # noqa: E402
-from utils.metrics import plot_generation, score_generated  # noqa: E402
+from utils.publish import check_can_write, settle_inputs  # noqa: E402
 
 logger = logging.getLogger("cell2sentence")
 
-OUTPUTS = ["metrics.json", "per_type.csv", "real_vs_generated_pca.png", EVAL_ARGS]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = evaluation_parser(__doc__)
+    p = script_parser(__doc__)
     p.add_argument("--generated_dir", type=Path, default=None,
                    help="folder with generated_cells.txt and generated_labels.txt (generate.py's output; required)")
     p.add_argument("--data_dir", type=Path, default=Path("data/cell_sentences_hf"),
@@ -70,12 +77,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="transform.py's output folder with cell_sentences/vocab.txt and "
                         "eval/transformation_metrics.csv (default: the parent of --data_dir)")
     p.add_argument("--split", type=str, default="test", help="the held-out real cells to compare with")
-    p.add_argument("--cell_type_column", type=str, default="cell_type", help="column of the real cells' types")
+    p.add_argument("--label_column", type=str, default="cell_type", help="column of the real cells' types")
     p.add_argument("--top_k_genes", type=int, default=None,
                    help="genes per cell in the comparison (default: generate.py's top_k_genes from "
                         "<generated_dir>/metrics.json, else the median generated length)")
     p.add_argument("--k_neighbors", type=int, default=5, help="k of the k-NN metric")
-    args = parse_evaluation_args(p, argv, name="generation", seed_help="seed of the PCA and of the floors' samples")
+    add_run_flags(p, output_dir=Path("data/eval/generation"), output_dir_help="where outputs go",
+                  seed_help="seed of the PCA and of the floors' samples")
+    args = p.parse_args(renamed_flags(argv))
     if args.generated_dir is None:
         raise InputError("Pass --generated_dir, a folder written by generate.py (e.g. data/generated/<run>).")
     if args.k_neighbors < 1 or (args.top_k_genes is not None and args.top_k_genes < 1):
@@ -87,7 +96,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def read_generated(generated_dir: Path) -> tuple[Any, list[str]]:
     """The generated sentences (one byte buffer) and their requested types."""
-    cells, labels = generated_dir / "generated_cells.txt", generated_dir / "generated_labels.txt"
+    cells, labels = generated_dir / GENERATE.cells, generated_dir / GENERATE.labels
     for path in (cells, labels):
         if not path.is_file():
             raise InputError(f"{path} does not exist; pass as --generated_dir a folder where generate.py "
@@ -106,7 +115,7 @@ def genes_per_cell(args: argparse.Namespace, packed: Any) -> int:
     """--top_k_genes, else the generating run's, else the median length of the generated cells."""
     if args.top_k_genes is not None:
         return args.top_k_genes
-    recorded = args.generated_dir / "metrics.json"
+    recorded = args.generated_dir / GENERATE.metrics
     if recorded.is_file():
         top_k = json.loads(recorded.read_text()).get("top_k_genes")
         if top_k:
@@ -120,7 +129,7 @@ def genes_per_cell(args: argparse.Namespace, packed: Any) -> int:
 
 def asked_types(generated_dir: Path) -> list[str] | None:
     """The ``--cell_types`` of the generate.py run that wrote ``generated_dir`` (None: all types)."""
-    record = generated_dir / "generate_args.json"
+    record = generated_dir / GENERATE.args
     if not record.is_file():
         return None
     asked = json.loads(record.read_text()).get("cell_types")
@@ -130,12 +139,12 @@ def asked_types(generated_dir: Path) -> list[str] | None:
 def main(args: argparse.Namespace) -> dict[str, Any]:
     seed_everything(args.seed)
     settle_inputs(args.generated_dir, args.data_dir, args.transform_dir)  # publishes cut short there: finished first
-    check_can_write(args.output_dir, OUTPUTS, overwrite=args.overwrite)
+    check_can_write(args.output_dir, list(EVAL_GENERATION), overwrite=args.overwrite)
     packed, requested = read_generated(args.generated_dir)
-    tables = load_splits(args.data_dir, args.split, args.cell_type_column, need_labels=True)
+    tables = load_splits(args.data_dir, args.split, args.label_column, need_labels=True)
     if "train" not in tables:
         raise InputError(f"{args.data_dir} has no train split, needed for the k-NN classifier and the PCA.")
-    tables = labelled_rows(tables, args.cell_type_column)
+    tables = labelled_rows(tables, args.label_column)
     top_k = genes_per_cell(args, packed)
     index, fit, from_transform = transform_reference(args.transform_dir, tables, top_k)
     cell_types = asked_types(args.generated_dir)
@@ -143,7 +152,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         logger.info("Comparing with the real cells of the %d types generate.py was asked for (%s).",
                     len(cell_types), ", ".join(cell_types))
     scored, result = score_generated(packed, requested, tables, split=args.split,
-                                     label_column=args.cell_type_column, index=index, fit=fit,
+                                     label_column=args.label_column, index=index, fit=fit,
                                      top_k=top_k, k=args.k_neighbors, seed=args.seed, cell_types=cell_types)
     s = scored["sentences"]
     metrics = {
@@ -164,8 +173,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 metrics["mmd"], metrics["mmd_floor"], metrics["energy_distance"],
                 metrics["energy_distance_floor"], metrics["valid_gene_rate"], metrics["duplicate_rate"])
     figure = plot_generation(result, split=args.split, top_k=top_k)
-    write_evaluation(args.output_dir, OUTPUTS, metrics=metrics,
-                     figures={"real_vs_generated_pca.png": figure}, frames={"per_type.csv": per_type},
+    write_evaluation(args.output_dir, list(EVAL_GENERATION), metrics=metrics,
+                     figures={EVAL_GENERATION.pca: figure}, frames={EVAL_GENERATION.per_type: per_type},
                      args=args, overwrite=args.overwrite)
     logger.info("Wrote %s.", args.output_dir)
     return metrics

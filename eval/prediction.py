@@ -32,30 +32,31 @@ if __package__ in (None, ""):  # run as `python eval/prediction.py`: the reposit
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from utils.common import InputError, check_can_write, run_cli, seed_everything, settle_inputs  # noqa: E402
-from utils.eval_io import (  # noqa: E402
-    EVAL_ARGS,
-    evaluation_parser,
+from utils.cli import (  # noqa: E402
+    InputError,
+    add_run_flags,
+    renamed_flags,
+    run_cli,
+    script_parser,
+    seed_everything,
+)
+from utils.contract import (  # noqa: E402
+    EVAL_PREDICTION,
     label_column_of,
-    parse_evaluation_args,
     read_preprocessed,
     write_evaluation,
 )
-from utils.evaluation import (  # noqa: E402
-    classification_summary,
-    embed_pca,
-    knn_accuracy,
-    plot_confusion_matrix,
-)
+from utils.evaluation.figures import plot_confusion_matrix
+from utils.evaluation.metrics import classification_summary, embed_pca, knn_accuracy
+from utils.publish import check_can_write, settle_inputs  # noqa: E402
 
 logger = logging.getLogger("cell2sentence")
 
-OUTPUTS = ["metrics.json", "per_class.csv", "confusion_matrix.png", EVAL_ARGS]
 SCORES = ("accuracy", "balanced_accuracy", "macro_f1")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = evaluation_parser(__doc__)
+    p = script_parser(__doc__)
     p.add_argument("--predictions", type=Path, default=None,
                    help="predictions.csv of predict.py (cell_name, predicted_<column>, <column>), or with "
                         "columns cell_name,true,predicted (required)")
@@ -64,12 +65,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "baseline (default: the parent of --data_dir, else data)")
     p.add_argument("--data_dir", type=Path, default=None,
                    help="transform.py's cell_sentences_hf folder (only to find --transform_dir, its parent)")
-    p.add_argument("--cell_type_column", type=str, default=None,
+    p.add_argument("--label_column", type=str, default=None,
                    help="the label column: of predictions.csv's predicted_<column>, and in the preprocessed "
                         "AnnData (default: the only one predicted, and the transform's)")
     p.add_argument("--k_neighbors", type=int, default=5, help="k of the expression baseline's k-NN")
     p.add_argument("--n_components", type=int, default=50, help="principal components of the baseline")
-    args = parse_evaluation_args(p, argv, name="prediction", seed_help="seed of the PCA")
+    add_run_flags(p, output_dir=Path("data/eval/prediction"), output_dir_help="where outputs go",
+                  seed_help="seed of the PCA")
+    args = p.parse_args(renamed_flags(argv))
     if args.predictions is None:
         raise InputError("Pass --predictions, a predictions.csv written by predict.py.")
     if args.k_neighbors < 1 or args.n_components < 1:
@@ -89,7 +92,7 @@ def read_predictions(path: Path, column: str | None = None) -> pd.DataFrame:
     predicted = [c.removeprefix("predicted_") for c in table.columns if c.startswith("predicted_")]
     if not {"true", "predicted"} <= set(table.columns) and predicted:
         if column is None and len(predicted) > 1:
-            raise InputError(f"{path} holds predictions of {', '.join(predicted)}; choose one with --cell_type_column.")
+            raise InputError(f"{path} holds predictions of {', '.join(predicted)}; choose one with --label_column.")
         column = column or predicted[0]
         if f"predicted_{column}" not in table or column not in table:
             raise InputError(f"{path} has no columns predicted_{column} and {column} (the truth; predict.py "
@@ -117,7 +120,7 @@ def expression_baseline(table: pd.DataFrame, args: argparse.Namespace) -> tuple[
         logger.warning("No preprocessed AnnData in %s: no expression baseline, and the majority class is "
                        "taken from the true labels; pass --transform_dir.", args.transform_dir)
         return None, []
-    column = args.cell_type_column or label_column_of(args.transform_dir)
+    column = args.label_column or label_column_of(args.transform_dir)
     if column not in adata.obs or "split" not in adata.obs:
         logger.warning("%s has no obs %r or 'split' column: no expression baseline.", args.transform_dir, column)
         return None, []
@@ -150,8 +153,8 @@ def expression_baseline(table: pd.DataFrame, args: argparse.Namespace) -> tuple[
 def main(args: argparse.Namespace) -> dict[str, Any]:
     seed_everything(args.seed)
     settle_inputs(args.predictions, args.transform_dir, *[d for d in [args.data_dir] if d is not None])  # publishes cut short there: finished first
-    check_can_write(args.output_dir, OUTPUTS, overwrite=args.overwrite)
-    table = read_predictions(args.predictions, args.cell_type_column)
+    check_can_write(args.output_dir, list(EVAL_PREDICTION), overwrite=args.overwrite)
+    table = read_predictions(args.predictions, args.label_column)
     pca_knn, train_labels = expression_baseline(table, args)
     summary = classification_summary(table["true"], table["predicted"], train_labels=train_labels or None)
     constant = classification_summary(table["true"], [summary["majority_label"]] * len(table),
@@ -174,8 +177,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     figure = plot_confusion_matrix(table["true"], table["predicted"],
                                    title=f"Cell-type prediction (accuracy {summary['accuracy']:.3f}, "
                                          f"macro-F1 {summary['macro_f1']:.3f})")
-    write_evaluation(args.output_dir, OUTPUTS, metrics=metrics, figures={"confusion_matrix.png": figure},
-                     frames={"per_class.csv": per_class}, args=args, overwrite=args.overwrite)
+    write_evaluation(args.output_dir, list(EVAL_PREDICTION), metrics=metrics, figures={EVAL_PREDICTION.confusion: figure},
+                     frames={EVAL_PREDICTION.per_class: per_class}, args=args, overwrite=args.overwrite)
     logger.info("Wrote %s.", args.output_dir)
     return metrics
 

@@ -2,7 +2,7 @@
 
 transform.py fits log10(1 + expression) ≈ intercept + slope · log10(1 + rank) on a sample of
 ``--eval_cells`` cells. This takes every cell of its preprocessed AnnData: it refits the line
-over all their expressed genes (``utils.fit.fit_rank_expression``, the transform's own fit and
+over all their expressed genes (``utils.transform.fit.fit_rank_expression``, the transform's own fit and
 threshold), scores the transform's line on all of them, and scores each cell alone (R² over its
 expressed genes, Pearson r, mean absolute error under the transform's line).
 
@@ -33,35 +33,41 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import scipy.sparse as sp  # noqa: E402
 
-from utils.common import InputError, check_can_write, run_cli, seed_everything, settle_inputs  # noqa: E402
-from utils.eval_io import (  # noqa: E402
-    EVAL_ARGS,
-    evaluation_parser,
+from utils.cli import (  # noqa: E402
+    InputError,
+    add_run_flags,
+    renamed_flags,
+    run_cli,
+    script_parser,
+    seed_everything,
+)
+from utils.contract import (  # noqa: E402
+    EVAL_RECONSTRUCTION,
     find_preprocessed,
-    parse_evaluation_args,
     write_evaluation,
 )
-from utils.fit import RankExpressionFit, fit_rank_expression, score_line  # noqa: E402
+from utils.evaluation.metrics import per_cell_reconstruction, rank_expression_points  # noqa: E402
 from utils.inverse import load_transform_fit  # noqa: E402
-from utils.metrics import per_cell_reconstruction, rank_expression_points  # noqa: E402
+from utils.publish import check_can_write, settle_inputs  # noqa: E402
+from utils.transform.fit import RankExpressionFit, fit_rank_expression, score_line  # noqa: E402
 
 logger = logging.getLogger("cell2sentence")
 
-OUTPUTS = ["metrics.json", "per_cell.csv", "log_rank_vs_log_expression.png", "expression_vs_reconstruction.png",
-           "per_cell_r_squared.png", EVAL_ARGS]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = evaluation_parser(__doc__)
+    p = script_parser(__doc__)
     p.add_argument("--transform_dir", type=Path, default=Path("data"),
                    help="transform.py's output folder (the preprocessed AnnData and eval/transformation_metrics.csv)")
-    p.add_argument("--data_filepath", type=Path, default=None,
+    p.add_argument("--preprocessed_h5ad", type=Path, default=None,
                    help="the preprocessed .h5ad (default: the one in --transform_dir)")
     p.add_argument("--fit_threshold", type=float, default=None,
                    help="fit on genes with log10(1 + rank) below this (default: the transform's, else 3)")
     p.add_argument("--max_cells", type=int, default=None, help="use a seeded subset of this many cells")
     p.add_argument("--chunk_size", type=int, default=4096, help="cells read at a time")
-    args = parse_evaluation_args(p, argv, name="reconstruction", seed_help="seed of --max_cells and of the figures' subsample")
+    add_run_flags(p, output_dir=Path("data/eval/reconstruction"), output_dir_help="where outputs go",
+                  seed_help="seed of --max_cells and of the figures' subsample")
+    args = p.parse_args(renamed_flags(argv, {"--data_filepath": "--preprocessed_h5ad"}))
     if args.max_cells is not None and args.max_cells < 1 or args.chunk_size < 1:
         raise InputError("--max_cells and --chunk_size must be at least 1.")
     return args
@@ -107,15 +113,15 @@ def summary(values: pd.Series) -> dict[str, float]:
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    from utils.plots import plot_log_rank_fit, plot_reconstruction
+    from utils.evaluation.figures import plot_log_rank_fit, plot_reconstruction
 
     seed_everything(args.seed)
-    settle_inputs(args.transform_dir, *[f for f in [args.data_filepath] if f is not None])  # publishes cut short there: finished first
-    check_can_write(args.output_dir, OUTPUTS, overwrite=args.overwrite)
-    path = args.data_filepath or find_preprocessed(args.transform_dir)
+    settle_inputs(args.transform_dir, *[f for f in [args.preprocessed_h5ad] if f is not None])  # publishes cut short there: finished first
+    check_can_write(args.output_dir, list(EVAL_RECONSTRUCTION), overwrite=args.overwrite)
+    path = args.preprocessed_h5ad or find_preprocessed(args.transform_dir)
     if path is None or not path.is_file():
         raise InputError(f"No preprocessed .h5ad in {args.transform_dir}; pass transform.py's --output_dir as "
-                         "--transform_dir or the file as --data_filepath.")
+                         "--transform_dir or the file as --preprocessed_h5ad.")
     reported = transform_fit(args.transform_dir)
     threshold = args.fit_threshold if args.fit_threshold is not None else (
         reported.threshold if reported is not None and np.isfinite(reported.threshold) else 3.0)
@@ -143,13 +149,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 f"cells {metrics['transform_fit']['on_all_cells']['r_squared']:.3f})",
                 metrics["per_cell"]["r_squared"]["median"], metrics["per_cell"]["pearson_r"]["median"])
     figures = {  # the fit figures by the transform's own plotting code
-        "log_rank_vs_log_expression.png": lambda out: plot_log_rank_fit(log_rank, log_expression, refit, out,
+        EVAL_RECONSTRUCTION.fit: lambda out: plot_log_rank_fit(log_rank, log_expression, refit, out,
                                                                         seed=args.seed),
-        "expression_vs_reconstruction.png": lambda out: plot_reconstruction(
+        EVAL_RECONSTRUCTION.reconstruction: lambda out: plot_reconstruction(
             log_expression, refit.predict(log_rank), refit, out, seed=args.seed),
-        "per_cell_r_squared.png": _histogram(per_cell),
+        EVAL_RECONSTRUCTION.per_cell_figure: _histogram(per_cell),
     }
-    write_evaluation(args.output_dir, OUTPUTS, metrics=metrics, figures=figures, frames={"per_cell.csv": per_cell},
+    write_evaluation(args.output_dir, list(EVAL_RECONSTRUCTION), metrics=metrics, figures=figures, frames={EVAL_RECONSTRUCTION.per_cell: per_cell},
                      args=args, overwrite=args.overwrite)
     logger.info("Wrote %s.", args.output_dir)
     return metrics

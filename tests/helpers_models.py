@@ -1,7 +1,8 @@
-"""Tiny models saved the way users get them, for the offline tests.
+"""Tiny models saved the way users get them, for the offline tests (and bench/model_bench.py).
 
-``make_published_model``: GPT-NeoX (the architecture of the C2S-Pythia models) with a byte-level
-BPE tokenizer trained locally on cell sentences and the C2S-Scale prompts, saved like a hub
+``build_bpe_tokenizer``: a byte-level BPE tokenizer like the published models', trained on given
+texts. ``make_published_model``: GPT-NeoX (the architecture of the C2S-Pythia models) with such a
+tokenizer trained locally on cell sentences and the C2S-Scale prompts, saved like a hub
 model (config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
 special_tokens_map.json; no train_args.json). ``word_level_model``: an untrained GPT-2 with a
 word-level tokenizer, saved like a ``train.py`` run.
@@ -10,12 +11,35 @@ word-level tokenizer, saved like a ``train.py`` run.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 from helpers_train import MARKERS, make_sentences
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
 
-from utils.prompts import prompt_format
-from utils.tokenizer import build_bpe_tokenizer
+from utils.models.prompts import prompt_format
+
+BPE_EOS = "<|endoftext|>"
+BPE_PAD = "<|padding|>"
+
+
+def build_bpe_tokenizer(texts: Iterable[str], *, vocab_size: int = 1000,
+                        model_max_length: int = 2048) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer like the published C2S (Pythia) models', trained on ``texts``.
+
+    The offline stand-in for a hub tokenizer: gene names split into sub-word pieces as they do
+    in GPT-NeoX's tokenizer, ``<|endoftext|>`` as BOS/EOS, ``<|padding|>`` for padding.
+    """
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BPE_EOS, BPE_PAD],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BPE_EOS, eos_token=BPE_EOS,
+                                   unk_token=BPE_EOS, pad_token=BPE_PAD, clean_up_tokenization_spaces=False,
+                                   model_max_length=model_max_length)
 
 
 def make_published_model(path: Path, *, n_layer: int = 2, hidden: int = 64, seed: int = 0) -> Path:
@@ -48,8 +72,8 @@ def word_level_model(path: Path) -> Path:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from utils.prompts import prompt_words
-    from utils.tokenizer import build_word_tokenizer
+    from utils.models.prompts import prompt_words
+    from utils.models.tokenizer import build_word_tokenizer
 
     tok = build_word_tokenizer(make_sentences(200)[0], extra_words=prompt_words(MARKERS), model_max_length=256)
     torch.manual_seed(0)

@@ -16,8 +16,8 @@ from helpers import synthetic_counts, write_h5ad
 
 import transform
 from utils import QCParams, adata_to_sentences, load_transform_fit, load_vocab, sentences_to_adata
-from utils.common import InputError
-from utils.transform_pipeline import SPLITS
+from utils.cli import InputError
+from utils.transform.pipeline import SPLITS
 
 ROOT = Path(__file__).resolve().parents[1]
 QC_FLAGS = ["--min_genes_per_cell", "50"]
@@ -173,7 +173,7 @@ def test_the_readme_notebook_session_runs_as_written(tmp_path, monkeypatch, caps
 def test_default_threads_pickling_and_repr(tmp_path, monkeypatch):
     import pickle
 
-    from utils.api import MAX_DEFAULT_THREADS, default_threads
+    from utils.transform.sentences import MAX_DEFAULT_THREADS, default_threads
 
     adata = synthetic_counts(60, 200, seed=5)
     monkeypatch.delattr("os.sched_getaffinity", raising=False)  # as on macOS and Windows

@@ -11,9 +11,9 @@ import pytest
 import torch
 from helpers_models import make_published_model, word_level_model
 
-from utils.cell_model import CellSentenceModel
-from utils.embedding import encode_cell, pad_batch, pool
-from utils.prompts import prompt_format
+from utils.models.cell_model import CellSentenceModel
+from utils.models.embedding import encode_cell, pad_batch, pool
+from utils.models.prompts import prompt_format
 
 CELLS = ["CD14 LYZ S100A8 S100A9 FCN1", "CD79A MS4A1", "NKG7 GNLY GZMB PRF1 KLRD1 FGFBP2 CTSW GZMA", "IL7R"]
 
@@ -71,7 +71,7 @@ def test_left_and_right_padding_give_the_same_vectors(word_model: CellSentenceMo
 
 
 def test_bad_layer(word_model: CellSentenceModel) -> None:
-    from utils.common import InputError
+    from utils.cli import InputError
 
     with pytest.raises(InputError, match="layer 5 is out of range"):
         word_model.embed_cells(CELLS, layer=5)
@@ -131,7 +131,7 @@ def test_embed_script_writes_embeddings_umap_and_scores(one_thread, tmp_path: Pa
     last = embed.main(embed.parse_args(["--model_dir", str(model), "--data_dir", str(data), "--output_dir",
                                         str(out), "--split", "test", "--pooling", "last", "--overwrite"]))
     assert last["n_cells"] == 8 and last["pooling"] == "last"
-    from utils.common import InputError
+    from utils.cli import InputError
 
     with pytest.raises(InputError, match="--overwrite"):
         embed.main(embed.parse_args(["--model_dir", str(model), "--data_dir", str(data), "--output_dir", str(out)]))
@@ -159,12 +159,12 @@ def test_the_pca_baseline_takes_exactly_the_embedded_cells(one_thread, tmp_path:
     import anndata as ad
 
     import embed
-    import utils.metrics
+    import utils.evaluation.metrics
 
     data, names, _, _, genes = transform_like(tmp_path / "t")
     fitted = []
-    pca = utils.metrics.embed_pca
-    monkeypatch.setattr(utils.metrics, "embed_pca", lambda X, *a, **kw: fitted.append(X.shape) or pca(X, *a, **kw))
+    pca = utils.evaluation.metrics.embed_pca
+    monkeypatch.setattr(utils.evaluation.metrics, "embed_pca", lambda X, *a, **kw: fitted.append(X.shape) or pca(X, *a, **kw))
     out = tmp_path / "emb"
     metrics = embed.main(embed.parse_args(["--model_dir", str(word_level_model(tmp_path / "model")), "--data_dir",
                                            str(data), "--output_dir", str(out), "--max_cells", "9"]))

@@ -19,7 +19,7 @@ from eval import embedding as eval_embedding
 from eval import generation as eval_generation
 from eval import prediction as eval_prediction
 from eval import reconstruction as eval_reconstruction
-from utils.common import InputError
+from utils.cli import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""utils/evaluation.py: label metrics, word statistics, the k-NN metric, figures."""
+"""utils/evaluation/ (metrics, figures): label metrics, word statistics, the k-NN metric, figures."""
 
 from __future__ import annotations
 
@@ -8,24 +8,24 @@ import random
 import numpy as np
 import pytest
 
-import utils.evaluation
-import utils.generation
+import utils.evaluation.figures
+import utils.evaluation.metrics
 import utils.inverse
-from utils.evaluation import (
+import utils.models.generation
+from utils.evaluation.figures import plot_confusion_matrix, plot_embedding
+from utils.evaluation.metrics import (
     classification_summary,
     embed_pca,
     knn_accuracy,
     majority_baseline,
     normalize_label,
-    plot_confusion_matrix,
-    plot_embedding,
     sentence_stats,
 )
-from utils.fit import RankExpressionFit
 from utils.inverse import sentences_to_expression
+from utils.transform.fit import RankExpressionFit
 
 
-@pytest.mark.parametrize("module", [utils.evaluation, utils.generation, utils.inverse])
+@pytest.mark.parametrize("module", [utils.evaluation.metrics, utils.evaluation.figures, utils.models.generation, utils.inverse])
 def test_doctests(module) -> None:
     result = doctest.testmod(module)
     assert result.failed == 0 and result.attempted > 0

@@ -12,10 +12,11 @@ from helpers_train import MARKERS
 
 import generate
 import train
-from utils.common import InputError
-from utils.generation import allocate_counts, generate_batched, left_pad, shorten_to_fit
-from utils.prompts import prediction_prompt
-from utils.training import decode_answer, encode_prompt, load_model_and_tokenizer
+from utils.cli import InputError
+from utils.models.examples import decode_answer, encode_prompt
+from utils.models.generation import allocate_counts, generate_batched, left_pad, shorten_to_fit
+from utils.models.loading import load_model_and_tokenizer
+from utils.models.prompts import prediction_prompt
 
 TINY = [
     "--init_from_scratch", "True", "--n_layer", "2", "--n_embd", "64", "--n_head", "2",
@@ -87,14 +88,14 @@ def test_same_seed_same_cells(run: Path, model_dir: Path, data_dir: Path, tmp_pa
 
 def test_unconditional_generation_from_the_default_training_mix(model_dir: Path, data_dir: Path, tmp_path: Path,
                                                                 monkeypatch) -> None:
-    import utils.training
-    from utils.prompts import generation_prompt
+    import utils.models.examples
+    from utils.models.prompts import generation_prompt
 
     tasks = json.loads((model_dir / "train_args.json").read_text())["tasks"]
     assert "unconditional_generation" in tasks and "conditional_generation" in tasks  # the default mix
     prompts = []
-    encode = utils.training.encode_prompt
-    monkeypatch.setattr(utils.training, "encode_prompt", lambda tok, prompt, *a: prompts.append(prompt) or
+    encode = utils.models.examples.encode_prompt
+    monkeypatch.setattr(utils.models.examples, "encode_prompt", lambda tok, prompt, *a: prompts.append(prompt) or
                         encode(tok, prompt, *a))
     out = tmp_path / "any"
     metrics = generate.main(generate.parse_args([
@@ -112,8 +113,8 @@ def test_metrics_of_chosen_types_compare_with_real_cells_of_those_types(model_di
                                                                         tmp_path: Path) -> None:
     from datasets import load_from_disk
 
-    from utils.eval_io import load_splits, transform_reference
-    from utils.metrics import score_generated
+    from utils.contract import load_splits, transform_reference
+    from utils.evaluation.generation_metrics import score_generated
 
     chosen = ["CD4 T cell", "NK cell"]  # not B cell, the majority (by name) of the four
     out = tmp_path / "two"

@@ -2,7 +2,7 @@
 a model or a transform output finishes a committed publish there first (``settle_inputs``), so
 it reads the new outputs, never the old ones beside them nor a folder with neither.
 
-The publish is the real one (``utils.common.publish_staged``), killed with SIGKILL at a chosen
+The publish is the real one (``utils.publish.publish_staged``), killed with SIGKILL at a chosen
 file-system change, as in tests/test_reliability_run.py:
 - step 1, before the commit rename: nothing committed, the old outputs stay (the staging
   folder of the dead run is ignored);
@@ -30,7 +30,8 @@ from helpers import synthetic_counts, write_h5ad
 from helpers_models import word_level_model
 from helpers_train import make_dataset_dir
 
-from utils.common import PUBLISH_PREFIX, InputError, publish_staged, settle_inputs
+from utils.cli import InputError
+from utils.publish import PUBLISH_PREFIX, publish_staged, settle_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,7 +111,7 @@ def test_a_reader_sees_the_new_outputs_once_the_publish_was_committed(tmp_path: 
 HOLDER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from utils.common import claim_output_dir, release_output_dir
+    from utils.publish import claim_output_dir, release_output_dir
     folder = Path(sys.argv[1])
     claim_output_dir(folder)
     (folder / ".publish-live").mkdir()
@@ -182,7 +183,7 @@ def test_embed_reads_the_committed_model(one_thread, tmp_path: Path, models, ste
     import anndata as ad
 
     import embed
-    from utils.cell_model import CellSentenceModel
+    from utils.models.cell_model import CellSentenceModel
 
     old, new = models
     run = tmp_path / "runs" / "r"
@@ -229,7 +230,7 @@ def transforms(tmp_path_factory) -> tuple[Path, Path]:
 
 def killed_transform(tmp_path: Path, transforms, step: int) -> Path:
     """The old transform output with the new one's publish killed before change ``step``."""
-    from utils.outputs import contract_names
+    from utils.transform.outputs import contract_names
 
     old, new = transforms
     folder = tmp_path / "data"

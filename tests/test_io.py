@@ -15,17 +15,12 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-import utils.filewriter
+import utils.transform.filewriter
 from tests.helpers import synthetic_counts, write_h5ad
 from tests.test_transform import _read_all, run
-from utils.filewriter import (
-    DirectWriter,
-    OrderedAppendFile,
-    OutputAborted,
-    OutputFile,
-)
-from utils.formats import ArrowSplitWriter, H5adCSRWriter
-from utils.readers import _DirectReader, _is_canonical, open_source
+from utils.transform.filewriter import DirectWriter, OrderedAppendFile, OutputAborted, OutputFile
+from utils.transform.formats import ArrowSplitWriter, H5adCSRWriter
+from utils.transform.readers import _DirectReader, _is_canonical, open_source
 
 
 @pytest.mark.parametrize(
@@ -226,7 +221,7 @@ def test_direct_writes_land_in_place(tmp_path, monkeypatch):
 
 
 def test_a_file_system_refusing_direct_writes_gets_plain_ones(tmp_path, monkeypatch):
-    original = utils.filewriter._pwrite_all
+    original = utils.transform.filewriter._pwrite_all
     refused = []
 
     def refuse_direct(fd, data, offset):
@@ -235,7 +230,7 @@ def test_a_file_system_refusing_direct_writes_gets_plain_ones(tmp_path, monkeypa
             raise OSError(errno.EINVAL, "Invalid argument")
         original(fd, data, offset)
 
-    monkeypatch.setattr(utils.filewriter, "_pwrite_all", refuse_direct)
+    monkeypatch.setattr(utils.transform.filewriter, "_pwrite_all", refuse_direct)
     expected = _write_pieces_from_threads(tmp_path / "out.bin")
     assert (tmp_path / "out.bin").read_bytes() == expected
     assert refused or not _supports_direct_io(tmp_path)
@@ -269,7 +264,7 @@ def test_transform_outputs_are_the_same_with_every_write_direct(tmp_path, monkey
     adata = synthetic_counts(120, 400, seed=9)
     path = write_h5ad(adata, tmp_path / "tiny.h5ad")
     run(path, tmp_path / "plain", "--min_genes_per_cell", "5")
-    monkeypatch.setattr(utils.filewriter, "_DIRECT_MIN_BYTES", 0)  # even a few KB go direct
+    monkeypatch.setattr(utils.transform.filewriter, "_DIRECT_MIN_BYTES", 0)  # even a few KB go direct
     run(path, tmp_path / "direct", "--min_genes_per_cell", "5", "--chunk_size", "23", "--num_proc", "2")
     assert _read_all(tmp_path / "direct") == _read_all(tmp_path / "plain")
 
@@ -303,7 +298,7 @@ TRUNCATE_BETWEEN_THE_PASSES = """
 import sys
 from pathlib import Path
 import transform
-from utils.common import run_cli
+from utils.cli import run_cli
 
 path = Path(sys.argv[1])
 plan_run = transform.plan_run

@@ -12,9 +12,9 @@ from helpers_train import MARKERS
 
 import predict
 import train
-from utils.cell_model import CellSentenceModel
-from utils.common import InputError
-from utils.lora import DEFAULT_TARGET_MODULES, is_adapter_dir, target_modules
+from utils.cli import InputError
+from utils.models.cell_model import CellSentenceModel
+from utils.models.lora import DEFAULT_TARGET_MODULES, is_adapter_dir, target_modules
 
 LORA = ["--prompt_format", "c2s_scale", "--tasks", "cell_type_prediction", "--top_k_genes", "6",
         "--per_device_train_batch_size", "8", "--learning_rate", "5e-3", "--disable_tqdm", "True",
@@ -147,7 +147,7 @@ def _copy_adapter(lora_run: Path, to: Path) -> Path:
 def test_broken_adapter_folder_fails_with_one_sentence(lora_run: Path, base: Path, tmp_path: Path) -> None:
     import re
 
-    from utils.training import load_model_and_tokenizer
+    from utils.models.loading import load_model_and_tokenizer
 
     no_weights = _copy_adapter(lora_run, tmp_path / "no_weights")
     (no_weights / "adapter_model.safetensors").unlink()

@@ -1,4 +1,4 @@
-"""utils/metrics.py and the new parts of utils/evaluation.py: values known by construction or
+"""utils/evaluation/generation_metrics.py and utils/evaluation/metrics.py: values known by construction or
 from scipy / scikit-learn."""
 
 from __future__ import annotations
@@ -11,25 +11,28 @@ import pytest
 import scipy.sparse as sp
 from test_evaluation import typed_sentences
 
-import utils.fit
-import utils.metrics
-from utils.evaluation import _colour_distance, classification_summary, distinct_colours
-from utils.fit import RankExpressionFit
-from utils.inverse import sentences_to_expression
-from utils.metrics import (
+import utils.evaluation.generation_metrics
+import utils.transform.fit
+from utils.evaluation.figures import _colour_distance, distinct_colours
+from utils.evaluation.generation_metrics import (
     distribution_distances,
-    embedding_scores,
     evaluate_generation,
-    knn_loo_accuracy,
     median_heuristic,
+)
+from utils.evaluation.metrics import (
+    classification_summary,
+    embedding_scores,
+    knn_loo_accuracy,
     per_cell_reconstruction,
     rank_expression_points,
 )
+from utils.inverse import sentences_to_expression
+from utils.transform.fit import RankExpressionFit
 
 FIT = RankExpressionFit(-0.8, 2.5)
 
 
-@pytest.mark.parametrize("module", [utils.metrics, utils.fit])
+@pytest.mark.parametrize("module", [utils.evaluation.generation_metrics, utils.transform.fit])
 def test_doctests(module) -> None:
     result = doctest.testmod(module)
     assert result.failed == 0 and result.attempted > 0
@@ -155,7 +158,7 @@ def test_embedding_scores() -> None:
 
 def test_reconstruction_per_cell() -> None:
     fit = RankExpressionFit(-0.5, 2.0)
-    exact = fit.value(np.arange(6))  # a cell on the line, genes in a scrambled order
+    exact = fit.predict(np.log10(1 + np.arange(6)))  # a cell on the line, genes in a scrambled order
     row0 = np.zeros(8)
     row0[[3, 0, 7, 1, 5, 2]] = exact
     row1 = np.zeros(8)
@@ -194,8 +197,8 @@ def test_neighbouring_types_get_distinct_colours() -> None:
 def test_scores_of_chosen_types_are_those_of_a_dataset_of_only_those_types() -> None:
     import pyarrow as pa
 
+    from utils.evaluation.generation_metrics import score_generated
     from utils.inverse import build_vocab_index
-    from utils.metrics import score_generated
 
     train_s, train_y, vocab = typed_sentences(160, seed=0)
     test_s, test_y, _ = typed_sentences(80, seed=1)

@@ -15,11 +15,11 @@ from helpers_train import MARKERS, make_sentences
 import generate
 import predict
 import train
-from utils.cell_model import CellSentenceModel
-from utils.constrain import build_gene_tries
-from utils.prompts import prompt_format
-from utils.recipe import Recipe
-from utils.training import decode_answer, encode_answer, encode_prompt
+from utils.models.cell_model import CellSentenceModel
+from utils.models.constrain import build_gene_tries
+from utils.models.examples import decode_answer, encode_answer, encode_prompt
+from utils.models.prompts import prompt_format
+from utils.models.recipe import Recipe
 
 GENES = sorted({g for s in make_sentences(200)[0] for g in s.split()})
 
@@ -191,7 +191,7 @@ def test_model_api_takes_an_anndata(published: Path) -> None:
 
 
 def test_unconditional_generation_keeps_its_none_type(tmp_path: Path, published: Path) -> None:
-    from utils.common import InputError
+    from utils.cli import InputError
 
     model = CellSentenceModel.load(word_level_model(tmp_path), device="cpu")
     cells = model.generate_cells({None: 2, "B cell": 1}, n_genes=5, seed=0, max_new_tokens=8)

@@ -15,8 +15,8 @@ import scipy.sparse as sp
 from helpers import synthetic_counts, write_h5ad
 
 import transform
-from utils.common import InputError
-from utils.readers import ConcatenatedSource, open_source, sort_rows
+from utils.cli import InputError
+from utils.transform.readers import ConcatenatedSource, open_source, sort_rows
 
 FLAGS = ["--min_genes_per_cell", "20", "--max_genes_per_cell", "1000", "--eval_cells", "100", "--chunk_size", "37"]
 

@@ -22,10 +22,10 @@ from helpers import synthetic_counts
 import predict
 import train
 import transform
-from utils.cell_model import CellSentenceModel
-from utils.common import InputError
-from utils.constrain import label_sequences, score_labels
-from utils.recipe import RECIPE_FILE, Recipe
+from utils.cli import InputError
+from utils.models.cell_model import CellSentenceModel
+from utils.models.constrain import label_sequences, score_labels
+from utils.models.recipe import RECIPE_FILE, Recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--init_from_scratch", "True", "--n_layer", "2", "--n_embd", "64", "--n_head", "2", "--n_positions", "256",

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from utils import prompts
+from utils.models import prompts
 
 OURS = prompts.prompt_format("ours")
 

@@ -14,7 +14,7 @@ from helpers import synthetic_counts, write_h5ad
 
 import transform
 from utils import QCParams, adata_to_sentences
-from utils.outputs import contract_names
+from utils.transform.outputs import contract_names
 
 MIN_GENES, MIN_CELLS, MAX_GENES, MAX_MT = 20, 3, 255, 30.0
 COLUMNS = ["label", "n_cells", "removed_by_min_genes_per_cell", "removed_by_max_genes_per_cell",

@@ -9,10 +9,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import scipy.sparse as sp
+from reference import log10_normalized, rank_genes, sentence_chunk, sentences_from_ranking
 
-from utils.preprocess import Normalization, log10_normalized
-from utils.ranking import GeneNameTable, rank_genes, sentences_from_ranking
-from utils.sentence_chunk import sentence_chunk
+from utils.transform.preprocess import Normalization
+from utils.transform.ranking import GeneNameTable
 
 GENES = ["A", "B", "C", "D", "E"]
 

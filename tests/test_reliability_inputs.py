@@ -24,8 +24,8 @@ from helpers import synthetic_counts, write_h5ad
 
 import transform
 from utils import QCParams, adata_to_sentences
-from utils.common import InputError
-from utils.transform_pipeline import SPLITS
+from utils.cli import InputError
+from utils.transform.pipeline import SPLITS
 
 ROOT = Path(__file__).resolve().parents[1]
 FLAGS = ("--min_genes_per_cell", "5", "--chunk_size", "32")
@@ -127,7 +127,7 @@ def test_gene_names_that_are_special_tokens_are_refused(gene, bad_gene_names, tm
 
 
 def test_angle_brackets_that_are_no_token_pass():
-    from utils.transform_pipeline import resolve_gene_names
+    from utils.transform.pipeline import resolve_gene_names
 
     names = resolve_gene_names(pd.DataFrame(index=["a<b", "x>y", "GENE1"]), None, bad="replace", path="p")
     assert names.tolist() == ["a<b", "x>y", "GENE1"]

@@ -36,7 +36,8 @@ import generate
 import inverse
 import train
 import transform
-from utils.common import InputError, staged_outputs
+from utils.cli import InputError
+from utils.publish import staged_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -241,7 +242,7 @@ def test_staging_folders_of_dead_runs_are_removed_and_logged(tmp_path, caplog):
 HOLDER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from utils.common import staged_outputs
+    from utils.publish import staged_outputs
     folder = Path(sys.argv[1])
     with staged_outputs(folder, ["a.txt"], overwrite=True) as tmp:
         (tmp / "a.txt").write_text("live run")
@@ -287,7 +288,7 @@ PAUSED_INVERSE = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     import inverse
-    from utils.common import run_cli
+    from utils.cli import run_cli
     marker, sys.argv = Path(sys.argv[1]), ["inverse.py", *sys.argv[2:]]
     save_args = inverse.save_args
     def slow_save_args(*args):  # inside the staging block: outputs half written
@@ -536,14 +537,14 @@ def test_train_with_a_misspelled_label_column_is_an_error(tmp_path, cells):
 
 
 def test_a_model_trained_without_labels_generates_from_the_command_line(tmp_path, monkeypatch, unconditional):
-    import utils.training
-    from utils.prompts import generation_prompt
+    import utils.models.examples
+    from utils.models.prompts import generation_prompt
 
     model, data = unconditional
     out = tmp_path / "gen"
     prompts = []
-    encode = utils.training.encode_prompt
-    monkeypatch.setattr(utils.training, "encode_prompt", lambda tok, prompt, *a: prompts.append(prompt) or
+    encode = utils.models.examples.encode_prompt
+    monkeypatch.setattr(utils.models.examples, "encode_prompt", lambda tok, prompt, *a: prompts.append(prompt) or
                         encode(tok, prompt, *a))
     metrics = generate_with(model, data, out, "--max_new_tokens", "12")
     assert prompts == [generation_prompt(None, 10)] * 8  # the unconditional prompt, not "of type None"
@@ -678,7 +679,7 @@ def as_pytorch_model_bin(model: Path, *, unsafe: bool) -> None:
 
 @pytest.mark.parametrize("unsafe", [False, True], ids=["plain", "unsafe"])
 def test_a_pytorch_model_bin_torch_would_refuse_is_named(tmp_path, checkpointed, unsafe):
-    from utils.training import load_model_and_tokenizer
+    from utils.models.loading import load_model_and_tokenizer
 
     model = copy_run(checkpointed, tmp_path)
     as_pytorch_model_bin(model, unsafe=unsafe)
@@ -694,7 +695,7 @@ def test_a_pytorch_model_bin_torch_would_refuse_is_named(tmp_path, checkpointed,
 def test_weights_of_a_differently_sized_model_are_one_sentence(tmp_path, checkpointed, cells, how):
     from transformers import AutoModelForCausalLM, GPT2Config
 
-    from utils.training import load_model_and_tokenizer
+    from utils.models.loading import load_model_and_tokenizer
 
     model = copy_run(checkpointed, tmp_path)
     shutil.rmtree(model / "checkpoints")
@@ -716,7 +717,7 @@ def test_weights_of_a_differently_sized_model_are_one_sentence(tmp_path, checkpo
 def test_a_tokenizer_of_another_run_is_one_sentence(tmp_path, checkpointed):
     from transformers import AutoTokenizer
 
-    from utils.training import load_model_and_tokenizer
+    from utils.models.loading import load_model_and_tokenizer
 
     model = copy_run(checkpointed, tmp_path)
     rows = json.loads((model / "config.json").read_text())["vocab_size"]

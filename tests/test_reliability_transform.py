@@ -20,10 +20,10 @@ import scipy.sparse as sp
 from helpers import synthetic_counts, write_h5ad
 
 import transform
-import utils.transform_pipeline
-from utils.common import InputError
-from utils.fit import fit_rank_expression
-from utils.transform_pipeline import SPLITS
+import utils.transform.pipeline
+from utils.cli import InputError
+from utils.transform.fit import fit_rank_expression
+from utils.transform.pipeline import SPLITS
 
 FLAGS = ("--min_genes_per_cell", "20", "--chunk_size", "64")
 
@@ -135,7 +135,7 @@ def test_read_as_log1p_on_counts_stops_naming_input_kind(tmp_path):
 
 
 def test_counts_past_the_detection_sample_of_log1p_data_stop_naming_input_kind(tmp_path, monkeypatch):
-    monkeypatch.setattr(utils.transform_pipeline, "DETECTION_CELLS", 50)  # the detection sees cells 0-49 only
+    monkeypatch.setattr(utils.transform.pipeline, "DETECTION_CELLS", 50)  # the detection sees cells 0-49 only
     counts = _counts()
     adata = counts.copy()
     logged, adata.uns["log1p"] = _log1p(counts, None)
@@ -156,7 +156,7 @@ def test_fit_fed_non_finite_values_is_a_sentence(bad):
 
 @pytest.mark.parametrize("figure", ["plot_log_rank_fit", "plot_reconstruction"])
 def test_figure_fed_non_finite_values_is_a_sentence(figure, tmp_path):
-    from utils import plots
+    from utils.evaluation import figures as plots
 
     log_rank = np.log10(1 + np.arange(100.0))
     fit = fit_rank_expression(log_rank, 2.0 - 0.5 * log_rank)
@@ -224,9 +224,9 @@ def _with_none(types: pd.Series) -> pd.Series:
 def test_cells_without_a_label_keep_their_sentence_and_a_missing_label(labels, tmp_path, caplog):
     import datasets
 
-    from utils.prompts import prompt_words
-    from utils.tokenizer import build_word_tokenizer
-    from utils.training import tokenize_batch
+    from utils.models.examples import tokenize_batch
+    from utils.models.prompts import prompt_words
+    from utils.models.tokenizer import build_word_tokenizer
 
     adata = _labelled(labels)
     missing = set(adata.obs_names[adata.obs["cell_type"].isna()])
@@ -267,8 +267,8 @@ def test_labels_with_a_special_token_are_refused_before_any_work(label, token, t
 
 
 def test_our_tokenizers_special_tokens_are_all_refused():
-    from utils.labels import SPECIAL_TOKEN
-    from utils.tokenizer import SPECIAL_TOKENS
+    from utils.models.tokenizer import SPECIAL_TOKENS
+    from utils.transform.labels import SPECIAL_TOKEN
 
     assert all(SPECIAL_TOKEN.fullmatch(t) for t in SPECIAL_TOKENS)
     assert not SPECIAL_TOKEN.search("CD4+ T cell (alpha<beta)")
@@ -334,7 +334,7 @@ def test_qc_message_with_no_qc_does_not_talk_about_min_genes(tmp_path):
 
 def test_the_api_gives_the_same_missing_labels_and_unique_names():
     from utils import adata_to_sentences
-    from utils.preprocess import QCParams
+    from utils.transform.preprocess import QCParams
 
     adata = _labelled(_with_nan)
     names = adata.obs_names.tolist()

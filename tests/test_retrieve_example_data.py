@@ -16,8 +16,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import retrieve_example_data  # noqa: E402
-from utils import example_data  # noqa: E402
-from utils.common import InputError  # noqa: E402
+from utils.cli import InputError  # noqa: E402
+from utils.transform import example_data  # noqa: E402
 
 
 def _run(argv: list[str]) -> Path:

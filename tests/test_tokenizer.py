@@ -6,9 +6,9 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from utils.prompts import generation_prompt, prediction_prompt, prompt_words
-from utils.tokenizer import build_word_tokenizer, word_vocabulary
-from utils.training import decode_answer, encode_answer, encode_prompt
+from utils.models.examples import decode_answer, encode_answer, encode_prompt
+from utils.models.prompts import generation_prompt, prediction_prompt, prompt_words
+from utils.models.tokenizer import build_word_tokenizer, word_vocabulary
 
 SENTENCES = ["CD14 LYZ HLA-DRA MT-CO1", "MS4A1 CD79A LYZ", "RP11-34P13.7 CD14"]
 LABELS = ["CD14+ Monocyte", "B cell"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from utils.common import InputError
+from utils.cli import InputError
 
 _PATH = Path(__file__).resolve().parents[1] / "bench" / "train_bench.py"
 _spec = importlib.util.spec_from_file_location("train_bench", _PATH)

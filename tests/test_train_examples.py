@@ -6,14 +6,8 @@ import random
 
 import pytest
 
-from utils.common import InputError
-from utils.prompts import (
-    CELL_TYPE_PREDICTION_TEMPLATES,
-    CONDITIONAL_GENERATION_TEMPLATES,
-    prompt_words,
-)
-from utils.tokenizer import build_word_tokenizer
-from utils.training import (
+from utils.cli import InputError
+from utils.models.examples import (
     IGNORE_INDEX,
     CausalLMCollator,
     encode_answer,
@@ -24,6 +18,12 @@ from utils.training import (
     prediction_example,
     tokenize_batch,
 )
+from utils.models.prompts import (
+    CELL_TYPE_PREDICTION_TEMPLATES,
+    CONDITIONAL_GENERATION_TEMPLATES,
+    prompt_words,
+)
+from utils.models.tokenizer import build_word_tokenizer
 
 GENES = [f"G{i}" for i in range(50)]
 LABEL = "CD14+ Monocyte"

@@ -17,22 +17,22 @@ import pytest
 import scanpy as sc
 import scipy.sparse as sp
 from helpers import synthetic_counts, write_h5ad
+from reference import log10_normalized
 
 import transform
-import utils.transform_pipeline
-from utils.common import InputError
-from utils.filewriter import OrderedAppendFile
-from utils.fit import METRIC_COLUMNS, fit_rank_expression, score_line
-from utils.formats import H5adCSRWriter
-from utils.outputs import TransformOutputs
-from utils.preprocess import (
+import utils.transform.pipeline
+from utils.cli import InputError
+from utils.transform.filewriter import OrderedAppendFile
+from utils.transform.fit import METRIC_COLUMNS, fit_rank_expression, score_line
+from utils.transform.formats import H5adCSRWriter
+from utils.transform.outputs import TransformOutputs
+from utils.transform.pipeline import SPLITS, assign_splits, chunk_bounds
+from utils.transform.preprocess import (
     QCAccumulator,
     QCParams,
     chunk_stats,
     detect_input_kind,
-    log10_normalized,
 )
-from utils.transform_pipeline import SPLITS, assign_splits, chunk_bounds
 
 CONTRACT = ["cell_sentences", "cell_sentences_hf", "eval", "transform_args.json"]
 
@@ -331,7 +331,7 @@ def test_bad_input_fails_clearly_and_writes_nothing(tmp_path, mutate, flags, mes
 @pytest.mark.parametrize(("bad", "message"), [(np.nan, "NaN or infinite"), (np.inf, "NaN or infinite"),
                                              (-2.0, "negative")])
 def test_bad_values_past_the_detection_sample_are_found_by_the_qc_pass(tmp_path, monkeypatch, bad, message):
-    monkeypatch.setattr(utils.transform_pipeline, "DETECTION_CELLS", 10)  # the detection sees cells 0-9 only
+    monkeypatch.setattr(utils.transform.pipeline, "DETECTION_CELLS", 10)  # the detection sees cells 0-9 only
     adata = synthetic_counts(60, 250, seed=8)
     row = 47
     adata.X.data[adata.X.indptr[row] + 2] = bad

@@ -1,13 +1,13 @@
 """Shared, importable logic of the cell2sentence scripts, and the Python API.
 
 The API (``from utils import adata_to_sentences``) is exported lazily: a script importing
-``utils.common`` does not pay for importing anndata and compiling kernels it does not use.
+``utils.cli`` does not pay for importing anndata and compiling kernels it does not use.
 
-- ``adata_to_sentences(adata, ...)`` -> ``CellSentences`` (``utils/api.py``)
+- ``adata_to_sentences(adata, ...)`` -> ``CellSentences`` (``utils/transform/sentences.py``)
 - ``sentences_to_adata(sentences, vocab, fit, ...)`` -> AnnData, ``sentences_to_expression``,
   ``load_transform_fit``, ``load_vocab`` (``utils/inverse.py``)
-- ``RankExpressionFit``, ``fit_rank_expression`` (``utils/fit.py``), ``QCParams``
-  (``utils/preprocess.py``), ``CellSentenceModel`` (``utils/cell_model.py``)
+- ``RankExpressionFit``, ``fit_rank_expression`` (``utils/transform/fit.py``), ``QCParams``
+  (``utils/transform/preprocess.py``), ``CellSentenceModel`` (``utils/models/cell_model.py``)
 
 numba caches compiled kernels per source file and checks only that file's time stamp, so a
 kernel that inlines a function from another module (the sentence kernel calls ``rank_row`` from
@@ -27,8 +27,8 @@ def _use_cache_of_this_version() -> None:
         return  # the user chose a place
     here = Path(__file__).parent
     digest = hashlib.sha1()
-    for source in sorted(here.glob("*.py")):
-        digest.update(source.name.encode())
+    for source in sorted(here.rglob("*.py")):
+        digest.update(str(source.relative_to(here)).encode())
         digest.update(source.read_bytes())
     from numba import config  # before any module here defines a cached kernel
 
@@ -38,17 +38,17 @@ def _use_cache_of_this_version() -> None:
 _use_cache_of_this_version()
 
 _EXPORTS = {
-    "adata_to_sentences": "utils.api",
-    "CellSentences": "utils.api",
+    "adata_to_sentences": "utils.transform.sentences",
+    "CellSentences": "utils.transform.sentences",
     "sentences_to_adata": "utils.inverse",
     "sentences_to_expression": "utils.inverse",
     "load_transform_fit": "utils.inverse",
     "load_vocab": "utils.inverse",
-    "RankExpressionFit": "utils.fit",
-    "fit_rank_expression": "utils.fit",
-    "QCParams": "utils.preprocess",
+    "RankExpressionFit": "utils.transform.fit",
+    "fit_rank_expression": "utils.transform.fit",
+    "QCParams": "utils.transform.preprocess",
     # The model API imports transformers (seconds).
-    "CellSentenceModel": "utils.cell_model",
+    "CellSentenceModel": "utils.models.cell_model",
 }
 __all__ = sorted(_EXPORTS)
 

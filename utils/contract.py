@@ -1,32 +1,38 @@
-"""Files of the evaluations: reading the steps' outputs (the DatasetDict's splits, the
-transform's vocabulary and fit, its preprocessed AnnData, small text files of labels or names)
-and writing an evaluation's results (``metrics.json``, figures, tables) in one staged move.
+"""The data contract between the steps: the names of the files each step writes (named here
+only), the readers of those outputs (the DatasetDict's splits, the transform's vocabulary and
+fit, its preprocessed AnnData, small text files of labels or names), and the writer of an
+evaluation's results (``metrics.json``, figures, tables) in one staged move.
 
-Each loader fails with one :class:`~utils.common.InputError` sentence naming the file and the fix,
-and first finishes a publish cut short in the folder it reads (``utils.common.settle_inputs``).
+Each loader fails with one :class:`~utils.cli.InputError` sentence naming the file and the fix,
+and first finishes a publish cut short in the folder it reads (``utils.publish.settle_inputs``).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from utils.common import InputError, save_args, settle_inputs, staged_outputs, strict_json
-from utils.fit import RankExpressionFit
+from utils.cli import InputError, save_args, strict_json
 from utils.inverse import VocabIndex, build_vocab_index, load_transform_fit, load_vocab
-from utils.readers import input_stem
+from utils.publish import settle_inputs, staged_outputs
+from utils.transform.fit import RankExpressionFit
+from utils.transform.readers import input_stem
 
 logger = logging.getLogger("cell2sentence")
 
 __all__ = [
+    "EMBED",
     "EVAL_ARGS",
-    "evaluation_parser",
+    "EVAL_EMBEDDING",
+    "EVAL_GENERATION",
+    "EVAL_PREDICTION",
+    "EVAL_RECONSTRUCTION",
+    "GENERATE",
+    "PREDICT",
     "find_preprocessed",
     "label_column_of",
     "labelled_rows",
@@ -37,26 +43,74 @@ __all__ = [
     "write_evaluation",
 ]
 
+# ------------------------------------------------------------------ the outputs of each step
+# A step's outputs in publish order (``list(PREDICT)``); scripts and readers name a file by
+# its field, so renaming an output is a change here only.
+
+
+class PredictOutputs(NamedTuple):
+    predictions: str = "predictions.csv"
+    annotated: str = "annotated.h5ad"
+    metrics: str = "metrics.json"
+    confusion: str = "confusion_matrix.png"
+    args: str = "predict_args.json"
+
+
+class GenerateOutputs(NamedTuple):
+    # predictions.csv and confusion_matrix.png are outputs of earlier versions (prediction is
+    # predict.py's now): listed so that --overwrite is asked for and a rerun removes them.
+    old_predictions: str = "predictions.csv"
+    old_confusion: str = "confusion_matrix.png"
+    cells: str = "generated_cells.txt"
+    labels: str = "generated_labels.txt"
+    dataset: str = "generated_cells_hf"
+    pca: str = "real_vs_generated_pca.png"
+    metrics: str = "metrics.json"
+    args: str = "generate_args.json"
+
+
+class EmbedOutputs(NamedTuple):
+    embeddings: str = "embeddings.h5ad"
+    umap: str = "umap.png"
+    metrics: str = "metrics.json"
+    args: str = "embed_args.json"
+
+
 EVAL_ARGS = "eval_args.json"
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Help with the defaults shown and the docstring's layout kept."""
+class EvalPredictionOutputs(NamedTuple):
+    metrics: str = "metrics.json"
+    per_class: str = "per_class.csv"
+    confusion: str = "confusion_matrix.png"
+    args: str = EVAL_ARGS
 
 
-def evaluation_parser(doc: str) -> argparse.ArgumentParser:
-    """The parser of an eval/ script, its description the docstring's first paragraph."""
-    return argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=_HelpFormatter)
+class EvalGenerationOutputs(NamedTuple):
+    metrics: str = "metrics.json"
+    per_type: str = "per_type.csv"
+    pca: str = "real_vs_generated_pca.png"
+    args: str = EVAL_ARGS
 
 
-def parse_evaluation_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None, *, name: str,
-                          seed_help: str) -> argparse.Namespace:
-    """Add the flags every evaluation has (``--output_dir`` defaulting to data/eval/<name>,
-    ``--seed``, ``--overwrite``) and parse."""
-    parser.add_argument("--output_dir", type=Path, default=Path("data/eval") / name, help="where outputs go")
-    parser.add_argument("--seed", type=int, default=1234, help=seed_help)
-    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    return parser.parse_args(argv)
+class EvalEmbeddingOutputs(NamedTuple):
+    metrics: str = "metrics.json"
+    panels: str = "embedding_vs_pca.png"
+    args: str = EVAL_ARGS
+
+
+class EvalReconstructionOutputs(NamedTuple):
+    metrics: str = "metrics.json"
+    per_cell: str = "per_cell.csv"
+    fit: str = "log_rank_vs_log_expression.png"
+    reconstruction: str = "expression_vs_reconstruction.png"
+    per_cell_figure: str = "per_cell_r_squared.png"
+    args: str = EVAL_ARGS
+
+
+PREDICT, GENERATE, EMBED = PredictOutputs(), GenerateOutputs(), EmbedOutputs()
+EVAL_PREDICTION, EVAL_GENERATION = EvalPredictionOutputs(), EvalGenerationOutputs()
+EVAL_EMBEDDING, EVAL_RECONSTRUCTION = EvalEmbeddingOutputs(), EvalReconstructionOutputs()
 
 
 def read_lines(path: Path) -> list[str]:
@@ -130,7 +184,7 @@ def load_splits(data_dir: Path, split: str, label_column: str, *, need_labels: b
             raise InputError(f"{data_dir}/{name} has no cell_sentence column (it has {columns}).")
         if need_labels and label_column not in columns:
             raise InputError(f"{data_dir}/{name} has no {label_column!r} column (it has {columns}); "
-                             "pass --cell_type_column, or generate cells of no chosen type (generate.py --unconditional).")
+                             "pass --label_column, or generate cells of no chosen type (generate.py --unconditional).")
         if dd[name].num_rows == 0:
             raise InputError(f"The {name} split of {data_dir} is empty; choose another --split or re-run "
                              "transform.py with other --split_fractions.")
@@ -143,7 +197,7 @@ def labelled_rows(tables: dict[str, Any], label_column: str) -> dict[str, Any]:
     are neither asked, generated nor counted."""
     import pyarrow as pa
 
-    from utils.training import has_label
+    from utils.models.examples import has_label
 
     out = {}
     for name, table in tables.items():
@@ -234,11 +288,6 @@ def write_evaluation(output_dir: Path, names: list[str], *, metrics: dict[str, A
         for name, frame in frames.items():
             frame.to_csv(tmp / name, index=False)
         save_args(args, tmp / EVAL_ARGS)
-        written = {p.name for p in tmp.iterdir()}
-    for name in names:
-        if name not in written and (output_dir / name).is_file():
-            logger.warning("Removed %s, an output of an earlier run not written now.", output_dir / name)
-            (output_dir / name).unlink()
 
 
 def _json_value(value: Any) -> Any:

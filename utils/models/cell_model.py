@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from utils.common import InputError, settle_inputs
-from utils.prompts import (
+from utils.cli import InputError
+from utils.models.prompts import (
     C2S_SCALE,
     DEFAULT_ORGANISM,
     OURS,
@@ -30,7 +30,8 @@ from utils.prompts import (
     prompt_format,
     prompt_words,
 )
-from utils.recipe import DEFAULT_TOP_K_GENES, Recipe, read_json
+from utils.models.recipe import DEFAULT_TOP_K_GENES, Recipe, read_json
+from utils.publish import settle_inputs
 
 logger = logging.getLogger("cell2sentence")
 
@@ -93,7 +94,7 @@ def as_sentences(cells: Any, *, column: str = "cell_sentence", max_genes: int | 
     if isinstance(cells, str):
         raise InputError("Pass a list of cell sentences, not one string.")
     if isinstance(cells, anndata.AnnData):
-        from utils.api import adata_to_sentences
+        from utils.transform.sentences import adata_to_sentences
 
         options = recipe.sentence_kwargs() if recipe is not None else {}
         made = adata_to_sentences(cells, qc=False, max_genes=max_genes, label_column=False, **options)
@@ -101,7 +102,7 @@ def as_sentences(cells: Any, *, column: str = "cell_sentence", max_genes: int | 
         for row, sentence in zip(made.kept_rows, made.sentences, strict=True):
             sentences[row] = sentence
         return sentences
-    if hasattr(cells, "sentences") and hasattr(cells, "cell_names"):  # utils.api.CellSentences
+    if hasattr(cells, "sentences") and hasattr(cells, "cell_names"):  # utils.transform.sentences.CellSentences
         return [str(s) for s in cells.sentences]
     if hasattr(cells, "column_names"):  # datasets.Dataset / pyarrow.Table
         if column not in cells.column_names:
@@ -116,8 +117,8 @@ def as_sentences(cells: Any, *, column: str = "cell_sentence", max_genes: int | 
 def qc_kept(adata: Any, recipe: Recipe) -> np.ndarray:
     """Per cell of ``adata``, whether the training transform's QC (the recipe's thresholds)
     would have kept it; all True when the transform ran without QC or recorded none."""
-    from utils.api import adata_to_sentences
-    from utils.preprocess import QCParams
+    from utils.transform.preprocess import QCParams
+    from utils.transform.sentences import adata_to_sentences
 
     if not recipe.qc or not recipe.qc.get("enabled", True):
         return np.ones(adata.n_obs, dtype=bool)
@@ -164,7 +165,7 @@ class CellSentenceModel:
     model, tokenizer
         The ``transformers`` model (eval mode) and tokenizer (left padding).
     prompt_format
-        How prompts and answers are worded (``utils.prompts.PromptFormat``).
+        How prompts and answers are worded (``utils.models.prompts.PromptFormat``).
     top_k_genes
         Genes per prompt (the run's ``top_k_genes``; 100 for published models).
     record
@@ -184,13 +185,13 @@ class CellSentenceModel:
              prompt_format_name: str | None = None, top_k_genes: int | None = None,
              organism: str = DEFAULT_ORGANISM) -> CellSentenceModel:
         """Load a model folder (``train.py`` run, LoRA adapter run, merged model, published
-        model) or hub name, with its recipe (``utils.recipe.Recipe``).
+        model) or hub name, with its recipe (``utils.models.recipe.Recipe``).
 
         ``prompt_format_name`` and ``top_k_genes`` override the recipe's, with a warning;
         ``device`` auto takes CUDA with bf16 when available.
         """
-        from utils.generation import pick_device
-        from utils.training import load_model_and_tokenizer
+        from utils.models.generation import pick_device
+        from utils.models.loading import load_model_and_tokenizer
 
         settle_inputs(Path(str(name_or_dir)).expanduser())  # a publish cut short there (or in its parent): finish it
         record = read_train_record(name_or_dir)
@@ -224,7 +225,7 @@ class CellSentenceModel:
     def known_genes(self) -> list[str] | None:
         """The genes a word-level tokenizer of ``train.py`` spells (None for sub-word tokenizers,
         whose gene list must come from the data)."""
-        from utils.tokenizer import SPECIAL_TOKENS
+        from utils.models.tokenizer import SPECIAL_TOKENS
 
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         if backend is None or type(backend.model).__name__ != "WordLevel":
@@ -240,8 +241,8 @@ class CellSentenceModel:
                            n_genes: int | None = None) -> tuple[list[list[int]], int]:
         """Prompt ids per sentence (its first K genes, fewer where the context is short) and
         how many were shortened."""
-        from utils.generation import shorten_to_fit
-        from utils.training import encode_prompt
+        from utils.models.examples import encode_prompt
+        from utils.models.generation import shorten_to_fit
 
         k = n_genes or self.top_k_genes
         fmt, tok = self.prompt_format, self.tokenizer
@@ -298,7 +299,7 @@ class CellSentenceModel:
 
     def label_budget(self, labels: Iterable[str] | None = None) -> int:
         """New tokens for a free-text label: the longest known label's tokens + 2."""
-        from utils.training import encode_answer
+        from utils.models.examples import encode_answer
 
         labels = list(labels if labels is not None else self.label_set())
         if not labels:
@@ -354,8 +355,8 @@ class CellSentenceModel:
 
     def _free_text_labels(self, sentences: Sequence[str], *, batch_size: int, max_new_tokens: int, n_genes: int,
                           progress: Callable[[int], None] | None) -> list[str]:
-        from utils.generation import generate_batched
-        from utils.training import decode_answer
+        from utils.models.examples import decode_answer
+        from utils.models.generation import generate_batched
 
         prompts = self._prompts(sentences, max_new_tokens, n_genes)
         answers = generate_batched(self.model, prompts, pad_token_id=self.tokenizer.pad_token_id,
@@ -365,7 +366,7 @@ class CellSentenceModel:
 
     def _score_labels(self, sentences: Sequence[str], label_set: list[str], *, batch_size: int, n_genes: int,
                       progress: Callable[[int], None] | None) -> LabelPredictions:
-        from utils.constrain import label_sequences, score_labels
+        from utils.models.constrain import label_sequences, score_labels
 
         fmt = self.prompt_format
         sequences = label_sequences(self.tokenizer, label_set, fmt)
@@ -401,7 +402,7 @@ class CellSentenceModel:
 
     def gene_constraint(self, genes: Iterable[str] | None) -> Callable[[], Any] | None:
         """A factory of the valid-gene logits processor, or None when no gene list is known."""
-        from utils.constrain import GeneConstraint, build_gene_tries
+        from utils.models.constrain import GeneConstraint, build_gene_tries
 
         names = list(genes) if genes is not None else self.known_genes()
         if not names:
@@ -446,15 +447,15 @@ class CellSentenceModel:
 
         With ``constrain_genes`` (default) every generated word is a gene of ``genes`` (default:
         the genes of a word-level tokenizer) and no gene repeats. ``seed`` seeds each batch
-        (``utils.generation.generate_batched``), so ``processes`` (``utils.distributed.Processes``
+        (``utils.models.generation.generate_batched``), so ``processes`` (``utils.models.distributed.Processes``
         under torchrun: each process a share of the batches) give the cells of one process.
         Returns a DataFrame with ``cell_name``, ``cell_sentence``, ``requested_cell_type`` (None
         on the processes other than rank 0).
         """
         import math
 
-        from utils.generation import generate_batched
-        from utils.training import decode_answer, encode_prompt
+        from utils.models.examples import decode_answer, encode_prompt
+        from utils.models.generation import generate_batched
 
         def name(t: Any) -> str | None:
             return None if t is None else str(t)  # None: a cell of any type (unconditional)
@@ -508,7 +509,7 @@ class CellSentenceModel:
                     ) -> np.ndarray:
         """Cell embeddings (cells x hidden size, float32): ``layer``'s hidden states averaged
         over the cell sentence's tokens (``pooling="mean"``) or at the last token."""
-        from utils.embedding import embed_batched
+        from utils.models.embedding import embed_batched
 
         genes = [s.split() for s in self.cell_sentences(cells, n_genes=n_genes)]
         n_layers = int(getattr(self.model.config, "num_hidden_layers", 0) or getattr(self.model.config, "n_layer", 0))

@@ -221,9 +221,9 @@ class GeneConstraint:
 
 def label_sequences(tokenizer: Any, labels: Sequence[str], fmt: Any) -> list[list[int]]:
     """Token ids of each label's answer as it follows the prompt in training, EOS included
-    (``utils.training.join_example``), so that a label that is a prefix of another (``T`` and
+    (``utils.models.examples.join_example``), so that a label that is a prefix of another (``T`` and
     ``T cell``) is still told apart."""
-    from utils.training import encode_answer
+    from utils.models.examples import encode_answer
 
     return [[*encode_answer(tokenizer, fmt.prediction_answer(x), fmt), int(tokenizer.eos_token_id)] for x in labels]
 
@@ -280,7 +280,7 @@ def score_labels(model: Any, prompts: Sequence[Sequence[int]], labels: Sequence[
     """
     import torch
 
-    from utils.generation import left_pad
+    from utils.models.generation import left_pad
 
     trie = LabelTrie(labels)
     # Only nodes with children are fed: a leaf (each label's EOS) is read at its parent, so its

@@ -84,7 +84,7 @@ class Processes:
             return [merged[i] for i in position]
         if isinstance(result, np.ndarray):  # rows of cells, e.g. embeddings
             return np.concatenate([p[1] for p in parts])[position]
-        from utils.cell_model import LabelPredictions
+        from utils.models.cell_model import LabelPredictions
 
         labels = [x for p in parts for x in p[1].labels]
         scores = np.concatenate([p[1].scores for p in parts])

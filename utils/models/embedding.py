@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from utils.prompts import PromptFormat
+from utils.models.prompts import PromptFormat
 
 POOLINGS = ("mean", "last")
 

@@ -15,7 +15,7 @@ import re
 import zipfile
 from pathlib import Path
 
-from utils.common import InputError
+from utils.cli import InputError
 
 #: Files holding a model's weights, whole or as the index of shards (any one is enough).
 WEIGHT_FILES: tuple[str, ...] = (
@@ -148,7 +148,7 @@ def check_adapter_dir(path: Path) -> str:
     Returns the base model's name (``base_model_name_or_path``: a hub name or a folder); a
     base folder that exists is checked by ``check_model_dir`` when it is loaded.
     """
-    from utils.lora import ADAPTER_CONFIG, base_model_name
+    from utils.models.lora import ADAPTER_CONFIG, base_model_name
 
     problem = file_problem(path / ADAPTER_CONFIG)
     if problem:

@@ -1,6 +1,6 @@
 """Batched generation with a trained cell-sentence model: left padding, greedy or sampled.
 
-Prompts are token-id lists as the model saw them in training (``utils.training.encode_prompt``).
+Prompts are token-id lists as the model saw them in training (``utils.models.examples.encode_prompt``).
 A batch is padded on the LEFT, so that every prompt ends where the answer starts, and the
 attention mask hides the padding (``generate`` derives the position ids from the mask, so a
 padded prompt gives the same answer as the prompt alone). Prompts are sorted by length before
@@ -127,9 +127,9 @@ def generate_batched(
     """Generate a continuation of every prompt; returns the new token ids per prompt.
 
     Greedy decoding unless ``do_sample``. The ids after the first EOS are left in; the caller's
-    decoder drops them (``utils.training.decode_answer``). ``progress(n)`` is called after each
+    decoder drops them (``utils.models.examples.decode_answer``). ``progress(n)`` is called after each
     batch with its size. ``logits_processor_factory()`` makes a fresh logits processor per
-    batch (e.g. ``utils.constrain.GeneConstraint``, which keeps per-row state).
+    batch (e.g. ``utils.models.constrain.GeneConstraint``, which keeps per-row state).
     ``batch_seed`` seeds torch with ``batch_seed + b`` before batch ``b`` (of the prompts sorted
     by length), so a sampled batch does not depend on which others ran; ``batches`` runs only
     those batch numbers (one process's share) and leaves None for the other prompts.

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from utils.common import InputError
+from utils.cli import InputError
 
 ADAPTER_CONFIG = "adapter_config.json"
 

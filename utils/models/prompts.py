@@ -210,7 +210,7 @@ class PromptFormat:
 
     @property
     def tasks(self) -> tuple[str, ...]:
-        """The tasks (names of ``utils.training``) this format has prompts for, in that order.
+        """The tasks (names of ``utils.models.examples``) this format has prompts for, in that order.
 
         >>> prompt_format("c2s_scale").tasks
         ('conditional_generation', 'cell_type_prediction')
@@ -218,7 +218,7 @@ class PromptFormat:
         return tuple(task for task, templates in self._table().items() if templates)
 
     def templates(self, task: str) -> tuple[str, ...]:
-        """The templates of ``task`` (a task name of ``utils.training``)."""
+        """The templates of ``task`` (a task name of ``utils.models.examples``)."""
         templates = self._table().get(task)
         if not templates:
             raise ValueError(f"The {self.name} prompt format has no {task} prompts.")
@@ -258,11 +258,6 @@ class PromptFormat:
         line = text.strip().split("\n", 1)[0]
         line = " ".join(line.split())
         return line[: -len(self.answer_suffix)].rstrip() if self.answer_suffix and line.endswith(self.answer_suffix) else line
-
-    def parse_genes(self, text: str) -> str:
-        """A generated cell sentence: up to the first newline, single spaces, the closing
-        period dropped."""
-        return self.parse_label(text)
 
     def record(self) -> dict[str, Any]:
         """What ``train_args.json`` keeps of the format."""

@@ -87,7 +87,7 @@ def build_word_tokenizer(
     texts
         Cell sentences (genes separated by whitespace).
     extra_words
-        Words of the prompts and of the labels (see ``utils.prompts.prompt_words``).
+        Words of the prompts and of the labels (see ``utils.models.prompts.prompt_words``).
     min_count
         Genes seen in fewer sentences than this map to ``<unk>``.
     model_max_length
@@ -96,26 +96,3 @@ def build_word_tokenizer(
     vocab = word_vocabulary(texts, extra_words=extra_words, min_count=min_count)
     return word_tokenizer_from_vocab(vocab, model_max_length=model_max_length)
 
-
-BPE_EOS = "<|endoftext|>"
-BPE_PAD = "<|padding|>"
-
-
-def build_bpe_tokenizer(texts: Iterable[str], *, vocab_size: int = 1000,
-                        model_max_length: int = 2048) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer like the published C2S (Pythia) models', trained on ``texts``.
-
-    The offline stand-in for a hub tokenizer: gene names split into sub-word pieces as they do
-    in GPT-NeoX's tokenizer, ``<|endoftext|>`` as BOS/EOS, ``<|padding|>`` for padding.
-    """
-    from tokenizers import decoders, trainers
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BPE_EOS, BPE_PAD],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BPE_EOS, eos_token=BPE_EOS,
-                                   unk_token=BPE_EOS, pad_token=BPE_PAD, clean_up_tokenization_spaces=False,
-                                   model_max_length=model_max_length)

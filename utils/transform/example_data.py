@@ -40,14 +40,13 @@ import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
-from utils.common import InputError
+from utils.cli import InputError
 
 logger = logging.getLogger("cell2sentence")
 
 DOMINGUEZ_GDRIVE_ID = "1PYUM59fKclw-aeN79oL5ghCkU4kn6XvN"
 DOMINGUEZ_FILENAME = "dominguez_sample.h5ad"
 PBMC68K_FILENAME = "pbmc68k_reduced.h5ad"
-DATASET_FILENAMES = {"dominguez": DOMINGUEZ_FILENAME, "pbmc68k_reduced": PBMC68K_FILENAME}
 
 Downloader = Callable[[BinaryIO], None]
 

@@ -1,6 +1,6 @@
 """The OS-level machinery behind the transform's output files, behind one small interface.
 
-A format writer (``utils/formats.py``) or the transform's outputs (``utils/outputs.py``) use:
+A format writer (``formats.py``) or the transform's outputs (``outputs.py``) use:
 
 - ``OutputFile(path, direct=...)``: ``pwrite(data, offset)`` from any thread, ``close(size)``;
 - ``OrderedAppendFile``: appends in chunk order (``append(ticket, data)``, or ``place`` then
@@ -8,26 +8,20 @@ A format writer (``utils/formats.py``) or the transform's outputs (``utils/outpu
 - ``DirectWriter``: the background thread that writes large pieces around the page cache
   (``flush``, ``close``).
 
-Low-level tricks kept, and what each earns (a trick stays only when removing it costs at least
-15% end to end at 200,000 cells; ``python bench/transform_bench.py --n_cells 200000 --repeats 2
---without mmap direct_reader o_direct fallocate phased_buffers mallopt os_exit``, every variant
-side by side in one run, best of 2, on the 2 shared cores):
+Two low-level tricks live here, each kept because the transform is at least 15% slower end to
+end without it at 200,000 cells (``python bench/transform_bench.py --n_cells 200000 --repeats 2
+--without o_direct mallopt``; the measurements, and the tricks that earned less and were removed:
+``bench/README.md``):
 
-- ``O_DIRECT`` writes (here): without them 77.5 s instead of 27.7 s (+180%; 23.6 s of kernel
-  time copying into the page cache instead of 1.7 s).
-- glibc's malloc kept from unmapping freed chunks (``utils.common.keep_freed_memory_for_reuse``):
-  without it 37.2 s (+34%).
-- ``preadv`` reads of the input around HDF5 (``utils/readers.py``): 29.8 s in that run (+8%),
-  but 28.6 s against 21.0 s (+36%) measured again with the final code (``--without
-  direct_reader``), so it stays.
+- ``O_DIRECT`` writes (``DirectWriter``): +180% without them.
+- glibc's malloc kept from unmapping freed chunks (``keep_freed_memory_for_reuse``): +34%.
 
-Removed because they earned less: memory-mapped input ranges (24.2 s without: no gain),
-``fallocate`` reservations (30.0 s, +8%), memory placed like the file to spare a copy (27.3 s,
--1%), skipping the interpreter's teardown with ``os._exit`` (25.4 s, no gain).
+The third, reading the input around HDF5, is ``direct_reader.py``.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import queue
@@ -94,13 +88,12 @@ class DirectWriter:
     """Writes the page-aligned middle of large writes with ``O_DIRECT``, from one background
     thread, so that the output bypasses the page cache while workers go on computing.
 
-    Writing through the page cache cost 1.5–3 s of kernel time per GB on our machines (copying
-    into fresh cache pages, then writeback); ``O_DIRECT`` ran at the disk's 1.7 GB/s with almost
-    no CPU (``bench/transform_bench.py``). The data is copied into a few page-aligned buffers
-    (which bound the memory in flight); ``flush`` waits for the queue and raises the first error.
-    Every buffer gets used, so all count in the peak: four 16 MB buffers instead of eight
-    peaked 90 MB lower at 200,000 cells (medians of 6 runs: 914 against 1,002 MB), for 2% more
-    time (8.5 against 8.3 s).
+    Writing through the page cache costs kernel time for every byte (copying into fresh cache
+    pages, then writeback); ``O_DIRECT`` writes at the disk's speed with almost no CPU. The data
+    is copied into a few page-aligned buffers, which bound the memory in flight; ``flush`` waits
+    for the queue and raises the first error. Every buffer gets used, so each one counts in the
+    peak memory: four of 16 MB write about as fast as eight, with a lower peak
+    (``bench/README.md``).
     """
 
     def __init__(self, *, n_buffers: int = 4, buffer_bytes: int = 16 << 20):
@@ -234,3 +227,26 @@ class OrderedAppendFile:
 
     def close(self) -> None:
         self._out.close(final_size=self.size)
+
+
+def keep_freed_memory_for_reuse() -> None:
+    """Ask glibc to keep freed memory in the heap instead of returning it to the system.
+
+    The transform allocates arrays of tens of MB for every chunk. By default glibc serves those
+    with fresh mmap()s and unmaps them when freed, so every chunk pays page faults on memory it
+    just had. Reusing the heap removes that; peak memory stays bounded by the chunks in flight.
+    It also asks for one malloc arena, which glibc applies only to arenas not yet made, so worker
+    threads may still have their own (forcing one arena from the start does not lower the peak:
+    ``bench/README.md``). Call it before starting threads. A no-op where glibc is not the C
+    library. Kept by the 15% rule: +34% without it at 200,000 cells (``python
+    bench/transform_bench.py --n_cells 200000 --repeats 2 --without mallopt``).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_top_pad, m_mmap_threshold, m_arena_max = -1, -2, -3, -8  # glibc's malloc.h
+    libc.mallopt(m_arena_max, ctypes.c_int(1))
+    libc.mallopt(m_mmap_threshold, ctypes.c_int(1 << 30))
+    libc.mallopt(m_trim_threshold, ctypes.c_int(2**31 - 1))
+    libc.mallopt(m_top_pad, ctypes.c_int(256 << 20))

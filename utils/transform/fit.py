@@ -43,10 +43,6 @@ class RankExpressionFit:
         """log10(1 + expression) predicted from log10(1 + rank)."""
         return self.intercept + self.slope * np.asarray(log_rank, dtype=np.float64)
 
-    def value(self, rank: np.ndarray | float) -> np.ndarray | float:
-        """log10(1 + expression) predicted at ``rank`` (0 = most expressed)."""
-        return self.predict(np.log10(1.0 + np.asarray(rank, dtype=np.float64)))
-
 
 class NonFiniteError(ValueError):
     """Points or values given to the fit or a figure are NaN or infinite."""

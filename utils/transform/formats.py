@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from utils.filewriter import DirectWriter, OutputFile, _Turns
+from utils.transform.filewriter import DirectWriter, OutputFile, _Turns
 
 
 class H5adCSRWriter:
@@ -123,8 +123,8 @@ class ArrowSplitWriter:
             path, file, offset = self._shards[-1]
             self._shards[-1] = (path, file, offset + size)
             self.n_rows += batch.num_rows
-        # In glibc's heap, which keeps freed memory; Arrow's pool handed pages back, and faulting
-        # them in again cost 0.4 s per 200k cells.
+        # Into glibc's heap, which keeps freed memory for reuse (``keep_freed_memory_for_reuse``);
+        # Arrow's own pool hands its pages back, so every chunk would fault them in again.
         message = batch.serialize(memory_pool=pa.system_memory_pool())
         if message.size != size:  # its place in the shard was taken for `size` bytes
             raise RuntimeError(f"Arrow made a {message.size}-byte message, {size} expected")

@@ -15,7 +15,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from utils.common import InputError
+from utils.cli import InputError
 
 # Special tokens of our tokenizer (<pad>, <bos>, <eos>, <unk>) and of the hub's (GPT-2's
 # <|endoftext|>, Llama's <s> and </s>): inside a label they would end or pad an answer.

@@ -15,12 +15,17 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from utils.common import InputError
-from utils.filewriter import DirectWriter, OrderedAppendFile
-from utils.fit import METRIC_COLUMNS, NonFiniteError, RankExpressionFit, fit_rank_expression
-from utils.formats import ArrowSplitWriter, H5adCSRWriter, write_dataset_dict_index
-from utils.sentence_chunk import SentenceChunk, rank_chunk, write_text
-from utils.transform_pipeline import SPLITS, PassContext, RunPlan
+from utils.cli import InputError
+from utils.transform.filewriter import DirectWriter, OrderedAppendFile
+from utils.transform.fit import (
+    METRIC_COLUMNS,
+    NonFiniteError,
+    RankExpressionFit,
+    fit_rank_expression,
+)
+from utils.transform.formats import ArrowSplitWriter, H5adCSRWriter, write_dataset_dict_index
+from utils.transform.pipeline import SPLITS, PassContext, RunPlan
+from utils.transform.sentence_chunk import SentenceChunk, rank_chunk, write_text
 
 logger = logging.getLogger("cell2sentence")
 
@@ -80,7 +85,7 @@ def write_evaluation(eval_dir: Path, fit: RankExpressionFit, log_rank: np.ndarra
     """``transformation_metrics.csv`` and the two figures."""
     eval_dir.mkdir()
     pd.DataFrame([fit.as_row()], columns=list(METRIC_COLUMNS)).to_csv(eval_dir / "transformation_metrics.csv", index=False)
-    from utils.plots import plot_log_rank_fit, plot_reconstruction
+    from utils.evaluation.figures import plot_log_rank_fit, plot_reconstruction
 
     plot_log_rank_fit(log_rank, log_expression, fit, eval_dir / "log_rank_vs_log_expression.png", seed=seed)
     plot_reconstruction(log_expression, fit.predict(log_rank), fit, eval_dir / "expression_vs_reconstruction.png", seed=seed)
@@ -90,7 +95,7 @@ def write_evaluation(eval_dir: Path, fit: RankExpressionFit, log_rank: np.ndarra
 
 def write_qc_by_label(eval_dir: Path, table: pd.DataFrame) -> None:
     """``qc_by_label.csv``: per label, its cells, those each QC filter removed, those kept
-    (``utils.preprocess.qc_by_label``; cells without a label have an empty label)."""
+    (``utils.transform.preprocess.qc_by_label``; cells without a label have an empty label)."""
     table.to_csv(eval_dir / "qc_by_label.csv", index=False)
 
 
@@ -158,8 +163,8 @@ class TransformOutputs:
             names=plan.names, normalization=settings.normalization, seed=settings.seed, max_genes=settings.max_genes,
         )  # fmt: skip
         # Each array is dropped as soon as it is written: the arrays of the chunks in flight set
-        # the heap's high-water mark, which glibc keeps (``keep_freed_memory_for_reuse``), and
-        # holding them to the chunk's end peaked about 180 MB higher at 200,000 cells.
+        # the heap's high-water mark, which glibc keeps (``keep_freed_memory_for_reuse``), so
+        # holding them to the chunk's end would raise the peak memory (``bench/README.md``).
         del chunk
         sentences = write_text(ranked, plan.names)
         sizes = ranked.text_sizes

@@ -23,14 +23,11 @@ from typing import Any
 import anndata as ad
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
-from numba import njit
 from tqdm.auto import tqdm
 
-from utils.common import InputError
-from utils.labels import SPECIAL_TOKEN, dataset_columns
-from utils.preprocess import (
-    QC_FILTERS,
+from utils.cli import InputError
+from utils.transform.labels import SPECIAL_TOKEN, dataset_columns
+from utils.transform.preprocess import (
     TARGET_SUM,
     Normalization,
     QCAccumulator,
@@ -44,8 +41,9 @@ from utils.preprocess import (
     qc_by_label,
     to_linear,
 )
-from utils.ranking import GeneNameTable
-from utils.readers import (
+from utils.transform.qc_log import log_qc
+from utils.transform.ranking import GeneNameTable
+from utils.transform.readers import (
     NO_LOG1P,
     ConcatenatedSource,
     MatrixSource,
@@ -53,6 +51,7 @@ from utils.readers import (
     input_stem,
     open_source,
 )
+from utils.transform.value_checks import raise_value_problems, read_checked_chunk
 
 logger = logging.getLogger("cell2sentence")
 
@@ -60,7 +59,6 @@ SPLITS = ("train", "valid", "test")
 DEFAULT_LABEL_COLUMN = "cell_type"
 DETECTION_CELLS = 2_000
 MAX_SEED = 2**64 - 1  # the tie-breaking hash takes the seed as an unsigned 64-bit integer
-QC_WARN_SHARE = 0.10  # a filter removing more of a label's cells than this is a warning
 
 
 @dataclass(frozen=True)
@@ -152,47 +150,6 @@ def chunk_bounds(n_cells: int, chunk_size: int) -> list[tuple[int, int]]:
     return [(s, min(s + chunk_size, n_cells)) for s in range(0, n_cells, chunk_size)]
 
 
-def read_checked_chunk(source: MatrixSource, start: int, stop: int) -> sp.csr_matrix:
-    """Rows [start, stop), after checking that every value is finite and non-negative."""
-    chunk = source.read_rows(start, stop)
-    raise_value_problems(source, start, *_value_problems(chunk.indptr, chunk.data))
-    return chunk
-
-
-def raise_value_problems(source: MatrixSource, start: int, first_nonfinite: int, first_negative: int) -> None:
-    """The error for a chunk starting at row ``start`` whose rows ``first_nonfinite`` or
-    ``first_negative`` (chunk rows, -1: none) hold NaN, infinite or negative values."""
-    if first_nonfinite >= 0:
-        raise InputError(
-            f"{source.path}: {source.matrix_name} holds NaN or infinite values (first in cell "
-            f"{start + first_nonfinite}); a count matrix must be finite."
-        )
-    if first_negative >= 0:
-        raise InputError(
-            f"{source.path}: {source.matrix_name} holds negative values (first in cell "
-            f"{start + first_negative}); give raw counts (e.g. --layer counts), not scaled data."
-        )
-
-
-@njit(cache=True, nogil=True)
-def _value_problems(indptr, data):
-    """The first row holding a NaN or infinite value and the first holding a negative one
-    (-1: none); counted per row without early exits, so the inner loop vectorizes."""
-    first_nonfinite = first_negative = -1
-    for r in range(indptr.shape[0] - 1):
-        nonfinite = 0
-        negative = 0
-        for j in range(indptr[r], indptr[r + 1]):
-            value = data[j]
-            nonfinite += (value - value) != 0  # NaN for NaN and infinities
-            negative += value < 0
-        if nonfinite and first_nonfinite < 0:
-            first_nonfinite = r
-        if negative and first_negative < 0:
-            first_negative = r
-    return first_nonfinite, first_negative
-
-
 def resolve_gene_names(var: pd.DataFrame, gene_column: str | None, *, bad: str, path: Any) -> np.ndarray:
     """Gene names from var (feature_name when present), unique and free of whitespace."""
     if gene_column is not None and gene_column not in var.columns:
@@ -265,7 +222,7 @@ def resolve_input_kind(source: MatrixSource, requested: str, *, target_sum: floa
     shown = {"counts": f"raw counts (will be normalized to {target_sum:,g} per cell)",
              "normalized": "already-normalized values (not normalized again)",
              "log1p": f"log1p values (base {base or 'e'}; brought back with expm1)"}[kind]
-    logger.warning("Input %s read as %s: %s.", source.matrix_name, shown, reason)
+    logger.info("Input %s read as %s: %s.", source.matrix_name, shown, reason)
     return Normalization(kind, base, float(target_sum))
 
 
@@ -371,70 +328,6 @@ def open_inputs(data_filepath: Path | Sequence[Path], options: TransformOptions,
     # Names are resolved per file already; the union is the var index.
     columns = tuple(options.obs_columns) + (() if "dataset" in options.obs_columns else ("dataset",))
     return source, dataclasses.replace(options, gene_column=None, obs_columns=columns), normalization
-
-
-def log_qc(result: QCResult, n_cells: int, qc: QCParams, *, path: Any = "the input",
-           by_label: pd.DataFrame | None = None) -> None:
-    """Log what each filter removed, in all and per label of ``by_label`` (``qc_by_label``,
-    when the cells have labels); fail when no cell is left (naming a flag that exists)."""
-    for flag, removed in result.cells_removed.items():
-        if removed:
-            logger.info("QC: %s cells removed by %s.", f"{removed:,}", _removal_reason(flag, qc))
-    logger.info("QC: %s genes removed by min_cells_per_gene (%s); %s of %s cells kept.",
-                f"{result.genes_removed:,}", qc.min_cells_per_gene,
-                f"{int(result.cell_mask.sum()):,}", f"{n_cells:,}")
-    if result.genes_excluded:
-        logger.info("%s genes excluded (--exclude_genes).", f"{result.genes_excluded:,}")
-    if by_label is not None:
-        _log_qc_by_label(by_label, qc, excluded=result.genes_excluded > 0)
-    if result.cell_mask.any():
-        return
-    removed = result.cells_removed
-    if not qc.enabled:  # only empty cells are dropped then
-        raise InputError(f"No cells left: all {n_cells:,} cells of {path} are empty (no non-zero value); "
-                         "check --layer (or the input file).")
-    worst = max(removed, key=removed.get)
-    if worst == "no_expressed_genes":
-        raise InputError(f"No cells left after QC: --min_cells_per_gene {qc.min_cells_per_gene} removed every gene of "
-                         f"the {removed[worst]:,} cells that passed the cell filters; lower it or pass --no_qc.")
-    raise InputError(f"No cells left after QC: --{worst} removed {removed[worst]:,} of {n_cells:,} cells; "
-                     "relax it or pass --no_qc.")
-
-
-def _log_qc_by_label(by_label: pd.DataFrame, qc: QCParams, *, excluded: bool) -> None:
-    """One line per label of what QC removed, and a warning, naming the flag that relaxes it,
-    for each filter that removed more than ``QC_WARN_SHARE`` of a label's cells: a total can
-    hide a population that a threshold removes almost entirely."""
-    exclusion = (" or --exclude_genes", " or narrow --exclude_genes") if excluded else ("", "")
-    causes = {  # what removed the cells, and what keeps them
-        "min_genes_per_cell": (f"--min_genes_per_cell {qc.min_genes_per_cell}", "lower --min_genes_per_cell"),
-        "max_genes_per_cell": (f"--max_genes_per_cell {qc.max_genes_per_cell}", "raise --max_genes_per_cell"),
-        "max_mt_percent": (f"--max_mt_percent {qc.max_mt_percent:g}", "raise --max_mt_percent"),
-        "no_expressed_genes": (f"having no gene left after --min_cells_per_gene {qc.min_cells_per_gene}"
-                               + exclusion[0], "lower --min_cells_per_gene" + exclusion[1]),
-    }
-    if not qc.enabled:  # only empty cells are removed then (nothing relaxes that), and exclusion's
-        causes = {"no_expressed_genes": ("having no gene left after --exclude_genes", "narrow --exclude_genes")}
-    for row in by_label.to_dict("records"):
-        name = "cells without a label" if pd.isna(row["label"]) else f"cells labelled {row['label']!r}"
-        n = row["n_cells"]
-        removed = {f: row[f"removed_by_{f}"] for f in QC_FILTERS if row[f"removed_by_{f}"]}
-        logger.info("QC: %s of %s %s kept%s.", f"{row['kept']:,}", f"{n:,}", name,
-                    "".join(f"; {c:,} removed by {f}" for f, c in removed.items()))
-        for f, count in removed.items():
-            if f in causes and count > QC_WARN_SHARE * n:
-                cause, fix = causes[f]
-                logger.warning("QC: %s removed %s of the %s %s (%.0f%%); %s to keep them.", cause,
-                               f"{count:,}", f"{n:,}", name, 100 * count / n, fix)
-
-
-def _removal_reason(filter_name: str, qc: QCParams) -> str:
-    """What removed cells, in the words of the flags (not every filter is a flag)."""
-    if filter_name == "no_expressed_genes":
-        return "having no gene left after --min_cells_per_gene"
-    if filter_name == "min_genes_per_cell" and not qc.enabled:
-        return "being empty"
-    return f"--{filter_name}"
 
 
 def _stats_task(context: PassContext, index: int, bounds: tuple[int, int]):

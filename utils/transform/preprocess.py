@@ -417,23 +417,3 @@ def normalize_row(values, n, out, normalization):
             value = np.expm1(value * log_base)
         out[k] = np.log1p(value * scale) * inv_ln10
 
-
-@njit(cache=True, nogil=True)
-def _log10_normalized(indptr, data, normalization):
-    out = np.empty(data.shape[0], np.float32)
-    for r in range(indptr.shape[0] - 1):
-        start, stop = indptr[r], indptr[r + 1]
-        normalize_row(data[start:stop], stop - start, out[start:stop], normalization)
-    return out
-
-
-def log10_normalized(chunk: sp.csr_matrix, *, input_kind: str, log1p_base: float | None,
-                     target_sum: float = TARGET_SUM) -> np.ndarray:
-    """log10(1 + normalized value) of each stored entry, as float32: the preprocessed matrix.
-
-    Raw counts are normalized to ``target_sum`` per cell (``sc.pp.normalize_total`` followed by
-    ``sc.pp.log1p(base=10)``); normalized values are kept; log1p values are first brought back
-    with expm1 (in their base).
-    """
-    normalization = Normalization(input_kind, log1p_base, target_sum)
-    return _log10_normalized(chunk.indptr.astype(np.int64), chunk.data, normalization.kernel_args())

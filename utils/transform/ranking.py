@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import scipy.sparse as sp
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -137,75 +136,6 @@ def seed_key(seed):
     return _splitmix64(np.uint64(seed) + _GOLDEN)
 
 
-@njit(cache=True, nogil=True)
-def _rank_rows(indptr, values, cell_ids, seed):
-    """Entry positions of each row in rank order (see ``rank_row``)."""
-    n_rows = indptr.shape[0] - 1
-    out = np.empty(indptr[n_rows] - indptr[0], np.int64)
-    widest = 1
-    for r in range(n_rows):
-        widest = max(widest, indptr[r + 1] - indptr[r])
-    workspace = rank_workspace(widest)
-    key = seed_key(seed)
-    for r in range(n_rows):
-        start = indptr[r]
-        n = indptr[r + 1] - start
-        if n == 0:
-            continue
-        ranked = rank_row(values[start : start + n], cell_key(key, cell_ids[r]), workspace)
-        for j in range(n):
-            out[start - indptr[0] + j] = start + ranked[j]
-    return out
-
-
-def rank_entries(
-    indptr: np.ndarray, data: np.ndarray, *, cell_ids: np.ndarray, seed: int
-) -> np.ndarray:
-    """Positions of a CSR matrix's entries, each row's in rank order (highest value first).
-
-    Parameters
-    ----------
-    indptr, data
-        A CSR matrix with sorted indices, no explicit zeros and non-negative values.
-    cell_ids
-        The global index of each row (seeds its tie-breaking; independent of chunking).
-    seed
-        Seed of the tie-breaking.
-
-    Returns
-    -------
-    An array ``order`` aligned with the entries: row r's genes, most expressed first, are
-    ``indices[order[indptr[r]:indptr[r + 1]]]``.
-    """
-    return _rank_rows(
-        np.asarray(indptr, dtype=np.int64),
-        np.ascontiguousarray(data, dtype=np.float32),
-        np.asarray(cell_ids, dtype=np.int64),
-        np.uint64(seed),
-    )
-
-
-def rank_genes(
-    matrix: np.ndarray | sp.spmatrix | sp.sparray,
-    *,
-    seed: int = 0,
-    cell_ids: np.ndarray | None = None,
-    max_genes: int | None = None,
-) -> list[np.ndarray]:
-    """Gene (column) indices of each row's non-zero entries, highest value first.
-
-    >>> rank_genes(np.array([[0, 5, 1], [2, 0, 2]]), seed=0)[0].tolist()
-    [1, 2]
-    """
-    csr = sp.csr_matrix(matrix, dtype=np.float32)
-    csr.eliminate_zeros()
-    csr.sort_indices()
-    if cell_ids is None:
-        cell_ids = np.arange(csr.shape[0])
-    genes = csr.indices[rank_entries(csr.indptr, csr.data, cell_ids=cell_ids, seed=seed)]
-    return [genes[csr.indptr[r] : csr.indptr[r + 1]][:max_genes] for r in range(csr.shape[0])]
-
-
 _SLOT = 16  # bytes per padded name: copying a fixed 16 bytes is much faster than a byte loop
 
 
@@ -237,8 +167,8 @@ class GeneNameTable:
         self.offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
         self.offsets[1:] = np.cumsum(self.lengths)
         self.buffer = np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()
-        # Each byte to its name's slot, at its place in the name (whole arrays: a loop over
-        # 33,000 names took 0.03 s per call of the API).
+        # Each byte to its name's slot, at its place in the name, with whole arrays: the API
+        # builds this table on every call, and a Python loop over the names would cost more.
         name_of_byte = np.repeat(np.arange(len(encoded)), self.lengths)
         place = np.arange(len(self.buffer)) - self.offsets[name_of_byte]
         short = self.lengths[name_of_byte] < _SLOT
@@ -256,8 +186,3 @@ def copy_bytes(dst, dst_pos, src, src_pos, n):
     for k in range(0, n, _SLOT):
         _copy16(dst, dst_pos + k, src, src_pos + k)
 
-
-def sentences_from_ranking(ranked: list[np.ndarray], gene_names: Sequence[str]) -> list[str]:
-    """Plain-Python sentences from ``rank_genes`` output (for small data and tests)."""
-    names = np.asarray(gene_names, dtype=object)
-    return [" ".join(names[r]) for r in ranked]

@@ -1,7 +1,8 @@
 """Readers of the transform's input: count matrices served in chunks of rows.
 
-An ``.h5ad`` whose matrix is stored as CSR (or dense) is read out of core with h5py, a slice of
-rows at a time, so memory does not grow with the number of cells. Other formats (10x ``.h5``,
+An ``.h5ad`` whose matrix is stored as CSR (or dense) is read out of core with h5py (its CSR
+arrays, when uncompressed, around it: ``direct_reader``), a slice of rows at a time, so memory
+does not grow with the number of cells. Other formats (10x ``.h5``,
 10x matrix folders, ``.loom``, ``.csv``, CSC-stored h5ad) go through anndata/scanpy readers
 into memory and are then served in the same chunks.
 """
@@ -9,7 +10,6 @@ into memory and are then served in the same chunks.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,8 @@ import pandas as pd
 import scipy.sparse as sp
 from numba import njit
 
-from utils.common import InputError
+from utils.cli import InputError
+from utils.transform.direct_reader import _DirectReader
 
 logger = logging.getLogger("cell2sentence")
 
@@ -38,8 +39,8 @@ def canonical_rows(chunk: sp.csr_matrix, column_map: np.ndarray | None = None,
         if _is_canonical(chunk.indptr, chunk.indices, chunk.data):
             return chunk
         column_map, n_columns = np.arange(chunk.shape[1], dtype=np.int32), chunk.shape[1]
-    # Rows sorted by ``sort_rows`` (scipy's sort took 5x longer: files subset by columns, as
-    # anndata writes them after adata[:, genes], have unsorted rows), then scipy's linear passes.
+    # Rows sorted by ``sort_rows``, not scipy (files subset by columns, as anndata writes them
+    # after adata[:, genes], have unsorted rows: see ``sort_rows``), then scipy's linear passes.
     indices, data = sort_rows(chunk.indptr.astype(np.int64), chunk.indices, chunk.data, column_map, n_columns)
     out = sp.csr_matrix((data, indices, chunk.indptr - chunk.indptr[0]), shape=(chunk.shape[0], n_columns))
     out.has_sorted_indices = True
@@ -65,84 +66,6 @@ def _is_canonical(indptr, indices, data):
         if indptr[r] - base > 0 and indptr[r] < indptr[r + 1]:
             unsorted -= indices[indptr[r] - base] <= indices[indptr[r] - base - 1]
     return zeros == 0 and unsorted == 0
-
-
-class _DirectReader:
-    """Reads element ranges of an uncompressed 1-D HDF5 dataset straight from the file with
-    ``os.preadv``: no HDF5 call, whose global lock would serialize the worker threads, and no
-    intermediate copy (4x faster than slicing through h5py here)."""
-
-    def __init__(self, path: Path, dataset: h5py.Dataset, file_offsets: np.ndarray, piece: int):
-        self._path = path
-        self._fd = os.open(path, os.O_RDONLY)
-        self.dtype = dataset.dtype
-        self._offsets = file_offsets  # file offset of each stored piece (chunk) in order
-        self._piece = piece  # elements per piece
-
-    @classmethod
-    def open(cls, path: Path, dataset: h5py.Dataset) -> _DirectReader | None:
-        """A reader for ``dataset``, or None when it is compressed, filtered, not yet fully
-        written or not a little-endian number array (h5py reads those)."""
-        dtype = dataset.dtype
-        if dataset.ndim != 1 or dtype.kind not in "fiu" or dtype.byteorder == ">" or len(dataset) == 0:
-            return None
-        plist = dataset.id.get_create_plist()
-        if plist.get_nfilters() or plist.get_external_count():
-            return None
-        layout = plist.get_layout()
-        if layout == h5py.h5d.CONTIGUOUS:
-            offset = dataset.id.get_offset()
-            return None if offset is None else cls(path, dataset, np.array([offset], np.int64), len(dataset))
-        if layout != h5py.h5d.CHUNKED:
-            return None
-        piece = dataset.chunks[0]
-        offsets = np.full(-(-len(dataset) // piece), -1, np.int64)
-
-        def visit(info):
-            offsets[info.chunk_offset[0] // piece] = info.byte_offset
-
-        dataset.id.chunk_iter(visit)
-        return None if (offsets < 0).any() else cls(path, dataset, offsets, piece)
-
-    def read(self, lo: int, hi: int) -> np.ndarray:
-        """Elements ``[lo, hi)``."""
-        self._read_ahead(hi, 2 * (hi - lo))
-        out = np.empty(hi - lo, self.dtype)
-        view = memoryview(out).cast("B")
-        size = self.dtype.itemsize
-        pos = lo
-        while pos < hi:
-            first = last = pos // self._piece
-            stop = min(hi, (first + 1) * self._piece)
-            # Pieces stored back to back in the file are read with one call.
-            while stop < hi and self._offsets[last + 1] == self._offsets[last] + self._piece * size:
-                last += 1
-                stop = min(hi, (last + 1) * self._piece)
-            self._pread_all(view[(pos - lo) * size : (stop - lo) * size], self._file_offset(pos))
-            pos = stop
-        return out
-
-    def _file_offset(self, pos: int) -> int:
-        """Where element ``pos`` is stored in the file."""
-        piece = pos // self._piece
-        return int(self._offsets[piece]) + (pos - piece * self._piece) * self.dtype.itemsize
-
-    def _read_ahead(self, lo: int, n: int) -> None:
-        """Ask the kernel to start reading elements ``[lo, lo + n)`` (the chunks the workers take
-        next) from disk now: reading a file that is not cached went from 0.9 to 1.1 GB/s."""
-        if n > 0 and lo // self._piece < len(self._offsets):
-            os.posix_fadvise(self._fd, self._file_offset(lo), n * self.dtype.itemsize, os.POSIX_FADV_WILLNEED)
-
-    def _pread_all(self, view: memoryview, offset: int) -> None:
-        while len(view):  # a single read returns at most about 2 GB
-            got = os.preadv(self._fd, [view], offset)
-            if got == 0:  # the file was cut short (mapping the range instead made this a SIGBUS)
-                raise InputError(f"{self._path} ends early, at byte {offset:,}: the file was truncated, or "
-                                 "changed while it was being read; rerun once nothing else writes to it.")
-            view, offset = view[got:], offset + got
-
-    def __del__(self, _close=os.close) -> None:  # bound now: at interpreter exit os may be gone
-        _close(self._fd)
 
 
 class MatrixSource:
@@ -422,10 +345,12 @@ class ConcatenatedSource(MatrixSource):
 def sort_rows(indptr, indices, data, column_map, n_columns):
     """(indices, data) of CSR rows with each column ``c`` renamed ``column_map[c]`` and each
     row's entries sorted by their new column: an LSD radix sort on bytes, one row at a time while
-    it is in cache (a third of scipy's column-slice transposition, which it replaced: 0.019–0.029
-    against 0.06–0.22 s for 2,048 cells of 2,000 genes; end to end, 200,000 cells as 4 files with
-    their genes reordered and rows unsorted took 14.3 s against 40.6 s, ``bench/transform_bench.py
-    --split_inputs 4``). ``indptr`` may start above 0."""
+    it is in cache, instead of scipy's column slicing and sorting. ``indptr`` may start above 0.
+
+    Kept by the 15% rule: 200,000 cells as 4 files, genes reordered and rows unsorted, take
+    14.3 s against 40.6 s with scipy's sorting (``python bench/transform_bench.py --n_cells 200000
+    --num_proc 2 --repeats 2 --split_inputs 4``, side by side with that version:
+    ``bench/README.md``)."""
     n_rows = indptr.shape[0] - 1
     base = indptr[0]
     out_indices = np.empty(indptr[n_rows] - base, np.int32)

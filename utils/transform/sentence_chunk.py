@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-from utils.preprocess import Normalization, normalize_row
-from utils.ranking import (
+from utils.transform.preprocess import Normalization, normalize_row
+from utils.transform.ranking import (
     GeneNameTable,
     _copy16,
     cell_key,
@@ -269,10 +269,3 @@ def write_text(ranked: RankedChunk, names: GeneNameTable) -> SentenceChunk:
         eval_log_rank=r.eval_log_rank,
         eval_log_expression=r.eval_log_expression,
     )
-
-
-def sentence_chunk(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, *, names: GeneNameTable,
-                   **options) -> SentenceChunk:
-    """Sentences, preprocessed rows and evaluation points of one raw CSR chunk, in a new buffer
-    (``rank_chunk`` then ``write_text``; ``options`` are ``rank_chunk``'s)."""
-    return write_text(rank_chunk(indptr, indices, data, names=names, **options), names)

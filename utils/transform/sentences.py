@@ -28,9 +28,10 @@ import pyarrow as pa
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-from utils.common import InputError, staged_outputs
-from utils.fit import RankExpressionFit
-from utils.outputs import (
+from utils.cli import InputError
+from utils.publish import staged_outputs
+from utils.transform.fit import RankExpressionFit
+from utils.transform.outputs import (
     contract_names,
     fit_points,
     preprocessed_name,
@@ -39,10 +40,7 @@ from utils.outputs import (
     write_qc_by_label,
     write_vocab,
 )
-from utils.preprocess import TARGET_SUM, QCParams
-from utils.readers import InMemorySource
-from utils.sentence_chunk import SentenceChunk, rank_chunk, write_text
-from utils.transform_pipeline import (
+from utils.transform.pipeline import (
     SPLITS,
     PassContext,
     TransformOptions,
@@ -50,6 +48,9 @@ from utils.transform_pipeline import (
     ordered_map,
     plan_run,
 )
+from utils.transform.preprocess import TARGET_SUM, QCParams
+from utils.transform.readers import InMemorySource
+from utils.transform.sentence_chunk import SentenceChunk, rank_chunk, write_text
 
 __all__ = ["CellSentences", "adata_to_sentences"]
 
@@ -125,15 +126,14 @@ class CellSentences:
 
         split = self.split_of_cells(split_fractions, seed)
         features = _features(self.columns)
-        # One Arrow table of the kernels' strings (Dataset.from_dict would encode row by row:
-        # 3.8 s for 20,000 sentences of 2,000 genes).
+        # One Arrow table of the kernels' strings: Dataset.from_dict would encode them row by row.
         columns = {n: pa.array(v, type=features[n].pa_type) for n, v in self.columns.items()}
         columns = {"cell_name": columns.pop("cell_name"), "cell_sentence": self.sentence_array, **columns}
         table = pa.table(columns)
         info = datasets.DatasetInfo(features=features)
         # The splits share the table through an indices mapping, as datasets' own `select` and
-        # `train_test_split` make them (taking the rows copied every sentence: 0.3 s for 20,000
-        # cells); a fingerprint is given, else datasets hashes the whole table (0.6 s).
+        # `train_test_split` make them (taking the rows would copy every sentence); a fingerprint
+        # is given, else datasets hashes the whole table.
         return datasets.DatasetDict({
             name: datasets.Dataset(table, info=info, indices_table=pa.table({"indices": np.flatnonzero(split == i)
                                                                              .astype(np.uint64)}),

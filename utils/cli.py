@@ -1,0 +1,199 @@
+"""What every script shares: the one-sentence error, logging, the CLI runner (signals, a full
+disk), seeding and run records."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger("cell2sentence")
+
+
+class InputError(Exception):
+    """Bad input or flags: the message is one sentence saying what is wrong and how to fix it.
+
+    Scripts raise it early; ``run_cli`` prints it without a traceback and exits with status 2.
+    """
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Log to stderr as ``time level message``; idempotent."""
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
+
+
+def run_cli(main: Callable[[Any], Any], parse_args: Callable[[Sequence[str] | None], Any]) -> None:
+    """Entry point of a script: parse, run, and turn ``InputError`` into one line + exit 2.
+
+    SIGTERM (what batch schedulers send) is handled like Ctrl-C: the run stops, its staging
+    folder is removed, exit 143 (130 for Ctrl-C). A full disk is one sentence and exit 2.
+    """
+    from utils.publish import _HELD, disk_full_error, is_disk_full, release_output_dirs
+
+    setup_logging()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    sys.unraisablehook = _quiet_disk_full_unraisable
+    sys.excepthook = _quiet_disk_full_excepthook
+    code = 0
+    try:
+        main(parse_args(None))
+    except InputError as err:
+        logger.error("%s", err)
+        code = 2
+    except KeyboardInterrupt as err:
+        what = "Stopped by SIGTERM" if isinstance(err, Terminated) else "Interrupted"
+        logger.error("%s; no partial output was left in place.", what)
+        code = 143 if isinstance(err, Terminated) else 130
+    except Exception as err:
+        if not is_disk_full(err):
+            raise
+        folder = getattr(err, "filename", None) or next(iter(_HELD), None) or Path.cwd()
+        logger.error("%s", disk_full_error(Path(folder), staged=False))
+        code = 2
+    finally:
+        release_output_dirs()
+    if code:
+        # A library may still hold a file it failed to write: HDF5 keeps an h5ad whose flush
+        # hit ENOSPC open and crashes the interpreter's teardown on it (SIGSEGV: exit 139, not
+        # 2). The outputs are settled and the lock released by now, so leave without teardown.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _h5py_disk_full(err: BaseException | None) -> bool:
+    # h5py reports a full disk as RuntimeError or (h5py >= 3.16) OSError.
+    return isinstance(err, RuntimeError | OSError) and "No space left on device" in str(err)
+
+
+def _quiet_disk_full_unraisable(unraisable: Any) -> None:
+    """Drop the tracebacks h5py prints while freeing a file it could not write for a full disk
+    (the run reports the full disk in one sentence); anything else is reported as usual."""
+    if not _h5py_disk_full(unraisable.exc_value):
+        sys.__unraisablehook__(unraisable)
+
+
+def _quiet_disk_full_excepthook(kind: type, err: BaseException, tb: Any) -> None:
+    # h5py's Cython __dealloc__ prints its error through sys.excepthook before the unraisable hook
+    if not _h5py_disk_full(err):
+        sys.__excepthook__(kind, err, tb)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed ``random``, ``numpy`` and (when installed) ``torch`` from one integer."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    try:
+        import torch
+    except ImportError:  # torch is optional for the data steps
+        return
+    torch.manual_seed(seed)
+
+
+def save_args(args: Any, path: Path) -> None:
+    """Write the effective arguments of a run as JSON (paths as strings)."""
+    values = vars(args) if not isinstance(args, dict) else args
+    path.write_text(json.dumps(values, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(v) for key, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def strict_json(value: Any, **kwargs: Any) -> str:
+    """``json.dumps`` writing NaN and infinities as ``null``: strict JSON, which other tools
+    (jq, JavaScript, most JSON parsers) read; Python's default writes ``NaN``.
+
+    >>> strict_json({"accuracy": float("nan"), "n": 3})
+    '{"accuracy": null, "n": 3}'
+    """
+    return json.dumps(_finite(value), allow_nan=False, **kwargs)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch scheduler stopping the job), handled everywhere like Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+# ------------------------------------------------------------------ flags
+
+# One name per concept in every script. The old names still work, with a warning, and are not
+# shown in --help.
+RENAMED_FLAGS = {
+    "--cell_type_column": "--label_column",
+    "--labels_key": "--label_column",
+    "--max_genes": "--top_k_genes",
+    "--preprocessing_num_workers": "--num_proc",
+}
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring's layout kept, and each flag's default shown once: not where the help
+    already names it, nor for flags without a value."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
+
+
+def script_parser(doc: str) -> argparse.ArgumentParser:
+    """A script's parser: its description is the docstring's first paragraph."""
+    return argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=HelpFormatter)
+
+
+def add_run_flags(parser: argparse.ArgumentParser, *, output_dir: Path | None, output_dir_help: str,
+                  seed: int | None = 1234, seed_help: str = "the run's seed") -> None:
+    """The flags every script that writes has: ``--output_dir``, ``--seed`` (unless ``seed`` is
+    None), ``--overwrite``."""
+    parser.add_argument("--output_dir", type=Path, default=output_dir, help=output_dir_help)
+    if seed is not None:
+        parser.add_argument("--seed", type=int, default=seed, help=seed_help)
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+
+
+def renamed_flags(argv: Sequence[str] | None, renamed: dict[str, str] | None = None) -> list[str]:
+    """``argv`` (default: the command line) with each old flag name replaced by the one name of
+    its concept (``RENAMED_FLAGS``, and a script's own ``renamed``), with a deprecation warning.
+
+    >>> renamed_flags(["--cell_type_column=tissue", "--seed", "1"])
+    ['--label_column=tissue', '--seed', '1']
+    """
+    table = {**RENAMED_FLAGS, **(renamed or {})}
+    out = []
+    for arg in sys.argv[1:] if argv is None else argv:
+        name, sep, value = str(arg).partition("=")
+        if name in table:
+            logger.warning("%s is now called %s; the old name will go.", name, table[name])
+            arg = table[name] + sep + value
+        out.append(arg)
+    return out

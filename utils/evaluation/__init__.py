@@ -1,0 +1,1 @@
+"""Evaluation: the metrics (over arrays) and every figure."""

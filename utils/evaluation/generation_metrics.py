@@ -1,0 +1,307 @@
+"""Generated cells against real ones: the k-NN metric with its real -> real ceiling, MMD (RBF
+kernel, median-heuristic bandwidth) and the energy distance in a PCA of real cells, overall and
+per label."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from utils.cli import InputError
+from utils.evaluation.metrics import (
+    dense,
+    embed_pca,
+    knn_accuracy,
+    majority_baseline,
+    normalize_label,
+    sentence_stats,
+)
+from utils.inverse import SentenceBytes, VocabIndex, sentences_to_expression
+from utils.transform.fit import RankExpressionFit
+
+# Rows of X per block of pairwise distances: block × len(Y) doubles stay a few MB.
+_BLOCK = 1024
+
+
+def _sq_dists(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    d = (A * A).sum(1)[:, None] + (B * B).sum(1)[None, :] - 2.0 * A @ B.T
+    return np.maximum(d, 0.0)  # rounding can make tiny distances negative
+
+
+def median_heuristic(X: np.ndarray, *, max_points: int = 2000, seed: int = 0) -> float:
+    """Median pairwise Euclidean distance among the rows of ``X`` (a seeded subset of at most
+    ``max_points`` rows), the usual bandwidth of an RBF kernel; 1.0 when all points coincide.
+
+    >>> median_heuristic(np.array([[0.0], [1.0], [3.0]]))
+    2.0
+    """
+    X = dense(X)
+    if len(X) > max_points:
+        X = X[np.sort(np.random.default_rng(seed).choice(len(X), max_points, replace=False))]
+    d = np.sqrt(_sq_dists(X, X))[np.triu_indices(len(X), k=1)]
+    median = float(np.median(d)) if d.size else 0.0
+    return median if median > 0 else 1.0
+
+
+def _pair_means(A: np.ndarray, B: np.ndarray, gamma: float) -> tuple[float, float]:
+    """Mean RBF kernel exp(-gamma·d²) and mean distance d over all pairs (a in A, b in B)."""
+    k_sum = d_sum = 0.0
+    for start in range(0, len(A), _BLOCK):
+        d2 = _sq_dists(A[start : start + _BLOCK], B)
+        k_sum += float(np.exp(-gamma * d2).sum())
+        d_sum += float(np.sqrt(d2).sum())
+    n = len(A) * len(B)
+    return k_sum / n, d_sum / n
+
+
+def distribution_distances(
+    X: np.ndarray, Y: np.ndarray, *, bandwidth: float | None = None
+) -> dict[str, float]:
+    """MMD² (RBF kernel) and energy distance between the rows of ``X`` and of ``Y``.
+
+    Both are the plain (V-statistic) estimates, so identical sets give exactly 0 and two
+    samples of one distribution a small positive value that shrinks with their size: compare
+    with the same measure between two real samples of the same sizes (the floor).
+    ``mmd`` = mean k(x, x') + mean k(y, y') − 2 mean k(x, y) with
+    k(a, b) = exp(−‖a − b‖² / (2·bandwidth²)); the bandwidth defaults to the median heuristic
+    over both sets (pass one fixed from real cells to compare several sets fairly).
+    ``energy_distance`` = sqrt(2 E‖x − y‖ − E‖x − x'‖ − E‖y − y'‖) (as scipy's, in any dimension).
+    NaN when a set is empty.
+
+    >>> a = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
+    >>> distribution_distances(a, a)
+    {'mmd': 0.0, 'energy_distance': 0.0, 'bandwidth': 2.0}
+    """
+    X, Y = dense(X), dense(Y)
+    if bandwidth is None:
+        bandwidth = median_heuristic(np.vstack([X, Y])) if len(X) + len(Y) > 1 else 1.0
+    if len(X) == 0 or len(Y) == 0:
+        return {"mmd": float("nan"), "energy_distance": float("nan"), "bandwidth": float(bandwidth)}
+    gamma = 1.0 / (2.0 * float(bandwidth) ** 2)
+    kxx, dxx = _pair_means(X, X, gamma)
+    kyy, dyy = _pair_means(Y, Y, gamma)
+    kxy, dxy = _pair_means(X, Y, gamma)
+    # Equal sets cancel only up to rounding; round to the 12th digit so they give 0 exactly.
+    mmd = round(max(kxx + kyy - 2.0 * kxy, 0.0), 12)
+    energy = float(np.sqrt(round(max(2.0 * dxy - dxx - dyy, 0.0), 12)))
+    return {"mmd": float(mmd), "energy_distance": energy, "bandwidth": float(bandwidth)}
+
+
+@dataclass
+class GenerationEvaluation:
+    """What :func:`evaluate_generation` returns: the metrics, and the real (``--split``) and
+    generated cells in the PCA space fitted on the real training cells (for a figure)."""
+
+    metrics: dict[str, Any]
+    real_coords: np.ndarray
+    generated_coords: np.ndarray
+    real_labels: list[str] = field(default_factory=list)
+    generated_labels: list[str] = field(default_factory=list)
+
+
+def _matched_sample(
+    labels: np.ndarray, wanted: dict[str, int], rng: np.random.Generator
+) -> np.ndarray:
+    """Indices drawn without replacement: ``wanted[t]`` cells of each type (all it has if fewer)."""
+    picked = []
+    for t, n in sorted(wanted.items()):
+        pool = np.flatnonzero(labels == t)
+        picked.append(np.sort(rng.choice(pool, size=min(n, len(pool)), replace=False)))
+    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
+
+
+def _cap(n: int, cap: int, rng: np.random.Generator) -> np.ndarray:
+    return np.arange(n) if n <= cap else np.sort(rng.choice(n, size=cap, replace=False))
+
+
+def evaluate_generation(
+    generated_X: sp.spmatrix | np.ndarray,
+    generated_labels: Sequence[str],
+    train_X: sp.spmatrix | np.ndarray,
+    train_labels: Sequence[str],
+    real_X: sp.spmatrix | np.ndarray,
+    real_labels: Sequence[str],
+    *,
+    k: int = 5,
+    n_components: int = 50,
+    max_cells: int = 5000,
+    seed: int = 0,
+) -> GenerationEvaluation:
+    """Score generated cells against real ones, each score next to what real cells reach.
+
+    All three matrices are cells × the same genes in one representation (the inverse
+    transform of each cell's first K genes). ``train_*`` are real cells the model saw (the
+    k-NN classifier and the PCA are fitted on them), ``real_*`` held-out real cells (the
+    ``--split``), ``generated_labels`` the requested types.
+
+    - ``knn_accuracy``: a k-NN classifier fitted on the training cells predicts each
+      generated cell's type; agreement with the requested type. ``knn_ceiling``: the same
+      classifier on the held-out real cells. ``majority_baseline``: always the most frequent
+      training type.
+    - ``mmd`` and ``energy_distance`` between generated and held-out real cells in the first
+      ``n_components`` principal components of the training cells; ``mmd_floor`` and
+      ``energy_distance_floor``: the same between training cells (drawn to match the
+      generated cells' type counts) and the held-out real cells, i.e. what a perfect generator
+      would score at these sample sizes. The RBF bandwidth is the median heuristic over the
+      held-out real cells, the same for every comparison.
+    - ``per_type``: all of the above per requested type (distances need 2 cells on each side).
+
+    Sets larger than ``max_cells`` are subsampled (seeded) for the distances.
+    """
+    rng = np.random.default_rng(seed)
+    gen_y = np.array([normalize_label(y) for y in generated_labels], dtype=object)
+    train_y = np.array([normalize_label(y) for y in train_labels], dtype=object)
+    real_y = np.array([normalize_label(y) for y in real_labels], dtype=object)
+    spelled = {normalize_label(y): str(y) for y in [*train_labels, *real_labels, *generated_labels]}
+
+    knn_gen = knn_accuracy(train_X, train_labels, generated_X, generated_labels, k=k)
+    knn_real = knn_accuracy(train_X, train_labels, real_X, real_labels, k=k)
+    train_pc, real_pc, gen_pc = embed_pca(train_X, real_X, generated_X, n_components=n_components,
+                                          seed=seed)
+    bandwidth = median_heuristic(real_pc, seed=seed) if len(real_pc) > 1 else 1.0
+
+    def distances(gen_rows: np.ndarray, real_rows: np.ndarray) -> dict[str, float]:
+        gen_rows = gen_rows[_cap(len(gen_rows), max_cells, rng)]
+        real_rows = real_rows[_cap(len(real_rows), max_cells, rng)]
+        wanted = dict(zip(*np.unique(gen_y[gen_rows], return_counts=True), strict=True))
+        floor_rows = _matched_sample(train_y, {str(t): int(n) for t, n in wanted.items()}, rng)
+        if len(gen_rows) < 2 or len(real_rows) < 2:
+            nan = float("nan")
+            return {"mmd": nan, "mmd_floor": nan, "energy_distance": nan, "energy_distance_floor": nan}
+        got = distribution_distances(gen_pc[gen_rows], real_pc[real_rows], bandwidth=bandwidth)
+        floor = distribution_distances(train_pc[floor_rows], real_pc[real_rows], bandwidth=bandwidth)
+        return {"mmd": got["mmd"], "mmd_floor": floor["mmd"], "energy_distance": got["energy_distance"],
+                "energy_distance_floor": floor["energy_distance"]}
+
+    gen_pred = np.array([normalize_label(p) for p in knn_gen["predicted"]], dtype=object)
+    real_pred = np.array([normalize_label(p) for p in knn_real["predicted"]], dtype=object)
+    per_type: dict[str, Any] = {}
+    for t in sorted(set(gen_y)):
+        g, r = np.flatnonzero(gen_y == t), np.flatnonzero(real_y == t)
+        per_type[spelled[t]] = {
+            "n_generated": int(len(g)),
+            "n_real": int(len(r)),
+            "knn_accuracy": float(np.mean(gen_pred[g] == t)) if len(g) and len(gen_pred) else float("nan"),
+            "knn_ceiling": float(np.mean(real_pred[r] == t)) if len(r) and len(real_pred) else float("nan"),
+            **distances(g, r),
+        }
+    metrics: dict[str, Any] = {
+        "knn_accuracy": knn_gen["accuracy"],
+        "knn_ceiling": knn_real["accuracy"],
+        "majority_baseline": majority_baseline(list(train_labels), list(generated_labels))["accuracy"],
+        "k": knn_gen["k"],
+        **distances(np.arange(len(gen_y)), np.arange(len(real_y))),
+        "bandwidth": bandwidth,
+        "n_components": int(train_pc.shape[1]),
+        "n_real_train": int(train_X.shape[0]),
+        "n_real_eval": int(real_X.shape[0]),
+        "n_generated": int(generated_X.shape[0]),
+        "per_type": per_type,
+    }
+    return GenerationEvaluation(
+        metrics=metrics,
+        real_coords=real_pc,
+        generated_coords=gen_pc,
+        real_labels=[str(y) for y in real_labels],
+        generated_labels=[str(y) for y in generated_labels],
+    )
+
+
+def real_expression(
+    tables: dict[str, Any],
+    *,
+    split: str,
+    index: VocabIndex,
+    fit: RankExpressionFit,
+    top_k: int,
+    case_insensitive: bool = False,
+) -> dict[str, sp.csr_matrix]:
+    """The real cells of ``tables`` (Arrow tables of the ``train`` split and of ``split``, as
+    ``utils.contract.load_splits`` gives) in the representation of generated cells: the inverse
+    transform of each cell's first ``top_k`` genes, by split name. Built once, it serves every
+    set of generated cells scored against them (:func:`score_expression`)."""
+    return {name: sentences_to_expression(tables[name].column("cell_sentence"), index, fit,
+                                          case_insensitive=case_insensitive, max_words=top_k).X
+            for name in dict.fromkeys(("train", split))}
+
+
+def score_expression(
+    generated_X: sp.spmatrix | np.ndarray,
+    requested: Sequence[str],
+    tables: dict[str, Any],
+    real: dict[str, sp.spmatrix],
+    *,
+    split: str,
+    label_column: str,
+    top_k: int,
+    k: int = 5,
+    seed: int = 0,
+) -> GenerationEvaluation:
+    """:func:`evaluate_generation` of generated cells (already in the representation of
+    :func:`real_expression`, whose ``real`` it takes) against the real cells of ``tables``,
+    labelled by their ``label_column``; the metrics record ``top_k_genes``."""
+    result = evaluate_generation(
+        generated_X, [str(y) for y in requested],
+        real["train"], tables["train"].column(label_column).to_pylist(),
+        real[split], tables[split].column(label_column).to_pylist(),
+        k=k, seed=seed,
+    )
+    result.metrics["top_k_genes"] = int(top_k)
+    return result
+
+
+def tables_of_types(tables: dict[str, Any], label_column: str, cell_types: Sequence[str]) -> dict[str, Any]:
+    """The Arrow tables with only the cells whose ``label_column`` is one of ``cell_types``
+    (compared normalized, as every label here)."""
+    import pyarrow as pa
+
+    wanted = {normalize_label(t) for t in cell_types}
+    return {name: table.filter(pa.array([normalize_label(x) in wanted for x in
+                                         table.column(label_column).to_pylist()], type=pa.bool_()))
+            for name, table in tables.items()}
+
+
+def score_generated(
+    sentences: Sequence[str] | SentenceBytes,
+    requested: Sequence[str],
+    tables: dict[str, Any],
+    *,
+    split: str,
+    label_column: str,
+    index: VocabIndex,
+    fit: RankExpressionFit,
+    top_k: int,
+    k: int = 5,
+    seed: int = 0,
+    cell_types: Sequence[str] | None = None,
+) -> tuple[dict[str, Any], GenerationEvaluation]:
+    """Generated sentences (with their requested types) against the real cells of ``tables``
+    (Arrow tables of the ``train`` split and of ``split``, as ``utils.contract.load_splits``
+    gives): the word statistics of every generated word (``sentence_stats``) under
+    ``"sentences"``, and :func:`score_expression` on the first ``top_k`` genes of every
+    cell, real and generated alike (the same representation).
+
+    ``cell_types``: the types that were asked for (e.g. generate.py's ``--cell_types``); the
+    real cells are then those of these types only, in both splits, so that the k-NN classifier,
+    its ceiling, the majority baseline and the distance floors answer the question that was
+    asked (against the whole split the majority type may be one never generated: baseline 0).
+    The metrics record them under ``"cell_types"``.
+    """
+    if cell_types is not None:
+        tables = tables_of_types(tables, label_column, cell_types)
+        if tables["train"].num_rows == 0:
+            raise InputError(f"The train split has no cells of {', '.join(map(repr, cell_types))}, needed "
+                             "for the k-NN metric and the PCA; choose types of the training data.")
+    everything = sentences_to_expression(sentences, index, fit)
+    generated = sentences_to_expression(sentences, index, fit, max_words=top_k)
+    real = real_expression(tables, split=split, index=index, fit=fit, top_k=top_k)
+    result = score_expression(generated.X, requested, tables, real, split=split, label_column=label_column,
+                              top_k=top_k, k=k, seed=seed)
+    metrics = {"sentences": sentence_stats(everything), **result.metrics}
+    if cell_types is not None:
+        metrics["cell_types"] = list(cell_types)
+    return metrics, result

@@ -1,0 +1,326 @@
+"""Training examples, prompt/answer encoding and model loading for cell-sentence language models.
+
+An example is ``prompt ids + answer ids + EOS``. The prompt ids are exactly
+``encode_prompt(tokenizer, prompt)`` (BOS, then the prompt text), and the answer is encoded as
+``" " + answer`` so that a byte-pair tokenizer such as GPT-2's sees each gene as a word
+following a space, just as the model produces it when it continues the prompt. The loss is
+taken on the answer and the EOS only (labels -100 on the prompt and on padding).
+
+``generate.py`` uses ``encode_prompt``, ``decode_answer`` and ``load_model_and_tokenizer`` so
+that generation feeds the model the same ids it saw during training.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from utils.cli import InputError
+from utils.models.prompts import OURS, PromptFormat, prompt_format
+
+IGNORE_INDEX = -100
+
+
+CONDITIONAL_GENERATION = "conditional_generation"
+
+
+UNCONDITIONAL_GENERATION = "unconditional_generation"
+
+
+CELL_TYPE_PREDICTION = "cell_type_prediction"
+
+
+TASKS: tuple[str, ...] = (CONDITIONAL_GENERATION, UNCONDITIONAL_GENERATION, CELL_TYPE_PREDICTION)
+
+
+#: Tasks that need a cell-type label per cell.
+TYPED_TASKS: frozenset[str] = frozenset({CONDITIONAL_GENERATION, CELL_TYPE_PREDICTION})
+
+
+def _format(fmt: PromptFormat | str | None) -> PromptFormat:
+    if isinstance(fmt, PromptFormat):
+        return fmt
+    return prompt_format(fmt or OURS)
+
+
+def encode_prompt(tokenizer: Any, prompt: str, fmt: PromptFormat | str | None = None) -> list[int]:
+    """The token ids the model saw before the answer during training.
+
+    Our format: BOS (when the tokenizer has one) followed by the prompt's tokens. The C2S-Scale
+    format: the tokenizer's own encoding (its special tokens, as the published models were
+    trained). Feed exactly these ids to ``model.generate`` and the model continues with the answer.
+    """
+    fmt = _format(fmt)
+    if not fmt.manual_bos:
+        return list(tokenizer(prompt)["input_ids"])
+    ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    if tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id, *ids]
+    return ids
+
+
+def encode_answer(tokenizer: Any, answer: str, fmt: PromptFormat | str | None = None) -> list[int]:
+    """The token ids of an answer as they follow the prompt (without the EOS)."""
+    if not answer:
+        return []
+    return list(tokenizer(_format(fmt).answer_prefix + answer, add_special_tokens=False)["input_ids"])
+
+
+def decode_text(tokenizer: Any, ids: Sequence[int] | Any) -> str:
+    """The text of generated ids up to the first EOS (special tokens dropped)."""
+    values = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+    eos = tokenizer.eos_token_id
+    if eos is not None and eos in values:
+        values = values[: values.index(eos)]
+    return tokenizer.decode(values, skip_special_tokens=True)
+
+
+def decode_answer(tokenizer: Any, ids: Sequence[int] | Any, fmt: PromptFormat | str | None = None) -> str:
+    """Turn generated answer ids back into text: gene names (or the words of a cell-type
+    label) separated by single spaces. Everything from the first EOS on is dropped, and with
+    it, in the C2S-Scale format, everything after the first line and the closing period.
+
+    ``ids`` are the ids after the prompt (a list, or a 1-d tensor/array).
+    """
+    return _format(fmt).parse_label(decode_text(tokenizer, ids))
+
+
+def join_example(
+    prompt_ids: Sequence[int], answer_ids: Sequence[int], eos_token_id: int
+) -> dict[str, list[int]]:
+    """``input_ids`` = prompt + answer + EOS; ``labels`` the same with the prompt masked.
+
+    >>> join_example([1, 5, 6], [7, 8], 2)
+    {'input_ids': [1, 5, 6, 7, 8, 2], 'labels': [-100, -100, -100, 7, 8, 2]}
+    """
+    input_ids = [*prompt_ids, *answer_ids, eos_token_id]
+    labels = [IGNORE_INDEX] * len(prompt_ids) + [*answer_ids, eos_token_id]
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def _fit_genes(
+    n_genes: int,
+    max_length: int,
+    build: Callable[[int], tuple[list[int], list[int]]],
+    *,
+    what: str,
+) -> tuple[list[int], list[int], int]:
+    """Largest-enough gene count whose (prompt, answer) plus EOS fits ``max_length`` tokens.
+
+    ``build(n)`` returns the prompt and answer ids with ``n`` genes. The count shrinks by an
+    estimate of the excess each round, so a few tokenizer calls suffice.
+    """
+    n = n_genes
+    while True:
+        prompt_ids, answer_ids = build(n)
+        total = len(prompt_ids) + len(answer_ids) + 1
+        if total <= max_length:
+            return prompt_ids, answer_ids, n
+        if n == 0:
+            raise ValueError(
+                f"A {what} example does not fit into {max_length} tokens even without genes; "
+                "raise --max_seq_length or use a model with a longer context."
+            )
+        gene_tokens = len(answer_ids) if what == "generation" else len(prompt_ids)
+        per_gene = max(1.0, gene_tokens / max(n, 1))
+        n = max(0, n - max(1, math.ceil((total - max_length) / per_gene)))
+
+
+def generation_example(
+    tokenizer: Any,
+    genes: Sequence[str],
+    cell_type: str | None,
+    *,
+    template: str,
+    max_length: int,
+    fmt: PromptFormat | str | None = None,
+) -> tuple[dict[str, list[int]], int]:
+    """A generation example: prompt for ``len(genes)`` genes -> those genes + EOS.
+
+    When it does not fit ``max_length`` tokens the answer is shortened (and the prompt asks
+    for that many genes), so the EOS is never cut off. Returns the example and the number
+    of genes kept.
+    """
+
+    fmt = _format(fmt)
+
+    def build(n: int) -> tuple[list[int], list[int]]:
+        prompt = fmt.generation_prompt(cell_type, n, template=template)
+        return (encode_prompt(tokenizer, prompt, fmt),
+                encode_answer(tokenizer, fmt.generation_answer(genes[:n]), fmt))
+
+    prompt_ids, answer_ids, n = _fit_genes(len(genes), max_length, build, what="generation")
+    return join_example(prompt_ids, answer_ids, tokenizer.eos_token_id), n
+
+
+def prediction_example(
+    tokenizer: Any,
+    genes: Sequence[str],
+    cell_type: str,
+    *,
+    template: str,
+    max_length: int,
+    fmt: PromptFormat | str | None = None,
+) -> tuple[dict[str, list[int]], int]:
+    """A cell-type prediction example: prompt with ranked ``genes`` -> ``cell_type`` + EOS.
+
+    When it does not fit ``max_length`` tokens, the lowest-ranked genes are dropped from the
+    prompt; the answer is never cut. Returns the example and the number of genes kept.
+    """
+    fmt = _format(fmt)
+    answer_ids = encode_answer(tokenizer, fmt.prediction_answer(cell_type), fmt)
+
+    def build(n: int) -> tuple[list[int], list[int]]:
+        return encode_prompt(tokenizer, fmt.prediction_prompt(genes[:n], template=template), fmt), answer_ids
+
+    prompt_ids, answer_ids, n = _fit_genes(len(genes), max_length, build, what="prediction")
+    return join_example(prompt_ids, answer_ids, tokenizer.eos_token_id), n
+
+
+def make_example(
+    tokenizer: Any,
+    sentence: str,
+    cell_type: str | None,
+    *,
+    task: str,
+    top_k: int,
+    max_length: int,
+    rng: random.Random,
+    fmt: PromptFormat | str | None = None,
+) -> dict[str, list[int]]:
+    """One tokenized training example of ``task`` from a cell sentence (template from ``rng``)."""
+    fmt = _format(fmt)
+    if task not in TASKS:
+        raise ValueError(f"Unknown task {task!r}; choose from {', '.join(TASKS)}.")
+    genes = sentence.split()[:top_k]
+    template = rng.choice(fmt.templates(task))
+    if task == CELL_TYPE_PREDICTION:
+        example, _ = prediction_example(
+            tokenizer, genes, str(cell_type), template=template, max_length=max_length, fmt=fmt
+        )
+    else:
+        typed = str(cell_type) if task == CONDITIONAL_GENERATION else None
+        example, _ = generation_example(
+            tokenizer, genes, typed, template=template, max_length=max_length, fmt=fmt
+        )
+    return example
+
+
+def example_rng(seed: int, split: str, index: int) -> random.Random:
+    """The random stream of one example: the same for any batching or number of workers."""
+    return random.Random(f"{seed}:{split}:{index}")
+
+
+def tokenize_batch(
+    batch: Mapping[str, Sequence[Any]],
+    indices: Sequence[int],
+    *,
+    tokenizer: Any,
+    tasks: Mapping[str, float],
+    top_k: int,
+    max_length: int,
+    seed: int,
+    split: str,
+    sentence_column: str = "cell_sentence",
+    cell_type_column: str | None = "cell_type",
+    prompt_format: PromptFormat | str = OURS,
+) -> dict[str, list[Any]]:
+    """``datasets.map(batched=True, with_indices=True)`` function: one example per cell, its
+    task drawn with the weights of ``tasks`` from a per-cell seeded random stream.
+
+    A cell without a label (None, empty, "nan") gets an untyped task, or no example when all
+    tasks need a label.
+    """
+    names, weights = list(tasks), list(tasks.values())
+    fmt = _format(prompt_format)
+    untyped = [(n, w) for n, w in zip(names, weights, strict=True) if n not in TYPED_TASKS]
+    sentences = batch[sentence_column]
+    types = batch[cell_type_column] if cell_type_column in batch else [None] * len(sentences)
+    out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "task": []}
+    for sentence, cell_type, index in zip(sentences, types, indices, strict=True):
+        rng = example_rng(seed, split, index)
+        if has_label(cell_type):
+            task = rng.choices(names, weights=weights)[0]
+        elif untyped and sum(w for _, w in untyped) > 0:
+            task = rng.choices([n for n, _ in untyped], weights=[w for _, w in untyped])[0]
+        else:
+            continue
+        example = make_example(
+            tokenizer, sentence, cell_type, task=task, top_k=top_k, max_length=max_length, rng=rng,
+            fmt=fmt,
+        )
+        out["input_ids"].append(example["input_ids"])
+        out["labels"].append(example["labels"])
+        out["task"].append(task)
+    return out
+
+
+def has_label(cell_type: Any) -> bool:
+    """Whether a cell-type value is a usable label (not None, empty or NaN)."""
+    if cell_type is None:
+        return False
+    text = str(cell_type).strip()
+    return bool(text) and text.lower() not in {"nan", "none"}
+
+
+def parse_tasks(tasks: str, weights: str | None = None) -> dict[str, float]:
+    """``"a,b"`` and optional ``"2,1"`` -> ``{"a": 2/3, "b": 1/3}`` (weights normalized).
+
+    >>> parse_tasks("cell_type_prediction,unconditional_generation", "3,1")
+    {'cell_type_prediction': 0.75, 'unconditional_generation': 0.25}
+    """
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    unknown = [t for t in names if t not in TASKS]
+    if not names or unknown:
+        raise InputError(
+            f"Unknown task(s) {unknown or tasks!r} in --tasks; choose a comma-separated "
+            f"subset of {','.join(TASKS)}."
+        )
+    if len(set(names)) != len(names):
+        raise InputError(f"--tasks {tasks!r} names a task twice; list each task once.")
+    if weights is None:
+        values = [1.0] * len(names)
+    else:
+        try:
+            values = [float(w) for w in weights.split(",")]
+        except ValueError:
+            raise InputError(
+                f"--task_weights {weights!r} is not a comma-separated list of numbers."
+            ) from None
+        if len(values) != len(names) or any(v < 0 or not math.isfinite(v) for v in values):
+            raise InputError(
+                f"--task_weights {weights!r} needs one non-negative number per task of --tasks "
+                f"({len(names)})."
+            )
+        if sum(values) <= 0:
+            raise InputError("--task_weights sum to zero; give at least one task a weight > 0.")
+    total = sum(values)
+    return {name: value / total for name, value in zip(names, values, strict=True)}
+
+
+@dataclass
+class CausalLMCollator:
+    """Pad a list of ``{"input_ids", "labels"}`` on the right: ``pad_token_id`` in the inputs,
+    -100 in the labels, 0 in the attention mask."""
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, features: Sequence[Mapping[str, Sequence[int]]]) -> dict[str, Any]:
+        import torch
+
+        longest = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            longest = math.ceil(longest / self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(features), longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(features), longest), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(features), longest), dtype=torch.long)
+        for row, feature in enumerate(features):
+            n = len(feature["input_ids"])
+            input_ids[row, :n] = torch.as_tensor(feature["input_ids"], dtype=torch.long)
+            labels[row, :n] = torch.as_tensor(feature["labels"], dtype=torch.long)
+            attention_mask[row, :n] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

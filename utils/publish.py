@@ -1,0 +1,417 @@
+"""The one publish protocol of every script: claim an output folder (a lock), stage the outputs in
+a hidden folder beside them, publish them by renames, and settle the folders a reader reads."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import functools
+import json
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from utils.cli import InputError, Terminated
+
+logger = logging.getLogger("cell2sentence")
+
+
+def existing_outputs(output_dir: Path, names: Sequence[str]) -> list[Path]:
+    """The outputs among ``names`` that already exist under ``output_dir``."""
+    return [output_dir / name for name in names if (output_dir / name).exists()]
+
+
+def check_can_write(output_dir: Path, names: Sequence[str], *, overwrite: bool) -> None:
+    """Fail before any work when an output exists and ``--overwrite`` was not given."""
+    found = existing_outputs(output_dir, names)
+    if found and not overwrite:
+        shown = ", ".join(str(p) for p in found[:3])
+        raise InputError(
+            f"The output folder already holds results ({shown}); "
+            "pass --overwrite to replace them or choose another --output_dir."
+        )
+
+
+LOCK_NAME = ".c2s-lock"
+
+
+STAGING_PREFIX = ".staging-"
+
+
+PUBLISH_PREFIX = ".publish-"
+
+
+TRASH_PREFIX = ".trash-"
+
+
+_NAMES_FILE = ".names.json"  # inside a staging folder: the outputs in publish order
+
+
+_OLD_DIR = ".old"  # inside a .publish-* folder: the outputs being replaced
+
+
+class _Hold(NamedTuple):
+    fd: int
+    created: list[Path]  # folders this run made, deepest first (removed again when left empty)
+
+
+_HELD: dict[Path, _Hold] = {}  # the output folders this process holds
+
+
+class FolderInUse(InputError):
+    """The folder is locked by another live run, process ``holder``."""
+
+    def __init__(self, message: str, holder: str) -> None:
+        super().__init__(message)
+        self.holder = holder
+
+
+def _unwritable(folder: Path, err: OSError) -> InputError:
+    """One sentence for a folder that cannot be written."""
+    if err.errno == errno.ENOSPC:
+        return disk_full_error(folder)
+    reason = {errno.EROFS: "it is on a read-only file system",
+              errno.EACCES: "permission denied", errno.EPERM: "permission denied"}.get(
+        err.errno or 0, err.strerror or str(err))
+    return InputError(f"Cannot write to the output folder {folder} ({reason}); choose another output folder.")
+
+
+def disk_full_error(folder: Path, *, staged: bool = True) -> InputError:
+    """The sentence for a full disk: which folder and how much space is left there
+    (``staged``: the failed writes were staged outputs, now removed)."""
+    free = "unknown"
+    probe = Path(folder)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    with contextlib.suppress(OSError):
+        free = f"{shutil.disk_usage(probe).free / 2**20:,.1f} MiB"
+    return InputError(
+        f"The disk holding {folder} is full ({free} free)"
+        + ("; nothing was written: " if staged else ": ")
+        + "free some space or choose an output folder on another disk."
+    )
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """Whether ``err`` (or what caused it) is a full disk, as the OS, h5py or torch say it."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(current) or "errno = 28" in str(current):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _make_dirs(folder: Path) -> list[Path]:
+    """Create ``folder`` and its parents; the ones created, deepest first."""
+    missing = []
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        what = "is" if probe == folder else f"cannot be created: {probe} is"
+        raise InputError(f"The output folder {folder} {what} a file, not a folder; choose another output folder.")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _unwritable(folder, err) from None
+    return missing
+
+
+def _lock(folder: Path) -> int:
+    """An exclusive lock on ``folder`` (``fcntl.flock`` on its lock file, released by the OS when
+    the process dies); one sentence when a live run holds it."""
+    path = folder / LOCK_NAME
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise _unwritable(folder, err) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise FolderInUse(
+                f"The output folder {folder} is in use by another run (process {holder}); wait "
+                "for it to finish or choose another output folder.",
+                holder,
+            ) from None
+        except OSError as err:  # a file system without locks (some NFS mounts)
+            logger.warning("Cannot lock %s (%s); concurrent runs into it are not detected.", folder, err)
+        try:
+            # The run before us may have removed the file between our open and our lock.
+            if os.fstat(fd).st_ino == path.stat().st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:  # which process holds it, for the message above; also a probe that files can be written
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError as err:
+        os.close(fd)
+        raise _unwritable(folder, err) from None
+    return fd
+
+
+def claim_output_dir(output_dir: Path, names: Sequence[str] = (), *, overwrite: bool = True) -> None:
+    """Take ``output_dir`` for this run, before any work: create it, lock it, settle what
+    earlier runs left there, and check that ``names`` may be written.
+
+    Fails with one sentence when the folder (or a parent) is a file, cannot be written, is
+    held by another live run, or holds one of ``names`` and ``overwrite`` is false. The lock
+    is released by ``staged_outputs`` once it published, by ``release_output_dir``, or by the
+    OS when the process ends. Calling it again in the same process is a no-op beyond the check.
+    """
+    output_dir = Path(output_dir)
+    key = output_dir.resolve()
+    if key not in _HELD:
+        created = _make_dirs(output_dir)
+        try:
+            fd = _lock(output_dir)
+        except BaseException:
+            _remove_empty(created)
+            raise
+        _HELD[key] = _Hold(fd, created)
+        _settle(output_dir)
+    check_can_write(output_dir, names, overwrite=overwrite)
+
+
+def _remove_empty(folders: Sequence[Path]) -> None:
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def release_output_dir(output_dir: Path) -> None:
+    """Release this process's hold on ``output_dir`` (and remove the folder if this run made it
+    and left it empty)."""
+    if Path(output_dir).resolve() not in _HELD:
+        return
+    with _signals_wait():  # a Ctrl-C now would leave the lock file behind
+        hold = _HELD.pop(Path(output_dir).resolve())
+        with contextlib.suppress(OSError):
+            (Path(output_dir) / LOCK_NAME).unlink()  # while still locked: see _lock
+        os.close(hold.fd)
+        _remove_empty(hold.created)
+
+
+def release_output_dirs() -> None:
+    """Release every output folder this process holds (the end of a run)."""
+    for folder in list(_HELD):
+        release_output_dir(folder)
+
+
+def releasing_outputs(main: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate a script's ``main``: the output folders it claimed are released when it returns
+    or fails, also when it is called from Python rather than through ``run_cli``."""
+
+    @functools.wraps(main)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        before = set(_HELD)
+        try:
+            return main(*args, **kwargs)
+        except Exception as err:
+            # Named while the folder is still known: after the release below the CLI runner
+            # could only name the current folder's disk.
+            held = [f for f in _HELD if f not in before]
+            if held and not isinstance(err, InputError) and is_disk_full(err):
+                raise disk_full_error(held[0], staged=False) from None
+            raise
+        finally:
+            for folder in [f for f in _HELD if f not in before]:
+                release_output_dir(folder)
+
+    return run
+
+
+def _settle(folder: Path) -> None:
+    """Finish the committed publishes and remove the staging and trash folders that dead runs
+    left in ``folder`` (called with the folder's lock held)."""
+    for committed in sorted(folder.glob(PUBLISH_PREFIX + "*")):
+        logger.warning("Finishing the publish of outputs that an interrupted run left in %s.", folder)
+        _finish_publish(committed, folder)
+    for prefix in (STAGING_PREFIX, TRASH_PREFIX):
+        for stale in sorted(folder.glob(prefix + "*")):
+            logger.warning("Removing %s, left by a run that did not finish.", stale)
+            _remove(stale)
+
+
+def settle_inputs(*paths: Path, wait_s: float = 10.0) -> None:
+    """Make input folders safe to read: finish every publish that a killed run committed but
+    did not complete, in each of ``paths`` and in its parent (a published output such as
+    ``cell_sentences_hf/`` or ``merged/`` is moved into its parent folder; a run folder's
+    files into the folder itself). Call it before reading anything there.
+
+    Without it a reader sees the old outputs while the new ones wait in ``.publish-*`` (after a
+    kill at the commit point), or neither (a model without its config.json, a transform without
+    ``cell_sentences_hf``). A publish that another live run is making is waited for up to
+    ``wait_s`` seconds (it is a few renames); one that cannot be finished (the folder is
+    read-only, or the other run does not finish) is one sentence (``InputError``). Folders
+    without a pending publish are only looked at: nothing is written there.
+    """
+    seen: set[Path] = set()
+    for path in map(Path, paths):
+        for folder in (path, path.parent):
+            key = folder.resolve()
+            if key not in seen:
+                seen.add(key)
+                _settle_input(folder, wait_s=wait_s)
+
+
+def _pending_publishes(folder: Path) -> list[Path]:
+    return sorted(folder.glob(PUBLISH_PREFIX + "*")) if folder.is_dir() else []
+
+
+def _settle_input(folder: Path, *, wait_s: float) -> None:
+    pending = _pending_publishes(folder)
+    if not pending:
+        return
+    if folder.resolve() in _HELD:  # this process's own folder: its lock is ours
+        _settle(folder)
+        return
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(
+            f"{folder} holds outputs whose publish was cut short ({pending[0].name}), and this user cannot "
+            "finish it (the folder is not writable); rerun the step that wrote it, or run this once with "
+            "write access to the folder."
+        )
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            claim_output_dir(folder)  # finishes the publish under the folder's lock
+        except FolderInUse as err:
+            if not _pending_publishes(folder):
+                return  # the live run finished its publish meanwhile
+            if time.monotonic() >= deadline:
+                raise InputError(
+                    f"{folder} is being published by another run (process {err.holder}) "
+                    "that has not finished; wait for it to finish and run this again."
+                ) from None
+            time.sleep(0.1)
+            continue
+        release_output_dir(folder)
+        return
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _signals_wait() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM back for the few renames of a publish, then deliver them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, _frame: arrived.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if arrived:
+            raise Terminated() if arrived[0] == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _finish_publish(committed: Path, folder: Path) -> None:
+    """Steps 2-3 of a publish from wherever they stopped: old outputs aside, new ones in."""
+    order = committed / _NAMES_FILE
+    recorded = json.loads(order.read_text()) if order.is_file() else []
+    names, retired = (recorded, []) if isinstance(recorded, list) else (recorded["publish"], recorded["retire"])
+    pending = [n for n in names if (committed / n).exists() or (committed / n).is_symlink()]
+    old = committed / _OLD_DIR
+    old.mkdir(exist_ok=True)
+    for name in [*pending, *retired]:  # a name may be nested ("eval/x.csv"): its folders are made as needed
+        dst = folder / name
+        if dst.exists() or dst.is_symlink():
+            if name in retired:
+                logger.warning("Removed %s, an output of an earlier run not written now.", dst)
+            (old / name).parent.mkdir(parents=True, exist_ok=True)
+            dst.rename(old / name)
+    for name in reversed(pending):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (committed / name).rename(folder / name)
+    trash = folder / (TRASH_PREFIX + committed.name[len(PUBLISH_PREFIX):])
+    committed.rename(trash)
+
+
+def publish_staged(staging: Path, output_dir: Path, names: Sequence[str], *, whole: bool = False) -> list[str]:
+    """Move the outputs among ``names`` found in ``staging`` into ``output_dir`` with renames
+    only, replacing the old ones (see the notes above); returns the names published.
+
+    ``whole``: ``names`` are all the outputs the step can write, so an old one that this run did
+    not write goes too (the folder never mixes two runs). ``staging`` must be a ``.staging-*``
+    folder inside ``output_dir``. The first name is moved in last: a model folder's config.json,
+    so that a folder without it never looks finished.
+    """
+    present = [n for n in dict.fromkeys(names) if (staging / n).exists() or (staging / n).is_symlink()]
+    retired = [n for n in dict.fromkeys(names) if whole and n not in present]
+    (staging / _NAMES_FILE).write_text(json.dumps({"publish": present, "retire": retired}))
+    suffix = staging.name[len(STAGING_PREFIX):] if staging.name.startswith(STAGING_PREFIX) else staging.name
+    committed = output_dir / (PUBLISH_PREFIX + suffix)
+    with _signals_wait():
+        staging.rename(committed)
+        _finish_publish(committed, output_dir)
+        _remove(output_dir / (TRASH_PREFIX + suffix))
+    return present
+
+
+@contextlib.contextmanager
+def staged_outputs(output_dir: Path, names: Sequence[str], *, overwrite: bool) -> Iterator[Path]:
+    """Write outputs into a hidden temporary folder, then publish each of ``names`` in place.
+    ``names`` are every output the step can write: an old one not written now is removed, so the
+    folder never mixes two runs.
+
+    On any failure (or Ctrl-C, SIGTERM) the temporary folder is removed and nothing under
+    ``output_dir`` changes, so the next step never reads a half-written output; a full disk
+    becomes one sentence. The publish replaces old outputs by renames only (old ones aside,
+    new ones in, old ones deleted), checks ``overwrite`` again, and ends the run's hold on the
+    folder (see ``claim_output_dir``, which this calls if the script did not).
+
+    >>> with staged_outputs(Path("data"), ["eval"], overwrite=True) as tmp:  # doctest: +SKIP
+    ...     (tmp / "eval").mkdir()
+    """
+    output_dir = Path(output_dir)
+    claim_output_dir(output_dir, names, overwrite=overwrite)
+    try:
+        # Same file system as the destination, so the final moves are renames.
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=output_dir))
+        except OSError as err:
+            raise _unwritable(output_dir, err) from None
+        try:
+            yield tmp
+            # Another program (not holding the lock) may have written meanwhile.
+            check_can_write(output_dir, names, overwrite=overwrite)
+            publish_staged(tmp, output_dir, names, whole=True)
+        except Exception as err:
+            if is_disk_full(err):
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise disk_full_error(output_dir) from None
+            raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        release_output_dir(output_dir)
