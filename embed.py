@@ -21,10 +21,7 @@ Example:
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # Ctrl-C or SIGTERM while the libraries below load: a line, no traceback
-    import startup_guard
-
-    startup_guard.install()
+import startup_guard  # noqa: F401  # isort: skip  (first: Ctrl-C while the rest loads is one line)
 
 import argparse
 import logging
@@ -37,6 +34,7 @@ import pandas as pd
 
 from utils.cli import (
     InputError,
+    add_model_arguments,
     add_run_flags,
     renamed_flags,
     run_cli,
@@ -46,7 +44,6 @@ from utils.cli import (
     strict_json,
 )
 from utils.contract import EMBED
-from utils.models.cell_model import add_model_arguments
 from utils.publish import claim_output_dir, releasing_outputs, settle_inputs, staged_outputs
 
 logger = logging.getLogger("cell2sentence")
@@ -145,9 +142,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     import anndata as ad
     from tqdm.auto import tqdm
 
+    from utils.cli import load_from_args
     from utils.contract import read_preprocessed
     from utils.evaluation.metrics import evaluate_embedding
-    from utils.models.cell_model import load_from_args
     from utils.models.distributed import Processes
     from utils.models.recipe import Recipe
 

@@ -29,10 +29,7 @@ Example:
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # Ctrl-C or SIGTERM while the libraries below load: a line, no traceback
-    import startup_guard
-
-    startup_guard.install()
+import startup_guard  # noqa: F401  # isort: skip  (first: Ctrl-C while the rest loads is one line)
 
 import argparse
 import logging
@@ -47,6 +44,7 @@ import pandas as pd
 
 from utils.cli import (
     InputError,
+    add_model_arguments,
     add_run_flags,
     renamed_flags,
     run_cli,
@@ -59,7 +57,6 @@ from utils.contract import GENERATE, labelled_rows, load_splits, transform_refer
 from utils.evaluation.figures import plot_generation
 from utils.evaluation.generation_metrics import score_generated
 from utils.inverse import VocabIndex
-from utils.models.cell_model import add_model_arguments
 from utils.models.generation import allocate_counts, answer_token_budget
 from utils.models.recipe import Recipe
 from utils.publish import claim_output_dir, releasing_outputs, settle_inputs, staged_outputs
@@ -248,7 +245,7 @@ def evaluate_generated(generated: pd.DataFrame, tables: dict[str, Any], *, split
 
 @releasing_outputs
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    from utils.models.cell_model import load_from_args
+    from utils.cli import load_from_args
     from utils.models.distributed import Processes
 
     procs = Processes.start()

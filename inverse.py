@@ -21,10 +21,7 @@ Example:
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # Ctrl-C or SIGTERM while the libraries below load: a line, no traceback
-    import startup_guard
-
-    startup_guard.install()
+import startup_guard  # noqa: F401  # isort: skip  (first: Ctrl-C while the rest loads is one line)
 
 import argparse
 import logging
@@ -48,6 +45,9 @@ from utils.cli import (
     strict_json,
 )
 from utils.contract import (
+    TRANSFORM,
+    TRANSFORM_EVAL,
+    VOCAB,
     find_preprocessed,
     labelled_rows,
     load_splits,
@@ -238,7 +238,7 @@ def real_knn_metrics(adata: ad.AnnData, packed: SentenceBytes, transform_dir: Pa
     training cells, with the real -> real (test split) ceiling, and the distances to its test
     cells with their floors; by label column (none when there is nothing to compare with). The
     real cells and the evaluated ones are put in that representation once for all columns."""
-    hf = transform_dir / "cell_sentences_hf"
+    hf = transform_dir / TRANSFORM.dataset
     keys = [key for key in labels_keys if key in adata.obs]
     if not hf.is_dir() or not keys:
         return {}
@@ -266,8 +266,8 @@ def real_knn_metrics(adata: ad.AnnData, packed: SentenceBytes, transform_dir: Pa
 def main(args: argparse.Namespace) -> ad.AnnData:
     seed_everything(args.seed)
     settle_inputs(args.transform_dir)  # a transform killed while publishing: finish it first
-    fit = load_transform_fit(args.transform_dir / "eval" / "transformation_metrics.csv")
-    vocab = load_vocab(args.transform_dir / "cell_sentences" / "vocab.txt")
+    fit = load_transform_fit(args.transform_dir / TRANSFORM_EVAL.metrics)
+    vocab = load_vocab(args.transform_dir / VOCAB)
     out_dir, name = args.output.parent, args.output.name
     metrics_name = f"{args.output.stem}_metrics.json"
     names = [path.name for path in output_paths(args)]

@@ -17,10 +17,7 @@ Example::
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # Ctrl-C or SIGTERM while the libraries below load: a line, no traceback
-    import startup_guard
-
-    startup_guard.install()
+import startup_guard  # noqa: F401  # isort: skip  (first: Ctrl-C while the rest loads is one line)
 
 import argparse
 import logging

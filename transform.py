@@ -20,10 +20,7 @@ Example:
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # Ctrl-C or SIGTERM while the libraries below load: a line, no traceback
-    import startup_guard
-
-    startup_guard.install()
+import startup_guard  # noqa: F401  # isort: skip  (first: Ctrl-C while the rest loads is one line)
 
 import argparse
 import importlib
@@ -36,12 +33,11 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from utils.cli import add_run_flags, renamed_flags, run_cli, save_args, script_parser
+from utils.contract import preprocessed_name, transform_names
 from utils.publish import claim_output_dir, releasing_outputs, staged_outputs
 from utils.transform.filewriter import keep_freed_memory_for_reuse
 from utils.transform.outputs import (
     TransformOutputs,
-    contract_names,
-    preprocessed_name,
     write_chunk_task,
 )
 from utils.transform.pipeline import (
@@ -134,7 +130,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     started = time.perf_counter()
     keep_freed_memory_for_reuse()
     stem = input_stem(args.data_filepath)  # several inputs: their folder's name, or "combined"
-    names = contract_names(stem)  # what the transform writes under --output_dir (the data contract)
+    names = transform_names(stem)  # what the transform writes under --output_dir (the data contract)
     claim_output_dir(args.output_dir, names, overwrite=args.overwrite)
     source, options, normalization = open_inputs(args.data_filepath, transform_options(args), layer=args.layer)
     logger.info("Read %s: %s cells x %s genes from %s.", source.path,

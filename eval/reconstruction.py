@@ -43,6 +43,7 @@ from utils.cli import (  # noqa: E402
 )
 from utils.contract import (  # noqa: E402
     EVAL_RECONSTRUCTION,
+    TRANSFORM_EVAL,
     find_preprocessed,
     write_evaluation,
 )
@@ -75,7 +76,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def transform_fit(transform_dir: Path) -> RankExpressionFit | None:
     """The transform's line with its reported scores (a row of transformation_metrics.csv)."""
-    path = transform_dir / "eval" / "transformation_metrics.csv"
+    path = transform_dir / TRANSFORM_EVAL.metrics
     return load_transform_fit(path) if path.is_file() else None
 
 

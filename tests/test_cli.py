@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import utils.cli
+import utils.contract
 from utils.cli import RENAMED_FLAGS, renamed_flags
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,8 +23,9 @@ SCRIPTS = ["transform", "inverse", "generate", "embed", "predict", "retrieve_exa
            "generation", "embedding", "reconstruction"]
 
 
-def test_doctests():
-    result = doctest.testmod(utils.cli)
+@pytest.mark.parametrize("module", [utils.cli, utils.contract])
+def test_doctests(module):
+    result = doctest.testmod(module)
     assert result.failed == 0 and result.attempted > 0
 
 

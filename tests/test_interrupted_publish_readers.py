@@ -230,12 +230,12 @@ def transforms(tmp_path_factory) -> tuple[Path, Path]:
 
 def killed_transform(tmp_path: Path, transforms, step: int) -> Path:
     """The old transform output with the new one's publish killed before change ``step``."""
-    from utils.transform.outputs import contract_names
+    from utils.contract import transform_names
 
     old, new = transforms
     folder = tmp_path / "data"
     shutil.copytree(old, folder)
-    names = contract_names("x")
+    names = transform_names("x")
     assert publish_killed_at(step, {n: new / n for n in names if (new / n).exists()}, folder, names)
     return folder
 

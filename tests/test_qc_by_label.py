@@ -14,7 +14,7 @@ from helpers import synthetic_counts, write_h5ad
 
 import transform
 from utils import QCParams, adata_to_sentences
-from utils.transform.outputs import contract_names
+from utils.contract import transform_names
 
 MIN_GENES, MIN_CELLS, MAX_GENES, MAX_MT = 20, 3, 255, 30.0
 COLUMNS = ["label", "n_cells", "removed_by_min_genes_per_cell", "removed_by_max_genes_per_cell",
@@ -96,7 +96,7 @@ def test_the_table_says_per_label_what_each_filter_removed(script_run):
     assert table.set_index("label").loc["mito", "removed_by_max_mt_percent"] > 40
     assert table["label"].isna().sum() == 1  # the cells without a label: one row, an empty label
     assert table["n_cells"].sum() == 180 and table["kept"].sum() == len(ad.read_h5ad(out / "cells_preprocessed.h5ad"))
-    assert "eval/qc_by_label.csv" in contract_names("cells")
+    assert "eval/qc_by_label.csv" in transform_names("cells")
 
 
 def test_a_filter_removing_over_a_tenth_of_a_label_is_a_warning_naming_it(script_run):

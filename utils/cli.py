@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from utils.models.prompts import C2S_SCALE, DEFAULT_ORGANISM, OURS
+
 logger = logging.getLogger("cell2sentence")
 
 
@@ -197,3 +199,31 @@ def renamed_flags(argv: Sequence[str] | None, renamed: dict[str, str] | None = N
             arg = table[name] + sep + value
         out.append(arg)
     return out
+
+
+MODEL_HELP = ("a train.py run folder (full model or LoRA adapter), a published C2S model's folder, or its hub "
+              "name, e.g. vandijklab/C2S-Pythia-410m-cell-type-prediction (required)")
+
+
+def add_model_arguments(parser: Any) -> None:
+    """The flags of every script that uses a model: --model_dir, --prompt_format, --organism,
+    --device, --dtype (``load_from_args`` reads them)."""
+    parser.add_argument("--model_dir", type=Path, default=None, help=MODEL_HELP)
+    parser.add_argument("--prompt_format", choices=("auto", OURS, C2S_SCALE), default="auto",
+                        help="auto: the run's (train_args.json), c2s_scale for a published model without one")
+    parser.add_argument("--organism", type=str, default=DEFAULT_ORGANISM, help="{organism} of c2s_scale prompts")
+    parser.add_argument("--device", type=str, default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                        help="weights dtype (auto: bf16/fp16 on CUDA, float32 on CPU)")
+
+
+def load_from_args(args: Any, *, device: str | None = None) -> Any:
+    """The model of a script's flags (``add_model_arguments``; ``args.top_k_genes`` when set);
+    ``device`` overrides ``--device`` (a process's own GPU under torchrun)."""
+    from utils.models.cell_model import CellSentenceModel
+
+    if args.model_dir is None:
+        raise InputError(f"Pass --model_dir: {MODEL_HELP.replace(' (required)', '')}.")
+    return CellSentenceModel.load(args.model_dir, device=device or args.device, dtype=args.dtype,
+                                  prompt_format_name=None if args.prompt_format == "auto" else args.prompt_format,
+                                  top_k_genes=getattr(args, "top_k_genes", None), organism=args.organism)

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
@@ -25,6 +26,12 @@ from utils.transform.readers import input_stem
 logger = logging.getLogger("cell2sentence")
 
 __all__ = [
+    "TRANSFORM",
+    "TRANSFORM_EVAL",
+    "VOCAB",
+    "preprocessed_name",
+    "split_files",
+    "transform_names",
     "EMBED",
     "EVAL_ARGS",
     "EVAL_EMBEDDING",
@@ -37,6 +44,7 @@ __all__ = [
     "label_column_of",
     "labelled_rows",
     "load_splits",
+    "per_column",
     "read_preprocessed",
     "read_lines",
     "transform_reference",
@@ -48,69 +56,73 @@ __all__ = [
 # its field, so renaming an output is a change here only.
 
 
-class PredictOutputs(NamedTuple):
-    predictions: str = "predictions.csv"
-    annotated: str = "annotated.h5ad"
-    metrics: str = "metrics.json"
-    confusion: str = "confusion_matrix.png"
-    args: str = "predict_args.json"
+class Outputs(tuple):
+    """A step's output names in publish order, each also an attribute.
 
+    >>> names = Outputs(table="t.csv", args="a.json")
+    >>> names.table, list(names)
+    ('t.csv', ['t.csv', 'a.json'])
+    """
 
-class GenerateOutputs(NamedTuple):
-    # predictions.csv and confusion_matrix.png are outputs of earlier versions (prediction is
-    # predict.py's now): listed so that --overwrite is asked for and a rerun removes them.
-    old_predictions: str = "predictions.csv"
-    old_confusion: str = "confusion_matrix.png"
-    cells: str = "generated_cells.txt"
-    labels: str = "generated_labels.txt"
-    dataset: str = "generated_cells_hf"
-    pca: str = "real_vs_generated_pca.png"
-    metrics: str = "metrics.json"
-    args: str = "generate_args.json"
-
-
-class EmbedOutputs(NamedTuple):
-    embeddings: str = "embeddings.h5ad"
-    umap: str = "umap.png"
-    metrics: str = "metrics.json"
-    args: str = "embed_args.json"
+    def __new__(cls, **names: str) -> Outputs:
+        self = super().__new__(cls, names.values())
+        self.__dict__.update(names)
+        return self
 
 
 EVAL_ARGS = "eval_args.json"
+# The transform's outputs, relative to its output folder. Its files in ``eval/`` are named one by
+# one: ``eval/`` also holds what the eval scripts write (``eval/<name>/``), which a transform run
+# with --overwrite must leave alone.
+TRANSFORM = Outputs(sentences="cell_sentences", dataset="cell_sentences_hf", args="transform_args.json")
+TRANSFORM_EVAL = Outputs(metrics="eval/transformation_metrics.csv", fit="eval/log_rank_vs_log_expression.png",
+                         reconstruction="eval/expression_vs_reconstruction.png", qc_by_label="eval/qc_by_label.csv")
+VOCAB = f"{TRANSFORM.sentences}/vocab.txt"
 
 
-class EvalPredictionOutputs(NamedTuple):
-    metrics: str = "metrics.json"
-    per_class: str = "per_class.csv"
-    confusion: str = "confusion_matrix.png"
-    args: str = EVAL_ARGS
+def split_files(split: str) -> Outputs:
+    """The text files of one split inside ``cell_sentences/``."""
+    return Outputs(text=f"{split}.txt", barcodes=f"{split}_barcodes.txt", indices=f"{split}_indices.npy")
 
 
-class EvalGenerationOutputs(NamedTuple):
-    metrics: str = "metrics.json"
-    per_type: str = "per_type.csv"
-    pca: str = "real_vs_generated_pca.png"
-    args: str = EVAL_ARGS
+def preprocessed_name(stem: str) -> str:
+    """The file name of the preprocessed AnnData made from an input named ``stem``."""
+    return f"{stem}_preprocessed.h5ad"
 
 
-class EvalEmbeddingOutputs(NamedTuple):
-    metrics: str = "metrics.json"
-    panels: str = "embedding_vs_pca.png"
-    args: str = EVAL_ARGS
+def transform_names(stem: str) -> list[str]:
+    """What the transform writes under its output folder, for an input named ``stem``, in
+    publish order."""
+    return [*TRANSFORM, preprocessed_name(stem), *TRANSFORM_EVAL]
+PREDICT = Outputs(predictions="predictions.csv", annotated="annotated.h5ad", metrics="metrics.json",
+                  confusion="confusion_matrix.png", args="predict_args.json")
+# old_predictions and old_confusion are outputs of earlier versions (prediction is predict.py's
+# now): listed so that --overwrite is asked for and a rerun removes them.
+GENERATE = Outputs(old_predictions="predictions.csv", old_confusion="confusion_matrix.png",
+                   cells="generated_cells.txt", labels="generated_labels.txt", dataset="generated_cells_hf",
+                   pca="real_vs_generated_pca.png", metrics="metrics.json", args="generate_args.json")
+EMBED = Outputs(embeddings="embeddings.h5ad", umap="umap.png", metrics="metrics.json", args="embed_args.json")
+EVAL_PREDICTION = Outputs(metrics="metrics.json", per_class="per_class.csv", confusion="confusion_matrix.png",
+                          args=EVAL_ARGS)
 
 
-class EvalReconstructionOutputs(NamedTuple):
-    metrics: str = "metrics.json"
-    per_cell: str = "per_cell.csv"
-    fit: str = "log_rank_vs_log_expression.png"
-    reconstruction: str = "expression_vs_reconstruction.png"
-    per_cell_figure: str = "per_cell_r_squared.png"
-    args: str = EVAL_ARGS
+def per_column(name: str, column: str) -> str:
+    """The name of output ``name`` for one of several predicted label columns (``predict.py`` and
+    ``eval/prediction.py`` on a model trained with ``--label_columns``); characters a file name
+    should not hold become ``_``.
 
-
-PREDICT, GENERATE, EMBED = PredictOutputs(), GenerateOutputs(), EmbedOutputs()
-EVAL_PREDICTION, EVAL_GENERATION = EvalPredictionOutputs(), EvalGenerationOutputs()
-EVAL_EMBEDDING, EVAL_RECONSTRUCTION = EvalEmbeddingOutputs(), EvalReconstructionOutputs()
+    >>> per_column(PREDICT.confusion, "tissue"), per_column(EVAL_PREDICTION.per_class, "disease/state")
+    ('confusion_matrix_tissue.png', 'per_class_disease_state.csv')
+    """
+    stem, _, suffix = name.rpartition(".")
+    safe = re.sub(r"[^A-Za-z0-9_.+-]", "_", str(column))
+    return f"{stem}_{safe}.{suffix}"
+EVAL_GENERATION = Outputs(metrics="metrics.json", per_type="per_type.csv", pca="real_vs_generated_pca.png",
+                          args=EVAL_ARGS)
+EVAL_EMBEDDING = Outputs(metrics="metrics.json", panels="embedding_vs_pca.png", args=EVAL_ARGS)
+EVAL_RECONSTRUCTION = Outputs(metrics="metrics.json", per_cell="per_cell.csv", fit="log_rank_vs_log_expression.png",
+                              reconstruction="expression_vs_reconstruction.png",
+                              per_cell_figure="per_cell_r_squared.png", args=EVAL_ARGS)
 
 
 def read_lines(path: Path) -> list[str]:
@@ -214,8 +226,8 @@ def transform_reference(transform_dir: Path, tables: dict[str, Any], top_k: int
     """The vocabulary and fit of the transform; without them, a nominal fit over the train genes
     (the third value says which: True for the transform's)."""
     settle_inputs(transform_dir)
-    vocab_path = transform_dir / "cell_sentences" / "vocab.txt"
-    metrics_path = transform_dir / "eval" / "transformation_metrics.csv"
+    vocab_path = transform_dir / VOCAB
+    metrics_path = transform_dir / TRANSFORM_EVAL.metrics
     if vocab_path.is_file() and metrics_path.is_file():
         return build_vocab_index(load_vocab(vocab_path)), load_transform_fit(metrics_path), True
     logger.warning("No transform outputs in %s: the valid-gene rate uses the genes of the training "
@@ -228,20 +240,20 @@ def transform_reference(transform_dir: Path, tables: dict[str, Any], top_k: int
 
 def find_preprocessed(transform_dir: Path) -> Path | None:
     """transform.py's ``<input stem>_preprocessed.h5ad`` in ``transform_dir``, if any."""
-    args_file = transform_dir / "transform_args.json"
+    args_file = transform_dir / TRANSFORM.args
     if args_file.is_file():
         given = json.loads(args_file.read_text()).get("data_filepath", "")
         stem = input_stem(Path(given) if isinstance(given, str) else [Path(p) for p in given])
-        candidate = transform_dir / f"{stem}_preprocessed.h5ad"
+        candidate = transform_dir / preprocessed_name(stem)
         if candidate.is_file():
             return candidate
-    found = sorted(transform_dir.glob("*_preprocessed.h5ad"))
+    found = sorted(transform_dir.glob(preprocessed_name("*")))
     return found[0] if len(found) == 1 else None
 
 
 def label_column_of(transform_dir: Path, default: str = "cell_type") -> str:
     """The obs column of the cell types in transform.py's preprocessed AnnData."""
-    args_file = transform_dir / "transform_args.json"
+    args_file = transform_dir / TRANSFORM.args
     if args_file.is_file():
         return json.loads(args_file.read_text()).get("label_column") or default
     return default

@@ -16,6 +16,7 @@ import pandas as pd
 import pyarrow as pa
 
 from utils.cli import InputError
+from utils.contract import TRANSFORM, TRANSFORM_EVAL, VOCAB, split_files
 from utils.transform.filewriter import DirectWriter, OrderedAppendFile
 from utils.transform.fit import (
     METRIC_COLUMNS,
@@ -28,23 +29,6 @@ from utils.transform.pipeline import SPLITS, PassContext, RunPlan
 from utils.transform.sentence_chunk import SentenceChunk, rank_chunk, write_text
 
 logger = logging.getLogger("cell2sentence")
-
-
-# The transform's files in ``eval/``, named one by one: ``eval/`` also holds what the eval
-# scripts write (``eval/<name>/``), which a transform run with --overwrite must leave alone.
-EVAL_FILES = ("eval/transformation_metrics.csv", "eval/log_rank_vs_log_expression.png",
-              "eval/expression_vs_reconstruction.png", "eval/qc_by_label.csv")
-
-
-def preprocessed_name(stem: str) -> str:
-    """The file name of the preprocessed AnnData made from an input named ``stem``."""
-    return f"{stem}_preprocessed.h5ad"
-
-
-def contract_names(stem: str) -> list[str]:
-    """What the transform writes under its output folder (the data contract), for an input
-    named ``stem``."""
-    return ["cell_sentences", "cell_sentences_hf", "transform_args.json", preprocessed_name(stem), *EVAL_FILES]
 
 
 def arrow_schema(columns: dict[str, np.ndarray]) -> pa.Schema:
@@ -80,23 +64,23 @@ def fit_points(log_rank: np.ndarray, log_expression: np.ndarray, *, threshold: f
         raise InputError(f"{path}: {err} Lower --min_genes_per_cell or give more cells.") from err
 
 
-def write_evaluation(eval_dir: Path, fit: RankExpressionFit, log_rank: np.ndarray, log_expression: np.ndarray,
+def write_evaluation(root: Path, fit: RankExpressionFit, log_rank: np.ndarray, log_expression: np.ndarray,
                      *, seed: int) -> None:
-    """``transformation_metrics.csv`` and the two figures."""
-    eval_dir.mkdir()
-    pd.DataFrame([fit.as_row()], columns=list(METRIC_COLUMNS)).to_csv(eval_dir / "transformation_metrics.csv", index=False)
+    """``eval/transformation_metrics.csv`` and the two figures under the output folder ``root``."""
+    (root / TRANSFORM_EVAL.metrics).parent.mkdir()
+    pd.DataFrame([fit.as_row()], columns=list(METRIC_COLUMNS)).to_csv(root / TRANSFORM_EVAL.metrics, index=False)
     from utils.evaluation.figures import plot_log_rank_fit, plot_reconstruction
 
-    plot_log_rank_fit(log_rank, log_expression, fit, eval_dir / "log_rank_vs_log_expression.png", seed=seed)
-    plot_reconstruction(log_expression, fit.predict(log_rank), fit, eval_dir / "expression_vs_reconstruction.png", seed=seed)
+    plot_log_rank_fit(log_rank, log_expression, fit, root / TRANSFORM_EVAL.fit, seed=seed)
+    plot_reconstruction(log_expression, fit.predict(log_rank), fit, root / TRANSFORM_EVAL.reconstruction, seed=seed)
     logger.info("Fit: log10(1+expr) = %.4f %+.4f * log10(1+rank); R^2 %.3f, Pearson r %.3f, Spearman r %.3f (%s points).",
                 fit.intercept, fit.slope, fit.r_squared, fit.pearson_r, fit.spearman_r, f"{fit.n_points:,}")
 
 
-def write_qc_by_label(eval_dir: Path, table: pd.DataFrame) -> None:
-    """``qc_by_label.csv``: per label, its cells, those each QC filter removed, those kept
+def write_qc_by_label(root: Path, table: pd.DataFrame) -> None:
+    """``eval/qc_by_label.csv``: per label, its cells, those each QC filter removed, those kept
     (``utils.transform.preprocess.qc_by_label``; cells without a label have an empty label)."""
-    table.to_csv(eval_dir / "qc_by_label.csv", index=False)
+    table.to_csv(root / TRANSFORM_EVAL.qc_by_label, index=False)
 
 
 def write_vocab(path: Path, names: np.ndarray, gene_cells: np.ndarray) -> None:
@@ -120,20 +104,20 @@ class TransformOutputs:
         self.plan = plan
         qc = plan.qc
         self.split_of_cell = plan.split_of_cell
-        self.text_dir = root / "cell_sentences"
+        self.text_dir = root / TRANSFORM.sentences
         self.text_dir.mkdir()
         self.kept_names = plan.kept_names
         self.first_kept_row = np.cumsum(qc.cell_mask) - qc.cell_mask
         self.direct = DirectWriter()  # large writes bypass the page cache (see DirectWriter)
-        self.sentence_files = {s: OrderedAppendFile(self.text_dir / f"{s}.txt", direct=self.direct) for s in SPLITS}
-        self.barcode_files = {s: OrderedAppendFile(self.text_dir / f"{s}_barcodes.txt") for s in SPLITS}
+        self.sentence_files = {s: OrderedAppendFile(self.text_dir / split_files(s).text, direct=self.direct) for s in SPLITS}
+        self.barcode_files = {s: OrderedAppendFile(self.text_dir / split_files(s).barcodes) for s in SPLITS}
         self.indices: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
         self.gene_cells = np.zeros(len(plan.kept_names), np.int64)
         self.eval_points: list[tuple[np.ndarray, np.ndarray]] = []
         self.n_written = 0
         self.columns = plan.columns
         schema = arrow_schema(self.columns)
-        self.arrow = {s: ArrowSplitWriter(root / "cell_sentences_hf" / s, schema, direct=self.direct) for s in SPLITS}
+        self.arrow = {s: ArrowSplitWriter(root / TRANSFORM.dataset / s, schema, direct=self.direct) for s in SPLITS}
         self.h5ad = H5adCSRWriter(root / h5ad_name, len(plan.kept_names), qc.n_stored[qc.cell_mask],
                                   direct=self.direct)
 
@@ -219,10 +203,10 @@ class TransformOutputs:
         for appender in [*self.sentence_files.values(), *self.barcode_files.values()]:
             appender.close()
         for split in SPLITS:
-            np.save(self.text_dir / f"{split}_indices.npy", np.concatenate(self.indices[split]).astype(np.int64))
+            np.save(self.text_dir / split_files(split).indices, np.concatenate(self.indices[split]).astype(np.int64))
             self.arrow[split].finish()
-        write_dataset_dict_index(self.root / "cell_sentences_hf", list(SPLITS))
-        write_vocab(self.text_dir / "vocab.txt", self.kept_names, self.gene_cells)
+        write_dataset_dict_index(self.root / TRANSFORM.dataset, list(SPLITS))
+        write_vocab(self.root / VOCAB, self.kept_names, self.gene_cells)
 
         obs = preprocessed_obs(self.plan, self.columns["cell_name"])
         split_names = np.array(SPLITS, dtype=object)
@@ -233,8 +217,8 @@ class TransformOutputs:
         log_rank = np.concatenate([p[0] for p in self.eval_points])
         log_expression = np.concatenate([p[1] for p in self.eval_points])
         fit = fit_points(log_rank, log_expression, threshold=fit_threshold, path=self.plan.source.path)
-        write_evaluation(self.root / "eval", fit, log_rank, log_expression, seed=seed)
-        write_qc_by_label(self.root / "eval", self.plan.qc_table)
+        write_evaluation(self.root, fit, log_rank, log_expression, seed=seed)
+        write_qc_by_label(self.root, self.plan.qc_table)
         return fit.as_row()
 
 

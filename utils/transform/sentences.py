@@ -29,12 +29,11 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from utils.cli import InputError
+from utils.contract import TRANSFORM, VOCAB, preprocessed_name, split_files, transform_names
 from utils.publish import staged_outputs
 from utils.transform.fit import RankExpressionFit
 from utils.transform.outputs import (
-    contract_names,
     fit_points,
-    preprocessed_name,
     preprocessed_obs,
     write_evaluation,
     write_qc_by_label,
@@ -148,24 +147,24 @@ class CellSentences:
         staged and moved into place at the end; returns ``output_dir``."""
         output_dir = Path(output_dir)
         split = self.split_of_cells(split_fractions, seed)
-        names = contract_names(name)
+        names = transform_names(name)
         with staged_outputs(output_dir, names, overwrite=overwrite) as tmp:
-            text_dir = tmp / "cell_sentences"
+            text_dir = tmp / TRANSFORM.sentences
             text_dir.mkdir()
             for i, s in enumerate(SPLITS):
                 rows = np.flatnonzero(split == i)
-                with (text_dir / f"{s}.txt").open("w") as text:  # a few thousand Python strings at a time
+                with (text_dir / split_files(s).text).open("w") as text:  # a few thousand Python strings at a time
                     for batch in range(0, len(rows), 4_096):
                         taken = self.sentence_array.take(pa.array(rows[batch : batch + 4_096])).to_pylist()
                         text.write("".join(t + "\n" for t in taken))
-                (text_dir / f"{s}_barcodes.txt").write_text("".join(self.cell_names[r] + "\n" for r in rows))
-                np.save(text_dir / f"{s}_indices.npy", rows.astype(np.int64))
-            write_vocab(text_dir / "vocab.txt", np.asarray(self.genes, dtype=object),
+                (text_dir / split_files(s).barcodes).write_text("".join(self.cell_names[r] + "\n" for r in rows))
+                np.save(text_dir / split_files(s).indices, rows.astype(np.int64))
+            write_vocab(tmp / VOCAB, np.asarray(self.genes, dtype=object),
                         self.preprocessed.var["n_cells"].to_numpy())
-            self.to_dataset_dict(split_fractions, seed).save_to_disk(str(tmp / "cell_sentences_hf"))
-            write_evaluation(tmp / "eval", self.fit, *self.eval_points, seed=self.options.seed)
+            self.to_dataset_dict(split_fractions, seed).save_to_disk(str(tmp / TRANSFORM.dataset))
+            write_evaluation(tmp, self.fit, *self.eval_points, seed=self.options.seed)
             if self.qc_table is not None:
-                write_qc_by_label(tmp / "eval", self.qc_table)
+                write_qc_by_label(tmp, self.qc_table)
             preprocessed = self.preprocessed.copy()
             preprocessed.obs["split"] = pd.Categorical(np.array(SPLITS, dtype=object)[split], categories=SPLITS)
             preprocessed.write_h5ad(tmp / preprocessed_name(name))
@@ -173,7 +172,7 @@ class CellSentences:
                                                                          if split_fractions is None else split_fractions)}
             if seed is not None and seed != self.options.seed:  # "seed" made the sentences' tie-breaking
                 recorded["split_seed"] = seed
-            (tmp / "transform_args.json").write_text(json.dumps(recorded, indent=2, sort_keys=True, default=str) + "\n")
+            (tmp / TRANSFORM.args).write_text(json.dumps(recorded, indent=2, sort_keys=True, default=str) + "\n")
         return output_dir
 
 
