@@ -32,19 +32,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from utils.cli import (
-    InputError,
-    add_model_arguments,
-    add_run_flags,
-    renamed_flags,
-    run_cli,
-    save_args,
-    script_parser,
-    seed_everything,
-    strict_json,
-)
+from utils import cli, publish
 from utils.contract import EMBED
-from utils.publish import claim_output_dir, releasing_outputs, settle_inputs, staged_outputs
 
 logger = logging.getLogger("cell2sentence")
 
@@ -52,8 +41,8 @@ SPLITS = ("train", "valid", "test")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = script_parser(__doc__)
-    add_model_arguments(p)
+    p = cli.script_parser(__doc__)
+    cli.add_model_arguments(p)
     p.add_argument("--data_dir", type=Path, default=Path("data/cell_sentences_hf"),
                    help="the DatasetDict written by transform.py")
     p.add_argument("--split", type=str, default="all", help="split to embed: train, valid, test or all")
@@ -61,8 +50,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="embed the cells of this .h5ad instead (sentences made by the transform's API, no QC)")
     p.add_argument("--transform_dir", type=Path, default=None,
                    help="transform.py's output folder, for the PCA baseline (default: the parent of --data_dir)")
-    add_run_flags(p, output_dir=None, output_dir_help="where outputs go (default: data/embeddings/<model_dir name>)",
-                  seed_help="seed of the --max_cells subset and the UMAP")
+    cli.add_run_flags(p, output_dir=None, output_dir_help="where outputs go (default: data/embeddings/<model_dir name>)",
+                      seed_help="seed of the --max_cells subset and the UMAP")
     p.add_argument("--pooling", choices=("mean", "last"), default="mean",
                    help="mean over the cell sentence's tokens, or the last token")
     p.add_argument("--layer", type=int, default=-1, help="hidden states of this layer (-1: the last, 0: embeddings)")
@@ -73,17 +62,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_cells", type=int, default=None, help="embed a seeded random subset of this many cells")
     p.add_argument("--k_neighbors", type=int, default=5, help="k of the k-NN accuracy")
     p.add_argument("--n_components", type=int, default=50, help="principal components of the expression baseline")
-    args = p.parse_args(renamed_flags(argv))
+    args = p.parse_args(cli.renamed_flags(argv))
     if args.model_dir is None:
-        raise InputError("Pass --model_dir: a train.py run folder, a published C2S model's folder, or its hub name.")
+        raise cli.InputError("Pass --model_dir: a train.py run folder, a published C2S model's folder, or its hub name.")
     if args.split not in (*SPLITS, "all"):
-        raise InputError(f"--split {args.split!r}: choose train, valid, test or all.")
+        raise cli.InputError(f"--split {args.split!r}: choose train, valid, test or all.")
     for flag in ("batch_size", "k_neighbors", "n_components"):
         if getattr(args, flag) < 1:
-            raise InputError(f"--{flag} must be at least 1.")
+            raise cli.InputError(f"--{flag} must be at least 1.")
     for flag in ("top_k_genes", "max_cells"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise InputError(f"--{flag} must be at least 1 (or left out).")
+            raise cli.InputError(f"--{flag} must be at least 1 (or left out).")
     if args.transform_dir is None:
         args.transform_dir = args.data_dir.parent
     if args.output_dir is None:
@@ -112,7 +101,7 @@ def cells_from_h5ad(path: Path, label_column: str, recipe: Any) -> tuple[pd.Data
     from utils.transform.sentences import adata_to_sentences
 
     if not path.is_file():
-        raise InputError(f"{path} does not exist; pass an .h5ad file with --h5ad.")
+        raise cli.InputError(f"{path} does not exist; pass an .h5ad file with --h5ad.")
     adata = ad.read_h5ad(path)
     cells = adata_to_sentences(adata, qc=False, label_column=label_column if label_column in adata.obs else None,
                                **recipe.sentence_kwargs())
@@ -137,7 +126,7 @@ def umap_figure(coords: np.ndarray, labels: list[str], title: str):
     return plot_labelled_panels([(title, coords, labels)], axis_label="UMAP")
 
 
-@releasing_outputs
+@publish.releasing_outputs
 def main(args: argparse.Namespace) -> dict[str, Any]:
     import anndata as ad
     from tqdm.auto import tqdm
@@ -150,11 +139,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     procs = Processes.start()
 
-    seed_everything(args.seed)
+    cli.seed_everything(args.seed)
     # A model or transform killed while publishing: finish its publish before reading anything.
-    settle_inputs(args.model_dir, *([args.h5ad] if args.h5ad is not None else [args.data_dir, args.transform_dir]))
+    publish.settle_inputs(args.model_dir, *([args.h5ad] if args.h5ad is not None else [args.data_dir, args.transform_dir]))
     if procs.main:
-        claim_output_dir(args.output_dir, list(EMBED), overwrite=args.overwrite)
+        publish.claim_output_dir(args.output_dir, list(EMBED), overwrite=args.overwrite)
     expression = None
     if args.h5ad is not None:
         obs, sentences, expression = cells_from_h5ad(args.h5ad, args.label_column, Recipe.read(args.model_dir))
@@ -162,7 +151,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         obs, sentences = cells_from_dataset(args.data_dir, args.split)
     obs, sentences = subsample(obs, sentences, args.max_cells, args.seed)
     if not sentences:
-        raise InputError("There are no cells to embed.")
+        raise cli.InputError("There are no cells to embed.")
     model = load_from_args(args, device=procs.device(args.device))
     logger.info("Embedding %s cells with %s (%s format, top %d genes, %s pooling, layer %d) on %s%s.",
                 f"{len(sentences):,}", args.model_dir, model.prompt_format.name, model.top_k_genes, args.pooling,
@@ -210,15 +199,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         sc.tl.umap(adata, random_state=args.seed)
         colour = labels.tolist() if labels is not None else ["cells"] * len(sentences)
         figure = umap_figure(adata.obsm["X_umap"], colour, f"UMAP of X_c2s ({X.shape[1]} dimensions, {args.pooling})")
-    with staged_outputs(args.output_dir, list(EMBED), overwrite=args.overwrite) as tmp:
+    with publish.staged_outputs(args.output_dir, list(EMBED), overwrite=args.overwrite) as tmp:
         adata.write_h5ad(tmp / EMBED.embeddings)
         if figure is not None:
             figure.savefig(tmp / EMBED.umap, dpi=130, bbox_inches="tight")
-        (tmp / EMBED.metrics).write_text(strict_json(metrics, indent=2, default=str) + "\n")
-        save_args(args, tmp / EMBED.args)
+        (tmp / EMBED.metrics).write_text(cli.strict_json(metrics, indent=2, default=str) + "\n")
+        cli.save_args(args, tmp / EMBED.args)
     logger.info("Wrote %s.", args.output_dir)
     return metrics
 
 
 if __name__ == "__main__":
-    run_cli(main, parse_args)
+    cli.run_cli(main, parse_args)

@@ -35,15 +35,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from utils.cli import (
-    InputError,
-    renamed_flags,
-    run_cli,
-    save_args,
-    script_parser,
-    seed_everything,
-    strict_json,
-)
+from utils import cli, publish
 from utils.contract import (
     TRANSFORM,
     TRANSFORM_EVAL,
@@ -67,7 +59,6 @@ from utils.inverse import (
     sentences_to_expression,
     zero_crossing_rank,
 )
-from utils.publish import claim_output_dir, releasing_outputs, settle_inputs, staged_outputs
 from utils.transform.fit import RankExpressionFit
 
 logger = logging.getLogger("cell2sentence")
@@ -76,7 +67,7 @@ LABEL_COLUMNS = ("cell_type", "requested_cell_type")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = script_parser(__doc__)
+    p = cli.script_parser(__doc__)
     p.add_argument("--sentences", type=Path, default=Path("data/cell_sentences/test.txt"),
                    help="a .txt file (one sentence per line) or a datasets folder (save_to_disk)")
     p.add_argument("--transform_dir", type=Path, default=Path("data"),
@@ -106,26 +97,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--k_neighbors", type=int, default=5, help="k of the k-NN metric (--evaluate)")
     p.add_argument("--seed", type=int, default=1234, help="seed (the transform itself is deterministic)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    args = p.parse_args(renamed_flags(argv))
+    args = p.parse_args(cli.renamed_flags(argv))
     _check_args(args)
     return args
 
 
 def _check_args(args: argparse.Namespace) -> None:
     if args.top_k_genes is not None and args.top_k_genes < 1:
-        raise InputError("--top_k_genes must be at least 1 (or left out to use whole sentences).")
+        raise cli.InputError("--top_k_genes must be at least 1 (or left out to use whole sentences).")
     if args.k_neighbors < 1:
-        raise InputError("--k_neighbors must be at least 1.")
+        raise cli.InputError("--k_neighbors must be at least 1.")
     if args.output is None:
         name = args.sentences.stem if args.sentences.suffix == ".txt" else args.sentences.name
         if args.split:
             name = f"{name}_{args.split}"
         args.output = Path("data/inverse") / f"{name or 'sentences'}.h5ad"
     if args.output.suffix != ".h5ad":
-        raise InputError(f"--output {args.output} must end in .h5ad.")
+        raise cli.InputError(f"--output {args.output} must end in .h5ad.")
     for path in output_paths(args):  # a folder would be replaced (so deleted) by the publish: never the user's
         if path.is_dir():
-            raise InputError(f"{path} is a folder, not a file; choose another --output (nothing was changed).")
+            raise cli.InputError(f"{path} is a folder, not a file; choose another --output (nothing was changed).")
 
 
 def output_paths(args: argparse.Namespace) -> list[Path]:
@@ -141,7 +132,7 @@ def load_sentences(args: argparse.Namespace) -> tuple[SentenceBytes, pd.DataFram
     """The sentences as one byte buffer and an obs frame (cell names, labels when known)."""
     path: Path = args.sentences
     if not path.exists():
-        raise InputError(f"{path} does not exist; pass a sentences .txt file or a datasets folder.")
+        raise cli.InputError(f"{path} does not exist; pass a sentences .txt file or a datasets folder.")
     if path.is_dir():
         return _load_arrow(path, args)
     if args.split is not None:
@@ -152,13 +143,13 @@ def load_sentences(args: argparse.Namespace) -> tuple[SentenceBytes, pd.DataFram
     if args.names is not None or names_path.is_file():
         names = read_lines(names_path)
         if len(names) != packed.n:
-            raise InputError(f"{names_path} has {len(names):,} names for {packed.n:,} sentences in {path}; "
+            raise cli.InputError(f"{names_path} has {len(names):,} names for {packed.n:,} sentences in {path}; "
                              "pass a matching --names file.")
         obs.index = pd.Index(names, dtype=str)
     if args.labels is not None:
         labels = read_lines(args.labels)
         if len(labels) != packed.n:
-            raise InputError(f"{args.labels} has {len(labels):,} labels for {packed.n:,} sentences in {path}; "
+            raise cli.InputError(f"{args.labels} has {len(labels):,} labels for {packed.n:,} sentences in {path}; "
                              "pass the labels file written with these sentences.")
         obs[args.label_column] = pd.Categorical(labels)
     return packed, obs
@@ -170,18 +161,18 @@ def _load_arrow(path: Path, args: argparse.Namespace) -> tuple[SentenceBytes, pd
     try:
         ds = datasets.load_from_disk(str(path))
     except (FileNotFoundError, ValueError) as err:
-        raise InputError(f"{path} is no datasets folder written by save_to_disk ({err}).") from None
+        raise cli.InputError(f"{path} is no datasets folder written by save_to_disk ({err}).") from None
     if isinstance(ds, datasets.DatasetDict):
         if args.split is None or args.split not in ds:
-            raise InputError(f"{path} holds the splits {list(ds)}; choose one with --split.")
+            raise cli.InputError(f"{path} holds the splits {list(ds)}; choose one with --split.")
         ds = ds[args.split]
     elif args.split is not None:
         logger.warning("--split is ignored: %s is a single dataset.", path)
     if args.sentence_column not in ds.column_names:
-        raise InputError(f"{path} has no column {args.sentence_column!r} (it has {ds.column_names}); "
+        raise cli.InputError(f"{path} has no column {args.sentence_column!r} (it has {ds.column_names}); "
                          "fix --sentence_column.")
     if args.labels is not None:
-        raise InputError("--labels is for .txt input; an arrow dataset carries its labels in its columns.")
+        raise cli.InputError("--labels is for .txt input; an arrow dataset carries its labels in its columns.")
     table = ds.with_format("arrow")[:]  # an Arrow table: no Python object per cell
     packed = sentence_bytes(table.column(args.sentence_column))
     obs = pd.DataFrame(index=pd.RangeIndex(len(ds)))
@@ -244,7 +235,7 @@ def real_knn_metrics(adata: ad.AnnData, packed: SentenceBytes, transform_dir: Pa
         return {}
     try:
         tables = labelled_rows(load_splits(hf, "test", "cell_type", need_labels=True), "cell_type")
-    except InputError:
+    except cli.InputError:
         return {}  # no test split or no cell types: nothing to compare with
     top_k = max_genes or int(max(1, np.median(adata.obs["n_words"])))
     real = real_expression(tables, split="test", index=vocab_index, fit=fit, top_k=top_k,
@@ -262,19 +253,19 @@ def real_knn_metrics(adata: ad.AnnData, packed: SentenceBytes, transform_dir: Pa
     return out
 
 
-@releasing_outputs
+@publish.releasing_outputs
 def main(args: argparse.Namespace) -> ad.AnnData:
-    seed_everything(args.seed)
-    settle_inputs(args.transform_dir)  # a transform killed while publishing: finish it first
+    cli.seed_everything(args.seed)
+    publish.settle_inputs(args.transform_dir)  # a transform killed while publishing: finish it first
     fit = load_transform_fit(args.transform_dir / TRANSFORM_EVAL.metrics)
     vocab = load_vocab(args.transform_dir / VOCAB)
     out_dir, name = args.output.parent, args.output.name
     metrics_name = f"{args.output.stem}_metrics.json"
     names = [path.name for path in output_paths(args)]
-    claim_output_dir(out_dir, names, overwrite=args.overwrite)
+    publish.claim_output_dir(out_dir, names, overwrite=args.overwrite)
     packed, obs = load_sentences(args)
     if packed.n == 0:  # an h5ad of no cells would look like a result to the next step
-        raise InputError(f"{args.sentences} holds no sentences; give a file with one sentence per line (or a "
+        raise cli.InputError(f"{args.sentences} holds no sentences; give a file with one sentence per line (or a "
                          "dataset with rows).")
     logger.info("Read %s sentences (%s bytes) from %s.", f"{packed.n:,}", f"{packed.data.size:,}", args.sentences)
     index = build_vocab_index(vocab)
@@ -326,14 +317,14 @@ def main(args: argparse.Namespace) -> ad.AnnData:
             metrics[f"knn_{key}"] = knn
             logger.info("k-NN accuracy against %s: %.3f (real vs real: %.3f).", key, knn["knn_accuracy"],
                         knn["knn_ceiling"])
-    with staged_outputs(out_dir, names, overwrite=args.overwrite) as tmp:
+    with publish.staged_outputs(out_dir, names, overwrite=args.overwrite) as tmp:
         adata.write_h5ad(tmp / name)
-        save_args(args, tmp / f"{args.output.stem}_args.json")
+        cli.save_args(args, tmp / f"{args.output.stem}_args.json")
         if args.evaluate:
-            (tmp / metrics_name).write_text(strict_json(metrics, indent=2) + "\n")
+            (tmp / metrics_name).write_text(cli.strict_json(metrics, indent=2) + "\n")
     logger.info("Wrote %s%s.", args.output, f" and {out_dir / metrics_name}" if args.evaluate else "")
     return adata
 
 
 if __name__ == "__main__":
-    run_cli(main, parse_args)
+    cli.run_cli(main, parse_args)

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
-from utils.cli import InputError, run_cli, script_parser
+from utils import cli
 from utils.transform import example_data
 
 logger = logging.getLogger("cell2sentence")
@@ -34,7 +34,7 @@ logger = logging.getLogger("cell2sentence")
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse the command line (``argv=None`` reads ``sys.argv``)."""
-    parser = script_parser(__doc__)
+    parser = cli.script_parser(__doc__)
     parser.add_argument(
         "--dataset",
         type=str,
@@ -127,7 +127,7 @@ def main(args: argparse.Namespace) -> Path:
             path = retrieve_dominguez(output_dir, force=args.force, timeout=args.timeout)
         except example_data.DownloadUnavailable as err:
             if args.dataset == "dominguez":
-                raise InputError(
+                raise cli.InputError(
                     f"Could not download the Domínguez Conde sample ({err}); check the internet "
                     "connection or use --dataset pbmc68k_reduced."
                 ) from err
@@ -149,4 +149,4 @@ def main(args: argparse.Namespace) -> Path:
 
 
 if __name__ == "__main__":
-    run_cli(main, parse_args)
+    cli.run_cli(main, parse_args)

@@ -32,9 +32,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from utils.cli import add_run_flags, renamed_flags, run_cli, save_args, script_parser
+from utils import cli, publish
 from utils.contract import preprocessed_name, transform_names
-from utils.publish import claim_output_dir, releasing_outputs, staged_outputs
 from utils.transform.filewriter import keep_freed_memory_for_reuse
 from utils.transform.outputs import (
     TransformOutputs,
@@ -55,13 +54,13 @@ logger = logging.getLogger("cell2sentence")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = script_parser(__doc__)
+    p = cli.script_parser(__doc__)
     p.add_argument("--data_filepath", type=Path, nargs="+", default=None,
                    help="input: .h5ad (10x .h5, 10x matrix folder, .loom, .csv also read); several files, or a "
                         "folder of .h5ad files, are joined into one dataset (genes matched by name) (default: "
                         "the file retrieve_example_data.py wrote, as recorded in data/.example_path)")
-    add_run_flags(p, output_dir=Path("data"), output_dir_help="where outputs go",
-                  seed_help="seed of tie-breaking, splits and sampling")
+    cli.add_run_flags(p, output_dir=Path("data"), output_dir_help="where outputs go",
+                      seed_help="seed of tie-breaking, splits and sampling")
     p.add_argument("--layer", type=str, default=None,
                    help="layer holding counts (default: .raw.X, else layers['counts'], else X)")
     p.add_argument("--input_kind", choices=INPUT_KINDS, default="auto",
@@ -95,7 +94,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunk_size", type=int, default=2_048,
                    help="cells read and processed at a time (memory grows with it)")
     p.add_argument("--num_proc", type=int, default=1, help="worker threads for the chunks (up to the number of cores)")
-    args = p.parse_args(renamed_flags(argv))
+    args = p.parse_args(cli.renamed_flags(argv))
     if args.data_filepath is None:
         args.data_filepath = [example_path()]
     if len(args.data_filepath) == 1:  # one file: a path, as it always was (transform_args.json too)
@@ -125,13 +124,13 @@ def example_path(data_dir: Path = Path("data")) -> Path:
     return data_dir / "dominguez_sample.h5ad"
 
 
-@releasing_outputs
+@publish.releasing_outputs
 def main(args: argparse.Namespace) -> dict[str, float]:
     started = time.perf_counter()
     keep_freed_memory_for_reuse()
     stem = input_stem(args.data_filepath)  # several inputs: their folder's name, or "combined"
     names = transform_names(stem)  # what the transform writes under --output_dir (the data contract)
-    claim_output_dir(args.output_dir, names, overwrite=args.overwrite)
+    publish.claim_output_dir(args.output_dir, names, overwrite=args.overwrite)
     source, options, normalization = open_inputs(args.data_filepath, transform_options(args), layer=args.layer)
     logger.info("Read %s: %s cells x %s genes from %s.", source.path,
                 f"{source.n_cells:,}", f"{source.n_genes:,}", source.matrix_name)
@@ -146,7 +145,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     threading.Thread(target=importlib.import_module, args=("utils.evaluation.figures",), daemon=True).start()
 
     # Pass 2: sentences, preprocessed matrix and evaluation points, written as they come.
-    with staged_outputs(args.output_dir, names, overwrite=args.overwrite) as tmp:
+    with publish.staged_outputs(args.output_dir, names, overwrite=args.overwrite) as tmp:
         outputs = TransformOutputs(tmp, plan, h5ad_name=preprocessed_name(stem))
         context = PassContext(source, plan.settings, plan=plan, outputs=outputs)
         pass_started = time.perf_counter()
@@ -163,7 +162,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
             results.close()  # wait for the running workers: they write to these files
             outputs.close()
             raise
-        save_args(args, tmp / "transform_args.json")
+        cli.save_args(args, tmp / "transform_args.json")
     logger.info("Wrote %s cell sentences to %s in %.1f s.", f"{plan.n_kept:,}", args.output_dir,
                 time.perf_counter() - started)
     return metrics
@@ -176,4 +175,4 @@ def _log_pass(name: str, n_cells: int, started: float) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main, parse_args)
+    cli.run_cli(main, parse_args)

@@ -28,14 +28,7 @@ if __package__ in (None, ""):  # run as `python eval/embedding.py`: the reposito
 
 import numpy as np  # noqa: E402
 
-from utils.cli import (  # noqa: E402
-    InputError,
-    add_run_flags,
-    renamed_flags,
-    run_cli,
-    script_parser,
-    seed_everything,
-)
+from utils import cli, publish  # noqa: E402
 from utils.contract import (  # noqa: E402
     EMBED,
     EVAL_EMBEDDING,
@@ -47,7 +40,6 @@ from utils.evaluation.metrics import (
     embed_pca,  # noqa: E402
     evaluate_embedding,  # noqa: E402
 )
-from utils.publish import check_can_write, settle_inputs  # noqa: E402
 
 logger = logging.getLogger("cell2sentence")
 
@@ -55,7 +47,7 @@ SCORES = ("knn_accuracy", "silhouette", "ari", "nmi")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = script_parser(__doc__)
+    p = cli.script_parser(__doc__)
     p.add_argument("--embeddings", type=Path, default=None,
                    help="embeddings.h5ad (or the folder holding it) written by embed.py (required)")
     p.add_argument("--obsm_key", type=str, default="X_c2s", help="the embedding in .obsm")
@@ -64,15 +56,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="transform.py's output folder, for the PCA-of-expression baseline")
     p.add_argument("--n_components", type=int, default=50, help="principal components of the baseline")
     p.add_argument("--k_neighbors", type=int, default=5, help="k of the leave-one-out k-NN")
-    add_run_flags(p, output_dir=Path("data/eval/embedding"), output_dir_help="where outputs go",
-                  seed_help="seed of KMeans, PCA and the silhouette sample")
-    args = p.parse_args(renamed_flags(argv))
+    cli.add_run_flags(p, output_dir=Path("data/eval/embedding"), output_dir_help="where outputs go",
+                      seed_help="seed of KMeans, PCA and the silhouette sample")
+    args = p.parse_args(cli.renamed_flags(argv))
     if args.embeddings is None:
-        raise InputError("Pass --embeddings, the embeddings.h5ad written by embed.py.")
+        raise cli.InputError("Pass --embeddings, the embeddings.h5ad written by embed.py.")
     if args.embeddings.is_dir():
         args.embeddings = args.embeddings / EMBED.embeddings
     if args.k_neighbors < 1 or args.n_components < 1:
-        raise InputError("--k_neighbors and --n_components must be at least 1.")
+        raise cli.InputError("--k_neighbors and --n_components must be at least 1.")
     return args
 
 
@@ -81,27 +73,27 @@ def read_embeddings(args: argparse.Namespace) -> tuple[Any, np.ndarray, list[str
     import anndata as ad
 
     if not args.embeddings.is_file():
-        raise InputError(f"{args.embeddings} does not exist; pass the embeddings.h5ad written by embed.py.")
+        raise cli.InputError(f"{args.embeddings} does not exist; pass the embeddings.h5ad written by embed.py.")
     adata = ad.read_h5ad(args.embeddings)
     if args.obsm_key not in adata.obsm:
-        raise InputError(f"{args.embeddings} has no .obsm[{args.obsm_key!r}] (it has {list(adata.obsm)}); "
+        raise cli.InputError(f"{args.embeddings} has no .obsm[{args.obsm_key!r}] (it has {list(adata.obsm)}); "
                          "fix --obsm_key.")
     if args.label_column not in adata.obs:
-        raise InputError(f"{args.embeddings} has no obs column {args.label_column!r} (it has "
+        raise cli.InputError(f"{args.embeddings} has no obs column {args.label_column!r} (it has "
                          f"{list(adata.obs.columns)}); fix --label_column.")
     labelled = adata.obs[args.label_column].notna().to_numpy()
     if not labelled.all():
         logger.warning("%s cells without a type are left out.", f"{(~labelled).sum():,}")
     X = np.asarray(adata.obsm[args.obsm_key], dtype=np.float64)[labelled]
     if len(X) < 3:
-        raise InputError(f"{args.embeddings} has {len(X)} labelled cells; at least 3 are needed.")
+        raise cli.InputError(f"{args.embeddings} has {len(X)} labelled cells; at least 3 are needed.")
     return adata.obs_names[labelled], X, adata.obs[args.label_column][labelled].astype(str).tolist()
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    seed_everything(args.seed)
-    settle_inputs(args.embeddings, args.transform_dir)  # publishes cut short there: finished first
-    check_can_write(args.output_dir, list(EVAL_EMBEDDING), overwrite=args.overwrite)
+    cli.seed_everything(args.seed)
+    publish.settle_inputs(args.embeddings, args.transform_dir)  # publishes cut short there: finished first
+    publish.check_can_write(args.output_dir, list(EVAL_EMBEDDING), overwrite=args.overwrite)
     names, X, labels = read_embeddings(args)
     metrics: dict[str, Any] = {"embeddings": str(args.embeddings), "obsm_key": args.obsm_key}
     expression = read_preprocessed(args.transform_dir, names)
@@ -136,4 +128,4 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    run_cli(main, parse_args)
+    cli.run_cli(main, parse_args)

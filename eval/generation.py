@@ -41,14 +41,7 @@ if __package__ in (None, ""):  # run as `python eval/generation.py`: the reposit
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from utils.cli import (  # noqa: E402
-    InputError,
-    add_run_flags,
-    renamed_flags,
-    run_cli,
-    script_parser,
-    seed_everything,
-)
+from utils import cli, publish  # noqa: E402
 from utils.contract import (  # noqa: E402
     EVAL_GENERATION,
     GENERATE,
@@ -61,14 +54,13 @@ from utils.contract import (  # noqa: E402
 from utils.evaluation.figures import plot_generation  # noqa: E402
 from utils.evaluation.generation_metrics import score_generated  # noqa: E402
 from utils.inverse import read_sentence_file  # noqa: E402
-from utils.publish import check_can_write, settle_inputs  # noqa: E402
 
 logger = logging.getLogger("cell2sentence")
 
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = script_parser(__doc__)
+    p = cli.script_parser(__doc__)
     p.add_argument("--generated_dir", type=Path, default=None,
                    help="folder with generated_cells.txt and generated_labels.txt (generate.py's output; required)")
     p.add_argument("--data_dir", type=Path, default=Path("data/cell_sentences_hf"),
@@ -82,13 +74,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="genes per cell in the comparison (default: generate.py's top_k_genes from "
                         "<generated_dir>/metrics.json, else the median generated length)")
     p.add_argument("--k_neighbors", type=int, default=5, help="k of the k-NN metric")
-    add_run_flags(p, output_dir=Path("data/eval/generation"), output_dir_help="where outputs go",
-                  seed_help="seed of the PCA and of the floors' samples")
-    args = p.parse_args(renamed_flags(argv))
+    cli.add_run_flags(p, output_dir=Path("data/eval/generation"), output_dir_help="where outputs go",
+                      seed_help="seed of the PCA and of the floors' samples")
+    args = p.parse_args(cli.renamed_flags(argv))
     if args.generated_dir is None:
-        raise InputError("Pass --generated_dir, a folder written by generate.py (e.g. data/generated/<run>).")
+        raise cli.InputError("Pass --generated_dir, a folder written by generate.py (e.g. data/generated/<run>).")
     if args.k_neighbors < 1 or (args.top_k_genes is not None and args.top_k_genes < 1):
-        raise InputError("--k_neighbors and --top_k_genes must be at least 1.")
+        raise cli.InputError("--k_neighbors and --top_k_genes must be at least 1.")
     if args.transform_dir is None:
         args.transform_dir = args.data_dir.parent
     return args
@@ -99,15 +91,15 @@ def read_generated(generated_dir: Path) -> tuple[Any, list[str]]:
     cells, labels = generated_dir / GENERATE.cells, generated_dir / GENERATE.labels
     for path in (cells, labels):
         if not path.is_file():
-            raise InputError(f"{path} does not exist; pass as --generated_dir a folder where generate.py "
+            raise cli.InputError(f"{path} does not exist; pass as --generated_dir a folder where generate.py "
                              "generated cells of chosen types (without --unconditional: those have no types to compare).")
     packed = read_sentence_file(cells)
     requested = read_lines(labels)
     if len(requested) != packed.n:
-        raise InputError(f"{labels} has {len(requested):,} labels for {packed.n:,} sentences in {cells}; "
+        raise cli.InputError(f"{labels} has {len(requested):,} labels for {packed.n:,} sentences in {cells}; "
                          "both must come from one generate.py run.")
     if packed.n == 0:
-        raise InputError(f"{cells} holds no generated cells.")
+        raise cli.InputError(f"{cells} holds no generated cells.")
     return packed, requested
 
 
@@ -137,13 +129,13 @@ def asked_types(generated_dir: Path) -> list[str] | None:
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    seed_everything(args.seed)
-    settle_inputs(args.generated_dir, args.data_dir, args.transform_dir)  # publishes cut short there: finished first
-    check_can_write(args.output_dir, list(EVAL_GENERATION), overwrite=args.overwrite)
+    cli.seed_everything(args.seed)
+    publish.settle_inputs(args.generated_dir, args.data_dir, args.transform_dir)  # publishes cut short there: finished first
+    publish.check_can_write(args.output_dir, list(EVAL_GENERATION), overwrite=args.overwrite)
     packed, requested = read_generated(args.generated_dir)
     tables = load_splits(args.data_dir, args.split, args.label_column, need_labels=True)
     if "train" not in tables:
-        raise InputError(f"{args.data_dir} has no train split, needed for the k-NN classifier and the PCA.")
+        raise cli.InputError(f"{args.data_dir} has no train split, needed for the k-NN classifier and the PCA.")
     tables = labelled_rows(tables, args.label_column)
     top_k = genes_per_cell(args, packed)
     index, fit, from_transform = transform_reference(args.transform_dir, tables, top_k)
@@ -181,4 +173,4 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    run_cli(main, parse_args)
+    cli.run_cli(main, parse_args)

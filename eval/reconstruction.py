@@ -33,14 +33,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import scipy.sparse as sp  # noqa: E402
 
-from utils.cli import (  # noqa: E402
-    InputError,
-    add_run_flags,
-    renamed_flags,
-    run_cli,
-    script_parser,
-    seed_everything,
-)
+from utils import cli, publish  # noqa: E402
 from utils.contract import (  # noqa: E402
     EVAL_RECONSTRUCTION,
     TRANSFORM_EVAL,
@@ -49,7 +42,6 @@ from utils.contract import (  # noqa: E402
 )
 from utils.evaluation.metrics import per_cell_reconstruction, rank_expression_points  # noqa: E402
 from utils.inverse import load_transform_fit  # noqa: E402
-from utils.publish import check_can_write, settle_inputs  # noqa: E402
 from utils.transform.fit import RankExpressionFit, fit_rank_expression, score_line  # noqa: E402
 
 logger = logging.getLogger("cell2sentence")
@@ -57,7 +49,7 @@ logger = logging.getLogger("cell2sentence")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = script_parser(__doc__)
+    p = cli.script_parser(__doc__)
     p.add_argument("--transform_dir", type=Path, default=Path("data"),
                    help="transform.py's output folder (the preprocessed AnnData and eval/transformation_metrics.csv)")
     p.add_argument("--preprocessed_h5ad", type=Path, default=None,
@@ -66,11 +58,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="fit on genes with log10(1 + rank) below this (default: the transform's, else 3)")
     p.add_argument("--max_cells", type=int, default=None, help="use a seeded subset of this many cells")
     p.add_argument("--chunk_size", type=int, default=4096, help="cells read at a time")
-    add_run_flags(p, output_dir=Path("data/eval/reconstruction"), output_dir_help="where outputs go",
-                  seed_help="seed of --max_cells and of the figures' subsample")
-    args = p.parse_args(renamed_flags(argv, {"--data_filepath": "--preprocessed_h5ad"}))
+    cli.add_run_flags(p, output_dir=Path("data/eval/reconstruction"), output_dir_help="where outputs go",
+                      seed_help="seed of --max_cells and of the figures' subsample")
+    args = p.parse_args(cli.renamed_flags(argv, {"--data_filepath": "--preprocessed_h5ad"}))
     if args.max_cells is not None and args.max_cells < 1 or args.chunk_size < 1:
-        raise InputError("--max_cells and --chunk_size must be at least 1.")
+        raise cli.InputError("--max_cells and --chunk_size must be at least 1.")
     return args
 
 
@@ -100,7 +92,7 @@ def read_points(path: Path, *, chunk_size: int, max_cells: int | None, seed: int
     finally:
         adata.file.close()
     if not parts:
-        raise InputError(f"{path} holds no cells.")
+        raise cli.InputError(f"{path} holds no cells.")
     log_rank = np.concatenate([p[0] for p in parts])
     log_expression = np.concatenate([p[1] for p in parts])
     counts = np.concatenate([np.diff(p[2]) for p in parts])
@@ -116,12 +108,12 @@ def summary(values: pd.Series) -> dict[str, float]:
 def main(args: argparse.Namespace) -> dict[str, Any]:
     from utils.evaluation.figures import plot_log_rank_fit, plot_reconstruction
 
-    seed_everything(args.seed)
-    settle_inputs(args.transform_dir, *[f for f in [args.preprocessed_h5ad] if f is not None])  # publishes cut short there: finished first
-    check_can_write(args.output_dir, list(EVAL_RECONSTRUCTION), overwrite=args.overwrite)
+    cli.seed_everything(args.seed)
+    publish.settle_inputs(args.transform_dir, *[f for f in [args.preprocessed_h5ad] if f is not None])  # publishes cut short there: finished first
+    publish.check_can_write(args.output_dir, list(EVAL_RECONSTRUCTION), overwrite=args.overwrite)
     path = args.preprocessed_h5ad or find_preprocessed(args.transform_dir)
     if path is None or not path.is_file():
-        raise InputError(f"No preprocessed .h5ad in {args.transform_dir}; pass transform.py's --output_dir as "
+        raise cli.InputError(f"No preprocessed .h5ad in {args.transform_dir}; pass transform.py's --output_dir as "
                          "--transform_dir or the file as --preprocessed_h5ad.")
     reported = transform_fit(args.transform_dir)
     threshold = args.fit_threshold if args.fit_threshold is not None else (
@@ -179,4 +171,4 @@ def _histogram(per_cell: pd.DataFrame):
 
 
 if __name__ == "__main__":
-    run_cli(main, parse_args)
+    cli.run_cli(main, parse_args)

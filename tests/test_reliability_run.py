@@ -288,17 +288,17 @@ PAUSED_INVERSE = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     import inverse
-    from utils.cli import run_cli
+    from utils import cli
     marker, sys.argv = Path(sys.argv[1]), ["inverse.py", *sys.argv[2:]]
-    save_args = inverse.save_args
+    save_args = cli.save_args
     def slow_save_args(*args):  # inside the staging block: outputs half written
         marker.write_text("ready")
         deadline = time.time() + 60
         while not marker.with_suffix(".go").exists() and time.time() < deadline:
             time.sleep(0.05)  # until the test lets it go on
         save_args(*args)
-    inverse.save_args = slow_save_args
-    run_cli(inverse.main, inverse.parse_args)
+    cli.save_args = slow_save_args
+    cli.run_cli(inverse.main, inverse.parse_args)
 """)
 
 
