@@ -5,9 +5,11 @@ Input -> output: ``data/cell_sentences_hf/`` (the DatasetDict written by transfo
 tokenizer) with ``train_args.json`` (the effective arguments, tasks and prompt format),
 ``recipe.json`` (what turns new cells into the sentences and prompts the model was trained on:
 ``utils.models.recipe.Recipe``; ``merged/`` of a LoRA run has the same records),
-``train_results.json`` (train/eval metrics) and ``train_log.json`` (the logged losses).
-Checkpoints go to ``<run>/checkpoints/``; the final files are written to a staging folder and
-moved into place at the end, ``config.json`` last, so an interrupted run never looks finished.
+``train_results.json`` (train/eval metrics), ``train_log.json`` (the logged losses) and
+``README.md``, the model card (``utils.models.model_card``; ``MODEL_CARD.md`` when the folder
+holds a README.md of the user's); ``--push_to_hub`` pushes the published folder. Checkpoints
+go to ``<run>/checkpoints/``; the final files are written to a staging folder and moved into
+place at the end, ``config.json`` last, so an interrupted run never looks finished.
 Files of the user's in the run folder are never touched.
 
 ``--checkpoint latest --run_name R`` continues run R as it was recorded (its data, tasks and
@@ -17,7 +19,9 @@ an error) and adds the resume to the run record's ``resumes``.
 Each training cell becomes one example of a task drawn at random (seeded per cell):
 conditional generation (cell type -> top K genes), unconditional generation (-> top K genes)
 or cell-type prediction (top K genes -> cell type), worded by one of the paraphrased prompt
-templates of ``utils/models/prompts.py``. The loss is taken on the answer tokens only.
+templates of ``utils/models/prompts.py``. ``--label_columns cell_type,tissue`` adds per further
+column its prediction (``tissue_prediction``: top K genes -> tissue). The loss is taken on the
+answer tokens only.
 
 Example (GPT-2 from the hub, as in the original project):
 
@@ -34,10 +38,7 @@ Offline, a small GPT-2-style model with a word-level tokenizer built from the da
 Several GPUs: ``torchrun --nproc_per_node 4 train.py ...`` or ``accelerate launch train.py ...``.
 """
 
-if __name__ == "__main__":  # Ctrl-C or SIGTERM while the libraries below load: a line, no traceback
-    import startup_guard
-
-    startup_guard.install()
+import startup_guard  # noqa: F401  # isort: skip  (first: Ctrl-C while the rest loads is one line)
 
 import contextlib
 import logging
@@ -54,7 +55,9 @@ from transformers.training_args import trainer_log_levels
 
 from utils.cli import InputError, renamed_flags, run_cli, seed_everything
 from utils.models.build import build_model_and_tokenizer, context_length
+from utils.models.model_card import run_facts
 from utils.models.run_folder import (
+    hub_push,
     is_rank_zero,
     prepare_run_dir,
     publish_run,
@@ -74,7 +77,7 @@ from utils.models.train_data import (
     first_cells,
     label_set,
     load_cell_sentences,
-    resolve_label_column,
+    resolve_label_columns,
     resolve_tasks,
 )
 from utils.publish import disk_full_error, is_disk_full, releasing_outputs, settle_inputs
@@ -152,8 +155,9 @@ class DataArguments:
         default=None,
         metadata={
             "help": "Comma-separated tasks among conditional_generation, "
-            "unconditional_generation, cell_type_prediction. Default: all three when the data "
-            "has cell types, else unconditional_generation."
+            "unconditional_generation, cell_type_prediction and, per further column of "
+            "--label_columns, <column>_prediction. Default: all of them when the data has cell "
+            "types, else unconditional_generation."
         },
     )
     task_weights: str | None = field(
@@ -165,6 +169,14 @@ class DataArguments:
         metadata={
             "help": "Column with the cell-type labels (default: cell_type when the data has "
             "it, else training without labels); a named column must exist."
+        },
+    )
+    label_columns: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated label columns, e.g. cell_type,tissue: the first takes the cell "
+            "type's tasks (its prediction and conditional generation), each further one gets a "
+            "prediction task <column>_prediction (default: --label_column alone)."
         },
     )
     prompt_format: str = field(
@@ -363,7 +375,12 @@ def _train(args: TrainArgs) -> Path:
     # The data: the cells, their labels and the task mix
     settle_inputs(Path(d.data_dir).parent, *([Path(m.model_name)] if m.model_name else []))
     dataset = load_cell_sentences(Path(d.data_dir))
-    d.label_column = resolve_label_column(d.label_column, dataset["train"].column_names)
+    if d.label_columns is None and isinstance(earlier.get("label_columns"), str):
+        d.label_columns = earlier["label_columns"]  # a resumed run keeps its label columns
+    columns = resolve_label_columns(d.label_column, d.label_columns, dataset["train"].column_names)
+    d.label_column = columns[0]
+    if d.label_columns is not None:
+        d.label_columns = ",".join(columns)
     tasks = resolve_tasks(d, dataset["train"].column_names)
     do_eval = t.eval_strategy != "no" or t.do_eval
     check_splits(dataset, d.data_dir, do_eval=do_eval)
@@ -380,6 +397,7 @@ def _train(args: TrainArgs) -> Path:
         ", ".join(f"{k}={v:.2f}" for k, v in tasks.items()),
     )
     recipe = training_recipe(d, tasks, cell_types, earlier)
+    add_label_columns(recipe, train_split, columns[1:], tasks, path=d.data_dir)
 
     # The model and its examples
     model, tokenizer = build_model_and_tokenizer(args, train_split, checkpoint)
@@ -392,10 +410,12 @@ def _train(args: TrainArgs) -> Path:
     lora_modules = model.peft_config["default"].target_modules if m.lora_r else ()
     record = effective_args(args, tasks, max_length, stats, tokenizer, checkpoint, run_dir,
                             cell_types, lora_modules, flags)
+    record.update(run_facts(m, d, dataset, train_split, valid_split))  # for the model card
     record = extend_record(record, earlier, checkpoint)
     write_run_record(t, record, recipe)
 
-    # Train, evaluate, publish
+    # Train, evaluate, publish (and push: after the publish, so that the card and recipe go too)
+    hub = hub_push(t, run_dir)
     trainer = Trainer(model=model, args=t, train_dataset=train_examples,
                       data_collator=CausalLMCollator(pad_token_id=tokenizer.pad_token_id),
                       eval_dataset=eval_examples, processing_class=tokenizer)
@@ -408,8 +428,24 @@ def _train(args: TrainArgs) -> Path:
     trainer.log_metrics("train", metrics)
     if record.get("resumes"):
         record["resumes"][-1]["to_step"] = trainer.state.global_step
-    publish_run(trainer, tokenizer, run_dir, record, recipe, metrics, merge=m.merge_lora)
+    publish_run(trainer, tokenizer, run_dir, record, recipe, metrics, merge=m.merge_lora, hub=hub)
     return run_dir
+
+
+def add_label_columns(recipe: Any, train_split: Any, columns: Sequence[str], tasks: dict[str, Any], *,
+                      path: str) -> None:
+    """Record in ``recipe`` the label set of each further label column whose prediction task
+    the run trains (``--label_columns``; the first column's is recorded already)."""
+    from utils.models.examples import prediction_tasks
+    from utils.transform.labels import refuse_unsafe_labels
+
+    for task, column in prediction_tasks(["", *columns]).items():
+        if task not in tasks:
+            continue
+        labels = label_set(train_split, column)
+        refuse_unsafe_labels(labels, column=column, path=path)
+        recipe.label_columns[column] = sorted(labels)
+        logger.info("Label column %s: %s labels (task %s=%.2f).", column, f"{len(labels):,}", task, tasks[task])
 
 
 def final_eval_metrics(trainer: Any) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from utils import cli, publish
-from utils.contract import preprocessed_name, transform_names
+from utils.contract import TRANSFORM, preprocessed_name, transform_names
 from utils.transform.filewriter import keep_freed_memory_for_reuse
 from utils.transform.outputs import (
     TransformOutputs,
@@ -162,7 +162,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
             results.close()  # wait for the running workers: they write to these files
             outputs.close()
             raise
-        cli.save_args(args, tmp / "transform_args.json")
+        cli.save_args(args, tmp / TRANSFORM.args)
     logger.info("Wrote %s cell sentences to %s in %.1f s.", f"{plan.n_kept:,}", args.output_dir,
                 time.perf_counter() - started)
     return metrics

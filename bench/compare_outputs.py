@@ -2,8 +2,9 @@
 
 two checkouts (``--before``, ``--after``) -> ``<work>/before/``, ``<work>/after/`` (every file the
 pipeline wrote), ``<work>/logs_<side>/`` (one log per step), and a table on stdout: each file,
-identical / DIFFERENT / only in before / only in after. Exit code 1 when a data file differs or
-is missing on one side, or a step fails.
+identical / DIFFERENT / only in before / only in after / new output. Exit code 1 when a data file
+differs or is missing on one side, or a step fails; ``--new GLOB ...`` names the outputs a change
+adds on purpose (e.g. ``'model/*/README.md'``), reported as new outputs instead.
 
 The pipeline (about 2 minutes per side on 2 cores): scanpy's bundled pbmc68k_reduced
 (retrieve_example_data.py, offline), transform.py, a tiny from-scratch train.py run (1 layer,
@@ -43,6 +44,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import fnmatch
 import json
 import os
 import re
@@ -228,7 +230,7 @@ def loaded_note(a: Path, b: Path, roots: Sequence[str]) -> str:
     return f" (loaded: differs in {', '.join(differ)})" if differ else " (same once loaded)"
 
 
-def compare(work: Path, before: Path, after: Path) -> bool:
+def compare(work: Path, before: Path, after: Path, new: Sequence[str] = ()) -> bool:
     """Print the table and the records' diffs; True when every data file is the same."""
     sides = {s: {str(p.relative_to(work / s)) for p in (work / s).rglob("*") if p.is_file()}
              for s in ("before", "after")}
@@ -239,7 +241,9 @@ def compare(work: Path, before: Path, after: Path) -> bool:
     for rel in sorted(sides["before"] | sides["after"]):
         kind = "records" if is_record(rel) else "data"
         a, b = work / "before" / rel, work / "after" / rel
-        if rel not in sides["after"] or rel not in sides["before"]:
+        if rel not in sides["before"] and any(fnmatch.fnmatch(rel, pattern) for pattern in new):
+            status = "new output"
+        elif rel not in sides["after"] or rel not in sides["before"]:
             status = "only in before" if rel in sides["before"] else "only in after"
         elif a.read_bytes() == b.read_bytes():
             status = "identical"
@@ -252,7 +256,7 @@ def compare(work: Path, before: Path, after: Path) -> bool:
             if kind == "records" or a.suffix in (".json", ".csv", ".txt"):
                 diffs += [f"--- {rel}", *list(difflib.unified_diff(
                     na.splitlines(), nb.splitlines(), "before", "after", lineterm="", n=1))[2:42]]
-        ok &= kind == "records" or status.startswith("identical")
+        ok &= kind == "records" or status.startswith("identical") or status == "new output"
         rows[kind].append((rel, status))
     for kind, entries in rows.items():
         width = max((len(r) for r, _ in entries), default=4)
@@ -275,6 +279,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--after", type=Path, default=Path(), help="the changed checkout")
     parser.add_argument("--work", type=Path, default=Path("/tmp/cmp"),
                         help="scratch folder (its run/, before/, after/, logs_*/ are replaced)")
+    parser.add_argument("--new", nargs="*", default=[], metavar="GLOB",
+                        help="outputs the change adds on purpose (paths under the run folder, fnmatch)")
     parser.add_argument("--compare_only", action="store_true",
                         help="compare the outputs already in --work without running anything")
     return parser.parse_args(argv)
@@ -289,7 +295,7 @@ def main(args: argparse.Namespace) -> int:
             seconds, step = run_side(checkout, work, side)
             print(f"{side} ({checkout}): {seconds:.0f} s" + (f", FAILED at {step}" if step else ""))
             failed += [f"{side}: {step}"] if step else []
-    ok = compare(work, before, after)
+    ok = compare(work, before, after, args.new)
     print(f"\nresult: {'no data output changed' if ok else 'DATA OUTPUTS DIFFER'}"
           + (f"; steps failed: {', '.join(failed)}" if failed else ""))
     return 0 if ok and not failed else 1

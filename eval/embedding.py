@@ -36,10 +36,8 @@ from utils.contract import (  # noqa: E402
     write_evaluation,
 )
 from utils.evaluation.figures import plot_labelled_panels  # noqa: E402
-from utils.evaluation.metrics import (
-    embed_pca,  # noqa: E402
-    evaluate_embedding,  # noqa: E402
-)
+from utils.evaluation.metrics import embed_pca, evaluate_embedding  # noqa: E402
+from utils.models.model_card import add_evaluation_to_card, recorded_model_dir  # noqa: E402
 
 logger = logging.getLogger("cell2sentence")
 
@@ -123,6 +121,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     write_evaluation(args.output_dir, list(EVAL_EMBEDDING), metrics=metrics,
                      figures={EVAL_EMBEDDING.panels: plot_labelled_panels(panels)}, frames={},
                      args=args, overwrite=args.overwrite)
+    add_evaluation_to_card(recorded_model_dir(args.embeddings.parent), "embedding",
+                           {"C2S embedding": {key: metrics["c2s"][key] for key in SCORES},
+                            **({"PCA of expression": {key: metrics["pca"][key] for key in SCORES}}
+                               if "pca" in metrics else {})},
+                           figures={"Embedding vs PCA of expression": args.output_dir / EVAL_EMBEDDING.panels},
+                           source=args.output_dir)
     logger.info("Wrote %s.", args.output_dir)
     return metrics
 

@@ -54,9 +54,14 @@ from utils.contract import (  # noqa: E402
 from utils.evaluation.figures import plot_generation  # noqa: E402
 from utils.evaluation.generation_metrics import score_generated  # noqa: E402
 from utils.inverse import read_sentence_file  # noqa: E402
+from utils.models.model_card import add_evaluation_to_card, recorded_model_dir  # noqa: E402
 
 logger = logging.getLogger("cell2sentence")
 
+
+# The figures of generate.py's model that go into its model card.
+CARD_SCORES = ("knn_accuracy", "knn_ceiling", "mmd", "mmd_floor", "energy_distance", "energy_distance_floor",
+               "valid_gene_rate", "duplicate_rate")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -168,6 +173,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     write_evaluation(args.output_dir, list(EVAL_GENERATION), metrics=metrics,
                      figures={EVAL_GENERATION.pca: figure}, frames={EVAL_GENERATION.per_type: per_type},
                      args=args, overwrite=args.overwrite)
+    add_evaluation_to_card(recorded_model_dir(args.generated_dir), "generation",
+                           {key: metrics[key] for key in CARD_SCORES},
+                           figures={"Real and generated cells (PCA)": args.output_dir / EVAL_GENERATION.pca},
+                           source=args.output_dir)
     logger.info("Wrote %s.", args.output_dir)
     return metrics
 

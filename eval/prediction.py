@@ -12,6 +12,11 @@ preprocessed AnnData; the PCA and the classifier are fitted on its training cell
     <stem>_preprocessed.h5ad] -> <output_dir>/metrics.json, per_class.csv,
     confusion_matrix.png, eval_args.json
 
+With several predicted columns (a model trained with ``--label_columns``) and no
+``--label_column``, each is scored: ``metrics.json`` holds ``{"<column>": {...}}`` (the same
+scores and baselines per column), with ``per_class_<column>.csv`` and
+``confusion_matrix_<column>.png``.
+
 Example:
     python eval/prediction.py --predictions data/predictions/<run>/predictions.csv \\
         --transform_dir data --output_dir data/eval/prediction
@@ -43,11 +48,13 @@ from utils.cli import (  # noqa: E402
 from utils.contract import (  # noqa: E402
     EVAL_PREDICTION,
     label_column_of,
+    per_column,
     read_preprocessed,
     write_evaluation,
 )
 from utils.evaluation.figures import plot_confusion_matrix
 from utils.evaluation.metrics import classification_summary, embed_pca, knn_accuracy
+from utils.models.model_card import add_evaluation_to_card, recorded_model_dir  # noqa: E402
 from utils.publish import check_can_write, settle_inputs  # noqa: E402
 
 logger = logging.getLogger("cell2sentence")
@@ -67,7 +74,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="transform.py's cell_sentences_hf folder (only to find --transform_dir, its parent)")
     p.add_argument("--label_column", type=str, default=None,
                    help="the label column: of predictions.csv's predicted_<column>, and in the preprocessed "
-                        "AnnData (default: the only one predicted, and the transform's)")
+                        "AnnData (default: the only one predicted, and the transform's; with several "
+                        "predicted, each is scored)")
     p.add_argument("--k_neighbors", type=int, default=5, help="k of the expression baseline's k-NN")
     p.add_argument("--n_components", type=int, default=50, help="principal components of the baseline")
     add_run_flags(p, output_dir=Path("data/eval/prediction"), output_dir_help="where outputs go",
@@ -112,15 +120,26 @@ def read_predictions(path: Path, column: str | None = None) -> pd.DataFrame:
     return table
 
 
-def expression_baseline(table: pd.DataFrame, args: argparse.Namespace) -> tuple[dict[str, Any] | None, list[str]]:
+def predicted_columns(path: Path) -> list[str]:
+    """The columns predict.py predicted into ``path`` (its ``predicted_<column>`` headers)."""
+    if not path.is_file():
+        return []
+    header = pd.read_csv(path, dtype=str, keep_default_na=False, nrows=0).columns
+    return [c.removeprefix("predicted_") for c in header if c.startswith("predicted_")]
+
+
+def expression_baseline(table: pd.DataFrame, args: argparse.Namespace, column: str | None = None,
+                        adata: Any = None) -> tuple[dict[str, Any] | None, list[str]]:
     """k-NN on PCA of the preprocessed expression (fitted on training cells) for the predicted
-    cells found by name; also returns the training labels (empty when there is no AnnData)."""
-    adata = read_preprocessed(args.transform_dir)
+    cells found by name; also returns the training labels (empty when there is no AnnData).
+    ``column``: the label column (default: --label_column, else the transform's); ``adata``:
+    the preprocessed AnnData when read already."""
+    adata = read_preprocessed(args.transform_dir) if adata is None else adata
     if adata is None:
         logger.warning("No preprocessed AnnData in %s: no expression baseline, and the majority class is "
                        "taken from the true labels; pass --transform_dir.", args.transform_dir)
         return None, []
-    column = args.label_column or label_column_of(args.transform_dir)
+    column = column or args.label_column or label_column_of(args.transform_dir)
     if column not in adata.obs or "split" not in adata.obs:
         logger.warning("%s has no obs %r or 'split' column: no expression baseline.", args.transform_dir, column)
         return None, []
@@ -139,6 +158,10 @@ def expression_baseline(table: pd.DataFrame, args: argparse.Namespace) -> tuple[
     if not found.any():
         return None, train_labels
     train &= ~np.isin(np.arange(adata.n_obs), rows[found])  # never a predicted cell among the neighbours
+    if not train.any():  # e.g. predict.py --split all: every training cell was predicted
+        logger.warning("Every training cell was predicted: no cells are left to be the expression baseline's "
+                       "neighbours, so there is no expression baseline.")
+        return None, train_labels
     train_pc, eval_pc = embed_pca(adata.X[train], adata.X[rows[found]], n_components=args.n_components,
                                   seed=args.seed)
     knn = knn_accuracy(train_pc, labels[train].tolist(), eval_pc, table["true"][found].tolist(),
@@ -153,9 +176,63 @@ def expression_baseline(table: pd.DataFrame, args: argparse.Namespace) -> tuple[
 def main(args: argparse.Namespace) -> dict[str, Any]:
     seed_everything(args.seed)
     settle_inputs(args.predictions, args.transform_dir, *[d for d in [args.data_dir] if d is not None])  # publishes cut short there: finished first
+    columns = predicted_columns(args.predictions) if args.label_column is None else []
+    if len(columns) > 1:
+        return main_per_column(args, columns)
     check_can_write(args.output_dir, list(EVAL_PREDICTION), overwrite=args.overwrite)
     table = read_predictions(args.predictions, args.label_column)
-    pca_knn, train_labels = expression_baseline(table, args)
+    metrics, per_class, figure = evaluate(table, args, *expression_baseline(table, args))
+    write_evaluation(args.output_dir, list(EVAL_PREDICTION), metrics=metrics, figures={EVAL_PREDICTION.confusion: figure},
+                     frames={EVAL_PREDICTION.per_class: per_class}, args=args, overwrite=args.overwrite)
+    add_evaluation_to_card(recorded_model_dir(args.predictions.parent), "prediction", card_scores(metrics),
+                           figures={"Confusion matrix": args.output_dir / EVAL_PREDICTION.confusion},
+                           source=args.output_dir)
+    logger.info("Wrote %s.", args.output_dir)
+    return metrics
+
+
+def main_per_column(args: argparse.Namespace, columns: list[str]) -> dict[str, Any]:
+    """``main`` for a predictions.csv of several columns: each scored as one, metrics.json
+    ``{"<column>": {...}}``, a per-class table and a confusion matrix per column."""
+    outputs = [EVAL_PREDICTION.metrics, *(per_column(name, c) for c in columns
+                                          for name in (EVAL_PREDICTION.per_class, EVAL_PREDICTION.confusion)),
+               *EVAL_PREDICTION]  # the one-column outputs too: a rerun removes them
+    outputs = list(dict.fromkeys(outputs))
+    check_can_write(args.output_dir, outputs, overwrite=args.overwrite)
+    adata = read_preprocessed(args.transform_dir)
+    metrics: dict[str, Any] = {}
+    figures: dict[str, Any] = {}
+    frames: dict[str, Any] = {}
+    for column in columns:
+        table = read_predictions(args.predictions, column)
+        baseline = expression_baseline(table, args, column, adata) if adata is not None else (None, [])
+        if adata is None and column == columns[0]:
+            logger.warning("No preprocessed AnnData in %s: no expression baseline, and the majority class is "
+                           "taken from the true labels; pass --transform_dir.", args.transform_dir)
+        metrics[column], frames[per_column(EVAL_PREDICTION.per_class, column)], figure = evaluate(
+            table, args, *baseline, column=column)
+        figures[per_column(EVAL_PREDICTION.confusion, column)] = figure
+    write_evaluation(args.output_dir, outputs, metrics=metrics, figures=figures, frames=frames, args=args,
+                     overwrite=args.overwrite)
+    add_evaluation_to_card(recorded_model_dir(args.predictions.parent), "prediction",
+                           {column: card_scores(metrics[column]) for column in columns},
+                           figures={f"Confusion matrix: {column}": args.output_dir / name
+                                    for column, name in zip(columns, figures, strict=True)},
+                           source=args.output_dir)
+    logger.info("Wrote %s.", args.output_dir)
+    return metrics
+
+
+def card_scores(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The figures of one column that go into the model's card."""
+    return {**{key: metrics[key] for key in SCORES}, "majority_baseline": metrics["majority_baseline"],
+            "n_cells": metrics["n_cells"]}
+
+
+def evaluate(table: pd.DataFrame, args: argparse.Namespace, pca_knn: dict[str, Any] | None,
+             train_labels: list[str], *, column: str | None = None) -> tuple[dict[str, Any], pd.DataFrame, Any]:
+    """The metrics, per-class table and confusion matrix of one column's predictions
+    (``table``: true, predicted)."""
     summary = classification_summary(table["true"], table["predicted"], train_labels=train_labels or None)
     constant = classification_summary(table["true"], [summary["majority_label"]] * len(table),
                                       train_labels=train_labels or None)
@@ -166,21 +243,19 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     metrics = {**{key: summary[key] for key in SCORES}, "majority_baseline": summary["majority_baseline"],
                **{key: value for key, value in summary.items() if key not in SCORES},
                "baselines": baselines, "predictions": str(args.predictions)}
-    logger.info("%s cells: accuracy %.3f, balanced accuracy %.3f, macro-F1 %.3f; majority class (%s) %.3f / "
-                "%.3f / %.3f%s.", f"{summary['n_cells']:,}", summary["accuracy"], summary["balanced_accuracy"],
-                summary["macro_f1"], summary["majority_label"], constant["accuracy"],
+    logger.info("%s%s cells: accuracy %.3f, balanced accuracy %.3f, macro-F1 %.3f; majority class (%s) %.3f / "
+                "%.3f / %.3f%s.", f"{column}: " if column else "", f"{summary['n_cells']:,}", summary["accuracy"],
+                summary["balanced_accuracy"], summary["macro_f1"], summary["majority_label"], constant["accuracy"],
                 constant["balanced_accuracy"], constant["macro_f1"],
                 "" if pca_knn is None else
                 f"; k-NN on PCA of expression {pca_knn['accuracy']:.3f} / {pca_knn['balanced_accuracy']:.3f} / "
                 f"{pca_knn['macro_f1']:.3f}")
-    per_class = pd.DataFrame([{"cell_type": t, **v} for t, v in summary["per_class"].items()])
+    per_class = pd.DataFrame([{column or "cell_type": t, **v} for t, v in summary["per_class"].items()])
+    what = "Cell-type prediction" if column is None else f"{column} prediction"
     figure = plot_confusion_matrix(table["true"], table["predicted"],
-                                   title=f"Cell-type prediction (accuracy {summary['accuracy']:.3f}, "
+                                   title=f"{what} (accuracy {summary['accuracy']:.3f}, "
                                          f"macro-F1 {summary['macro_f1']:.3f})")
-    write_evaluation(args.output_dir, list(EVAL_PREDICTION), metrics=metrics, figures={EVAL_PREDICTION.confusion: figure},
-                     frames={EVAL_PREDICTION.per_class: per_class}, args=args, overwrite=args.overwrite)
-    logger.info("Wrote %s.", args.output_dir)
-    return metrics
+    return metrics, per_class, figure
 
 
 if __name__ == "__main__":

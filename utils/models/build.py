@@ -35,9 +35,9 @@ def build_model_and_tokenizer(
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
 
     from utils.models.loading import from_pretrained
-    from utils.models.prompts import prompt_words
+    from utils.models.prompts import attribute_name, prompt_words
     from utils.models.tokenizer import build_word_tokenizer
-    from utils.models.train_data import label_set
+    from utils.models.train_data import label_columns_of, label_set
 
     m, d = args.model, args.data
     if checkpoint is not None and m.lora_r:
@@ -51,9 +51,13 @@ def build_model_and_tokenizer(
         model = from_pretrained(AutoModelForCausalLM.from_pretrained, str(checkpoint),
                                 offline_hint=OFFLINE_HINT, dtype=torch.float32)
     elif m.init_from_scratch:
+        # Every label column's words; the attribute prompts' words only when there are further
+        # columns (a one-column run's vocabulary stays what it was).
+        columns = label_columns_of(d)
+        labels = [x for column in columns for x in label_set(train_split, column)]
         tokenizer = build_word_tokenizer(
             iter_top_genes(train_split, d.top_k_genes),
-            extra_words=prompt_words(label_set(train_split, d.label_column),
+            extra_words=prompt_words(labels, attributes=[attribute_name(c) for c in columns[1:]],
                                      max_number=max(1024, d.top_k_genes)),
             min_count=m.min_gene_count,
             model_max_length=m.n_positions,

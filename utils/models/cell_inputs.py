@@ -21,7 +21,11 @@ def read_train_record(name_or_dir: str | Path) -> dict[str, Any]:
     sentence when the file is not valid JSON."""
     path = Path(str(name_or_dir)).expanduser() / "train_args.json"
     if not path.is_file():
-        return {}
+        from utils.models.loading import hub_file
+
+        path = hub_file(str(name_or_dir), "train_args.json")  # a hub name: a model pushed by train.py
+        if path is None:
+            return {}
     record = read_json(path)
     if not isinstance(record, dict):
         raise InputError(f"{path} holds no run record (a JSON object); restore it from the run or delete it.")

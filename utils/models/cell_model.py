@@ -22,15 +22,14 @@ import numpy as np
 import pandas as pd
 
 from utils.cli import InputError
+from utils.models.cell_inputs import as_sentences, read_train_record
 from utils.models.prompts import (
-    C2S_SCALE,
     DEFAULT_ORGANISM,
-    OURS,
     PromptFormat,
     prompt_format,
     prompt_words,
 )
-from utils.models.recipe import DEFAULT_TOP_K_GENES, Recipe, read_json
+from utils.models.recipe import DEFAULT_TOP_K_GENES, Recipe
 from utils.publish import settle_inputs
 
 logger = logging.getLogger("cell2sentence")
@@ -39,99 +38,6 @@ DEFAULT_LABEL_TOKENS = 32  # answer budget for a label when the model's labels a
 
 
 UNKNOWN_GENES_WARNING = 0.10  # share of a cell's top genes the model never saw that is worth a warning
-
-
-def read_train_record(name_or_dir: str | Path) -> dict[str, Any]:
-    """``train_args.json`` of a ``train.py`` run, or {} (a published or other model); one
-    sentence when the file is not valid JSON."""
-    path = Path(str(name_or_dir)).expanduser() / "train_args.json"
-    if not path.is_file():
-        return {}
-    record = read_json(path)
-    if not isinstance(record, dict):
-        raise InputError(f"{path} holds no run record (a JSON object); restore it from the run or delete it.")
-    return record
-
-
-MODEL_HELP = ("a train.py run folder (full model or LoRA adapter), a published C2S model's folder, or its hub "
-              "name, e.g. vandijklab/C2S-Pythia-410m-cell-type-prediction (required)")
-
-
-def add_model_arguments(parser: Any) -> None:
-    """The flags of every script that uses a model: --model_dir, --prompt_format, --organism,
-    --device, --dtype (``load_from_args`` reads them)."""
-    parser.add_argument("--model_dir", type=Path, default=None, help=MODEL_HELP)
-    parser.add_argument("--prompt_format", choices=("auto", OURS, C2S_SCALE), default="auto",
-                        help="auto: the run's (train_args.json), c2s_scale for a published model without one")
-    parser.add_argument("--organism", type=str, default=DEFAULT_ORGANISM, help="{organism} of c2s_scale prompts")
-    parser.add_argument("--device", type=str, default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1")
-    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                        help="weights dtype (auto: bf16/fp16 on CUDA, float32 on CPU)")
-
-
-def load_from_args(args: Any, *, device: str | None = None) -> CellSentenceModel:
-    """The model of a script's flags (``add_model_arguments``; ``args.top_k_genes`` when set);
-    ``device`` overrides ``--device`` (a process's own GPU under torchrun)."""
-    if args.model_dir is None:
-        raise InputError(f"Pass --model_dir: {MODEL_HELP.replace(' (required)', '')}.")
-    return CellSentenceModel.load(args.model_dir, device=device or args.device, dtype=args.dtype,
-                                  prompt_format_name=None if args.prompt_format == "auto" else args.prompt_format,
-                                  top_k_genes=getattr(args, "top_k_genes", None), organism=args.organism)
-
-
-def as_sentences(cells: Any, *, column: str = "cell_sentence", max_genes: int | None = None,
-                 recipe: Recipe | None = None) -> list[str]:
-    """Cell sentences from a list of sentences, a ``datasets.Dataset`` (a DatasetDict split),
-    a ``CellSentences`` or an AnnData.
-
-    An AnnData goes through the transform's API (``utils.adata_to_sentences``) without QC, with
-    the sentence options of ``recipe`` (the model's: layer, input kind, gene names, excluded
-    genes, seed), so every cell gets the sentence it would have had in training, in the
-    AnnData's order (a cell with no counts gets an empty one).
-    """
-    import anndata
-
-    if isinstance(cells, str):
-        raise InputError("Pass a list of cell sentences, not one string.")
-    if isinstance(cells, anndata.AnnData):
-        from utils.transform.sentences import adata_to_sentences
-
-        options = recipe.sentence_kwargs() if recipe is not None else {}
-        made = adata_to_sentences(cells, qc=False, max_genes=max_genes, label_column=False, **options)
-        sentences = [""] * cells.n_obs
-        for row, sentence in zip(made.kept_rows, made.sentences, strict=True):
-            sentences[row] = sentence
-        return sentences
-    if hasattr(cells, "sentences") and hasattr(cells, "cell_names"):  # utils.transform.sentences.CellSentences
-        return [str(s) for s in cells.sentences]
-    if hasattr(cells, "column_names"):  # datasets.Dataset / pyarrow.Table
-        if column not in cells.column_names:
-            raise InputError(f"The dataset has no {column!r} column (it has {list(cells.column_names)}).")
-        values = cells[column] if hasattr(cells, "with_format") else cells.column(column).to_pylist()
-        return [str(s) for s in values]
-    if hasattr(cells, "keys") and "train" in cells:
-        raise InputError("Pass one split of the DatasetDict (e.g. dataset['test']), not the whole dict.")
-    return [str(s) for s in cells]
-
-
-def qc_kept(adata: Any, recipe: Recipe) -> np.ndarray:
-    """Per cell of ``adata``, whether the training transform's QC (the recipe's thresholds)
-    would have kept it; all True when the transform ran without QC or recorded none."""
-    from utils.transform.preprocess import QCParams
-    from utils.transform.sentences import adata_to_sentences
-
-    if not recipe.qc or not recipe.qc.get("enabled", True):
-        return np.ones(adata.n_obs, dtype=bool)
-    params = QCParams(**{k: v for k, v in recipe.qc.items() if k in QCParams.__dataclass_fields__},
-                      min_cells_per_gene=1)  # genes: the model's vocabulary decides, not this data's counts
-    kept = np.zeros(adata.n_obs, dtype=bool)
-    try:
-        made = adata_to_sentences(adata, qc=params, max_genes=1, label_column=False, **recipe.sentence_kwargs())
-    except InputError as err:  # "no cells left after QC": every cell is flagged, none dropped
-        logger.warning("The training transform's QC would drop every cell (%s).", err)
-        return kept
-    kept[made.kept_rows] = True
-    return kept
 
 
 @dataclass
@@ -231,26 +137,30 @@ class CellSentenceModel:
         if backend is None or type(backend.model).__name__ != "WordLevel":
             return None
         labels = [x for column in self.recipe.label_columns.values() for x in column]
-        other = set(SPECIAL_TOKENS) | set(prompt_words(labels, max_number=max(1024, self.top_k_genes)))
+        attributes = [a for a in map(self.recipe.attribute, self.recipe.label_columns) if a is not None]
+        other = set(SPECIAL_TOKENS) | set(prompt_words(labels, attributes=attributes,
+                                                       max_number=max(1024, self.top_k_genes)))
         vocab = self.tokenizer.get_vocab()
         return [w for w, _ in sorted(vocab.items(), key=lambda kv: kv[1]) if w not in other]
 
     # ------------------------------------------------------------------ prediction
 
-    def prediction_prompts(self, sentences: Sequence[str], *, budget: int,
-                           n_genes: int | None = None) -> tuple[list[list[int]], int]:
+    def prediction_prompts(self, sentences: Sequence[str], *, budget: int, n_genes: int | None = None,
+                           column: str | None = None) -> tuple[list[list[int]], int]:
         """Prompt ids per sentence (its first K genes, fewer where the context is short) and
-        how many were shortened."""
+        how many were shortened; the prompts asking for ``column`` (default: the cell type)."""
         from utils.models.examples import encode_prompt
         from utils.models.generation import shorten_to_fit
 
         k = n_genes or self.top_k_genes
         fmt, tok = self.prompt_format, self.tokenizer
+        attribute = self.recipe.attribute(column)
         prompts, shortened = [], 0
         for sentence in sentences:
             genes = sentence.split()[:k]
-            ids, n = shorten_to_fit(lambda n, g=genes: encode_prompt(tok, fmt.prediction_prompt(g[:n]), fmt),
-                                    len(genes), self.context - budget)
+            ids, n = shorten_to_fit(
+                lambda n, g=genes: encode_prompt(tok, fmt.prediction_prompt(g[:n], attribute=attribute), fmt),
+                len(genes), self.context - budget)
             shortened += n < len(genes)
             prompts.append(ids)
         return prompts, shortened
@@ -297,6 +207,10 @@ class CellSentenceModel:
         """The labels the model was trained to predict for ``column`` (default: its first)."""
         return self.recipe.labels(column)
 
+    def prediction_columns(self) -> list[str]:
+        """The label columns the model was trained to predict (``Recipe.prediction_columns``)."""
+        return self.recipe.prediction_columns()
+
     def label_budget(self, labels: Iterable[str] | None = None) -> int:
         """New tokens for a free-text label: the longest known label's tokens + 2."""
         from utils.models.examples import encode_answer
@@ -310,8 +224,11 @@ class CellSentenceModel:
     def predict_cell_types(self, cells: Any, *, batch_size: int = 16, max_new_tokens: int | None = None,
                            labels: Iterable[str] | None = None, n_genes: int | None = None,
                            constrain: bool = True, return_scores: bool = False,
-                           progress: Callable[[int], None] | None = None) -> list[str] | LabelPredictions:
-        """The predicted cell type of each cell.
+                           progress: Callable[[int], None] | None = None,
+                           column: str | None = None) -> list[str] | LabelPredictions:
+        """The predicted cell type of each cell (``column``: the label of that column instead,
+        e.g. "tissue" for a model trained with ``--label_columns cell_type,tissue``: its prompts
+        and label set).
 
         ``cells``: cell sentences, a dataset split, or an AnnData (the model's recipe applied).
         With ``constrain`` (default) every answer is one of ``labels`` (default: the labels the
@@ -323,49 +240,57 @@ class CellSentenceModel:
         """
         result = self.predict_sentences(self.cell_sentences(cells, n_genes=n_genes), batch_size=batch_size,
                                         max_new_tokens=max_new_tokens, labels=labels, n_genes=n_genes,
-                                        constrain=constrain, progress=progress)
+                                        constrain=constrain, progress=progress, column=column)
         return result if return_scores else result.labels
 
     def predict_sentences(self, sentences: Sequence[str], *, batch_size: int = 16, max_new_tokens: int | None = None,
                           labels: Iterable[str] | None = None, n_genes: int | None = None, constrain: bool = True,
-                          progress: Callable[[int], None] | None = None) -> LabelPredictions:
+                          progress: Callable[[int], None] | None = None,
+                          column: str | None = None) -> LabelPredictions:
         """:meth:`predict_cell_types` of sentences that :meth:`cell_sentences` already made (the
         recipe applied once, e.g. before the cells are shared among processes)."""
         n_genes = n_genes or self.top_k_genes
-        label_set = sorted(dict.fromkeys(str(x) for x in labels)) if labels is not None else self.label_set()
+        known = self.recipe.label_columns
+        if column is not None and known and column not in known:
+            raise InputError(f"{self.name} was trained to predict {', '.join(known)}, not {column!r}.")
+        label_set = (sorted(dict.fromkeys(str(x) for x in labels)) if labels is not None
+                     else self.label_set(column))
+        name = column or self.recipe.label_column or "cell_type"
         if constrain and not label_set:
             logger.warning("%s records no label set: answering in free text (pass labels=... to constrain).",
                            self.name)
         if constrain and label_set:
             result = self._score_labels(sentences, label_set, batch_size=batch_size, n_genes=n_genes,
-                                        progress=progress)
+                                        progress=progress, column=name)
         else:
             answers = self._free_text_labels(sentences, batch_size=batch_size, progress=progress, n_genes=n_genes,
-                                             max_new_tokens=max_new_tokens or self.label_budget(label_set or None))
-            result = LabelPredictions(self.recipe.label_column or "cell_type", answers,
-                                      np.full(len(answers), np.nan), pd.DataFrame(index=range(len(answers))))
+                                             max_new_tokens=max_new_tokens or self.label_budget(label_set or None),
+                                             column=name)
+            result = LabelPredictions(name, answers, np.full(len(answers), np.nan),
+                                      pd.DataFrame(index=range(len(answers))))
         return result
 
-    def _prompts(self, sentences: Sequence[str], budget: int, n_genes: int) -> list[list[int]]:
-        prompts, shortened = self.prediction_prompts(sentences, budget=budget, n_genes=n_genes)
+    def _prompts(self, sentences: Sequence[str], budget: int, n_genes: int, column: str | None = None
+                 ) -> list[list[int]]:
+        prompts, shortened = self.prediction_prompts(sentences, budget=budget, n_genes=n_genes, column=column)
         if shortened:
             logger.warning("%s prediction prompts were shortened to fit the model's %d-token context.",
                            f"{shortened:,}", self.context)
         return prompts
 
     def _free_text_labels(self, sentences: Sequence[str], *, batch_size: int, max_new_tokens: int, n_genes: int,
-                          progress: Callable[[int], None] | None) -> list[str]:
+                          progress: Callable[[int], None] | None, column: str | None = None) -> list[str]:
         from utils.models.examples import decode_answer
         from utils.models.generation import generate_batched
 
-        prompts = self._prompts(sentences, max_new_tokens, n_genes)
+        prompts = self._prompts(sentences, max_new_tokens, n_genes, column)
         answers = generate_batched(self.model, prompts, pad_token_id=self.tokenizer.pad_token_id,
                                    eos_token_id=self.tokenizer.eos_token_id, max_new_tokens=max_new_tokens,
                                    batch_size=batch_size, do_sample=False, progress=progress)
         return [decode_answer(self.tokenizer, a, self.prompt_format) for a in answers]
 
     def _score_labels(self, sentences: Sequence[str], label_set: list[str], *, batch_size: int, n_genes: int,
-                      progress: Callable[[int], None] | None) -> LabelPredictions:
+                      progress: Callable[[int], None] | None, column: str | None = None) -> LabelPredictions:
         from utils.models.constrain import label_sequences, score_labels
 
         fmt = self.prompt_format
@@ -376,14 +301,14 @@ class CellSentenceModel:
                 raise InputError(f"The labels {seen[tuple(ids)]!r} and {label!r} have the same tokens for "
                                  f"{self.name}'s tokenizer; the model cannot tell them apart.")
             seen[tuple(ids)] = label
-        prompts = self._prompts(sentences, max(len(x) for x in sequences), n_genes)
+        prompts = self._prompts(sentences, max(len(x) for x in sequences), n_genes, column)
         log_p = score_labels(self.model, prompts, sequences, pad_token_id=self.tokenizer.pad_token_id,
                              batch_size=batch_size, progress=progress)
         log_p -= log_p.max(axis=1, keepdims=True)
         probabilities = np.exp(log_p)
         probabilities /= probabilities.sum(axis=1, keepdims=True)
         best = probabilities.argmax(axis=1)
-        return LabelPredictions(self.recipe.label_column or "cell_type", [label_set[i] for i in best],
+        return LabelPredictions(column or self.recipe.label_column or "cell_type", [label_set[i] for i in best],
                                 probabilities[np.arange(len(best)), best],
                                 pd.DataFrame(probabilities, columns=label_set))
 

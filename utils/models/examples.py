@@ -39,6 +39,27 @@ TASKS: tuple[str, ...] = (CONDITIONAL_GENERATION, UNCONDITIONAL_GENERATION, CELL
 #: Tasks that need a cell-type label per cell.
 TYPED_TASKS: frozenset[str] = frozenset({CONDITIONAL_GENERATION, CELL_TYPE_PREDICTION})
 
+PREDICTION_SUFFIX = "_prediction"
+
+
+def prediction_tasks(label_columns: Sequence[str]) -> dict[str, str]:
+    """The prediction task of each label column after the first (the cell type's, whose tasks
+    are ``TASKS``): ``<column>_prediction`` -> column.
+
+    >>> prediction_tasks(["cell_type", "tissue"])
+    {'tissue_prediction': 'tissue'}
+    """
+    out: dict[str, str] = {}
+    for column in label_columns[1:]:
+        task = f"{column}{PREDICTION_SUFFIX}"
+        if task in TASKS:
+            raise InputError(
+                f"The label column {column!r} would name the task {task}, which is the first label "
+                f"column's; list {column!r} first in --label_columns."
+            )
+        out[task] = str(column)
+    return out
+
 
 def _format(fmt: PromptFormat | str | None) -> PromptFormat:
     if isinstance(fmt, PromptFormat):
@@ -164,8 +185,11 @@ def prediction_example(
     template: str,
     max_length: int,
     fmt: PromptFormat | str | None = None,
+    attribute: str | None = None,
 ) -> tuple[dict[str, list[int]], int]:
-    """A cell-type prediction example: prompt with ranked ``genes`` -> ``cell_type`` + EOS.
+    """A cell-type prediction example: prompt with ranked ``genes`` -> ``cell_type`` + EOS
+    (with ``attribute``, the name of another label column, e.g. "tissue": its prompt, and
+    ``cell_type`` is the cell's value of that column).
 
     When it does not fit ``max_length`` tokens, the lowest-ranked genes are dropped from the
     prompt; the answer is never cut. Returns the example and the number of genes kept.
@@ -174,7 +198,8 @@ def prediction_example(
     answer_ids = encode_answer(tokenizer, fmt.prediction_answer(cell_type), fmt)
 
     def build(n: int) -> tuple[list[int], list[int]]:
-        return encode_prompt(tokenizer, fmt.prediction_prompt(genes[:n], template=template), fmt), answer_ids
+        prompt = fmt.prediction_prompt(genes[:n], template=template, attribute=attribute)
+        return encode_prompt(tokenizer, prompt, fmt), answer_ids
 
     prompt_ids, answer_ids, n = _fit_genes(len(genes), max_length, build, what="prediction")
     return join_example(prompt_ids, answer_ids, tokenizer.eos_token_id), n
@@ -190,12 +215,20 @@ def make_example(
     max_length: int,
     rng: random.Random,
     fmt: PromptFormat | str | None = None,
+    attribute: str | None = None,
 ) -> dict[str, list[int]]:
-    """One tokenized training example of ``task`` from a cell sentence (template from ``rng``)."""
+    """One tokenized training example of ``task`` from a cell sentence (template from ``rng``);
+    ``attribute`` (the ``attribute_name`` of a further label column) makes it that column's
+    prediction, ``cell_type`` holding the cell's value of it."""
     fmt = _format(fmt)
+    genes = sentence.split()[:top_k]
+    if attribute is not None:
+        template = rng.choice(fmt.prediction_templates_for(attribute))
+        example, _ = prediction_example(tokenizer, genes, str(cell_type), template=template,
+                                        max_length=max_length, fmt=fmt, attribute=attribute)
+        return example
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}; choose from {', '.join(TASKS)}.")
-    genes = sentence.split()[:top_k]
     template = rng.choice(fmt.templates(task))
     if task == CELL_TYPE_PREDICTION:
         example, _ = prediction_example(
@@ -227,30 +260,45 @@ def tokenize_batch(
     sentence_column: str = "cell_sentence",
     cell_type_column: str | None = "cell_type",
     prompt_format: PromptFormat | str = OURS,
+    label_columns: Mapping[str, str] | None = None,
 ) -> dict[str, list[Any]]:
     """``datasets.map(batched=True, with_indices=True)`` function: one example per cell, its
     task drawn with the weights of ``tasks`` from a per-cell seeded random stream.
 
-    A cell without a label (None, empty, "nan") gets an untyped task, or no example when all
-    tasks need a label.
+    ``label_columns`` maps the prediction task of each further label column
+    (``prediction_tasks``) to its column. A task is drawn among those whose label the cell
+    has (None, empty, "nan": none); a cell with no label at all gets an untyped task, or no
+    example when all tasks need a label.
     """
+    from utils.models.prompts import attribute_name
+
     names, weights = list(tasks), list(tasks.values())
     fmt = _format(prompt_format)
-    untyped = [(n, w) for n, w in zip(names, weights, strict=True) if n not in TYPED_TASKS]
+    extra = dict(label_columns or {})
     sentences = batch[sentence_column]
-    types = batch[cell_type_column] if cell_type_column in batch else [None] * len(sentences)
+
+    def values(column: str | None) -> Sequence[Any]:
+        return batch[column] if column in batch else [None] * len(sentences)
+
+    # The column whose label each task needs (None: an untyped task).
+    needs = {n: extra.get(n, cell_type_column if n in TYPED_TASKS else None) for n in names}
+    columns = {c: values(c) for c in {*needs.values()} - {None}}
     out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "task": []}
-    for sentence, cell_type, index in zip(sentences, types, indices, strict=True):
+    for row, (sentence, index) in enumerate(zip(sentences, indices, strict=True)):
         rng = example_rng(seed, split, index)
-        if has_label(cell_type):
+        known = {c for c, v in columns.items() if has_label(v[row])}
+        eligible = [(n, w) for n, w in zip(names, weights, strict=True) if needs[n] is None or needs[n] in known]
+        if len(eligible) == len(names):
             task = rng.choices(names, weights=weights)[0]
-        elif untyped and sum(w for _, w in untyped) > 0:
-            task = rng.choices([n for n, _ in untyped], weights=[w for _, w in untyped])[0]
+        elif eligible and sum(w for _, w in eligible) > 0:
+            task = rng.choices([n for n, _ in eligible], weights=[w for _, w in eligible])[0]
         else:
             continue
+        column = needs[task]
+        label = columns[column][row] if column is not None else None
         example = make_example(
-            tokenizer, sentence, cell_type, task=task, top_k=top_k, max_length=max_length, rng=rng,
-            fmt=fmt,
+            tokenizer, sentence, label, task=task, top_k=top_k, max_length=max_length, rng=rng,
+            fmt=fmt, attribute=attribute_name(column) if task in extra else None,
         )
         out["input_ids"].append(example["input_ids"])
         out["labels"].append(example["labels"])
@@ -266,18 +314,21 @@ def has_label(cell_type: Any) -> bool:
     return bool(text) and text.lower() not in {"nan", "none"}
 
 
-def parse_tasks(tasks: str, weights: str | None = None) -> dict[str, float]:
-    """``"a,b"`` and optional ``"2,1"`` -> ``{"a": 2/3, "b": 1/3}`` (weights normalized).
+def parse_tasks(tasks: str, weights: str | None = None, *,
+                extra_tasks: Sequence[str] = ()) -> dict[str, float]:
+    """``"a,b"`` and optional ``"2,1"`` -> ``{"a": 2/3, "b": 1/3}`` (weights normalized);
+    ``extra_tasks`` are the prediction tasks of further label columns (``prediction_tasks``).
 
     >>> parse_tasks("cell_type_prediction,unconditional_generation", "3,1")
     {'cell_type_prediction': 0.75, 'unconditional_generation': 0.25}
     """
     names = [t.strip() for t in tasks.split(",") if t.strip()]
-    unknown = [t for t in names if t not in TASKS]
+    known = (*TASKS, *extra_tasks)
+    unknown = [t for t in names if t not in known]
     if not names or unknown:
         raise InputError(
             f"Unknown task(s) {unknown or tasks!r} in --tasks; choose a comma-separated "
-            f"subset of {','.join(TASKS)}."
+            f"subset of {','.join(known)}."
         )
     if len(set(names)) != len(names):
         raise InputError(f"--tasks {tasks!r} names a task twice; list each task once.")

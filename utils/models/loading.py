@@ -95,6 +95,23 @@ def from_pretrained(
         ) from None
 
 
+def hub_file(name: str, filename: str) -> Path | None:
+    """``filename`` of the hub model ``name`` (the cached copy, else downloaded when the hub can
+    be reached); None for a local path, a model without that file, or no hub."""
+    from huggingface_hub import hf_hub_download
+
+    if Path(name).expanduser().exists() or _looks_like_path(name):
+        return None
+    for local_only in (True, False):
+        if not local_only and (hub_offline_mode() or not hub_reachable()):
+            return None
+        try:
+            return Path(hf_hub_download(name, filename, local_files_only=local_only))
+        except Exception:  # not cached, not in the repository, no such repository: look further
+            continue
+    return None
+
+
 def load_model_and_tokenizer(
     model_dir: str | Path,
     device: str | Any | None = None,

@@ -4,7 +4,10 @@ Three tasks, as in the Cell2Sentence paper (Levine et al. 2023):
 
 - conditional generation: "the top K genes of a cell of type X" -> the first K genes of a sentence;
 - unconditional generation: the same without a cell type -> the first K genes;
-- cell-type prediction: the first K genes -> the cell type.
+- cell-type prediction: the first K genes -> the cell type;
+- and, per further label column (``train.py --label_columns cell_type,tissue``), its
+  prediction: the first K genes -> the cell's tissue, worded by ``ATTRIBUTE_PREDICTION_TEMPLATES``
+  with the column named ("Which tissue does this cell come from?").
 
 Each task has about ten paraphrases; training picks one per example at random so the model
 does not learn a single wording. Every placeholder (``{n_genes}``, ``{cell_type}``,
@@ -69,7 +72,32 @@ CELL_TYPE_PREDICTION_TEMPLATES: tuple[str, ...] = (
     "Which cell type has the expression profile {genes} given as its {n_genes} leading genes?",
 )
 
-PLACEHOLDERS: tuple[str, ...] = ("{n_genes}", "{cell_type}", "{genes}")
+# Prediction of a label column other than the cell type (``train.py --label_columns
+# cell_type,tissue``): ``{attribute}`` names the column ("tissue", "disease state": see
+# ``attribute_name``), the answer is the cell's value of it.
+ATTRIBUTE_PREDICTION_TEMPLATES: tuple[str, ...] = (
+    "The {n_genes} most highly expressed genes of a cell, ordered from highest to lowest expression, are {genes} Which {attribute} does this cell come from?",
+    "Genes of a cell by decreasing expression: {genes} The {attribute} of this cell is",
+    "Identify the {attribute} of a cell whose top {n_genes} genes, highest first, are {genes} Answer with the {attribute} :",
+    "Cell sentence: {genes} Its {attribute} :",
+    "Here are the {n_genes} most expressed genes of a single cell: {genes} What is its {attribute} ?",
+    "Given the ranked genes {genes} name the {attribute} of the cell they come from:",
+    "A cell expresses these genes most, in descending order: {genes} Predict its {attribute} :",
+    "Classify the cell with this cell sentence of {n_genes} genes: {genes} The {attribute} of the cell:",
+    "Top expressed genes, from highest to lowest: {genes} This cell's {attribute} is",
+    "Which {attribute} has a cell whose {n_genes} leading genes are {genes} ?",
+)
+
+PLACEHOLDERS: tuple[str, ...] = ("{n_genes}", "{cell_type}", "{genes}", "{attribute}")
+
+
+def attribute_name(column: str) -> str:
+    """How prompts name a label column: its words, underscores as spaces.
+
+    >>> attribute_name("disease_state")
+    'disease state'
+    """
+    return " ".join(str(column).replace("_", " ").split())
 
 
 def _pick(templates: Sequence[str], rng: random.Random | None) -> str:
@@ -110,17 +138,23 @@ def all_templates() -> tuple[str, ...]:
 
 
 def prompt_words(
-    cell_types: Iterable[str] = (), *, max_number: int = 1024
+    cell_types: Iterable[str] = (), *, attributes: Iterable[str] = (), max_number: int = 1024
 ) -> list[str]:
     """The whitespace-separated words prompts and answers can contain, except gene names.
 
-    Template words, the words of the cell-type labels, and the numbers ``1..max_number``
-    (the ``{n_genes}`` of a prompt). A word-level tokenizer built from these plus the genes
-    encodes every prompt without unknown tokens.
+    Template words, the words of the labels (``cell_types``: of every label column), and the
+    numbers ``1..max_number`` (the ``{n_genes}`` of a prompt); with ``attributes`` (the
+    ``attribute_name`` of each label column other than the cell type), also the words of the
+    attribute-prediction templates and of those names. A word-level tokenizer built from these
+    plus the genes encodes every prompt without unknown tokens.
     """
     words: set[str] = set()
-    for template in all_templates():
+    attributes = [str(a) for a in attributes]
+    templates = all_templates() + (ATTRIBUTE_PREDICTION_TEMPLATES if attributes else ())
+    for template in templates:
         words.update(w for w in template.split() if w not in PLACEHOLDERS)
+    for attribute in attributes:
+        words.update(attribute.split())
     for label in cell_types:
         words.update(str(label).split())
     words.update(str(n) for n in range(1, max_number + 1))
@@ -164,6 +198,10 @@ C2S_SCALE_GENERATION_TEMPLATES: tuple[str, ...] = (
     "Assemble a list of {num_genes} genes from highest to lowest expression in a {organism} {cell_type} cell.\nCell sentence:",
 )
 
+# The same prompts for any other label column, the attribute named where they name the cell type.
+C2S_SCALE_ATTRIBUTE_PREDICTION_TEMPLATES: tuple[str, ...] = tuple(
+    t.replace("cell type", "{attribute}") for t in C2S_SCALE_PREDICTION_TEMPLATES)
+
 OURS = "ours"
 C2S_SCALE = "c2s_scale"
 DEFAULT_ORGANISM = "Homo sapiens"
@@ -192,14 +230,15 @@ class PromptFormat:
     answer_suffix: str
     manual_bos: bool
     organism: str = DEFAULT_ORGANISM
+    attribute_templates: tuple[str, ...] = ()
 
     def _fill(self, template: str, *, genes: Sequence[str] = (), n_genes: int | None = None,
-              cell_type: str | None = None) -> str:
+              cell_type: str | None = None, attribute: str | None = None) -> str:
         n = len(genes) if n_genes is None else n_genes
         text = " ".join(genes)
         # Both spellings of the placeholders: ours ({n_genes}, {genes}) and C2S-Scale's.
         return template.format(n_genes=n, num_genes=n, genes=text, cell_sentence=text,
-                               cell_type=cell_type, organism=self.organism)
+                               cell_type=cell_type, organism=self.organism, attribute=attribute)
 
     def _table(self) -> dict[str, tuple[str, ...]]:
         return {
@@ -231,10 +270,25 @@ class PromptFormat:
         return self._fill(template or _pick(self.templates(task), rng), n_genes=n_genes,
                           cell_type=cell_type)
 
+    def prediction_templates_for(self, attribute: str | None = None) -> tuple[str, ...]:
+        """The prediction templates of the cell type (``attribute`` None) or of another label
+        column (``attribute``: its ``attribute_name``, e.g. "tissue")."""
+        if attribute is None:
+            return self.prediction_templates
+        if not self.attribute_templates:
+            raise ValueError(f"The {self.name} prompt format has no prompts for other label columns.")
+        return self.attribute_templates
+
     def prediction_prompt(self, genes: Sequence[str], *, rng: random.Random | None = None,
-                          template: str | None = None) -> str:
-        """Prompt giving the ranked ``genes`` and asking for the cell type."""
-        return self._fill(template or _pick(self.prediction_templates, rng), genes=genes)
+                          template: str | None = None, attribute: str | None = None) -> str:
+        """Prompt giving the ranked ``genes`` and asking for the cell type, or for the
+        ``attribute`` (a label column's ``attribute_name``) when given.
+
+        >>> prompt_format().prediction_prompt(["CD79A"], attribute="tissue")
+        'The 1 most highly expressed genes of a cell, ordered from highest to lowest expression, are CD79A Which tissue does this cell come from?'
+        """
+        template = template or _pick(self.prediction_templates_for(attribute), rng)
+        return self._fill(template, genes=genes, attribute=attribute)
 
     def gene_span(self, genes: Sequence[str], *, template: str | None = None) -> tuple[str, int, int]:
         """The prediction prompt and the character span of its genes (for pooling them)."""
@@ -271,11 +325,13 @@ def prompt_format(name: str = OURS, *, organism: str = DEFAULT_ORGANISM) -> Prom
     if name == OURS:
         return PromptFormat(OURS, CONDITIONAL_GENERATION_TEMPLATES, UNCONDITIONAL_GENERATION_TEMPLATES,
                             CELL_TYPE_PREDICTION_TEMPLATES, answer_prefix=" ", answer_suffix="",
-                            manual_bos=True, organism=organism)
+                            manual_bos=True, organism=organism,
+                            attribute_templates=ATTRIBUTE_PREDICTION_TEMPLATES)
     if name == C2S_SCALE:
         return PromptFormat(C2S_SCALE, C2S_SCALE_GENERATION_TEMPLATES, (),
                             C2S_SCALE_PREDICTION_TEMPLATES, answer_prefix="", answer_suffix=".",
-                            manual_bos=False, organism=organism)
+                            manual_bos=False, organism=organism,
+                            attribute_templates=C2S_SCALE_ATTRIBUTE_PREDICTION_TEMPLATES)
     raise ValueError(f"Unknown prompt format {name!r}; choose {OURS} or {C2S_SCALE}.")
 
 

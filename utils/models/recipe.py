@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from utils.cli import InputError
+from utils.contract import TRANSFORM, VOCAB
 from utils.models.prompts import DEFAULT_ORGANISM
 
 logger = logging.getLogger("cell2sentence")
@@ -49,7 +50,7 @@ def transform_options_of(transform_dir: Path) -> tuple[dict[str, Any], dict[str,
     """The sentence options and the QC thresholds of the transform whose output is
     ``transform_dir`` (its ``transform_args.json``, as the script or ``CellSentences.save``
     wrote it); two empty dicts when it has none."""
-    path = Path(transform_dir) / "transform_args.json"
+    path = Path(transform_dir) / TRANSFORM.args
     if not path.is_file():
         return {}, {}
     recorded = read_json(path)
@@ -62,7 +63,7 @@ def transform_options_of(transform_dir: Path) -> tuple[dict[str, Any], dict[str,
 
 def vocabulary_of(transform_dir: Path) -> list[str] | None:
     """The genes of the transform's ``cell_sentences/vocab.txt`` (None when absent)."""
-    path = Path(transform_dir) / "cell_sentences" / "vocab.txt"
+    path = Path(transform_dir) / VOCAB
     if not path.is_file():
         return None
     return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
@@ -81,7 +82,9 @@ class Recipe:
     tasks, task_weights
         The training tasks and their weights (empty: not recorded, as for a published model).
     label_columns
-        Per label column (e.g. ``cell_type``), the labels the model was trained on, sorted.
+        Per label column (e.g. ``cell_type``), the labels the model was trained on, sorted: the
+        cell type's first (the column of ``cell_type_prediction`` and conditional generation),
+        then each further column of ``train.py --label_columns`` (task ``<column>_prediction``).
     transform
         The transform options that shape a sentence (``SENTENCE_OPTIONS``).
     qc
@@ -159,6 +162,11 @@ class Recipe:
         ``train_args.json``, else (a checkpoint folder) its run's ``run_args.json``, else the
         published defaults."""
         folder = Path(str(model_dir)).expanduser()
+        if not folder.exists():  # a hub name: a model pushed by train.py has its records there
+            from utils.models.loading import hub_file
+
+            found = hub_file(str(model_dir), RECIPE_FILE) or hub_file(str(model_dir), "train_args.json")
+            folder = found.parent if found is not None else folder
         if (folder / RECIPE_FILE).is_file():
             values = read_json(folder / RECIPE_FILE)
             if not isinstance(values, Mapping):
@@ -195,6 +203,32 @@ class Recipe:
         """The label set of ``column`` (default: the first); [] when not recorded."""
         column = column or self.label_column
         return list(self.label_columns.get(column, [])) if column else []
+
+    def attribute(self, column: str | None) -> str | None:
+        """How the prediction prompts of ``column`` name it: None for the cell type's column
+        (the cell-type prompts), its ``attribute_name`` for a further label column (the model
+        was trained on ``<column>_prediction``).
+
+        >>> Recipe(tasks=["cell_type_prediction", "tissue_prediction"],
+        ...        label_columns={"cell_type": ["B"], "tissue": ["blood"]}).attribute("tissue")
+        'tissue'
+        """
+        from utils.models.examples import CELL_TYPE_PREDICTION, PREDICTION_SUFFIX
+        from utils.models.prompts import attribute_name
+
+        task = f"{column}{PREDICTION_SUFFIX}"
+        if column is None or task == CELL_TYPE_PREDICTION or task not in self.tasks:
+            return None
+        return attribute_name(column)
+
+    def prediction_columns(self) -> list[str]:
+        """The label columns the model was trained to predict, the cell type's first (none
+        recorded: [])."""
+        from utils.models.examples import CELL_TYPE_PREDICTION
+
+        return [c for c in self.label_columns
+                if self.attribute(c) is not None or (c == self.label_column and self.has_task(CELL_TYPE_PREDICTION)
+                                                     is not False)]
 
     def has_task(self, task: str) -> bool | None:
         """Whether the model was trained for ``task`` (None: not recorded)."""

@@ -1,7 +1,8 @@
 """The run folder of ``train.py``: where a run lives (``<output_dir>/<run_name>/``), its
 checkpoints (``<run>/checkpoints/checkpoint-N``), claiming the folder, and the final publish of
 the model with its records (``train_args.json``, ``recipe.json``, metrics, log) through the one
-publish protocol of ``utils.publish``.
+publish protocol of ``utils.publish``, with its model card (``utils.models.model_card``), and the
+push of the published folder to the hub (``--push_to_hub``).
 
 What a run writes into its folder is named here (``is_run_output``): a later run on the folder
 may replace or remove those files, never anything else of the user's.
@@ -15,9 +16,17 @@ import re
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from utils.cli import InputError, strict_json
+from utils.models.model_card import (
+    CARD_FILE,
+    EVALUATIONS_FILE,
+    FIGURES_DIR,
+    USER_README_CARD_FILE,
+    card_name,
+    write_model_card,
+)
 from utils.models.recipe import RECIPE_FILE, Recipe
 from utils.publish import check_can_write, claim_output_dir, publish_staged, release_output_dir
 
@@ -31,14 +40,18 @@ MERGED_DIR = "merged"
 STAGING_DIR = ".staging-final"
 # What a run writes into its folder besides model, adapter and tokenizer files
 # (utils.models.files names those): a later run on the folder may replace or remove these,
-# never anything else.
+# never anything else. The card README.md is replaced only when it is the card (it carries the
+# card's marker): a README.md of the user's stays, and the card is MODEL_CARD.md then.
 RUN_OUTPUTS = frozenset({
-    TRAIN_ARGS_FILE, RESULTS_FILE, LOG_FILE, RECIPE_FILE, MERGED_DIR, "config.json",
+    TRAIN_ARGS_FILE, RESULTS_FILE, LOG_FILE, RECIPE_FILE, MERGED_DIR, USER_README_CARD_FILE,
+    EVALUATIONS_FILE, FIGURES_DIR, "config.json",
     "generation_config.json", "adapter_config.json", "tokenizer_config.json",
     "special_tokens_map.json", "added_tokens.json", "merges.txt", "chat_template.jinja",
     "chat_template.json", "training_args.bin",
 })
 _SHARD = re.compile(r"(model|pytorch_model|adapter_model)-\d+-of-\d+\.(safetensors|bin)")
+# Not pushed to the hub: the checkpoints (the Trainer leaves them out too), lock and staging files.
+PUSH_IGNORE = ["checkpoints/*", ".*", "*/.*"]
 
 
 def is_rank_zero(training_args: Any) -> bool:
@@ -192,13 +205,13 @@ def publish(staging: Path, run_dir: Path) -> None:
 
 def save_final_files(staging: Path, trainer: Any, tokenizer: Any, record: dict[str, Any],
                      recipe: Recipe, metrics: dict[str, Any], *, merge: bool) -> None:
-    """Write the tokenizer, the records and the recipe next to the saved model in ``staging``
-    (and, with ``merge``, the merged model with the same records into ``merged/``, so that it
-    is used exactly as the adapter folder)."""
+    """Write the tokenizer, the records, the recipe and the model card next to the saved model
+    in ``staging`` (and, with ``merge``, the merged model with the same records and its card
+    into ``merged/``, so that it is used exactly as the adapter folder). A README.md of the
+    user's in the run folder stays: the card is written as MODEL_CARD.md then, with a warning."""
     tokenizer.save_pretrained(str(staging))
     (staging / "training_args.bin").unlink(missing_ok=True)
-    # peft's model card template; left out so that a README.md of the user's is never replaced
-    (staging / "README.md").unlink(missing_ok=True)
+    (staging / CARD_FILE).unlink(missing_ok=True)  # peft's template; ours replaces it
     folders = [staging]
     if merge:
         # The adapter folds into the base weights: a plain model anyone loads without peft.
@@ -209,17 +222,85 @@ def save_final_files(staging: Path, trainer: Any, tokenizer: Any, record: dict[s
     for folder in folders:
         write_json(folder / TRAIN_ARGS_FILE, record)
         recipe.write(folder)
-    (staging / RESULTS_FILE).write_text(strict_json(metrics, indent=2, sort_keys=True) + "\n")
-    (staging / LOG_FILE).write_text(strict_json(trainer.state.log_history, indent=2) + "\n")
+        (folder / RESULTS_FILE).write_text(strict_json(metrics, indent=2, sort_keys=True) + "\n")
+        (folder / LOG_FILE).write_text(strict_json(trainer.state.log_history, indent=2) + "\n")
+    card = card_name(staging.parent)
+    if card != CARD_FILE:
+        logger.warning("%s is yours, so it stays; the model card is %s (rename it to README.md to have the "
+                       "hub show it).", staging.parent / CARD_FILE, staging.parent / card)
+    for folder in folders:
+        write_model_card(folder, card if folder == staging else CARD_FILE)
+
+
+class HubPush(NamedTuple):
+    """Where ``--push_to_hub`` pushes the run folder (``hub_push``)."""
+
+    repo_id: str
+    token: str | None
+    revision: str | None
+
+
+def hub_push(training_args: Any, run_dir: Path) -> HubPush | None:
+    """Take ``--push_to_hub`` over from the Trainer, whose pushes would upload its output folder
+    (``checkpoints/``) before the card and recipe exist: the repository is created now, as the
+    Trainer would (so that a missing login fails before training), and ``publish_run`` pushes
+    the published run folder. None without ``--push_to_hub`` (and on the other processes)."""
+    t = training_args
+    if not t.push_to_hub:
+        return None
+    t.push_to_hub = False
+    if not is_rank_zero(t):
+        return None
+    from huggingface_hub import HfApi
+
+    name = t.hub_model_id or run_dir.name
+    try:
+        url = HfApi().create_repo(name, token=t.hub_token, private=t.hub_private_repo, exist_ok=True)
+    except Exception as err:  # no network, no login, no rights: whatever the hub says
+        raise InputError(f"--push_to_hub: the hub repository {name} cannot be created ({err}); log in with "
+                         "`hf auth login` and check the network, or train without --push_to_hub.") from None
+    if getattr(t.hub_strategy, "value", t.hub_strategy) not in ("end", "every_save"):
+        logger.warning("--hub_strategy %s: train.py pushes the finished run folder only, no checkpoints.",
+                       getattr(t.hub_strategy, "value", t.hub_strategy))
+    logger.info("The run folder goes to the hub repository %s once it is published.", url.repo_id)
+    return HubPush(url.repo_id, t.hub_token, t.hub_revision)
+
+
+def push_run(run_dir: Path, hub: HubPush) -> None:
+    """Upload the run folder (its card, recipe, records, model or adapter, tokenizer, ``merged/``
+    and any file of the user's; not ``checkpoints/``) to ``hub.repo_id``; files of an earlier
+    push that a run writes but this one did not (a full model's weights before an adapter) go."""
+    from huggingface_hub import HfApi
+
+    from utils.models.files import TOKENIZER_FILES, WEIGHT_FILES
+
+    stale = sorted({*RUN_OUTPUTS, *WEIGHT_FILES, *TOKENIZER_FILES, f"{MERGED_DIR}/*", f"{FIGURES_DIR}/*",
+                    "*-of-*.safetensors", "*-of-*.bin"})
+    config = run_dir / "adapter_config.json"
+    base = json.loads(config.read_text()).get("base_model_name_or_path") if config.is_file() else None
+    if base and Path(base).is_absolute():
+        logger.warning("The adapter's base model is the local folder %s: who pulls %s needs it there too.",
+                       base, hub.repo_id)
+    try:
+        HfApi().upload_folder(repo_id=hub.repo_id, folder_path=str(run_dir), commit_message="End of training",
+                              token=hub.token, revision=hub.revision, ignore_patterns=PUSH_IGNORE,
+                              delete_patterns=stale)
+    except Exception as err:
+        raise InputError(f"The run is in {run_dir}, but pushing it to the hub repository {hub.repo_id} failed "
+                         f"({err}); push it again with: hf upload {hub.repo_id} {run_dir} --exclude "
+                         "'checkpoints/*' '.*'") from None
+    logger.info("Pushed %s to the hub repository %s.", run_dir, hub.repo_id)
 
 
 def publish_run(trainer: Any, tokenizer: Any, run_dir: Path, record: dict[str, Any],
-                recipe: Recipe, metrics: dict[str, Any], *, merge: bool) -> None:
+                recipe: Recipe, metrics: dict[str, Any], *, merge: bool, hub: HubPush | None = None) -> None:
     """Save the trained model into a staging folder of ``run_dir`` with its records, update the
     run record of the checkpoints, and publish (rank 0 writes; every process takes part in
-    saving, so that sharded/DeepSpeed weights are gathered). A failure on the way (a full disk,
-    Ctrl-C) removes the half-written staging folder at once."""
+    saving, so that sharded/DeepSpeed weights are gathered), then push it with ``hub``. A
+    failure on the way (a full disk, Ctrl-C) removes the half-written staging folder at once."""
     t = trainer.args
+    if hub is not None:
+        record = {**record, "hub_repo": hub.repo_id}
     staging = run_dir / STAGING_DIR
     if is_rank_zero(t) and staging.exists():
         shutil.rmtree(staging)
@@ -240,4 +321,6 @@ def publish_run(trainer: Any, tokenizer: Any, run_dir: Path, record: dict[str, A
             run_dir, f"{trainer.state.global_step:,}", metrics.get("train_loss", float("nan")),
             f", eval loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else "",
         )
+        if hub is not None:
+            push_run(run_dir, hub)
     trainer.accelerator.wait_for_everyone()

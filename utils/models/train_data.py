@@ -72,6 +72,39 @@ def resolve_label_column(requested: str | None, columns: Sequence[str]) -> str:
     return requested or "cell_type"
 
 
+def resolve_label_columns(label_column: str | None, label_columns: str | None,
+                          columns: Sequence[str]) -> list[str]:
+    """The label columns of ``--label_columns a,b`` (each must exist; the first also takes the
+    cell type's tasks) or, without it, ``[resolve_label_column(label_column, columns)]``."""
+    if label_columns is None:
+        return [resolve_label_column(label_column, columns)]
+    names = [c.strip() for c in label_columns.split(",") if c.strip()]
+    if not names:
+        raise InputError(f"--label_columns {label_columns!r} names no column; e.g. --label_columns cell_type,tissue.")
+    if len(set(names)) != len(names):
+        raise InputError(f"--label_columns {label_columns!r} names a column twice; list each once.")
+    missing = [c for c in names if c not in columns]
+    if missing:
+        raise InputError(
+            f"The data has no column {', '.join(map(repr, missing))} given by --label_columns (it has "
+            f"{', '.join(columns)}); fix the name, or carry the column into the dataset with "
+            "transform.py --obs_columns."
+        )
+    if label_column is not None and label_column != names[0]:
+        raise InputError(
+            f"--label_column {label_column!r} and --label_columns {label_columns!r} disagree; the "
+            "first of --label_columns is the label column: drop --label_column."
+        )
+    return names
+
+
+def label_columns_of(data_args: Any) -> list[str]:
+    """The label columns of train.py's resolved ``DataArguments``: the cell type's first."""
+    if data_args.label_columns:
+        return [c.strip() for c in data_args.label_columns.split(",") if c.strip()]
+    return [data_args.label_column or "cell_type"]
+
+
 def label_set(split: Any, column: str | None) -> list[str]:
     """The sorted labels of ``column`` in ``split`` (missing labels left out); [] when the
     split has no such column."""
@@ -85,15 +118,23 @@ def label_set(split: Any, column: str | None) -> list[str]:
 def resolve_tasks(data_args: Any, columns: Sequence[str]) -> dict[str, float]:
     """The task mix: the flags (``data_args``: train.py's ``DataArguments``), or all tasks the
     data allows."""
-    from utils.models.examples import TASKS, TYPED_TASKS, UNCONDITIONAL_GENERATION, parse_tasks
+    from utils.models.examples import (
+        TASKS,
+        TYPED_TASKS,
+        UNCONDITIONAL_GENERATION,
+        parse_tasks,
+        prediction_tasks,
+    )
     from utils.models.prompts import PROMPT_FORMATS, prompt_format
 
     label = data_args.label_column or "cell_type"
     has_types = label in columns
+    extra = list(prediction_tasks(label_columns_of(data_args)))  # further columns' prediction
     fmt = prompt_format(data_args.prompt_format)  # a format may lack some tasks' prompts
     if data_args.tasks is None:
         if has_types:
-            return parse_tasks(",".join(t for t in TASKS if t in fmt.tasks), data_args.task_weights)
+            return parse_tasks(",".join([*(t for t in TASKS if t in fmt.tasks), *extra]),
+                               data_args.task_weights, extra_tasks=extra)
         if UNCONDITIONAL_GENERATION not in fmt.tasks:
             raise InputError(
                 f"The {fmt.name} format has only cell-type tasks, but the data has no "
@@ -104,8 +145,8 @@ def resolve_tasks(data_args: Any, columns: Sequence[str]) -> dict[str, float]:
             label,
         )
         return parse_tasks(UNCONDITIONAL_GENERATION, data_args.task_weights)
-    tasks = parse_tasks(data_args.tasks, data_args.task_weights)
-    lacking = [t for t in tasks if t not in fmt.tasks]
+    tasks = parse_tasks(data_args.tasks, data_args.task_weights, extra_tasks=extra)
+    lacking = [t for t in tasks if t not in fmt.tasks and t not in extra]
     if lacking:
         others = [n for n in PROMPT_FORMATS if set(tasks) <= set(prompt_format(n).tasks)]
         raise InputError(
@@ -127,7 +168,7 @@ def tokenize_split(
     max_length: int,
 ) -> Any:
     """One tokenized example per cell (input_ids, labels, task)."""
-    from utils.models.examples import tokenize_batch
+    from utils.models.examples import prediction_tasks, tokenize_batch
     from utils.models.prompts import prompt_format
 
     d = args.data
@@ -148,6 +189,7 @@ def tokenize_split(
             "split": name,
             "cell_type_column": d.label_column,
             "prompt_format": prompt_format(d.prompt_format, organism=d.organism),
+            "label_columns": prediction_tasks(label_columns_of(d)),
         },
     )
 
@@ -189,11 +231,11 @@ def build_examples(
     if stats["n_examples"] == 0:
         raise InputError(
             f"No training example could be built: no cell of {d.data_dir} has a "
-            f"{d.label_column!r} label; add unconditional_generation to --tasks."
+            f"{' or '.join(map(repr, label_columns_of(d)))} label; add unconditional_generation to --tasks."
         )
     if stats["n_examples"] < len(train_split):
         logger.warning(
-            "%s training cells without a cell type were left out (their tasks need one).",
+            "%s training cells without a label were left out (their tasks need one).",
             f"{len(train_split) - stats['n_examples']:,}",
         )
     logger.info(
