@@ -15,7 +15,10 @@ Sampled with ``--temperature``/``--top_k``/``--top_p``, every word a vocabulary 
 same code, ``utils.evaluation.generation_metrics.score_generated``), against the real cells of the generated types only:
 valid-gene and duplicate rates, the paper's k-NN metric with the real -> real ceiling, MMD and
 energy distance with their real-vs-real floors. A PCA figure shows real and generated cells.
-Cell-type prediction is ``predict.py``'s.
+Cell-type prediction is ``predict.py``'s. ``--multi_cell_column sample`` (a model trained with train.py
+--multi_cell_column) generates groups of cells per group label instead (``--groups``), written to
+``generated_groups.csv`` with their group id and requested label, and scored per label against the real
+cells of that label.
 
     data/model/<run>/ + data/cell_sentences_hf/ (+ data/cell_sentences/vocab.txt,
     data/eval/transformation_metrics.csv)
@@ -53,7 +56,13 @@ from utils.cli import (
     seed_everything,
     strict_json,
 )
-from utils.contract import GENERATE, labelled_rows, load_splits, transform_reference
+from utils.contract import (
+    GENERATE,
+    GENERATE_GROUPS,
+    labelled_rows,
+    load_splits,
+    transform_reference,
+)
 from utils.evaluation.figures import plot_generation
 from utils.evaluation.generation_metrics import score_generated
 from utils.inverse import VocabIndex
@@ -106,6 +115,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no_constrain_genes", action="store_true",
                    help="generate freely (default: every generated word is a vocabulary gene, each once)")
     p.add_argument("--k_neighbors", type=int, default=5, help="k of the k-NN metric")
+    p.add_argument("--multi_cell_column", type=str, default=None,
+                   help="generate groups of cells (a model trained with train.py --multi_cell_column): "
+                        "--n_per_type groups (default 1) of each label of --groups, each of the model's "
+                        "cells_per_example cells -> generated_groups.csv")
+    p.add_argument("--groups", type=str, default=None,
+                   help="with --multi_cell_column: comma-separated group labels (default: every label the "
+                        "model was trained on)")
     args = p.parse_args(renamed_flags(argv))
     _check_args(args)
     return args
@@ -251,6 +267,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     procs = Processes.start()
     seed_everything(args.seed)
     settle_inputs(args.model_dir, args.data_dir, args.transform_dir)
+    if args.multi_cell_column is not None:
+        return generate_groups(args)
     if procs.main:
         claim_output_dir(args.output_dir, list(GENERATE), overwrite=args.overwrite)
 
@@ -321,6 +339,58 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             pca.savefig(tmp / GENERATE.pca, dpi=150, bbox_inches="tight")
         (tmp / GENERATE.metrics).write_text(strict_json(metrics, indent=2, default=str) + "\n")
         save_args(args, tmp / GENERATE.args)
+    logger.info("Wrote %s.", args.output_dir)
+    return metrics
+
+
+def generate_groups(args: argparse.Namespace) -> dict[str, Any]:
+    """``--multi_cell_column``: groups of cells for the requested group labels; the generated cells are
+    scored per label against the real cells of that label of ``--split`` (when the data has the
+    column), with the metrics of the single-cell generation."""
+    from utils.cli import load_from_args
+    from utils.models.multi_cell import generate_groups as sample_groups
+
+    claim_output_dir(args.output_dir, list(GENERATE_GROUPS), overwrite=args.overwrite)
+    recipe = Recipe.read(args.model_dir)
+    if recipe.multi_cell_column is None or not recipe.group_labels:
+        raise InputError(f"{args.model_dir} was not trained with multi-cell tasks; train it with train.py "
+                         "--multi_cell_column, or drop --multi_cell_column.")
+    column = recipe.multi_cell_column
+    if args.multi_cell_column != column:
+        logger.warning("%s was trained on groups of %s, not %s; generating %s groups.", args.model_dir, column,
+                       args.multi_cell_column, column)
+    labels = ([x.strip() for x in args.groups.split(",") if x.strip()] if args.groups else list(recipe.group_labels))
+    unknown = [x for x in labels if x not in recipe.group_labels]
+    if unknown:
+        raise InputError(f"{args.model_dir} was trained on the {column} groups {', '.join(recipe.group_labels)}, "
+                         f"not {', '.join(unknown)}; fix --groups.")
+    n = int(recipe.cells_per_example or 4)
+    requested = [x for x in labels for _ in range(args.n_per_type or 1)]
+    model = load_from_args(args, device=args.device)
+    start = time.perf_counter()
+    generated = sample_groups(model, requested, column=column, cells_per_example=n, n_genes=args.top_k_genes,
+                              batch_size=args.batch_size, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, seed=args.seed)
+    metrics: dict[str, Any] = {"model_dir": str(args.model_dir), "multi_cell_column": column,
+                               "cells_per_example": n, "n_groups": len(requested), "n_cells": len(generated),
+                               "requested_groups": dict(Counter(requested)), "seconds": time.perf_counter() - start}
+    scored = None
+    if args.data_dir.is_dir() and len(generated):
+        tables = load_splits(args.data_dir, args.split, column, need_labels=True)
+        if "train" in tables and all(column in t.column_names for t in tables.values()):
+            tables = labelled_rows(tables, column)
+            index, fit, _ = transform_reference(args.transform_dir, tables, model.top_k_genes)
+            cells = generated.rename(columns={f"requested_{column}": "requested_cell_type"})
+            scored, _ = evaluate_generated(cells, tables, split=args.split, label_column=column, index=index,
+                                           fit=fit, top_k=model.top_k_genes, k=args.k_neighbors, seed=args.seed,
+                                           cell_types=sorted(set(labels)))
+            metrics["generation"] = scored
+    logger.info("Generated %s groups (%s cells) of %s%s.", f"{len(requested):,}", f"{len(generated):,}", column,
+                "" if scored is None else f"; valid-gene rate {scored['sentences']['valid_gene_rate']:.3f}")
+    with staged_outputs(args.output_dir, list(GENERATE_GROUPS), overwrite=args.overwrite) as tmp:
+        generated.to_csv(tmp / GENERATE_GROUPS.cells, index=False)
+        (tmp / GENERATE_GROUPS.metrics).write_text(strict_json(metrics, indent=2, default=str) + "\n")
+        save_args(args, tmp / GENERATE_GROUPS.args)
     logger.info("Wrote %s.", args.output_dir)
     return metrics
 

@@ -8,7 +8,10 @@ over the label set (``utils.CellSentenceModel.predict_cell_types``). With the tr
 metrics of eval/prediction.py are written too. A model trained on several label columns
 (``train.py --label_columns cell_type,tissue``) predicts each (``--label_columns``, default all):
 ``predicted_<column>`` and ``<column>_score`` for each, and one confusion matrix per column
-(``confusion_matrix_<column>.png``).
+(``confusion_matrix_<column>.png``). ``--multi_cell_column sample`` (a model trained with train.py
+--multi_cell_column) predicts one label per group of the model's cells_per_example cells instead:
+``group_predictions.csv`` (group, n_cells, predicted_<column>, <column>_score, <column>),
+``group_members.csv`` and the group accuracy in metrics.json.
 
     model + cells.h5ad (or data/cell_sentences_hf/)
         -> <next to the input>/predictions/<model name>/: predictions.csv, annotated.h5ad
@@ -30,7 +33,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from utils.cli import (
@@ -44,7 +46,15 @@ from utils.cli import (
     seed_everything,
     strict_json,
 )
-from utils.contract import PREDICT
+from utils.contract import PREDICT, PREDICT_GROUPS
+from utils.models.annotation import (
+    annotate,
+    annotate_all,
+    metrics_of,
+    prediction_table,
+    read_cells,
+    train_labels_of,
+)
 from utils.models.distributed import Processes
 from utils.publish import claim_output_dir, releasing_outputs, settle_inputs, staged_outputs
 
@@ -74,6 +84,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_cells", type=int, default=None, help="predict a seeded random subset of this many cells")
     p.add_argument("--top_k_genes", type=int, default=None,
                    help="genes per prompt (default: the model's recipe; another value is used with a warning)")
+    p.add_argument("--multi_cell_column", type=str, default=None,
+                   help="predict one label per group of N cells (a model trained with train.py "
+                        "--multi_cell_column; N its cells_per_example): the cells grouped by this column, "
+                        "seeded, within the cells given -> group_predictions.csv")
     p.add_argument("--free_text", action="store_true",
                    help="greedy free-text answers instead of the model's label set (no scores)")
     args = p.parse_args(renamed_flags(argv))
@@ -108,104 +122,6 @@ def check_args(args: argparse.Namespace) -> None:
             args.output_dir = args.data_dir.parent / "predictions" / model_name
 
 
-# ---------------------------------------------------------------------------------- inputs
-
-
-def read_cells(path: Path) -> Any:
-    """The user's AnnData, read whole (its obs and layout are kept as they are)."""
-    import anndata as ad
-
-    from utils.transform.readers import _read_with_scanpy as read_with_scanpy
-
-    if not path.exists():
-        raise InputError(f"{path} does not exist; pass the cells to annotate with --h5ad.")
-    if path.is_file() and path.suffix.lower() == ".h5ad":
-        try:
-            return ad.read_h5ad(path)
-        except Exception as err:  # h5py and anndata raise many kinds; the user needs one sentence
-            raise InputError(f"{path} is not a readable .h5ad file ({err}).") from None
-    return read_with_scanpy(path)
-
-
-def train_labels_of(data_dir: Path, column: str) -> list[str] | None:
-    """The train split's labels of ``column`` (for the majority-class baseline; None without them)."""
-    from utils.contract import open_dataset_dict
-    from utils.models.examples import has_label
-
-    dd = open_dataset_dict(data_dir, single_ok=True)
-    if "train" not in dd or column not in dd["train"].column_names:
-        return None
-    return [str(x) for x in dd["train"][column] if has_label(x)] or None
-
-
-# ---------------------------------------------------------------------------------- outputs
-
-
-def prediction_table(cell_names: Sequence[str], column: str | Sequence[str], result: Any, truth: Any,
-                     qc_pass: np.ndarray | None) -> pd.DataFrame:
-    """predictions.csv: ``cell_name``, then per column ``predicted_<column>``, ``<column>_score``
-    and the truth when known, and ``qc_pass`` for a user's h5ad (False: the transform's QC would
-    have dropped it). ``column``, ``result`` and ``truth`` are one column's, or lists of them
-    (truth None where unknown)."""
-    columns, results, truths = ([column], [result], [truth]) if isinstance(column, str) else (column, result, truth)
-    table = pd.DataFrame({"cell_name": list(cell_names)})
-    for name, one, known in zip(columns, results, truths, strict=True):
-        table[f"predicted_{name}"] = one.labels
-        table[f"{name}_score"] = one.scores
-        if known is not None:
-            table[name] = list(known)
-    if qc_pass is not None:
-        table["qc_pass"] = qc_pass
-    return table
-
-
-def annotate(adata: Any, rows: np.ndarray, column: str, result: Any, label_set: list[str],
-             qc_pass: np.ndarray) -> Any:
-    """The user's AnnData, unchanged, plus ``obs["c2s_<column>"]`` (categorical over the
-    model's labels), ``obs["c2s_<column>_score"]``, ``obs["c2s_qc_pass"]`` and, with scores,
-    ``.obsm["c2s_<column>_scores"]`` (cells x labels; the label order in ``.uns``). Cells left
-    out by --max_cells get NaN."""
-    annotated = adata.copy()
-    categories = label_set or sorted(set(result.labels))
-    labels = np.full(adata.n_obs, None, dtype=object)
-    labels[rows] = result.labels
-    annotated.obs[f"c2s_{column}"] = pd.Categorical(labels, categories=categories)
-    scores = np.full(adata.n_obs, np.nan)
-    scores[rows] = result.scores
-    annotated.obs[f"c2s_{column}_score"] = scores
-    annotated.obs["c2s_qc_pass"] = qc_pass
-    if result.probabilities.shape[1]:
-        matrix = np.full((adata.n_obs, len(categories)), np.nan, dtype=np.float32)
-        matrix[rows] = result.probabilities[categories].to_numpy(dtype=np.float32)
-        annotated.obsm[f"c2s_{column}_scores"] = matrix
-        annotated.uns[f"c2s_{column}_scores_labels"] = list(categories)
-    return annotated
-
-
-def annotate_all(adata: Any, rows: np.ndarray, columns: Sequence[str], results: Sequence[Any],
-                 label_sets: Sequence[list[str]], qc_pass: np.ndarray) -> Any:
-    """``annotate`` for each predicted column."""
-    annotated = adata
-    for column, result, label_set in zip(columns, results, label_sets, strict=True):
-        annotated = annotate(annotated, rows, column, result, label_set, qc_pass)
-    return annotated
-
-
-def metrics_of(table: pd.DataFrame, column: str, train_labels: Sequence[str] | None) -> tuple[dict[str, Any], Any]:
-    """eval/prediction.py's scores (``utils.evaluation.metrics.classification_summary``) and the
-    confusion matrix over the cells whose truth is known."""
-    from utils.evaluation.figures import plot_confusion_matrix
-    from utils.evaluation.metrics import classification_summary
-    from utils.models.examples import has_label
-
-    known = table[column].map(has_label).to_numpy(dtype=bool)
-    true, predicted = table[column][known].astype(str), table[f"predicted_{column}"][known].astype(str)
-    summary = classification_summary(true.tolist(), predicted.tolist(), train_labels=train_labels)
-    figure = plot_confusion_matrix(true.tolist(), predicted.tolist(),
-                                   title=f"{column} prediction (accuracy {summary['accuracy']:.3f})")
-    return summary, figure
-
-
 # ---------------------------------------------------------------------------------- main
 
 
@@ -220,6 +136,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     procs = Processes.start()
     seed_everything(args.seed)
     settle_inputs(*[p for p in (args.data_dir, args.data_dir.parent if args.data_dir else None) if p])
+    if args.multi_cell_column is not None:
+        return predict_groups(args)
     if procs.main:
         claim_output_dir(args.output_dir, list(PREDICT), overwrite=args.overwrite)
     model = load_from_args(args, device=procs.device(args.device))
@@ -403,3 +321,83 @@ def predict_columns(args: argparse.Namespace, model: Any, procs: Any, columns: l
 
 if __name__ == "__main__":
     run_cli(main, parse_args)
+
+
+def predict_groups(args: argparse.Namespace) -> dict[str, Any]:
+    """``--multi_cell_column``: the cells grouped by the column (seeded, within the cells given;
+    without the column, consecutive cells), one constrained label per group ->
+    group_predictions.csv, group_members.csv, metrics.json (group accuracy vs the majority)."""
+    from utils.cli import load_from_args
+    from utils.contract import sample_rows, split_table
+    from utils.models.multi_cell import partition_groups
+    from utils.models.multi_cell import predict_groups as predict_group_labels
+
+    column = args.multi_cell_column
+    claim_output_dir(args.output_dir, list(PREDICT_GROUPS), overwrite=args.overwrite)
+    model = load_from_args(args, device=args.device)
+    recipe = model.recipe
+    if recipe.multi_cell_column is None or not recipe.group_labels:
+        raise InputError(f"{args.model_dir} was not trained with multi-cell tasks; train it with train.py "
+                         "--multi_cell_column, or drop --multi_cell_column.")
+    if column != recipe.multi_cell_column:
+        logger.warning("Grouping by %s although %s was trained on groups of %s; predicting %s labels.", column,
+                       args.model_dir, recipe.multi_cell_column, recipe.multi_cell_column)
+    n = int(recipe.cells_per_example or 4)
+    if args.h5ad is not None:
+        adata = read_cells(args.h5ad)
+        if adata.n_obs == 0:
+            raise InputError(f"{args.h5ad} holds no cells.")
+        rows = sample_rows(adata.n_obs, args.max_cells, args.seed)
+        cells = adata if len(rows) == adata.n_obs else adata[rows].copy()
+        names = adata.obs_names[rows].astype(str).tolist()
+        values = adata.obs[column].to_numpy()[rows] if column in adata.obs else None
+    else:
+        table = split_table(args.data_dir, args.split)
+        if table.empty:
+            raise InputError(f"The {args.split} split of {args.data_dir} holds no cells.")
+        rows = sample_rows(len(table), args.max_cells, args.seed)
+        cells, names = table["cell_sentence"].to_numpy()[rows].tolist(), table["cell_name"].to_numpy()[rows].tolist()
+        values = table[column].to_numpy()[rows] if column in table else None
+    if values is None:
+        logger.warning("The cells have no %r column: groups of %d consecutive cells.", column, n)
+    sentences = model.cell_sentences(cells)
+    groups = partition_groups(None if values is None else list(values), len(sentences), cells_per_example=n,
+                              seed=args.seed)
+    if not groups:
+        raise InputError(f"No cell has a {column!r} value to group by; pass cells with it.")
+    start = time.perf_counter()
+    labels = list(recipe.group_labels)
+    predicted, probabilities = predict_group_labels(model, [[sentences[i] for i in g] for _, g in groups],
+                                                    column=recipe.multi_cell_column, labels=labels,
+                                                    batch_size=args.batch_size)
+    seconds = time.perf_counter() - start
+    ids = [f"group_{i:05d}" for i in range(len(groups))]
+    table = pd.DataFrame({"group": ids, "n_cells": [len(g) for _, g in groups],
+                          f"predicted_{column}": predicted,
+                          f"{column}_score": probabilities.max(axis=1)})
+    if values is not None:
+        table[column] = [label for label, _ in groups]
+    members = pd.DataFrame({"group": [ids[j] for j, (_, g) in enumerate(groups) for _ in g],
+                            "cell_name": [names[i] for _, g in groups for i in g]})
+    metrics: dict[str, Any] = {"model_dir": str(args.model_dir), "multi_cell_column": column,
+                               "cells_per_example": n, "n_groups": len(groups), "n_cells": len(rows),
+                               "n_labels": len(labels), "seconds": seconds}
+    if values is not None:
+        truth = table[column].astype(str)
+        counts = truth.value_counts()
+        metrics["group_prediction"] = {
+            "n_groups": len(table), "accuracy": float((table[f"predicted_{column}"] == truth).mean()),
+            "majority_baseline": float(counts.iloc[0] / len(table)), "majority_label": str(counts.index[0])}
+        logger.info("Group accuracy %.3f on %s groups of %d cells (majority baseline %.3f).",
+                    metrics["group_prediction"]["accuracy"], f"{len(table):,}", n,
+                    metrics["group_prediction"]["majority_baseline"])
+    with staged_outputs(args.output_dir, list(PREDICT_GROUPS), overwrite=args.overwrite) as tmp:
+        table.to_csv(tmp / PREDICT_GROUPS.groups, index=False)
+        members.to_csv(tmp / PREDICT_GROUPS.members, index=False)
+        (tmp / PREDICT_GROUPS.metrics).write_text(strict_json(metrics, indent=2, default=str) + "\n")
+        save_args({**vars(args), "recipe": {"prompt_format": model.prompt_format.name,
+                                            "top_k_genes": model.top_k_genes,
+                                            "multi_cell_column": recipe.multi_cell_column,
+                                            "cells_per_example": n, "labels": labels}}, tmp / PREDICT_GROUPS.args)
+    logger.info("Wrote %s.", args.output_dir)
+    return metrics

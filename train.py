@@ -1,16 +1,11 @@
 """Fine-tune a causal language model on cell sentences (or train a small one from scratch).
 
 Input -> output: ``data/cell_sentences_hf/`` (the DatasetDict written by transform.py) ->
-``data/model/<run_name>/``: a Hugging Face model directory (``save_pretrained`` model and
-tokenizer) with ``train_args.json`` (the effective arguments, tasks and prompt format),
-``recipe.json`` (what turns new cells into the sentences and prompts the model was trained on:
-``utils.models.recipe.Recipe``; ``merged/`` of a LoRA run has the same records),
-``train_results.json`` (train/eval metrics), ``train_log.json`` (the logged losses) and
-``README.md``, the model card (``utils.models.model_card``; ``MODEL_CARD.md`` when the folder
-holds a README.md of the user's); ``--push_to_hub`` pushes the published folder. Checkpoints
-go to ``<run>/checkpoints/``; the final files are written to a staging folder and moved into
-place at the end, ``config.json`` last, so an interrupted run never looks finished.
-Files of the user's in the run folder are never touched.
+``data/model/<run_name>/``: the model and tokenizer (``save_pretrained``), ``train_args.json``,
+``recipe.json`` (how new cells become the model's sentences and prompts), ``train_results.json``,
+``train_log.json`` and the model card ``README.md``; checkpoints in ``<run>/checkpoints/``. The
+final files are published at once, ``config.json`` last; files of the user's are never touched
+(docs/train.md). ``--push_to_hub`` pushes the published folder.
 
 ``--checkpoint latest --run_name R`` continues run R as it was recorded (its data, tasks and
 weights, ``top_k_genes``, prompt format, model size and seed; a flag given with another value is
@@ -20,8 +15,10 @@ Each training cell becomes one example of a task drawn at random (seeded per cel
 conditional generation (cell type -> top K genes), unconditional generation (-> top K genes)
 or cell-type prediction (top K genes -> cell type), worded by one of the paraphrased prompt
 templates of ``utils/models/prompts.py``. ``--label_columns cell_type,tissue`` adds per further
-column its prediction (``tissue_prediction``: top K genes -> tissue). The loss is taken on the
-answer tokens only.
+column its prediction (``tissue_prediction``: top K genes -> tissue). ``--multi_cell_column sample
+--cells_per_example 4`` adds C2S-Scale's multi-cell tasks (``utils/models/multi_cell.py``): 4 cells of
+one sample -> the sample, and the sample -> 4 cells, grouped within each split. The loss is taken on
+the answer tokens only.
 
 Example (GPT-2 from the hub, as in the original project):
 
@@ -40,7 +37,6 @@ Several GPUs: ``torchrun --nproc_per_node 4 train.py ...`` or ``accelerate launc
 
 import startup_guard  # noqa: F401  # isort: skip  (first: Ctrl-C while the rest loads is one line)
 
-import contextlib
 import logging
 import math
 import os
@@ -57,6 +53,7 @@ from utils.cli import InputError, renamed_flags, run_cli, seed_everything
 from utils.models.build import build_model_and_tokenizer, context_length
 from utils.models.model_card import run_facts
 from utils.models.run_folder import (
+    final_eval_metrics,
     hub_push,
     is_rank_zero,
     prepare_run_dir,
@@ -72,6 +69,7 @@ from utils.models.run_record import (
     training_recipe,
 )
 from utils.models.train_data import (
+    add_label_columns,
     build_examples,
     check_splits,
     first_cells,
@@ -156,8 +154,9 @@ class DataArguments:
         metadata={
             "help": "Comma-separated tasks among conditional_generation, "
             "unconditional_generation, cell_type_prediction and, per further column of "
-            "--label_columns, <column>_prediction. Default: all of them when the data has cell "
-            "types, else unconditional_generation."
+            "--label_columns, <column>_prediction and, with --multi_cell_column, multi_cell_prediction "
+            "and multi_cell_generation. Default: all of them when the data has cell types, else "
+            "unconditional_generation."
         },
     )
     task_weights: str | None = field(
@@ -178,6 +177,17 @@ class DataArguments:
             "type's tasks (its prediction and conditional generation), each further one gets a "
             "prediction task <column>_prediction (default: --label_column alone)."
         },
+    )
+    multi_cell_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "Add C2S-Scale's multi-cell tasks multi_cell_prediction (N cells -> their value of "
+            "this column) and multi_cell_generation (the value -> N cells), cells grouped by this "
+            "column within each split (e.g. sample or tissue); weights via --tasks/--task_weights."
+        },
+    )
+    cells_per_example: int = field(
+        default=4, metadata={"help": "With --multi_cell_column: cells per multi-cell example (N)."}
     )
     prompt_format: str = field(
         default="ours",
@@ -272,9 +282,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainArgs:
     parser = HfArgumentParser((ModelArguments, DataArguments, CellTrainingArguments))
     parser.description = __doc__.split("\n\n")[0] if __doc__ else None
     argv = renamed_flags(argv)
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(
-        args=argv, look_for_args_file=False
-    )
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     # Parsed again with every default replaced by a marker: what stays marked was not given
     # (argparse also takes abbreviations such as --top_k, so argv itself cannot tell).
     parser.set_defaults(**dict.fromkeys(vars(parser.parse_known_args([])[0]), _UNSET))
@@ -290,45 +298,35 @@ def check_args(args: TrainArgs) -> None:
         if getattr(t, flag) < 1:
             raise InputError(f"--{flag} must be at least 1, not {getattr(t, flag)}.")
     if not (math.isfinite(t.learning_rate) and t.learning_rate > 0):
-        raise InputError(
-            f"--learning_rate must be a positive number, not {t.learning_rate}; the default is "
-            "5e-5 (fine-tuning), a small model from scratch takes about 1e-3."
-        )
+        raise InputError(f"--learning_rate must be a positive number, not {t.learning_rate}; the default is "
+                         "5e-5 (fine-tuning), a small model from scratch takes about 1e-3.")
     if t.max_steps <= 0 and not (math.isfinite(t.num_train_epochs) and t.num_train_epochs > 0):
-        raise InputError(
-            f"--max_steps {t.max_steps} with --num_train_epochs {t.num_train_epochs} would train "
-            "no step; give a positive --max_steps or --num_train_epochs."
-        )
+        raise InputError(f"--max_steps {t.max_steps} with --num_train_epochs {t.num_train_epochs} would train "
+                         "no step; give a positive --max_steps or --num_train_epochs.")
     if d.top_k_genes < 1:
         raise InputError(f"--top_k_genes must be at least 1, not {d.top_k_genes}.")
+    if d.multi_cell_column is not None and d.cells_per_example < 1:
+        raise InputError(f"--cells_per_example must be at least 1, not {d.cells_per_example}.")
     if d.max_seq_length is not None and d.max_seq_length < 8:
         raise InputError(f"--max_seq_length {d.max_seq_length} is too small; use at least 8.")
     from utils.models.prompts import C2S_SCALE, PROMPT_FORMATS
 
     if d.prompt_format not in PROMPT_FORMATS:
-        raise InputError(
-            f"--prompt_format {d.prompt_format!r}: choose {' or '.join(PROMPT_FORMATS)}."
-        )
+        raise InputError(f"--prompt_format {d.prompt_format!r}: choose {' or '.join(PROMPT_FORMATS)}.")
     if m.init_from_scratch and d.prompt_format == C2S_SCALE:
-        raise InputError(
-            "--prompt_format c2s_scale is for fine-tuning a published (byte-pair tokenized) "
-            "model; a from-scratch word-level model uses --prompt_format ours."
-        )
+        raise InputError("--prompt_format c2s_scale is for fine-tuning a published (byte-pair tokenized) "
+                         "model; a from-scratch word-level model uses --prompt_format ours.")
     if m.lora_r < 0 or (m.lora_r and m.init_from_scratch):
-        raise InputError(
-            "--lora_r must be 0 (full training) or a positive rank, and LoRA adapts a "
-            "pretrained model: drop --init_from_scratch or --lora_r."
-        )
+        raise InputError("--lora_r must be 0 (full training) or a positive rank, and LoRA adapts a "
+                         "pretrained model: drop --init_from_scratch or --lora_r.")
     if m.merge_lora and not m.lora_r:
         raise InputError("--merge_lora True needs --lora_r R (there is no adapter to merge).")
     if m.init_from_scratch:
         if min(m.n_layer, m.n_embd, m.n_head, m.n_positions) < 1:
             raise InputError("--n_layer, --n_embd, --n_head and --n_positions must be positive.")
         if m.n_embd % m.n_head:
-            raise InputError(
-                f"--n_embd {m.n_embd} is not divisible by --n_head {m.n_head}; "
-                "choose sizes such as --n_embd 256 --n_head 4."
-            )
+            raise InputError(f"--n_embd {m.n_embd} is not divisible by --n_head {m.n_head}; "
+                             "choose sizes such as --n_embd 256 --n_head 4.")
 
 
 @releasing_outputs
@@ -381,6 +379,12 @@ def _train(args: TrainArgs) -> Path:
     d.label_column = columns[0]
     if d.label_columns is not None:
         d.label_columns = ",".join(columns)
+    if d.multi_cell_column is not None and d.multi_cell_column not in dataset["train"].column_names:
+        raise InputError(
+            f"The data has no column {d.multi_cell_column!r} given by --multi_cell_column (it has "
+            f"{', '.join(dataset['train'].column_names)}); carry it into the dataset with transform.py "
+            "--obs_columns, or fix the name."
+        )
     tasks = resolve_tasks(d, dataset["train"].column_names)
     do_eval = t.eval_strategy != "no" or t.do_eval
     check_splits(dataset, d.data_dir, do_eval=do_eval)
@@ -398,6 +402,13 @@ def _train(args: TrainArgs) -> Path:
     )
     recipe = training_recipe(d, tasks, cell_types, earlier)
     add_label_columns(recipe, train_split, columns[1:], tasks, path=d.data_dir)
+    if d.multi_cell_column is not None:
+        groups = label_set(train_split, d.multi_cell_column)
+        refuse_unsafe_labels(groups, column=d.multi_cell_column, path=d.data_dir)
+        recipe.multi_cell_column, recipe.cells_per_example = d.multi_cell_column, d.cells_per_example
+        recipe.group_labels = groups
+        logger.info("Multi-cell tasks: groups of %d cells by %s (%s labels).", d.cells_per_example,
+                    d.multi_cell_column, f"{len(groups):,}")
 
     # The model and its examples
     model, tokenizer = build_model_and_tokenizer(args, train_split, checkpoint)
@@ -430,37 +441,6 @@ def _train(args: TrainArgs) -> Path:
         record["resumes"][-1]["to_step"] = trainer.state.global_step
     publish_run(trainer, tokenizer, run_dir, record, recipe, metrics, merge=m.merge_lora, hub=hub)
     return run_dir
-
-
-def add_label_columns(recipe: Any, train_split: Any, columns: Sequence[str], tasks: dict[str, Any], *,
-                      path: str) -> None:
-    """Record in ``recipe`` the label set of each further label column whose prediction task
-    the run trains (``--label_columns``; the first column's is recorded already)."""
-    from utils.models.examples import prediction_tasks
-    from utils.transform.labels import refuse_unsafe_labels
-
-    for task, column in prediction_tasks(["", *columns]).items():
-        if task not in tasks:
-            continue
-        labels = label_set(train_split, column)
-        refuse_unsafe_labels(labels, column=column, path=path)
-        recipe.label_columns[column] = sorted(labels)
-        logger.info("Label column %s: %s labels (task %s=%.2f).", column, f"{len(labels):,}", task, tasks[task])
-
-
-def final_eval_metrics(trainer: Any) -> dict[str, Any]:
-    """The evaluation at the last step (the Trainer's own when it evaluated there), with the
-    perplexity."""
-    last_eval = [h for h in trainer.state.log_history if "eval_loss" in h]
-    if last_eval and last_eval[-1].get("step") == trainer.state.global_step:
-        eval_metrics = dict(last_eval[-1])  # evaluated at the last step already
-        eval_metrics.pop("step", None)
-        eval_metrics.pop("epoch", None)
-    else:
-        eval_metrics = trainer.evaluate()
-    with contextlib.suppress(OverflowError):
-        eval_metrics["eval_perplexity"] = math.exp(eval_metrics["eval_loss"])
-    return eval_metrics
 
 
 if __name__ == "__main__":

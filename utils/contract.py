@@ -39,7 +39,9 @@ __all__ = [
     "EVAL_PREDICTION",
     "EVAL_RECONSTRUCTION",
     "GENERATE",
+    "GENERATE_GROUPS",
     "PREDICT",
+    "PREDICT_GROUPS",
     "find_preprocessed",
     "label_column_of",
     "labelled_rows",
@@ -96,6 +98,12 @@ def transform_names(stem: str) -> list[str]:
     return [*TRANSFORM, preprocessed_name(stem), *TRANSFORM_EVAL]
 PREDICT = Outputs(predictions="predictions.csv", annotated="annotated.h5ad", metrics="metrics.json",
                   confusion="confusion_matrix.png", args="predict_args.json")
+# predict.py --multi_cell_column: one label per group of cells (its members in group_members.csv).
+PREDICT_GROUPS = Outputs(groups="group_predictions.csv", members="group_members.csv", metrics="metrics.json",
+                         args="predict_args.json")
+# generate.py --multi_cell_column: the generated groups, a row per cell (cell_name, cell_sentence,
+# group, requested_<column>).
+GENERATE_GROUPS = Outputs(cells="generated_groups.csv", metrics="metrics.json", args="generate_args.json")
 # old_predictions and old_confusion are outputs of earlier versions (prediction is predict.py's
 # now): listed so that --overwrite is asked for and a rerun removes them.
 GENERATE = Outputs(old_predictions="predictions.csv", old_confusion="confusion_matrix.png",

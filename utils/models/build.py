@@ -55,10 +55,16 @@ def build_model_and_tokenizer(
         # columns (a one-column run's vocabulary stays what it was).
         columns = label_columns_of(d)
         labels = [x for column in columns for x in label_set(train_split, column)]
+        words = prompt_words(labels, attributes=[attribute_name(c) for c in columns[1:]],
+                             max_number=max(1024, d.top_k_genes))
+        if getattr(d, "multi_cell_column", None):  # the multi-cell templates' words and group labels
+            from utils.models.multi_cell import template_words
+
+            words = sorted({*words, *template_words(d.multi_cell_column,
+                                                    label_set(train_split, d.multi_cell_column))})
         tokenizer = build_word_tokenizer(
             iter_top_genes(train_split, d.top_k_genes),
-            extra_words=prompt_words(labels, attributes=[attribute_name(c) for c in columns[1:]],
-                                     max_number=max(1024, d.top_k_genes)),
+            extra_words=words,
             min_count=m.min_gene_count,
             model_max_length=m.n_positions,
         )

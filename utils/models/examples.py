@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from utils.cli import InputError
+from utils.models.multi_cell import MULTI_CELL_TASKS
 from utils.models.prompts import OURS, PromptFormat, prompt_format
 
 IGNORE_INDEX = -100
@@ -294,6 +295,8 @@ def tokenize_batch(
             task = rng.choices([n for n, _ in eligible], weights=[w for _, w in eligible])[0]
         else:
             continue
+        if task in MULTI_CELL_TASKS:
+            continue  # this cell's share goes to a group example (utils.models.multi_cell)
         column = needs[task]
         label = columns[column][row] if column is not None else None
         example = make_example(

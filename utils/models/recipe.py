@@ -96,6 +96,9 @@ class Recipe:
         The dataset the model was trained on.
     published
         True when nothing was recorded: the ``c2s_scale`` defaults.
+    multi_cell_column, cells_per_example, group_labels
+        The grouping column of the multi-cell tasks (``train.py --multi_cell_column``; None
+        without them), the cells per group and the group labels trained on, sorted.
     """
 
     prompt_format: str = "c2s_scale"
@@ -110,6 +113,9 @@ class Recipe:
     data_dir: str | None = None
     published: bool = False
     version: int = RECIPE_VERSION
+    multi_cell_column: str | None = None
+    cells_per_example: int | None = None
+    group_labels: list[str] = field(default_factory=list)
 
     # ------------------------------------------------------------------ making and reading
 
@@ -184,7 +190,11 @@ class Recipe:
         return cls.for_published_model()
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        values = asdict(self)
+        if self.multi_cell_column is None:  # a run without multi-cell tasks records what it did before
+            for key in ("multi_cell_column", "cells_per_example", "group_labels"):
+                values.pop(key)
+        return values
 
     def write(self, folder: str | Path) -> Path:
         """Write ``recipe.json`` into ``folder`` (a staging folder: publishing is the caller's)."""

@@ -10,8 +10,10 @@ may replace or remove those files, never anything else of the user's.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import re
 import shutil
 from datetime import UTC, datetime
@@ -324,3 +326,18 @@ def publish_run(trainer: Any, tokenizer: Any, run_dir: Path, record: dict[str, A
         if hub is not None:
             push_run(run_dir, hub)
     trainer.accelerator.wait_for_everyone()
+
+
+def final_eval_metrics(trainer: Any) -> dict[str, Any]:
+    """The evaluation at the last step (the Trainer's own when it evaluated there), with the
+    perplexity."""
+    last_eval = [h for h in trainer.state.log_history if "eval_loss" in h]
+    if last_eval and last_eval[-1].get("step") == trainer.state.global_step:
+        eval_metrics = dict(last_eval[-1])  # evaluated at the last step already
+        eval_metrics.pop("step", None)
+        eval_metrics.pop("epoch", None)
+    else:
+        eval_metrics = trainer.evaluate()
+    with contextlib.suppress(OverflowError):
+        eval_metrics["eval_perplexity"] = math.exp(eval_metrics["eval_loss"])
+    return eval_metrics

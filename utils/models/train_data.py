@@ -130,6 +130,10 @@ def resolve_tasks(data_args: Any, columns: Sequence[str]) -> dict[str, float]:
     label = data_args.label_column or "cell_type"
     has_types = label in columns
     extra = list(prediction_tasks(label_columns_of(data_args)))  # further columns' prediction
+    if getattr(data_args, "multi_cell_column", None):
+        from utils.models.multi_cell import MULTI_CELL_TASKS
+
+        extra += list(MULTI_CELL_TASKS)
     fmt = prompt_format(data_args.prompt_format)  # a format may lack some tasks' prompts
     if data_args.tasks is None:
         if has_types:
@@ -172,7 +176,7 @@ def tokenize_split(
     from utils.models.prompts import prompt_format
 
     d = args.data
-    return split.map(
+    examples = split.map(
         tokenize_batch,
         batched=True,
         with_indices=True,
@@ -192,6 +196,22 @@ def tokenize_split(
             "label_columns": prediction_tasks(label_columns_of(d)),
         },
     )
+    column = getattr(d, "multi_cell_column", None)
+    if not column:
+        return examples
+    from datasets import Dataset, concatenate_datasets
+
+    from utils.models.multi_cell import multi_cell_examples
+
+    groups = multi_cell_examples(split, name, tokenizer=tokenizer, tasks=tasks, column=column,
+                                 cells_per_example=d.cells_per_example, top_k=d.top_k_genes,
+                                 max_length=max_length, seed=args.training.seed,
+                                 fmt=prompt_format(d.prompt_format, organism=d.organism))
+    if not groups["task"]:
+        return examples
+    if len(examples) == 0:  # every cell's share went to groups
+        return Dataset.from_dict(groups)
+    return concatenate_datasets([examples, Dataset.from_dict(groups, features=examples.features)])
 
 
 def describe_examples(examples: Any) -> dict[str, Any]:
@@ -233,7 +253,7 @@ def build_examples(
             f"No training example could be built: no cell of {d.data_dir} has a "
             f"{' or '.join(map(repr, label_columns_of(d)))} label; add unconditional_generation to --tasks."
         )
-    if stats["n_examples"] < len(train_split):
+    if stats["n_examples"] < len(train_split) and not getattr(d, "multi_cell_column", None):
         logger.warning(
             "%s training cells without a label were left out (their tasks need one).",
             f"{len(train_split) - stats['n_examples']:,}",
@@ -250,3 +270,19 @@ def build_examples(
     if eval_examples is not None:
         eval_examples = eval_examples.remove_columns("task")
     return train_examples, eval_examples, stats
+
+
+def add_label_columns(recipe: Any, train_split: Any, columns: Sequence[str], tasks: dict[str, Any], *,
+                      path: str) -> None:
+    """Record in ``recipe`` the label set of each further label column whose prediction task
+    the run trains (``--label_columns``; the first column's is recorded already)."""
+    from utils.models.examples import prediction_tasks
+    from utils.transform.labels import refuse_unsafe_labels
+
+    for task, column in prediction_tasks(["", *columns]).items():
+        if task not in tasks:
+            continue
+        labels = label_set(train_split, column)
+        refuse_unsafe_labels(labels, column=column, path=path)
+        recipe.label_columns[column] = sorted(labels)
+        logger.info("Label column %s: %s labels (task %s=%.2f).", column, f"{len(labels):,}", task, tasks[task])
