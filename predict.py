@@ -35,17 +35,7 @@ from typing import Any
 
 import pandas as pd
 
-from utils.cli import (
-    InputError,
-    add_model_arguments,
-    add_run_flags,
-    renamed_flags,
-    run_cli,
-    save_args,
-    script_parser,
-    seed_everything,
-    strict_json,
-)
+from utils import cli, publish
 from utils.contract import PREDICT, PREDICT_GROUPS
 from utils.models.annotation import (
     annotate,
@@ -56,7 +46,6 @@ from utils.models.annotation import (
     train_labels_of,
 )
 from utils.models.distributed import Processes
-from utils.publish import claim_output_dir, releasing_outputs, settle_inputs, staged_outputs
 
 logger = logging.getLogger("cell2sentence")
 
@@ -64,8 +53,8 @@ SPLITS = ("train", "valid", "test")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = script_parser(__doc__)
-    add_model_arguments(p)
+    p = cli.script_parser(__doc__)
+    cli.add_model_arguments(p)
     p.add_argument("--h5ad", type=Path, default=None,
                    help="cells to annotate: an .h5ad (or 10x .h5, 10x folder, .loom, .csv) in any layout "
                         "transform.py reads; every cell is predicted")
@@ -78,8 +67,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--label_columns", type=str, default=None,
                    help="comma-separated columns to predict, of a model trained on several (train.py "
                         "--label_columns; default: every column it was trained to predict)")
-    add_run_flags(p, output_dir=None, output_dir_help="default: predictions/<model name>[_<h5ad name>] next to the input",
-                  seed_help="seed of the --max_cells subset")
+    cli.add_run_flags(p, output_dir=None, output_dir_help="default: predictions/<model name>[_<h5ad name>] next to the input",
+                      seed_help="seed of the --max_cells subset")
     p.add_argument("--batch_size", type=int, default=16, help="cells per forward pass")
     p.add_argument("--max_cells", type=int, default=None, help="predict a seeded random subset of this many cells")
     p.add_argument("--top_k_genes", type=int, default=None,
@@ -90,30 +79,30 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "seeded, within the cells given -> group_predictions.csv")
     p.add_argument("--free_text", action="store_true",
                    help="greedy free-text answers instead of the model's label set (no scores)")
-    args = p.parse_args(renamed_flags(argv))
+    args = p.parse_args(cli.renamed_flags(argv))
     check_args(args)
     return args
 
 
 def check_args(args: argparse.Namespace) -> None:
     if args.model_dir is None:
-        raise InputError("Pass --model_dir: a train.py run folder, a published C2S model's folder, or its hub name.")
+        raise cli.InputError("Pass --model_dir: a train.py run folder, a published C2S model's folder, or its hub name.")
     if (args.h5ad is None) == (args.data_dir is None):
-        raise InputError("Pass the cells to annotate: --h5ad my_cells.h5ad, or --data_dir with transform.py's "
-                         "cell_sentences_hf/ folder (not both).")
+        raise cli.InputError("Pass the cells to annotate: --h5ad my_cells.h5ad, or --data_dir with transform.py's "
+                             "cell_sentences_hf/ folder (not both).")
     if args.data_dir is not None and args.split not in (*SPLITS, "all"):
-        raise InputError(f"--split {args.split!r}: choose train, valid, test or all.")
+        raise cli.InputError(f"--split {args.split!r}: choose train, valid, test or all.")
     if args.batch_size < 1:
-        raise InputError("--batch_size must be at least 1.")
+        raise cli.InputError("--batch_size must be at least 1.")
     if args.label_columns is not None:
         if args.label_column is not None:
-            raise InputError("Pass --label_column (one column) or --label_columns (several), not both.")
+            raise cli.InputError("Pass --label_column (one column) or --label_columns (several), not both.")
         names = [c.strip() for c in args.label_columns.split(",") if c.strip()]
         if not names or len(set(names)) != len(names):
-            raise InputError(f"--label_columns {args.label_columns!r}: name each column once, e.g. cell_type,tissue.")
+            raise cli.InputError(f"--label_columns {args.label_columns!r}: name each column once, e.g. cell_type,tissue.")
     for flag in ("top_k_genes", "max_cells"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise InputError(f"--{flag} must be at least 1 (or left out).")
+            raise cli.InputError(f"--{flag} must be at least 1 (or left out).")
     if args.output_dir is None:
         model_name = Path(str(args.model_dir)).name or "model"
         if args.h5ad is not None:
@@ -125,7 +114,7 @@ def check_args(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------- main
 
 
-@releasing_outputs
+@publish.releasing_outputs
 def main(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
@@ -134,12 +123,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     from utils.models.cell_inputs import qc_kept
 
     procs = Processes.start()
-    seed_everything(args.seed)
-    settle_inputs(*[p for p in (args.data_dir, args.data_dir.parent if args.data_dir else None) if p])
+    cli.seed_everything(args.seed)
+    publish.settle_inputs(*[p for p in (args.data_dir, args.data_dir.parent if args.data_dir else None) if p])
     if args.multi_cell_column is not None:
         return predict_groups(args)
     if procs.main:
-        claim_output_dir(args.output_dir, list(PREDICT), overwrite=args.overwrite)
+        publish.claim_output_dir(args.output_dir, list(PREDICT), overwrite=args.overwrite)
     model = load_from_args(args, device=procs.device(args.device))
     columns = predicted_columns(args, model)
     if len(columns) > 1:
@@ -151,7 +140,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.h5ad is not None:
         adata = read_cells(args.h5ad)
         if adata.n_obs == 0:
-            raise InputError(f"{args.h5ad} holds no cells.")
+            raise cli.InputError(f"{args.h5ad} holds no cells.")
         rows = sample_rows(adata.n_obs, args.max_cells, args.seed)
         cells = adata if len(rows) == adata.n_obs else adata[rows].copy()
         names = adata.obs_names[rows].astype(str).tolist()
@@ -161,7 +150,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     else:
         table, train_labels = split_table(args.data_dir, args.split), train_labels_of(args.data_dir, column)
         if table.empty:
-            raise InputError(f"The {args.split} split of {args.data_dir} holds no cells.")
+            raise cli.InputError(f"The {args.split} split of {args.data_dir} holds no cells.")
         rows = sample_rows(len(table), args.max_cells, args.seed)
         cells, names = table["cell_sentence"].to_numpy()[rows].tolist(), table["cell_name"].to_numpy()[rows].tolist()
         if column in table:
@@ -196,14 +185,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if qc_pass is not None and not qc_pass.all():
         logger.warning("%s of %s cells would have been dropped by the training transform's QC; they are predicted "
                        "all the same and flagged (qc_pass False).", f"{int((~qc_pass).sum()):,}", f"{len(qc_pass):,}")
-    with staged_outputs(args.output_dir, list(PREDICT), overwrite=args.overwrite) as tmp:
+    with publish.staged_outputs(args.output_dir, list(PREDICT), overwrite=args.overwrite) as tmp:
         predictions.to_csv(tmp / PREDICT.predictions, index=False)
         if adata is not None:
             annotate(adata, rows, column, result, label_set, qc_pass).write_h5ad(tmp / PREDICT.annotated)
         if figure is not None:
             figure.savefig(tmp / PREDICT.confusion, dpi=150, bbox_inches="tight")
-        (tmp / PREDICT.metrics).write_text(strict_json(metrics, indent=2, default=str) + "\n")
-        save_args({**vars(args), "recipe": {"prompt_format": model.prompt_format.name,
+        (tmp / PREDICT.metrics).write_text(cli.strict_json(metrics, indent=2, default=str) + "\n")
+        cli.save_args({**vars(args), "recipe": {"prompt_format": model.prompt_format.name,
                                             "top_k_genes": model.top_k_genes,
                                             "exclude_genes": recipe.transform.get("exclude_genes"),
                                             "label_column": column, "labels": label_set,
@@ -226,15 +215,15 @@ def predicted_columns(args: argparse.Namespace, model: Any) -> list[str]:
         columns, flag = recipe.prediction_columns() or [recipe.label_column or "cell_type"], None
     unknown = [c for c in columns if recipe.label_columns and c not in recipe.label_columns]
     if flag and unknown:
-        raise InputError(f"{flag} {unknown[0]!r}: {args.model_dir} was trained to predict "
-                         f"{', '.join(recipe.label_columns)}; leave the flag out or name one of them.")
+        raise cli.InputError(f"{flag} {unknown[0]!r}: {args.model_dir} was trained to predict "
+                             f"{', '.join(recipe.label_columns)}; leave the flag out or name one of them.")
     if recipe.has_task("cell_type_prediction") is False and not any(recipe.attribute(c) for c in columns):
-        raise InputError(f"{args.model_dir} was not trained to predict labels (its tasks: "
-                         f"{', '.join(recipe.tasks)}); train it with the cell_type_prediction task.")
+        raise cli.InputError(f"{args.model_dir} was not trained to predict labels (its tasks: "
+                             f"{', '.join(recipe.tasks)}); train it with the cell_type_prediction task.")
     unpredicted = [c for c in columns if recipe.tasks and recipe.label_columns and c not in recipe.prediction_columns()]
     if unpredicted:
-        raise InputError(f"{args.model_dir} was not trained to predict {unpredicted[0]!r} (its tasks: "
-                         f"{', '.join(recipe.tasks)}); leave it out of {flag or '--label_columns'}.")
+        raise cli.InputError(f"{args.model_dir} was not trained to predict {unpredicted[0]!r} (its tasks: "
+                             f"{', '.join(recipe.tasks)}); leave it out of {flag or '--label_columns'}.")
     return columns
 
 
@@ -253,7 +242,7 @@ def predict_columns(args: argparse.Namespace, model: Any, procs: Any, columns: l
     if args.h5ad is not None:
         adata = read_cells(args.h5ad)
         if adata.n_obs == 0:
-            raise InputError(f"{args.h5ad} holds no cells.")
+            raise cli.InputError(f"{args.h5ad} holds no cells.")
         rows = sample_rows(adata.n_obs, args.max_cells, args.seed)
         cells = adata if len(rows) == adata.n_obs else adata[rows].copy()
         names = adata.obs_names[rows].astype(str).tolist()
@@ -263,7 +252,7 @@ def predict_columns(args: argparse.Namespace, model: Any, procs: Any, columns: l
         table = split_table(args.data_dir, args.split)
         train_labels = [train_labels_of(args.data_dir, c) for c in columns]
         if table.empty:
-            raise InputError(f"The {args.split} split of {args.data_dir} holds no cells.")
+            raise cli.InputError(f"The {args.split} split of {args.data_dir} holds no cells.")
         rows = sample_rows(len(table), args.max_cells, args.seed)
         cells, names = table["cell_sentence"].to_numpy()[rows].tolist(), table["cell_name"].to_numpy()[rows].tolist()
         truths = [table[c].to_numpy()[rows] if c in table else None for c in columns]
@@ -302,14 +291,14 @@ def predict_columns(args: argparse.Namespace, model: Any, procs: Any, columns: l
                        "all the same and flagged (qc_pass False).", f"{int((~qc_pass).sum()):,}", f"{len(qc_pass):,}")
     recipe = model.recipe
     outputs = [*PREDICT, *(per_column(PREDICT.confusion, c) for c in columns)]
-    with staged_outputs(args.output_dir, outputs, overwrite=args.overwrite) as tmp:
+    with publish.staged_outputs(args.output_dir, outputs, overwrite=args.overwrite) as tmp:
         predictions.to_csv(tmp / PREDICT.predictions, index=False)
         if adata is not None:
             annotate_all(adata, rows, columns, results, label_sets, qc_pass).write_h5ad(tmp / PREDICT.annotated)
         for name, figure in figures.items():
             figure.savefig(tmp / name, dpi=150, bbox_inches="tight")
-        (tmp / PREDICT.metrics).write_text(strict_json(metrics, indent=2, default=str) + "\n")
-        save_args({**vars(args), "recipe": {"prompt_format": model.prompt_format.name,
+        (tmp / PREDICT.metrics).write_text(cli.strict_json(metrics, indent=2, default=str) + "\n")
+        cli.save_args({**vars(args), "recipe": {"prompt_format": model.prompt_format.name,
                                             "top_k_genes": model.top_k_genes,
                                             "exclude_genes": recipe.transform.get("exclude_genes"),
                                             "label_columns": dict(zip(columns, label_sets, strict=True)),
@@ -320,7 +309,7 @@ def predict_columns(args: argparse.Namespace, model: Any, procs: Any, columns: l
 
 
 if __name__ == "__main__":
-    run_cli(main, parse_args)
+    cli.run_cli(main, parse_args)
 
 
 def predict_groups(args: argparse.Namespace) -> dict[str, Any]:
@@ -333,12 +322,12 @@ def predict_groups(args: argparse.Namespace) -> dict[str, Any]:
     from utils.models.multi_cell import predict_groups as predict_group_labels
 
     column = args.multi_cell_column
-    claim_output_dir(args.output_dir, list(PREDICT_GROUPS), overwrite=args.overwrite)
+    publish.claim_output_dir(args.output_dir, list(PREDICT_GROUPS), overwrite=args.overwrite)
     model = load_from_args(args, device=args.device)
     recipe = model.recipe
     if recipe.multi_cell_column is None or not recipe.group_labels:
-        raise InputError(f"{args.model_dir} was not trained with multi-cell tasks; train it with train.py "
-                         "--multi_cell_column, or drop --multi_cell_column.")
+        raise cli.InputError(f"{args.model_dir} was not trained with multi-cell tasks; train it with train.py "
+                             "--multi_cell_column, or drop --multi_cell_column.")
     if column != recipe.multi_cell_column:
         logger.warning("Grouping by %s although %s was trained on groups of %s; predicting %s labels.", column,
                        args.model_dir, recipe.multi_cell_column, recipe.multi_cell_column)
@@ -346,7 +335,7 @@ def predict_groups(args: argparse.Namespace) -> dict[str, Any]:
     if args.h5ad is not None:
         adata = read_cells(args.h5ad)
         if adata.n_obs == 0:
-            raise InputError(f"{args.h5ad} holds no cells.")
+            raise cli.InputError(f"{args.h5ad} holds no cells.")
         rows = sample_rows(adata.n_obs, args.max_cells, args.seed)
         cells = adata if len(rows) == adata.n_obs else adata[rows].copy()
         names = adata.obs_names[rows].astype(str).tolist()
@@ -354,7 +343,7 @@ def predict_groups(args: argparse.Namespace) -> dict[str, Any]:
     else:
         table = split_table(args.data_dir, args.split)
         if table.empty:
-            raise InputError(f"The {args.split} split of {args.data_dir} holds no cells.")
+            raise cli.InputError(f"The {args.split} split of {args.data_dir} holds no cells.")
         rows = sample_rows(len(table), args.max_cells, args.seed)
         cells, names = table["cell_sentence"].to_numpy()[rows].tolist(), table["cell_name"].to_numpy()[rows].tolist()
         values = table[column].to_numpy()[rows] if column in table else None
@@ -364,7 +353,7 @@ def predict_groups(args: argparse.Namespace) -> dict[str, Any]:
     groups = partition_groups(None if values is None else list(values), len(sentences), cells_per_example=n,
                               seed=args.seed)
     if not groups:
-        raise InputError(f"No cell has a {column!r} value to group by; pass cells with it.")
+        raise cli.InputError(f"No cell has a {column!r} value to group by; pass cells with it.")
     start = time.perf_counter()
     labels = list(recipe.group_labels)
     predicted, probabilities = predict_group_labels(model, [[sentences[i] for i in g] for _, g in groups],
@@ -391,11 +380,11 @@ def predict_groups(args: argparse.Namespace) -> dict[str, Any]:
         logger.info("Group accuracy %.3f on %s groups of %d cells (majority baseline %.3f).",
                     metrics["group_prediction"]["accuracy"], f"{len(table):,}", n,
                     metrics["group_prediction"]["majority_baseline"])
-    with staged_outputs(args.output_dir, list(PREDICT_GROUPS), overwrite=args.overwrite) as tmp:
+    with publish.staged_outputs(args.output_dir, list(PREDICT_GROUPS), overwrite=args.overwrite) as tmp:
         table.to_csv(tmp / PREDICT_GROUPS.groups, index=False)
         members.to_csv(tmp / PREDICT_GROUPS.members, index=False)
-        (tmp / PREDICT_GROUPS.metrics).write_text(strict_json(metrics, indent=2, default=str) + "\n")
-        save_args({**vars(args), "recipe": {"prompt_format": model.prompt_format.name,
+        (tmp / PREDICT_GROUPS.metrics).write_text(cli.strict_json(metrics, indent=2, default=str) + "\n")
+        cli.save_args({**vars(args), "recipe": {"prompt_format": model.prompt_format.name,
                                             "top_k_genes": model.top_k_genes,
                                             "multi_cell_column": recipe.multi_cell_column,
                                             "cells_per_example": n, "labels": labels}}, tmp / PREDICT_GROUPS.args)

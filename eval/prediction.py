@@ -37,14 +37,7 @@ if __package__ in (None, ""):  # run as `python eval/prediction.py`: the reposit
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from utils.cli import (  # noqa: E402
-    InputError,
-    add_run_flags,
-    renamed_flags,
-    run_cli,
-    script_parser,
-    seed_everything,
-)
+from utils import cli, publish  # noqa: E402
 from utils.contract import (  # noqa: E402
     EVAL_PREDICTION,
     label_column_of,
@@ -55,7 +48,6 @@ from utils.contract import (  # noqa: E402
 from utils.evaluation.figures import plot_confusion_matrix
 from utils.evaluation.metrics import classification_summary, embed_pca, knn_accuracy
 from utils.models.model_card import add_evaluation_to_card, recorded_model_dir  # noqa: E402
-from utils.publish import check_can_write, settle_inputs  # noqa: E402
 
 logger = logging.getLogger("cell2sentence")
 
@@ -63,7 +55,7 @@ SCORES = ("accuracy", "balanced_accuracy", "macro_f1")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = script_parser(__doc__)
+    p = cli.script_parser(__doc__)
     p.add_argument("--predictions", type=Path, default=None,
                    help="predictions.csv of predict.py (cell_name, predicted_<column>, <column>), or with "
                         "columns cell_name,true,predicted (required)")
@@ -78,13 +70,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "predicted, each is scored)")
     p.add_argument("--k_neighbors", type=int, default=5, help="k of the expression baseline's k-NN")
     p.add_argument("--n_components", type=int, default=50, help="principal components of the baseline")
-    add_run_flags(p, output_dir=Path("data/eval/prediction"), output_dir_help="where outputs go",
-                  seed_help="seed of the PCA")
-    args = p.parse_args(renamed_flags(argv))
+    cli.add_run_flags(p, output_dir=Path("data/eval/prediction"), output_dir_help="where outputs go",
+                      seed_help="seed of the PCA")
+    args = p.parse_args(cli.renamed_flags(argv))
     if args.predictions is None:
-        raise InputError("Pass --predictions, a predictions.csv written by predict.py.")
+        raise cli.InputError("Pass --predictions, a predictions.csv written by predict.py.")
     if args.k_neighbors < 1 or args.n_components < 1:
-        raise InputError("--k_neighbors and --n_components must be at least 1.")
+        raise cli.InputError("--k_neighbors and --n_components must be at least 1.")
     if args.transform_dir is None:
         args.transform_dir = args.data_dir.parent if args.data_dir is not None else Path("data")
     return args
@@ -94,17 +86,17 @@ def read_predictions(path: Path, column: str | None = None) -> pd.DataFrame:
     """cell_name, true, predicted of a predictions.csv: predict.py's ``predicted_<column>`` and
     ``<column>`` (``column``: which, when several were predicted), or columns true,predicted."""
     if not path.is_file():
-        raise InputError(f"{path} does not exist; pass the predictions.csv of a predict.py run.")
+        raise cli.InputError(f"{path} does not exist; pass the predictions.csv of a predict.py run.")
     # Labels are text: "NA" or "None" are cell types here, not missing values.
     table = pd.read_csv(path, dtype=str, keep_default_na=False)
     predicted = [c.removeprefix("predicted_") for c in table.columns if c.startswith("predicted_")]
     if not {"true", "predicted"} <= set(table.columns) and predicted:
         if column is None and len(predicted) > 1:
-            raise InputError(f"{path} holds predictions of {', '.join(predicted)}; choose one with --label_column.")
+            raise cli.InputError(f"{path} holds predictions of {', '.join(predicted)}; choose one with --label_column.")
         column = column or predicted[0]
         if f"predicted_{column}" not in table or column not in table:
-            raise InputError(f"{path} has no columns predicted_{column} and {column} (the truth; predict.py "
-                             f"writes it for labelled cells only); it has {list(table.columns)}.")
+            raise cli.InputError(f"{path} has no columns predicted_{column} and {column} (the truth; predict.py "
+                                 f"writes it for labelled cells only); it has {list(table.columns)}.")
         table = table.rename(columns={f"predicted_{column}": "predicted", column: "true"})
         unknown = table["true"].str.strip() == ""  # a cell of the user's without a label: nothing to score
         if unknown.any():
@@ -113,10 +105,10 @@ def read_predictions(path: Path, column: str | None = None) -> pd.DataFrame:
             table = table[~unknown].reset_index(drop=True)
     missing = {"true", "predicted"} - set(table.columns)
     if missing:
-        raise InputError(f"{path} has no column {', '.join(sorted(missing))} (it has {list(table.columns)}); "
-                         "it must have predict.py's predicted_<column> and <column>, or true,predicted.")
+        raise cli.InputError(f"{path} has no column {', '.join(sorted(missing))} (it has {list(table.columns)}); "
+                             "it must have predict.py's predicted_<column> and <column>, or true,predicted.")
     if table.empty:
-        raise InputError(f"{path} holds no predictions.")
+        raise cli.InputError(f"{path} holds no predictions.")
     return table
 
 
@@ -174,12 +166,12 @@ def expression_baseline(table: pd.DataFrame, args: argparse.Namespace, column: s
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    seed_everything(args.seed)
-    settle_inputs(args.predictions, args.transform_dir, *[d for d in [args.data_dir] if d is not None])  # publishes cut short there: finished first
+    cli.seed_everything(args.seed)
+    publish.settle_inputs(args.predictions, args.transform_dir, *[d for d in [args.data_dir] if d is not None])  # publishes cut short there: finished first
     columns = predicted_columns(args.predictions) if args.label_column is None else []
     if len(columns) > 1:
         return main_per_column(args, columns)
-    check_can_write(args.output_dir, list(EVAL_PREDICTION), overwrite=args.overwrite)
+    publish.check_can_write(args.output_dir, list(EVAL_PREDICTION), overwrite=args.overwrite)
     table = read_predictions(args.predictions, args.label_column)
     metrics, per_class, figure = evaluate(table, args, *expression_baseline(table, args))
     write_evaluation(args.output_dir, list(EVAL_PREDICTION), metrics=metrics, figures={EVAL_PREDICTION.confusion: figure},
@@ -198,7 +190,7 @@ def main_per_column(args: argparse.Namespace, columns: list[str]) -> dict[str, A
                                           for name in (EVAL_PREDICTION.per_class, EVAL_PREDICTION.confusion)),
                *EVAL_PREDICTION]  # the one-column outputs too: a rerun removes them
     outputs = list(dict.fromkeys(outputs))
-    check_can_write(args.output_dir, outputs, overwrite=args.overwrite)
+    publish.check_can_write(args.output_dir, outputs, overwrite=args.overwrite)
     adata = read_preprocessed(args.transform_dir)
     metrics: dict[str, Any] = {}
     figures: dict[str, Any] = {}
@@ -259,4 +251,4 @@ def evaluate(table: pd.DataFrame, args: argparse.Namespace, pca_knn: dict[str, A
 
 
 if __name__ == "__main__":
-    run_cli(main, parse_args)
+    cli.run_cli(main, parse_args)
