@@ -308,10 +308,6 @@ def predict_columns(args: argparse.Namespace, model: Any, procs: Any, columns: l
     return metrics
 
 
-if __name__ == "__main__":
-    cli.run_cli(main, parse_args)
-
-
 def predict_groups(args: argparse.Namespace) -> dict[str, Any]:
     """``--multi_cell_column``: the cells grouped by the column (seeded, within the cells given;
     without the column, consecutive cells), one constrained label per group ->
@@ -390,3 +386,7 @@ def predict_groups(args: argparse.Namespace) -> dict[str, Any]:
                                             "cells_per_example": n, "labels": labels}}, tmp / PREDICT_GROUPS.args)
     logger.info("Wrote %s.", args.output_dir)
     return metrics
+
+
+if __name__ == "__main__":
+    cli.run_cli(main, parse_args)

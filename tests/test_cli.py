@@ -80,3 +80,14 @@ def test_transform_without_flags_reads_the_example_that_retrieve_wrote(tmp_path,
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / ".example_path").write_text(f"{tmp_path}/data/pbmc68k_reduced.h5ad\n")
     assert transform.parse_args([]).data_filepath == tmp_path / "data" / "pbmc68k_reduced.h5ad"
+
+
+@pytest.mark.parametrize("script", sorted(p.relative_to(ROOT).as_posix() for p in [*ROOT.glob("*.py"), *(ROOT / "eval").glob("*.py")]))
+def test_a_script_defines_everything_before_it_runs(script):
+    """``python script.py`` runs the ``__main__`` block where it stands: a function defined after it
+    is missing then (tests calling main() would not notice)."""
+    import ast
+
+    body = ast.parse((ROOT / script).read_text()).body
+    guards = [i for i, node in enumerate(body) if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test)]
+    assert not guards or guards[-1] == len(body) - 1, f"{script}: code after its __main__ block"

@@ -210,3 +210,15 @@ def test_bad_flags(model_dir: Path, data_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(InputError, match="--overwrite"):
         generate.main(generate.parse_args([
             "--model_dir", str(model_dir), "--data_dir", str(data_dir), "--output_dir", str(tmp_path / "y")]))
+
+
+def test_the_attention_mask_warning_is_dropped_as_every_batch_passes_its_mask():
+    import logging
+
+    import utils.models.generation  # noqa: F401  (installs the filter)
+
+    source = logging.getLogger("transformers.modeling_utils")
+    def record(text):
+        return logging.LogRecord("transformers.modeling_utils", logging.WARNING, __file__, 1, text, None, None)
+    assert not source.filter(record("We strongly recommend passing in an `attention_mask` since your input_ids may be padded."))
+    assert source.filter(record("Some other warning."))

@@ -9,6 +9,7 @@ batching to keep padding small; answers come back in the original order.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -24,6 +25,18 @@ __all__ = [
     "shorten_to_fit",
 ]
 
+
+
+class _MasksArePassed(logging.Filter):
+    """transformers warns that no attention mask was passed when a forward pass's first or last
+    token is the pad token; every batch here passes its mask (``left_pad``), so the warning,
+    raised from inside ``generate``, says nothing true."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "strongly recommend passing in an `attention_mask`" not in record.getMessage()
+
+
+logging.getLogger("transformers.modeling_utils").addFilter(_MasksArePassed())
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Stack token-id lists into (input_ids, attention_mask), padded on the left.
