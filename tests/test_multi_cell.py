@@ -269,3 +269,19 @@ def test_generate_writes_groups_of_the_requested_labels(pipeline, tmp_path: Path
     with pytest.raises(InputError, match="--groups"):
         generate.main(generate.parse_args(["--model_dir", str(pipeline["model"]), "--multi_cell_column", "sample",
                                            "--groups", "s9", "--output_dir", str(tmp_path / "bad")]))
+
+
+def test_a_resume_continues_the_grouping_as_recorded(pipeline, tmp_path: Path) -> None:
+    data = str(pipeline["tx"] / "cell_sentences_hf")
+    first = ["--data_dir", data, "--output_dir", str(tmp_path), "--run_name", "r", "--max_steps", "2", "--save_steps",
+             "2", "--multi_cell_column", "sample", "--cells_per_example", "3", "--tasks",
+             "multi_cell_prediction,cell_type_prediction", *TINY]
+    train.main(train.parse_args(first))
+    resumed = train.main(train.parse_args(["--output_dir", str(tmp_path), "--run_name", "r", "--checkpoint", "latest",
+                                           "--max_steps", "4", *TINY]))
+    recipe = Recipe.read(resumed)
+    assert (recipe.multi_cell_column, recipe.cells_per_example) == ("sample", 3)
+    assert "multi_cell_prediction" in recipe.tasks
+    with pytest.raises(InputError, match="--cells_per_example 4 differs from the 3"):
+        train.main(train.parse_args(["--output_dir", str(tmp_path), "--run_name", "r", "--checkpoint", "latest",
+                                     "--max_steps", "6", "--cells_per_example", "4", *TINY]))

@@ -31,7 +31,8 @@ TRAINING_FLAGS = ("per_device_train_batch_size", "gradient_accumulation_steps", 
                   "lr_scheduler_type")
 MODEL_FLAGS = ("model_name", "init_from_scratch", "n_layer", "n_embd", "n_head", "n_positions",
                "min_gene_count", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
-DATA_FLAGS = ("data_dir", "top_k_genes", "tasks", "task_weights", "label_column", "label_columns",
+DATA_FLAGS = ("data_dir", "top_k_genes", "tasks", "task_weights", "label_column", "label_columns", "multi_cell_column",
+              "cells_per_example",
               "prompt_format", "organism", "max_seq_length", "max_train_samples",
               "max_eval_samples")
 # A record's keys of flags renamed since (e.g. cell_type_column -> label_column)
