@@ -31,8 +31,9 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import pandas as pd
 
 from utils import cli, publish
@@ -114,12 +115,41 @@ def check_args(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------- main
 
 
+class SelectedCells(NamedTuple):
+    cells: Any  # the AnnData (its --max_cells subset) or the split's sentences
+    names: list[str]
+    rows: np.ndarray  # into the AnnData or the split table
+    adata: Any  # the user's whole AnnData (--h5ad), else None
+    truths: list[Any]  # per column asked for, its values for the cells; None where the cells lack it
+
+
+def select_cells(args: argparse.Namespace, columns: Sequence[str]) -> SelectedCells:
+    """The cells to predict (--h5ad, or --split of --data_dir; a seeded --max_cells subset) and
+    the values of ``columns`` they carry."""
+    from utils.contract import sample_rows, split_table
+
+    if args.h5ad is not None:
+        adata = read_cells(args.h5ad)
+        if adata.n_obs == 0:
+            raise cli.InputError(f"{args.h5ad} holds no cells.")
+        rows = sample_rows(adata.n_obs, args.max_cells, args.seed)
+        cells = adata if len(rows) == adata.n_obs else adata[rows].copy()
+        truths = [adata.obs[c].to_numpy()[rows] if c in adata.obs else None for c in columns]
+        return SelectedCells(cells, adata.obs_names[rows].astype(str).tolist(), rows, adata, truths)
+    table = split_table(args.data_dir, args.split)
+    if table.empty:
+        raise cli.InputError(f"The {args.split} split of {args.data_dir} holds no cells.")
+    rows = sample_rows(len(table), args.max_cells, args.seed)
+    truths = [table[c].to_numpy()[rows] if c in table else None for c in columns]
+    return SelectedCells(table["cell_sentence"].to_numpy()[rows].tolist(), table["cell_name"].to_numpy()[rows].tolist(),
+                         rows, None, truths)
+
+
 @publish.releasing_outputs
 def main(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from utils.cli import load_from_args
-    from utils.contract import sample_rows, split_table
     from utils.models.cell_inputs import qc_kept
 
     procs = Processes.start()
@@ -136,25 +166,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     column = columns[0]
     label_set = [] if args.free_text else model.label_set(column)
 
-    adata = qc_pass = truth = train_labels = None
-    if args.h5ad is not None:
-        adata = read_cells(args.h5ad)
-        if adata.n_obs == 0:
-            raise cli.InputError(f"{args.h5ad} holds no cells.")
-        rows = sample_rows(adata.n_obs, args.max_cells, args.seed)
-        cells = adata if len(rows) == adata.n_obs else adata[rows].copy()
-        names = adata.obs_names[rows].astype(str).tolist()
-        qc_pass = qc_kept(adata, model.recipe) if procs.main else None
-        if column in adata.obs:
-            truth = adata.obs[column].to_numpy()[rows]
-    else:
-        table, train_labels = split_table(args.data_dir, args.split), train_labels_of(args.data_dir, column)
-        if table.empty:
-            raise cli.InputError(f"The {args.split} split of {args.data_dir} holds no cells.")
-        rows = sample_rows(len(table), args.max_cells, args.seed)
-        cells, names = table["cell_sentence"].to_numpy()[rows].tolist(), table["cell_name"].to_numpy()[rows].tolist()
-        if column in table:
-            truth = table[column].to_numpy()[rows]
+    cells, names, rows, adata, (truth,) = select_cells(args, [column])
+    qc_pass = qc_kept(adata, model.recipe) if adata is not None and procs.main else None
+    train_labels = train_labels_of(args.data_dir, column) if adata is None else None
     logger.info("Predicting %s for %s cells with %s (%s prompts, top %d genes, %s) on %s%s.", column,
                 f"{len(rows):,}", args.model_dir, model.prompt_format.name, model.top_k_genes,
                 f"{len(label_set):,} labels" if label_set else "free text", model.device, procs.describe())
@@ -232,30 +246,13 @@ def predict_columns(args: argparse.Namespace, model: Any, procs: Any, columns: l
     predictions.csv and annotated.h5ad with every column, metrics per column."""
     from tqdm.auto import tqdm
 
-    from utils.contract import per_column, sample_rows, split_table
+    from utils.contract import per_column
     from utils.models.cell_inputs import qc_kept
 
     label_sets = [[] if args.free_text else model.label_set(c) for c in columns]
-    adata = qc_pass = None
-    truths: list[Any] = [None] * len(columns)
-    train_labels: list[Any] = [None] * len(columns)
-    if args.h5ad is not None:
-        adata = read_cells(args.h5ad)
-        if adata.n_obs == 0:
-            raise cli.InputError(f"{args.h5ad} holds no cells.")
-        rows = sample_rows(adata.n_obs, args.max_cells, args.seed)
-        cells = adata if len(rows) == adata.n_obs else adata[rows].copy()
-        names = adata.obs_names[rows].astype(str).tolist()
-        qc_pass = qc_kept(adata, model.recipe) if procs.main else None
-        truths = [adata.obs[c].to_numpy()[rows] if c in adata.obs else None for c in columns]
-    else:
-        table = split_table(args.data_dir, args.split)
-        train_labels = [train_labels_of(args.data_dir, c) for c in columns]
-        if table.empty:
-            raise cli.InputError(f"The {args.split} split of {args.data_dir} holds no cells.")
-        rows = sample_rows(len(table), args.max_cells, args.seed)
-        cells, names = table["cell_sentence"].to_numpy()[rows].tolist(), table["cell_name"].to_numpy()[rows].tolist()
-        truths = [table[c].to_numpy()[rows] if c in table else None for c in columns]
+    cells, names, rows, adata, truths = select_cells(args, columns)
+    qc_pass = qc_kept(adata, model.recipe) if adata is not None and procs.main else None
+    train_labels = [train_labels_of(args.data_dir, c) if adata is None else None for c in columns]
     logger.info("Predicting %s for %s cells with %s (%s prompts, top %d genes) on %s%s.", ", ".join(columns),
                 f"{len(rows):,}", args.model_dir, model.prompt_format.name, model.top_k_genes, model.device,
                 procs.describe())
@@ -313,7 +310,7 @@ def predict_groups(args: argparse.Namespace) -> dict[str, Any]:
     without the column, consecutive cells), one constrained label per group ->
     group_predictions.csv, group_members.csv, metrics.json (group accuracy vs the majority)."""
     from utils.cli import load_from_args
-    from utils.contract import sample_rows, split_table
+    from utils.evaluation.metrics import classification_summary
     from utils.models.multi_cell import partition_groups
     from utils.models.multi_cell import predict_groups as predict_group_labels
 
@@ -328,21 +325,7 @@ def predict_groups(args: argparse.Namespace) -> dict[str, Any]:
         logger.warning("Grouping by %s although %s was trained on groups of %s; predicting %s labels.", column,
                        args.model_dir, recipe.multi_cell_column, recipe.multi_cell_column)
     n = int(recipe.cells_per_example or 4)
-    if args.h5ad is not None:
-        adata = read_cells(args.h5ad)
-        if adata.n_obs == 0:
-            raise cli.InputError(f"{args.h5ad} holds no cells.")
-        rows = sample_rows(adata.n_obs, args.max_cells, args.seed)
-        cells = adata if len(rows) == adata.n_obs else adata[rows].copy()
-        names = adata.obs_names[rows].astype(str).tolist()
-        values = adata.obs[column].to_numpy()[rows] if column in adata.obs else None
-    else:
-        table = split_table(args.data_dir, args.split)
-        if table.empty:
-            raise cli.InputError(f"The {args.split} split of {args.data_dir} holds no cells.")
-        rows = sample_rows(len(table), args.max_cells, args.seed)
-        cells, names = table["cell_sentence"].to_numpy()[rows].tolist(), table["cell_name"].to_numpy()[rows].tolist()
-        values = table[column].to_numpy()[rows] if column in table else None
+    cells, names, rows, _, (values,) = select_cells(args, [column])
     if values is None:
         logger.warning("The cells have no %r column: groups of %d consecutive cells.", column, n)
     sentences = model.cell_sentences(cells)
@@ -368,11 +351,11 @@ def predict_groups(args: argparse.Namespace) -> dict[str, Any]:
                                "cells_per_example": n, "n_groups": len(groups), "n_cells": len(rows),
                                "n_labels": len(labels), "seconds": seconds}
     if values is not None:
-        truth = table[column].astype(str)
-        counts = truth.value_counts()
-        metrics["group_prediction"] = {
-            "n_groups": len(table), "accuracy": float((table[f"predicted_{column}"] == truth).mean()),
-            "majority_baseline": float(counts.iloc[0] / len(table)), "majority_label": str(counts.index[0])}
+        summary = classification_summary(table[column].astype(str).tolist(),
+                                         table[f"predicted_{column}"].astype(str).tolist())
+        metrics["group_prediction"] = {"n_groups": len(table), "accuracy": summary["accuracy"],
+                                       "majority_baseline": summary["majority_baseline"],
+                                       "majority_label": summary["majority_label"]}
         logger.info("Group accuracy %.3f on %s groups of %d cells (majority baseline %.3f).",
                     metrics["group_prediction"]["accuracy"], f"{len(table):,}", n,
                     metrics["group_prediction"]["majority_baseline"])
