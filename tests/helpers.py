@@ -44,6 +44,21 @@ def synthetic_counts(
     )
 
 
+
+def with_attribute(column: str, labels: tuple[str, ...], n_cells: int, *, seed: int = 0) -> ad.AnnData:
+    """``synthetic_counts`` (3 cell types with markers) plus an obs ``column`` of ``labels``, drawn
+    independently of the type, each with 8 marker genes of its own (clear of the rare genes)."""
+    adata = synthetic_counts(n_cells, 400, seed=seed)
+    rng = np.random.default_rng(seed + 100)
+    drawn = rng.integers(0, len(labels), adata.n_obs)
+    counts = adata.X.toarray()
+    for k in range(len(labels)):
+        genes = np.arange(300 + 8 * k, 308 + 8 * k)
+        counts[np.ix_(drawn == k, genes)] += rng.poisson(8.0, ((drawn == k).sum(), len(genes)))
+    adata.X = type(adata.X)(counts)
+    adata.obs[column] = pd.Categorical([labels[k] for k in drawn])
+    return adata
+
 def write_h5ad(adata: ad.AnnData, path: Path) -> Path:
     adata.write_h5ad(path)
     return path

@@ -11,12 +11,10 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
-import anndata as ad
-import numpy as np
 import pandas as pd
 import pytest
 from datasets import Dataset
-from helpers import synthetic_counts
+from helpers import with_attribute
 
 import train
 import transform
@@ -52,20 +50,6 @@ class Tok:
 
     def __call__(self, text, add_special_tokens=True):
         return {"input_ids": [hash(w) % 1000 + 2 for w in text.split()]}
-
-
-def sample_counts(n_cells: int = 360, seed: int = 0) -> ad.AnnData:
-    """``synthetic_counts`` plus a sample, drawn independently of the type, with markers of its own."""
-    adata = synthetic_counts(n_cells, 400, seed=seed)
-    rng = np.random.default_rng(seed + 100)
-    sample = rng.integers(0, len(SAMPLES), adata.n_obs)
-    counts = adata.X.toarray()
-    for s in range(len(SAMPLES)):
-        genes = np.arange(300 + 8 * s, 308 + 8 * s)
-        counts[np.ix_(sample == s, genes)] += rng.poisson(8.0, ((sample == s).sum(), len(genes)))
-    adata.X = type(adata.X)(counts)
-    adata.obs["sample"] = pd.Categorical([SAMPLES[s] for s in sample])
-    return adata
 
 
 # --------------------------------------------------------------------------- units
@@ -194,7 +178,7 @@ def test_without_the_flags_examples_and_tokenizer_words_are_unchanged(tmp_path: 
 def pipeline(one_thread, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("multicell")
     cells = root / "cells.h5ad"
-    sample_counts().write_h5ad(cells)
+    with_attribute("sample", SAMPLES, 360).write_h5ad(cells)
     transform.main(transform.parse_args(["--data_filepath", str(cells), "--output_dir", str(root / "tx"),
                                          "--obs_columns", "sample", "--min_genes_per_cell", "20"]))
     model = train.main(train.parse_args(["--data_dir", str(root / "tx" / "cell_sentences_hf"), "--output_dir",

@@ -15,7 +15,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import synthetic_counts
+from helpers import with_attribute
 
 import predict
 import train
@@ -38,26 +38,11 @@ TINY = ["--init_from_scratch", "True", "--n_layer", "2", "--n_embd", "64", "--n_
 TISSUES = ("gut", "liver")
 
 
-def two_column_counts(n_cells: int = 300, seed: int = 0) -> ad.AnnData:
-    """``synthetic_counts`` (3 cell types with markers) plus a tissue, drawn independently of
-    the type, with markers of its own."""
-    adata = synthetic_counts(n_cells, 400, seed=seed)
-    rng = np.random.default_rng(seed + 100)
-    tissue = rng.integers(0, 2, adata.n_obs)
-    counts = adata.X.toarray()
-    for t in range(2):
-        genes = np.arange(300 + 8 * t, 308 + 8 * t)  # clear of synthetic_counts' rare genes
-        counts[np.ix_(tissue == t, genes)] += rng.poisson(8.0, ((tissue == t).sum(), len(genes)))
-    adata.X = type(adata.X)(counts)
-    adata.obs["tissue"] = pd.Categorical([TISSUES[t] for t in tissue])
-    return adata
-
-
 @pytest.fixture(scope="module")
 def pipeline(one_thread, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("multi")
     cells = root / "cells.h5ad"
-    two_column_counts().write_h5ad(cells)
+    with_attribute("tissue", TISSUES, 300).write_h5ad(cells)
     transform.main(transform.parse_args(["--data_filepath", str(cells), "--output_dir", str(root / "tx"),
                                          "--obs_columns", "tissue", "--min_genes_per_cell", "20"]))
     model = train.main(train.parse_args(["--data_dir", str(root / "tx" / "cell_sentences_hf"), "--output_dir",

@@ -194,7 +194,7 @@ def test_two_processes_write_the_files_of_one(pipeline, tmp_path: Path) -> None:
     predict.main(predict.parse_args([*common, "--output_dir", str(tmp_path / "one")]))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29517", str(ROOT / "predict.py"), *common,
+                           "--standalone", str(ROOT / "predict.py"), *common,
                            "--output_dir", str(tmp_path / "two")], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -231,7 +231,7 @@ def test_embed_applies_the_recipe_and_two_processes_embed_alike(pipeline, tmp_pa
     assert np.allclose(a[common].obsm["X_c2s"], b[common].obsm["X_c2s"], atol=1e-5)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29518", str(ROOT / "embed.py"), *base, "--h5ad", str(pipeline["cells"]),
+                           "--standalone", str(ROOT / "embed.py"), *base, "--h5ad", str(pipeline["cells"]),
                            "--output_dir", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     two = ad.read_h5ad(tmp_path / "two" / "embeddings.h5ad")
@@ -248,7 +248,7 @@ def test_two_processes_generate_the_cells_of_one(pipeline, tmp_path: Path) -> No
     generate.main(generate.parse_args([*base, "--output_dir", str(tmp_path / "one")]))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29519", str(ROOT / "generate.py"), *base,
+                           "--standalone", str(ROOT / "generate.py"), *base,
                            "--output_dir", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     one, two = ((tmp_path / d / "generated_cells.txt").read_text().splitlines() for d in ("one", "two"))
