@@ -64,6 +64,7 @@ logger = logging.getLogger("cell2sentence")
 
 UNCONDITIONAL = "unconditional_generation"
 CONDITIONAL = "conditional_generation"
+CONDITIONS = "c2s_conditions"  # the column of the joint label of --conditions in the real cells
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -81,6 +82,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cell_types", type=str, default=None,
                    help="comma-separated cell types to generate (default: those of --split); each must be "
                         "one the model was trained on; the metrics then compare with real cells of these types")
+    p.add_argument("--conditions", type=str, default=None,
+                   help="generate under several conditions, e.g. \"cell_type=B cell,tissue=blood\" (sets separated "
+                        "by ';', each naming the same columns), for a model trained with train.py --label_columns; "
+                        "the metrics compare with real cells matching all the conditions of a set")
     p.add_argument("--unconditional", action="store_true",
                    help="generate cells of no chosen type (the unconditional prompts), for a model trained with "
                         "the unconditional_generation task (train.py's default tasks include it); --n_per_type "
@@ -128,6 +133,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise cli.InputError(f"--tasks {args.tasks!r}: generate.py only generates cells; drop --tasks.")
     if args.cell_types is not None and not [t for t in args.cell_types.split(",") if t.strip()]:
         raise cli.InputError("--cell_types is empty; list cell types separated by commas, e.g. --cell_types \"B cell,NK cell\".")
+    if args.conditions is not None:
+        args.condition_sets = parse_conditions(args.conditions)
+        if args.cell_types is not None or args.unconditional:
+            raise cli.InputError("--conditions replaces --cell_types and --unconditional; pass only --conditions.")
     if args.cell_types is not None and args.unconditional:
         raise cli.InputError("--cell_types and --unconditional contradict each other: pass --cell_types for cells of "
                              "chosen types, or --unconditional for cells of no chosen type.")
@@ -152,6 +161,52 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------- inputs
+
+
+def parse_conditions(text: str) -> list[tuple[tuple[str, str], ...]]:
+    """``"cell_type=B cell,tissue=blood;cell_type=NK cell,tissue=blood"`` -> one tuple of
+    ``(column, value)`` pairs per set; every set names the same columns, each once."""
+    sets = []
+    for part in (p for p in text.split(";") if p.strip()):
+        pairs = [tuple(x.strip() for x in item.split("=", 1)) for item in part.split(",") if item.strip()]
+        if not pairs or any(len(pair) != 2 or not all(pair) for pair in pairs):
+            raise cli.InputError(f"--conditions {text!r}: write column=value pairs separated by commas, e.g. "
+                                 "--conditions \"cell_type=B cell,tissue=blood\" (several sets separated by ';').")
+        columns = [c for c, _ in pairs]
+        if len(set(columns)) != len(columns):
+            raise cli.InputError(f"--conditions {part.strip()!r} names a column twice; name each column once.")
+        if sets and columns != [c for c, _ in sets[0]]:
+            raise cli.InputError("Every set of --conditions must name the same columns in the same order "
+                                 f"({', '.join(c for c, _ in sets[0])}).")
+        sets.append(tuple(pairs))
+    if not sets:
+        raise cli.InputError("--conditions is empty; e.g. --conditions \"cell_type=B cell,tissue=blood\".")
+    return list(dict.fromkeys(sets))
+
+
+def condition_label(conditions: Sequence[tuple[str, Any]]) -> str:
+    """One set of conditions as text, the way --conditions writes it."""
+    return ",".join(f"{c}={v}" for c, v in conditions)
+
+
+def tables_with_conditions(tables: dict[str, Any], columns: Sequence[str]) -> dict[str, Any]:
+    """The tables of cells labelled in every condition column, with a ``conditions`` column
+    holding their ``condition_label`` (the label the metrics compare)."""
+    import pyarrow as pa
+
+    for name, table in tables.items():
+        missing = [c for c in columns if c not in table.column_names]
+        if missing:
+            raise cli.InputError(f"The {name} split has no column {', '.join(missing)} named by --conditions; "
+                                 "carry it into the data with transform.py --obs_columns.")
+    for column in columns:
+        tables = labelled_rows(tables, column)
+    out = {}
+    for name, table in tables.items():
+        values = zip(*(table.column(c).to_pylist() for c in columns), strict=True)
+        labels = [condition_label(zip(columns, row, strict=True)) for row in values]
+        out[name] = table.append_column(CONDITIONS, pa.array(labels, type=pa.string()))
+    return out
 
 
 def unconditional_mode(args: argparse.Namespace, recipe: Recipe) -> bool:
@@ -226,21 +281,19 @@ def generate_cells(model: Any, counts: dict[str | None, int], *, budget: int, ge
                                     seed=args.seed, progress=bar.update, processes=processes)
 
 
-def evaluate_generated(generated: pd.DataFrame, tables: dict[str, Any], *, split: str, label_column: str,
-                       index: VocabIndex, fit: RankExpressionFit, top_k: int, k: int, seed: int,
+def evaluate_generated(sentences: list[str], requested: pd.Series, tables: dict[str, Any], *, split: str,
+                       label_column: str, index: VocabIndex, fit: RankExpressionFit, top_k: int, k: int, seed: int,
                        cell_types: Sequence[str] | None = None) -> tuple[dict[str, Any], Any]:
     """The metrics of eval/generation.py (utils.evaluation.generation_metrics.score_generated; with ``cell_types``,
     against the real cells of those types only) and its PCA figure; cells generated without a
     cell type get the word statistics only (the rest compares types)."""
     # pandas may hold "no cell type" as None or NaN; a dataset without labels has no types to compare
-    if generated["requested_cell_type"].isna().any() or label_column not in tables["train"].column_names:
+    if requested.isna().any() or label_column not in tables["train"].column_names:
         from utils.evaluation.metrics import sentence_stats
         from utils.inverse import sentences_to_expression
 
-        return {"sentences": sentence_stats(sentences_to_expression(generated["cell_sentence"].tolist(),
-                                                                    index, fit))}, None
-    metrics, result = score_generated(generated["cell_sentence"].tolist(), generated["requested_cell_type"].tolist(),
-                                      tables, split=split, label_column=label_column, index=index, fit=fit,
+        return {"sentences": sentence_stats(sentences_to_expression(sentences, index, fit))}, None
+    metrics, result = score_generated(sentences, requested.tolist(), tables, split=split, label_column=label_column, index=index, fit=fit,
                                       top_k=top_k, k=k, seed=seed, cell_types=cell_types)
     return metrics, plot_generation(result, split=split, top_k=top_k)
 
@@ -262,12 +315,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         publish.claim_output_dir(args.output_dir, list(GENERATE), overwrite=args.overwrite)
 
     recipe = Recipe.read(args.model_dir)
-    unconditional = unconditional_mode(args, recipe)
+    sets = getattr(args, "condition_sets", None)
+    unconditional = False if sets else unconditional_mode(args, recipe)
     label_column = args.label_column or recipe.label_column or "cell_type"
-    wanted = requested_types(args, recipe, label_column)
-    tables = load_splits(args.data_dir, args.split, label_column, need_labels=not unconditional)
+    wanted = [condition_label(c) for c in sets] if sets else requested_types(args, recipe, label_column)
+    tables = load_splits(args.data_dir, args.split, label_column, need_labels=not (unconditional or sets))
     if "train" not in tables:
         raise cli.InputError(f"{args.data_dir} has no train split, needed for the baseline and the k-NN metric.")
+    if sets:  # the real cells matching all conditions of a set carry its label
+        tables, label_column = tables_with_conditions(tables, [c for c, _ in sets[0]]), CONDITIONS
     has_labels = all(label_column in t.column_names for t in tables.values())
     if has_labels:
         tables = labelled_rows(tables, label_column)
@@ -294,13 +350,23 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         or [top_k])
     index, fit, from_transform = transform_reference(args.transform_dir, tables, top_k)
     start = time.perf_counter()
+    if sets:  # ask the model for each label's conditions
+        counts = {dict(zip(wanted, sets, strict=True))[label]: n for label, n in counts.items()}
     generated = generate_cells(model, counts, budget=budget, genes=index.genes, args=args, processes=procs)
     elapsed = time.perf_counter() - start
     if not procs.main:  # rank 0 scores and writes
         return {}
-    gen_metrics, pca = evaluate_generated(generated, tables, split=args.split, label_column=label_column,
-                                          index=index, fit=fit, top_k=top_k, k=args.k_neighbors,
-                                          seed=args.seed, cell_types=wanted)
+    labels = "requested_conditions" if sets else "requested_cell_type"
+    if sets:
+        columns = [c for c, _ in sets[0]]
+        generated.insert(2, labels, [condition_label(zip(columns, row, strict=True)) for row in
+                                     generated[[f"requested_{c}" for c in columns]].itertuples(index=False)])
+        counts = {condition_label(t): n for t, n in counts.items()}
+    gen_metrics, pca = evaluate_generated(generated["cell_sentence"].tolist(), generated[labels], tables,
+                                          split=args.split, label_column=label_column, index=index, fit=fit,
+                                          top_k=top_k, k=args.k_neighbors, seed=args.seed, cell_types=wanted)
+    if sets:
+        gen_metrics["conditions"] = [dict(c) for c in sets]
     gen_metrics.update(requested_counts={"any" if t is None else t: n for t, n in counts.items()},
                        max_new_tokens=budget, seconds=elapsed,
                        vocabulary="transform" if from_transform else "train sentences",
@@ -314,7 +380,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 "" if "knn_accuracy" not in gen_metrics else
                 f"; k-NN accuracy {gen_metrics['knn_accuracy']:.3f} (real vs real {gen_metrics['knn_ceiling']:.3f}),"
                 f" MMD {gen_metrics['mmd']:.4f} (real vs real {gen_metrics['mmd_floor']:.4f})"
-                + ("" if wanted is None else f", against real cells of the {len(wanted)} types asked for"))
+                + ("" if wanted is None else f", against real cells of the {len(wanted)} {'condition sets' if sets else 'types'} asked for"))
     with publish.staged_outputs(args.output_dir, list(GENERATE), overwrite=args.overwrite) as tmp:
         from datasets import Dataset
 
@@ -322,7 +388,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         if unconditional:  # no cell types asked for: no labels to write
             generated = generated.drop(columns="requested_cell_type")
         else:
-            (tmp / GENERATE.labels).write_text("".join(t + "\n" for t in generated["requested_cell_type"]))
+            (tmp / GENERATE.labels).write_text("".join(t + "\n" for t in generated[labels]))
         Dataset.from_pandas(generated, preserve_index=False).save_to_disk(str(tmp / GENERATE.dataset))
         if pca is not None:
             pca.savefig(tmp / GENERATE.pca, dpi=150, bbox_inches="tight")
@@ -369,9 +435,9 @@ def generate_groups(args: argparse.Namespace) -> dict[str, Any]:
         if "train" in tables and all(column in t.column_names for t in tables.values()):
             tables = labelled_rows(tables, column)
             index, fit, _ = transform_reference(args.transform_dir, tables, model.top_k_genes)
-            cells = generated.rename(columns={f"requested_{column}": "requested_cell_type"})
-            scored, _ = evaluate_generated(cells, tables, split=args.split, label_column=column, index=index,
-                                           fit=fit, top_k=model.top_k_genes, k=args.k_neighbors, seed=args.seed,
+            scored, _ = evaluate_generated(generated["cell_sentence"].tolist(), generated[f"requested_{column}"],
+                                           tables, split=args.split, label_column=column, index=index, fit=fit,
+                                           top_k=model.top_k_genes, k=args.k_neighbors, seed=args.seed,
                                            cell_types=sorted(set(labels)))
             metrics["generation"] = scored
     logger.info("Generated %s groups (%s cells) of %s%s.", f"{len(requested):,}", f"{len(generated):,}", column,

@@ -51,11 +51,11 @@ def build_model_and_tokenizer(
         model = from_pretrained(AutoModelForCausalLM.from_pretrained, str(checkpoint),
                                 offline_hint=OFFLINE_HINT, dtype=torch.float32)
     elif m.init_from_scratch:
-        # Every label column's words; the attribute prompts' words only when there are further
-        # columns (a one-column run's vocabulary stays what it was).
+        # Every label column's words; the attribute and multi-condition prompts' words only when
+        # there are several columns (a one-column run's vocabulary stays what it was).
         columns = label_columns_of(d)
         labels = [x for column in columns for x in label_set(train_split, column)]
-        words = prompt_words(labels, attributes=[attribute_name(c) for c in columns[1:]],
+        words = prompt_words(labels, attributes=[attribute_name(c) for c in columns] if columns[1:] else [],
                              max_number=max(1024, d.top_k_genes))
         if getattr(d, "multi_cell_column", None):  # the multi-cell templates' words and group labels
             from utils.models.multi_cell import template_words

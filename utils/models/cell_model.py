@@ -26,6 +26,7 @@ from utils.models.cell_inputs import as_sentences, read_train_record
 from utils.models.prompts import (
     DEFAULT_ORGANISM,
     PromptFormat,
+    attribute_name,
     prompt_format,
     prompt_words,
 )
@@ -137,7 +138,8 @@ class CellSentenceModel:
         if backend is None or type(backend.model).__name__ != "WordLevel":
             return None
         labels = [x for column in self.recipe.label_columns.values() for x in column]
-        attributes = [a for a in map(self.recipe.attribute, self.recipe.label_columns) if a is not None]
+        columns = list(self.recipe.label_columns)
+        attributes = [attribute_name(c) for c in columns] if columns[1:] else []
         other = set(SPECIAL_TOKENS) | set(prompt_words(labels, attributes=attributes,
                                                        max_number=max(1024, self.top_k_genes)))
         vocab = self.tokenizer.get_vocab()
@@ -344,6 +346,32 @@ class CellSentenceModel:
         self._constraint_genes = set(kept)
         return lambda: GeneConstraint(first, rest, closing, vocab_size)
 
+    def _check_conditions(self, requested: Sequence[tuple[tuple[str, str], ...]]) -> None:
+        """Refuse conditions the model was not trained on: columns outside its
+        ``condition_columns``, values outside their label sets."""
+        allowed = self.recipe.condition_columns or [self.recipe.label_column]  # one column: its type alone
+        for conditions in dict.fromkeys(requested):
+            for column, value in conditions:
+                if column not in allowed:
+                    raise InputError(
+                        f"{self.name} was not trained to generate under conditions on {column!r} (it was on "
+                        f"{', '.join(allowed) or 'the cell type alone'}); train with --label_columns naming "
+                        "the columns and the conditional_generation task.")
+                known = self.recipe.labels(column)
+                if known and value not in known:
+                    raise InputError(f"{self.name} was never trained on {column}={value!r}; it knows "
+                                     f"{', '.join(map(repr, known))}.")
+
+    def _generation_prompt(self, requested: Any, n_genes: int) -> str:
+        """The prompt of one requested cell: a cell type, None (any cell) or conditions (the
+        cell-type prompt when they name the first label column alone, as in training)."""
+        fmt = self.prompt_format
+        if isinstance(requested, tuple):
+            if [c for c, _ in requested] == [self.recipe.label_column]:
+                return fmt.generation_prompt(requested[0][1], n_genes)
+            return fmt.conditions_prompt(requested, n_genes)
+        return fmt.generation_prompt(requested, n_genes)
+
     def _check_generation(self, requested: Sequence[str | None]) -> None:
         """Refuse what the model was not trained for: cells of any type from a model trained
         without unconditional generation, types outside its label set."""
@@ -368,7 +396,10 @@ class CellSentenceModel:
                        seed: int | None = None, progress: Callable[[int], None] | None = None,
                        processes: Any = None) -> pd.DataFrame | None:
         """Generate ``n_per_type`` cells of each listed type (or ``{type: count}``; the type None
-        asks for cells of any type, the unconditional prompts), sampled.
+        asks for cells of any type, the unconditional prompts), sampled. A "type" may also be
+        conditions on several label columns, ``{"cell_type": "B cell", "tissue": "blood"}`` (as
+        a ``{type: count}`` key: its ``tuple(items())``), for a model trained with them
+        (``train.py --label_columns``); the DataFrame then has ``requested_<column>`` per column.
 
         With ``constrain_genes`` (default) every generated word is a gene of ``genes`` (default:
         the genes of a word-level tokenizer) and no gene repeats. ``seed`` seeds each batch
@@ -382,11 +413,14 @@ class CellSentenceModel:
         from utils.models.examples import decode_answer, encode_prompt
         from utils.models.generation import generate_batched
 
-        def name(t: Any) -> str | None:
+        def name(t: Any) -> str | tuple[tuple[str, str], ...] | None:
+            if isinstance(t, Mapping | tuple):  # conditions on several columns
+                return tuple((str(c), str(v)) for c, v in (t.items() if isinstance(t, Mapping) else t))
             return None if t is None else str(t)  # None: a cell of any type (unconditional)
 
-        if isinstance(cell_types, str | None):
-            cell_types = [cell_types]  # one type (or None: any), not its characters
+        if isinstance(cell_types, str | None) or (isinstance(cell_types, Mapping) and cell_types
+                                                  and not isinstance(next(iter(cell_types.values())), int)):
+            cell_types = [cell_types]  # one type (or None: any, or one set of conditions)
         if isinstance(cell_types, Mapping):
             requested = [name(t) for t, n in cell_types.items() for _ in range(int(n))]
         else:  # each entry n_per_type times, in order (a type listed twice is asked twice)
@@ -394,10 +428,12 @@ class CellSentenceModel:
         if None in requested and not self.prompt_format.unconditional_templates:
             raise InputError(f"The {self.prompt_format.name} prompt format has no prompts for cells of any type; "
                              "name the cell types to generate.")
-        self._check_generation(requested)
+        conditioned = [t for t in requested if isinstance(t, tuple)]
+        self._check_conditions(conditioned)
+        self._check_generation([t for t in requested if not isinstance(t, tuple)])
         k = n_genes or self.top_k_genes
         fmt, tok = self.prompt_format, self.tokenizer
-        prompts = [encode_prompt(tok, fmt.generation_prompt(t, k), fmt) for t in requested]
+        prompts = [encode_prompt(tok, self._generation_prompt(t, k), fmt) for t in requested]
         names = list(genes) if genes is not None else self.known_genes()
         budget = max_new_tokens or self.gene_budget(k, names)
         longest = max((len(p) for p in prompts), default=0)
@@ -421,11 +457,14 @@ class CellSentenceModel:
         sentences = [decode_answer(tok, a, fmt) for a in answers]
         if factory is not None:
             sentences = [_drop_cut_gene(s, self._constraint_genes) for s in sentences]
-        return pd.DataFrame({
-            "cell_name": [f"generated_{i:06d}" for i in range(len(requested))],
-            "cell_sentence": sentences,
-            "requested_cell_type": requested,
-        })
+        cells = pd.DataFrame({"cell_name": [f"generated_{i:06d}" for i in range(len(requested))],
+                              "cell_sentence": sentences})
+        if not conditioned:
+            cells["requested_cell_type"] = requested
+        for column in dict.fromkeys(c for t in conditioned for c, _ in t):
+            cells[f"requested_{column}"] = [dict(t).get(column) if isinstance(t, tuple) else None
+                                            for t in requested]
+        return cells
 
     # ------------------------------------------------------------------ embedding
 

@@ -159,8 +159,10 @@ def generation_example(
     template: str,
     max_length: int,
     fmt: PromptFormat | str | None = None,
+    conditions: Sequence[tuple[str, str]] | None = None,
 ) -> tuple[dict[str, list[int]], int]:
-    """A generation example: prompt for ``len(genes)`` genes -> those genes + EOS.
+    """A generation example: prompt for ``len(genes)`` genes of a ``cell_type`` cell (or of a
+    cell with these ``(column, value)`` ``conditions``) -> those genes + EOS.
 
     When it does not fit ``max_length`` tokens the answer is shortened (and the prompt asks
     for that many genes), so the EOS is never cut off. Returns the example and the number
@@ -170,7 +172,8 @@ def generation_example(
     fmt = _format(fmt)
 
     def build(n: int) -> tuple[list[int], list[int]]:
-        prompt = fmt.generation_prompt(cell_type, n, template=template)
+        prompt = (fmt.conditions_prompt(conditions, n, template=template) if conditions
+                  else fmt.generation_prompt(cell_type, n, template=template))
         return (encode_prompt(tokenizer, prompt, fmt),
                 encode_answer(tokenizer, fmt.generation_answer(genes[:n]), fmt))
 
@@ -217,12 +220,18 @@ def make_example(
     rng: random.Random,
     fmt: PromptFormat | str | None = None,
     attribute: str | None = None,
+    conditions: Sequence[tuple[str, str]] | None = None,
 ) -> dict[str, list[int]]:
     """One tokenized training example of ``task`` from a cell sentence (template from ``rng``);
     ``attribute`` (the ``attribute_name`` of a further label column) makes it that column's
-    prediction, ``cell_type`` holding the cell's value of it."""
+    prediction, ``cell_type`` holding the cell's value of it; ``conditions`` (``(column,
+    value)`` pairs) a generation conditioned on them."""
     fmt = _format(fmt)
     genes = sentence.split()[:top_k]
+    if conditions:
+        example, _ = generation_example(tokenizer, genes, None, template=rng.choice(fmt.conditions_templates),
+                                        max_length=max_length, fmt=fmt, conditions=conditions)
+        return example
     if attribute is not None:
         template = rng.choice(fmt.prediction_templates_for(attribute))
         example, _ = prediction_example(tokenizer, genes, str(cell_type), template=template,
@@ -262,6 +271,7 @@ def tokenize_batch(
     cell_type_column: str | None = "cell_type",
     prompt_format: PromptFormat | str = OURS,
     label_columns: Mapping[str, str] | None = None,
+    condition_columns: Sequence[str] = (),
 ) -> dict[str, list[Any]]:
     """``datasets.map(batched=True, with_indices=True)`` function: one example per cell, its
     task drawn with the weights of ``tasks`` from a per-cell seeded random stream.
@@ -269,7 +279,9 @@ def tokenize_batch(
     ``label_columns`` maps the prediction task of each further label column
     (``prediction_tasks``) to its column. A task is drawn among those whose label the cell
     has (None, empty, "nan": none); a cell with no label at all gets an untyped task, or no
-    example when all tasks need a label.
+    example when all tasks need a label. With ``condition_columns`` (every label column, the
+    cell type's first), a conditional generation is conditioned on a random subset of the
+    columns the cell has labels for (``draw_conditions``).
     """
     from utils.models.prompts import attribute_name
 
@@ -283,7 +295,7 @@ def tokenize_batch(
 
     # The column whose label each task needs (None: an untyped task).
     needs = {n: extra.get(n, cell_type_column if n in TYPED_TASKS else None) for n in names}
-    columns = {c: values(c) for c in {*needs.values()} - {None}}
+    columns = {c: values(c) for c in {*needs.values(), *condition_columns} - {None}}
     out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "task": []}
     for row, (sentence, index) in enumerate(zip(sentences, indices, strict=True)):
         rng = example_rng(seed, split, index)
@@ -299,14 +311,30 @@ def tokenize_batch(
             continue  # this cell's share goes to a group example (utils.models.multi_cell)
         column = needs[task]
         label = columns[column][row] if column is not None else None
+        conditions = None
+        if task == CONDITIONAL_GENERATION and condition_columns:
+            conditions = draw_conditions([(c, columns[c][row]) for c in condition_columns], rng)
         example = make_example(
             tokenizer, sentence, label, task=task, top_k=top_k, max_length=max_length, rng=rng,
-            fmt=fmt, attribute=attribute_name(column) if task in extra else None,
+            fmt=fmt, attribute=attribute_name(column) if task in extra else None, conditions=conditions,
         )
         out["input_ids"].append(example["input_ids"])
         out["labels"].append(example["labels"])
         out["task"].append(task)
     return out
+
+
+def draw_conditions(labels: Sequence[tuple[str, Any]], rng: random.Random) -> list[tuple[str, str]] | None:
+    """The conditions of one generation example: each labelled ``(column, value)`` kept with
+    probability 1/2 (none kept: the first). None when that leaves the first column alone (the
+    cell-type prompts of a one-column model).
+
+    >>> draw_conditions([("cell_type", "B"), ("tissue", None)], random.Random(0)) is None
+    True
+    """
+    known = [(c, str(v)) for c, v in labels if has_label(v)]
+    chosen = [pair for pair in known if rng.random() < 0.5] or known[:1]
+    return None if [c for c, _ in chosen] == [labels[0][0]] else chosen
 
 
 def has_label(cell_type: Any) -> bool:

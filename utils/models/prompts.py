@@ -88,7 +88,34 @@ ATTRIBUTE_PREDICTION_TEMPLATES: tuple[str, ...] = (
     "Which {attribute} has a cell whose {n_genes} leading genes are {genes} ?",
 )
 
-PLACEHOLDERS: tuple[str, ...] = ("{n_genes}", "{cell_type}", "{genes}", "{attribute}")
+# Conditional generation on several label columns (``train.py --label_columns cell_type,tissue``):
+# ``{conditions}`` is each chosen column named with its value, joined by "and"
+# ("cell type B cell and tissue blood": see ``conditions_text``).
+MULTI_CONDITION_GENERATION_TEMPLATES: tuple[str, ...] = (
+    "List the {n_genes} most highly expressed genes of a cell with {conditions} in order, from highest to lowest expression:",
+    "Generate the top {n_genes} genes, by decreasing expression, of a cell with {conditions} .",
+    "Write a cell sentence of {n_genes} genes for a cell with {conditions} , most expressed gene first:",
+    "Give the {n_genes} genes with the highest expression in a cell with {conditions} , in descending order:",
+    "Produce the first {n_genes} genes of the cell sentence of a cell with {conditions} :",
+    "Here are the {n_genes} most expressed genes of a single cell with {conditions} , from highest to lowest:",
+    "Enumerate the {n_genes} leading genes of a cell with {conditions} ranked by expression level:",
+    "Sample a cell with {conditions} and list its {n_genes} top genes in order of decreasing expression:",
+    "Conditions: {conditions} . Top {n_genes} expressed genes, highest first:",
+    "What are the {n_genes} most abundant transcripts of a cell with {conditions} , ordered by expression?",
+)
+CONDITION_JOINER = "and"
+
+PLACEHOLDERS: tuple[str, ...] = ("{n_genes}", "{cell_type}", "{genes}", "{attribute}", "{conditions}")
+
+
+def conditions_text(conditions: Sequence[tuple[str, str]]) -> str:
+    """The ``{conditions}`` of a prompt: ``(column, value)`` pairs, each column named by
+    ``attribute_name``.
+
+    >>> conditions_text([("cell_type", "B cell"), ("tissue", "blood")])
+    'cell type B cell and tissue blood'
+    """
+    return f" {CONDITION_JOINER} ".join(f"{attribute_name(c)} {v}" for c, v in conditions)
 
 
 def attribute_name(column: str) -> str:
@@ -144,13 +171,16 @@ def prompt_words(
 
     Template words, the words of the labels (``cell_types``: of every label column), and the
     numbers ``1..max_number`` (the ``{n_genes}`` of a prompt); with ``attributes`` (the
-    ``attribute_name`` of each label column other than the cell type), also the words of the
-    attribute-prediction templates and of those names. A word-level tokenizer built from these
+    ``attribute_name`` of every label column, when there are several), also the words of the
+    attribute-prediction and multi-condition templates and of those names. A word-level tokenizer built from these
     plus the genes encodes every prompt without unknown tokens.
     """
     words: set[str] = set()
     attributes = [str(a) for a in attributes]
-    templates = all_templates() + (ATTRIBUTE_PREDICTION_TEMPLATES if attributes else ())
+    templates = all_templates()
+    if attributes:
+        templates += ATTRIBUTE_PREDICTION_TEMPLATES + MULTI_CONDITION_GENERATION_TEMPLATES
+        words.add(CONDITION_JOINER)
     for template in templates:
         words.update(w for w in template.split() if w not in PLACEHOLDERS)
     for attribute in attributes:
@@ -202,6 +232,21 @@ C2S_SCALE_GENERATION_TEMPLATES: tuple[str, ...] = (
 C2S_SCALE_ATTRIBUTE_PREDICTION_TEMPLATES: tuple[str, ...] = tuple(
     t.replace("cell type", "{attribute}") for t in C2S_SCALE_PREDICTION_TEMPLATES)
 
+
+
+def _c2s_conditions_template(template: str) -> str:
+    """A C2S-Scale generation template with its cell type replaced by ``{conditions}``."""
+    for old, new in (("cell with cell type {cell_type}", "cell with {conditions}"),
+                     ("cell of cell type {cell_type}", "cell with {conditions}"),
+                     ("{organism} {cell_type} cell", "{organism} cell with {conditions}")):
+        template = template.replace(old, new)
+    assert "{cell_type}" not in template, template
+    return template
+
+
+C2S_SCALE_MULTI_CONDITION_GENERATION_TEMPLATES: tuple[str, ...] = tuple(
+    _c2s_conditions_template(t) for t in C2S_SCALE_GENERATION_TEMPLATES)
+
 OURS = "ours"
 C2S_SCALE = "c2s_scale"
 DEFAULT_ORGANISM = "Homo sapiens"
@@ -231,14 +276,15 @@ class PromptFormat:
     manual_bos: bool
     organism: str = DEFAULT_ORGANISM
     attribute_templates: tuple[str, ...] = ()
+    conditions_templates: tuple[str, ...] = ()
 
     def _fill(self, template: str, *, genes: Sequence[str] = (), n_genes: int | None = None,
-              cell_type: str | None = None, attribute: str | None = None) -> str:
+              cell_type: str | None = None, attribute: str | None = None, conditions: str | None = None) -> str:
         n = len(genes) if n_genes is None else n_genes
         text = " ".join(genes)
         # Both spellings of the placeholders: ours ({n_genes}, {genes}) and C2S-Scale's.
-        return template.format(n_genes=n, num_genes=n, genes=text, cell_sentence=text,
-                               cell_type=cell_type, organism=self.organism, attribute=attribute)
+        return template.format(n_genes=n, num_genes=n, genes=text, cell_sentence=text, cell_type=cell_type,
+                               organism=self.organism, attribute=attribute, conditions=conditions)
 
     def _table(self) -> dict[str, tuple[str, ...]]:
         return {
@@ -269,6 +315,16 @@ class PromptFormat:
         task = "unconditional_generation" if cell_type is None else "conditional_generation"
         return self._fill(template or _pick(self.templates(task), rng), n_genes=n_genes,
                           cell_type=cell_type)
+
+    def conditions_prompt(self, conditions: Sequence[tuple[str, str]], n_genes: int, *,
+                          rng: random.Random | None = None, template: str | None = None) -> str:
+        """Prompt asking for ``n_genes`` genes of a cell with these ``(column, value)`` conditions.
+
+        >>> prompt_format().conditions_prompt([("cell_type", "B cell"), ("tissue", "blood")], 2)
+        'List the 2 most highly expressed genes of a cell with cell type B cell and tissue blood in order, from highest to lowest expression:'
+        """
+        return self._fill(template or _pick(self.conditions_templates, rng), n_genes=n_genes,
+                          conditions=conditions_text(conditions))
 
     def prediction_templates_for(self, attribute: str | None = None) -> tuple[str, ...]:
         """The prediction templates of the cell type (``attribute`` None) or of another label
@@ -326,12 +382,14 @@ def prompt_format(name: str = OURS, *, organism: str = DEFAULT_ORGANISM) -> Prom
         return PromptFormat(OURS, CONDITIONAL_GENERATION_TEMPLATES, UNCONDITIONAL_GENERATION_TEMPLATES,
                             CELL_TYPE_PREDICTION_TEMPLATES, answer_prefix=" ", answer_suffix="",
                             manual_bos=True, organism=organism,
-                            attribute_templates=ATTRIBUTE_PREDICTION_TEMPLATES)
+                            attribute_templates=ATTRIBUTE_PREDICTION_TEMPLATES,
+                            conditions_templates=MULTI_CONDITION_GENERATION_TEMPLATES)
     if name == C2S_SCALE:
         return PromptFormat(C2S_SCALE, C2S_SCALE_GENERATION_TEMPLATES, (),
                             C2S_SCALE_PREDICTION_TEMPLATES, answer_prefix="", answer_suffix=".",
                             manual_bos=False, organism=organism,
-                            attribute_templates=C2S_SCALE_ATTRIBUTE_PREDICTION_TEMPLATES)
+                            attribute_templates=C2S_SCALE_ATTRIBUTE_PREDICTION_TEMPLATES,
+                            conditions_templates=C2S_SCALE_MULTI_CONDITION_GENERATION_TEMPLATES)
     raise ValueError(f"Unknown prompt format {name!r}; choose {OURS} or {C2S_SCALE}.")
 
 

@@ -99,6 +99,9 @@ class Recipe:
     multi_cell_column, cells_per_example, group_labels
         The grouping column of the multi-cell tasks (``train.py --multi_cell_column``; None
         without them), the cells per group and the group labels trained on, sorted.
+    condition_columns
+        The label columns conditional generation was conditioned on in any subset (``[]``: the
+        cell type alone).
     """
 
     prompt_format: str = "c2s_scale"
@@ -116,6 +119,7 @@ class Recipe:
     multi_cell_column: str | None = None
     cells_per_example: int | None = None
     group_labels: list[str] = field(default_factory=list)
+    condition_columns: list[str] = field(default_factory=list)
 
     # ------------------------------------------------------------------ making and reading
 
@@ -194,6 +198,8 @@ class Recipe:
         if self.multi_cell_column is None:  # a run without multi-cell tasks records what it did before
             for key in ("multi_cell_column", "cells_per_example", "group_labels"):
                 values.pop(key)
+        if not self.condition_columns:
+            values.pop("condition_columns")
         return values
 
     def write(self, folder: str | Path) -> Path:

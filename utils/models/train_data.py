@@ -115,6 +115,19 @@ def label_set(split: Any, column: str | None) -> list[str]:
     return sorted({str(x) for x in split.unique(column) if has_label(x)})
 
 
+def condition_columns_of(data_args: Any, tasks: Sequence[str]) -> list[str]:
+    """The columns conditional generation is conditioned on, in any subset: every label column
+    when there are several and the task is trained ([] otherwise: the cell type alone)."""
+    from utils.models.examples import CONDITIONAL_GENERATION
+    from utils.models.prompts import prompt_format
+
+    columns = label_columns_of(data_args)
+    fmt = prompt_format(data_args.prompt_format)
+    if len(columns) < 2 or CONDITIONAL_GENERATION not in tasks or not fmt.conditions_templates:
+        return []
+    return columns
+
+
 def resolve_tasks(data_args: Any, columns: Sequence[str]) -> dict[str, float]:
     """The task mix: the flags (``data_args``: train.py's ``DataArguments``), or all tasks the
     data allows."""
@@ -194,6 +207,7 @@ def tokenize_split(
             "cell_type_column": d.label_column,
             "prompt_format": prompt_format(d.prompt_format, organism=d.organism),
             "label_columns": prediction_tasks(label_columns_of(d)),
+            "condition_columns": condition_columns_of(d, tasks),
         },
     )
     column = getattr(d, "multi_cell_column", None)
@@ -272,17 +286,22 @@ def build_examples(
     return train_examples, eval_examples, stats
 
 
-def add_label_columns(recipe: Any, train_split: Any, columns: Sequence[str], tasks: dict[str, Any], *,
+def add_label_columns(recipe: Any, train_split: Any, data_args: Any, tasks: dict[str, Any], *,
                       path: str) -> None:
-    """Record in ``recipe`` the label set of each further label column whose prediction task
-    the run trains (``--label_columns``; the first column's is recorded already)."""
+    """Record in ``recipe`` the label set of each further label column (``--label_columns``;
+    the first column's is recorded already) whose prediction the run trains or that conditional
+    generation is conditioned on (``condition_columns_of``), and those columns."""
     from utils.models.examples import prediction_tasks
     from utils.transform.labels import refuse_unsafe_labels
 
-    for task, column in prediction_tasks(["", *columns]).items():
-        if task not in tasks:
+    recipe.condition_columns = condition_columns_of(data_args, tasks)
+    for task, column in prediction_tasks(label_columns_of(data_args)).items():
+        if task not in tasks and column not in recipe.condition_columns:
             continue
         labels = label_set(train_split, column)
         refuse_unsafe_labels(labels, column=column, path=path)
         recipe.label_columns[column] = sorted(labels)
-        logger.info("Label column %s: %s labels (task %s=%.2f).", column, f"{len(labels):,}", task, tasks[task])
+        logger.info("Label column %s: %s labels (%s).", column, f"{len(labels):,}",
+                    f"task {task}={tasks[task]:.2f}" if task in tasks else "a generation condition")
+    if recipe.condition_columns:
+        logger.info("Conditional generation on any subset of %s.", ", ".join(recipe.condition_columns))
