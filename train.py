@@ -1,36 +1,21 @@
 """Fine-tune a causal language model on cell sentences (or train a small one from scratch).
 
-Input -> output: ``data/cell_sentences_hf/`` (the DatasetDict written by transform.py) ->
-``data/model/<run_name>/``: the model and tokenizer (``save_pretrained``), ``train_args.json``,
-``recipe.json`` (how new cells become the model's sentences and prompts), ``train_results.json``,
-``train_log.json`` and the model card ``README.md``; checkpoints in ``<run>/checkpoints/``. The
-final files are published at once, ``config.json`` last; files of the user's are never touched
-(docs/train.md). ``--push_to_hub`` pushes the published folder.
+Input -> output: ``data/cell_sentences_hf/`` (transform.py's DatasetDict) -> ``data/model/<run_name>/``:
+the model and tokenizer, ``train_args.json``, ``recipe.json`` (how new cells become the model's
+sentences and prompts), ``train_results.json``, ``train_log.json`` and the model card ``README.md``;
+checkpoints in ``<run>/checkpoints/``. Files of the user's there are never touched (docs/train.md).
+``--checkpoint latest --run_name R`` continues run R as it was recorded.
 
-``--checkpoint latest --run_name R`` continues run R as it was recorded (its data, tasks and
-weights, ``top_k_genes``, prompt format, model size and seed; a flag given with another value is
-an error) and adds the resume to the run record's ``resumes``.
+Each training cell becomes one example of a task drawn at random (seeded per cell): conditional
+generation (cell type -> top K genes), unconditional generation, cell-type prediction (top K genes ->
+cell type), the prediction of each further ``--label_columns`` column, and with ``--multi_cell_column``
+C2S-Scale's multi-cell tasks. The loss is taken on the answer tokens only.
 
-Each training cell becomes one example of a task drawn at random (seeded per cell):
-conditional generation (cell type -> top K genes), unconditional generation (-> top K genes)
-or cell-type prediction (top K genes -> cell type), worded by one of the paraphrased prompt
-templates of ``utils/models/prompts.py``. ``--label_columns cell_type,tissue`` adds per further
-column its prediction (``tissue_prediction``: top K genes -> tissue). ``--multi_cell_column sample
---cells_per_example 4`` adds C2S-Scale's multi-cell tasks (``utils/models/multi_cell.py``): 4 cells of
-one sample -> the sample, and the sample -> 4 cells, grouped within each split. The loss is taken on
-the answer tokens only.
-
-Example (GPT-2 from the hub, as in the original project):
+Example (GPT-2 from the hub; offline: ``--init_from_scratch True --n_layer 4 --n_embd 256 --n_head 4``):
 
     python train.py --data_dir data/cell_sentences_hf/ --output_dir data/model/ \
         --model_name gpt2 --num_train_epochs 10 --gradient_accumulation_steps 4 \
-        --per_device_train_batch_size 16 --per_device_eval_batch_size 16 --fp16 True \
-        --logging_steps 32 --save_steps 500
-
-Offline, a small GPT-2-style model with a word-level tokenizer built from the data:
-
-    python train.py --init_from_scratch True --n_layer 4 --n_embd 256 --n_head 4 \
-        --max_steps 2000 --per_device_train_batch_size 16 --run_name scratch-small
+        --per_device_train_batch_size 16 --fp16 True --logging_steps 32 --save_steps 500
 
 Several GPUs: ``torchrun --nproc_per_node 4 train.py ...`` or ``accelerate launch train.py ...``.
 """
@@ -61,13 +46,7 @@ from utils.models.run_folder import (
     resolve_run,
     write_run_record,
 )
-from utils.models.run_record import (
-    effective_args,
-    extend_record,
-    recorded_flags,
-    resume_run,
-    training_recipe,
-)
+from utils.models.run_record import effective_args, recorded_flags, resume_run, training_recipe
 from utils.models.train_data import (
     add_label_columns,
     build_examples,
@@ -87,68 +66,38 @@ logger = logging.getLogger("cell2sentence.train")
 class ModelArguments:
     """Which model to fine-tune, or the size of one to train from scratch."""
 
-    model_name: str = field(
-        default="gpt2",
-        metadata={"help": "Hub model name (needs internet) or local model directory."},
-    )
-    init_from_scratch: bool = field(
-        default=False,
-        metadata={
-            "help": "Train a randomly initialized GPT-2-style model with a word-level tokenizer "
-            "built from the training data (one token per gene); works offline."
-        },
-    )
+    model_name: str = field(default="gpt2", metadata={
+        "help": "Hub model name (needs internet) or local model directory."})
+    init_from_scratch: bool = field(default=False, metadata={
+        "help": "Train a random GPT-2-style model with a word-level tokenizer of the training genes "
+        "(offline)."})
     n_layer: int = field(default=4, metadata={"help": "From scratch: transformer layers."})
     n_embd: int = field(default=256, metadata={"help": "From scratch: embedding size."})
     n_head: int = field(default=4, metadata={"help": "From scratch: attention heads."})
-    n_positions: int = field(
-        default=1024, metadata={"help": "From scratch: context length in tokens."}
-    )
-    min_gene_count: int = field(
-        default=1,
-        metadata={
-            "help": "From scratch: genes among the top genes of fewer training cells than this "
-            "map to <unk>."
-        },
-    )
-    checkpoint: str | None = field(
-        default=None,
-        metadata={
-            "help": "Resume from this checkpoint folder (<run>/checkpoints/checkpoint-N), or "
-            "'latest' for the newest one of --run_name."
-        },
-    )
-    lora_r: int = field(
-        default=0,
-        metadata={"help": "LoRA rank; > 0 trains LoRA adapters only (peft), 0 the full model."},
-    )
+    n_positions: int = field(default=1024, metadata={"help": "From scratch: context length in tokens."})
+    min_gene_count: int = field(default=1, metadata={
+        "help": "From scratch: genes among the top genes of fewer training cells than this map to <unk>."})
+    checkpoint: str | None = field(default=None, metadata={
+        "help": "Resume from this <run>/checkpoints/checkpoint-N folder, or 'latest' of --run_name."})
+    lora_r: int = field(default=0, metadata={
+        "help": "LoRA rank; > 0 trains LoRA adapters only (peft), 0 the full model."})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling alpha."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA inputs."})
-    lora_target_modules: str | None = field(
-        default=None,
-        metadata={
-            "help": "Comma-separated layer names LoRA adapts (default per architecture: gpt2 "
-            "c_attn,c_proj,c_fc; gpt_neox query_key_value,dense,...; llama/gemma q_proj,k_proj,"
-            "v_proj,o_proj,gate_proj,up_proj,down_proj)."
-        },
-    )
-    merge_lora: bool = field(
-        default=False,
-        metadata={"help": "With --lora_r: also write the merged full model to <run>/merged/."},
-    )
+    lora_target_modules: str | None = field(default=None, metadata={
+        "help": "Comma-separated layer names LoRA adapts (default per architecture: gpt2 "
+        "c_attn,c_proj,c_fc; llama/gemma q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)."})
+    merge_lora: bool = field(default=False, metadata={
+        "help": "With --lora_r: also write the merged full model to <run>/merged/."})
 
 
 @dataclass
 class DataArguments:
     """Where the cell sentences are and how they become training examples."""
 
-    data_dir: str = field(
-        default="data/cell_sentences_hf/",
-        metadata={"help": "DatasetDict folder written by transform.py (train/valid/test)."},
-    )
-    top_k_genes: int = field(
-        default=100, metadata={"help": "Genes per example (the first K of each sentence)."}
-    )
+    data_dir: str = field(default="data/cell_sentences_hf/", metadata={
+        "help": "DatasetDict folder written by transform.py (train/valid/test)."})
+    top_k_genes: int = field(default=100, metadata={
+        "help": "Genes per example (the first K of each sentence)."})
     tasks: str | None = field(
         default=None,
         metadata={
@@ -159,94 +108,53 @@ class DataArguments:
             "unconditional_generation."
         },
     )
-    task_weights: str | None = field(
-        default=None,
-        metadata={"help": "Comma-separated weights of --tasks (default: equal)."},
-    )
-    label_column: str | None = field(
-        default=None,
-        metadata={
-            "help": "Column with the cell-type labels (default: cell_type when the data has "
-            "it, else training without labels); a named column must exist."
-        },
-    )
+    task_weights: str | None = field(default=None, metadata={
+        "help": "Comma-separated weights of --tasks (default: equal)."})
+    label_column: str | None = field(default=None, metadata={
+        "help": "Column with the cell-type labels (default: cell_type when the data has it, else no "
+        "labels); a named column must exist."})
     label_columns: str | None = field(
         default=None,
         metadata={
             "help": "Comma-separated label columns, e.g. cell_type,tissue: the first takes the cell "
-            "type's tasks (its prediction and conditional generation), each further one gets a "
-            "prediction task <column>_prediction (default: --label_column alone)."
+            "type's tasks, each further one a task <column>_prediction, and conditional generation "
+            "is conditioned on any subset of them (default: --label_column alone)."
         },
     )
-    multi_cell_column: str | None = field(
-        default=None,
-        metadata={
-            "help": "Add C2S-Scale's multi-cell tasks multi_cell_prediction (N cells -> their value of "
-            "this column) and multi_cell_generation (the value -> N cells), cells grouped by this "
-            "column within each split (e.g. sample or tissue); weights via --tasks/--task_weights."
-        },
-    )
-    cells_per_example: int = field(
-        default=4, metadata={"help": "With --multi_cell_column: cells per multi-cell example (N)."}
-    )
-    prompt_format: str = field(
-        default="ours",
-        metadata={
-            "help": "Prompt format: ours (utils/models/prompts.py) or c2s_scale (the published C2S "
-            "models' prompts; use it to fine-tune one of them)."
-        },
-    )
-    organism: str = field(
-        default="Homo sapiens", metadata={"help": "The {organism} of c2s_scale prompts."}
-    )
-    max_seq_length: int | None = field(
-        default=None,
-        metadata={
-            "help": "Longest example in tokens (default: the model's context); longer ones "
-            "lose genes, never their answer."
-        },
-    )
-    max_train_samples: int | None = field(
-        default=None, metadata={"help": "Use only the first N training cells (for quick runs)."}
-    )
-    max_eval_samples: int | None = field(
-        default=None, metadata={"help": "Evaluate on only the first N validation cells."}
-    )
-    num_proc: int | None = field(
-        default=None, metadata={"help": "Processes that tokenize the examples."}
-    )
-    overwrite: bool = field(
-        default=False, metadata={"help": "Replace an existing finished run of the same name."}
-    )
+    multi_cell_column: str | None = field(default=None, metadata={
+        "help": "Add C2S-Scale's multi-cell tasks (N cells <-> their value of this column), cells grouped "
+        "by this column within each split (e.g. sample)."})
+    cells_per_example: int = field(default=4, metadata={
+        "help": "With --multi_cell_column: cells per multi-cell example (N)."})
+    prompt_format: str = field(default="ours", metadata={
+        "help": "Prompt format: ours or c2s_scale (the published C2S models' prompts, to fine-tune one)."})
+    organism: str = field(default="Homo sapiens", metadata={"help": "The {organism} of c2s_scale prompts."})
+    max_seq_length: int | None = field(default=None, metadata={
+        "help": "Longest example in tokens (default: the model's context); longer ones lose genes, never "
+        "their answer."})
+    max_train_samples: int | None = field(default=None, metadata={
+        "help": "Use only the first N training cells (for quick runs)."})
+    max_eval_samples: int | None = field(default=None, metadata={
+        "help": "Evaluate on only the first N validation cells."})
+    num_proc: int | None = field(default=None, metadata={"help": "Processes that tokenize the examples."})
+    overwrite: bool = field(default=False, metadata={
+        "help": "Replace an existing finished run of the same name."})
 
 
 @dataclass
 class CellTrainingArguments(TrainingArguments):
     """``TrainingArguments`` with this project's defaults (output under data/, no reporting)."""
 
-    output_dir: str | None = field(
-        default="data/model/",
-        metadata={"help": "Folder of the runs; the model goes to <output_dir>/<run_name>/."},
-    )
-    report_to: None | str | list[str] = field(
-        default="none",
-        metadata={"help": "Experiment trackers to report to (wandb, tensorboard, ...); none."},
-    )
-    log_level_replica: str = field(
-        default="error",
-        metadata={
-            "help": "Log level of the other processes under torchrun (rank 0 logs for all).",
-            "choices": list(trainer_log_levels),
-        },
-    )
-    ddp_find_unused_parameters: bool | None = field(
-        default=False,
-        metadata={
-            "help": "Under torchrun: let DDP search for parameters without a gradient in every "
-            "step (slower; every parameter of a causal LM gets one, LoRA's frozen ones are left "
-            "out anyway)."
-        },
-    )
+    output_dir: str | None = field(default="data/model/", metadata={
+        "help": "Folder of the runs; the model goes to <output_dir>/<run_name>/."})
+    report_to: None | str | list[str] = field(default="none", metadata={
+        "help": "Experiment trackers to report to (wandb, tensorboard, ...); none."})
+    log_level_replica: str = field(default="error", metadata={
+        "help": "Log level of the other processes under torchrun (rank 0 logs for all).",
+        "choices": list(trainer_log_levels)})
+    ddp_find_unused_parameters: bool | None = field(default=False, metadata={
+        "help": "Under torchrun: let DDP search for parameters without a gradient in every step (slower; "
+        "a causal LM needs no search)."})
 
     def __post_init__(self) -> None:
         import torch
@@ -275,34 +183,32 @@ _UNSET = object()
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainArgs:
-    """Parse the command line (``argv`` None: ``sys.argv``) into the three dataclasses; the old
-    names of renamed flags (``utils.cli.RENAMED_FLAGS``) still work, with a warning."""
+    """Parse the command line (``argv`` None: ``sys.argv``) into the three dataclasses."""
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser((ModelArguments, DataArguments, CellTrainingArguments))
     parser.description = __doc__.split("\n\n")[0] if __doc__ else None
     argv = renamed_flags(argv)
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    parsed = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     # Parsed again with every default replaced by a marker: what stays marked was not given
     # (argparse also takes abbreviations such as --top_k, so argv itself cannot tell).
     parser.set_defaults(**dict.fromkeys(vars(parser.parse_known_args([])[0]), _UNSET))
     given = frozenset(k for k, v in vars(parser.parse_known_args(argv)[0]).items() if v is not _UNSET)
-    return TrainArgs(model_args, data_args, training_args, given)
+    return TrainArgs(*parsed, given)
 
 
 def check_args(args: TrainArgs) -> None:
     """Fail early on flag values and combinations that cannot work."""
     m, d, t = args.model, args.data, args.training
-    for flag in ("per_device_train_batch_size", "per_device_eval_batch_size",
-                 "gradient_accumulation_steps"):
+    for flag in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         if getattr(t, flag) < 1:
             raise InputError(f"--{flag} must be at least 1, not {getattr(t, flag)}.")
     if not (math.isfinite(t.learning_rate) and t.learning_rate > 0):
         raise InputError(f"--learning_rate must be a positive number, not {t.learning_rate}; the default is "
                          "5e-5 (fine-tuning), a small model from scratch takes about 1e-3.")
     if t.max_steps <= 0 and not (math.isfinite(t.num_train_epochs) and t.num_train_epochs > 0):
-        raise InputError(f"--max_steps {t.max_steps} with --num_train_epochs {t.num_train_epochs} would train "
-                         "no step; give a positive --max_steps or --num_train_epochs.")
+        raise InputError(f"--max_steps {t.max_steps} with --num_train_epochs {t.num_train_epochs} would "
+                         "train no step; give a positive --max_steps or --num_train_epochs.")
     if d.top_k_genes < 1:
         raise InputError(f"--top_k_genes must be at least 1, not {d.top_k_genes}.")
     if d.multi_cell_column is not None and d.cells_per_example < 1:
@@ -331,17 +237,13 @@ def check_args(args: TrainArgs) -> None:
 
 @releasing_outputs
 def main(args: TrainArgs) -> Path:
-    """Train and write the model folder; returns its path.
-
-    A full disk on the way is one sentence naming the output's disk and its free space.
-    """
+    """Train and write the model folder; returns its path. A full disk is one sentence."""
     try:
         return _train(args)
     except Exception as err:
         if not is_disk_full(err):
             raise
-        # Named here: once main returns, the run's folder is no longer held, and the CLI
-        # would name the current folder's disk instead.
+        # Named here: once main returns, the CLI would name the current folder's disk instead.
         where = getattr(err, "filename", None)
         folder = Path(where).parent if where else Path(args.training.output_dir or "data/model/")
         raise disk_full_error(folder, staged=False) from None
@@ -355,8 +257,7 @@ def _train(args: TrainArgs) -> Path:
     from utils.transform.labels import refuse_unsafe_labels
 
     m, d, t = args.model, args.data, args.training
-    # Sets up the device and, under torchrun/accelerate, the process group, so that rank 0
-    # can share its run name and alone write files.
+    # Sets up the device and, under torchrun, the process group (rank 0 shares its run name).
     device = t.device
     if not is_rank_zero(t):
         # Every process sees the same data and flags: rank 0's log speaks for all.
@@ -380,11 +281,9 @@ def _train(args: TrainArgs) -> Path:
     if d.label_columns is not None:
         d.label_columns = ",".join(columns)
     if d.multi_cell_column is not None and d.multi_cell_column not in dataset["train"].column_names:
-        raise InputError(
-            f"The data has no column {d.multi_cell_column!r} given by --multi_cell_column (it has "
-            f"{', '.join(dataset['train'].column_names)}); carry it into the dataset with transform.py "
-            "--obs_columns, or fix the name."
-        )
+        raise InputError(f"The data has no column {d.multi_cell_column!r} given by --multi_cell_column (it "
+                         f"has {', '.join(dataset['train'].column_names)}); carry it into the dataset with "
+                         "transform.py --obs_columns, or fix the name.")
     tasks = resolve_tasks(d, dataset["train"].column_names)
     do_eval = t.eval_strategy != "no" or t.do_eval
     check_splits(dataset, d.data_dir, do_eval=do_eval)
@@ -395,13 +294,10 @@ def _train(args: TrainArgs) -> Path:
     train_split = first_cells(dataset["train"], d.max_train_samples)
     cell_types = label_set(train_split, d.label_column)
     refuse_unsafe_labels(cell_types, column=d.label_column, path=d.data_dir)
-    logger.info(
-        "Training on %s cells of %s (%s cell types); tasks %s.",
-        f"{len(train_split):,}", d.data_dir, f"{len(cell_types):,}",
-        ", ".join(f"{k}={v:.2f}" for k, v in tasks.items()),
-    )
+    logger.info("Training on %s cells of %s (%s cell types); tasks %s.", f"{len(train_split):,}", d.data_dir,
+                f"{len(cell_types):,}", ", ".join(f"{k}={v:.2f}" for k, v in tasks.items()))
     recipe = training_recipe(d, tasks, cell_types, earlier)
-    add_label_columns(recipe, train_split, columns[1:], tasks, path=d.data_dir)
+    add_label_columns(recipe, train_split, d, tasks, path=d.data_dir)
     if d.multi_cell_column is not None:
         groups = label_set(train_split, d.multi_cell_column)
         refuse_unsafe_labels(groups, column=d.multi_cell_column, path=d.data_dir)
@@ -416,13 +312,11 @@ def _train(args: TrainArgs) -> Path:
     if t.gradient_checkpointing:
         model.config.use_cache = False
     valid_split = first_cells(dataset["valid"], d.max_eval_samples) if do_eval else None
-    train_examples, eval_examples, stats = build_examples(train_split, valid_split, args,
-                                                          tokenizer, tasks, max_length)
+    train_examples, eval_examples, stats = build_examples(train_split, valid_split, args, tokenizer, tasks,
+                                                          max_length)
     lora_modules = model.peft_config["default"].target_modules if m.lora_r else ()
-    record = effective_args(args, tasks, max_length, stats, tokenizer, checkpoint, run_dir,
-                            cell_types, lora_modules, flags)
-    record.update(run_facts(m, d, dataset, train_split, valid_split))  # for the model card
-    record = extend_record(record, earlier, checkpoint)
+    record = effective_args(args, tasks, max_length, stats, tokenizer, checkpoint, run_dir, cell_types, lora_modules,
+                            flags, facts=run_facts(m, d, dataset, train_split, valid_split), earlier=earlier)
     write_run_record(t, record, recipe)
 
     # Train, evaluate, publish (and push: after the publish, so that the card and recipe go too)

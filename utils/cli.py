@@ -1,5 +1,5 @@
-"""What every script shares: the one-sentence error, logging, the CLI runner (signals, a full
-disk), seeding and run records."""
+"""What every script shares: the one-sentence error, the CLI runner (logging, signals, a full
+disk), seeding, run records and the shared flags."""
 
 from __future__ import annotations
 
@@ -23,31 +23,15 @@ logger = logging.getLogger("cell2sentence")
 
 
 class InputError(Exception):
-    """Bad input or flags: the message is one sentence saying what is wrong and how to fix it.
-
-    Scripts raise it early; ``run_cli`` prints it without a traceback and exits with status 2.
-    """
-
-
-def setup_logging(level: int = logging.INFO) -> None:
-    """Log to stderr as ``time level message``; idempotent."""
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(message)s",
-        datefmt="%H:%M:%S",
-        force=True,
-    )
+    """Bad input or flags, in one sentence saying what is wrong and how to fix it (exit status 2)."""
 
 
 def run_cli(main: Callable[[Any], Any], parse_args: Callable[[Sequence[str] | None], Any]) -> None:
-    """Entry point of a script: parse, run, and turn ``InputError`` into one line + exit 2.
-
-    SIGTERM (what batch schedulers send) is handled like Ctrl-C: the run stops, its staging
-    folder is removed, exit 143 (130 for Ctrl-C). A full disk is one sentence and exit 2.
-    """
+    """Parse and run a script: ``InputError`` or a full disk is one line (exit 2), SIGTERM is Ctrl-C."""
     from utils.publish import _HELD, disk_full_error, is_disk_full, release_output_dirs
 
-    setup_logging()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S", force=True)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _raise_terminated)
     sys.unraisablehook = _quiet_disk_full_unraisable
@@ -71,9 +55,8 @@ def run_cli(main: Callable[[Any], Any], parse_args: Callable[[Sequence[str] | No
     finally:
         release_output_dirs()
     if code:
-        # A library may still hold a file it failed to write: HDF5 keeps an h5ad whose flush
-        # hit ENOSPC open and crashes the interpreter's teardown on it (SIGSEGV: exit 139, not
-        # 2). The outputs are settled and the lock released by now, so leave without teardown.
+        # HDF5 keeps an h5ad whose flush hit ENOSPC open and crashes the interpreter's teardown
+        # on it (SIGSEGV); the outputs are settled by now, so leave without teardown.
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
@@ -86,8 +69,7 @@ def _h5py_disk_full(err: BaseException | None) -> bool:
 
 
 def _quiet_disk_full_unraisable(unraisable: Any) -> None:
-    """Drop the tracebacks h5py prints while freeing a file it could not write for a full disk
-    (the run reports the full disk in one sentence); anything else is reported as usual."""
+    """Drop the tracebacks h5py prints freeing a file a full disk cut short (reported in one line)."""
     if not _h5py_disk_full(unraisable.exc_value):
         sys.__unraisablehook__(unraisable)
 
@@ -128,8 +110,7 @@ def _finite(value: Any) -> Any:
 
 
 def strict_json(value: Any, **kwargs: Any) -> str:
-    """``json.dumps`` writing NaN and infinities as ``null``: strict JSON, which other tools
-    (jq, JavaScript, most JSON parsers) read; Python's default writes ``NaN``.
+    """``json.dumps`` writing NaN and infinities as ``null`` (strict JSON, as jq and JavaScript read).
 
     >>> strict_json({"accuracy": float("nan"), "n": 3})
     '{"accuracy": null, "n": 3}'
@@ -145,21 +126,13 @@ def _raise_terminated(signum: int, frame: Any) -> None:
     raise Terminated()
 
 
-# ------------------------------------------------------------------ flags
-
-# One name per concept in every script. The old names still work, with a warning, and are not
-# shown in --help.
-RENAMED_FLAGS = {
-    "--cell_type_column": "--label_column",
-    "--labels_key": "--label_column",
-    "--max_genes": "--top_k_genes",
-    "--preprocessing_num_workers": "--num_proc",
-}
+# One name per concept in every script; the old names still work, with a warning, unlisted in --help.
+RENAMED_FLAGS = {"--cell_type_column": "--label_column", "--labels_key": "--label_column",
+                 "--max_genes": "--top_k_genes", "--preprocessing_num_workers": "--num_proc"}
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The docstring's layout kept, and each flag's default shown once: not where the help
-    already names it, nor for flags without a value."""
+    """The docstring's layout kept; a flag's default shown unless its help names it or it has none."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
@@ -175,8 +148,7 @@ def script_parser(doc: str) -> argparse.ArgumentParser:
 
 def add_run_flags(parser: argparse.ArgumentParser, *, output_dir: Path | None, output_dir_help: str,
                   seed: int | None = 1234, seed_help: str = "the run's seed") -> None:
-    """The flags every script that writes has: ``--output_dir``, ``--seed`` (unless ``seed`` is
-    None), ``--overwrite``."""
+    """``--output_dir``, ``--seed`` (unless ``seed`` is None) and ``--overwrite``."""
     parser.add_argument("--output_dir", type=Path, default=output_dir, help=output_dir_help)
     if seed is not None:
         parser.add_argument("--seed", type=int, default=seed, help=seed_help)
@@ -184,8 +156,8 @@ def add_run_flags(parser: argparse.ArgumentParser, *, output_dir: Path | None, o
 
 
 def renamed_flags(argv: Sequence[str] | None, renamed: dict[str, str] | None = None) -> list[str]:
-    """``argv`` (default: the command line) with each old flag name replaced by the one name of
-    its concept (``RENAMED_FLAGS``, and a script's own ``renamed``), with a deprecation warning.
+    """``argv`` (default: the command line) with old flag names (``RENAMED_FLAGS`` and ``renamed``)
+    replaced by the new ones, with a warning.
 
     >>> renamed_flags(["--cell_type_column=tissue", "--seed", "1"])
     ['--label_column=tissue', '--seed', '1']
@@ -206,8 +178,7 @@ MODEL_HELP = ("a train.py run folder (full model or LoRA adapter), a published C
 
 
 def add_model_arguments(parser: Any) -> None:
-    """The flags of every script that uses a model: --model_dir, --prompt_format, --organism,
-    --device, --dtype (``load_from_args`` reads them)."""
+    """The flags of every script that uses a model (``load_from_args`` reads them)."""
     parser.add_argument("--model_dir", type=Path, default=None, help=MODEL_HELP)
     parser.add_argument("--prompt_format", choices=("auto", OURS, C2S_SCALE), default="auto",
                         help="auto: the run's (train_args.json), c2s_scale for a published model without one")
@@ -218,8 +189,7 @@ def add_model_arguments(parser: Any) -> None:
 
 
 def load_from_args(args: Any, *, device: str | None = None) -> Any:
-    """The model of a script's flags (``add_model_arguments``; ``args.top_k_genes`` when set);
-    ``device`` overrides ``--device`` (a process's own GPU under torchrun)."""
+    """The model of ``add_model_arguments``' flags; ``device`` overrides ``--device`` (torchrun)."""
     from utils.models.cell_model import CellSentenceModel
 
     if args.model_dir is None:

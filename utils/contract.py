@@ -1,11 +1,6 @@
 """The data contract between the steps: the names of the files each step writes (named here
-only), the readers of those outputs (the DatasetDict's splits, the transform's vocabulary and
-fit, its preprocessed AnnData, small text files of labels or names), and the writer of an
-evaluation's results (``metrics.json``, figures, tables) in one staged move.
-
-Each loader fails with one :class:`~utils.cli.InputError` sentence naming the file and the fix,
-and first finishes a publish cut short in the folder it reads (``utils.publish.settle_inputs``).
-"""
+only), the readers of those outputs and the writer of an evaluation's results. Each reader first
+settles the folder it reads (``utils.publish.settle_inputs``) and fails with one ``InputError``."""
 
 from __future__ import annotations
 
@@ -25,38 +20,6 @@ from utils.transform.readers import input_stem
 
 logger = logging.getLogger("cell2sentence")
 
-__all__ = [
-    "TRANSFORM",
-    "TRANSFORM_EVAL",
-    "VOCAB",
-    "preprocessed_name",
-    "split_files",
-    "transform_names",
-    "EMBED",
-    "EVAL_ARGS",
-    "EVAL_EMBEDDING",
-    "EVAL_GENERATION",
-    "EVAL_PREDICTION",
-    "EVAL_RECONSTRUCTION",
-    "GENERATE",
-    "GENERATE_GROUPS",
-    "PREDICT",
-    "PREDICT_GROUPS",
-    "find_preprocessed",
-    "label_column_of",
-    "labelled_rows",
-    "load_splits",
-    "per_column",
-    "read_preprocessed",
-    "read_lines",
-    "transform_reference",
-    "write_evaluation",
-]
-
-# ------------------------------------------------------------------ the outputs of each step
-# A step's outputs in publish order (``list(PREDICT)``); scripts and readers name a file by
-# its field, so renaming an output is a change here only.
-
 
 class Outputs(tuple):
     """A step's output names in publish order, each also an attribute.
@@ -73,13 +36,38 @@ class Outputs(tuple):
 
 
 EVAL_ARGS = "eval_args.json"
-# The transform's outputs, relative to its output folder. Its files in ``eval/`` are named one by
-# one: ``eval/`` also holds what the eval scripts write (``eval/<name>/``), which a transform run
-# with --overwrite must leave alone.
+# The transform's files in ``eval/`` are named one by one: ``eval/<name>/`` holds the eval scripts'
+# outputs, which a transform run with --overwrite leaves alone.
 TRANSFORM = Outputs(sentences="cell_sentences", dataset="cell_sentences_hf", args="transform_args.json")
 TRANSFORM_EVAL = Outputs(metrics="eval/transformation_metrics.csv", fit="eval/log_rank_vs_log_expression.png",
                          reconstruction="eval/expression_vs_reconstruction.png", qc_by_label="eval/qc_by_label.csv")
 VOCAB = f"{TRANSFORM.sentences}/vocab.txt"
+PREDICT = Outputs(predictions="predictions.csv", annotated="annotated.h5ad", metrics="metrics.json",
+                  confusion="confusion_matrix.png", args="predict_args.json")
+# predict.py --multi_cell_column: one label per group of cells (its members in group_members.csv).
+PREDICT_GROUPS = Outputs(groups="group_predictions.csv", members="group_members.csv", metrics="metrics.json",
+                         args="predict_args.json")
+# generate.py --multi_cell_column: the generated groups, a row per cell (cell_name, cell_sentence,
+# group, requested_<column>).
+GENERATE_GROUPS = Outputs(cells="generated_groups.csv", metrics="metrics.json", args="generate_args.json")
+# old_predictions and old_confusion: outputs of earlier versions, listed so that a rerun removes them.
+GENERATE = Outputs(old_predictions="predictions.csv", old_confusion="confusion_matrix.png",
+                   cells="generated_cells.txt", labels="generated_labels.txt", dataset="generated_cells_hf",
+                   pca="real_vs_generated_pca.png", metrics="metrics.json", args="generate_args.json")
+EMBED = Outputs(embeddings="embeddings.h5ad", umap="umap.png", metrics="metrics.json", args="embed_args.json")
+EVAL_PREDICTION = Outputs(metrics="metrics.json", per_class="per_class.csv", confusion="confusion_matrix.png",
+                          args=EVAL_ARGS)
+EVAL_GENERATION = Outputs(metrics="metrics.json", per_type="per_type.csv", pca="real_vs_generated_pca.png",
+                          args=EVAL_ARGS)
+EVAL_EMBEDDING = Outputs(metrics="metrics.json", panels="embedding_vs_pca.png", args=EVAL_ARGS)
+EVAL_RECONSTRUCTION = Outputs(metrics="metrics.json", per_cell="per_cell.csv", fit="log_rank_vs_log_expression.png",
+                              reconstruction="expression_vs_reconstruction.png",
+                              per_cell_figure="per_cell_r_squared.png", args=EVAL_ARGS)
+# train.py's files in its run folder beside the model, adapter and tokenizer (the card is user_card when
+# README.md is the user's; run_args lies in <run>/checkpoints/ for a resume).
+TRAIN = Outputs(args="train_args.json", results="train_results.json", log="train_log.json", merged="merged",
+                card="README.md", user_card="MODEL_CARD.md", evaluations="model_card_evaluations.json",
+                figures="model_card_figures", run_args="run_args.json")
 
 
 def split_files(split: str) -> Outputs:
@@ -93,31 +81,12 @@ def preprocessed_name(stem: str) -> str:
 
 
 def transform_names(stem: str) -> list[str]:
-    """What the transform writes under its output folder, for an input named ``stem``, in
-    publish order."""
+    """What the transform writes for an input named ``stem``, in publish order."""
     return [*TRANSFORM, preprocessed_name(stem), *TRANSFORM_EVAL]
-PREDICT = Outputs(predictions="predictions.csv", annotated="annotated.h5ad", metrics="metrics.json",
-                  confusion="confusion_matrix.png", args="predict_args.json")
-# predict.py --multi_cell_column: one label per group of cells (its members in group_members.csv).
-PREDICT_GROUPS = Outputs(groups="group_predictions.csv", members="group_members.csv", metrics="metrics.json",
-                         args="predict_args.json")
-# generate.py --multi_cell_column: the generated groups, a row per cell (cell_name, cell_sentence,
-# group, requested_<column>).
-GENERATE_GROUPS = Outputs(cells="generated_groups.csv", metrics="metrics.json", args="generate_args.json")
-# old_predictions and old_confusion are outputs of earlier versions (prediction is predict.py's
-# now): listed so that --overwrite is asked for and a rerun removes them.
-GENERATE = Outputs(old_predictions="predictions.csv", old_confusion="confusion_matrix.png",
-                   cells="generated_cells.txt", labels="generated_labels.txt", dataset="generated_cells_hf",
-                   pca="real_vs_generated_pca.png", metrics="metrics.json", args="generate_args.json")
-EMBED = Outputs(embeddings="embeddings.h5ad", umap="umap.png", metrics="metrics.json", args="embed_args.json")
-EVAL_PREDICTION = Outputs(metrics="metrics.json", per_class="per_class.csv", confusion="confusion_matrix.png",
-                          args=EVAL_ARGS)
 
 
 def per_column(name: str, column: str) -> str:
-    """The name of output ``name`` for one of several predicted label columns (``predict.py`` and
-    ``eval/prediction.py`` on a model trained with ``--label_columns``); characters a file name
-    should not hold become ``_``.
+    """The name of output ``name`` for one of several predicted label columns (unsafe characters: ``_``).
 
     >>> per_column(PREDICT.confusion, "tissue"), per_column(EVAL_PREDICTION.per_class, "disease/state")
     ('confusion_matrix_tissue.png', 'per_class_disease_state.csv')
@@ -125,20 +94,13 @@ def per_column(name: str, column: str) -> str:
     stem, _, suffix = name.rpartition(".")
     safe = re.sub(r"[^A-Za-z0-9_.+-]", "_", str(column))
     return f"{stem}_{safe}.{suffix}"
-EVAL_GENERATION = Outputs(metrics="metrics.json", per_type="per_type.csv", pca="real_vs_generated_pca.png",
-                          args=EVAL_ARGS)
-EVAL_EMBEDDING = Outputs(metrics="metrics.json", panels="embedding_vs_pca.png", args=EVAL_ARGS)
-EVAL_RECONSTRUCTION = Outputs(metrics="metrics.json", per_cell="per_cell.csv", fit="log_rank_vs_log_expression.png",
-                              reconstruction="expression_vs_reconstruction.png",
-                              per_cell_figure="per_cell_r_squared.png", args=EVAL_ARGS)
 
 
 def read_lines(path: Path) -> list[str]:
     """Lines of a small text file (labels, names), without line ends; a final newline ends the last."""
     if not path.is_file():
         raise InputError(f"{path} does not exist.")
-    text = path.read_text()
-    lines = text.split("\n")
+    lines = path.read_text().split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     return [line.rstrip("\r") for line in lines]
@@ -163,8 +125,7 @@ def open_dataset_dict(data_dir: Path, *, single_ok: bool = False) -> Any:
 
 
 def split_table(data_dir: Path, split: str) -> Any:
-    """One row per cell of one split (or, ``"all"``, every split) of transform.py's
-    DatasetDict as a DataFrame, with a ``split`` column (and ``cell_name`` made when absent)."""
+    """One split (or ``"all"``) of transform.py's DatasetDict as a DataFrame with a ``split`` column."""
     import pandas as pd
 
     dd = open_dataset_dict(data_dir, single_ok=True)
@@ -213,8 +174,7 @@ def load_splits(data_dir: Path, split: str, label_column: str, *, need_labels: b
 
 
 def labelled_rows(tables: dict[str, Any], label_column: str) -> dict[str, Any]:
-    """The tables without cells that have no label (null: NaN in the transform's input), which
-    are neither asked, generated nor counted."""
+    """The tables without the cells that have no label (null)."""
     import pyarrow as pa
 
     from utils.models.examples import has_label
@@ -231,8 +191,7 @@ def labelled_rows(tables: dict[str, Any], label_column: str) -> dict[str, Any]:
 
 def transform_reference(transform_dir: Path, tables: dict[str, Any], top_k: int
                         ) -> tuple[VocabIndex, RankExpressionFit, bool]:
-    """The vocabulary and fit of the transform; without them, a nominal fit over the train genes
-    (the third value says which: True for the transform's)."""
+    """The transform's vocabulary and fit and True; without them, the train genes, a nominal fit, False."""
     settle_inputs(transform_dir)
     vocab_path = transform_dir / VOCAB
     metrics_path = transform_dir / TRANSFORM_EVAL.metrics
@@ -268,9 +227,8 @@ def label_column_of(transform_dir: Path, default: str = "cell_type") -> str:
 
 
 def read_preprocessed(source: Path, names: Any = None) -> Any:
-    """transform.py's preprocessed AnnData (log10(1 + normalized), CSR) in memory, or only the
-    cells named in ``names`` (those found, in the file's order). ``source`` is the file or the
-    transform's output folder; ``None`` when that folder holds none."""
+    """transform.py's preprocessed AnnData (``source``: the file or the transform's folder; None when
+    it has none) in memory, or only the cells in ``names`` found, in the file's order."""
     import anndata as ad
 
     settle_inputs(source)
@@ -290,16 +248,11 @@ def read_preprocessed(source: Path, names: Any = None) -> Any:
 
 def write_evaluation(output_dir: Path, names: list[str], *, metrics: dict[str, Any], figures: dict[str, Any],
                      frames: dict[str, Any], args: Any, overwrite: bool) -> None:
-    """Write ``metrics.json``, the figures (PNG: a matplotlib figure, or a function writing the
-    file at the path it is given), the frames (CSV) and the arguments into ``output_dir``
-    through a staging folder, so a failed run leaves no half of them.
-
-    ``names`` are all the outputs this evaluation can write (those of an earlier run that were
-    not written now are removed, so the folder never mixes two runs).
-    """
+    """Publish ``metrics.json``, the figures (a matplotlib figure, or a function writing the PNG at
+    a path), the frames (CSV) and the arguments into ``output_dir`` (``staged_outputs``; ``names``:
+    all the outputs this evaluation can write)."""
     with staged_outputs(output_dir, names, overwrite=overwrite) as tmp:
-        # Strict JSON (jq, JavaScript): a score that is not defined (NaN) is written as null.
-        (tmp / "metrics.json").write_text(strict_json(metrics, indent=2, default=_json_value) + "\n")
+        (tmp / "metrics.json").write_text(strict_json(metrics, indent=2, default=str) + "\n")
         for name, figure in figures.items():
             if callable(figure):  # a function that writes the file itself
                 figure(tmp / name)
@@ -308,10 +261,3 @@ def write_evaluation(output_dir: Path, names: list[str], *, metrics: dict[str, A
         for name, frame in frames.items():
             frame.to_csv(tmp / name, index=False)
         save_args(args, tmp / EVAL_ARGS)
-
-
-def _json_value(value: Any) -> Any:
-    """numpy scalars and paths as JSON values."""
-    if isinstance(value, np.generic):
-        return value.item()
-    return str(value)

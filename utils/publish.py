@@ -24,37 +24,20 @@ from utils.cli import InputError, Terminated
 logger = logging.getLogger("cell2sentence")
 
 
-def existing_outputs(output_dir: Path, names: Sequence[str]) -> list[Path]:
-    """The outputs among ``names`` that already exist under ``output_dir``."""
-    return [output_dir / name for name in names if (output_dir / name).exists()]
-
-
 def check_can_write(output_dir: Path, names: Sequence[str], *, overwrite: bool) -> None:
     """Fail before any work when an output exists and ``--overwrite`` was not given."""
-    found = existing_outputs(output_dir, names)
+    found = [output_dir / name for name in names if (output_dir / name).exists()]
     if found and not overwrite:
         shown = ", ".join(str(p) for p in found[:3])
-        raise InputError(
-            f"The output folder already holds results ({shown}); "
-            "pass --overwrite to replace them or choose another --output_dir."
-        )
+        raise InputError(f"The output folder already holds results ({shown}); "
+                         "pass --overwrite to replace them or choose another --output_dir.")
 
 
 LOCK_NAME = ".c2s-lock"
-
-
 STAGING_PREFIX = ".staging-"
-
-
 PUBLISH_PREFIX = ".publish-"
-
-
 TRASH_PREFIX = ".trash-"
-
-
 _NAMES_FILE = ".names.json"  # inside a staging folder: the outputs in publish order
-
-
 _OLD_DIR = ".old"  # inside a .publish-* folder: the outputs being replaced
 
 
@@ -78,26 +61,19 @@ def _unwritable(folder: Path, err: OSError) -> InputError:
     """One sentence for a folder that cannot be written."""
     if err.errno == errno.ENOSPC:
         return disk_full_error(folder)
-    reason = {errno.EROFS: "it is on a read-only file system",
-              errno.EACCES: "permission denied", errno.EPERM: "permission denied"}.get(
-        err.errno or 0, err.strerror or str(err))
+    reason = {errno.EROFS: "it is on a read-only file system", errno.EACCES: "permission denied",
+              errno.EPERM: "permission denied"}.get(err.errno or 0, err.strerror or str(err))
     return InputError(f"Cannot write to the output folder {folder} ({reason}); choose another output folder.")
 
 
 def disk_full_error(folder: Path, *, staged: bool = True) -> InputError:
-    """The sentence for a full disk: which folder and how much space is left there
-    (``staged``: the failed writes were staged outputs, now removed)."""
+    """The sentence for a full disk under ``folder`` (``staged``: what failed was staged, now removed)."""
     free = "unknown"
-    probe = Path(folder)
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
     with contextlib.suppress(OSError):
-        free = f"{shutil.disk_usage(probe).free / 2**20:,.1f} MiB"
-    return InputError(
-        f"The disk holding {folder} is full ({free} free)"
-        + ("; nothing was written: " if staged else ": ")
-        + "free some space or choose an output folder on another disk."
-    )
+        free = f"{shutil.disk_usage(_missing(Path(folder))[1]).free / 2**20:,.1f} MiB"
+    return InputError(f"The disk holding {folder} is full ({free} free)"
+                      + ("; nothing was written: " if staged else ": ")
+                      + "free some space or choose an output folder on another disk.")
 
 
 def is_disk_full(err: BaseException) -> bool:
@@ -114,13 +90,18 @@ def is_disk_full(err: BaseException) -> bool:
     return False
 
 
-def _make_dirs(folder: Path) -> list[Path]:
-    """Create ``folder`` and its parents; the ones created, deepest first."""
-    missing = []
-    probe = folder
+def _missing(folder: Path) -> tuple[list[Path], Path]:
+    """The folders of ``folder``'s path that do not exist, deepest first, and the first that does."""
+    missing, probe = [], folder
     while not probe.exists() and probe != probe.parent:
         missing.append(probe)
         probe = probe.parent
+    return missing, probe
+
+
+def _make_dirs(folder: Path) -> list[Path]:
+    """Create ``folder`` and its parents; the ones created, deepest first."""
+    missing, probe = _missing(folder)
     if probe.exists() and not probe.is_dir():
         what = "is" if probe == folder else f"cannot be created: {probe} is"
         raise InputError(f"The output folder {folder} {what} a file, not a folder; choose another output folder.")
@@ -132,8 +113,7 @@ def _make_dirs(folder: Path) -> list[Path]:
 
 
 def _lock(folder: Path) -> int:
-    """An exclusive lock on ``folder`` (``fcntl.flock`` on its lock file, released by the OS when
-    the process dies); one sentence when a live run holds it."""
+    """An exclusive ``flock`` on ``folder``'s lock file (released by the OS when the process dies)."""
     path = folder / LOCK_NAME
     while True:
         try:
@@ -145,11 +125,8 @@ def _lock(folder: Path) -> int:
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise FolderInUse(
-                f"The output folder {folder} is in use by another run (process {holder}); wait "
-                "for it to finish or choose another output folder.",
-                holder,
-            ) from None
+            raise FolderInUse(f"The output folder {folder} is in use by another run (process {holder}); wait "
+                              "for it to finish or choose another output folder.", holder) from None
         except OSError as err:  # a file system without locks (some NFS mounts)
             logger.warning("Cannot lock %s (%s); concurrent runs into it are not detected.", folder, err)
         try:
@@ -170,13 +147,8 @@ def _lock(folder: Path) -> int:
 
 def claim_output_dir(output_dir: Path, names: Sequence[str] = (), *, overwrite: bool = True) -> None:
     """Take ``output_dir`` for this run, before any work: create it, lock it, settle what
-    earlier runs left there, and check that ``names`` may be written.
-
-    Fails with one sentence when the folder (or a parent) is a file, cannot be written, is
-    held by another live run, or holds one of ``names`` and ``overwrite`` is false. The lock
-    is released by ``staged_outputs`` once it published, by ``release_output_dir``, or by the
-    OS when the process ends. Calling it again in the same process is a no-op beyond the check.
-    """
+    earlier runs left there, and check that ``names`` may be written (one sentence if not).
+    Again in the same process: only the check."""
     output_dir = Path(output_dir)
     key = output_dir.resolve()
     if key not in _HELD:
@@ -192,20 +164,17 @@ def claim_output_dir(output_dir: Path, names: Sequence[str] = (), *, overwrite: 
 
 
 def _remove_empty(folders: Sequence[Path]) -> None:
-    for folder in folders:
-        try:
+    with contextlib.suppress(OSError):  # stops at the first folder that is not empty
+        for folder in folders:
             folder.rmdir()
-        except OSError:
-            return
 
 
 def release_output_dir(output_dir: Path) -> None:
-    """Release this process's hold on ``output_dir`` (and remove the folder if this run made it
-    and left it empty)."""
-    if Path(output_dir).resolve() not in _HELD:
+    """Release this process's hold on ``output_dir`` (removed if this run made it and left it empty)."""
+    if (key := Path(output_dir).resolve()) not in _HELD:
         return
     with _signals_wait():  # a Ctrl-C now would leave the lock file behind
-        hold = _HELD.pop(Path(output_dir).resolve())
+        hold = _HELD.pop(key)
         with contextlib.suppress(OSError):
             (Path(output_dir) / LOCK_NAME).unlink()  # while still locked: see _lock
         os.close(hold.fd)
@@ -219,8 +188,7 @@ def release_output_dirs() -> None:
 
 
 def releasing_outputs(main: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorate a script's ``main``: the output folders it claimed are released when it returns
-    or fails, also when it is called from Python rather than through ``run_cli``."""
+    """Decorate a script's ``main``: the output folders it claimed are released when it ends."""
 
     @functools.wraps(main)
     def run(*args: Any, **kwargs: Any) -> Any:
@@ -228,8 +196,7 @@ def releasing_outputs(main: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return main(*args, **kwargs)
         except Exception as err:
-            # Named while the folder is still known: after the release below the CLI runner
-            # could only name the current folder's disk.
+            # Named while the folder is known: after the release the CLI could only name the cwd.
             held = [f for f in _HELD if f not in before]
             if held and not isinstance(err, InputError) and is_disk_full(err):
                 raise disk_full_error(held[0], staged=False) from None
@@ -242,8 +209,7 @@ def releasing_outputs(main: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _settle(folder: Path) -> None:
-    """Finish the committed publishes and remove the staging and trash folders that dead runs
-    left in ``folder`` (called with the folder's lock held)."""
+    """Finish the publishes and remove the staging and trash folders dead runs left (lock held)."""
     for committed in sorted(folder.glob(PUBLISH_PREFIX + "*")):
         logger.warning("Finishing the publish of outputs that an interrupted run left in %s.", folder)
         _finish_publish(committed, folder)
@@ -254,18 +220,9 @@ def _settle(folder: Path) -> None:
 
 
 def settle_inputs(*paths: Path, wait_s: float = 10.0) -> None:
-    """Make input folders safe to read: finish every publish that a killed run committed but
-    did not complete, in each of ``paths`` and in its parent (a published output such as
-    ``cell_sentences_hf/`` or ``merged/`` is moved into its parent folder; a run folder's
-    files into the folder itself). Call it before reading anything there.
-
-    Without it a reader sees the old outputs while the new ones wait in ``.publish-*`` (after a
-    kill at the commit point), or neither (a model without its config.json, a transform without
-    ``cell_sentences_hf``). A publish that another live run is making is waited for up to
-    ``wait_s`` seconds (it is a few renames); one that cannot be finished (the folder is
-    read-only, or the other run does not finish) is one sentence (``InputError``). Folders
-    without a pending publish are only looked at: nothing is written there.
-    """
+    """Finish every publish a killed run committed but did not complete, in each of ``paths``
+    and its parent; call it before reading there. A live run's publish is waited for up to
+    ``wait_s`` seconds; one that cannot be finished is an ``InputError``."""
     seen: set[Path] = set()
     for path in map(Path, paths):
         for folder in (path, path.parent):
@@ -287,27 +244,22 @@ def _settle_input(folder: Path, *, wait_s: float) -> None:
         _settle(folder)
         return
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise InputError(
-            f"{folder} holds outputs whose publish was cut short ({pending[0].name}), and this user cannot "
-            "finish it (the folder is not writable); rerun the step that wrote it, or run this once with "
-            "write access to the folder."
-        )
+        raise InputError(f"{folder} holds outputs whose publish was cut short ({pending[0].name}), and "
+                         "this user cannot finish it (the folder is not writable); rerun the step that wrote "
+                         "it, or run this once with write access to the folder.")
     deadline = time.monotonic() + wait_s
     while True:
         try:
             claim_output_dir(folder)  # finishes the publish under the folder's lock
+            release_output_dir(folder)
+            return
         except FolderInUse as err:
             if not _pending_publishes(folder):
                 return  # the live run finished its publish meanwhile
             if time.monotonic() >= deadline:
-                raise InputError(
-                    f"{folder} is being published by another run (process {err.holder}) "
-                    "that has not finished; wait for it to finish and run this again."
-                ) from None
+                raise InputError(f"{folder} is being published by another run (process {err.holder}) "
+                                 "that has not finished; wait for it to finish and run this again.") from None
             time.sleep(0.1)
-            continue
-        release_output_dir(folder)
-        return
 
 
 def _remove(path: Path) -> None:
@@ -358,14 +310,9 @@ def _finish_publish(committed: Path, folder: Path) -> None:
 
 
 def publish_staged(staging: Path, output_dir: Path, names: Sequence[str], *, whole: bool = False) -> list[str]:
-    """Move the outputs among ``names`` found in ``staging`` into ``output_dir`` with renames
-    only, replacing the old ones (see the notes above); returns the names published.
-
-    ``whole``: ``names`` are all the outputs the step can write, so an old one that this run did
-    not write goes too (the folder never mixes two runs). ``staging`` must be a ``.staging-*``
-    folder inside ``output_dir``. The first name is moved in last: a model folder's config.json,
-    so that a folder without it never looks finished.
-    """
+    """Move the outputs among ``names`` found in ``staging`` (a ``.staging-*`` folder inside
+    ``output_dir``) into ``output_dir`` by renames, the first name last; returns those published.
+    ``whole``: ``names`` are all the step's outputs, so an old one not written now goes too."""
     present = [n for n in dict.fromkeys(names) if (staging / n).exists() or (staging / n).is_symlink()]
     retired = [n for n in dict.fromkeys(names) if whole and n not in present]
     (staging / _NAMES_FILE).write_text(json.dumps({"publish": present, "retire": retired}))
@@ -380,19 +327,9 @@ def publish_staged(staging: Path, output_dir: Path, names: Sequence[str], *, who
 
 @contextlib.contextmanager
 def staged_outputs(output_dir: Path, names: Sequence[str], *, overwrite: bool) -> Iterator[Path]:
-    """Write outputs into a hidden temporary folder, then publish each of ``names`` in place.
-    ``names`` are every output the step can write: an old one not written now is removed, so the
-    folder never mixes two runs.
-
-    On any failure (or Ctrl-C, SIGTERM) the temporary folder is removed and nothing under
-    ``output_dir`` changes, so the next step never reads a half-written output; a full disk
-    becomes one sentence. The publish replaces old outputs by renames only (old ones aside,
-    new ones in, old ones deleted), checks ``overwrite`` again, and ends the run's hold on the
-    folder (see ``claim_output_dir``, which this calls if the script did not).
-
-    >>> with staged_outputs(Path("data"), ["eval"], overwrite=True) as tmp:  # doctest: +SKIP
-    ...     (tmp / "eval").mkdir()
-    """
+    """Yield a hidden staging folder, then publish each of ``names`` (every output the step can
+    write: an old one not written now is removed) and release ``output_dir``. On any failure,
+    Ctrl-C or SIGTERM nothing under ``output_dir`` changes; a full disk is one sentence."""
     output_dir = Path(output_dir)
     claim_output_dir(output_dir, names, overwrite=overwrite)
     try:

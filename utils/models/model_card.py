@@ -1,8 +1,5 @@
-"""The model card (``README.md``) of a ``train.py`` run folder: a pure function of its records
-(``train_args.json``, ``recipe.json``, ``train_results.json``, ``train_log.json``, the config, the eval
-scripts' figures in ``model_card_evaluations.json`` and ``model_card_figures/``), front matter by
-``huggingface_hub``. A ``README.md`` without the card's marker is the user's: kept, the card is then
-``MODEL_CARD.md``."""
+"""The model card (``README.md``) of a ``train.py`` run folder, rendered from its records and the eval
+scripts' results. A ``README.md`` without the card's marker is the user's: the card is ``MODEL_CARD.md``."""
 
 from __future__ import annotations
 
@@ -16,14 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from utils.cli import InputError, strict_json
+from utils.contract import TRAIN, TRANSFORM
 from utils.models.recipe import Recipe
 
 logger = logging.getLogger("cell2sentence")
 
-CARD_FILE = "README.md"
-USER_README_CARD_FILE = "MODEL_CARD.md"  # the card's name when README.md is the user's
-EVALUATIONS_FILE = "model_card_evaluations.json"
-FIGURES_DIR = "model_card_figures"
+USER_README_CARD_FILE, EVALUATIONS_FILE, FIGURES_DIR = TRAIN.user_card, TRAIN.evaluations, TRAIN.figures
 MARKER = ("<!-- cell2sentence model card, written from the run's records by utils/models/model_card.py and "
           "rewritten by train.py and the eval scripts; a README.md without this line is yours and is kept -->")
 TAGS = ("cell2sentence", "single-cell", "scRNA-seq", "biology")
@@ -41,18 +36,16 @@ def _read(path: Path) -> Any:
 
 
 def card_name(folder: Path) -> str:
-    """``README.md``, or ``MODEL_CARD.md`` when ``folder`` holds a README.md of the user's (one
-    without the card's marker)."""
-    readme = Path(folder) / CARD_FILE
+    """``README.md``, or ``MODEL_CARD.md`` when ``folder`` holds a README.md of the user's."""
+    readme = Path(folder) / TRAIN.card
     ours = not readme.is_file() or MARKER in readme.read_text(errors="replace")
-    return CARD_FILE if ours else USER_README_CARD_FILE
+    return TRAIN.card if ours else USER_README_CARD_FILE
 
 
 def run_facts(model_args: Any, data_args: Any, dataset: Any, train_split: Any, valid_split: Any) -> dict[str, Any]:
-    """For ``train_args.json``, what the card states beyond the flags: the hub model fine-tuned
-    (``base_model``: None from scratch or a local folder) and the cells and input files."""
+    """What the card states beyond the flags (for ``train_args.json``): the hub base model and the data."""
     name = None if model_args.init_from_scratch else model_args.model_name
-    source = _read(Path(data_args.data_dir).parent / "transform_args.json").get("data_filepath")
+    source = _read(Path(data_args.data_dir).parent / TRANSFORM.args).get("data_filepath")
     return {"base_model": name if name and not Path(name).expanduser().is_dir() else None, "data_summary": {
         "cells": {split: len(cells) for split, cells in dataset.items()}, "train_cells": len(train_split),
         "eval_cells": 0 if valid_split is None else len(valid_split),
@@ -105,11 +98,10 @@ def render_card(folder: Path, evaluations: Mapping[str, Any] | None = None) -> s
     """The card of a run folder (or its ``merged/``); ``evaluations``: default its records'."""
     from huggingface_hub import ModelCardData
 
-    from utils.models.run_folder import LOG_FILE, MERGED_DIR, RESULTS_FILE, TRAIN_ARGS_FILE
 
     folder = Path(folder)
-    record, recipe, config = _read(folder / TRAIN_ARGS_FILE), Recipe.read(folder), _read(folder / "config.json")
-    results, log = _read(folder / RESULTS_FILE), _read(folder / LOG_FILE)
+    record, recipe, config = _read(folder / TRAIN.args), Recipe.read(folder), _read(folder / "config.json")
+    results, log = _read(folder / TRAIN.results), _read(folder / TRAIN.log)
     evaluations = _read(folder / EVALUATIONS_FILE) if evaluations is None else evaluations
     adapter, lora, hub_base = (folder / "adapter_config.json").is_file(), record.get("lora"), record.get("base_model")
     merged = bool(lora) and not adapter
@@ -127,7 +119,7 @@ def render_card(folder: Path, evaluations: Mapping[str, Any] | None = None) -> s
     about = lora and (f"LoRA adapter (rank {lora.get('r')}, alpha {_fmt(lora.get('alpha'))}, dropout "
                       f"{_fmt(lora.get('dropout'))}, modules {', '.join(lora.get('target_modules') or [])})")
     weights = ("full model" if not lora else f"{about} merged into the base model's weights" if merged else
-               f"{about}; it loads with its base model" + (f"; merged: `{MERGED_DIR}/`" * bool(lora.get("merged"))))
+               f"{about}; it loads with its base model" + (f"; merged: `{TRAIN.merged}/`" * bool(lora.get("merged"))))
     arch = [f"{label}{_fmt(config[key])}" for label, keys in ARCHITECTURE for key in keys if key in config]
     out += ["## Model", "", *_table([("Base model", base), ("Weights", weights),
                                      *([("Architecture", ", ".join(arch))] if arch else []),
@@ -172,7 +164,7 @@ def render_card(folder: Path, evaluations: Mapping[str, Any] | None = None) -> s
                                    "`eval/embedding.py` add their figures here.", ""]
     for key in sorted(evaluations):
         out += _evaluation(key, evaluations[key])
-    ref = (f"{record['run_dir']}/{MERGED_DIR}" if merged and record.get("run_dir") else
+    ref = (f"{record['run_dir']}/{TRAIN.merged}" if merged and record.get("run_dir") else
            record.get("hub_repo") or record.get("run_dir") or f"data/model/{name}")
     return "\n".join(out + _usage(ref, recipe, adapter=adapter))
 
@@ -195,7 +187,7 @@ def _usage(ref: str, recipe: Recipe, *, adapter: bool) -> list[str]:
             * adapter]
 
 
-def write_model_card(folder: Path, name: str = CARD_FILE) -> Path:
+def write_model_card(folder: Path, name: str = TRAIN.card) -> Path:
     """Write the card of ``folder``, rendered from its records, as ``folder/name``."""
     (Path(folder) / name).write_text(render_card(folder))
     return Path(folder) / name
@@ -211,16 +203,13 @@ def _clean(metrics: Mapping[str, Any]) -> dict[str, Any]:
 def add_evaluation_to_card(model_dir: str | Path | None, name: str, metrics: Mapping[str, Any], *,
                            figures: Mapping[str, str | Path] | None = None,
                            source: str | Path | None = None) -> Path | None:
-    """Record the evaluation ``name`` of the model in ``model_dir`` (its headline ``metrics``, its
-    ``figures``: caption -> PNG, copied in, and ``source``: where all its results are) and render
-    the card again, published at once; returns the card. Nothing is written (None) for no train.py
-    run folder (a hub name, a published model); a folder that cannot be written is a warning (the
-    evaluation is done). The next train.py publish on the folder drops the evaluations."""
-    from utils.models.run_folder import TRAIN_ARGS_FILE
+    """Record the evaluation ``name`` (headline ``metrics``, ``figures``: caption -> PNG, ``source`` of all
+    results) in the run folder ``model_dir`` and render its card again; returns the card, or None for
+    no run folder or one that cannot be written (a warning)."""
     from utils.publish import staged_outputs
 
     folder = None if model_dir is None else Path(str(model_dir)).expanduser()
-    if folder is None or not (folder / TRAIN_ARGS_FILE).is_file():
+    if folder is None or not (folder / TRAIN.args).is_file():
         logger.info("%s is no train.py run folder: no model card to add the %s evaluation to.", model_dir, name)
         return None
     evaluations, card = dict(_read(folder / EVALUATIONS_FILE)), card_name(folder)
@@ -242,8 +231,7 @@ def add_evaluation_to_card(model_dir: str | Path | None, name: str, metrics: Map
 
 
 def recorded_model_dir(step_dir: str | Path) -> str | None:
-    """The ``--model_dir`` that predict.py, generate.py or embed.py recorded in ``step_dir`` (its
-    ``*_args.json``): the model an eval script scored; None when none is recorded."""
+    """The ``--model_dir`` predict.py, generate.py or embed.py recorded in ``step_dir``, or None."""
     from utils.contract import EMBED, GENERATE, PREDICT
 
     found = [_read(Path(step_dir) / name).get("model_dir") for name in (PREDICT.args, GENERATE.args, EMBED.args)]

@@ -1,12 +1,7 @@
-"""The run folder of ``train.py``: where a run lives (``<output_dir>/<run_name>/``), its
-checkpoints (``<run>/checkpoints/checkpoint-N``), claiming the folder, and the final publish of
-the model with its records (``train_args.json``, ``recipe.json``, metrics, log) through the one
-publish protocol of ``utils.publish``, with its model card (``utils.models.model_card``), and the
-push of the published folder to the hub (``--push_to_hub``).
-
-What a run writes into its folder is named here (``is_run_output``): a later run on the folder
-may replace or remove those files, never anything else of the user's.
-"""
+"""The run folder of ``train.py`` (``<output_dir>/<run_name>/``, checkpoints in
+``<run>/checkpoints/checkpoint-N``): claiming it, the final publish of the model with its records
+and card, and the push to the hub. A later run may replace or remove what a run writes there
+(``is_run_output``), never anything else of the user's."""
 
 from __future__ import annotations
 
@@ -20,37 +15,22 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from utils.cli import InputError, strict_json
-from utils.models.model_card import (
-    CARD_FILE,
-    EVALUATIONS_FILE,
-    FIGURES_DIR,
-    USER_README_CARD_FILE,
-    card_name,
-    write_model_card,
-)
+from utils.cli import InputError, save_args, strict_json
+from utils.contract import TRAIN
+from utils.models.model_card import card_name, write_model_card
 from utils.models.recipe import RECIPE_FILE, Recipe
 from utils.publish import check_can_write, claim_output_dir, publish_staged, release_output_dir
 
 logger = logging.getLogger("cell2sentence.train")
 
-TRAIN_ARGS_FILE = "train_args.json"
-RESULTS_FILE = "train_results.json"
-LOG_FILE = "train_log.json"
-RUN_ARGS_FILE = "run_args.json"  # inside <run>/checkpoints, read when resuming
-MERGED_DIR = "merged"
 STAGING_DIR = ".staging-final"
-# What a run writes into its folder besides model, adapter and tokenizer files
-# (utils.models.files names those): a later run on the folder may replace or remove these,
-# never anything else. The card README.md is replaced only when it is the card (it carries the
-# card's marker): a README.md of the user's stays, and the card is MODEL_CARD.md then.
+# What a run writes into its folder besides model, adapter and tokenizer files (utils.models.files).
+# README.md is replaced only when it is the card (card_name).
 RUN_OUTPUTS = frozenset({
-    TRAIN_ARGS_FILE, RESULTS_FILE, LOG_FILE, RECIPE_FILE, MERGED_DIR, USER_README_CARD_FILE,
-    EVALUATIONS_FILE, FIGURES_DIR, "config.json",
-    "generation_config.json", "adapter_config.json", "tokenizer_config.json",
-    "special_tokens_map.json", "added_tokens.json", "merges.txt", "chat_template.jinja",
-    "chat_template.json", "training_args.bin",
-})
+    TRAIN.args, TRAIN.results, TRAIN.log, RECIPE_FILE, TRAIN.merged, TRAIN.user_card, TRAIN.evaluations,
+    TRAIN.figures, "config.json", "generation_config.json", "adapter_config.json", "tokenizer_config.json",
+    "special_tokens_map.json", "added_tokens.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+    "training_args.bin"})
 _SHARD = re.compile(r"(model|pytorch_model|adapter_model)-\d+-of-\d+\.(safetensors|bin)")
 # Not pushed to the hub: the checkpoints (the Trainer leaves them out too), lock and staging files.
 PUSH_IGNORE = ["checkpoints/*", ".*", "*/.*"]
@@ -72,31 +52,20 @@ def _broadcast(value: Any) -> Any:
     return value
 
 
-def write_json(path: Path, value: Any) -> None:
-    """A record as indented, key-sorted JSON (paths and other objects as strings)."""
-    path.write_text(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
-
-
 def default_run_name(model_args: Any) -> str:
     """``<model>-<UTC timestamp>``, e.g. ``gpt2-20240101-120000``."""
-    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    if model_args.init_from_scratch:
-        base = f"scratch-L{model_args.n_layer}-D{model_args.n_embd}"
-    else:
-        base = Path(model_args.model_name.rstrip("/")).name or "model"
-    return f"{base}-{stamp}"
+    m = model_args
+    base = f"scratch-L{m.n_layer}-D{m.n_embd}" if m.init_from_scratch else Path(m.model_name.rstrip("/")).name
+    return f"{base or 'model'}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
 
 
 def latest_checkpoint(checkpoints_dir: Path, *, complete: bool = True) -> Path | None:
-    """The ``checkpoint-N`` folder with the largest N, or None; with ``complete``, the largest
-    that can be resumed from (one the Trainer was still writing when the run died is skipped)."""
+    """The ``checkpoint-N`` folder with the largest N (``complete``: that can be resumed from), or None."""
     from utils.models.files import checkpoint_problem
 
-    found = sorted(
-        (p for p in checkpoints_dir.glob("checkpoint-*")
-         if p.is_dir() and p.name.split("-")[-1].isdigit()),
-        key=lambda p: int(p.name.split("-")[-1]), reverse=True,
-    )
+    found = sorted((p for p in checkpoints_dir.glob("checkpoint-*")
+                    if p.is_dir() and p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
     for candidate in found:
         problem = checkpoint_problem(candidate) if complete else None
         if problem is None:
@@ -106,8 +75,7 @@ def latest_checkpoint(checkpoints_dir: Path, *, complete: bool = True) -> Path |
 
 
 def resolve_run(args: Any) -> tuple[Path, Path | None]:
-    """The run folder and the checkpoint to resume from (None: a fresh run) of train.py's
-    parsed flags ``args``."""
+    """The run folder and the checkpoint to resume from (None: a fresh run) of train.py's ``args``."""
     from utils.models.files import checkpoint_problem
 
     m, t = args.model, args.training
@@ -119,19 +87,14 @@ def resolve_run(args: Any) -> tuple[Path, Path | None]:
             raise InputError("--checkpoint latest needs --run_name of the run to resume.")
         checkpoint = latest_checkpoint(output_dir / run_name / "checkpoints")
         if checkpoint is None:
-            raise InputError(
-                f"No complete checkpoint-N folder in {output_dir / run_name / 'checkpoints'}; "
-                "pass --checkpoint with a checkpoint folder."
-            )
+            raise InputError(f"No complete checkpoint-N folder in {output_dir / run_name / 'checkpoints'}; "
+                             "pass --checkpoint with a checkpoint folder.")
     elif m.checkpoint:
         checkpoint = Path(m.checkpoint)
         if not (checkpoint / "trainer_state.json").is_file():
-            raise InputError(
-                f"{checkpoint} is no Trainer checkpoint (no trainer_state.json); pass a "
-                "<run>/checkpoints/checkpoint-N folder or --checkpoint latest."
-            )
-        problem = checkpoint_problem(checkpoint)
-        if problem:
+            raise InputError(f"{checkpoint} is no Trainer checkpoint (no trainer_state.json); pass a "
+                             "<run>/checkpoints/checkpoint-N folder or --checkpoint latest.")
+        if problem := checkpoint_problem(checkpoint):
             raise InputError(f"Cannot resume from {checkpoint}: {problem}; pass an earlier "
                              "checkpoint-N folder.")
     if run_name:
@@ -143,17 +106,12 @@ def resolve_run(args: Any) -> tuple[Path, Path | None]:
     return run_dir, checkpoint
 
 
-def prepare_run_dir(
-    run_dir: Path, checkpoint: Path | None, *, overwrite: bool, delete: bool = True
-) -> None:
-    """Refuse to replace a finished run without --overwrite (resuming a run from one of its
-    own checkpoints continues it: its final files are replaced); clear stale checkpoints
-    (only where ``delete``: rank 0 of a distributed run, which also holds the run's lock)."""
+def prepare_run_dir(run_dir: Path, checkpoint: Path | None, *, overwrite: bool, delete: bool = True) -> None:
+    """Refuse to replace a finished run without --overwrite (resuming from one of its own
+    checkpoints continues it); clear stale checkpoints where ``delete`` (rank 0, the lock holder)."""
     markers = ["config.json", "adapter_config.json"]
     checkpoints = run_dir / "checkpoints"
-    resuming_here = checkpoint is not None and checkpoints.resolve() in (
-        checkpoint.resolve().parents
-    )
+    resuming_here = checkpoint is not None and checkpoints.resolve() in checkpoint.resolve().parents
     if delete:
         claim_output_dir(run_dir, markers, overwrite=overwrite or resuming_here)
     else:
@@ -161,11 +119,8 @@ def prepare_run_dir(
     if not checkpoints.is_dir() or resuming_here:
         return
     if latest_checkpoint(checkpoints, complete=False) is not None and not overwrite:
-        raise InputError(
-            f"{checkpoints} holds checkpoints of an earlier run; resume it with "
-            f"--checkpoint latest --run_name {run_dir.name}, or pass --overwrite to start "
-            "over."
-        )
+        raise InputError(f"{checkpoints} holds checkpoints of an earlier run; resume it with --checkpoint "
+                         f"latest --run_name {run_dir.name}, or pass --overwrite to start over.")
     if delete:  # also the leftovers of a run that crashed before its first checkpoint
         shutil.rmtree(checkpoints, ignore_errors=True)
 
@@ -174,29 +129,20 @@ def write_run_record(training_args: Any, record: dict[str, Any], recipe: Recipe)
     """``<run>/checkpoints/run_args.json``: the record and recipe a resume reads (rank 0)."""
     if is_rank_zero(training_args):
         Path(training_args.output_dir).mkdir(parents=True, exist_ok=True)
-        write_json(Path(training_args.output_dir) / RUN_ARGS_FILE,
-                   {**record, "recipe": recipe.to_dict()})
+        save_args({**record, "recipe": recipe.to_dict()}, Path(training_args.output_dir) / TRAIN.run_args)
 
 
 def is_run_output(name: str) -> bool:
-    """Whether ``name`` in a run folder is a file train.py writes there (a model, adapter or
-    tokenizer file, a record, ``merged/``); anything else is the user's."""
+    """Whether ``name`` in a run folder is one train.py writes there; anything else is the user's."""
     from utils.models.files import TOKENIZER_FILES, WEIGHT_FILES
 
-    return name in RUN_OUTPUTS or name in WEIGHT_FILES or name in TOKENIZER_FILES or bool(
-        _SHARD.fullmatch(name))
+    return name in {*RUN_OUTPUTS, *WEIGHT_FILES, *TOKENIZER_FILES} or bool(_SHARD.fullmatch(name))
 
 
 def publish(staging: Path, run_dir: Path) -> None:
-    """Move the staged final files into ``run_dir`` by renames, ``config.json`` (or a LoRA
-    run's ``adapter_config.json``) last and its old one aside first, then remove the files an
-    earlier run wrote that this one did not write again (a full model's weights when this run
-    is a LoRA adapter, say). The user's own files in the folder stay.
-
-    Without it a folder does not load as a model, so a crash in between never leaves
-    something that looks like a finished model; the next run on the folder finishes the
-    publish (``utils.publish.publish_staged``).
-    """
+    """Move the staged final files into ``run_dir`` by renames, ``config.json`` (or
+    ``adapter_config.json``) last, then remove the run outputs an earlier run wrote that this one
+    did not (a full model's weights before an adapter); the user's own files stay."""
     names = sorted(p.name for p in staging.iterdir())
     published = publish_staged(staging, run_dir, ["config.json", "adapter_config.json", *names])
     for old in sorted(run_dir.iterdir()):
@@ -207,31 +153,28 @@ def publish(staging: Path, run_dir: Path) -> None:
 
 def save_final_files(staging: Path, trainer: Any, tokenizer: Any, record: dict[str, Any],
                      recipe: Recipe, metrics: dict[str, Any], *, merge: bool) -> None:
-    """Write the tokenizer, the records, the recipe and the model card next to the saved model
-    in ``staging`` (and, with ``merge``, the merged model with the same records and its card
-    into ``merged/``, so that it is used exactly as the adapter folder). A README.md of the
-    user's in the run folder stays: the card is written as MODEL_CARD.md then, with a warning."""
+    """Write the tokenizer, records, recipe and card beside the saved model (``merge``: also ``merged/``)."""
     tokenizer.save_pretrained(str(staging))
     (staging / "training_args.bin").unlink(missing_ok=True)
-    (staging / CARD_FILE).unlink(missing_ok=True)  # peft's template; ours replaces it
+    (staging / TRAIN.card).unlink(missing_ok=True)  # peft's template; ours replaces it
     folders = [staging]
     if merge:
         # The adapter folds into the base weights: a plain model anyone loads without peft.
         merged = trainer.model.merge_and_unload()
-        merged.save_pretrained(str(staging / MERGED_DIR))
-        tokenizer.save_pretrained(str(staging / MERGED_DIR))
-        folders.append(staging / MERGED_DIR)
+        merged.save_pretrained(str(staging / TRAIN.merged))
+        tokenizer.save_pretrained(str(staging / TRAIN.merged))
+        folders.append(staging / TRAIN.merged)
     for folder in folders:
-        write_json(folder / TRAIN_ARGS_FILE, record)
+        save_args(record, folder / TRAIN.args)
         recipe.write(folder)
-        (folder / RESULTS_FILE).write_text(strict_json(metrics, indent=2, sort_keys=True) + "\n")
-        (folder / LOG_FILE).write_text(strict_json(trainer.state.log_history, indent=2) + "\n")
+        (folder / TRAIN.results).write_text(strict_json(metrics, indent=2, sort_keys=True) + "\n")
+        (folder / TRAIN.log).write_text(strict_json(trainer.state.log_history, indent=2) + "\n")
     card = card_name(staging.parent)
-    if card != CARD_FILE:
+    if card != TRAIN.card:
         logger.warning("%s is yours, so it stays; the model card is %s (rename it to README.md to have the "
-                       "hub show it).", staging.parent / CARD_FILE, staging.parent / card)
+                       "hub show it).", staging.parent / TRAIN.card, staging.parent / card)
     for folder in folders:
-        write_model_card(folder, card if folder == staging else CARD_FILE)
+        write_model_card(folder, card if folder == staging else TRAIN.card)
 
 
 class HubPush(NamedTuple):
@@ -243,10 +186,9 @@ class HubPush(NamedTuple):
 
 
 def hub_push(training_args: Any, run_dir: Path) -> HubPush | None:
-    """Take ``--push_to_hub`` over from the Trainer, whose pushes would upload its output folder
-    (``checkpoints/``) before the card and recipe exist: the repository is created now, as the
-    Trainer would (so that a missing login fails before training), and ``publish_run`` pushes
-    the published run folder. None without ``--push_to_hub`` (and on the other processes)."""
+    """Take ``--push_to_hub`` over from the Trainer (which would push ``checkpoints/`` before the card
+    exists): create the repository now, so that a missing login fails before training; ``publish_run``
+    pushes the published folder. None without ``--push_to_hub`` and on the other processes."""
     t = training_args
     if not t.push_to_hub:
         return None
@@ -261,22 +203,20 @@ def hub_push(training_args: Any, run_dir: Path) -> HubPush | None:
     except Exception as err:  # no network, no login, no rights: whatever the hub says
         raise InputError(f"--push_to_hub: the hub repository {name} cannot be created ({err}); log in with "
                          "`hf auth login` and check the network, or train without --push_to_hub.") from None
-    if getattr(t.hub_strategy, "value", t.hub_strategy) not in ("end", "every_save"):
+    if (strategy := getattr(t.hub_strategy, "value", t.hub_strategy)) not in ("end", "every_save"):
         logger.warning("--hub_strategy %s: train.py pushes the finished run folder only, no checkpoints.",
-                       getattr(t.hub_strategy, "value", t.hub_strategy))
+                       strategy)
     logger.info("The run folder goes to the hub repository %s once it is published.", url.repo_id)
     return HubPush(url.repo_id, t.hub_token, t.hub_revision)
 
 
 def push_run(run_dir: Path, hub: HubPush) -> None:
-    """Upload the run folder (its card, recipe, records, model or adapter, tokenizer, ``merged/``
-    and any file of the user's; not ``checkpoints/``) to ``hub.repo_id``; files of an earlier
-    push that a run writes but this one did not (a full model's weights before an adapter) go."""
+    """Upload the run folder but ``checkpoints/``; run outputs of an earlier push not written now go."""
     from huggingface_hub import HfApi
 
     from utils.models.files import TOKENIZER_FILES, WEIGHT_FILES
 
-    stale = sorted({*RUN_OUTPUTS, *WEIGHT_FILES, *TOKENIZER_FILES, f"{MERGED_DIR}/*", f"{FIGURES_DIR}/*",
+    stale = sorted({*RUN_OUTPUTS, *WEIGHT_FILES, *TOKENIZER_FILES, f"{TRAIN.merged}/*", f"{TRAIN.figures}/*",
                     "*-of-*.safetensors", "*-of-*.bin"})
     config = run_dir / "adapter_config.json"
     base = json.loads(config.read_text()).get("base_model_name_or_path") if config.is_file() else None
@@ -296,10 +236,8 @@ def push_run(run_dir: Path, hub: HubPush) -> None:
 
 def publish_run(trainer: Any, tokenizer: Any, run_dir: Path, record: dict[str, Any],
                 recipe: Recipe, metrics: dict[str, Any], *, merge: bool, hub: HubPush | None = None) -> None:
-    """Save the trained model into a staging folder of ``run_dir`` with its records, update the
-    run record of the checkpoints, and publish (rank 0 writes; every process takes part in
-    saving, so that sharded/DeepSpeed weights are gathered), then push it with ``hub``. A
-    failure on the way (a full disk, Ctrl-C) removes the half-written staging folder at once."""
+    """Save the model with its records into a staging folder of ``run_dir`` (every process takes part,
+    so that sharded weights are gathered; rank 0 writes), publish it and push it with ``hub``."""
     t = trainer.args
     if hub is not None:
         record = {**record, "hub_repo": hub.repo_id}
@@ -318,24 +256,19 @@ def publish_run(trainer: Any, tokenizer: Any, run_dir: Path, record: dict[str, A
             shutil.rmtree(staging, ignore_errors=True)
         raise
     if is_rank_zero(t):
-        logger.info(
-            "Wrote the model to %s after %s steps (train loss %.4f%s).",
-            run_dir, f"{trainer.state.global_step:,}", metrics.get("train_loss", float("nan")),
-            f", eval loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else "",
-        )
+        logger.info("Wrote the model to %s after %s steps (train loss %.4f%s).", run_dir,
+                    f"{trainer.state.global_step:,}", metrics.get("train_loss", float("nan")),
+                    f", eval loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else "")
         if hub is not None:
             push_run(run_dir, hub)
     trainer.accelerator.wait_for_everyone()
 
 
 def final_eval_metrics(trainer: Any) -> dict[str, Any]:
-    """The evaluation at the last step (the Trainer's own when it evaluated there), with the
-    perplexity."""
+    """The evaluation at the last step (the Trainer's own when it evaluated there), with the perplexity."""
     last_eval = [h for h in trainer.state.log_history if "eval_loss" in h]
     if last_eval and last_eval[-1].get("step") == trainer.state.global_step:
-        eval_metrics = dict(last_eval[-1])  # evaluated at the last step already
-        eval_metrics.pop("step", None)
-        eval_metrics.pop("epoch", None)
+        eval_metrics = {k: v for k, v in last_eval[-1].items() if k not in ("step", "epoch")}
     else:
         eval_metrics = trainer.evaluate()
     with contextlib.suppress(OverflowError):

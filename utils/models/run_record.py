@@ -1,11 +1,6 @@
-"""What a ``train.py`` run records (``train_args.json``, and ``run_args.json`` beside its
-checkpoints) and how a resume continues the run from that record.
-
-The record holds every flag plus what the run derived from them; its ``flags`` are the model and
-data flags and the seed as they were given (``MODEL_FLAGS``, ``DATA_FLAGS``), which a resume
-restores; the optimization (``TRAINING_FLAGS``) comes back unless given again. A record written
-before a flag was renamed (``utils.cli.RENAMED_FLAGS``) is read with the new names.
-"""
+"""What a ``train.py`` run records (``train_args.json``, ``checkpoints/run_args.json``) and how a
+resume continues the run from it: the recorded model and data flags and seed are restored, the
+optimization (``TRAINING_FLAGS``) unless given again."""
 
 from __future__ import annotations
 
@@ -19,29 +14,27 @@ from pathlib import Path
 from typing import Any
 
 from utils.cli import RENAMED_FLAGS, InputError
+from utils.contract import TRAIN
 from utils.models.recipe import Recipe
 
 logger = logging.getLogger("cell2sentence.train")
 
-# The flags that make a run what it is: resuming restores them from the run's record.
-# The optimization a resume keeps unless given again (then used, with a warning): a different
-# batch size would also make the Trainer skip the wrong number of batches of the epoch.
+# The optimization a resume keeps unless given again (a different batch size would also make the
+# Trainer skip the wrong number of batches of the epoch).
 TRAINING_FLAGS = ("per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
-                  "weight_decay", "warmup_steps", "warmup_ratio", "max_grad_norm",
-                  "lr_scheduler_type")
+                  "weight_decay", "warmup_steps", "warmup_ratio", "max_grad_norm", "lr_scheduler_type")
+# The flags that make a run what it is: a resume restores them.
 MODEL_FLAGS = ("model_name", "init_from_scratch", "n_layer", "n_embd", "n_head", "n_positions",
                "min_gene_count", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
-DATA_FLAGS = ("data_dir", "top_k_genes", "tasks", "task_weights", "label_column", "label_columns", "multi_cell_column",
-              "cells_per_example",
-              "prompt_format", "organism", "max_seq_length", "max_train_samples",
-              "max_eval_samples")
-# A record's keys of flags renamed since (e.g. cell_type_column -> label_column)
+DATA_FLAGS = ("data_dir", "top_k_genes", "tasks", "task_weights", "label_column", "label_columns",
+              "multi_cell_column", "cells_per_example", "prompt_format", "organism", "max_seq_length",
+              "max_train_samples", "max_eval_samples")
 _RENAMED_KEYS = {old.removeprefix("--"): new.removeprefix("--") for old, new in RENAMED_FLAGS.items()}
 
 
 def renamed_keys(record: Mapping[str, Any]) -> dict[str, Any]:
-    """``record`` (``train_args.json``, ``run_args.json``) with the keys of renamed flags under
-    their new names, in ``record`` and its ``flags``; a new name already there is kept.
+    """``record`` with the keys of renamed flags (``RENAMED_FLAGS``), also in its ``flags``, under
+    their new names; a new name already there is kept.
 
     >>> renamed_keys({"cell_type_column": "tissue", "seed": 1})
     {'label_column': 'tissue', 'seed': 1}
@@ -57,45 +50,35 @@ def renamed_keys(record: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def read_run_record(checkpoint: Path) -> tuple[dict[str, Any], Path] | None:
-    """The record of the run ``checkpoint`` belongs to and its path: ``run_args.json`` beside
-    the checkpoints, else the run's ``train_args.json``; None when it has neither."""
-    from utils.models.run_folder import RUN_ARGS_FILE, TRAIN_ARGS_FILE
-
-    for path in (checkpoint.parent / RUN_ARGS_FILE, checkpoint.parent.parent / TRAIN_ARGS_FILE):
+    """The record (``run_args.json``, else ``train_args.json``) of ``checkpoint``'s run and its path."""
+    for path in (checkpoint.parent / TRAIN.run_args, checkpoint.parent.parent / TRAIN.args):
         if not path.is_file():
             continue
         try:
             record = json.loads(path.read_text())
         except (ValueError, UnicodeDecodeError) as err:
-            raise InputError(
-                f"{path} is not valid JSON ({err}), so the run to resume is unknown; restore "
-                "the file or start a new run without --checkpoint."
-            ) from None
+            raise InputError(f"{path} is not valid JSON ({err}), so the run to resume is unknown; restore "
+                             "the file or start a new run without --checkpoint.") from None
         if isinstance(record, dict):
             return renamed_keys(record), path
     return None
 
 
 def resume_run(args: Any, checkpoint: Path | None) -> dict[str, Any]:
-    """Restore the run ``checkpoint`` belongs to into ``args`` (train.py's parsed flags) and
-    return its record; {} for a fresh run, or a checkpoint whose run has no record (the flags
-    as given, with a warning)."""
+    """Restore the run of ``checkpoint`` into ``args``; its record, {} for a fresh run or none recorded."""
     if checkpoint is None:
         return {}
     found = read_run_record(checkpoint)
     if found is None:
-        from utils.models.run_folder import RUN_ARGS_FILE
-
         logger.warning("%s has no run record (%s); resuming with the flags as given.",
-                       checkpoint, checkpoint.parent / RUN_ARGS_FILE)
+                       checkpoint, checkpoint.parent / TRAIN.run_args)
         return {}
     restore_run(args, *found)
     return found[0]
 
 
 def recorded_flags(args: Any) -> dict[str, Any]:
-    """The flags of ``MODEL_FLAGS``, ``DATA_FLAGS`` and the seed, as given (before the run
-    derives anything from them): what a resume restores."""
+    """The flags a resume restores, as given (before the run derives anything from them)."""
     values = {name: getattr(args.model, name) for name in MODEL_FLAGS}
     values.update({name: getattr(args.data, name) for name in DATA_FLAGS})
     values["seed"] = args.training.seed
@@ -119,8 +102,7 @@ def _flags_of(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def _given(args: Any) -> frozenset[str]:
-    """The flags given on the command line; for arguments made in Python, those off their
-    defaults."""
+    """The flags given on the command line (arguments made in Python: those off their defaults)."""
     if args.given is not None:
         return args.given
     seed_default = type(args.training).__dataclass_fields__["seed"].default
@@ -129,24 +111,16 @@ def _given(args: Any) -> frozenset[str]:
     return frozenset(k for k, v in current.items() if v != defaults.get(k))
 
 
-def _same_flag(name: str, value: Any, *recorded: Any) -> bool:
-    """Whether a given flag value is one of the recorded ones (folders compared as paths)."""
-    for other in recorded:
-        if name in ("data_dir", "model_name") and value is not None and other is not None:
-            if Path(value).expanduser().resolve() == Path(other).expanduser().resolve():
-                return True
-        elif value == other:
-            return True
-    return False
+def _same_flag(name: str, value: Any, other: Any) -> bool:
+    """Whether a given flag value is the recorded one (folders compared as paths)."""
+    if name in ("data_dir", "model_name") and value is not None and other is not None:
+        return Path(value).expanduser().resolve() == Path(other).expanduser().resolve()
+    return value == other
 
 
 def restore_run(args: Any, record: dict[str, Any], source: Path) -> None:
-    """Continue the recorded run as it was: its model and data flags and seed replace the
-    ones of ``args``; a flag given on the command line with another value is one sentence.
-
-    The recorded value counts as given either as the run had it (``--max_seq_length 2000``)
-    or as the run derived it (the context of 1024 it became, the label column ``cell_type``).
-    """
+    """Continue the recorded run: its model and data flags and seed replace those of ``args``; a flag
+    given with another value than recorded (as given or as derived) is an ``InputError``."""
     from utils.models.examples import parse_tasks
 
     record = renamed_keys(record)
@@ -161,36 +135,28 @@ def restore_run(args: Any, record: dict[str, Any], source: Path) -> None:
                 math.isclose(mix[k], recorded_mix[k], rel_tol=1e-6) for k in mix):
             def show(m: dict[str, float]) -> str:
                 return ", ".join(f"{k}={v:.2f}" for k, v in m.items())
-            raise InputError(
-                f"--tasks/--task_weights give {show(mix)}, but the run being resumed was trained "
-                f"with {show(recorded_mix)} (recorded in {source}); drop the flags to continue "
-                "the run as it was, or start a new run without --checkpoint."
-            )
+            raise InputError(f"--tasks/--task_weights give {show(mix)}, but the run being resumed was "
+                             f"trained with {show(recorded_mix)} (recorded in {source}); drop the flags to "
+                             "continue the run as it was, or start a new run without --checkpoint.")
     for name, holder in holders.items():
         if name not in flags:
             continue
         value, recorded = getattr(holder, name), flags[name]
         if (name in given and name not in ("tasks", "task_weights")
-                and not _same_flag(name, value, recorded, record.get(name))):
-            raise InputError(
-                f"--{name} {value} differs from the {recorded} that the run being resumed was "
-                f"trained with (recorded in {source}); drop the flag to continue the run as it "
-                "was, or start a new run without --checkpoint."
-            )
+                and not any(_same_flag(name, value, other) for other in (recorded, record.get(name)))):
+            raise InputError(f"--{name} {value} differs from the {recorded} that the run being resumed was "
+                             f"trained with (recorded in {source}); drop the flag to continue the run as it "
+                             "was, or start a new run without --checkpoint.")
         setattr(holder, name, recorded)
     _restore_training(args.training, record.get("training") or {}, given, source)
     d = args.data
-    logger.info(
-        "Resuming the run recorded in %s: data %s, tasks %s, top %d genes, %s prompts, seed %d.",
-        source, d.data_dir, d.tasks or "(from the data)", d.top_k_genes, d.prompt_format,
-        args.training.seed,
-    )
+    logger.info("Resuming the run recorded in %s: data %s, tasks %s, top %d genes, %s prompts, seed %d.",
+                source, d.data_dir, d.tasks or "(from the data)", d.top_k_genes, d.prompt_format,
+                args.training.seed)
 
 
-def _restore_training(t: Any, recorded: dict[str, Any], given: frozenset[str],
-                      source: Path) -> None:
-    """The recorded optimization flags (``TRAINING_FLAGS``) replace the defaults; one given
-    with another value is used, with a warning (the resume records the change)."""
+def _restore_training(t: Any, recorded: dict[str, Any], given: frozenset[str], source: Path) -> None:
+    """The recorded ``TRAINING_FLAGS`` replace the defaults; one given with another value is a warning."""
     from transformers import SchedulerType
 
     for name in TRAINING_FLAGS:
@@ -200,61 +166,52 @@ def _restore_training(t: Any, recorded: dict[str, Any], given: frozenset[str],
         value = value.value if isinstance(value, SchedulerType) else value
         if name in given:
             if value != before:
-                logger.warning("--%s %s replaces the %s the run being resumed was trained "
-                               "with (%s).", name, value, before, source)
+                logger.warning("--%s %s replaces the %s the run being resumed was trained with (%s).",
+                               name, value, before, source)
             continue
         setattr(t, name, SchedulerType(before) if name == "lr_scheduler_type" else before)
 
 
-def effective_args(
-    args: Any, tasks: dict[str, float], max_length: int, stats: dict[str, Any],
-    tokenizer: Any, checkpoint: Path | None, run_dir: Path, cell_types: list[str],
-    lora_modules: Sequence[str] = (), flags: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """What train_args.json records: every flag plus what the run derived from them, and
-    (``flags``) the flags a resume restores as they were given."""
+def effective_args(args: Any, tasks: dict[str, float], max_length: int, stats: dict[str, Any], tokenizer: Any,
+                   checkpoint: Path | None, run_dir: Path, cell_types: list[str], lora_modules: Sequence[str] = (),
+                   flags: dict[str, Any] | None = None, *, facts: Mapping[str, Any] | None = None,
+                   earlier: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The run's one record (train_args.json): every flag, what the run derived, the ``flags`` as given
+    and the card's ``facts``; a resume extends the run's record ``earlier``, adding itself to ``resumes``."""
     from utils.models.prompts import prompt_format
 
-    fmt = prompt_format(args.data.prompt_format, organism=args.data.organism)
-    record: dict[str, Any] = {**asdict(args.model), **asdict(args.data)}
-    if args.model.init_from_scratch:
+    m, fmt = args.model, prompt_format(args.data.prompt_format, organism=args.data.organism)
+    record: dict[str, Any] = {**asdict(m), **asdict(args.data)}
+    if m.init_from_scratch:
         record["model_name"] = None  # no pretrained weights were used
         record["architecture"] = "gpt2"
     record.update(
-        run_name=run_dir.name,
-        run_dir=str(run_dir),
-        tasks=list(tasks),
-        task_weights=list(tasks.values()),
-        max_seq_length=max_length,
-        resumed_from=str(checkpoint) if checkpoint else None,
-        cell_types=cell_types,
-        train_examples=stats,
-        prompt_format=fmt.name,
+        run_name=run_dir.name, run_dir=str(run_dir), tasks=list(tasks), task_weights=list(tasks.values()),
+        max_seq_length=max_length, resumed_from=str(checkpoint) if checkpoint else None,
+        cell_types=cell_types, train_examples=stats, prompt_format=fmt.name,
         prompt_format_details={
-            **fmt.record(),
-            "prompt": "utils.models.examples.encode_prompt(tokenizer, prompt, format)",
-            "bos_token": tokenizer.bos_token,
-            "eos_token": tokenizer.eos_token,
+            **fmt.record(), "prompt": "utils.models.examples.encode_prompt(tokenizer, prompt, format)",
+            "bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token,
             "prompts_module": "utils/models/prompts.py",
         },
-        lora=(
-            {"r": args.model.lora_r, "alpha": args.model.lora_alpha,
-             "dropout": args.model.lora_dropout,
-             "target_modules": sorted(lora_modules), "merged": args.model.merge_lora}
-            if args.model.lora_r else None
-        ),
-        seed=args.training.seed,
-        training=json.loads(args.training.to_json_string()),
+        lora={"r": m.lora_r, "alpha": m.lora_alpha, "dropout": m.lora_dropout,
+              "target_modules": sorted(lora_modules), "merged": m.merge_lora} if m.lora_r else None,
+        seed=args.training.seed, training=json.loads(args.training.to_json_string()),
         flags=flags if flags is not None else recorded_flags(args),
     )
-    return record
+    record.update(facts or {})
+    if checkpoint is None or not earlier:
+        return record
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    entry = resume_entry(record, earlier, checkpoint, int(state["global_step"]))
+    kept = {k: v for k, v in earlier.items() if k not in ("recipe", "resumes")}
+    return {**kept, **record, "resumes": [*earlier.get("resumes", []), entry]}
 
 
 def training_recipe(data_args: Any, tasks: Mapping[str, float], cell_types: Sequence[str],
                     earlier: Mapping[str, Any]) -> Recipe:
-    """The recipe of the run (``data_args``: train.py's ``DataArguments``); the labels are part
-    of it only when a task taught them. A resume whose transform changed since the run's
-    record (``earlier``) is a warning."""
+    """The recipe of the run (labels only when a task taught them); a resume whose transform changed
+    since the run's record ``earlier`` is a warning."""
     from utils.models.examples import TYPED_TASKS
 
     d = data_args
@@ -268,21 +225,16 @@ def training_recipe(data_args: Any, tasks: Mapping[str, float], cell_types: Sequ
     before = earlier.get("recipe")
     if isinstance(before, dict) and (before.get("transform"), before.get("genes")) != (
             recipe.transform, recipe.genes):
-        logger.warning(
-            "The transform of %s changed since the run started (its options or vocabulary "
-            "differ from the run's recipe); the resumed run trains on the new sentences.",
-            d.data_dir,
-        )
+        logger.warning("The transform of %s changed since the run started (its options or vocabulary differ "
+                       "from the run's recipe); the resumed run trains on the new sentences.", d.data_dir)
     return recipe
 
 
 def resume_entry(record: dict[str, Any], earlier: dict[str, Any], checkpoint: Path,
                  from_step: int) -> dict[str, Any]:
-    """One entry of a record's ``resumes``: when, from which checkpoint and step, and the
-    values that differ from the run's record so far (``[before, now]``, e.g. a larger
-    ``training.max_steps``); ``to_step`` is filled in when the run ends."""
-    volatile = {"resumed_from", "resumes", "checkpoint", "overwrite", "recipe", "flags",
-                "training"}
+    """One entry of a record's ``resumes``: when, from which checkpoint and step, and the values that
+    differ from ``earlier`` (``[before, now]``); ``to_step`` is filled in when the run ends."""
+    volatile = {"resumed_from", "resumes", "checkpoint", "overwrite", "recipe", "flags", "training"}
     changed = {k: [earlier.get(k), v] for k, v in record.items()
                if k not in volatile and earlier.get(k) != v}
     before = earlier.get("training") or {}
@@ -292,14 +244,3 @@ def resume_entry(record: dict[str, Any], earlier: dict[str, Any], checkpoint: Pa
     return {"at": datetime.now(UTC).isoformat(timespec="seconds"), "checkpoint": str(checkpoint),
             "from_step": from_step, "to_step": None, "changed": changed}
 
-
-def extend_record(record: dict[str, Any], earlier: dict[str, Any],
-                  checkpoint: Path | None) -> dict[str, Any]:
-    """The record of a resumed run: the run's record so far (``earlier``) extended, never
-    replaced: what it held stays, the resume is added to its ``resumes``."""
-    if checkpoint is None or not earlier:
-        return record
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
-    entry = resume_entry(record, earlier, checkpoint, int(state["global_step"]))
-    kept = {k: v for k, v in earlier.items() if k not in ("recipe", "resumes")}
-    return {**kept, **record, "resumes": [*earlier.get("resumes", []), entry]}
