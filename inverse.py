@@ -1,12 +1,9 @@
 """Turn cell sentences back into expression: the inverse of transform.py's rank transform.
 
-Each sentence becomes an expression vector over the transform's vocabulary: the gene at rank r
-(0 = first word) gets ``intercept + slope·log10(1 + r)`` (the log10(1 + x) scale of the
-preprocessed matrix), with slope and intercept from ``eval/transformation_metrics.csv``; genes
-absent from the sentence are 0. Words that are not vocabulary genes are skipped but keep their
-place; a gene repeated in a sentence is placed once at the average of its positions. Values the
-fit predicts ≤ 0 (ranks past its zero crossing) are kept by default, so the order of every
-sentence is reproduced exactly; ``--clip_negative`` drops them instead.
+The gene at rank r (0 = first word) gets ``intercept + slope·log10(1 + r)`` (the log10(1 + x)
+scale of the preprocessed matrix), with the line of ``eval/transformation_metrics.csv``; genes
+absent from the sentence are 0 (see ``utils/inverse.py`` for unknown and repeated words and
+values ≤ 0, which ``--clip_negative`` drops).
 
     sentences (.txt, one per line, or an arrow dataset) + <transform_dir>/cell_sentences/vocab.txt
     + <transform_dir>/eval/transformation_metrics.csv
@@ -68,35 +65,26 @@ LABEL_COLUMNS = ("cell_type", "requested_cell_type")
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = cli.script_parser(__doc__)
-    p.add_argument("--sentences", type=Path, default=Path("data/cell_sentences/test.txt"),
-                   help="a .txt file (one sentence per line) or a datasets folder (save_to_disk)")
-    p.add_argument("--transform_dir", type=Path, default=Path("data"),
-                   help="transform.py's --output_dir (vocab.txt and transformation_metrics.csv)")
-    p.add_argument("--output", type=Path, default=None,
-                   help="the .h5ad to write (default: data/inverse/<sentences name>.h5ad)")
-    p.add_argument("--split", type=str, default=None,
-                   help="split of a DatasetDict folder (train, valid, test)")
-    p.add_argument("--sentence_column", type=str, default="cell_sentence",
-                   help="column of the sentences in an arrow dataset")
-    p.add_argument("--labels", type=Path, default=None,
-                   help="for a .txt input: a file with one label per line (cell type or requested type)")
-    p.add_argument("--label_column", type=str, default="cell_type",
-                   help="obs column of the --labels values (e.g. requested_cell_type)")
-    p.add_argument("--names", type=Path, default=None,
-                   help="for a .txt input: cell names, one per line (default: <stem>_barcodes.txt "
-                        "next to the sentences when it exists, else cell_0, cell_1, ...)")
-    p.add_argument("--case_insensitive", action="store_true",
-                   help="also match words that differ from a gene only in letter case (exact match first)")
-    p.add_argument("--clip_negative", action="store_true",
-                   help="drop genes whose reconstructed value is <= 0 instead of keeping them")
-    p.add_argument("--top_k_genes", type=int, default=None,
-                   help="use only the first K words of each sentence (default: all)")
-    p.add_argument("--evaluate", action="store_true",
-                   help="also write <output stem>_metrics.json: word statistics, reconstruction vs the "
-                        "preprocessed data for real cells, k-NN accuracy for labelled cells")
-    p.add_argument("--k_neighbors", type=int, default=5, help="k of the k-NN metric (--evaluate)")
-    p.add_argument("--seed", type=int, default=1234, help="seed (the transform itself is deterministic)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    add = p.add_argument
+    add("--sentences", type=Path, default=Path("data/cell_sentences/test.txt"),
+        help="a .txt file (one sentence per line) or a datasets folder (save_to_disk)")
+    add("--transform_dir", type=Path, default=Path("data"),
+        help="transform.py's --output_dir (vocab.txt and transformation_metrics.csv)")
+    add("--output", type=Path, help="the .h5ad to write (default: data/inverse/<sentences name>.h5ad)")
+    add("--split", help="split of a DatasetDict folder (train, valid, test)")
+    add("--sentence_column", default="cell_sentence", help="column of the sentences in an arrow dataset")
+    add("--labels", type=Path, help="for a .txt input: a file with one label per line (cell type or requested type)")
+    add("--label_column", default="cell_type", help="obs column of the --labels values (e.g. requested_cell_type)")
+    add("--names", type=Path, help="for a .txt input: cell names, one per line (default: <stem>_barcodes.txt next "
+                                   "to the sentences when it exists, else cell_0, cell_1, ...)")
+    add("--case_insensitive", action="store_true", help="also match words that differ from a gene only in case")
+    add("--clip_negative", action="store_true", help="drop genes whose reconstructed value is <= 0")
+    add("--top_k_genes", type=int, help="use only the first K words of each sentence (default: all)")
+    add("--evaluate", action="store_true", help="also write <output stem>_metrics.json: word statistics, "
+        "reconstruction vs the preprocessed data for real cells, k-NN accuracy for labelled cells")
+    add("--k_neighbors", type=int, default=5, help="k of the k-NN metric (--evaluate)")
+    add("--seed", type=int, default=1234, help="seed (the transform itself is deterministic)")
+    add("--overwrite", action="store_true", help="replace an existing output")
     args = p.parse_args(cli.renamed_flags(argv))
     _check_args(args)
     return args
@@ -125,9 +113,6 @@ def output_paths(args: argparse.Namespace) -> list[Path]:
     return [args.output, Path(f"{stem}_args.json")] + ([Path(f"{stem}_metrics.json")] if args.evaluate else [])
 
 
-# ---------------------------------------------------------------------------------- input
-
-
 def load_sentences(args: argparse.Namespace) -> tuple[SentenceBytes, pd.DataFrame]:
     """The sentences as one byte buffer and an obs frame (cell names, labels when known)."""
     path: Path = args.sentences
@@ -139,18 +124,18 @@ def load_sentences(args: argparse.Namespace) -> tuple[SentenceBytes, pd.DataFram
         logger.warning("--split is ignored for the text file %s.", path)
     packed = read_sentence_file(path)
     obs = pd.DataFrame(index=pd.RangeIndex(packed.n))
+
+    def lines(file: Path, what: str, fix: str) -> list[str]:
+        found = read_lines(file)
+        if len(found) != packed.n:
+            raise cli.InputError(f"{file} has {len(found):,} {what} for {packed.n:,} sentences in {path}; {fix}.")
+        return found
+
     names_path = args.names or path.with_name(f"{path.stem}_barcodes.txt")
     if args.names is not None or names_path.is_file():
-        names = read_lines(names_path)
-        if len(names) != packed.n:
-            raise cli.InputError(f"{names_path} has {len(names):,} names for {packed.n:,} sentences in {path}; "
-                             "pass a matching --names file.")
-        obs.index = pd.Index(names, dtype=str)
+        obs.index = pd.Index(lines(names_path, "names", "pass a matching --names file"), dtype=str)
     if args.labels is not None:
-        labels = read_lines(args.labels)
-        if len(labels) != packed.n:
-            raise cli.InputError(f"{args.labels} has {len(labels):,} labels for {packed.n:,} sentences in {path}; "
-                             "pass the labels file written with these sentences.")
+        labels = lines(args.labels, "labels", "pass the labels file written with these sentences")
         obs[args.label_column] = pd.Categorical(labels)
     return packed, obs
 
@@ -170,7 +155,7 @@ def _load_arrow(path: Path, args: argparse.Namespace) -> tuple[SentenceBytes, pd
         logger.warning("--split is ignored: %s is a single dataset.", path)
     if args.sentence_column not in ds.column_names:
         raise cli.InputError(f"{path} has no column {args.sentence_column!r} (it has {ds.column_names}); "
-                         "fix --sentence_column.")
+                             "fix --sentence_column.")
     if args.labels is not None:
         raise cli.InputError("--labels is for .txt input; an arrow dataset carries its labels in its columns.")
     table = ds.with_format("arrow")[:]  # an Arrow table: no Python object per cell
@@ -184,12 +169,6 @@ def _load_arrow(path: Path, args: argparse.Namespace) -> tuple[SentenceBytes, pd
     return packed, obs
 
 
-# ---------------------------------------------------------------------------------- output
-
-
-# ---------------------------------------------------------------------------------- evaluation
-
-
 def reconstruction_metrics(adata: ad.AnnData, preprocessed: Path) -> dict[str, Any] | None:
     """Reconstructed vs preprocessed values on the sentences' genes, for cells found by name."""
     from scipy.stats import pearsonr, spearmanr
@@ -199,36 +178,22 @@ def reconstruction_metrics(adata: ad.AnnData, preprocessed: Path) -> dict[str, A
         return None
     truth = truth[:, truth.var_names.isin(adata.var_names)]
     mine = sp.csr_matrix(adata[truth.obs_names, truth.var_names].X)
-    theirs = sp.csr_matrix(truth.X)
     mine.sort_indices()
-    theirs.sort_indices()
-    # Values of the preprocessed matrix at the reconstruction's entries, matched by (row, col).
-    n_cols = np.int64(mine.shape[1])
-    key_mine = np.repeat(np.arange(mine.shape[0], dtype=np.int64), np.diff(mine.indptr)) * n_cols + mine.indices
-    key_theirs = np.repeat(np.arange(theirs.shape[0], dtype=np.int64), np.diff(theirs.indptr)) * n_cols + theirs.indices
-    at = np.searchsorted(key_theirs, key_mine).clip(max=max(len(key_theirs) - 1, 0))
-    found = key_theirs[at] == key_mine if len(key_theirs) else np.zeros(len(key_mine), bool)
+    # The preprocessed matrix's values at the reconstruction's entries (0 where it has none).
+    rows = np.repeat(np.arange(mine.shape[0]), np.diff(mine.indptr))
+    y = np.asarray(sp.csr_matrix(truth.X)[rows, mine.indices], dtype=np.float64).ravel()
     x = np.asarray(mine.data, dtype=np.float64)
-    y = np.where(found, theirs.data[at] if len(key_theirs) else 0.0, 0.0).astype(np.float64)
     if x.size < 3:
         return None
-    return {
-        "n_cells": int(truth.n_obs),
-        "n_points": int(x.size),
-        "pearson_r": float(pearsonr(x, y)[0]),
-        "spearman_r": float(spearmanr(x, y)[0]),
-        "mean_abs_error": float(np.abs(x - y).mean()),
-    }
+    return {"n_cells": int(truth.n_obs), "n_points": int(x.size), "pearson_r": float(pearsonr(x, y)[0]),
+            "spearman_r": float(spearmanr(x, y)[0]), "mean_abs_error": float(np.abs(x - y).mean())}
 
 
 def real_knn_metrics(adata: ad.AnnData, packed: SentenceBytes, transform_dir: Path, labels_keys: Sequence[str], *,
                      fit: RankExpressionFit, vocab_index: Any, max_genes: int | None, k: int,
                      case_insensitive: bool) -> dict[str, dict[str, Any]]:
-    """The cells labelled in each of ``labels_keys`` scored like generated ones
-    (utils.evaluation.generation_metrics.score_expression) against the transform's real cells: k-NN fitted on its
-    training cells, with the real -> real (test split) ceiling, and the distances to its test
-    cells with their floors; by label column (none when there is nothing to compare with). The
-    real cells and the evaluated ones are put in that representation once for all columns."""
+    """Per label column of ``labels_keys``, its cells scored like generated ones (``score_expression``)
+    against the transform's test cells; empty when there is nothing to compare with."""
     hf = transform_dir / TRANSFORM.dataset
     keys = [key for key in labels_keys if key in adata.obs]
     if not hf.is_dir() or not keys:
@@ -256,7 +221,7 @@ def real_knn_metrics(adata: ad.AnnData, packed: SentenceBytes, transform_dir: Pa
 @publish.releasing_outputs
 def main(args: argparse.Namespace) -> ad.AnnData:
     cli.seed_everything(args.seed)
-    publish.settle_inputs(args.transform_dir)  # a transform killed while publishing: finish it first
+    publish.settle_inputs(args.transform_dir)  # a transform killed while publishing: finished first
     fit = load_transform_fit(args.transform_dir / TRANSFORM_EVAL.metrics)
     vocab = load_vocab(args.transform_dir / VOCAB)
     out_dir, name = args.output.parent, args.output.name
@@ -266,7 +231,7 @@ def main(args: argparse.Namespace) -> ad.AnnData:
     packed, obs = load_sentences(args)
     if packed.n == 0:  # an h5ad of no cells would look like a result to the next step
         raise cli.InputError(f"{args.sentences} holds no sentences; give a file with one sentence per line (or a "
-                         "dataset with rows).")
+                             "dataset with rows).")
     logger.info("Read %s sentences (%s bytes) from %s.", f"{packed.n:,}", f"{packed.data.size:,}", args.sentences)
     index = build_vocab_index(vocab)
     start = time.perf_counter()

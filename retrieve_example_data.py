@@ -3,11 +3,9 @@
 internet (Google Drive) or bundled scanpy data -> ``<output_dir>/<name>.h5ad`` and
 ``<output_dir>/.example_path`` (one line: the path of the h5ad written, read by ``make example``).
 
-By default it downloads the 1,000-cell subset of the Domínguez Conde et al. (Science 2022)
-immune cell atlas used by the original Cell2Sentence project to ``data/dominguez_sample.h5ad``.
-When the network cannot be reached it says so and falls back to scanpy's bundled
-``pbmc68k_reduced`` (700 PBMCs), written to ``data/pbmc68k_reduced.h5ad`` ready for
-transform.py (see ``utils/transform/example_data.py`` for what that dataset holds).
+By default it downloads the 1,000-cell Domínguez Conde et al. (Science 2022) immune cell atlas
+sample of the original Cell2Sentence project; offline, it falls back to scanpy's bundled
+``pbmc68k_reduced`` (700 PBMCs), prepared for transform.py (``utils/transform/example_data.py``).
 
 Example::
 
@@ -33,31 +31,14 @@ logger = logging.getLogger("cell2sentence")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse the command line (``argv=None`` reads ``sys.argv``)."""
     parser = cli.script_parser(__doc__)
-    parser.add_argument(
-        "--dataset",
-        type=str,
-        default="auto",
-        choices=["auto", "dominguez", "pbmc68k_reduced"],
-        help="auto: download the Domínguez Conde sample and fall back to scanpy's bundled "
-        "pbmc68k_reduced when offline; dominguez: download only (fail when offline); "
-        "pbmc68k_reduced: the bundled dataset, no network.",
-    )
-    parser.add_argument(
-        "--output_dir", type=Path, default=Path("data"), help="Folder the h5ad file is written to."
-    )
-    parser.add_argument(
-        "--force",
-        action="store_true",
-        help="Fetch (or rewrite) the file even when it already exists.",
-    )
-    parser.add_argument(
-        "--timeout",
-        type=float,
-        default=60.0,
-        help="Seconds to wait for the server (connection and between bytes) before giving up.",
-    )
+    parser.add_argument("--dataset", type=str, default="auto", choices=["auto", "dominguez", "pbmc68k_reduced"],
+                        help="auto: download the Domínguez Conde sample, or use scanpy's bundled pbmc68k_reduced "
+                             "when offline; dominguez: download only; pbmc68k_reduced: the bundled dataset.")
+    parser.add_argument("--output_dir", type=Path, default=Path("data"), help="Folder the h5ad file is written to.")
+    parser.add_argument("--force", action="store_true", help="Fetch (or rewrite) the file even when it exists.")
+    parser.add_argument("--timeout", type=float, default=60.0,
+                        help="Seconds to wait for the server (connection and between bytes).")
     args = parser.parse_args(argv)
     if args.timeout <= 0:
         parser.error(f"--timeout must be positive, got {args.timeout}; try --timeout 60.")
@@ -69,12 +50,8 @@ def _reuse(dest: Path) -> bool:
     if not dest.exists():
         return False
     adata = example_data.check_example_h5ad(dest)
-    logger.info(
-        "%s already exists (%s cells x %s genes); not fetching it again (pass --force to).",
-        dest,
-        f"{adata.n_obs:,}",
-        f"{adata.n_vars:,}",
-    )
+    logger.info("%s already exists (%s cells x %s genes); not fetching it again (pass --force to).",
+                dest, f"{adata.n_obs:,}", f"{adata.n_vars:,}")
     return True
 
 
@@ -83,18 +60,11 @@ def retrieve_dominguez(output_dir: Path, *, force: bool, timeout: float) -> Path
     dest = output_dir / example_data.DOMINGUEZ_FILENAME
     if not force and _reuse(dest):
         return dest
-    logger.info(
-        "Downloading the Domínguez Conde et al. 1,000-cell sample (Google Drive id %s) to %s.",
-        example_data.DOMINGUEZ_GDRIVE_ID,
-        dest,
-    )
-    download = partial(
-        example_data.download_from_drive, example_data.DOMINGUEZ_GDRIVE_ID, timeout=timeout
-    )
+    logger.info("Downloading the Domínguez Conde et al. 1,000-cell sample (Google Drive id %s) to %s.",
+                example_data.DOMINGUEZ_GDRIVE_ID, dest)
+    download = partial(example_data.download_from_drive, example_data.DOMINGUEZ_GDRIVE_ID, timeout=timeout)
     adata = example_data.fetch_to_file(lambda handle: download(handle), dest)
-    logger.info(
-        "Downloaded %s: %s cells x %s genes.", dest, f"{adata.n_obs:,}", f"{adata.n_vars:,}"
-    )
+    logger.info("Downloaded %s: %s cells x %s genes.", dest, f"{adata.n_obs:,}", f"{adata.n_vars:,}")
     return dest
 
 
@@ -105,14 +75,9 @@ def retrieve_pbmc68k_reduced(output_dir: Path, *, force: bool) -> Path:
         return dest
     adata = example_data.prepare_pbmc68k_reduced()
     example_data.write_h5ad_atomically(adata, dest)
-    logger.info(
-        "Wrote scanpy's bundled pbmc68k_reduced to %s: %s cells x %s genes, %d cell types in "
-        "obs['cell_type'], natural-log log1p values in .X and .raw.X.",
-        dest,
-        f"{adata.n_obs:,}",
-        f"{adata.n_vars:,}",
-        adata.obs["cell_type"].nunique(),
-    )
+    logger.info("Wrote scanpy's bundled pbmc68k_reduced to %s: %s cells x %s genes, %d cell types in "
+                "obs['cell_type'], natural-log log1p values in .X and .raw.X.",
+                dest, f"{adata.n_obs:,}", f"{adata.n_vars:,}", adata.obs["cell_type"].nunique())
     return dest
 
 
@@ -127,22 +92,14 @@ def main(args: argparse.Namespace) -> Path:
             path = retrieve_dominguez(output_dir, force=args.force, timeout=args.timeout)
         except example_data.DownloadUnavailable as err:
             if args.dataset == "dominguez":
-                raise cli.InputError(
-                    f"Could not download the Domínguez Conde sample ({err}); check the internet "
-                    "connection or use --dataset pbmc68k_reduced."
-                ) from err
-            logger.warning(
-                "The network is unreachable (%s), so falling back to scanpy's bundled "
-                "pbmc68k_reduced (700 PBMCs).",
-                err,
-            )
+                raise cli.InputError(f"Could not download the Domínguez Conde sample ({err}); check the internet "
+                                     "connection or use --dataset pbmc68k_reduced.") from err
+            logger.warning("The network is unreachable (%s), so falling back to scanpy's bundled "
+                           "pbmc68k_reduced (700 PBMCs).", err)
             path = retrieve_pbmc68k_reduced(output_dir, force=args.force)
-
     pointer = output_dir / ".example_path"
     example_data.write_text_atomically(f"{path.resolve()}\n", pointer)
-    command = shlex.join(
-        ["python", "transform.py", "--data_filepath", str(path), "--output_dir", str(output_dir)]
-    )
+    command = shlex.join(["python", "transform.py", "--data_filepath", str(path), "--output_dir", str(output_dir)])
     logger.info("Example data: %s (path recorded in %s).", path, pointer)
     logger.info("Next: %s", command)
     return path

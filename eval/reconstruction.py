@@ -1,17 +1,14 @@
 """The rank-to-expression fit over all cells of a dataset, overall and per cell.
 
-transform.py fits log10(1 + expression) ≈ intercept + slope · log10(1 + rank) on a sample of
-``--eval_cells`` cells. This takes every cell of its preprocessed AnnData: it refits the line
-over all their expressed genes (``utils.transform.fit.fit_rank_expression``, the transform's own fit and
-threshold), scores the transform's line on all of them, and scores each cell alone (R² over its
-expressed genes, Pearson r, mean absolute error under the transform's line).
+transform.py fits its line on a sample of ``--eval_cells`` cells; this refits it over every
+expressed gene of its preprocessed AnnData (the same fit and threshold), scores the transform's
+line on all of them, and scores each cell alone (R², Pearson r, mean absolute error).
 
     <transform_dir>/<stem>_preprocessed.h5ad + eval/transformation_metrics.csv
         -> <output_dir>/metrics.json, per_cell.csv, log_rank_vs_log_expression.png,
            expression_vs_reconstruction.png, per_cell_r_squared.png, eval_args.json
 
-Memory: 16 bytes per expressed value (all of them are fitted at once), e.g. 6.4 GB for
-200,000 cells of 2,000 genes; ``--max_cells`` fits a seeded subset of larger datasets.
+Memory: 16 bytes per expressed value (fitted at once); ``--max_cells`` fits a seeded subset.
 
 Example:
     python eval/reconstruction.py --transform_dir data --output_dir data/eval/reconstruction
@@ -42,10 +39,9 @@ from utils.contract import (  # noqa: E402
 )
 from utils.evaluation.metrics import per_cell_reconstruction, rank_expression_points  # noqa: E402
 from utils.inverse import load_transform_fit  # noqa: E402
-from utils.transform.fit import RankExpressionFit, fit_rank_expression, score_line  # noqa: E402
+from utils.transform.fit import fit_rank_expression, score_line  # noqa: E402
 
 logger = logging.getLogger("cell2sentence")
-
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -64,12 +60,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.max_cells is not None and args.max_cells < 1 or args.chunk_size < 1:
         raise cli.InputError("--max_cells and --chunk_size must be at least 1.")
     return args
-
-
-def transform_fit(transform_dir: Path) -> RankExpressionFit | None:
-    """The transform's line with its reported scores (a row of transformation_metrics.csv)."""
-    path = transform_dir / TRANSFORM_EVAL.metrics
-    return load_transform_fit(path) if path.is_file() else None
 
 
 def read_points(path: Path, *, chunk_size: int, max_cells: int | None, seed: int
@@ -109,13 +99,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     from utils.evaluation.figures import plot_log_rank_fit, plot_reconstruction
 
     cli.seed_everything(args.seed)
-    publish.settle_inputs(args.transform_dir, *[f for f in [args.preprocessed_h5ad] if f is not None])  # publishes cut short there: finished first
+    # Publishes cut short there are finished first.
+    publish.settle_inputs(args.transform_dir, *[f for f in [args.preprocessed_h5ad] if f is not None])
     publish.check_can_write(args.output_dir, list(EVAL_RECONSTRUCTION), overwrite=args.overwrite)
     path = args.preprocessed_h5ad or find_preprocessed(args.transform_dir)
     if path is None or not path.is_file():
         raise cli.InputError(f"No preprocessed .h5ad in {args.transform_dir}; pass transform.py's --output_dir as "
-                         "--transform_dir or the file as --preprocessed_h5ad.")
-    reported = transform_fit(args.transform_dir)
+                             "--transform_dir or the file as --preprocessed_h5ad.")
+    fit_file = args.transform_dir / TRANSFORM_EVAL.metrics
+    reported = load_transform_fit(fit_file) if fit_file.is_file() else None  # the transform's line
     threshold = args.fit_threshold if args.fit_threshold is not None else (
         reported.threshold if reported is not None and np.isfinite(reported.threshold) else 3.0)
     names, log_rank, log_expression, indptr = read_points(path, chunk_size=args.chunk_size,
@@ -142,14 +134,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 f"cells {metrics['transform_fit']['on_all_cells']['r_squared']:.3f})",
                 metrics["per_cell"]["r_squared"]["median"], metrics["per_cell"]["pearson_r"]["median"])
     figures = {  # the fit figures by the transform's own plotting code
-        EVAL_RECONSTRUCTION.fit: lambda out: plot_log_rank_fit(log_rank, log_expression, refit, out,
-                                                                        seed=args.seed),
+        EVAL_RECONSTRUCTION.fit: lambda out: plot_log_rank_fit(log_rank, log_expression, refit, out, seed=args.seed),
         EVAL_RECONSTRUCTION.reconstruction: lambda out: plot_reconstruction(
             log_expression, refit.predict(log_rank), refit, out, seed=args.seed),
         EVAL_RECONSTRUCTION.per_cell_figure: _histogram(per_cell),
     }
-    write_evaluation(args.output_dir, list(EVAL_RECONSTRUCTION), metrics=metrics, figures=figures, frames={EVAL_RECONSTRUCTION.per_cell: per_cell},
-                     args=args, overwrite=args.overwrite)
+    write_evaluation(args.output_dir, list(EVAL_RECONSTRUCTION), metrics=metrics, figures=figures,
+                     frames={EVAL_RECONSTRUCTION.per_cell: per_cell}, args=args, overwrite=args.overwrite)
     logger.info("Wrote %s.", args.output_dir)
     return metrics
 

@@ -1,24 +1,13 @@
 """Cell sentences -> expression: the inverse of the rank transform.
 
-A sentence lists a cell's genes from most to least expressed. The transform fitted
-``log10(1 + expr) ≈ intercept + slope·log10(1 + rank)`` (rank 0 = first word, slope < 0),
-so the gene at rank ``r`` gets ``intercept + slope·log10(1 + r)`` on the log10(1 + x) scale of
-the preprocessed matrix, and genes absent from the sentence get 0.
+The transform fitted ``log10(1 + expr) ≈ intercept + slope·log10(1 + rank)`` (rank 0 = first
+word), so the gene at rank ``r`` gets ``intercept + slope·log10(1 + r)``; genes absent from the
+sentence get 0. As in the original scripts, a word that is not a vocabulary gene is skipped but
+keeps its place, and a repeated gene is placed once, at the average of its positions.
 
-Post-processing, as in the original scripts:
-
-- a word that is not a gene of the vocabulary is skipped but keeps its place, so later genes
-  keep their ranks;
-- a gene repeated in a sentence is placed once, at the average of its positions.
-
-Negative values: past the fit's zero crossing, rank ``10**(-intercept/slope) - 1``, the linear
-model predicts values ≤ 0. By default they are kept as they are: the entry stays stored
-(present), the order of the sentence is reproduced exactly and the transform stays invertible.
-``clip_negative=True`` sets them to 0 and removes them instead (absent, as non-physical
-log-expression), which loses those deep genes.
-
-Arrow splits the sentences into words and looks them up in the vocabulary (``index_in``), with
-no Python object per word or per cell; one numba loop then builds each cell's row.
+Past the fit's zero crossing (rank ``10**(-intercept/slope) - 1``) the line predicts values ≤ 0:
+they are kept by default (the sentence's order is reproduced exactly); ``clip_negative=True``
+drops them.
 """
 
 from __future__ import annotations
@@ -60,9 +49,7 @@ def zero_crossing_rank(fit: RankExpressionFit) -> float:
 
 
 def load_transform_fit(path: Path) -> RankExpressionFit:
-    """The line of ``eval/transformation_metrics.csv`` (first row): slope and intercept, and the
-    scores the transform reported with them (R², Pearson and Spearman r, threshold, points) where
-    the file has them (NaN, 0 where not)."""
+    """The line of ``eval/transformation_metrics.csv`` (first row), with the scores the file has."""
     if not path.is_file():
         raise InputError(f"{path} does not exist; run transform.py first or point --transform_dir at its output.")
     table = pd.read_csv(path)
@@ -107,11 +94,8 @@ class SentenceBytes:
 
 
 def sentence_bytes(sentences: Sequence[str] | pa.Array | pa.ChunkedArray) -> SentenceBytes:
-    """Pack sentences (Python strings or an Arrow string column) into one byte buffer.
-
-    An Arrow column is used without copying its bytes; nulls count as empty sentences. One
-    string is refused (it would be one sentence per character).
-    """
+    """Pack sentences (Python strings or an Arrow string column, used without a copy) into one byte
+    buffer; nulls count as empty sentences, one string is refused."""
     if isinstance(sentences, str | bytes):
         raise InputError(f"Sentences must be a list of sentences, not one string ({sentences[:40]!r}); wrap it in a "
                          "list for one cell.")
@@ -134,18 +118,14 @@ def sentence_bytes(sentences: Sequence[str] | pa.Array | pa.ChunkedArray) -> Sen
 
 
 def read_sentence_file(path: Path) -> SentenceBytes:
-    """Read a one-sentence-per-line text file into a byte buffer (``\\r\\n`` accepted).
-
-    Every line is a sentence, empty lines included (an empty generated cell is still a cell);
-    a final newline does not start another sentence.
-    """
+    """A one-sentence-per-line text file (``\\r\\n`` accepted) as a byte buffer: every line is a
+    sentence, empty ones included; a final newline does not start another."""
     data = np.fromfile(path, dtype=np.uint8)
     if data.size == 0:
         return SentenceBytes(data=data, offsets=np.zeros(1, np.int64))
     newlines = np.flatnonzero(data == ord("\n")).astype(np.int64)
     ends = newlines if data[-1] == ord("\n") else np.append(newlines, data.size)
-    # Line i is data[start_i:end_i] and start_i = end_{i-1} + 1; letting sentence i start at
-    # end_{i-1} adds only the newline byte, a separator, so the line ends describe every line.
+    # Sentence i starts at the previous line's end: its extra first byte is the newline, a separator.
     offsets = np.concatenate([[0], ends]).astype(np.int64)
     return SentenceBytes(data=data, offsets=offsets)
 
@@ -166,11 +146,8 @@ class VocabIndex:
 
 
 def build_vocab_index(genes: Sequence[str]) -> VocabIndex:
-    """Index the vocabulary once; reuse the index for many calls.
-
-    Under case folding (ASCII letters only), names that differ only by case map to the first
-    of them in vocabulary order.
-    """
+    """Index the vocabulary once for many calls; under ASCII case folding, names that differ only by
+    case map to the first of them."""
     genes = tuple(str(g) for g in genes)
     if len(set(genes)) != len(genes):
         raise InputError("The vocabulary lists a gene more than once.")
@@ -193,9 +170,8 @@ def _lookup(words: pa.Array, value_set: pa.Array) -> np.ndarray:
 @numba.njit(cache=True)
 def _rows(genes: np.ndarray, folded: np.ndarray, is_word: np.ndarray, word_offsets: np.ndarray, max_words: int,
           n_vocab: int, slope: float, intercept: float):
-    """Per sentence (words ``word_offsets[i]:word_offsets[i+1]``, gene ids or -1): its CSR row sorted
-    by gene, each gene at the average of its ranks, and its counts of words, unknown words, repeats
-    and case-folded matches, within the first ``max_words`` words (-1: all)."""
+    """Per sentence (words ``word_offsets[i]:word_offsets[i+1]``, gene ids or -1), within its first
+    ``max_words`` words (-1: all): its CSR row, each gene at its average rank, and its word counts."""
     n = len(word_offsets) - 1
     indptr = np.zeros(n + 1, dtype=np.int64)
     indices = np.empty(len(genes), dtype=np.int32)
@@ -238,15 +214,10 @@ def _rows(genes: np.ndarray, folded: np.ndarray, is_word: np.ndarray, word_offse
 
 @dataclass
 class InverseResult:
-    """Reconstructed expression and per-cell word counts.
-
-    ``X`` is cells × vocabulary genes (CSR, float32, sorted indices). ``n_words`` counts every
-    word considered (after ``max_words``), ``n_genes`` the distinct vocabulary genes placed
-    (before any clipping; ``n_words = n_genes + n_invalid_genes + n_duplicate_genes``),
-    ``n_invalid_genes`` the words that are not vocabulary genes, ``n_duplicate_genes`` the words
-    repeating a gene placed earlier in the same sentence, and ``n_case_folded_genes`` the words
-    that matched only after case folding (zeros unless case-insensitive).
-    """
+    """Reconstructed expression (cells × vocabulary genes, CSR float32) and per-cell word counts:
+    ``n_words = n_genes + n_invalid_genes + n_duplicate_genes`` (words considered, distinct genes
+    placed before clipping, words not in the vocabulary, repeats); ``n_case_folded_genes``: words
+    that matched only after case folding."""
 
     X: sp.csr_matrix
     n_words: np.ndarray
@@ -267,25 +238,13 @@ def sentences_to_expression(sentences: Sequence[str] | pa.Array | pa.ChunkedArra
                             vocab: Sequence[str] | VocabIndex, fit: RankExpressionFit, *,
                             case_insensitive: bool = False, clip_negative: bool = False,
                             max_words: int | None = None) -> InverseResult:
-    """Turn cell sentences into an expression matrix over ``vocab``.
+    """Turn cell sentences (space-separated gene names, most expressed first) into an expression
+    matrix over ``vocab`` (the transform's genes, or a ``VocabIndex``) with ``fit``'s line.
 
-    Parameters
-    ----------
-    sentences
-        Space-separated gene names, most expressed first (or a prepared ``SentenceBytes``).
-    vocab
-        The transform's genes (the columns of the result), or a prebuilt ``VocabIndex``.
-    fit
-        Slope and intercept of the transform's log-rank fit.
-    case_insensitive
-        Also match words whose ASCII letters differ in case from a gene (exact match first).
-    clip_negative
-        Set predicted values ≤ 0 to 0 and drop them (default: keep them, see module docstring).
-    max_words
-        Consider only the first ``max_words`` words of each sentence (e.g. the top-K genes).
+    ``case_insensitive``: also match words whose ASCII letters differ in case from a gene (exact
+    match first). ``clip_negative``: drop predicted values ≤ 0. ``max_words``: consider only the
+    first words of each sentence.
 
-    Examples
-    --------
     >>> res = sentences_to_expression(["B A", "A x A"], ["A", "B"], RankExpressionFit(-1.0, 2.0))
     >>> res.X.toarray().astype(float).round(3).tolist()
     [[1.699, 2.0], [1.699, 0.0]]
@@ -327,8 +286,8 @@ def sentences_to_expression(sentences: Sequence[str] | pa.Array | pa.ChunkedArra
 
 def expression_adata(result: InverseResult, obs: pd.DataFrame, vocab: Sequence[str], *,
                      case_insensitive: bool = False) -> ad.AnnData:
-    """The reconstruction as an AnnData (cells x ``vocab``) with the per-cell word counts in
-    ``obs`` after the given columns; cells without names are called ``cell_0``, ``cell_1``, ..."""
+    """The reconstruction as an AnnData (cells x ``vocab``), the word counts in ``obs`` after the given
+    columns; cells without names are called ``cell_0``, ``cell_1``, ..."""
     counts = result.obs()
     if not case_insensitive:
         counts = counts.drop(columns="n_case_folded_genes")
@@ -351,10 +310,9 @@ def sentences_to_adata(sentences: Sequence[str] | pa.Array | pa.ChunkedArray, vo
                        clip_negative: bool = False, case_insensitive: bool = False) -> ad.AnnData:
     """Cell sentences -> an expression AnnData over ``vocab`` (the inverse of the transform).
 
-    ``vocab`` and ``fit`` come from the transform: ``CellSentences.genes`` and ``.fit`` in a
-    notebook, or ``load_vocab`` / ``load_transform_fit`` on a transform's output folder.
-    ``obs`` (one row per sentence) or ``cell_names`` name the cells; ``max_genes`` uses the
-    first K words only. X holds log10(1 + expression) predicted from each gene's rank.
+    ``vocab`` and ``fit``: ``CellSentences.genes`` and ``.fit``, or ``load_vocab`` /
+    ``load_transform_fit`` on a transform's output folder. ``obs`` (one row per sentence) or
+    ``cell_names`` name the cells; ``max_genes`` uses the first K words only.
 
     >>> a = sentences_to_adata(["B A"], ["A", "B"], RankExpressionFit(-1.0, 2.0), cell_names=["c1"])
     >>> a.X.toarray().astype(float).round(3).tolist(), a.obs_names.tolist(), a.obs["n_genes"].tolist()

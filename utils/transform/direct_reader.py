@@ -1,13 +1,6 @@
-"""Reading element ranges of an HDF5 dataset straight from the file, around HDF5.
-
-The out-of-core h5ad reader (``readers.H5adSource``) reads the CSR arrays of an uncompressed
-file with ``os.preadv``, into the array it returns: no HDF5 call, whose global lock would
-serialize the worker threads, and no intermediate copy. Compressed, filtered or big-endian
-datasets are left to h5py.
-
-Kept by the 15% rule: the transform is 36% slower without it at 200,000 cells (28.6 s against
-21.0 s, ``python bench/transform_bench.py --n_cells 200000 --repeats 2 --without direct_reader``).
-"""
+"""Element ranges of an uncompressed HDF5 dataset read with ``os.preadv``, around HDF5 (whose
+global lock would serialize the worker threads); others are left to h5py. Kept by the 15% rule
+(``bench/README.md``)."""
 
 from __future__ import annotations
 
@@ -21,8 +14,7 @@ from utils.cli import InputError
 
 
 class _DirectReader:
-    """Reads element ranges of an uncompressed 1-D HDF5 dataset straight from the file with
-    ``os.preadv`` (see the module's docstring for why)."""
+    """Reads element ranges of an uncompressed 1-D HDF5 dataset straight from the file."""
 
     def __init__(self, path: Path, dataset: h5py.Dataset, file_offsets: np.ndarray, piece: int):
         self._path = path
@@ -33,8 +25,8 @@ class _DirectReader:
 
     @classmethod
     def open(cls, path: Path, dataset: h5py.Dataset) -> _DirectReader | None:
-        """A reader for ``dataset``, or None when it is compressed, filtered, not yet fully
-        written or not a little-endian number array (h5py reads those)."""
+        """A reader for ``dataset``, or None when it is compressed, filtered, not fully written or
+        not a little-endian number array."""
         dtype = dataset.dtype
         if dataset.ndim != 1 or dtype.kind not in "fiu" or dtype.byteorder == ">" or len(dataset) == 0:
             return None
@@ -80,9 +72,7 @@ class _DirectReader:
         return int(self._offsets[piece]) + (pos - piece * self._piece) * self.dtype.itemsize
 
     def _read_ahead(self, lo: int, n: int) -> None:
-        """Ask the kernel to start reading elements ``[lo, lo + n)`` (the chunks the workers take
-        next) from disk now, so a file that is not cached is read while the workers compute
-        (1.1 GB/s read instead of 0.9: ``bench/README.md``)."""
+        """Ask the OS to read elements ``[lo, lo + n)`` (the next chunks) while the workers compute."""
         if n > 0 and lo // self._piece < len(self._offsets):
             os.posix_fadvise(self._fd, self._file_offset(lo), n * self.dtype.itemsize, os.POSIX_FADV_WILLNEED)
 

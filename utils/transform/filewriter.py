@@ -1,22 +1,7 @@
-"""The OS-level machinery behind the transform's output files, behind one small interface.
-
-A format writer (``formats.py``) or the transform's outputs (``outputs.py``) use:
-
-- ``OutputFile(path, direct=...)``: ``pwrite(data, offset)`` from any thread, ``close(size)``;
-- ``OrderedAppendFile``: appends in chunk order (``append(ticket, data)``, or ``place`` then
-  ``write_at``), ``abort`` when a chunk fails;
-- ``DirectWriter``: the background thread that writes large pieces around the page cache
-  (``flush``, ``close``).
-
-Two low-level tricks live here, each kept because the transform is at least 15% slower end to
-end without it at 200,000 cells (``python bench/transform_bench.py --n_cells 200000 --repeats 2
---without o_direct mallopt``; the measurements, and the tricks that earned less and were removed:
-``bench/README.md``):
-
-- ``O_DIRECT`` writes (``DirectWriter``): +180% without them.
-- glibc's malloc kept from unmapping freed chunks (``keep_freed_memory_for_reuse``): +34%.
-
-The third, reading the input around HDF5, is ``direct_reader.py``.
+"""The OS-level machinery behind the transform's output files: ``OutputFile`` (``pwrite`` from any
+thread), ``OrderedAppendFile`` (appends in chunk order) and ``DirectWriter`` (``O_DIRECT`` writes
+from a background thread), plus ``keep_freed_memory_for_reuse``. Each trick is kept because the
+transform is at least 15% slower without it (``bench/README.md``).
 """
 
 from __future__ import annotations
@@ -39,9 +24,8 @@ class OutputAborted(RuntimeError):
 
 
 class _Turns:
-    """Hands out places in a sequence of appends in chunk order: chunk i gets its place as soon
-    as chunk i - 1 has taken its own, so workers write their bytes side by side and only the
-    cheap bookkeeping is serialized."""
+    """Places in a sequence of appends in chunk order: chunk i gets its place as soon as chunk i - 1
+    has taken its own, so only the bookkeeping is serialized."""
 
     def __init__(self) -> None:
         self._condition = threading.Condition()
@@ -62,8 +46,8 @@ class _Turns:
         return self._failed is not None and ticket > self._failed
 
     def abort(self, failed_ticket: int = -1) -> None:
-        """Chunk ``failed_ticket`` will never take its turn: release the chunks after it
-        (earlier chunks still finish, so their errors, not this one, reach the user first)."""
+        """Chunk ``failed_ticket`` will never take its turn: release the chunks after it (earlier ones
+        still finish, so their errors reach the user first)."""
         with self._condition:
             self._failed = failed_ticket if self._failed is None else min(self._failed, failed_ticket)
             self._condition.notify_all()
@@ -76,25 +60,15 @@ def _pwrite_all(fd: int, data: Any, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
-# O_DIRECT needs file offsets, lengths and memory addresses aligned to the device's block size;
-# a page is a multiple of every common one.
+# O_DIRECT needs offsets, lengths and addresses aligned to the block size; a page is a multiple of any.
 _DIRECT_ALIGN = 4096
-
-
 _DIRECT_MIN_BYTES = 1 << 20  # smaller writes go through the page cache
 
 
 class DirectWriter:
-    """Writes the page-aligned middle of large writes with ``O_DIRECT``, from one background
-    thread, so that the output bypasses the page cache while workers go on computing.
-
-    Writing through the page cache costs kernel time for every byte (copying into fresh cache
-    pages, then writeback); ``O_DIRECT`` writes at the disk's speed with almost no CPU. The data
-    is copied into a few page-aligned buffers, which bound the memory in flight; ``flush`` waits
-    for the queue and raises the first error. Every buffer gets used, so each one counts in the
-    peak memory: four of 16 MB write about as fast as eight, with a lower peak
-    (``bench/README.md``).
-    """
+    """Writes the page-aligned middle of large writes with ``O_DIRECT`` from one background thread
+    (the page cache costs kernel time for every byte), through a few page-aligned buffers that
+    bound the memory in flight; ``flush`` waits for the queue and raises the first error."""
 
     def __init__(self, *, n_buffers: int = 4, buffer_bytes: int = 16 << 20):
         self._free: queue.Queue = queue.Queue()
@@ -150,9 +124,8 @@ class DirectWriter:
 
 
 class OutputFile:
-    """A file written with ``pwrite`` from any thread; with a ``DirectWriter``, the aligned
-    middle of large writes goes around the page cache (file systems that refuse ``O_DIRECT``,
-    such as tmpfs, get plain writes)."""
+    """A file written with ``pwrite`` from any thread; with a ``DirectWriter``, the aligned middle of
+    large writes goes around the page cache (where the file system allows ``O_DIRECT``)."""
 
     def __init__(self, path: Path, *, direct: DirectWriter | None = None, create: bool = True):
         self.path = path
@@ -200,8 +173,8 @@ class OutputFile:
 
 
 class OrderedAppendFile:
-    """A file that chunks append to in chunk order (``ticket`` 0, 1, 2, ...), each from its own
-    thread: every ticket must append exactly once, possibly nothing."""
+    """A file that chunks append to in chunk order (``ticket`` 0, 1, 2, ...) from any thread: every
+    ticket appends exactly once, possibly nothing."""
 
     def __init__(self, path: Path, *, direct: DirectWriter | None = None):
         self.path = path
@@ -230,17 +203,9 @@ class OrderedAppendFile:
 
 
 def keep_freed_memory_for_reuse() -> None:
-    """Ask glibc to keep freed memory in the heap instead of returning it to the system.
-
-    The transform allocates arrays of tens of MB for every chunk. By default glibc serves those
-    with fresh mmap()s and unmaps them when freed, so every chunk pays page faults on memory it
-    just had. Reusing the heap removes that; peak memory stays bounded by the chunks in flight.
-    It also asks for one malloc arena, which glibc applies only to arenas not yet made, so worker
-    threads may still have their own (forcing one arena from the start does not lower the peak:
-    ``bench/README.md``). Call it before starting threads. A no-op where glibc is not the C
-    library. Kept by the 15% rule: +34% without it at 200,000 cells (``python
-    bench/transform_bench.py --n_cells 200000 --repeats 2 --without mallopt``).
-    """
+    """Ask glibc to keep freed memory in the heap (the chunks' arrays of tens of MB would otherwise
+    be fresh mmap()s, page-faulted in for every chunk) and for one malloc arena. Call it before
+    starting threads; a no-op where glibc is not the C library."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:

@@ -1,8 +1,5 @@
-"""The rank-to-expression model: log10(1 + expression) ≈ intercept + slope · log10(1 + rank).
-
-The transform fits it over expressed genes, and ``inverse.py`` uses it to turn generated
-sentences back into expression values.
-"""
+"""The rank-to-expression line, log10(1 + expression) ≈ intercept + slope · log10(1 + rank): the
+transform fits it, ``inverse.py`` turns sentences back into expression with it."""
 
 from __future__ import annotations
 
@@ -10,26 +7,16 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-METRIC_COLUMNS = (
-    "slope",
-    "intercept",
-    "r_squared",
-    "pearson_r",
-    "spearman_r",
-    "threshold",
-    "n_points",
-)
+METRIC_COLUMNS = ("slope", "intercept", "r_squared", "pearson_r", "spearman_r", "threshold", "n_points")
 
 
 @dataclass(frozen=True)
 class RankExpressionFit:
-    """Fitted line and how well it reconstructs expression (a row of
-    ``transformation_metrics.csv``)."""
+    """Fitted line and how well it reconstructs expression (a row of ``transformation_metrics.csv``)."""
 
     slope: float
     intercept: float
-    # How well the line reconstructs expression; NaN for a line given without a fit
-    # (e.g. read back with only its slope and intercept).
+    # NaN for a line given without a fit (e.g. read back with only its slope and intercept).
     r_squared: float = float("nan")
     pearson_r: float = float("nan")
     spearman_r: float = float("nan")
@@ -56,15 +43,10 @@ def check_finite(what: str, **arrays: np.ndarray) -> None:
             raise NonFiniteError(f"Cannot {what}: {bad:,} of {np.size(values):,} {name} values are NaN or infinite.")
 
 
-def fit_rank_expression(
-    log_rank: np.ndarray, log_expression: np.ndarray, *, threshold: float = 3.0
-) -> RankExpressionFit:
-    """Fit expression on rank in log space and measure the reconstruction.
-
-    The line is fitted on points with ``log_rank < threshold`` (the original's default 3,
-    i.e. the top ~1,000 genes; ``n_points`` counts them). As in the original, R² (sklearn's
-    ``r2_score``), Pearson and Spearman r measure the line's prediction against every point
-    given (all expressed genes of the evaluated cells), not only those of the fit.
+def fit_rank_expression(log_rank: np.ndarray, log_expression: np.ndarray, *, threshold: float = 3.0
+                        ) -> RankExpressionFit:
+    """Fit the line on the points with ``log_rank < threshold`` (the top ~1,000 genes by default;
+    ``n_points`` counts them) and score it, as the original did, on every point given.
 
     >>> r = np.log10(1 + np.arange(50.0))
     >>> fit = fit_rank_expression(r, 2.0 - 0.5 * r)
@@ -76,23 +58,17 @@ def fit_rank_expression(
     in_fit = log_rank < threshold
     x, y = log_rank[in_fit].astype(np.float64), log_expression[in_fit].astype(np.float64)
     if x.size < 2 or np.ptp(x) == 0:
-        raise ValueError(
-            f"Cannot fit the rank-expression line: {x.size} point(s) with log-rank below {threshold}."
-        )
+        raise ValueError(f"Cannot fit the rank-expression line: {x.size} point(s) with log-rank below "
+                         f"{threshold}.")
     slope, intercept = least_squares_line(x, y)
     scores = score_line(log_rank, log_expression, slope=slope, intercept=intercept)
-    return RankExpressionFit(
-        slope=slope,
-        intercept=intercept,
-        **scores,
-        threshold=float(threshold),
-        n_points=int(x.size),
-    )
+    return RankExpressionFit(slope=slope, intercept=intercept, **scores, threshold=float(threshold),
+                             n_points=int(x.size))
 
 
 def least_squares_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """(slope, intercept) of the least-squares line, as ``np.polyfit(x, y, 1)`` gives them (to
-    rounding), in closed form: a fifth of polyfit's time on the million points of a fit.
+    """(slope, intercept) of the least-squares line, as ``np.polyfit(x, y, 1)`` (to rounding), in
+    closed form.
 
     >>> least_squares_line(np.array([0.0, 1.0, 2.0]), np.array([1.0, 3.0, 5.0]))
     (2.0, 1.0)
@@ -124,9 +100,8 @@ def score_line(log_rank: np.ndarray, log_expression: np.ndarray, *, slope: float
     if slope == 0 or np.ptp(x) == 0 or total_squares == 0:
         pearson = spearman = float("nan")
     else:
-        # The prediction is the log-rank scaled by the slope and shifted: its Pearson and
-        # Spearman r with expression are the log-rank's, signed as the slope (one ranking
-        # instead of two; the ranks of the given values, float32 ones ranked as they are).
+        # The prediction is the log-rank scaled and shifted: its r with expression is the
+        # log-rank's, signed as the slope (the ranks of the given values, float32 ones as they are).
         sign = float(np.sign(slope))
         pearson = sign * correlation(x, y)
         spearman = sign * correlation(average_ranks(log_rank), average_ranks(log_expression))
@@ -146,7 +121,6 @@ def average_ranks(values: np.ndarray) -> np.ndarray:
     >>> average_ranks(np.array([10.0, 20.0, 10.0])).tolist()
     [1.5, 3.0, 1.5]
     """
-    # A sort and a search instead of np.unique's argsort for the inverse: a third less time.
     distinct, counts = np.unique(values, return_counts=True)
     upper = np.cumsum(counts)
     return (upper - (counts - 1) / 2.0)[np.searchsorted(distinct, values)]

@@ -1,9 +1,6 @@
-"""Writers of other libraries' file formats, filled chunk by chunk: an AnnData ``.h5ad`` whose X
-is a CSR matrix of known row lengths, and the Arrow shards, ``state.json`` and
-``dataset_info.json`` of a ``datasets.DatasetDict`` saved with ``save_to_disk``. They write
-through ``utils/filewriter.py``; the tests read each result back with ``anndata`` and
-``datasets`` (the versions in ``requirements.txt``).
-"""
+"""Writers of other libraries' formats, filled chunk by chunk: an AnnData ``.h5ad`` whose X is a
+CSR matrix of known row lengths, and a ``datasets.DatasetDict`` as ``save_to_disk`` leaves it (the
+tests read both back with ``anndata`` and ``datasets``)."""
 
 from __future__ import annotations
 
@@ -22,13 +19,9 @@ from utils.transform.filewriter import DirectWriter, OutputFile, _Turns
 
 
 class H5adCSRWriter:
-    """Writes an AnnData .h5ad whose X is a CSR float32 matrix of known row lengths.
-
-    The sizes are known after the QC pass, so ``data`` and ``indices`` are allocated up front
-    as contiguous datasets and rows are written straight to their place in the file with
-    ``os.pwrite``: from any thread, in any order, without HDF5's lock or its chunk cache
-    (which made appending through h5py cost as much as ranking).
-    """
+    """Writes an AnnData .h5ad whose X is a CSR float32 matrix of known row lengths: ``data`` and
+    ``indices`` are allocated up front, and rows written to their place with ``os.pwrite`` (any
+    thread, any order, without HDF5's lock)."""
 
     def __init__(self, path: Path, n_genes: int, row_lengths: np.ndarray, *, direct: DirectWriter | None = None):
         self.path = path
@@ -74,8 +67,7 @@ class H5adCSRWriter:
 
 
 def _preallocated(group: h5py.Group, name: str, dtype: str, size: int) -> tuple[int, np.dtype]:
-    """A contiguous 1-D dataset whose file space is allocated now and never filled by HDF5;
-    returns its byte offset in the file and its dtype."""
+    """A contiguous 1-D dataset allocated now and never filled by HDF5: its byte offset and dtype."""
     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
     dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
@@ -90,10 +82,8 @@ _ARROW_END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"
 
 
 class ArrowSplitWriter:
-    """One split of a ``datasets.DatasetDict`` on disk: Arrow IPC stream shards that chunks
-    append record batches to in chunk order, each from its own thread (see
-    ``OrderedAppendFile``); ``finish`` writes the metadata that ``datasets.load_from_disk``
-    reads."""
+    """One split of a ``datasets.DatasetDict`` on disk: Arrow IPC stream shards that chunks append
+    record batches to in chunk order, from any thread; ``finish`` writes the metadata."""
 
     def __init__(self, folder: Path, schema: pa.Schema, *, shard_bytes: int = 500 << 20,
                  direct: DirectWriter | None = None):
@@ -123,8 +113,7 @@ class ArrowSplitWriter:
             path, file, offset = self._shards[-1]
             self._shards[-1] = (path, file, offset + size)
             self.n_rows += batch.num_rows
-        # Into glibc's heap, which keeps freed memory for reuse (``keep_freed_memory_for_reuse``);
-        # Arrow's own pool hands its pages back, so every chunk would fault them in again.
+        # Into glibc's heap, which keeps freed memory for reuse; Arrow's pool hands its pages back.
         message = batch.serialize(memory_pool=pa.system_memory_pool())
         if message.size != size:  # its place in the shard was taken for `size` bytes
             raise RuntimeError(f"Arrow made a {message.size}-byte message, {size} expected")
@@ -154,24 +143,16 @@ class ArrowSplitWriter:
             name = f"data-{i:05d}-of-{len(self._shards):05d}.arrow"
             path.rename(self.folder / name)
             names.append({"filename": name})
-        state = {
-            "_data_files": names,
-            "_fingerprint": hashlib.sha1(f"{self.folder.name}:{self.n_rows}".encode()).hexdigest()[:16],
-            "_format_columns": None,
-            "_format_kwargs": {},
-            "_format_type": None,
-            "_output_all_columns": False,
-            "_split": None,
-        }
-        info = {"citation": "", "description": "", "features": self.features,
-                "homepage": "", "license": ""}
+        fingerprint = hashlib.sha1(f"{self.folder.name}:{self.n_rows}".encode()).hexdigest()[:16]
+        state = {"_data_files": names, "_fingerprint": fingerprint, "_format_columns": None, "_format_kwargs": {},
+                 "_format_type": None, "_output_all_columns": False, "_split": None}
+        info = {"citation": "", "description": "", "features": self.features, "homepage": "", "license": ""}
         (self.folder / "state.json").write_text(json.dumps(state, indent=2))
         (self.folder / "dataset_info.json").write_text(json.dumps(info, indent=2))
 
 
 def _value_dtype(arrow_type: pa.DataType) -> str:
-    """The ``datasets.Value`` dtype of a plain Arrow type (without importing datasets, which
-    costs seconds at start-up)."""
+    """The ``datasets.Value`` dtype of a plain Arrow type (without importing datasets: seconds)."""
     names = {"double": "float64", "float": "float32", "halffloat": "float16"}
     return names.get(str(arrow_type), str(arrow_type))
 

@@ -1,10 +1,6 @@
-"""Cell labels and cell names as the transform writes them: one line each, no special token.
-
-A label becomes part of the training text ("... a cell of type X ...") and a line of
-``generated_labels.txt``; a cell name becomes a line of ``{split}_barcodes.txt`` and an index of
-the preprocessed AnnData. So a label may not hold a line break or a tokenizer's special token,
-and cell names must be unique.
-"""
+"""Cell labels and cell names as the transform writes them: one line each (labels are lines of
+training text and of ``generated_labels.txt``, names of ``{split}_barcodes.txt``), labels without a
+tokenizer's special token, names unique."""
 
 from __future__ import annotations
 
@@ -37,12 +33,9 @@ def as_strings(values: pd.Series) -> np.ndarray:
 
 
 def clean_labels(values: pd.Series, *, column: str, path: Path) -> tuple[np.ndarray, list[str]]:
-    """Labels as strings (object array), missing ones (NaN, None, empty or blank) as None;
-    whitespace runs become one space and the ends are stripped, so ``"  T   cell "`` and
-    ``"T\\ncell"`` are the class ``"T cell"``. Returns the labels and warnings to log (labels that
-    differ only by letter case are kept apart, with a warning).
-
-    A label holding a special token is refused with one sentence (``InputError``).
+    """Labels as strings (object array), missing ones (NaN, None, empty or blank) as None, each
+    whitespace run one space, ends stripped; and warnings to log. A label holding a special token
+    is refused (``InputError``).
 
     >>> labels, notes = clean_labels(pd.Series(["T cell", None, "B\\ncell", " "]), column="c", path=Path("a"))
     >>> labels.tolist(), len(notes)
@@ -65,10 +58,9 @@ def clean_labels(values: pd.Series, *, column: str, path: Path) -> tuple[np.ndar
     missing = np.equal(labels, None)
     if missing.any():
         what = "NaN or empty" if blank.any() else "NaN"
-        notes.insert(0,
-            f"{int(missing.sum()):,} of {len(labels):,} cells have no label in obs[{column!r}] ({what}): they keep "
-            "their sentence with a missing label (null); train.py gives them only untyped tasks."
-        )
+        notes.insert(0, f"{int(missing.sum()):,} of {len(labels):,} cells have no label in obs[{column!r}] "
+                        f"({what}): they keep their sentence with a missing label (null); train.py gives them "
+                        "only untyped tasks.")
     spellings = pd.Series(pd.unique(labels[~missing]), dtype=object)
     by_case = spellings.groupby(spellings.str.casefold()).agg(list)
     variants = [group for group in by_case if len(group) > 1]
@@ -92,16 +84,14 @@ def one_line(text: str) -> str:
 def _refuse_special_tokens(labels, *, where: str, path: Path) -> None:
     tokens = [v for v in labels if SPECIAL_TOKEN.search(v)]
     if tokens:
-        raise InputError(
-            f"{path}: {where} label {tokens[0]!r} holds the special token "
-            f"{SPECIAL_TOKEN.search(tokens[0]).group()!r}, which would end or pad the model's answers; rename it "
-            "(e.g. without the angle brackets)."
-        )
+        token = SPECIAL_TOKEN.search(tokens[0]).group()
+        raise InputError(f"{path}: {where} label {tokens[0]!r} holds the special token {token!r}, which would end "
+                         "or pad the model's answers; rename it (e.g. without the angle brackets).")
 
 
 def refuse_unsafe_labels(labels: list[str], *, column: str, path: Path) -> None:
-    """One sentence (``InputError``) for a label of a dataset (not necessarily made by
-    ``transform.py``, which cleans them) that holds a special token or a line break.
+    """``InputError`` for a dataset's label (maybe not made by ``transform.py``) that holds a special
+    token or a line break.
 
     >>> refuse_unsafe_labels(["T cell", "B cell"], column="cell_type", path=Path("d"))
     """
@@ -113,9 +103,8 @@ def refuse_unsafe_labels(labels: list[str], *, column: str, path: Path) -> None:
 
 
 def unique_cell_names(names: pd.Index) -> tuple[np.ndarray, list[str]]:
-    """Cell names as strings, each on one line (``one_line`` where a name holds a line break or
-    tab, which would split a line of ``{split}_barcodes.txt``), made unique by appending -1, -2,
-    ... (as ``make_index_unique``), and warnings to log.
+    """Cell names as strings, each on one line (``one_line``), made unique by appending -1, -2, ...,
+    and warnings to log.
 
     >>> unique_cell_names(pd.Index(["a", "b", "a", "c\\td"]))[0].tolist()
     ['a', 'b', 'a-1', 'c d']
@@ -138,8 +127,8 @@ def unique_cell_names(names: pd.Index) -> tuple[np.ndarray, list[str]]:
 
 
 def numeric_label_note(values: pd.Series, *, column: str) -> str | None:
-    """A warning when the label column holds numbers that cannot be class labels: fractions, or
-    more than ``MAX_NUMERIC_CLASSES`` distinct whole numbers (cluster numbers pass)."""
+    """A warning when the label column holds fractions or more than ``MAX_NUMERIC_CLASSES`` distinct
+    whole numbers (cluster numbers pass)."""
     numbers = values.cat.categories if isinstance(values.dtype, pd.CategoricalDtype) else values.dropna()
     if pd.api.types.is_bool_dtype(numbers) or not pd.api.types.is_numeric_dtype(numbers):
         return None
@@ -153,10 +142,9 @@ def numeric_label_note(values: pd.Series, *, column: str) -> str | None:
 
 
 def dataset_columns(obs: pd.DataFrame, obs_columns: dict[str, str], *, path: Path) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Per input cell, the dataset's columns: ``cell_name`` (unique, one line), then
-    ``obs_columns`` (dataset name -> obs column): the cell type as clean labels, other
-    non-numeric columns as strings, a missing value as None. Returns the columns and warnings to
-    log."""
+    """Per input cell, the dataset's columns: ``cell_name``, then ``obs_columns`` (dataset name ->
+    obs column; the cell type as clean labels, other non-numeric columns as strings, a missing
+    value as None); and warnings to log."""
     names, notes = unique_cell_names(obs.index)
     columns = {"cell_name": names}
     for name, column in obs_columns.items():

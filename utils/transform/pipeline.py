@@ -1,11 +1,9 @@
-"""The transform as two streaming passes over row chunks, optionally in parallel.
+"""The transform as two streaming passes over row chunks, optionally by worker threads.
 
-Pass 1 reads every chunk once for the QC statistics (per-cell genes, totals and MT counts,
-per-gene cell counts) and decides which cells and genes are kept. Pass 2 reads every chunk again,
-normalizes, ranks and hands back sentences, the preprocessed rows and the evaluation points,
-which the parent process writes in input order. Memory depends on the chunk size, not on the
-number of cells. The output is byte-identical for any number of workers, and for any chunk
-size except the Arrow files' record batches, which follow the chunks (their tables are equal).
+Pass 1 (``plan_run``) reads every chunk for the QC statistics and decides which cells and genes
+are kept; pass 2 (``sentence_pass``) ranks every chunk into a sink (files or memory). Memory
+depends on the chunk size, not the number of cells; the output is the same for any number of
+workers (and chunk size, but for the Arrow files' record batches).
 """
 
 from __future__ import annotations
@@ -17,6 +15,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from utils.cli import InputError
+from utils.transform.fit import NonFiniteError, RankExpressionFit, fit_rank_expression
 from utils.transform.labels import SPECIAL_TOKEN, dataset_columns
 from utils.transform.preprocess import (
     TARGET_SUM,
@@ -51,6 +51,7 @@ from utils.transform.readers import (
     input_stem,
     open_source,
 )
+from utils.transform.sentence_chunk import RankedChunk, rank_chunk
 from utils.transform.value_checks import raise_value_problems, read_checked_chunk
 
 logger = logging.getLogger("cell2sentence")
@@ -63,9 +64,8 @@ MAX_SEED = 2**64 - 1  # the tie-breaking hash takes the seed as an unsigned 64-b
 
 @dataclass(frozen=True)
 class TransformOptions:
-    """What decides a transform's sentences: ``transform.py``'s flags and the arguments of
-    ``adata_to_sentences`` both become one of these, and ``plan_run`` takes it from there (a
-    new option is a field here, read where it applies)."""
+    """What decides a transform's sentences: ``transform.py``'s flags and ``adata_to_sentences``'
+    arguments both become one of these."""
 
     input_kind: str = "auto"
     gene_column: str | None = None
@@ -83,8 +83,7 @@ class TransformOptions:
     num_proc: int = 1
 
     def check(self, *, prefix: str = "") -> None:
-        """Fail with one sentence on an option no run can use; ``prefix`` names them as flags
-        (``"--"`` for the script)."""
+        """Fail with one sentence on an option no run can use; ``prefix`` names them as flags."""
         fractions = tuple(self.split_fractions)
         if len(fractions) != 3 or min(fractions) < 0 or not np.isclose(sum(fractions), 1.0):
             raise InputError(f"{prefix}split_fractions {list(fractions)} must be three non-negative numbers that "
@@ -133,16 +132,9 @@ class RunPlan:
     def n_kept(self) -> int:
         return int(self.qc.cell_mask.sum())
 
-
-@dataclass
-class PassContext:
-    """What a pass's worker tasks read (shared read-only by the threads; passed explicitly)."""
-
-    source: MatrixSource
-    settings: RunSettings
-    flags: np.ndarray | None = None  # pass 1: ``gene_flags`` of every input gene
-    plan: RunPlan | None = None  # pass 2
-    outputs: Any = None  # pass 2 of the script: the ``TransformOutputs`` its workers write to
+    def first_kept(self, start: int) -> int:
+        """The preprocessed row of the first kept cell from input row ``start`` on."""
+        return int(np.count_nonzero(self.qc.cell_mask[:start]))
 
 
 def chunk_bounds(n_cells: int, chunk_size: int) -> list[tuple[int, int]]:
@@ -167,8 +159,7 @@ def resolve_gene_names(var: pd.DataFrame, gene_column: str | None, *, bad: str, 
                              "rename them or pass --bad_gene_names replace.")
         logger.warning("Replaced whitespace by '_' in %s gene names (e.g. %r).", f"{has_space.sum():,}", example)
         names = pd.Index([re.sub(r"\s+", "_", n) for n in names])
-    # A gene named like a tokenizer's special token would end or pad a generated cell; renaming it
-    # is the user's choice (it changes what the gene is called), so it is refused, as labels are.
+    # A gene named like a special token would end or pad a generated cell; renaming it is the user's choice.
     special = names.str.contains(SPECIAL_TOKEN.pattern, regex=True) | names.str.fullmatch(r"<.*>")
     if special.any():
         raise InputError(f"{path}: {special.sum():,} gene names are or hold a tokenizer's special token (e.g. "
@@ -181,8 +172,7 @@ def resolve_gene_names(var: pd.DataFrame, gene_column: str | None, *, bad: str, 
 
 
 def resolve_obs_columns(obs: pd.DataFrame, label_column: str | bool | None, extra: Sequence[str], *, path: Any) -> dict[str, str]:
-    """Dataset column name -> obs column: cell_type from the label column (False: none, quietly,
-    as for a model's new cells), plus extras."""
+    """Dataset column name -> obs column: cell_type from the label column (False: none), plus extras."""
     columns: dict[str, str] = {}
     if label_column is False:
         pass
@@ -204,8 +194,7 @@ def resolve_obs_columns(obs: pd.DataFrame, label_column: str | bool | None, extr
 def resolve_input_kind(source: MatrixSource, requested: str, *, target_sum: float = TARGET_SUM) -> Normalization:
     """The input kind (auto-detected on the first cells), the log1p base and the target sum.
 
-    ``uns["log1p"]`` describes X only: a layer or ``.raw`` is judged by its own values. Values
-    that cannot be log1p of normalized data are never brought back with expm1."""
+    ``uns["log1p"]`` describes X only: a layer or ``.raw`` is judged by its own values."""
     has_uns = source.log1p_base != NO_LOG1P
     base = source.log1p_base if has_uns else None
     sample = read_checked_chunk(source, 0, min(DETECTION_CELLS, source.n_cells))
@@ -227,8 +216,7 @@ def resolve_input_kind(source: MatrixSource, requested: str, *, target_sum: floa
 
 
 def excluded_genes(gene_names: np.ndarray, pattern: str | None) -> np.ndarray | None:
-    """Which genes ``pattern`` (a regular expression, searched in each name) excludes; None
-    without a pattern."""
+    """Which genes the regular expression ``pattern`` (searched in each name) excludes; None without one."""
     if pattern is None:
         return None
     try:
@@ -241,13 +229,17 @@ def excluded_genes(gene_names: np.ndarray, pattern: str | None) -> np.ndarray | 
     return mask
 
 
-def plan_run(source: MatrixSource, options: TransformOptions, *, progress: bool = True,
-             normalization: Normalization | None = None) -> RunPlan:
-    """Resolve names, columns and the input kind, run the QC pass over ``source``, and draw the
-    splits and the evaluation sample: everything pass 2 needs, for the script and the API alike.
-    ``normalization``: the input kind already agreed on (by ``open_inputs``), else detected here."""
+def _check_not_empty(source: MatrixSource) -> None:
     if source.n_cells == 0 or source.n_genes == 0:
         raise InputError(f"{source.path}: {source.matrix_name} is empty ({source.shape}).")
+
+
+def plan_run(source: MatrixSource, options: TransformOptions, *, progress: bool = True,
+             normalization: Normalization | None = None) -> RunPlan:
+    """Pass 1: resolve names, columns and the input kind, run the QC over ``source``, and draw the
+    splits and the evaluation sample. ``normalization``: the input kind already agreed on
+    (``open_inputs``), else detected here."""
+    _check_not_empty(source)
     gene_names = resolve_gene_names(source.var, options.gene_column, bad=options.bad_gene_names, path=source.path)
     obs_columns = resolve_obs_columns(source.obs, options.label_column, options.obs_columns, path=source.path)
     columns, notes = dataset_columns(source.obs, obs_columns, path=source.path)  # before any work: may refuse
@@ -261,9 +253,9 @@ def plan_run(source: MatrixSource, options: TransformOptions, *, progress: bool 
     chunks = chunk_bounds(source.n_cells, options.chunk_size)
 
     accumulator = QCAccumulator(source.n_cells, source.n_genes, options.qc)
-    context = PassContext(source, settings, gene_flags(is_mt, excluded))
+    task = partial(_stats_task, source, settings, gene_flags(is_mt, excluded))
     with tqdm(total=source.n_cells, desc="QC pass", unit="cells", disable=not progress) as bar:
-        for stats in ordered_map(_stats_task, chunks, num_proc=options.num_proc, context=context):
+        for stats in ordered_map(task, chunks, num_proc=options.num_proc):
             accumulator.add(stats)
             bar.update(len(stats.n_genes))
     result = accumulator.finalize(is_mt, excluded)
@@ -286,13 +278,12 @@ def plan_run(source: MatrixSource, options: TransformOptions, *, progress: bool 
 
 def open_inputs(data_filepath: Path | Sequence[Path], options: TransformOptions, *,
                 layer: str | None = None) -> tuple[MatrixSource, TransformOptions, Normalization | None]:
-    """The input of ``--data_filepath`` with the options to plan it with, and its input kind
-    when several files had theirs agreed on.
+    """The input of ``--data_filepath``, the options to plan it with, and its input kind when
+    several files had theirs agreed on.
 
-    One file is opened as it is. Several files (or a folder of .h5ad files) become one
-    ``ConcatenatedSource``: gene names resolved per file (``--gene_column``), matched by name;
-    a ``dataset`` column for each cell's file; the input kind detected per file and required to
-    agree (unless ``--input_kind`` is given); QC later runs over all their cells together."""
+    Several files (or a folder of .h5ad files) become one ``ConcatenatedSource``: gene names
+    resolved per file and matched by name, a ``dataset`` column naming each cell's file, the input
+    kind detected per file and required to agree (unless ``--input_kind`` is given)."""
     paths = input_paths(data_filepath)
     if paths == [data_filepath]:
         return open_source(data_filepath, layer=layer), options, None
@@ -303,15 +294,13 @@ def open_inputs(data_filepath: Path | Sequence[Path], options: TransformOptions,
                          "name, so give files of different names.")
     sources = [open_source(p, layer=layer) for p in paths]
     for source in sources:
-        if source.n_cells == 0 or source.n_genes == 0:
-            raise InputError(f"{source.path}: {source.matrix_name} is empty ({source.shape}).")
+        _check_not_empty(source)
     gene_names = [resolve_gene_names(s.var, options.gene_column, bad=options.bad_gene_names, path=s.path)
                   for s in sources]
     normalization = None
     if options.input_kind == "auto":
         kinds = [resolve_input_kind(s, "auto", target_sum=options.target_sum) for s in sources]
-        shown = {(k.input_kind, k.log1p_base) for k in kinds}
-        if len(shown) > 1:
+        if len({(k.input_kind, k.log1p_base) for k in kinds}) > 1:
             groups: dict[str, list[str]] = {}
             for path, kind in zip(paths, kinds, strict=True):
                 base = f" (base {kind.log1p_base or 'e'})" if kind.input_kind == "log1p" else ""
@@ -330,10 +319,9 @@ def open_inputs(data_filepath: Path | Sequence[Path], options: TransformOptions,
     return source, dataclasses.replace(options, gene_column=None, obs_columns=columns), normalization
 
 
-def _stats_task(context: PassContext, index: int, bounds: tuple[int, int]):
+def _stats_task(source: MatrixSource, settings: RunSettings, flags: np.ndarray, index: int, bounds: tuple[int, int]):
     start, stop = bounds
-    source, settings = context.source, context.settings
-    params = dict(row_offset=start, is_mt=None, params=settings.qc, flags=context.flags)
+    params = dict(row_offset=start, is_mt=None, params=settings.qc, flags=flags)
     if settings.normalization.input_kind == "log1p":  # check the values as stored, before they are brought back
         chunk = read_checked_chunk(source, start, stop)
         top = chunk.data.max(initial=0.0)
@@ -351,44 +339,77 @@ def _stats_task(context: PassContext, index: int, bounds: tuple[int, int]):
     return stats
 
 
-def ordered_map(
-    task: Callable[[Any, int, tuple[int, int]], Any],
-    chunks: Sequence[tuple[int, int]],
-    *,
-    num_proc: int,
-    context: Any,
-) -> Iterator[Any]:
-    """``task(context, i, chunks[i])`` for every chunk, results in order, at most
-    ``num_proc + 1`` chunks in flight (so results waiting to be written never pile up in memory).
-    ``i``, the chunk's number, is each chunk's place in the order of appends to the outputs."""
+def ordered_map(task: Callable[[int, tuple[int, int]], Any], chunks: Sequence[tuple[int, int]], *,
+                num_proc: int) -> Iterator[Any]:
+    """``task(i, chunks[i])`` for every chunk, results in order, at most ``num_proc + 1`` chunks in
+    flight; ``i`` is each chunk's place in the order of appends to the outputs."""
     if num_proc <= 1 or len(chunks) <= 1:
         for i, bounds in enumerate(chunks):
-            yield task(context, i, bounds)
+            yield task(i, bounds)
         return
-    # Threads, not processes: the numba kernels release the GIL, and results need no pickling
-    # on their way to the writer (which, for 2,000-gene sentences, cost more than it saved).
+    # Threads, not processes: the numba kernels release the GIL, and results need no pickling.
     pool = ThreadPoolExecutor(num_proc, thread_name_prefix="chunk")
     try:
         pending: deque = deque()
         for i, bounds in enumerate(chunks):
-            pending.append(pool.submit(task, context, i, bounds))
+            pending.append(pool.submit(task, i, bounds))
             if len(pending) > num_proc:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
     finally:
-        # On an error (or the caller closing us) start no more chunks, and return only when
-        # the running ones have stopped, so the caller may then close their output files.
+        # On an error (or the caller closing us) start no more chunks, and return only when the
+        # running ones have stopped, so the caller may then close their output files.
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def assign_splits(n_cells: int, fractions: Sequence[float], *, seed: int) -> np.ndarray:
-    """Split index (0 train, 1 valid, 2 test) of each of ``n_cells`` cells, seeded.
+def rank_rows(plan: RunPlan, chunk: Any, start: int, row_split: np.ndarray,
+              out_arrays: tuple[np.ndarray, np.ndarray] | None = None) -> RankedChunk:
+    """``rank_chunk`` of the input rows ``chunk`` (from row ``start`` on), as the plan says."""
+    stop, settings = start + chunk.shape[0], plan.settings
+    return rank_chunk(
+        chunk.indptr, chunk.indices, chunk.data, row_split=row_split, row_eval=plan.eval_mask[start:stop],
+        cell_ids=np.arange(start, stop), gene_position=plan.gene_position, names=plan.names,
+        normalization=settings.normalization, seed=settings.seed, max_genes=settings.max_genes,
+        out_arrays=out_arrays,
+    )  # fmt: skip
 
-    Sizes are rounded so they add up to ``n_cells``; the test split takes the remainder.
-    """
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(n_cells)
+
+def sentence_pass(plan: RunPlan, sink: Any, *, num_proc: int, fit_threshold: float, progress: bool = True
+                  ) -> tuple[np.ndarray, RankExpressionFit, tuple[np.ndarray, np.ndarray]]:
+    """Pass 2 of every chunk into ``sink`` (files: ``TransformOutputs``; memory: ``adata_to_sentences``),
+    which ranks it in a worker (``sink.task(ticket, bounds) -> SentenceChunk``), takes it in input
+    order (``sink.add(chunk, start)``) and, when one fails, releases the workers waiting for their
+    turn (``sink.abort()``). Returns the kept genes' cell counts, the fit and its points."""
+    gene_cells = np.zeros(len(plan.kept_names), np.int64)
+    points: list[tuple[np.ndarray, np.ndarray]] = []
+    results = ordered_map(sink.task, plan.chunks, num_proc=num_proc)
+    try:
+        with tqdm(total=plan.source.n_cells, desc="Cell sentences", unit="cells", disable=not progress) as bar:
+            for (start, stop), chunk in zip(plan.chunks, results, strict=True):
+                sink.add(chunk, start)
+                gene_cells += chunk.gene_cells
+                points.append((chunk.eval_log_rank, chunk.eval_log_expression))
+                bar.update(stop - start)
+    except BaseException:
+        sink.abort()  # release workers waiting for their turn to write
+        results.close()  # wait for the running workers: they write to the sink
+        raise
+    log_rank = np.concatenate([p[0] for p in points])
+    log_expression = np.concatenate([p[1] for p in points])
+    try:
+        fit = fit_rank_expression(log_rank, log_expression, threshold=fit_threshold)
+    except NonFiniteError as err:
+        raise InputError(f"{plan.source.path}: {err} Check --input_kind against what the matrix holds.") from err
+    except ValueError as err:
+        raise InputError(f"{plan.source.path}: {err} Lower --min_genes_per_cell or give more cells.") from err
+    return gene_cells, fit, (log_rank, log_expression)
+
+
+def assign_splits(n_cells: int, fractions: Sequence[float], *, seed: int) -> np.ndarray:
+    """Split index (0 train, 1 valid, 2 test) of each of ``n_cells`` cells, seeded; the test split
+    takes the remainder of the rounded sizes."""
+    order = np.random.default_rng(seed).permutation(n_cells)
     n_train = int(round(fractions[0] * n_cells))
     n_valid = int(round(fractions[1] * n_cells))
     split = np.full(n_cells, 2, dtype=np.int8)

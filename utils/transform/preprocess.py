@@ -1,23 +1,16 @@
 """Quality control, input-kind detection and normalization, computed in passes over chunks.
 
-QC follows the original script (scanpy's tutorial defaults) and gives exactly what scanpy gives
-on the whole matrix:
-
-1. ``sc.pp.filter_cells(min_genes=200)``
-2. ``sc.pp.filter_genes(min_cells=3)`` on the cells left by 1
-3. drop cells with ``n_genes_by_counts >= 2500`` (counted over the genes left by 2)
-4. drop cells with ``pct_counts_mt >= max_mt_percent`` (the original's 200 keeps every cell)
-
-Step 3 and 4 depend on the gene filter, which depends on all cells. One streaming pass still
-suffices: a gene that fails the filter occurs in fewer than ``min_cells`` cells, so keeping the
-occurrences of every gene seen fewer than ``min_cells`` times so far (at most
-``n_genes * (min_cells - 1)`` entries) lets us subtract the failing genes' contributions from the
-per-cell statistics at the end.
+QC gives exactly what the original script (scanpy's tutorial defaults) gives on the whole matrix:
+``filter_cells(min_genes=200)``, then ``filter_genes(min_cells=3)`` on the cells left, then drop
+cells with ``n_genes_by_counts >= 2500`` and with ``pct_counts_mt >= max_mt_percent`` (counted over
+the genes left). One streaming pass suffices: a failing gene occurs in fewer than ``min_cells``
+cells, so the occurrences of genes seen fewer times so far are kept, and the failing genes'
+contributions subtracted from the per-cell statistics at the end.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -25,9 +18,8 @@ import scipy.sparse as sp
 from numba import njit
 
 INPUT_KINDS = ("auto", "counts", "normalized", "log1p")
-# The cell filters in the order they apply (``QCResult.removed_by`` numbers them so); the last
-# removes cells left with no gene by the gene filter (or ``--exclude_genes``). Without QC,
-# min_genes_per_cell removes the empty cells only.
+# The cell filters in the order they apply; the last removes cells left with no gene by the gene
+# filter (or ``--exclude_genes``). Without QC, min_genes_per_cell removes the empty cells only.
 QC_FILTERS = ("min_genes_per_cell", "max_genes_per_cell", "max_mt_percent", "no_expressed_genes")
 ALL_CELLS = "(all cells)"  # the one row of ``qc_by_label`` for cells without a label column
 TARGET_SUM = 1e4
@@ -53,9 +45,8 @@ class ChunkStats:
     total: np.ndarray  # per cell: sum of values
     mt_total: np.ndarray  # per cell: sum over MT- genes
     gene_cells: np.ndarray  # per gene: cells (passing min_genes) expressing it
-    rare_cells: np.ndarray  # occurrences (in cells passing min_genes) of genes seen in fewer
-    # than min_cells cells of this chunk: all a failing gene ever contributes
-    rare_genes: np.ndarray
+    rare_cells: np.ndarray  # occurrences (in cells passing min_genes) of genes in fewer than min_cells
+    rare_genes: np.ndarray  # cells of this chunk: all a failing gene ever contributes
     rare_values: np.ndarray
     n_excluded: np.ndarray | None = None  # per cell: genes matching the exclusion (see ``chunk_stats``)
     first_nonfinite: int = -1  # chunk row of the first NaN or infinite value (-1: none)
@@ -128,46 +119,28 @@ def chunk_stats(
     excluded: np.ndarray | None = None, flags: np.ndarray | None = None,
 ) -> ChunkStats:
     """Statistics of one CSR chunk (no explicit zeros) for the streaming QC, and where its first
-    NaN, infinite or negative values are. ``excluded``: genes left out of the sentences (their
-    per-cell counts are kept); ``flags``: ``gene_flags(is_mt, excluded)`` made once per run."""
+    NaN, infinite or negative values are; ``flags``: ``gene_flags(is_mt, excluded)``, made once."""
     if flags is None:
         flags = gene_flags(is_mt, excluded)
     (n_genes, total, mt_total, n_excluded, gene_cells, rare_cells, rare_genes, rare_values, nonfinite,
-     negative) = _chunk_stats(
-        chunk.indptr.astype(np.int64),
-        chunk.indices,
-        chunk.data,
-        flags,
-        chunk.shape[1],
-        params.min_genes_per_cell if params.enabled else 1,
-        params.min_cells_per_gene,
-    )  # fmt: skip
+     negative) = _chunk_stats(chunk.indptr.astype(np.int64), chunk.indices, chunk.data, flags, chunk.shape[1],
+                              params.min_genes_per_cell if params.enabled else 1, params.min_cells_per_gene)
     return ChunkStats(n_genes, total, mt_total, gene_cells, rare_cells + row_offset, rare_genes, rare_values,
                       n_excluded, nonfinite, negative)
 
 
-@dataclass
 class QCAccumulator:
     """Merges ``ChunkStats`` in row order and decides which cells and genes are kept."""
 
-    n_cells: int
-    n_genes_total: int
-    params: QCParams
-    n_genes: np.ndarray = field(init=False)
-    total: np.ndarray = field(init=False)
-    mt_total: np.ndarray = field(init=False)
-    gene_cells: np.ndarray = field(init=False)
-    n_excluded: np.ndarray = field(init=False)
-    _rare: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(init=False)
-    _filled: int = field(init=False, default=0)
-
-    def __post_init__(self) -> None:
-        self.n_genes = np.zeros(self.n_cells, np.int64)
-        self.total = np.zeros(self.n_cells, np.float64)
-        self.mt_total = np.zeros(self.n_cells, np.float64)
-        self.gene_cells = np.zeros(self.n_genes_total, np.int64)
-        self.n_excluded = np.zeros(self.n_cells, np.int64)
-        self._rare = []
+    def __init__(self, n_cells: int, n_genes_total: int, params: QCParams) -> None:
+        self.n_cells, self.n_genes_total, self.params = n_cells, n_genes_total, params
+        self.n_genes = np.zeros(n_cells, np.int64)
+        self.total = np.zeros(n_cells, np.float64)
+        self.mt_total = np.zeros(n_cells, np.float64)
+        self.gene_cells = np.zeros(n_genes_total, np.int64)
+        self.n_excluded = np.zeros(n_cells, np.int64)
+        self._rare: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._filled = 0
 
     def add(self, stats: ChunkStats) -> None:
         start, stop = self._filled, self._filled + len(stats.n_genes)
@@ -185,11 +158,8 @@ class QCAccumulator:
         self._rare = [(cells[still_rare], genes[still_rare], values[still_rare])]
 
     def finalize(self, is_mt: np.ndarray, excluded: np.ndarray | None = None) -> QCResult:
-        """Apply the filters in the original order; return masks, counts and final totals.
-
-        ``excluded`` genes (``--exclude_genes``) take part in the QC like any gene (so
-        ``pct_counts_mt`` still sees MT- genes) and are then left out of the kept genes: they
-        are removed after QC and before normalization and ranking."""
+        """Apply the filters in the original order. ``excluded`` genes take part in the QC like any
+        gene (``pct_counts_mt`` still sees MT- genes), then are left out of the kept genes."""
         p = self.params
         passes_min_genes = self.n_genes >= (p.min_genes_per_cell if p.enabled else 1)
         if p.enabled:
@@ -234,19 +204,10 @@ class QCAccumulator:
         if excluded is not None:
             genes_excluded = int((gene_mask & excluded).sum())
             gene_mask = gene_mask & ~excluded
-        return QCResult(
-            cell_mask=keep,
-            gene_mask=gene_mask,
-            n_genes=n_genes,
-            n_stored=n_stored,
-            total=total,
-            pct_mt=pct_mt,
-            cells_removed=removed,
-            removed_by=removed_by,
-            genes_removed=int((~gene_mask).sum()) - genes_excluded,
-            gene_cells=self.gene_cells,
-            genes_excluded=genes_excluded,
-        )
+        return QCResult(cell_mask=keep, gene_mask=gene_mask, n_genes=n_genes, n_stored=n_stored, total=total,
+                        pct_mt=pct_mt, cells_removed=removed, removed_by=removed_by,
+                        genes_removed=int((~gene_mask).sum()) - genes_excluded, gene_cells=self.gene_cells,
+                        genes_excluded=genes_excluded)
 
 
 @dataclass
@@ -267,12 +228,8 @@ class QCResult:
 
 
 def qc_by_label(result: QCResult, labels: np.ndarray | None) -> pd.DataFrame:
-    """Per label, its cells, those each filter removed (``removed_by_<filter>``, the filters of
-    ``QC_FILTERS``) and those kept: ``eval/qc_by_label.csv``.
-
-    ``labels`` holds each input cell's label (None: missing); labels come sorted, cells without
-    one last (label NaN). Without labels (None) the table has one row, ``ALL_CELLS``.
-    """
+    """``eval/qc_by_label.csv``: per label (sorted, cells without one last, as NaN), its cells, those
+    each filter removed (``removed_by_<filter>``) and those kept; one ``ALL_CELLS`` row without labels."""
     if labels is None:
         codes, names = np.zeros(len(result.cell_mask), np.int64), [ALL_CELLS]
     else:
@@ -289,9 +246,8 @@ def qc_by_label(result: QCResult, labels: np.ndarray | None) -> pd.DataFrame:
     return pd.DataFrame(table)
 
 
-# No value of a normalized matrix is this large: a cell's values add up to the target sum (1e4
-# by default, 1e6 for CPM). log1p values above log1p(LOG1P_LINEAR_LIMIT) are therefore not log1p
-# of normalized data (raw counts, mostly) and are never passed through expm1.
+# No value of a normalized matrix is this large (its cells add up to 1e4, or 1e6 for CPM): larger
+# "log1p" values are not log1p of normalized data and are never passed through expm1.
 LOG1P_LINEAR_LIMIT = 1e7
 LOG1P_BASES = (None, 2.0, 10.0)  # natural log first: scanpy's default
 
@@ -322,13 +278,10 @@ def log1p_problem(values: np.ndarray, base: float | None) -> str | None:
 def detect_input_kind(
     sample: sp.csr_matrix, *, has_log1p_uns: bool, log1p_base: float | None = None
 ) -> tuple[str, float | None, str]:
-    """Guess whether values are raw counts, normalized values or log1p values.
-
-    Returns the kind, the log1p base (None: natural log, or not log1p) and a short reason for
-    the log. ``sample`` is a few thousand cells. ``has_log1p_uns`` says that ``uns["log1p"]``
-    (with ``log1p_base``) describes this matrix; it does for ``X`` only, never for a layer or
-    ``.raw``, whose values speak for themselves. Values that cannot be log1p (whole numbers, or
-    too large) are judged by their values even when ``uns["log1p"]`` says otherwise.
+    """Guess whether ``sample``'s values are raw counts, normalized values or log1p values: returns
+    the kind, the log1p base (None: natural log, or not log1p) and a reason for the log.
+    ``has_log1p_uns``: ``uns["log1p"]`` (with ``log1p_base``) describes this matrix; values that
+    cannot be log1p are judged by their values even then.
     """
     values = sample.data
     if has_log1p_uns:
@@ -366,11 +319,8 @@ def _spread(totals: np.ndarray) -> float:
 
 @dataclass(frozen=True)
 class Normalization:
-    """How a cell's stored values become the preprocessed log10(1 + normalized value).
-
-    The one place a normalization parameter is added: a field here, its value in ``kernel_args``
-    (what every compiled kernel receives, as one tuple) and its use in ``normalize_row``.
-    """
+    """How a cell's stored values become the preprocessed log10(1 + normalized value); the kernels
+    receive ``kernel_args()`` and use it in ``normalize_row``."""
 
     input_kind: str = "counts"  # "counts", "normalized" or "log1p" (detected: see ``detect_input_kind``)
     log1p_base: float | None = None  # the log1p values' base (None: natural log)
@@ -392,11 +342,8 @@ def to_linear(data: np.ndarray, *, input_kind: str, log1p_base: float | None) ->
 
 @njit(cache=True, nogil=True)
 def normalize_row(values, n, out, normalization):
-    """log10(1 + normalized value) of one cell's ``values[:n]`` into ``out[:n]``;
-    ``normalization`` is ``Normalization.kernel_args()``.
-
-    Most counts are small integers: their log is computed once per cell, not once per gene.
-    """
+    """log10(1 + normalized value) of one cell's ``values[:n]`` into ``out[:n]``; ``normalization``
+    is ``Normalization.kernel_args()``. Small integer counts take their log from a per-cell table."""
     mode, log_base, target_sum = normalization
     inv_ln10 = 1.0 / np.log(10.0)
     scale = 1.0

@@ -17,8 +17,8 @@ QC_WARN_SHARE = 0.10  # a filter removing more of a label's cells than this is a
 
 def log_qc(result: QCResult, n_cells: int, qc: QCParams, *, path: Any = "the input",
            by_label: pd.DataFrame | None = None) -> None:
-    """Log what each filter removed, in all and per label of ``by_label`` (``qc_by_label``,
-    when the cells have labels); fail when no cell is left (naming a flag that exists)."""
+    """Log what each filter removed, in all and per label of ``by_label`` (``qc_by_label``); fail
+    when no cell is left, naming the flag to relax."""
     for flag, removed in result.cells_removed.items():
         if removed:
             logger.info("QC: %s cells removed by %s.", f"{removed:,}", _removal_reason(flag, qc))
@@ -44,9 +44,8 @@ def log_qc(result: QCResult, n_cells: int, qc: QCParams, *, path: Any = "the inp
 
 
 def _log_qc_by_label(by_label: pd.DataFrame, qc: QCParams, *, excluded: bool) -> None:
-    """One line per label of what QC removed, and a warning, naming the flag that relaxes it,
-    for each filter that removed more than ``QC_WARN_SHARE`` of a label's cells: a total can
-    hide a population that a threshold removes almost entirely."""
+    """One line per label of what QC removed, and a warning naming the flag that relaxes each filter
+    that removed more than ``QC_WARN_SHARE`` of a label's cells (a total can hide a population)."""
     exclusion = (" or --exclude_genes", " or narrow --exclude_genes") if excluded else ("", "")
     causes = {  # what removed the cells, and what keeps them
         "min_genes_per_cell": (f"--min_genes_per_cell {qc.min_genes_per_cell}", "lower --min_genes_per_cell"),

@@ -1,13 +1,8 @@
-"""Rank each cell's expressed genes and turn the ranking into cell-sentence text.
+"""Rank each cell's expressed genes (compiled numba kernels) and the gene names as bytes.
 
-The kernels work on CSR arrays (``indptr``, ``indices``, ``data``), one row per cell, and are
-compiled with numba: ranking 20,000 cells of 2,000 expressed genes takes about a second on
-one core here, against minutes for a Python loop that creates a random generator per cell.
-
-Ties are broken uniformly at random but reproducibly: the genes of a tie group, taken in
-gene-index order, are shuffled (Fisher-Yates) with random numbers from a counter-based hash of
-(seed, global cell index, position). The result depends only on the cell's own values and
-its index in the input, so it is identical whatever the chunking or the number of workers.
+Ties are broken uniformly at random but reproducibly: a tie group, in gene-index order, is
+shuffled (Fisher-Yates) with a counter-based hash of (seed, global cell index, position), so the
+result depends only on the cell's values and input index, whatever the chunking or workers.
 """
 
 from __future__ import annotations
@@ -41,18 +36,13 @@ def rank_workspace(widest):
 
 @njit(cache=True, nogil=True)
 def rank_row(values, cell_key, workspace):
-    """Positions ``0..n-1`` of one row's float32 ``values`` in rank order: value descending,
-    ties shuffled with the row's ``cell_key``. ``workspace`` comes from ``rank_workspace``; the
-    result is one of its arrays (valid until the next call).
-
-    Both sorts are stable, so ties reach the shuffle in gene-index order and the result does not
-    depend on which sort ran.
-    """
+    """Positions ``0..n-1`` of one row's float32 ``values`` in rank order: value descending, ties
+    shuffled with the row's ``cell_key``. The result is one of ``workspace``'s arrays (valid until
+    the next call). Both sorts are stable, so ties reach the shuffle in gene-index order."""
     n = values.shape[0]
     ka, kb, pa, pb, count, buckets = workspace
-    # The largest value and whether all are whole numbers, in a loop that vectorizes (15x
-    # faster than max() and floor() on floats): the bits of non-negative floats order like
-    # their values, and values are capped before the integer conversion so that it is defined.
+    # The largest value and whether all are whole numbers, in a loop that vectorizes: the bits of
+    # non-negative floats order like their values; capping keeps the integer conversion defined.
     bits = values.view(np.uint32)
     top_bits = np.uint32(0)
     fractional = 0
@@ -79,9 +69,8 @@ def rank_row(values, cell_key, workspace):
             ka[t] = np.uint32(v)
             pa[t] = j
     else:
-        # LSD radix sort on the 4 bytes of the float32 bits (for non-negative floats they order
-        # like the values); the 4 histograms come from one pass, and a byte that every key
-        # shares is skipped.
+        # LSD radix sort on the 4 bytes of the float32 bits (4 histograms from one pass; a byte
+        # that every key shares is skipped).
         bits = values.view(np.uint32)
         count[:, :] = 0
         for j in range(n):
@@ -141,8 +130,7 @@ _SLOT = 16  # bytes per padded name: copying a fixed 16 bytes is much faster tha
 
 @intrinsic
 def _copy16(typingctx, dst, dst_pos, src, src_pos):
-    """Copy 16 bytes from ``src[src_pos:]`` to ``dst[dst_pos:]`` (uint8 arrays) as one unaligned
-    move: a byte loop is not vectorized by numba and costs 4x more per gene."""
+    """Copy 16 bytes from ``src[src_pos:]`` to ``dst[dst_pos:]`` (uint8 arrays) as one unaligned move."""
     sig = types.void(dst, types.intp, src, types.intp)
 
     def codegen(context, builder, signature, args):
@@ -157,9 +145,8 @@ def _copy16(typingctx, dst, dst_pos, src, src_pos):
 
 
 class GeneNameTable:
-    """Gene names as one UTF-8 byte buffer plus offsets, for building sentences without
-    creating a Python string per gene and per cell. Names shorter than 16 bytes are also kept
-    in fixed 16-byte slots (flat, slot g at ``16 * g``), each followed by a space."""
+    """Gene names as one UTF-8 byte buffer plus offsets; names shorter than 16 bytes also in fixed
+    16-byte slots (slot g at ``16 * g``), each followed by a space."""
 
     def __init__(self, names: Sequence[str]):
         encoded = [name.encode("utf-8") for name in names]
@@ -167,8 +154,7 @@ class GeneNameTable:
         self.offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
         self.offsets[1:] = np.cumsum(self.lengths)
         self.buffer = np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()
-        # Each byte to its name's slot, at its place in the name, with whole arrays: the API
-        # builds this table on every call, and a Python loop over the names would cost more.
+        # Each byte to its place in its name's slot, with whole arrays (the API builds this per call).
         name_of_byte = np.repeat(np.arange(len(encoded)), self.lengths)
         place = np.arange(len(self.buffer)) - self.offsets[name_of_byte]
         short = self.lengths[name_of_byte] < _SLOT

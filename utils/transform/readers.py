@@ -1,10 +1,8 @@
 """Readers of the transform's input: count matrices served in chunks of rows.
 
-An ``.h5ad`` whose matrix is stored as CSR (or dense) is read out of core with h5py (its CSR
-arrays, when uncompressed, around it: ``direct_reader``), a slice of rows at a time, so memory
-does not grow with the number of cells. Other formats (10x ``.h5``,
-10x matrix folders, ``.loom``, ``.csv``, CSC-stored h5ad) go through anndata/scanpy readers
-into memory and are then served in the same chunks.
+An ``.h5ad`` stored as CSR (or dense) is read out of core, a slice of rows at a time; other
+formats (10x ``.h5`` and folders, ``.loom``, ``.csv``, CSC-stored h5ad) are read into memory by
+anndata/scanpy and served in the same chunks.
 """
 
 from __future__ import annotations
@@ -32,15 +30,13 @@ NO_LOG1P = "absent"
 
 def canonical_rows(chunk: sp.csr_matrix, column_map: np.ndarray | None = None,
                    n_columns: int | None = None) -> sp.csr_matrix:
-    """The rows with sorted indices and no explicit zeros or duplicates (what the ranking kernel
-    expects), each column ``c`` renamed ``column_map[c]`` among ``n_columns`` when given. New
-    arrays unless ``chunk`` is canonical already and not renamed; ``chunk`` is never changed."""
+    """The rows with sorted indices and no explicit zeros or duplicates, each column ``c`` renamed
+    ``column_map[c]`` among ``n_columns`` when given; ``chunk`` itself is never changed."""
     if column_map is None:
         if _is_canonical(chunk.indptr, chunk.indices, chunk.data):
             return chunk
         column_map, n_columns = np.arange(chunk.shape[1], dtype=np.int32), chunk.shape[1]
-    # Rows sorted by ``sort_rows``, not scipy (files subset by columns, as anndata writes them
-    # after adata[:, genes], have unsorted rows: see ``sort_rows``), then scipy's linear passes.
+    # Rows sorted by ``sort_rows`` (far faster than scipy), then scipy's linear passes.
     indices, data = sort_rows(chunk.indptr.astype(np.int64), chunk.indices, chunk.data, column_map, n_columns)
     out = sp.csr_matrix((data, indices, chunk.indptr - chunk.indptr[0]), shape=(chunk.shape[0], n_columns))
     out.has_sorted_indices = True
@@ -51,9 +47,8 @@ def canonical_rows(chunk: sp.csr_matrix, column_map: np.ndarray | None = None,
 
 @njit(cache=True, nogil=True)
 def _is_canonical(indptr, indices, data):
-    """Whether every row's indices strictly increase and no stored value is 0 (counted without
-    early exits so that the loops vectorize: checking costs a fraction of scipy's in-place
-    canonicalization, which runs even when there is nothing to do)."""
+    """Whether every row's indices strictly increase and no stored value is 0 (counted without early
+    exits, so that the loops vectorize)."""
     zeros = 0
     for j in range(data.shape[0]):
         zeros += data[j] == 0
@@ -69,10 +64,8 @@ def _is_canonical(indptr, indices, data):
 
 
 class MatrixSource:
-    """Rows of the input's count matrix, with its obs, var and log1p marker.
-
-    ``matrix_name`` says which matrix was chosen (``raw.X``, ``layers['counts']`` or ``X``).
-    """
+    """Rows of the input's count matrix (``matrix_name``: ``raw.X``, ``layers['counts']`` or ``X``),
+    with its obs, var and log1p marker."""
 
     path: Path
     matrix_name: str
@@ -99,8 +92,7 @@ class MatrixSource:
 
 
 def _choose_matrix(has: dict[str, bool], layer: str | None) -> str:
-    """The matrix holding counts: --layer, else .raw.X (as the original), else
-    layers['counts'], else X."""
+    """The matrix holding counts: --layer, else .raw.X (as the original), else layers['counts'], else X."""
     if layer is not None:
         if not has.get(f"layers/{layer}"):
             raise InputError(f"The input has no layer {layer!r}; drop --layer or name one it has.")
@@ -166,8 +158,7 @@ class H5adSource(MatrixSource):
             self._check_unchanged(start, stop)
             raise InputError(f"{self.path} could not be read at cells {start}-{stop} ({err}); "
                              "the file is damaged.") from err
-        # HDF5 fills a read past the end of a file that was cut short with zeros: a file that
-        # changed while it was read must stop the run, not give wrong sentences.
+        # HDF5 reads zeros past the end of a file cut short: a changed file must stop the run.
         self._check_unchanged(start, stop)
         return chunk
 
@@ -219,9 +210,8 @@ class InMemorySource(MatrixSource):
             self.log1p_base = _log1p_base(adata.uns["log1p"])
 
     def read_stored_rows(self, start: int, stop: int) -> sp.csr_matrix:
-        """Rows ``[start, stop)`` as views of the matrix (scipy's row slicing copies, through a
-        routine that also handles columns: 5 s for 20,000 cells); ``read_rows`` copies them only
-        when they must be made canonical, so the caller's AnnData is never changed."""
+        """Rows ``[start, stop)`` as views of the matrix (scipy's row slicing copies, slowly);
+        ``read_rows`` copies them only to make them canonical."""
         m = self._matrix
         lo, hi = int(m.indptr[start]), int(m.indptr[stop])
         data = m.data[lo:hi]
@@ -232,8 +222,7 @@ class InMemorySource(MatrixSource):
 
 
 def exact_float(values: np.ndarray) -> np.ndarray:
-    """float16 values (which AnnData reads, but neither scipy.sparse nor the compiled kernels
-    take) as float32, which holds each of them exactly; any other array as it is."""
+    """float16 values (which scipy.sparse and the kernels do not take) as float32, exactly."""
     return values.astype(np.float32) if values.dtype == np.float16 else values
 
 
@@ -281,27 +270,21 @@ def _read_with_scanpy(path: Path) -> ad.AnnData:
             return sc.read_csv(path)
     except Exception as err:  # readers raise many kinds; the user needs one sentence
         raise InputError(f"{path} could not be read as {suffix or 'a 10x folder'} ({err}).") from err
-    raise InputError(
-        f"{path} has an unsupported format; give an .h5ad, 10x .h5, 10x matrix folder, .loom or .csv."
-    )
+    raise InputError(f"{path} has an unsupported format; give an .h5ad, 10x .h5, 10x matrix folder, .loom or "
+                     ".csv.")
 
 
 class ConcatenatedSource(MatrixSource):
-    """Several inputs' cells one after another, over one gene vocabulary: the union of their
-    gene names in first-seen order, each file's columns remapped into it by name.
-
-    ``gene_names`` holds each source's resolved gene names (unique within a file). ``obs`` is
-    the files' obs one after another, with a ``dataset`` column naming each cell's file (its
-    stem); ``var`` is indexed by the union's names. Rows are served as the per-file sources
-    serve them, so memory and streaming are those of one file."""
+    """Several inputs' cells one after another over the union of their gene names (``gene_names``:
+    each source's, resolved), in first-seen order; ``obs`` gains a ``dataset`` column naming each
+    cell's file (its stem). Rows are streamed as the sources stream them."""
 
     def __init__(self, sources: Sequence[MatrixSource], gene_names: Sequence[np.ndarray], *, path: Path):
         self.path = path
         self._sources = list(sources)
         union = pd.Index(pd.unique(np.concatenate([np.asarray(n, dtype=object) for n in gene_names])))
         self._maps = [union.get_indexer(pd.Index(n)).astype(np.int32) for n in gene_names]
-        # A map that keeps the order (the first file's always does) keeps rows sorted; otherwise
-        # each row is sorted again (see ``_remapped``).
+        # A map that keeps the order (the first file's always does) keeps rows sorted.
         self._in_order = [bool(np.all(np.diff(m) > 0)) for m in self._maps]
         self._starts = np.cumsum([0] + [s.n_cells for s in self._sources])
         self.shape = (int(self._starts[-1]), len(union))
@@ -333,8 +316,7 @@ class ConcatenatedSource(MatrixSource):
     read_stored_rows = read_rows  # its files' rows are made canonical as they are remapped
 
     def _remapped(self, i: int, chunk: sp.csr_matrix) -> sp.csr_matrix:
-        """A file's rows as stored, canonical in the union's columns (sorted once, in the
-        union's order, when its map does not keep the order or the file's rows are not sorted)."""
+        """A file's rows as stored, canonical in the union's columns."""
         if self._in_order[i] and _is_canonical(chunk.indptr, chunk.indices, chunk.data):
             return sp.csr_matrix((chunk.data, self._maps[i][chunk.indices], chunk.indptr),
                                  shape=(chunk.shape[0], self.shape[1]))
@@ -343,14 +325,9 @@ class ConcatenatedSource(MatrixSource):
 
 @njit(cache=True, nogil=True)
 def sort_rows(indptr, indices, data, column_map, n_columns):
-    """(indices, data) of CSR rows with each column ``c`` renamed ``column_map[c]`` and each
-    row's entries sorted by their new column: an LSD radix sort on bytes, one row at a time while
-    it is in cache, instead of scipy's column slicing and sorting. ``indptr`` may start above 0.
-
-    Kept by the 15% rule: 200,000 cells as 4 files, genes reordered and rows unsorted, take
-    14.3 s against 40.6 s with scipy's sorting (``python bench/transform_bench.py --n_cells 200000
-    --num_proc 2 --repeats 2 --split_inputs 4``, side by side with that version:
-    ``bench/README.md``)."""
+    """(indices, data) of CSR rows with each column ``c`` renamed ``column_map[c]`` and each row
+    sorted by its new columns: an LSD radix sort on bytes, a row at a time (``indptr`` may start
+    above 0)."""
     n_rows = indptr.shape[0] - 1
     base = indptr[0]
     out_indices = np.empty(indptr[n_rows] - base, np.int32)
@@ -392,8 +369,8 @@ def sort_rows(indptr, indices, data, column_map, n_columns):
 
 
 def input_paths(data_filepath: Path | Sequence[Path]) -> list[Path]:
-    """The files of ``--data_filepath``: the ones given, or every ``*.h5ad`` of a folder (sorted
-    by name); a folder without .h5ad files is one input (a 10x matrix folder)."""
+    """The files of ``--data_filepath``: the ones given, or a folder's ``*.h5ad`` (sorted); a folder
+    without any is one input (a 10x matrix folder)."""
     paths = [data_filepath] if isinstance(data_filepath, Path) else list(data_filepath)
     if len(paths) == 1 and paths[0].is_dir():
         found = sorted(paths[0].glob("*.h5ad"))
@@ -402,8 +379,7 @@ def input_paths(data_filepath: Path | Sequence[Path]) -> list[Path]:
 
 
 def input_stem(data_filepath: Path | Sequence[Path]) -> str:
-    """The name of the outputs made from ``--data_filepath``: a file's stem, a folder's name,
-    or ``combined`` for several files."""
+    """The outputs' name: a file's stem, a folder's name, or ``combined`` for several files."""
     paths = [data_filepath] if isinstance(data_filepath, Path) else list(data_filepath)
     if len(paths) > 1:
         return "combined"

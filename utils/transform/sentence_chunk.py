@@ -1,10 +1,8 @@
-"""Pass 2 of the transform on one chunk of rows, as one compiled kernel.
+"""Pass 2 of the transform on one chunk of rows, as compiled kernels that release the GIL.
 
-For every kept cell of a raw CSR chunk it drops the genes removed by QC, normalizes to
-log10(1 + value per 10,000), ranks the genes and writes the sentence, both as a text-file line
-and as an Arrow string, into per-split byte buffers. Doing it all per cell, while the cell's
-values are in cache, costs about a third of running the steps one after another over the
-whole chunk; the kernel releases the GIL, so worker threads run it side by side.
+Per kept cell of a raw CSR chunk, while its values are in cache: drop the genes QC removed,
+normalize to log10(1 + value per target sum), rank, and write the sentence as a text line and as
+an Arrow string into per-split byte buffers.
 """
 
 from __future__ import annotations
@@ -12,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 from numba import njit
 
 from utils.transform.preprocess import Normalization, normalize_row
@@ -31,19 +30,25 @@ TEXT_SLACK = 16  # bytes the text kernel may write past each split's text (16-by
 
 @dataclass
 class SentenceChunk:
-    """What pass 2 makes of one chunk (kept cells only, in input order unless said)."""
+    """What pass 2 makes of one chunk (kept cells only, in input order unless said); the rows and
+    the text are None once written."""
 
-    kept: np.ndarray  # chunk-local row of each kept cell
-    indptr: np.ndarray  # the preprocessed rows: kept genes, log10(1 + normalized) values
-    indices: np.ndarray | None  # int32 kept-gene positions
-    data: np.ndarray | None  # float32
-    gene_cells: np.ndarray  # per kept gene: cells of the chunk expressing it
-    # The preprocessed rows and the text are None once the worker has written them.
-    text: list[np.ndarray] | None  # per split: the lines of its text file, newlines included
-    arrow_offsets: list[np.ndarray] | None  # per split: int32 offsets of the sentences in arrow_text
-    arrow_text: list[np.ndarray] | None  # per split: the sentences without newlines, back to back
-    eval_log_rank: np.ndarray  # log10(1 + rank), rank from 0, of every gene of the eval cells
-    eval_log_expression: np.ndarray
+    kept: np.ndarray | None = None  # chunk-local row of each kept cell
+    indptr: np.ndarray | None = None  # the preprocessed rows: kept genes, log10(1 + normalized) values
+    indices: np.ndarray | None = None  # int32 kept-gene positions
+    data: np.ndarray | None = None  # float32
+    gene_cells: np.ndarray | None = None  # per kept gene: cells of the chunk expressing it
+    text: list[np.ndarray] | None = None  # per split: the lines of its text file, newlines included
+    arrow_offsets: list[np.ndarray] | None = None  # per split: int32 offsets of the sentences in arrow_text
+    arrow_text: list[np.ndarray] | None = None  # per split: the sentences without newlines, back to back
+    eval_log_rank: np.ndarray | None = None  # log10(1 + rank), rank from 0, of every gene of the eval cells
+    eval_log_expression: np.ndarray | None = None
+
+    def strings(self, split: int) -> pa.StringArray:
+        """The sentences of ``split`` as Arrow strings (no copy)."""
+        offsets = self.arrow_offsets[split]
+        return pa.StringArray.from_buffers(len(offsets) - 1, pa.py_buffer(offsets),
+                                           pa.py_buffer(self.arrow_text[split]))
 
 
 @njit(cache=True, nogil=True)
@@ -163,8 +168,7 @@ def _text_kernel(kept, row_split, out_indptr, ranked, line_bytes, split_bytes, s
 
 @dataclass
 class RankedChunk:
-    """A chunk's cells filtered, normalized and ranked (``rank_chunk``); what ``write_text``
-    needs to lay out their sentences. ``text_sizes``: each split's text bytes."""
+    """A chunk's cells filtered, normalized and ranked (``rank_chunk``), for ``write_text``."""
 
     kept: np.ndarray
     row_split: np.ndarray
@@ -180,47 +184,19 @@ class RankedChunk:
     eval_log_expression: np.ndarray
     limit: int
 
-    @property
-    def text_sizes(self) -> np.ndarray:
-        return np.diff(self.split_bytes)
 
-
-def rank_chunk(
-    indptr: np.ndarray,
-    indices: np.ndarray,
-    data: np.ndarray,
-    *,
-    row_split: np.ndarray,
-    row_eval: np.ndarray,
-    cell_ids: np.ndarray,
-    gene_position: np.ndarray,
-    names: GeneNameTable,
-    normalization: Normalization,
-    seed: int,
-    max_genes: int | None,
-    out_arrays: tuple[np.ndarray, np.ndarray] | None = None,
-) -> RankedChunk:
+def rank_chunk(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, *, row_split: np.ndarray,
+               row_eval: np.ndarray, cell_ids: np.ndarray, gene_position: np.ndarray, names: GeneNameTable,
+               normalization: Normalization, seed: int, max_genes: int | None,
+               out_arrays: tuple[np.ndarray, np.ndarray] | None = None) -> RankedChunk:
     """Filter, normalize and rank the kept cells of one raw CSR chunk (pass 2's first half).
 
-    Parameters
-    ----------
-    indptr, indices, data
-        The chunk as read (``indptr`` may start above 0); indices sorted within each row.
-        Explicit zeros are skipped.
-    row_split
-        Per row: 0 train, 1 valid, 2 test, or -1 for a cell removed by QC.
-    row_eval
-        Per row: whether the cell's (log-rank, log-expression) points feed the fit.
-    cell_ids
-        Per row: global index in the input, which seeds the tie-breaking.
-    gene_position
-        Per input gene: its position among the kept genes, or -1 when QC removed it (or it is
-        excluded): the one place that says which genes a sentence may hold.
-    names
-        The kept genes' names.
-    out_arrays
-        Empty int32 and float32 arrays of at least the chunk's stored entries, for the
-        preprocessed rows (``H5adCSRWriter.row_arrays``); allocated here when None.
+    ``indptr, indices, data``: the chunk as read (``indptr`` may start above 0), indices sorted
+    within rows, explicit zeros skipped. Per row: ``row_split`` 0 train, 1 valid, 2 test or -1
+    (removed by QC); ``row_eval`` whether its points feed the fit; ``cell_ids`` its input index,
+    which seeds the tie-breaking. ``gene_position``: per input gene, its kept position or -1.
+    ``out_arrays``: empty int32 and float32 arrays of at least the chunk's stored entries for the
+    preprocessed rows (allocated here when None).
     """
     limit = np.iinfo(np.int32).max if max_genes is None else int(max_genes)
     nnz = int(indptr[-1] - indptr[0])
@@ -246,7 +222,7 @@ def rank_chunk(
 def write_text(ranked: RankedChunk, names: GeneNameTable) -> SentenceChunk:
     """The sentences of a ranked chunk (pass 2's second half): each split's lines in one
     buffer (``.text``) and as Arrow strings (``.arrow_offsets``, ``.arrow_text``)."""
-    sizes = ranked.text_sizes
+    sizes = np.diff(ranked.split_bytes)
     text_start = np.concatenate([[0], np.cumsum(sizes + TEXT_SLACK)[:-1]]).astype(np.int64)
     text = np.empty(int(sizes.sum()) + N_SPLITS * TEXT_SLACK, np.uint8)
     r = ranked
@@ -255,17 +231,10 @@ def write_text(ranked: RankedChunk, names: GeneNameTable) -> SentenceChunk:
         names.lengths, names.slots, names.buffer, names.offsets, text, text_start,
     )  # fmt: skip
     return SentenceChunk(
-        kept=r.kept,
-        indptr=r.indptr,
-        indices=r.indices,
-        data=r.data,
-        gene_cells=r.gene_cells,
+        kept=r.kept, indptr=r.indptr, indices=r.indices, data=r.data, gene_cells=r.gene_cells,
         text=[text[text_start[s] : text_start[s] + sizes[s]] for s in range(N_SPLITS)],
         arrow_offsets=[arrow_offsets[r.split_lines[s] + s : r.split_lines[s + 1] + s + 1] for s in range(N_SPLITS)],
-        arrow_text=[
-            arrow_text[r.split_bytes[s] - r.split_lines[s] : r.split_bytes[s + 1] - r.split_lines[s + 1]]
-            for s in range(N_SPLITS)
-        ],
-        eval_log_rank=r.eval_log_rank,
-        eval_log_expression=r.eval_log_expression,
+        arrow_text=[arrow_text[r.split_bytes[s] - r.split_lines[s] : r.split_bytes[s + 1] - r.split_lines[s + 1]]
+                    for s in range(N_SPLITS)],
+        eval_log_rank=r.eval_log_rank, eval_log_expression=r.eval_log_expression,
     )

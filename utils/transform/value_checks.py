@@ -1,9 +1,5 @@
-"""The check that a count matrix holds only finite, non-negative values, chunk by chunk.
-
-``read_checked_chunk`` reads a chunk and checks it (the input-kind detection's sample, the QC
-pass over log1p values); ``raise_value_problems`` is the one error for what a check found, also
-for the QC statistics kernel, which counts the problems on its way (``preprocess.chunk_stats``).
-"""
+"""The check that a count matrix holds only finite, non-negative values, chunk by chunk
+(``raise_value_problems`` is also the error of the QC statistics kernel's own check)."""
 
 from __future__ import annotations
 
@@ -25,21 +21,17 @@ def raise_value_problems(source: MatrixSource, start: int, first_nonfinite: int,
     """The error for a chunk starting at row ``start`` whose rows ``first_nonfinite`` or
     ``first_negative`` (chunk rows, -1: none) hold NaN, infinite or negative values."""
     if first_nonfinite >= 0:
-        raise InputError(
-            f"{source.path}: {source.matrix_name} holds NaN or infinite values (first in cell "
-            f"{start + first_nonfinite}); a count matrix must be finite."
-        )
+        raise InputError(f"{source.path}: {source.matrix_name} holds NaN or infinite values (first in cell "
+                         f"{start + first_nonfinite}); a count matrix must be finite.")
     if first_negative >= 0:
-        raise InputError(
-            f"{source.path}: {source.matrix_name} holds negative values (first in cell "
-            f"{start + first_negative}); give raw counts (e.g. --layer counts), not scaled data."
-        )
+        raise InputError(f"{source.path}: {source.matrix_name} holds negative values (first in cell "
+                         f"{start + first_negative}); give raw counts (e.g. --layer counts), not scaled data.")
 
 
 @njit(cache=True, nogil=True)
 def _value_problems(indptr, data):
-    """The first row holding a NaN or infinite value and the first holding a negative one
-    (-1: none); counted per row without early exits, so the inner loop vectorizes."""
+    """The first row holding a NaN or infinite value and the first holding a negative one (-1: none),
+    counted without early exits, so the inner loop vectorizes."""
     first_nonfinite = first_negative = -1
     for r in range(indptr.shape[0] - 1):
         nonfinite = 0
