@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python bench/api_bench.py`
     sys.path.insert(0, str(ROOT))
 
+from bench.common import add_shared_flags, bench_parser  # noqa: E402
 from bench.synthetic import cached_synthetic_h5ad  # noqa: E402
 from utils.cli import InputError, run_cli  # noqa: E402
 
@@ -63,8 +64,7 @@ print(json.dumps({"seconds": best, "rows": len(dataset), "first": dataset[0]["ce
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = bench_parser(__doc__, show_defaults=True)
     p.add_argument("--n_cells", type=int, default=20_000, help="cells of the synthetic dataset")
     p.add_argument("--n_genes", type=int, default=33_000, help="genes of the synthetic dataset")
     p.add_argument("--genes_per_cell", type=int, default=2_000, help="mean expressed genes per cell")
@@ -74,7 +74,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num_proc", type=int, nargs="+", default=None,
                    help="adata_to_sentences' worker threads, each measured (default: 1 and the API's default, "
                         "the cores this process may use)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs of each (the best counts)")
+    add_shared_flags(p, repeats=(3, "timed runs of each (the best counts)"))
     args = p.parse_args(argv)
     if min(args.n_cells, args.repeats, *(args.num_proc or [1])) < 1:
         p.error("--n_cells, --repeats and --num_proc must be positive.")

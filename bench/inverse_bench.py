@@ -16,7 +16,6 @@ Two implementations side by side: run this script of each checkout (e.g. ``git w
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import tempfile
 import time
@@ -27,28 +26,20 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import utils.inverse as inv  # noqa: E402
+from bench.common import add_shared_flags, bench_parser  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
-from utils.inverse import (  # noqa: E402
-    SentenceBytes,
-    build_vocab_index,
-    read_sentence_file,
-    sentence_bytes,
-    sentences_to_expression,
-)
 from utils.transform.fit import RankExpressionFit  # noqa: E402
-
-logger = logging.getLogger("cell2sentence")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = bench_parser(__doc__, show_defaults=True)
     p.add_argument("--n_sentences", type=int, default=20_000, help="sentences to convert")
     p.add_argument("--min_genes", type=int, default=1_000, help="fewest genes per sentence")
     p.add_argument("--max_genes", type=int, default=2_000, help="most genes per sentence")
     p.add_argument("--n_vocab", type=int, default=20_000, help="genes in the vocabulary")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs (the best is reported too)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic sentences")
+    add_shared_flags(p, repeats=(3, "timed runs (the best is reported too)"),
+                     seed=(0, "seed of the synthetic sentences"))
     args = p.parse_args(argv)
     if not 1 <= args.min_genes <= args.max_genes <= args.n_vocab:
         raise SystemExit("Need 1 <= --min_genes <= --max_genes <= --n_vocab.")
@@ -91,21 +82,21 @@ def main(args: argparse.Namespace) -> dict[str, float]:
         n_words, n_bytes = write_sentences(path, vocab, args)
         print(f"{args.n_sentences:,} sentences, {n_words:,} words, {n_bytes / 1e6:,.0f} MB, "
               f"vocabulary {args.n_vocab:,}")
-        index = build_vocab_index(vocab)
-        warm = read_sentence_file(path)
-        sentences_to_expression(SentenceBytes(warm.data, warm.offsets[:3]), index, fit)  # compile/load
+        index = inv.build_vocab_index(vocab)
+        warm = inv.read_sentence_file(path)
+        inv.sentences_to_expression(inv.SentenceBytes(warm.data, warm.offsets[:3]), index, fit)  # compile/load
         file_times, cpu_times = [], []
         for _ in range(args.repeats):
             wall, cpu = time.perf_counter(), time.process_time()
-            packed = read_sentence_file(path)
-            result = sentences_to_expression(packed, index, fit)
+            packed = inv.read_sentence_file(path)
+            result = inv.sentences_to_expression(packed, index, fit)
             file_times.append(time.perf_counter() - wall)
             cpu_times.append(time.process_time() - cpu)
         assert result.X.nnz == n_words, "every word of the synthetic sentences is a distinct gene"
         lines = path.read_text().splitlines()
     wall, cpu = time.perf_counter(), time.process_time()
-    packed = sentence_bytes(lines)
-    sentences_to_expression(packed, index, fit)
+    packed = inv.sentence_bytes(lines)
+    inv.sentences_to_expression(packed, index, fit)
     strings_time = time.perf_counter() - wall
     n = args.n_sentences
     figures = {

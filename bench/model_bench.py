@@ -27,7 +27,6 @@ synthetic sentences -> printed table (and a JSON line with ``--json``)
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import random
 import sys
@@ -40,27 +39,22 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))  # helpers_models: the BPE tokenizer
 
+from bench.common import add_int_flags, add_shared_flags, bench_parser, print_json, set_threads  # noqa: E402
 from utils.cli import InputError, run_cli, seed_everything  # noqa: E402
 
 logger = logging.getLogger("cell2sentence.model_bench")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n_cells", type=int, default=32, help="cells per task")
-    p.add_argument("--n_genes", type=int, default=50, help="genes per prompt / generated cell")
-    p.add_argument("--vocab_genes", type=int, default=2000, help="genes in the vocabulary")
-    p.add_argument("--hidden", type=int, default=256, help="hidden size of the model")
-    p.add_argument("--layers", type=int, default=4, help="transformer layers")
-    p.add_argument("--batch_size", type=int, default=32, help="batch size of ours, batched")
-    p.add_argument("--label_tokens", type=int, default=8, help="new tokens per free-text predicted label")
-    p.add_argument("--n_labels", type=int, default=4,
-                   help="labels of the label-constrained prediction (the 4 cell types, then made-up ones)")
+    p = bench_parser(__doc__)
+    add_int_flags(p, n_cells=(32, "cells per task"), n_genes=(50, "genes per prompt / generated cell"),
+                  vocab_genes=(2000, "genes in the vocabulary"), hidden=(256, "hidden size of the model"),
+                  layers=(4, "transformer layers"), batch_size=(32, "batch size of ours, batched"),
+                  label_tokens=(8, "new tokens per free-text predicted label"),
+                  n_labels=(4, "labels of the label-constrained prediction (the 4 cell types, then made-up ones)"))
     p.add_argument("--tasks", type=str, default="predict,generate,embed", help="comma-separated")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads of torch (default: torch's)")
-    p.add_argument("--device", type=str, default="cpu", help="cpu or cuda")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data and model")
-    p.add_argument("--json", action="store_true", help="also print the figures as JSON")
+    add_shared_flags(p, threads=True, device=("cpu", "cpu or cuda"), seed=(0, "seed of the data and model"),
+                     json_flag=True)
     args = p.parse_args(argv)
     if min(args.n_cells, args.n_genes, args.batch_size, args.label_tokens, args.n_labels) < 1:
         raise InputError("--n_cells, --n_genes, --batch_size, --label_tokens and --n_labels must be at least 1.")
@@ -165,8 +159,7 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     from utils.models.cell_model import CellSentenceModel
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     seed_everything(args.seed)
     genes, sentences, labels = synthetic_cells(args.n_cells, args.n_genes, args.vocab_genes, args.seed)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -250,8 +243,7 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
         same = "" if r["vs_first"] is None else f"{r['vs_first']:.6g}"
         words = "" if r["words_per_cell"] is None else f"{r['words_per_cell']:.1f}"
         print(f"{r['task']:<9} {r['method']:<46} {r['seconds']:>8.2f} {r['cells_per_s']:>9.2f} {same:>9} {words:>6}")
-    if args.json:
-        print(json.dumps(rows))
+    print_json(rows, args.json)
     return rows
 
 

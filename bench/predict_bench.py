@@ -14,7 +14,6 @@ Prints (and writes as JSON with ``--json``):
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -26,19 +25,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pandas as pd  # noqa: E402
 
 import predict  # noqa: E402
+from bench.common import add_shared_flags, bench_parser, print_json, set_threads  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = bench_parser(__doc__)
     p.add_argument("--model_dir", type=Path, required=True, help="a trained model")
     p.add_argument("--h5ad", type=Path, required=True, help="the raw cells the model's transform was run on")
     p.add_argument("--data_dir", type=Path, required=True, help="that transform's cell_sentences_hf/")
     p.add_argument("--split", type=str, default="test", help="split of the constrained vs free-text comparison")
     p.add_argument("--batch_size", type=int, default=16, help="cells per forward pass")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads of torch (default: torch's)")
-    p.add_argument("--repeats", type=int, default=2, help="runs of each timed method (best time kept)")
-    p.add_argument("--json", action="store_true", help="also print the figures as JSON")
+    add_shared_flags(p, repeats=(2, "runs of each timed method (best time kept)"), threads=True, json_flag=True)
     return p.parse_args(argv)
 
 
@@ -48,10 +46,7 @@ def run(out: Path, *flags: str) -> tuple[dict[str, Any], pd.DataFrame]:
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     model = ["--model_dir", str(args.model_dir), "--batch_size", str(args.batch_size)]
     figures: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -81,8 +76,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         r = figures[name]
         print(f"{name:<18} {r['cells']:>6} {r['seconds']:>8.2f} {r['cells_per_s']:>8.2f} {r['accuracy']:>9.3f} "
               f"{r['macro_f1']:>9.3f} {r['majority_baseline']:>9.3f}")
-    if args.json:
-        print(json.dumps(figures))
+    print_json(figures, args.json)
     return figures
 
 

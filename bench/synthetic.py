@@ -135,17 +135,9 @@ def _check(n_cells: int, n_genes: int, genes_per_cell: int, n_cell_types: int, c
         raise ValueError(f"genes_per_cell={genes_per_cell} must be at most n_genes / 2.4")
 
 
-def write_synthetic_h5ad(
-    path: str | Path,
-    *,
-    n_cells: int,
-    n_genes: int = 33_000,
-    genes_per_cell: int = 2_000,
-    n_cell_types: int = 10,
-    chunk_size: int = 10_000,
-    seed: int = 0,
-    progress: bool = True,
-) -> Path:
+def write_synthetic_h5ad(path: str | Path, *, n_cells: int, n_genes: int = 33_000, genes_per_cell: int = 2_000,
+                         n_cell_types: int = 10, chunk_size: int = 10_000, seed: int = 0,
+                         progress: bool = True) -> Path:
     """Write a synthetic count matrix as an AnnData h5ad at ``path``, chunk by chunk.
 
     The file is written to ``<path>.part`` and renamed when complete. Returns ``path``.
@@ -248,16 +240,8 @@ def synthetic_filename(
     return f"synthetic_c{n_cells}_g{n_genes}_k{genes_per_cell}_t{n_cell_types}_s{seed}_v1.h5ad"
 
 
-def cached_synthetic_h5ad(
-    cache_dir: str | Path,
-    *,
-    n_cells: int,
-    n_genes: int = 33_000,
-    genes_per_cell: int = 2_000,
-    n_cell_types: int = 10,
-    chunk_size: int = 10_000,
-    seed: int = 0,
-) -> Path:
+def cached_synthetic_h5ad(cache_dir: str | Path, *, n_cells: int, n_genes: int = 33_000, genes_per_cell: int = 2_000,
+                          n_cell_types: int = 10, chunk_size: int = 10_000, seed: int = 0) -> Path:
     """Path of the synthetic file for these parameters under ``cache_dir``, written if missing."""
     path = Path(cache_dir) / synthetic_filename(
         n_cells=n_cells, n_genes=n_genes, genes_per_cell=genes_per_cell,

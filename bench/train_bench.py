@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import random
 import sys
@@ -26,34 +25,23 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import add_int_flags, add_shared_flags, bench_parser, print_json, set_threads  # noqa: E402
 from utils.cli import InputError, run_cli, seed_everything  # noqa: E402
 
 logger = logging.getLogger("cell2sentence.train_bench")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse the command line (``argv`` None: ``sys.argv``)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n_layer", type=int, default=4, help="Transformer layers.")
-    parser.add_argument("--n_embd", type=int, default=256, help="Embedding size.")
-    parser.add_argument("--n_head", type=int, default=4, help="Attention heads.")
-    parser.add_argument("--batch_size", type=int, default=16, help="Examples per step.")
-    parser.add_argument("--seq_len", type=int, default=128, help="Tokens per example.")
-    parser.add_argument("--steps", type=int, default=20, help="Timed training steps.")
-    parser.add_argument("--warmup_steps", type=int, default=3, help="Untimed steps first.")
-    parser.add_argument("--n_genes", type=int, default=5000, help="Genes in the vocabulary.")
-    parser.add_argument(
-        "--device", type=str, default=None, help="cpu, cuda, cuda:1 (default: cuda if available)."
-    )
-    parser.add_argument(
-        "--amp", choices=["none", "bf16", "fp16"], default="none",
-        help="Mixed precision on CUDA (ignored on the CPU).",
-    )
-    parser.add_argument(
-        "--threads", type=int, default=None, help="CPU threads of torch (default: torch's)."
-    )
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the synthetic data.")
-    parser.add_argument("--json", action="store_true", help="Also print the figures as JSON.")
+    parser = bench_parser(__doc__)
+    add_int_flags(parser, n_layer=(4, "Transformer layers."), n_embd=(256, "Embedding size."),
+                  n_head=(4, "Attention heads."))
+    add_int_flags(parser, batch_size=(16, "Examples per step."), seq_len=(128, "Tokens per example."),
+                  steps=(20, "Timed training steps."), warmup_steps=(3, "Untimed steps first."),
+                  n_genes=(5000, "Genes in the vocabulary."))
+    parser.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none",
+                        help="Mixed precision on CUDA (ignored on the CPU).")
+    add_shared_flags(parser, threads=True, device=(None, "cpu, cuda, cuda:1 (default: cuda if available)"),
+                     seed=(0, "Seed of the synthetic data."), json_flag=True)
     return parser.parse_args(argv)
 
 
@@ -94,8 +82,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if min(args.batch_size, args.seq_len, args.steps, args.n_layer) < 1 or args.seq_len < 40:
         raise InputError("--batch_size, --steps, --n_layer must be >= 1 and --seq_len >= 40.")
     seed_everything(args.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     n_steps = args.warmup_steps + args.steps
     tokenizer, examples = synthetic_examples(
@@ -163,8 +150,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         f"{figures['tokens_per_s']:,.0f} tokens/s, {figures['samples_per_s']:,.1f} samples/s, "
         f"{figures['ms_per_step']:.1f} ms/step"
     )
-    if args.json:
-        print(json.dumps(figures))
+    print_json(figures, args.json)
     return figures
 
 

@@ -70,6 +70,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python bench/transform_bench.py`
     sys.path.insert(0, str(ROOT))
 
+from bench.common import add_int_flags, add_shared_flags, bench_parser  # noqa: E402
 from bench.synthetic import cached_split_inputs, cached_synthetic_h5ad  # noqa: E402
 from utils.cli import InputError, run_cli  # noqa: E402
 
@@ -97,67 +98,31 @@ class RunResult:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse the command line (``argv=None`` reads ``sys.argv``)."""
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument(
-        "--n_cells", type=int, nargs="+", default=[2_000, 20_000], help="Dataset sizes to run."
-    )
+    parser = bench_parser(__doc__, show_defaults=True)
+    parser.add_argument("--n_cells", type=int, nargs="+", default=[2_000, 20_000], help="Dataset sizes to run.")
     parser.add_argument("--num_proc", type=int, default=2, help="Passed to transform.py.")
-    parser.add_argument(
-        "--chunk_size",
-        type=int,
-        default=None,
-        help="Passed to transform.py when given (default: transform.py's own default).",
-    )
-    parser.add_argument(
-        "--genes_per_cell", type=int, default=2_000, help="Mean expressed genes per cell."
-    )
-    parser.add_argument("--n_genes", type=int, default=33_000, help="Genes in the matrix.")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the synthetic data.")
-    parser.add_argument(
-        "--cache_dir",
-        type=Path,
-        default=Path("data/bench"),
-        help="Where synthetic files are cached (reused when the parameters match) and runs write.",
-    )
-    parser.add_argument(
-        "--transform", type=Path, nargs="+", default=[ROOT / "transform.py"],
-        help="The script(s) to benchmark, side by side (runs alternate between them).",
-    )
-    parser.add_argument(
-        "--without", nargs="*", default=[], metavar="TRICK",
-        help="Also run the first --transform with each of these low-level tricks turned off "
-             "(bench/without.py: direct_reader, o_direct, mallopt).",
-    )
-    parser.add_argument(
-        "--split_inputs", type=int, default=0, metavar="K",
-        help="Also run each --transform on the same cells as K files in a folder (genes in "
-             "another order in each file after the first; bench/synthetic.py: cached_split_inputs), "
-             "to compare several inputs with one.",
-    )
-    parser.add_argument(
-        "--compare_outputs", action="store_true",
-        help="Check that every --transform writes byte-identical outputs (first run of each size).",
-    )
-    parser.add_argument(
-        "--python", type=str, default=sys.executable, help="Interpreter that runs transform.py."
-    )
-    parser.add_argument(
-        "--timeout", type=float, default=3600.0, help="Seconds before a run is killed."
-    )
-    parser.add_argument(
-        "--keep_outputs", action="store_true", help="Keep what transform.py wrote (path logged)."
-    )
-    parser.add_argument("--repeats", type=int, default=1, help="Runs per size.")
-    parser.add_argument(
-        "--output_root",
-        type=Path,
-        default=None,
-        help="Where runs write (default: --cache_dir); e.g. /dev/shm to take the disk out.",
-    )
+    parser.add_argument("--chunk_size", type=int, default=None,
+                        help="Passed to transform.py when given (default: transform.py's own default).")
+    add_int_flags(parser, genes_per_cell=(2_000, "Mean expressed genes per cell."),
+                  n_genes=(33_000, "Genes in the matrix."), seed=(0, "Seed of the synthetic data."))
+    parser.add_argument("--cache_dir", type=Path, default=Path("data/bench"),
+                        help="Where synthetic files are cached (reused when the parameters match) and runs write.")
+    parser.add_argument("--transform", type=Path, nargs="+", default=[ROOT / "transform.py"],
+                        help="The script(s) to benchmark, side by side (runs alternate between them).")
+    parser.add_argument("--without", nargs="*", default=[], metavar="TRICK",
+                        help="Also run the first --transform with each of these low-level tricks turned off "
+                             "(bench/without.py: direct_reader, o_direct, mallopt).")
+    parser.add_argument("--split_inputs", type=int, default=0, metavar="K",
+                        help="Also run each --transform on the same cells as K files in a folder (genes in another "
+                             "order in each file after the first; bench/synthetic.py: cached_split_inputs).")
+    parser.add_argument("--compare_outputs", action="store_true",
+                        help="Check that every --transform writes byte-identical outputs (first run of each size).")
+    parser.add_argument("--python", type=str, default=sys.executable, help="Interpreter that runs transform.py.")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="Seconds before a run is killed.")
+    parser.add_argument("--keep_outputs", action="store_true", help="Keep what transform.py wrote (path logged).")
+    add_shared_flags(parser, repeats=(1, "Runs per size."))
+    parser.add_argument("--output_root", type=Path, default=None,
+                        help="Where runs write (default: --cache_dir); e.g. /dev/shm to take the disk out.")
     args = parser.parse_args(argv)
     if min(args.n_cells) < 1 or min(args.num_proc, args.genes_per_cell, args.repeats) < 1:
         parser.error("--n_cells, --num_proc, --genes_per_cell and --repeats must be positive.")

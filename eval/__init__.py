@@ -1,7 +1,59 @@
 """The evaluations of the paper and the ones users ask for, over the outputs of the steps.
 
 Each module is a script (``python eval/<name>.py --help``) with ``parse_args(argv)`` and
-``main(args)``; the metric code lives in ``utils/evaluation/``.
-Import them as ``from eval import generation`` (the folder is a package for the tests; the
-name shadows no module, only the builtin function ``eval`` where ``eval`` itself is imported).
+``main(args)`` (``from eval import generation``); here are the steps they share.
 """
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from utils import cli, publish
+from utils.contract import write_evaluation
+from utils.models.model_card import add_evaluation_to_card, recorded_model_dir
+
+logger = logging.getLogger("cell2sentence")
+
+
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None, *, name: str, seed_help: str,
+          required: tuple[str, str] | None = None, positive: Sequence[str] = (),
+          renamed: dict[str, str] | None = None) -> argparse.Namespace:
+    """``argv`` parsed by ``parser`` with the run flags added (``--output_dir data/eval/<name>``,
+    ``--seed``, ``--overwrite``; old flag names in ``renamed``). Raises ``InputError`` when the
+    flag ``required[0]`` is missing (message ``required[1]``), or one of ``positive`` is below 1."""
+    cli.add_run_flags(parser, output_dir=Path("data/eval") / name, output_dir_help="where outputs go",
+                      seed_help=seed_help)
+    args = parser.parse_args(cli.renamed_flags(argv, renamed))
+    if required is not None and getattr(args, required[0]) is None:
+        raise cli.InputError(required[1])
+    if any(getattr(args, flag) is not None and getattr(args, flag) < 1 for flag in positive):
+        raise cli.InputError(f"{' and '.join(f'--{flag}' for flag in positive)} must be at least 1.")
+    return args
+
+
+def start(args: argparse.Namespace, inputs: Sequence[Path | None], outputs: Sequence[str] | None = None) -> None:
+    """Seed the run, finish publishes cut short in ``inputs`` (None: left out) and check that
+    ``outputs`` (None: the script checks them once it knows them) may be written."""
+    cli.seed_everything(args.seed)
+    publish.settle_inputs(*[path for path in inputs if path is not None])
+    if outputs is not None:
+        publish.check_can_write(args.output_dir, list(outputs), overwrite=args.overwrite)
+
+
+def finish(args: argparse.Namespace, outputs: Sequence[str], *, metrics: dict[str, Any], figures: dict[str, Any],
+           frames: dict[str, Any], card: tuple[Path, str, Mapping[str, Any]] | None = None,
+           captions: Mapping[str, str] | None = None) -> None:
+    """Publish the evaluation into ``--output_dir``; ``card``: (the step's folder, the evaluation's
+    name, its headline scores) for the card of that step's model, with ``captions``' figures."""
+    write_evaluation(args.output_dir, list(outputs), metrics=metrics, figures=figures, frames=frames, args=args,
+                     overwrite=args.overwrite)
+    if card is not None:
+        step_dir, name, scores = card
+        add_evaluation_to_card(recorded_model_dir(step_dir), name, scores,
+                               figures={caption: args.output_dir / output for caption, output in (captions or {}).items()},
+                               source=args.output_dir)
+    logger.info("Wrote %s.", args.output_dir)

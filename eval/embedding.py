@@ -1,10 +1,7 @@
 """Score cell embeddings against the cell types, next to PCA of the expression.
 
-For the cells of an ``embeddings.h5ad`` (embed.py's: ``.obsm["X_c2s"]`` and the cells' obs):
-leave-one-out k-NN accuracy of the types, silhouette width of the types, and ARI / NMI between
-the types and a KMeans clustering with as many clusters as types; the same for the first
-principal components of the same cells' expression (transform.py's preprocessed AnnData,
-matched by cell name), the baseline an embedding should beat.
+Leave-one-out k-NN accuracy, silhouette, and ARI / NMI of a KMeans clustering of the labelled
+cells of embed.py's embeddings; the same for PCA of their expression (the baseline to beat).
 
     embeddings.h5ad [+ <transform_dir>/<stem>_preprocessed.h5ad]
         -> <output_dir>/metrics.json, embedding_vs_pca.png, eval_args.json
@@ -17,7 +14,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,18 +24,11 @@ if __package__ in (None, ""):  # run as `python eval/embedding.py`: the reposito
 
 import numpy as np  # noqa: E402
 
-from utils import cli, publish  # noqa: E402
-from utils.contract import (  # noqa: E402
-    EMBED,
-    EVAL_EMBEDDING,
-    read_preprocessed,
-    write_evaluation,
-)
+from eval import finish, logger, parse, start  # noqa: E402
+from utils import cli  # noqa: E402
+from utils.contract import EMBED, EVAL_EMBEDDING, read_preprocessed  # noqa: E402
 from utils.evaluation.figures import plot_labelled_panels  # noqa: E402
 from utils.evaluation.metrics import embed_pca, evaluate_embedding  # noqa: E402
-from utils.models.model_card import add_evaluation_to_card, recorded_model_dir  # noqa: E402
-
-logger = logging.getLogger("cell2sentence")
 
 SCORES = ("knn_accuracy", "silhouette", "ari", "nmi")
 
@@ -54,15 +43,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="transform.py's output folder, for the PCA-of-expression baseline")
     p.add_argument("--n_components", type=int, default=50, help="principal components of the baseline")
     p.add_argument("--k_neighbors", type=int, default=5, help="k of the leave-one-out k-NN")
-    cli.add_run_flags(p, output_dir=Path("data/eval/embedding"), output_dir_help="where outputs go",
-                      seed_help="seed of KMeans, PCA and the silhouette sample")
-    args = p.parse_args(cli.renamed_flags(argv))
-    if args.embeddings is None:
-        raise cli.InputError("Pass --embeddings, the embeddings.h5ad written by embed.py.")
+    args = parse(p, argv, name="embedding", seed_help="seed of KMeans, PCA and the silhouette sample",
+                 required=("embeddings", "Pass --embeddings, the embeddings.h5ad written by embed.py."),
+                 positive=("k_neighbors", "n_components"))
     if args.embeddings.is_dir():
         args.embeddings = args.embeddings / EMBED.embeddings
-    if args.k_neighbors < 1 or args.n_components < 1:
-        raise cli.InputError("--k_neighbors and --n_components must be at least 1.")
     return args
 
 
@@ -89,9 +74,7 @@ def read_embeddings(args: argparse.Namespace) -> tuple[Any, np.ndarray, list[str
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    cli.seed_everything(args.seed)
-    publish.settle_inputs(args.embeddings, args.transform_dir)  # publishes cut short there: finished first
-    publish.check_can_write(args.output_dir, list(EVAL_EMBEDDING), overwrite=args.overwrite)
+    start(args, [args.embeddings, args.transform_dir], EVAL_EMBEDDING)
     names, X, labels = read_embeddings(args)
     metrics: dict[str, Any] = {"embeddings": str(args.embeddings), "obsm_key": args.obsm_key}
     expression = read_preprocessed(args.transform_dir, names)
@@ -118,16 +101,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 f"{len(labels):,}", metrics["c2s"]["n_types"], *(metrics[key] for key in SCORES),
                 "" if "pca" not in metrics else
                 "; PCA of expression: " + ", ".join(f"{metrics['pca'][key]:.3f}" for key in SCORES))
-    write_evaluation(args.output_dir, list(EVAL_EMBEDDING), metrics=metrics,
-                     figures={EVAL_EMBEDDING.panels: plot_labelled_panels(panels)}, frames={},
-                     args=args, overwrite=args.overwrite)
-    add_evaluation_to_card(recorded_model_dir(args.embeddings.parent), "embedding",
-                           {"C2S embedding": {key: metrics["c2s"][key] for key in SCORES},
-                            **({"PCA of expression": {key: metrics["pca"][key] for key in SCORES}}
-                               if "pca" in metrics else {})},
-                           figures={"Embedding vs PCA of expression": args.output_dir / EVAL_EMBEDDING.panels},
-                           source=args.output_dir)
-    logger.info("Wrote %s.", args.output_dir)
+    headline = {"C2S embedding": {key: metrics["c2s"][key] for key in SCORES},
+                **({"PCA of expression": {key: metrics["pca"][key] for key in SCORES}} if "pca" in metrics else {})}
+    finish(args, EVAL_EMBEDDING, metrics=metrics, figures={EVAL_EMBEDDING.panels: plot_labelled_panels(panels)},
+           frames={}, card=(args.embeddings.parent, "embedding", headline),
+           captions={"Embedding vs PCA of expression": EVAL_EMBEDDING.panels})
     return metrics
 
 

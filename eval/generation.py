@@ -1,20 +1,10 @@
 """Score generated cells against real ones, each score next to what real cells reach.
 
-Generated sentences and their requested types (as generate.py writes them) against the real
-cells of a split of transform.py's dataset. Real and generated cells are turned into expression
-by the inverse transform of their first K genes (the same representation for both):
-
-- k-NN accuracy: a k-NN classifier fitted on the real training cells predicts each generated
-  cell's type; the real -> real accuracy (training -> ``--split`` cells) is the ceiling;
-- MMD (RBF kernel, median-heuristic bandwidth) and energy distance in the first principal
-  components of the real training cells, overall and per cell type, each next to its floor:
-  the same distance between real training cells (matched to the generated type counts) and the
-  ``--split`` cells;
-- valid-gene rate (generated words that are vocabulary genes) and duplicate rate;
-- a figure of real and generated cells in one PCA, coloured so that neighbouring types differ.
-
-When generate.py was asked for some types (its ``--cell_types``, read from
-``<generated_dir>/generate_args.json``), the real cells are those of these types only, as there.
+generate.py's sentences and requested types against the real cells of a split (both as the
+inverse transform of their first K genes): k-NN accuracy next to its real -> real ceiling, MMD
+and energy distance in a PCA of real training cells next to their floors (overall and per type),
+valid-gene and duplicate rates, and a figure. The real cells are those of the types generate.py
+was asked for (its ``--cell_types``), if any.
 
     <generated_dir>/generated_cells.txt + generated_labels.txt + <data_dir> (cell_sentences_hf)
     + <transform_dir>/cell_sentences/vocab.txt + eval/transformation_metrics.csv
@@ -28,8 +18,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,25 +29,14 @@ if __package__ in (None, ""):  # run as `python eval/generation.py`: the reposit
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from utils import cli, publish  # noqa: E402
-from utils.contract import (  # noqa: E402
-    EVAL_GENERATION,
-    GENERATE,
-    labelled_rows,
-    load_splits,
-    read_lines,
-    transform_reference,
-    write_evaluation,
-)
+from eval import finish, logger, parse, start  # noqa: E402
+from utils import cli, contract  # noqa: E402
+from utils.contract import EVAL_GENERATION, GENERATE  # noqa: E402
 from utils.evaluation.figures import plot_generation  # noqa: E402
 from utils.evaluation.generation_metrics import score_generated  # noqa: E402
 from utils.inverse import read_sentence_file  # noqa: E402
-from utils.models.model_card import add_evaluation_to_card, recorded_model_dir  # noqa: E402
 
-logger = logging.getLogger("cell2sentence")
-
-
-# The figures of generate.py's model that go into its model card.
+# The headline scores, first in metrics.json and in the model card.
 CARD_SCORES = ("knn_accuracy", "knn_ceiling", "mmd", "mmd_floor", "energy_distance", "energy_distance_floor",
                "valid_gene_rate", "duplicate_rate")
 
@@ -79,13 +56,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="genes per cell in the comparison (default: generate.py's top_k_genes from "
                         "<generated_dir>/metrics.json, else the median generated length)")
     p.add_argument("--k_neighbors", type=int, default=5, help="k of the k-NN metric")
-    cli.add_run_flags(p, output_dir=Path("data/eval/generation"), output_dir_help="where outputs go",
-                      seed_help="seed of the PCA and of the floors' samples")
-    args = p.parse_args(cli.renamed_flags(argv))
-    if args.generated_dir is None:
-        raise cli.InputError("Pass --generated_dir, a folder written by generate.py (e.g. data/generated/<run>).")
-    if args.k_neighbors < 1 or (args.top_k_genes is not None and args.top_k_genes < 1):
-        raise cli.InputError("--k_neighbors and --top_k_genes must be at least 1.")
+    args = parse(p, argv, name="generation", seed_help="seed of the PCA and of the floors' samples",
+                 required=("generated_dir", "Pass --generated_dir, a folder written by generate.py "
+                                            "(e.g. data/generated/<run>)."),
+                 positive=("k_neighbors", "top_k_genes"))
     if args.transform_dir is None:
         args.transform_dir = args.data_dir.parent
     return args
@@ -99,7 +73,7 @@ def read_generated(generated_dir: Path) -> tuple[Any, list[str]]:
             raise cli.InputError(f"{path} does not exist; pass as --generated_dir a folder where generate.py "
                              "generated cells of chosen types (without --unconditional: those have no types to compare).")
     packed = read_sentence_file(cells)
-    requested = read_lines(labels)
+    requested = contract.read_lines(labels)
     if len(requested) != packed.n:
         raise cli.InputError(f"{labels} has {len(requested):,} labels for {packed.n:,} sentences in {cells}; "
                          "both must come from one generate.py run.")
@@ -108,42 +82,42 @@ def read_generated(generated_dir: Path) -> tuple[Any, list[str]]:
     return packed, requested
 
 
+def recorded(path: Path, key: str) -> Any:
+    """``key`` of the JSON record ``path`` of the generate.py run (None when it has none)."""
+    import json
+
+    return json.loads(path.read_text()).get(key) if path.is_file() else None
+
+
 def genes_per_cell(args: argparse.Namespace, packed: Any) -> int:
     """--top_k_genes, else the generating run's, else the median length of the generated cells."""
     if args.top_k_genes is not None:
         return args.top_k_genes
-    recorded = args.generated_dir / GENERATE.metrics
-    if recorded.is_file():
-        top_k = json.loads(recorded.read_text()).get("top_k_genes")
-        if top_k:
-            return int(top_k)
+    top_k = recorded(args.generated_dir / GENERATE.metrics, "top_k_genes")
+    if top_k:
+        return int(top_k)
     bounds = zip(packed.offsets[:-1], packed.offsets[1:], strict=True)
     median = int(np.median([len(packed.data[a:b].tobytes().split()) for a, b in bounds]))
     logger.warning("No top_k_genes recorded in %s: comparing the first %d genes (the median length).",
-                   recorded, median)
+                   args.generated_dir / GENERATE.metrics, median)
     return max(1, median)
 
 
 def asked_types(generated_dir: Path) -> list[str] | None:
     """The ``--cell_types`` of the generate.py run that wrote ``generated_dir`` (None: all types)."""
-    record = generated_dir / GENERATE.args
-    if not record.is_file():
-        return None
-    asked = json.loads(record.read_text()).get("cell_types")
+    asked = recorded(generated_dir / GENERATE.args, "cell_types")
     return list(dict.fromkeys(t.strip() for t in asked.split(",") if t.strip())) if asked else None
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    cli.seed_everything(args.seed)
-    publish.settle_inputs(args.generated_dir, args.data_dir, args.transform_dir)  # publishes cut short there: finished first
-    publish.check_can_write(args.output_dir, list(EVAL_GENERATION), overwrite=args.overwrite)
+    start(args, [args.generated_dir, args.data_dir, args.transform_dir], EVAL_GENERATION)
     packed, requested = read_generated(args.generated_dir)
-    tables = load_splits(args.data_dir, args.split, args.label_column, need_labels=True)
+    tables = contract.load_splits(args.data_dir, args.split, args.label_column, need_labels=True)
     if "train" not in tables:
         raise cli.InputError(f"{args.data_dir} has no train split, needed for the k-NN classifier and the PCA.")
-    tables = labelled_rows(tables, args.label_column)
+    tables = contract.labelled_rows(tables, args.label_column)
     top_k = genes_per_cell(args, packed)
-    index, fit, from_transform = transform_reference(args.transform_dir, tables, top_k)
+    index, fit, from_transform = contract.transform_reference(args.transform_dir, tables, top_k)
     cell_types = asked_types(args.generated_dir)
     if cell_types is not None:
         logger.info("Comparing with the real cells of the %d types generate.py was asked for (%s).",
@@ -151,16 +125,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     scored, result = score_generated(packed, requested, tables, split=args.split,
                                      label_column=args.label_column, index=index, fit=fit,
                                      top_k=top_k, k=args.k_neighbors, seed=args.seed, cell_types=cell_types)
-    s = scored["sentences"]
-    metrics = {
-        "knn_accuracy": scored["knn_accuracy"], "knn_ceiling": scored["knn_ceiling"],
-        "mmd": scored["mmd"], "mmd_floor": scored["mmd_floor"],
-        "energy_distance": scored["energy_distance"], "energy_distance_floor": scored["energy_distance_floor"],
-        "valid_gene_rate": s["valid_gene_rate"], "duplicate_rate": s["duplicate_rate"],
-        **{key: value for key, value in scored.items() if key not in ("per_type",)},
-        "split": args.split, "generated_dir": str(args.generated_dir),
-        "vocabulary": "transform" if from_transform else "train sentences",
-    }
+    rates = scored["sentences"]
+    metrics = {**{key: scored[key] if key in scored else rates[key] for key in CARD_SCORES},
+               **{key: value for key, value in scored.items() if key != "per_type"},
+               "split": args.split, "generated_dir": str(args.generated_dir),
+               "vocabulary": "transform" if from_transform else "train sentences"}
     per_type = pd.DataFrame([{"cell_type": t, **v} for t, v in scored["per_type"].items()])
     metrics["per_type"] = scored["per_type"]
     logger.info("%s generated cells vs %s real %s cells (top %d genes): k-NN accuracy %.3f (ceiling %.3f, "
@@ -170,14 +139,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 metrics["mmd"], metrics["mmd_floor"], metrics["energy_distance"],
                 metrics["energy_distance_floor"], metrics["valid_gene_rate"], metrics["duplicate_rate"])
     figure = plot_generation(result, split=args.split, top_k=top_k)
-    write_evaluation(args.output_dir, list(EVAL_GENERATION), metrics=metrics,
-                     figures={EVAL_GENERATION.pca: figure}, frames={EVAL_GENERATION.per_type: per_type},
-                     args=args, overwrite=args.overwrite)
-    add_evaluation_to_card(recorded_model_dir(args.generated_dir), "generation",
-                           {key: metrics[key] for key in CARD_SCORES},
-                           figures={"Real and generated cells (PCA)": args.output_dir / EVAL_GENERATION.pca},
-                           source=args.output_dir)
-    logger.info("Wrote %s.", args.output_dir)
+    finish(args, EVAL_GENERATION, metrics=metrics, figures={EVAL_GENERATION.pca: figure},
+           frames={EVAL_GENERATION.per_type: per_type},
+           card=(args.generated_dir, "generation", {key: metrics[key] for key in CARD_SCORES}),
+           captions={"Real and generated cells (PCA)": EVAL_GENERATION.pca})
     return metrics
 
 

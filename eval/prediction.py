@@ -1,21 +1,14 @@
 """Score cell-type predictions against the truth, next to baselines on the same cells.
 
-Accuracy alone hides a model that answers the frequent types only (a published C2S-Scale run
-had accuracy 0.717 with macro-F1 0.178), so this reports accuracy, balanced accuracy (mean
-per-class recall), macro-F1 and per-class precision/recall over the true classes, a confusion
-matrix, and two baselines on the same cells: always the most frequent training type, and a
-k-NN classifier on the first principal components of the expression (transform.py's
-preprocessed AnnData; the PCA and the classifier are fitted on its training cells).
+Accuracy, balanced accuracy, macro-F1, per-class scores and a confusion matrix, next to always
+the most frequent training type and k-NN on PCA of the expression (fitted on training cells).
 
-    predictions.csv (predict.py's: cell_name, predicted_<column>, <column>; or cell_name,true,
-    predicted) [+ <transform_dir>/
-    <stem>_preprocessed.h5ad] -> <output_dir>/metrics.json, per_class.csv,
-    confusion_matrix.png, eval_args.json
+    predictions.csv (predict.py's cell_name, predicted_<column>, <column>; or cell_name, true,
+    predicted) [+ <transform_dir>/<stem>_preprocessed.h5ad]
+        -> <output_dir>/metrics.json, per_class.csv, confusion_matrix.png, eval_args.json
 
-With several predicted columns (a model trained with ``--label_columns``) and no
-``--label_column``, each is scored: ``metrics.json`` holds ``{"<column>": {...}}`` (the same
-scores and baselines per column), with ``per_class_<column>.csv`` and
-``confusion_matrix_<column>.png``.
+Several predicted columns (and no ``--label_column``): each scored, ``metrics.json`` holds
+``{"<column>": {...}}``, with ``per_class_<column>.csv`` and ``confusion_matrix_<column>.png``.
 
 Example:
     python eval/prediction.py --predictions data/predictions/<run>/predictions.csv \\
@@ -25,7 +18,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,19 +29,11 @@ if __package__ in (None, ""):  # run as `python eval/prediction.py`: the reposit
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from eval import finish, logger, parse, start  # noqa: E402
 from utils import cli, publish  # noqa: E402
-from utils.contract import (  # noqa: E402
-    EVAL_PREDICTION,
-    label_column_of,
-    per_column,
-    read_preprocessed,
-    write_evaluation,
-)
-from utils.evaluation.figures import plot_confusion_matrix
-from utils.evaluation.metrics import classification_summary, embed_pca, knn_accuracy
-from utils.models.model_card import add_evaluation_to_card, recorded_model_dir  # noqa: E402
-
-logger = logging.getLogger("cell2sentence")
+from utils.contract import EVAL_PREDICTION, label_column_of, per_column, read_preprocessed  # noqa: E402
+from utils.evaluation.figures import plot_confusion_matrix  # noqa: E402
+from utils.evaluation.metrics import classification_summary, embed_pca, knn_accuracy  # noqa: E402
 
 SCORES = ("accuracy", "balanced_accuracy", "macro_f1")
 
@@ -70,13 +54,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "predicted, each is scored)")
     p.add_argument("--k_neighbors", type=int, default=5, help="k of the expression baseline's k-NN")
     p.add_argument("--n_components", type=int, default=50, help="principal components of the baseline")
-    cli.add_run_flags(p, output_dir=Path("data/eval/prediction"), output_dir_help="where outputs go",
-                      seed_help="seed of the PCA")
-    args = p.parse_args(cli.renamed_flags(argv))
-    if args.predictions is None:
-        raise cli.InputError("Pass --predictions, a predictions.csv written by predict.py.")
-    if args.k_neighbors < 1 or args.n_components < 1:
-        raise cli.InputError("--k_neighbors and --n_components must be at least 1.")
+    args = parse(p, argv, name="prediction", seed_help="seed of the PCA",
+                 required=("predictions", "Pass --predictions, a predictions.csv written by predict.py."),
+                 positive=("k_neighbors", "n_components"))
     if args.transform_dir is None:
         args.transform_dir = args.data_dir.parent if args.data_dir is not None else Path("data")
     return args
@@ -120,16 +100,16 @@ def predicted_columns(path: Path) -> list[str]:
     return [c.removeprefix("predicted_") for c in header if c.startswith("predicted_")]
 
 
-def expression_baseline(table: pd.DataFrame, args: argparse.Namespace, column: str | None = None,
-                        adata: Any = None) -> tuple[dict[str, Any] | None, list[str]]:
-    """k-NN on PCA of the preprocessed expression (fitted on training cells) for the predicted
-    cells found by name; also returns the training labels (empty when there is no AnnData).
-    ``column``: the label column (default: --label_column, else the transform's); ``adata``:
-    the preprocessed AnnData when read already."""
-    adata = read_preprocessed(args.transform_dir) if adata is None else adata
+def expression_baseline(table: pd.DataFrame, args: argparse.Namespace, adata: Any, column: str | None = None, *,
+                        warn: bool = True) -> tuple[dict[str, Any] | None, list[str]]:
+    """k-NN on PCA of the preprocessed expression ``adata`` (fitted on training cells) for the
+    predicted cells found by name; also returns the training labels (empty without ``adata``).
+    ``column``: the label column (default: --label_column, else the transform's); ``warn``:
+    whether to warn that ``adata`` is None."""
     if adata is None:
-        logger.warning("No preprocessed AnnData in %s: no expression baseline, and the majority class is "
-                       "taken from the true labels; pass --transform_dir.", args.transform_dir)
+        if warn:
+            logger.warning("No preprocessed AnnData in %s: no expression baseline, and the majority class is "
+                           "taken from the true labels; pass --transform_dir.", args.transform_dir)
         return None, []
     column = column or args.label_column or label_column_of(args.transform_dir)
     if column not in adata.obs or "split" not in adata.obs:
@@ -166,52 +146,35 @@ def expression_baseline(table: pd.DataFrame, args: argparse.Namespace, column: s
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    cli.seed_everything(args.seed)
-    publish.settle_inputs(args.predictions, args.transform_dir, *[d for d in [args.data_dir] if d is not None])  # publishes cut short there: finished first
+    start(args, [args.predictions, args.transform_dir, args.data_dir])
     columns = predicted_columns(args.predictions) if args.label_column is None else []
-    if len(columns) > 1:
-        return main_per_column(args, columns)
-    publish.check_can_write(args.output_dir, list(EVAL_PREDICTION), overwrite=args.overwrite)
-    table = read_predictions(args.predictions, args.label_column)
-    metrics, per_class, figure = evaluate(table, args, *expression_baseline(table, args))
-    write_evaluation(args.output_dir, list(EVAL_PREDICTION), metrics=metrics, figures={EVAL_PREDICTION.confusion: figure},
-                     frames={EVAL_PREDICTION.per_class: per_class}, args=args, overwrite=args.overwrite)
-    add_evaluation_to_card(recorded_model_dir(args.predictions.parent), "prediction", card_scores(metrics),
-                           figures={"Confusion matrix": args.output_dir / EVAL_PREDICTION.confusion},
-                           source=args.output_dir)
-    logger.info("Wrote %s.", args.output_dir)
-    return metrics
+    several = len(columns) > 1  # each scored as one: metrics.json {"<column>": {...}}, other outputs per column
+    columns = columns if several else [None]
 
+    def named(output: str, column: str | None) -> str:
+        return per_column(output, column) if several else output
 
-def main_per_column(args: argparse.Namespace, columns: list[str]) -> dict[str, Any]:
-    """``main`` for a predictions.csv of several columns: each scored as one, metrics.json
-    ``{"<column>": {...}}``, a per-class table and a confusion matrix per column."""
-    outputs = [EVAL_PREDICTION.metrics, *(per_column(name, c) for c in columns
-                                          for name in (EVAL_PREDICTION.per_class, EVAL_PREDICTION.confusion)),
-               *EVAL_PREDICTION]  # the one-column outputs too: a rerun removes them
-    outputs = list(dict.fromkeys(outputs))
+    outputs = list(dict.fromkeys([EVAL_PREDICTION.metrics, *(named(name, c) for c in columns for name in (
+        EVAL_PREDICTION.per_class, EVAL_PREDICTION.confusion)), *EVAL_PREDICTION]))  # a rerun removes the others
     publish.check_can_write(args.output_dir, outputs, overwrite=args.overwrite)
-    adata = read_preprocessed(args.transform_dir)
     metrics: dict[str, Any] = {}
     figures: dict[str, Any] = {}
     frames: dict[str, Any] = {}
     for column in columns:
-        table = read_predictions(args.predictions, column)
-        baseline = expression_baseline(table, args, column, adata) if adata is not None else (None, [])
-        if adata is None and column == columns[0]:
-            logger.warning("No preprocessed AnnData in %s: no expression baseline, and the majority class is "
-                           "taken from the true labels; pass --transform_dir.", args.transform_dir)
-        metrics[column], frames[per_column(EVAL_PREDICTION.per_class, column)], figure = evaluate(
+        table = read_predictions(args.predictions, column or args.label_column)
+        first = column == columns[0]
+        if first:  # after the first table: a bad predictions.csv fails before the AnnData is read
+            adata = read_preprocessed(args.transform_dir)
+        baseline = expression_baseline(table, args, adata, column, warn=first)
+        metrics[column], frames[named(EVAL_PREDICTION.per_class, column)], figure = evaluate(
             table, args, *baseline, column=column)
-        figures[per_column(EVAL_PREDICTION.confusion, column)] = figure
-    write_evaluation(args.output_dir, outputs, metrics=metrics, figures=figures, frames=frames, args=args,
-                     overwrite=args.overwrite)
-    add_evaluation_to_card(recorded_model_dir(args.predictions.parent), "prediction",
-                           {column: card_scores(metrics[column]) for column in columns},
-                           figures={f"Confusion matrix: {column}": args.output_dir / name
-                                    for column, name in zip(columns, figures, strict=True)},
-                           source=args.output_dir)
-    logger.info("Wrote %s.", args.output_dir)
+        figures[named(EVAL_PREDICTION.confusion, column)] = figure
+    captions = {f"Confusion matrix: {column}": name for column, name in zip(columns, figures, strict=True)}
+    card = {column: card_scores(metrics[column]) for column in columns}
+    if not several:
+        metrics, card, captions = metrics[None], card[None], {"Confusion matrix": EVAL_PREDICTION.confusion}
+    finish(args, outputs, metrics=metrics, figures=figures, frames=frames,
+           card=(args.predictions.parent, "prediction", card), captions=captions)
     return metrics
 
 
@@ -235,13 +198,11 @@ def evaluate(table: pd.DataFrame, args: argparse.Namespace, pca_knn: dict[str, A
     metrics = {**{key: summary[key] for key in SCORES}, "majority_baseline": summary["majority_baseline"],
                **{key: value for key, value in summary.items() if key not in SCORES},
                "baselines": baselines, "predictions": str(args.predictions)}
-    logger.info("%s%s cells: accuracy %.3f, balanced accuracy %.3f, macro-F1 %.3f; majority class (%s) %.3f / "
-                "%.3f / %.3f%s.", f"{column}: " if column else "", f"{summary['n_cells']:,}", summary["accuracy"],
-                summary["balanced_accuracy"], summary["macro_f1"], summary["majority_label"], constant["accuracy"],
-                constant["balanced_accuracy"], constant["macro_f1"],
+    logger.info("%s%s cells: accuracy %.3f, balanced accuracy %.3f, macro-F1 %.3f; majority class (%s) %s%s.",
+                f"{column}: " if column else "", f"{summary['n_cells']:,}", *(summary[key] for key in SCORES),
+                summary["majority_label"], " / ".join(f"{constant[key]:.3f}" for key in SCORES),
                 "" if pca_knn is None else
-                f"; k-NN on PCA of expression {pca_knn['accuracy']:.3f} / {pca_knn['balanced_accuracy']:.3f} / "
-                f"{pca_knn['macro_f1']:.3f}")
+                "; k-NN on PCA of expression " + " / ".join(f"{pca_knn[key]:.3f}" for key in SCORES))
     per_class = pd.DataFrame([{column or "cell_type": t, **v} for t, v in summary["per_class"].items()])
     what = "Cell-type prediction" if column is None else f"{column} prediction"
     figure = plot_confusion_matrix(table["true"], table["predicted"],

@@ -1,6 +1,5 @@
 """Every figure of the project: matplotlib ``Figure`` objects, or PNG files for the transform's
-evaluation (no pyplot state shared between figures).
-"""
+evaluation (no pyplot state shared between figures)."""
 
 from __future__ import annotations
 
@@ -15,16 +14,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from utils.evaluation.metrics import normalize_label  # noqa: E402
+from utils.evaluation.metrics import normalized, spellings  # noqa: E402
 from utils.transform.fit import RankExpressionFit, check_finite  # noqa: E402
 
 if TYPE_CHECKING:
     from utils.evaluation.generation_metrics import GenerationEvaluation
 
 
-# Colours that are told apart at a glance on white: tab10, then colours of Kelly's list of
-# maximum contrast unlike any of them. tab20's pairs (a dark and a light shade of one hue at
-# neighbouring places) gave types next to each other by name two shades of one blue.
+# tab10, then colours of Kelly's list of maximum contrast unlike any of them (tab20's pairs of
+# shades of one hue gave neighbouring types two shades of one blue).
 PALETTE = (
     "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
     "#bcbd22", "#17becf", "#f3c300", "#875692", "#008856", "#f99379", "#604e97", "#b3446c",
@@ -32,24 +30,21 @@ PALETTE = (
 )
 
 
-def plot_confusion_matrix(
-    true: Sequence[str], predicted: Sequence[str], *, title: str = "Cell-type prediction"
-) -> Figure:
-    """Row-normalized confusion matrix with counts; predicted labels outside the true ones
-    are gathered in an ``(other)`` column."""
-    t = [normalize_label(x) for x in true]
-    p = [normalize_label(x) for x in predicted]
-    names = {normalize_label(x): str(x) for x in true}
+def plot_confusion_matrix(true: Sequence[str], predicted: Sequence[str], *,
+                          title: str = "Cell-type prediction") -> Figure:
+    """Row-normalized confusion matrix with counts (predictions of no true class: ``(other)``)."""
+    t, p = normalized(true), normalized(predicted)
+    names = spellings(true)
     classes = sorted(set(t))
-    cols = classes + (["(other)"] if any(x not in names for x in p) else [])
+    other = any(x not in names for x in p)
     index = {c: i for i, c in enumerate(classes)}
-    counts = np.zeros((len(classes), len(cols)), dtype=int)
+    counts = np.zeros((len(classes), len(classes) + other), dtype=int)
     for a, b in zip(t, p, strict=True):
         counts[index[a], index.get(b, len(classes))] += 1
     with np.errstate(invalid="ignore"):
         frac = counts / counts.sum(axis=1, keepdims=True).clip(min=1)
     labels_y = [names[c] for c in classes]
-    labels_x = labels_y + (["(other)"] if len(cols) > len(classes) else [])
+    labels_x = labels_y + ["(other)"] * other
     size = 2.5 + 0.55 * max(len(labels_x), 2)
     fig = Figure(figsize=(size + 1.5, size))
     ax = fig.add_subplot()
@@ -80,8 +75,7 @@ def _lab(colour: str) -> np.ndarray:
 
 
 def _colour_distance(a: str, b: str) -> float:
-    """Distance in CIELAB with lightness at half weight: two shades of one hue (dark and light
-    blue) read as one family, so they count as close."""
+    """Distance in CIELAB with lightness at half weight: two shades of one hue count as close."""
     d = _lab(a) - _lab(b)
     return float(np.sqrt((d[0] / 2) ** 2 + d[1] ** 2 + d[2] ** 2))
 
@@ -89,11 +83,10 @@ def _colour_distance(a: str, b: str) -> float:
 def distinct_colours(types: Sequence[str], centroids: np.ndarray) -> dict[str, str]:
     """A colour per type such that types close together in the embedding look different.
 
-    Minimizes the sum over pairs of types of closeness(centroids) × likeness(colours), with
-    closeness exp(−(d / s)²) (s: the median distance of a centroid to its nearest other one)
-    and likeness exp(−colour distance / 40), by local search from the palette's order: each
-    type in turn takes the colour (a free one, or another type's by a swap) that lowers the sum
-    most, until no move does. Deterministic; past the palette's length colours repeat.
+    Local search from the palette's order (each type in turn takes the free or swapped colour
+    that lowers it most) of the sum over pairs of types of closeness exp(−(d / s)²) (s: the
+    median distance of a centroid to its nearest other one) × likeness exp(−colour distance / 40).
+    Deterministic; past the palette's length colours repeat.
 
     >>> distinct_colours(["a", "b"], np.array([[0.0, 0.0], [1.0, 0.0]]))
     {'a': '#1f77b4', 'b': '#ff7f0e'}
@@ -132,29 +125,31 @@ def distinct_colours(types: Sequence[str], centroids: np.ndarray) -> dict[str, s
     return {str(types[i]): palette[pick[i]] for i in range(n)}
 
 
-def plot_embedding(
-    real: np.ndarray,
-    real_labels: Sequence[str],
-    generated: np.ndarray,
-    generated_labels: Sequence[str],
-    *,
-    title: str = "Real and generated cells (PCA)",
-    axis_label: str = "PC",
-) -> Figure:
-    """2-d scatter of real (dots) and generated (crosses) cells, coloured by cell type
-    (:func:`distinct_colours`, from the centroids of each type's cells)."""
+def _labels(labels: Sequence[str]) -> np.ndarray:
+    return np.asarray([str(x) for x in labels], dtype=object)
+
+
+def _type_colours(types: list[str], points: np.ndarray, labels: np.ndarray) -> dict[str, str]:
+    """:func:`distinct_colours` from the centroid of each type's ``points`` (far away when it has none)."""
+    centroids = np.array([points[labels == t].mean(axis=0) if (labels == t).any() else np.full(2, np.inf)
+                          for t in types]).reshape(len(types), 2)
+    centroids[~np.isfinite(centroids)] = 1e6
+    return distinct_colours(types, centroids)
+
+
+def plot_embedding(real: np.ndarray, real_labels: Sequence[str], generated: np.ndarray,
+                   generated_labels: Sequence[str], *, title: str = "Real and generated cells (PCA)",
+                   axis_label: str = "PC") -> Figure:
+    """2-d scatter of real (dots) and generated (crosses) cells, coloured by cell type."""
     fig = Figure(figsize=(8.5, 6))
     ax = fig.add_subplot()
     types = sorted({str(x) for x in real_labels} | {str(x) for x in generated_labels})
     groups = [  # (points, labels, marker size, alpha, marker, legend suffix)
-        (np.asarray(real)[:, :2], np.asarray([str(x) for x in real_labels], dtype=object), 10, 0.5, "o", "real"),
-        (np.asarray(generated)[:, :2], np.asarray([str(x) for x in generated_labels], dtype=object), 22, 0.9,
-         "x", "generated"),
+        (np.asarray(real)[:, :2], _labels(real_labels), 10, 0.5, "o", "real"),
+        (np.asarray(generated)[:, :2], _labels(generated_labels), 22, 0.9, "x", "generated"),
     ]
-    points = np.vstack([g[0].reshape(-1, 2) for g in groups])
-    labels = np.concatenate([g[1] for g in groups])
-    centroids = np.array([points[labels == t].mean(axis=0) for t in types]).reshape(len(types), 2)
-    colors = distinct_colours(types, centroids)
+    colors = _type_colours(types, np.vstack([g[0].reshape(-1, 2) for g in groups]),
+                           np.concatenate([g[1] for g in groups]))
     for t in types:
         for pts, labs, size, alpha, marker, kind in groups:
             m = labs == t
@@ -172,19 +167,14 @@ def plot_embedding(
 def plot_labelled_panels(panels: Sequence[tuple[str, np.ndarray, Sequence[str]]], *,
                          axis_label: str = "PC") -> Figure:
     """Side-by-side 2-d scatters of (title, coordinates, labels), one colour per label in every
-    panel (:func:`distinct_colours` from the first panel's centroids)."""
+    panel (from the first panel's centroids)."""
     fig = Figure(figsize=(5.2 * len(panels) + 2.5, 5))
     types = sorted({str(x) for _, _, labels in panels for x in labels})
-    first = np.asarray(panels[0][1])[:, :2]
-    first_labels = np.asarray([str(x) for x in panels[0][2]], dtype=object)
-    centroids = np.array([first[first_labels == t].mean(axis=0) if (first_labels == t).any() else
-                          np.full(2, np.inf) for t in types]).reshape(len(types), 2)
-    centroids[~np.isfinite(centroids)] = 1e6  # a type absent from the first panel: far away
-    colors = distinct_colours(types, centroids)
+    colors = _type_colours(types, np.asarray(panels[0][1])[:, :2], _labels(panels[0][2]))
     for i, (title, coords, labels) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
         coords = np.asarray(coords)
-        labs = np.asarray([str(x) for x in labels], dtype=object)
+        labs = _labels(labels)
         for t in types:
             m = labs == t
             if m.any():
@@ -199,8 +189,7 @@ def plot_labelled_panels(panels: Sequence[tuple[str, np.ndarray, Sequence[str]]]
 
 
 def plot_generation(result: GenerationEvaluation, *, split: str, top_k: int):
-    """Real ``split`` cells and generated cells in the first two principal components of the
-    real training cells (``None`` when there are too few cells for two components)."""
+    """Real ``split`` and generated cells in the PCA of real training cells (None: too few cells)."""
     if result.real_coords.shape[0] < 3 or result.real_coords.shape[1] < 2:
         return None
     return plot_embedding(result.real_coords, result.real_labels, result.generated_coords,
@@ -209,59 +198,52 @@ def plot_generation(result: GenerationEvaluation, *, split: str, top_k: int):
                                 f"top-{top_k} reconstruction")
 
 
-
 MAX_SCATTER_POINTS = 200_000
 
 
-def _subsample(n: int, *, seed: int) -> np.ndarray:
-    if n <= MAX_SCATTER_POINTS:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).choice(n, MAX_SCATTER_POINTS, replace=False))
-
-
-def _fixed_margins(fig) -> None:
-    # Our labels are fixed, so fixed margins fit them; tight_layout's extra layout pass, and
-    # mathtext tick labels ("%g" above), took a third of drawing these figures.
-    fig.subplots_adjust(left=0.11, right=0.98, bottom=0.11, top=0.93)
-
-
-def plot_log_rank_fit(
-    log_rank: np.ndarray, log_expression: np.ndarray, fit: RankExpressionFit, path: Path, *, seed: int
-) -> None:
-    """Density of log-rank vs log-expression with the fitted line and the fit threshold."""
-    check_finite(f"draw {path.name}", log_rank=log_rank, log_expression=log_expression)
-    keep = _subsample(len(log_rank), seed=seed)
+def _density(x: np.ndarray, y: np.ndarray, path: Path, *, cmap: str, seed: int, **finite: np.ndarray):
+    """A hexbin density of (a seeded subsample of) the points, after checking ``finite``."""
+    check_finite(f"draw {path.name}", **finite)
+    n = len(x)
+    keep = np.arange(n) if n <= MAX_SCATTER_POINTS else np.sort(
+        np.random.default_rng(seed).choice(n, MAX_SCATTER_POINTS, replace=False))
     fig, ax = plt.subplots(figsize=(6.5, 5))
-    hb = ax.hexbin(log_rank[keep], log_expression[keep], gridsize=70, bins="log", cmap="viridis", mincnt=1)
+    hb = ax.hexbin(x[keep], y[keep], gridsize=70, bins="log", cmap=cmap, mincnt=1)
     fig.colorbar(hb, ax=ax, label="points (log scale)", format="%g")
+    return fig, ax
+
+
+def _save(fig, ax, path: Path, *, xlabel: str, ylabel: str, title: str, legend: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(loc=legend, fontsize=8)
+    # Fixed margins fit our fixed labels; tight_layout's extra layout pass took a third of the time.
+    fig.subplots_adjust(left=0.11, right=0.98, bottom=0.11, top=0.93)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_log_rank_fit(log_rank: np.ndarray, log_expression: np.ndarray, fit: RankExpressionFit, path: Path, *,
+                      seed: int) -> None:
+    """Density of log-rank vs log-expression with the fitted line and the fit threshold."""
+    fig, ax = _density(log_rank, log_expression, path, cmap="viridis", seed=seed, log_rank=log_rank,
+                       log_expression=log_expression)
     xs = np.linspace(0, float(log_rank.max(initial=1.0)), 100)
     ax.plot(xs, fit.predict(xs), color="red", lw=2,
             label=f"fit: {fit.intercept:.3f} {fit.slope:+.3f}·x  (R² = {fit.r_squared:.3f})")
     ax.axvline(fit.threshold, color="grey", ls="--", lw=1, label=f"fit threshold ({fit.threshold:g})")
-    ax.set_xlabel("log10(1 + rank)   (rank 0 = most expressed gene)")
-    ax.set_ylabel("log10(1 + normalized expression)")
-    ax.set_title("Gene rank vs expression")
-    ax.legend(loc="upper right", fontsize=8)
-    _fixed_margins(fig)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, ax, path, xlabel="log10(1 + rank)   (rank 0 = most expressed gene)",
+          ylabel="log10(1 + normalized expression)", title="Gene rank vs expression", legend="upper right")
 
 
-def plot_reconstruction(
-    log_expression: np.ndarray, reconstructed: np.ndarray, fit: RankExpressionFit, path: Path, *, seed: int
-) -> None:
+def plot_reconstruction(log_expression: np.ndarray, reconstructed: np.ndarray, fit: RankExpressionFit, path: Path,
+                        *, seed: int) -> None:
     """True vs reconstructed log-expression, with the y = x line."""
-    check_finite(f"draw {path.name}", log_expression=log_expression, reconstructed=reconstructed)
-    keep = _subsample(len(log_expression), seed=seed)
-    fig, ax = plt.subplots(figsize=(6.5, 5))
-    hb = ax.hexbin(log_expression[keep], reconstructed[keep], gridsize=70, bins="log", cmap="magma", mincnt=1)
-    fig.colorbar(hb, ax=ax, label="points (log scale)", format="%g")
+    fig, ax = _density(log_expression, reconstructed, path, cmap="magma", seed=seed,
+                       log_expression=log_expression, reconstructed=reconstructed)
     high = float(max(log_expression.max(initial=1.0), reconstructed.max(initial=1.0)))
     ax.plot([0, high], [0, high], color="black", ls="--", lw=1, label="y = x")
-    ax.set_xlabel("log10(1 + normalized expression)")
-    ax.set_ylabel("reconstructed from rank")
-    ax.set_title(f"Reconstruction: Pearson r = {fit.pearson_r:.3f}, Spearman r = {fit.spearman_r:.3f}")
-    ax.legend(loc="upper left", fontsize=8)
-    _fixed_margins(fig)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, ax, path, xlabel="log10(1 + normalized expression)", ylabel="reconstructed from rank",
+          title=f"Reconstruction: Pearson r = {fit.pearson_r:.3f}, Spearman r = {fit.spearman_r:.3f}",
+          legend="upper left")

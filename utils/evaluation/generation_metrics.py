@@ -18,7 +18,9 @@ from utils.evaluation.metrics import (
     knn_accuracy,
     majority_baseline,
     normalize_label,
+    normalized,
     sentence_stats,
+    spellings,
 )
 from utils.inverse import SentenceBytes, VocabIndex, sentences_to_expression
 from utils.transform.fit import RankExpressionFit
@@ -33,8 +35,8 @@ def _sq_dists(A: np.ndarray, B: np.ndarray) -> np.ndarray:
 
 
 def median_heuristic(X: np.ndarray, *, max_points: int = 2000, seed: int = 0) -> float:
-    """Median pairwise Euclidean distance among the rows of ``X`` (a seeded subset of at most
-    ``max_points`` rows), the usual bandwidth of an RBF kernel; 1.0 when all points coincide.
+    """Median pairwise Euclidean distance among (a seeded subset of ``max_points``) rows of
+    ``X``, the usual bandwidth of an RBF kernel; 1.0 when all points coincide.
 
     >>> median_heuristic(np.array([[0.0], [1.0], [3.0]]))
     2.0
@@ -58,19 +60,15 @@ def _pair_means(A: np.ndarray, B: np.ndarray, gamma: float) -> tuple[float, floa
     return k_sum / n, d_sum / n
 
 
-def distribution_distances(
-    X: np.ndarray, Y: np.ndarray, *, bandwidth: float | None = None
-) -> dict[str, float]:
-    """MMD² (RBF kernel) and energy distance between the rows of ``X`` and of ``Y``.
+def distribution_distances(X: np.ndarray, Y: np.ndarray, *, bandwidth: float | None = None) -> dict[str, float]:
+    """MMD² (RBF kernel) and energy distance between the rows of ``X`` and of ``Y``; NaN when a
+    set is empty.
 
-    Both are the plain (V-statistic) estimates, so identical sets give exactly 0 and two
-    samples of one distribution a small positive value that shrinks with their size: compare
-    with the same measure between two real samples of the same sizes (the floor).
-    ``mmd`` = mean k(x, x') + mean k(y, y') − 2 mean k(x, y) with
-    k(a, b) = exp(−‖a − b‖² / (2·bandwidth²)); the bandwidth defaults to the median heuristic
-    over both sets (pass one fixed from real cells to compare several sets fairly).
-    ``energy_distance`` = sqrt(2 E‖x − y‖ − E‖x − x'‖ − E‖y − y'‖) (as scipy's, in any dimension).
-    NaN when a set is empty.
+    Plain (V-statistic) estimates: identical sets give exactly 0, two samples of one
+    distribution a small positive value (compare with two real samples of the same sizes).
+    ``mmd`` = mean k(x, x') + mean k(y, y') − 2 mean k(x, y), k(a, b) = exp(−‖a − b‖² /
+    (2·bandwidth²)); ``bandwidth`` defaults to the median heuristic over both sets (fix one to
+    compare several sets). ``energy_distance`` = sqrt(2 E‖x − y‖ − E‖x − x'‖ − E‖y − y'‖).
 
     >>> a = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
     >>> distribution_distances(a, a)
@@ -93,8 +91,8 @@ def distribution_distances(
 
 @dataclass
 class GenerationEvaluation:
-    """What :func:`evaluate_generation` returns: the metrics, and the real (``--split``) and
-    generated cells in the PCA space fitted on the real training cells (for a figure)."""
+    """The metrics, and the real (``--split``) and generated cells in the PCA of the real
+    training cells."""
 
     metrics: dict[str, Any]
     real_coords: np.ndarray
@@ -103,9 +101,7 @@ class GenerationEvaluation:
     generated_labels: list[str] = field(default_factory=list)
 
 
-def _matched_sample(
-    labels: np.ndarray, wanted: dict[str, int], rng: np.random.Generator
-) -> np.ndarray:
+def _matched_sample(labels: np.ndarray, wanted: dict[str, int], rng: np.random.Generator) -> np.ndarray:
     """Indices drawn without replacement: ``wanted[t]`` cells of each type (all it has if fewer)."""
     picked = []
     for t, n in sorted(wanted.items()):
@@ -119,49 +115,34 @@ def _cap(n: int, cap: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def evaluate_generation(
-    generated_X: sp.spmatrix | np.ndarray,
-    generated_labels: Sequence[str],
-    train_X: sp.spmatrix | np.ndarray,
-    train_labels: Sequence[str],
-    real_X: sp.spmatrix | np.ndarray,
-    real_labels: Sequence[str],
-    *,
-    k: int = 5,
-    n_components: int = 50,
-    max_cells: int = 5000,
-    seed: int = 0,
+    generated_X: sp.spmatrix | np.ndarray, generated_labels: Sequence[str],
+    train_X: sp.spmatrix | np.ndarray, train_labels: Sequence[str],
+    real_X: sp.spmatrix | np.ndarray, real_labels: Sequence[str],
+    *, k: int = 5, n_components: int = 50, max_cells: int = 5000, seed: int = 0,
 ) -> GenerationEvaluation:
     """Score generated cells against real ones, each score next to what real cells reach.
 
-    All three matrices are cells × the same genes in one representation (the inverse
-    transform of each cell's first K genes). ``train_*`` are real cells the model saw (the
-    k-NN classifier and the PCA are fitted on them), ``real_*`` held-out real cells (the
-    ``--split``), ``generated_labels`` the requested types.
+    The matrices are cells × the same genes in one representation; ``train_*``: real cells the
+    model saw (the k-NN classifier and the PCA are fitted on them), ``real_*``: held-out real
+    cells, ``generated_labels``: the requested types.
 
-    - ``knn_accuracy``: a k-NN classifier fitted on the training cells predicts each
-      generated cell's type; agreement with the requested type. ``knn_ceiling``: the same
-      classifier on the held-out real cells. ``majority_baseline``: always the most frequent
-      training type.
-    - ``mmd`` and ``energy_distance`` between generated and held-out real cells in the first
-      ``n_components`` principal components of the training cells; ``mmd_floor`` and
-      ``energy_distance_floor``: the same between training cells (drawn to match the
-      generated cells' type counts) and the held-out real cells, i.e. what a perfect generator
-      would score at these sample sizes. The RBF bandwidth is the median heuristic over the
-      held-out real cells, the same for every comparison.
+    - ``knn_accuracy``: the classifier's agreement with the requested types; ``knn_ceiling``:
+      its accuracy on the held-out cells; ``majority_baseline``: always the top training type.
+    - ``mmd``, ``energy_distance``: generated vs held-out cells in the first ``n_components``
+      principal components; ``*_floor``: the same for training cells (matched to the generated
+      type counts), what a perfect generator would score. One RBF bandwidth: the median
+      heuristic over the held-out cells.
     - ``per_type``: all of the above per requested type (distances need 2 cells on each side).
 
     Sets larger than ``max_cells`` are subsampled (seeded) for the distances.
     """
     rng = np.random.default_rng(seed)
-    gen_y = np.array([normalize_label(y) for y in generated_labels], dtype=object)
-    train_y = np.array([normalize_label(y) for y in train_labels], dtype=object)
-    real_y = np.array([normalize_label(y) for y in real_labels], dtype=object)
-    spelled = {normalize_label(y): str(y) for y in [*train_labels, *real_labels, *generated_labels]}
+    gen_y, train_y, real_y = normalized(generated_labels), normalized(train_labels), normalized(real_labels)
+    spelled = spellings([*train_labels, *real_labels, *generated_labels])
 
     knn_gen = knn_accuracy(train_X, train_labels, generated_X, generated_labels, k=k)
     knn_real = knn_accuracy(train_X, train_labels, real_X, real_labels, k=k)
-    train_pc, real_pc, gen_pc = embed_pca(train_X, real_X, generated_X, n_components=n_components,
-                                          seed=seed)
+    train_pc, real_pc, gen_pc = embed_pca(train_X, real_X, generated_X, n_components=n_components, seed=seed)
     bandwidth = median_heuristic(real_pc, seed=seed) if len(real_pc) > 1 else 1.0
 
     def distances(gen_rows: np.ndarray, real_rows: np.ndarray) -> dict[str, float]:
@@ -177,86 +158,51 @@ def evaluate_generation(
         return {"mmd": got["mmd"], "mmd_floor": floor["mmd"], "energy_distance": got["energy_distance"],
                 "energy_distance_floor": floor["energy_distance"]}
 
-    gen_pred = np.array([normalize_label(p) for p in knn_gen["predicted"]], dtype=object)
-    real_pred = np.array([normalize_label(p) for p in knn_real["predicted"]], dtype=object)
+    gen_pred, real_pred = normalized(knn_gen["predicted"]), normalized(knn_real["predicted"])
     per_type: dict[str, Any] = {}
     for t in sorted(set(gen_y)):
         g, r = np.flatnonzero(gen_y == t), np.flatnonzero(real_y == t)
         per_type[spelled[t]] = {
-            "n_generated": int(len(g)),
-            "n_real": int(len(r)),
+            "n_generated": int(len(g)), "n_real": int(len(r)),
             "knn_accuracy": float(np.mean(gen_pred[g] == t)) if len(g) and len(gen_pred) else float("nan"),
             "knn_ceiling": float(np.mean(real_pred[r] == t)) if len(r) and len(real_pred) else float("nan"),
             **distances(g, r),
         }
     metrics: dict[str, Any] = {
-        "knn_accuracy": knn_gen["accuracy"],
-        "knn_ceiling": knn_real["accuracy"],
+        "knn_accuracy": knn_gen["accuracy"], "knn_ceiling": knn_real["accuracy"],
         "majority_baseline": majority_baseline(list(train_labels), list(generated_labels))["accuracy"],
-        "k": knn_gen["k"],
-        **distances(np.arange(len(gen_y)), np.arange(len(real_y))),
-        "bandwidth": bandwidth,
-        "n_components": int(train_pc.shape[1]),
-        "n_real_train": int(train_X.shape[0]),
-        "n_real_eval": int(real_X.shape[0]),
-        "n_generated": int(generated_X.shape[0]),
-        "per_type": per_type,
+        "k": knn_gen["k"], **distances(np.arange(len(gen_y)), np.arange(len(real_y))), "bandwidth": bandwidth,
+        "n_components": int(train_pc.shape[1]), "n_real_train": int(train_X.shape[0]),
+        "n_real_eval": int(real_X.shape[0]), "n_generated": int(generated_X.shape[0]), "per_type": per_type,
     }
-    return GenerationEvaluation(
-        metrics=metrics,
-        real_coords=real_pc,
-        generated_coords=gen_pc,
-        real_labels=[str(y) for y in real_labels],
-        generated_labels=[str(y) for y in generated_labels],
-    )
+    return GenerationEvaluation(metrics, real_pc, gen_pc, [str(y) for y in real_labels],
+                                [str(y) for y in generated_labels])
 
 
-def real_expression(
-    tables: dict[str, Any],
-    *,
-    split: str,
-    index: VocabIndex,
-    fit: RankExpressionFit,
-    top_k: int,
-    case_insensitive: bool = False,
-) -> dict[str, sp.csr_matrix]:
-    """The real cells of ``tables`` (Arrow tables of the ``train`` split and of ``split``, as
-    ``utils.contract.load_splits`` gives) in the representation of generated cells: the inverse
-    transform of each cell's first ``top_k`` genes, by split name. Built once, it serves every
-    set of generated cells scored against them (:func:`score_expression`)."""
+def real_expression(tables: dict[str, Any], *, split: str, index: VocabIndex, fit: RankExpressionFit, top_k: int,
+                    case_insensitive: bool = False) -> dict[str, sp.csr_matrix]:
+    """The real cells of ``tables`` (Arrow tables of ``train`` and ``split``, as
+    ``utils.contract.load_splits`` gives) by split, in the representation of generated cells:
+    the inverse transform of each cell's first ``top_k`` genes."""
     return {name: sentences_to_expression(tables[name].column("cell_sentence"), index, fit,
                                           case_insensitive=case_insensitive, max_words=top_k).X
             for name in dict.fromkeys(("train", split))}
 
 
-def score_expression(
-    generated_X: sp.spmatrix | np.ndarray,
-    requested: Sequence[str],
-    tables: dict[str, Any],
-    real: dict[str, sp.spmatrix],
-    *,
-    split: str,
-    label_column: str,
-    top_k: int,
-    k: int = 5,
-    seed: int = 0,
-) -> GenerationEvaluation:
-    """:func:`evaluate_generation` of generated cells (already in the representation of
-    :func:`real_expression`, whose ``real`` it takes) against the real cells of ``tables``,
-    labelled by their ``label_column``; the metrics record ``top_k_genes``."""
-    result = evaluate_generation(
-        generated_X, [str(y) for y in requested],
-        real["train"], tables["train"].column(label_column).to_pylist(),
-        real[split], tables[split].column(label_column).to_pylist(),
-        k=k, seed=seed,
-    )
+def score_expression(generated_X: sp.spmatrix | np.ndarray, requested: Sequence[str], tables: dict[str, Any],
+                     real: dict[str, sp.spmatrix], *, split: str, label_column: str, top_k: int, k: int = 5,
+                     seed: int = 0) -> GenerationEvaluation:
+    """:func:`evaluate_generation` of generated cells against ``real`` (:func:`real_expression`),
+    labelled by the ``label_column`` of ``tables``; the metrics record ``top_k_genes``."""
+    result = evaluate_generation(generated_X, [str(y) for y in requested],
+                                 real["train"], tables["train"].column(label_column).to_pylist(),
+                                 real[split], tables[split].column(label_column).to_pylist(), k=k, seed=seed)
     result.metrics["top_k_genes"] = int(top_k)
     return result
 
 
 def tables_of_types(tables: dict[str, Any], label_column: str, cell_types: Sequence[str]) -> dict[str, Any]:
-    """The Arrow tables with only the cells whose ``label_column`` is one of ``cell_types``
-    (compared normalized, as every label here)."""
+    """The Arrow tables with only the cells whose ``label_column`` is one of ``cell_types``."""
     import pyarrow as pa
 
     wanted = {normalize_label(t) for t in cell_types}
@@ -266,30 +212,17 @@ def tables_of_types(tables: dict[str, Any], label_column: str, cell_types: Seque
 
 
 def score_generated(
-    sentences: Sequence[str] | SentenceBytes,
-    requested: Sequence[str],
-    tables: dict[str, Any],
-    *,
-    split: str,
-    label_column: str,
-    index: VocabIndex,
-    fit: RankExpressionFit,
-    top_k: int,
-    k: int = 5,
-    seed: int = 0,
+    sentences: Sequence[str] | SentenceBytes, requested: Sequence[str], tables: dict[str, Any], *, split: str,
+    label_column: str, index: VocabIndex, fit: RankExpressionFit, top_k: int, k: int = 5, seed: int = 0,
     cell_types: Sequence[str] | None = None,
 ) -> tuple[dict[str, Any], GenerationEvaluation]:
     """Generated sentences (with their requested types) against the real cells of ``tables``
-    (Arrow tables of the ``train`` split and of ``split``, as ``utils.contract.load_splits``
-    gives): the word statistics of every generated word (``sentence_stats``) under
-    ``"sentences"``, and :func:`score_expression` on the first ``top_k`` genes of every
-    cell, real and generated alike (the same representation).
+    (as for :func:`real_expression`): :func:`sentence_stats` of every word under
+    ``"sentences"``, and :func:`score_expression` on the first ``top_k`` genes of every cell.
 
-    ``cell_types``: the types that were asked for (e.g. generate.py's ``--cell_types``); the
-    real cells are then those of these types only, in both splits, so that the k-NN classifier,
-    its ceiling, the majority baseline and the distance floors answer the question that was
-    asked (against the whole split the majority type may be one never generated: baseline 0).
-    The metrics record them under ``"cell_types"``.
+    ``cell_types``: the types that were asked for (e.g. generate.py's ``--cell_types``), then
+    recorded under ``"cell_types"``; the real cells are those of these types only, so that
+    every score and baseline answers the question that was asked.
     """
     if cell_types is not None:
         tables = tables_of_types(tables, label_column, cell_types)

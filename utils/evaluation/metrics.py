@@ -1,14 +1,5 @@
-"""The metrics of the evaluations, over arrays (files and figures are other modules' business).
-
-- Prediction: exact-match accuracy after normalizing labels (trimmed, case-folded, inner
-  whitespace collapsed), the majority-class baseline, per-class scores.
-- Generated sentences: the valid-gene rate, the duplicate rate and the mean length.
-- k-NN: the paper's classifier fitted on real cells and leave-one-out accuracy; the shared PCA.
-- Embeddings: leave-one-out k-NN accuracy, silhouette and the agreement (ARI, NMI) of a KMeans
-  clustering with the labels, next to those of the PCA of the same cells' expression.
-- Reconstruction: per-cell and overall fit of log-expression on log-rank over a whole
-  preprocessed matrix.
-"""
+"""The metrics of the evaluations over arrays: labels (compared normalized), generated words,
+k-NN, PCA, embeddings, the rank-to-expression reconstruction."""
 
 from __future__ import annotations
 
@@ -37,6 +28,16 @@ def normalize_label(label: Any) -> str:
     return " ".join(str(label).split()).casefold()
 
 
+def normalized(labels: Sequence[Any]) -> np.ndarray:
+    """The labels normalized (:func:`normalize_label`), as an object array."""
+    return np.array([normalize_label(x) for x in labels], dtype=object)
+
+
+def spellings(labels: Sequence[Any]) -> dict[str, str]:
+    """Each normalized label's spelling in ``labels`` (the last one given)."""
+    return {normalize_label(x): str(x) for x in labels}
+
+
 def majority_baseline(train_labels: Sequence[str], eval_labels: Sequence[str]) -> dict[str, Any]:
     """Accuracy of always answering the most frequent training label (ties: first by name).
 
@@ -45,27 +46,17 @@ def majority_baseline(train_labels: Sequence[str], eval_labels: Sequence[str]) -
     """
     if len(train_labels) == 0:
         return {"label": None, "accuracy": float("nan")}
-    counts = pd.Series([normalize_label(x) for x in train_labels]).value_counts()
+    counts = pd.Series(normalized(train_labels)).value_counts()
     best = sorted(counts[counts == counts.max()].index)[0]
-    originals = {normalize_label(x): str(x) for x in train_labels}
     hits = [normalize_label(y) == best for y in eval_labels]
-    return {
-        "label": originals[best],
-        "accuracy": float(np.mean(hits)) if hits else float("nan"),
-    }
+    return {"label": spellings(train_labels)[best], "accuracy": float(np.mean(hits)) if hits else float("nan")}
 
 
-def classification_summary(
-    true: Sequence[str], predicted: Sequence[str], *, train_labels: Sequence[str] | None = None
-) -> dict[str, Any]:
-    """Accuracy, balanced accuracy, macro-F1 and per-class scores, with the majority baseline.
-
-    Labels are compared normalized. The classes are the true labels: a predicted label that
-    is no true class (an unknown answer) counts against the true class's recall and adds no
-    class of its own, so ``macro_f1`` and ``balanced_accuracy`` (mean recall) average over the
-    true classes. ``per_class`` holds precision, recall, F1 and support per class;
-    ``per_class_accuracy`` is the recall. The baseline's majority class comes from
-    ``train_labels`` when given, else from ``true``.
+def classification_summary(true: Sequence[str], predicted: Sequence[str], *,
+                           train_labels: Sequence[str] | None = None) -> dict[str, Any]:
+    """Accuracy, balanced accuracy, macro-F1 and per-class scores, with the majority baseline
+    (its class from ``train_labels`` when given, else from ``true``). The classes are the true
+    labels: a predicted label of no true class counts against the recall and adds no class.
 
     >>> s = classification_summary(["B cell", "T cell"], ["b cell ", "NK"])
     >>> s["accuracy"], s["n_cells"], s["n_correct"], s["macro_f1"]
@@ -73,55 +64,39 @@ def classification_summary(
     """
     from sklearn.metrics import precision_recall_fscore_support
 
-    t = np.array([normalize_label(x) for x in true], dtype=object)
-    p = np.array([normalize_label(x) for x in predicted], dtype=object)
+    t, p = normalized(true), normalized(predicted)
     if len(t) != len(p):
         raise ValueError(f"{len(t)} true labels but {len(p)} predictions.")
     correct = t == p
-    names = {normalize_label(x): str(x) for x in true}
+    names = spellings(true)
     classes = sorted(set(t))
     per_class: dict[str, dict[str, float]] = {}
     balanced = macro_f1 = float("nan")
     if classes:
-        precision, recall, f1, support = precision_recall_fscore_support(
-            t, p, labels=classes, zero_division=0.0
-        )
+        precision, recall, f1, support = precision_recall_fscore_support(t, p, labels=classes, zero_division=0.0)
         balanced, macro_f1 = float(np.mean(recall)), float(np.mean(f1))
         for i, label in enumerate(classes):
             per_class[names[label]] = {"precision": float(precision[i]), "recall": float(recall[i]),
                                        "f1": float(f1[i]), "support": int(support[i])}
-    baseline = majority_baseline(
-        list(train_labels) if train_labels is not None else list(true), true
-    )
-    known = set(t) | (
-        {normalize_label(x) for x in train_labels} if train_labels is not None else set()
-    )
+    baseline = majority_baseline(list(train_labels) if train_labels is not None else list(true), true)
+    known = set(t) | (set(normalized(train_labels)) if train_labels is not None else set())
     return {
-        "n_cells": int(len(t)),
-        "n_correct": int(correct.sum()),
+        "n_cells": int(len(t)), "n_correct": int(correct.sum()),
         "accuracy": float(correct.mean()) if len(t) else float("nan"),
-        "balanced_accuracy": balanced,
-        "macro_f1": macro_f1,
-        "majority_baseline": baseline["accuracy"],
-        "majority_label": baseline["label"],
-        "per_class_accuracy": {name: v["recall"] for name, v in per_class.items()},
-        "per_class": per_class,
+        "balanced_accuracy": balanced, "macro_f1": macro_f1,
+        "majority_baseline": baseline["accuracy"], "majority_label": baseline["label"],
+        "per_class_accuracy": {name: v["recall"] for name, v in per_class.items()}, "per_class": per_class,
         "fraction_unknown_label": float(np.mean([x not in known for x in p])) if len(p) else 0.0,
     }
 
 
 def sentence_stats(result: InverseResult) -> dict[str, float]:
-    """Word-level quality of (generated) sentences from the inverse transform's counts.
-
-    ``valid_gene_rate`` = vocabulary-gene words / all words; ``duplicate_rate`` = words that
-    repeat a gene already in the sentence / all words; lengths are in words.
-    """
-    words = int(result.n_words.sum())
+    """Word-level quality of (generated) sentences from the inverse transform's counts: rates
+    are per word (``duplicate_rate``: words repeating a gene already in the sentence)."""
+    words, n = int(result.n_words.sum()), len(result.n_words)
     valid = words - int(result.n_invalid_genes.sum())
-    n = len(result.n_words)
     return {
-        "n_cells": n,
-        "n_words": words,
+        "n_cells": n, "n_words": words,
         "valid_gene_rate": valid / words if words else float("nan"),
         "duplicate_rate": int(result.n_duplicate_genes.sum()) / words if words else float("nan"),
         "invalid_rate": int(result.n_invalid_genes.sum()) / words if words else float("nan"),
@@ -131,110 +106,85 @@ def sentence_stats(result: InverseResult) -> dict[str, float]:
     }
 
 
-def knn_accuracy(
-    X_train: sp.spmatrix | np.ndarray,
-    y_train: Sequence[str],
-    X_eval: sp.spmatrix | np.ndarray,
-    y_eval: Sequence[str],
-    *,
-    k: int = 5,
-) -> dict[str, Any]:
-    """Fit a k-NN classifier (Euclidean) on ``X_train`` and score it on ``X_eval``.
+def _knn_predict(X_fit: Any, y_fit: np.ndarray, X_query: Any, k: int) -> np.ndarray:
+    """The majority label of the ``k`` nearest rows (Euclidean) of ``X_fit`` to each row of
+    ``X_query``, ties to the first label by name (as scikit-learn's classifier); ``X_query``
+    None: leave-one-out, each row of ``X_fit`` by its ``k`` nearest other rows."""
+    from sklearn.neighbors import NearestNeighbors
 
-    Labels are compared normalized. Returns the accuracy, the k used (at most the number of
-    training cells) and the predicted labels (as spelled in ``y_train``).
-    """
-    from sklearn.neighbors import KNeighborsClassifier
+    loo = X_query is None
+    classes, codes = np.unique(y_fit, return_inverse=True)
+    search = NearestNeighbors(n_neighbors=k + loo, algorithm="auto" if loo else "brute").fit(X_fit)
+    _, neighbours = search.kneighbors(X_fit if loo else X_query)
+    n = len(neighbours)
+    if loo:
+        # Drop each cell itself (by index: duplicated points may list another copy first).
+        is_self = neighbours == np.arange(n)[:, None]
+        is_self[~is_self.any(axis=1), -1] = True
+        neighbours = neighbours[~is_self].reshape(n, k)
+    votes = np.zeros((n, len(classes)), dtype=np.int64)
+    np.add.at(votes, (np.repeat(np.arange(n), k), codes[neighbours].ravel()), 1)
+    return classes[votes.argmax(axis=1)]
 
+
+def knn_accuracy(X_train: sp.spmatrix | np.ndarray, y_train: Sequence[str], X_eval: sp.spmatrix | np.ndarray,
+                 y_eval: Sequence[str], *, k: int = 5) -> dict[str, Any]:
+    """A k-NN classifier (Euclidean) fitted on ``X_train`` and scored on ``X_eval``: the
+    accuracy, the k used (at most the training cells) and the predicted labels (as spelled in
+    ``y_train``)."""
     if X_train.shape[0] == 0 or X_eval.shape[0] == 0:
         return {"accuracy": float("nan"), "k": 0, "predicted": []}
     k_used = int(min(k, X_train.shape[0]))
-    y_tr = np.array([normalize_label(y) for y in y_train], dtype=object)
-    spelled = {normalize_label(y): str(y) for y in y_train}
-    clf = KNeighborsClassifier(n_neighbors=k_used, algorithm="brute")
-    clf.fit(X_train, y_tr)
-    predicted = clf.predict(X_eval)
-    truth = np.array([normalize_label(y) for y in y_eval], dtype=object)
-    return {
-        "accuracy": float(np.mean(predicted == truth)),
-        "k": k_used,
-        "predicted": [spelled[p] for p in predicted],
-    }
+    predicted = _knn_predict(X_train, normalized(y_train), X_eval, k_used)
+    spelled = spellings(y_train)
+    return {"accuracy": float(np.mean(predicted == normalized(y_eval))), "k": k_used,
+            "predicted": [spelled[p] for p in predicted]}
 
 
-def embed_pca(
-    X_fit: sp.spmatrix | np.ndarray,
-    *others: sp.spmatrix | np.ndarray,
-    n_components: int = 2,
-    seed: int = 0,
-) -> tuple[np.ndarray, ...]:
-    """PCA fitted on ``X_fit`` (e.g. real cells) and applied to it and to each of ``others``.
+def knn_loo_accuracy(X: np.ndarray, labels: Sequence[str], *, k: int = 5) -> float:
+    """Leave-one-out k-NN accuracy: each cell's type by the vote of its ``k`` nearest other cells.
 
-    Returns the coordinates of ``X_fit`` followed by those of each other matrix. Sparse input
-    stays sparse (sklearn's PCA centres it implicitly), but for a ``X_fit`` of no more cells
-    than components: its few rows are made dense. Either way the work is sized by the cells
-    and components, never by genes × genes.
+    >>> X = np.array([[0.0], [0.1], [0.2], [5.0], [5.1], [5.2]])
+    >>> knn_loo_accuracy(X, ["a", "a", "a", "b", "b", "b"], k=2)
+    1.0
     """
+    y = normalized(labels)
+    if len(y) < 2:
+        return float("nan")
+    return float(np.mean(_knn_predict(dense(X), y, None, int(min(k, len(y) - 1))) == y))
+
+
+def embed_pca(X_fit: sp.spmatrix | np.ndarray, *others: sp.spmatrix | np.ndarray, n_components: int = 2,
+              seed: int = 0) -> tuple[np.ndarray, ...]:
+    """PCA fitted on ``X_fit`` (e.g. real cells): the coordinates of ``X_fit`` followed by those
+    of each of ``others``. Sparse input stays sparse; the work never grows with genes × genes."""
     from sklearn.decomposition import PCA
 
     n_components = int(min(n_components, X_fit.shape[0], X_fit.shape[1]))
     solver = "arpack" if sp.issparse(X_fit) and n_components < min(X_fit.shape) else "full"
     if sp.issparse(X_fit) and solver == "full":
-        # Every component (arpack cannot give them all): of few cells, a dense SVD of the cells'
-        # rows (as many rows as components); sklearn's "covariance_eigh" would decompose a dense
-        # genes × genes matrix (40 cells of 25,000 genes: 168 s and 4.9 GB, not 0.1 s).
+        # arpack cannot give every component; "covariance_eigh" decomposes genes × genes, so it
+        # serves only when genes are the small side, else the few cells' rows are made dense.
         if X_fit.shape[0] <= X_fit.shape[1]:
             X_fit = X_fit.toarray()
         else:
-            solver = "covariance_eigh"  # few genes: genes × genes is the small side
+            solver = "covariance_eigh"
     pca = PCA(n_components=n_components, svd_solver=solver, random_state=seed)
     fitted = np.asarray(pca.fit_transform(X_fit))
     return (fitted, *(np.asarray(pca.transform(X)) if X.shape[0] else np.zeros((0, n_components))
                       for X in others))
 
 
-def knn_loo_accuracy(X: np.ndarray, labels: Sequence[str], *, k: int = 5) -> float:
-    """Leave-one-out k-NN accuracy: each cell's type by majority vote of its ``k`` nearest
-    other cells (Euclidean; ties go to the first type by name, as scikit-learn's classifier).
-
-    >>> X = np.array([[0.0], [0.1], [0.2], [5.0], [5.1], [5.2]])
-    >>> knn_loo_accuracy(X, ["a", "a", "a", "b", "b", "b"], k=2)
-    1.0
-    """
-    from sklearn.neighbors import NearestNeighbors
-
-    X = dense(X)
-    y = np.array([normalize_label(v) for v in labels], dtype=object)
-    n = len(y)
-    if n < 2:
-        return float("nan")
-    k = int(min(k, n - 1))
-    classes, codes = np.unique(y, return_inverse=True)
-    _, neighbours = NearestNeighbors(n_neighbors=k + 1).fit(X).kneighbors(X)
-    # Drop each cell itself (by index: duplicated points may list another copy first).
-    is_self = neighbours == np.arange(n)[:, None]
-    no_self = ~is_self.any(axis=1)
-    is_self[no_self, -1] = True
-    others = neighbours[~is_self].reshape(n, k)
-    votes = np.zeros((n, len(classes)), dtype=np.int64)
-    np.add.at(votes, (np.repeat(np.arange(n), k), codes[others].ravel()), 1)
-    return float(np.mean(votes.argmax(axis=1) == codes))
-
-
-def embedding_scores(
-    X: np.ndarray, labels: Sequence[str], *, k: int = 5, max_silhouette: int = 5000, seed: int = 0
-) -> dict[str, float]:
-    """How well an embedding (cells × dimensions) separates the labelled types.
-
-    ``knn_accuracy``: leave-one-out k-NN accuracy; ``silhouette``: mean silhouette width of the
-    labels (Euclidean; on a seeded subset of ``max_silhouette`` cells when larger); ``ari`` and
-    ``nmi``: agreement of a KMeans clustering with as many clusters as types.
-    """
+def embedding_scores(X: np.ndarray, labels: Sequence[str], *, k: int = 5, max_silhouette: int = 5000,
+                     seed: int = 0) -> dict[str, float]:
+    """How well an embedding (cells × dimensions) separates the labelled types: leave-one-out
+    ``knn_accuracy``, ``silhouette`` (on a seeded subset of ``max_silhouette`` cells when larger),
+    ``ari`` and ``nmi`` of a KMeans clustering with as many clusters as types."""
     from sklearn.cluster import KMeans
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
 
     X = dense(X)
-    y = np.array([normalize_label(v) for v in labels], dtype=object)
+    y = normalized(labels)
     n_types = len(set(y))
     out = {"n_cells": int(len(y)), "n_types": int(n_types), "n_dims": int(X.shape[1]),
            "knn_accuracy": knn_loo_accuracy(X, y, k=k), "k": int(min(k, max(len(y) - 1, 0)))}
@@ -252,30 +202,19 @@ def embedding_scores(
 
 @dataclass
 class EmbeddingEvaluation:
-    """What :func:`evaluate_embedding` returns: the scores (``"c2s"``: the embedding's,
-    ``"pca"``: the expression baseline's, when expression was given) and the baseline's
-    principal components with their cells' labels (for a figure)."""
+    """The scores (``"c2s"``, and ``"pca"`` of the expression baseline) and the baseline's
+    principal components with their cells' labels."""
 
     scores: dict[str, Any]
     pca_coords: np.ndarray | None = None
     pca_labels: list[str] = field(default_factory=list)
 
 
-def evaluate_embedding(
-    X: np.ndarray,
-    labels: Sequence[str],
-    names: Sequence[str],
-    *,
-    expression: Any = None,
-    k: int = 5,
-    n_components: int = 50,
-    seed: int = 0,
-) -> EmbeddingEvaluation:
-    """:func:`embedding_scores` of an embedding of labelled cells (rows of ``X``, named
-    ``names``) under ``"c2s"``, and, given ``expression`` (an AnnData of the preprocessed
-    expression of some or all of these cells, matched by name), the same scores of its first
-    ``n_components`` principal components under ``"pca"`` (with the ``n_components`` used):
-    the baseline an embedding should beat."""
+def evaluate_embedding(X: np.ndarray, labels: Sequence[str], names: Sequence[str], *, expression: Any = None,
+                       k: int = 5, n_components: int = 50, seed: int = 0) -> EmbeddingEvaluation:
+    """:func:`embedding_scores` of the embedding ``X`` of the cells ``names`` (``"c2s"``), and,
+    given ``expression`` (an AnnData of some or all of these cells, matched by name), of its
+    first ``n_components`` principal components (``"pca"``): the baseline to beat."""
     scores: dict[str, Any] = {"c2s": embedding_scores(X, labels, k=k, seed=seed)}
     if expression is None:
         return EmbeddingEvaluation(scores)
@@ -287,12 +226,9 @@ def evaluate_embedding(
 
 
 def rank_expression_points(X: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every expressed value of a preprocessed (log10(1 + x)) matrix with its rank in its cell.
-
-    Returns ``log_rank`` (log10(1 + rank), rank 0 = the cell's highest value),
-    ``log_expression`` and ``indptr`` (cell ``i``'s points are ``indptr[i]:indptr[i+1]``).
-    Ties need no tie-breaking: whichever tied gene comes first, the value at each rank is the
-    same, so these are the transform's points for any seed.
+    """Every expressed value of a preprocessed matrix with its rank in its cell: ``log_rank``
+    (log10(1 + rank), rank 0 = the cell's highest), ``log_expression`` and ``indptr`` (cell
+    ``i``'s points are ``indptr[i]:indptr[i+1]``). Tied values need no tie-breaking.
 
     >>> r, e, p = rank_expression_points(sp.csr_matrix(np.array([[0.0, 1.0, 3.0], [2.0, 0.0, 0.0]])))
     >>> np.round(10 ** r - 1, 6).tolist(), e.tolist(), p.tolist()
@@ -308,15 +244,11 @@ def rank_expression_points(X: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray, np
     return np.log10(1.0 + rank), values, X.indptr.astype(np.int64)
 
 
-def per_cell_reconstruction(
-    log_rank: np.ndarray, log_expression: np.ndarray, indptr: np.ndarray, fit: RankExpressionFit
-) -> pd.DataFrame:
-    """How well ``fit``'s line reconstructs each cell's expressed values.
-
-    Columns: ``n_genes``; ``r_squared`` = 1 − Σ(y − ŷ)² / Σ(y − ȳ)² over the cell's expressed
-    genes (NaN when they all have one value); ``pearson_r`` of y and ŷ (NaN likewise);
-    ``mean_abs_error``.
-    """
+def per_cell_reconstruction(log_rank: np.ndarray, log_expression: np.ndarray, indptr: np.ndarray,
+                            fit: RankExpressionFit) -> pd.DataFrame:
+    """How well ``fit``'s line reconstructs each cell's expressed values: ``n_genes``,
+    ``r_squared`` and ``pearson_r`` of y and ŷ (NaN when the cell's values are all one), and
+    ``mean_abs_error``."""
     y = np.asarray(log_expression, dtype=np.float64)
     y_hat = fit.predict(log_rank)
     n = np.diff(indptr)
