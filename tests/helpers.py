@@ -62,3 +62,25 @@ def with_attribute(column: str, labels: tuple[str, ...], n_cells: int, *, seed: 
 def write_h5ad(adata: ad.AnnData, path: Path) -> Path:
     adata.write_h5ad(path)
     return path
+
+
+def tiny_model_flags(top_k_genes: int = 20) -> list[str]:
+    """train.py flags of a tiny from-scratch model that trains in seconds on 2 cores."""
+    return ["--init_from_scratch", "True", "--n_layer", "2", "--n_embd", "64", "--n_head", "2", "--n_positions",
+            "256", "--top_k_genes", str(top_k_genes), "--per_device_train_batch_size", "16", "--learning_rate",
+            "5e-3", "--disable_tqdm", "True", "--seed", "7"]
+
+
+def train_on_attribute(root: Path, column: str, labels: tuple[str, ...], n_cells: int, flags: list[str]) -> dict:
+    """``with_attribute`` cells -> transform.py --obs_columns ``column`` -> train.py with ``flags``:
+    the h5ad, the transform folder and the run folder."""
+    import train
+    import transform
+
+    cells = root / "cells.h5ad"
+    with_attribute(column, labels, n_cells).write_h5ad(cells)
+    transform.main(transform.parse_args(["--data_filepath", str(cells), "--output_dir", str(root / "tx"),
+                                         "--obs_columns", column, "--min_genes_per_cell", "20"]))
+    model = train.main(train.parse_args(["--data_dir", str(root / "tx" / "cell_sentences_hf"), "--output_dir",
+                                         str(root / "model"), *flags]))
+    return {"root": root, "cells": cells, "tx": root / "tx", "model": model}

@@ -16,11 +16,9 @@ from types import SimpleNamespace
 
 import pytest
 from datasets import load_from_disk
-from helpers import with_attribute
+from helpers import tiny_model_flags, train_on_attribute
 
 import generate
-import train
-import transform
 from utils.cli import InputError
 from utils.models.cell_model import CellSentenceModel
 from utils.models.examples import draw_conditions, parse_tasks, tokenize_batch
@@ -31,9 +29,6 @@ from utils.models.prompts import (
 )
 from utils.models.recipe import Recipe
 
-TINY = ["--init_from_scratch", "True", "--n_layer", "2", "--n_embd", "64", "--n_head", "2", "--n_positions", "256",
-        "--top_k_genes", "20", "--per_device_train_batch_size", "16", "--learning_rate", "5e-3",
-        "--disable_tqdm", "True", "--seed", "7"]
 TISSUES = ("gut", "liver")
 # with_attribute's tissue markers: columns 300-307 (gut) and 308-315 (liver), 5 MT- genes first
 MARKERS = {"gut": {f"GENE{i - 5:04d}" for i in range(300, 308)},
@@ -43,16 +38,9 @@ SETS = "cell_type=type 0,tissue=gut;cell_type=type 0,tissue=liver"
 
 @pytest.fixture(scope="module")
 def pipeline(one_thread, tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("conditions")
-    cells = root / "cells.h5ad"
-    with_attribute("tissue", TISSUES, 300).write_h5ad(cells)
-    transform.main(transform.parse_args(["--data_filepath", str(cells), "--output_dir", str(root / "tx"),
-                                         "--obs_columns", "tissue", "--min_genes_per_cell", "20"]))
-    model = train.main(train.parse_args(["--data_dir", str(root / "tx" / "cell_sentences_hf"), "--output_dir",
-                                         str(root / "model"), "--run_name", "cond", "--max_steps", "600",
-                                         "--label_columns", "cell_type,tissue", "--tasks", "conditional_generation",
-                                         *TINY]))
-    return {"root": root, "tx": root / "tx", "model": model}
+    return train_on_attribute(tmp_path_factory.mktemp("conditions"), "tissue", TISSUES, 300, [
+        "--run_name", "cond", "--max_steps", "600", "--label_columns", "cell_type,tissue",
+        "--tasks", "conditional_generation", *tiny_model_flags()])
 
 
 def test_the_recipe_records_the_condition_columns_and_their_labels(pipeline) -> None:

@@ -14,10 +14,9 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 from datasets import Dataset
-from helpers import with_attribute
+from helpers import tiny_model_flags, train_on_attribute
 
 import train
-import transform
 from utils.cli import InputError
 from utils.models.examples import parse_tasks
 from utils.models.multi_cell import (
@@ -37,9 +36,7 @@ from utils.models.multi_cell import (
 from utils.models.prompts import prompt_format
 from utils.models.recipe import Recipe
 
-TINY = ["--init_from_scratch", "True", "--n_layer", "2", "--n_embd", "64", "--n_head", "2", "--n_positions", "256",
-        "--top_k_genes", "16", "--per_device_train_batch_size", "16", "--learning_rate", "5e-3",
-        "--disable_tqdm", "True", "--seed", "7"]
+TINY = tiny_model_flags(16)
 SAMPLES = ("s1", "s2", "s3")
 
 
@@ -176,17 +173,9 @@ def test_without_the_flags_examples_and_tokenizer_words_are_unchanged(tmp_path: 
 
 @pytest.fixture(scope="module")
 def pipeline(one_thread, tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("multicell")
-    cells = root / "cells.h5ad"
-    with_attribute("sample", SAMPLES, 360).write_h5ad(cells)
-    transform.main(transform.parse_args(["--data_filepath", str(cells), "--output_dir", str(root / "tx"),
-                                         "--obs_columns", "sample", "--min_genes_per_cell", "20"]))
-    model = train.main(train.parse_args(["--data_dir", str(root / "tx" / "cell_sentences_hf"), "--output_dir",
-                                         str(root / "model"), "--run_name", "groups", "--max_steps", "300",
-                                         "--multi_cell_column", "sample", "--cells_per_example", "4",
-                                         "--tasks", "multi_cell_prediction,multi_cell_generation",
-                                         "--task_weights", "3,1", *TINY]))
-    return {"root": root, "cells": cells, "tx": root / "tx", "model": model}
+    return train_on_attribute(tmp_path_factory.mktemp("multicell"), "sample", SAMPLES, 360, [
+        "--run_name", "groups", "--max_steps", "300", "--multi_cell_column", "sample", "--cells_per_example", "4",
+        "--tasks", "multi_cell_prediction,multi_cell_generation", "--task_weights", "3,1", *TINY])
 
 
 def test_the_recipe_records_the_grouping(pipeline) -> None:

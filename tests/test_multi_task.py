@@ -15,11 +15,10 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import with_attribute
+from helpers import tiny_model_flags, train_on_attribute
 
 import predict
 import train
-import transform
 from eval import prediction as eval_prediction
 from utils.cli import InputError
 from utils.models.cell_model import CellSentenceModel
@@ -32,24 +31,15 @@ from utils.models.prompts import (
 )
 from utils.models.recipe import Recipe
 
-TINY = ["--init_from_scratch", "True", "--n_layer", "2", "--n_embd", "64", "--n_head", "2", "--n_positions", "256",
-        "--top_k_genes", "20", "--per_device_train_batch_size", "16", "--learning_rate", "5e-3",
-        "--disable_tqdm", "True", "--seed", "7"]
+TINY = tiny_model_flags()
 TISSUES = ("gut", "liver")
 
 
 @pytest.fixture(scope="module")
 def pipeline(one_thread, tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("multi")
-    cells = root / "cells.h5ad"
-    with_attribute("tissue", TISSUES, 300).write_h5ad(cells)
-    transform.main(transform.parse_args(["--data_filepath", str(cells), "--output_dir", str(root / "tx"),
-                                         "--obs_columns", "tissue", "--min_genes_per_cell", "20"]))
-    model = train.main(train.parse_args(["--data_dir", str(root / "tx" / "cell_sentences_hf"), "--output_dir",
-                                         str(root / "model"), "--run_name", "two", "--max_steps", "300",
-                                         "--label_columns", "cell_type,tissue",
-                                         "--tasks", "cell_type_prediction,tissue_prediction", *TINY]))
-    return {"root": root, "cells": cells, "tx": root / "tx", "model": model}
+    return train_on_attribute(tmp_path_factory.mktemp("multi"), "tissue", TISSUES, 300, [
+        "--run_name", "two", "--max_steps", "300", "--label_columns", "cell_type,tissue",
+        "--tasks", "cell_type_prediction,tissue_prediction", *TINY])
 
 
 def test_the_recipe_lists_both_columns_and_their_tasks(pipeline) -> None:

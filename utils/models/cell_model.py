@@ -1,9 +1,5 @@
-"""``CellSentenceModel``: a cell-sentence language model for notebooks (and the scripts).
-
-Loads ours (a ``train.py`` run: full model or LoRA adapter) or a published C2S model (a hub
-name or its downloaded folder, no ``train_args.json``: the C2S-Scale prompt format), and
-predicts cell types, generates cells and embeds cells, in batches. ``generate.py`` and
-``embed.py`` call the same methods, so a notebook gets the scripts' results.
+"""``CellSentenceModel``: a cell-sentence language model (a ``train.py`` run or a published C2S
+model) that predicts, generates and embeds cells in batches, for notebooks and the scripts.
 
 >>> model = CellSentenceModel.load("data/model/scratch-e2e-k50")  # doctest: +SKIP
 >>> model.predict_cell_types(["CD3E CD3D IL7R ...", "LYZ CD14 S100A8 ..."])  # doctest: +SKIP
@@ -36,18 +32,13 @@ from utils.publish import settle_inputs
 logger = logging.getLogger("cell2sentence")
 
 DEFAULT_LABEL_TOKENS = 32  # answer budget for a label when the model's labels are unknown
-
-
 UNKNOWN_GENES_WARNING = 0.10  # share of a cell's top genes the model never saw that is worth a warning
 
 
 @dataclass
 class LabelPredictions:
-    """Label-constrained predictions of one label column.
-
-    ``labels``: the predicted label per cell; ``scores``: its probability; ``probabilities``:
-    cells x the model's labels, each row the normalized sequence probabilities (sums to 1).
-    """
+    """Predictions of one label column: the label per cell, its probability, and cells x labels
+    probabilities (each row sums to 1)."""
 
     column: str
     labels: list[str]
@@ -65,19 +56,8 @@ def _drop_cut_gene(sentence: str, genes: set[str]) -> str:
 
 @dataclass
 class CellSentenceModel:
-    """A loaded model with its tokenizer and prompt format.
-
-    Attributes
-    ----------
-    model, tokenizer
-        The ``transformers`` model (eval mode) and tokenizer (left padding).
-    prompt_format
-        How prompts and answers are worded (``utils.models.prompts.PromptFormat``).
-    top_k_genes
-        Genes per prompt (the run's ``top_k_genes``; 100 for published models).
-    record
-        The run's ``train_args.json`` ({} for a published model).
-    """
+    """A loaded model (eval mode), its tokenizer (left padding), prompt format, genes per prompt,
+    ``train_args.json`` record ({} for a published model) and recipe."""
 
     model: Any
     tokenizer: Any
@@ -91,12 +71,8 @@ class CellSentenceModel:
     def load(cls, name_or_dir: str | Path, *, device: str = "auto", dtype: str = "auto",
              prompt_format_name: str | None = None, top_k_genes: int | None = None,
              organism: str = DEFAULT_ORGANISM) -> CellSentenceModel:
-        """Load a model folder (``train.py`` run, LoRA adapter run, merged model, published
-        model) or hub name, with its recipe (``utils.models.recipe.Recipe``).
-
-        ``prompt_format_name`` and ``top_k_genes`` override the recipe's, with a warning;
-        ``device`` auto takes CUDA with bf16 when available.
-        """
+        """Load a model folder (run, LoRA run, merged, published) or hub name with its recipe;
+        ``prompt_format_name`` and ``top_k_genes`` override the recipe's, with a warning."""
         from utils.models.generation import pick_device
         from utils.models.loading import load_model_and_tokenizer
 
@@ -176,10 +152,9 @@ class CellSentenceModel:
         return set(known) if known else None
 
     def cell_sentences(self, cells: Any, *, n_genes: int | None = None) -> list[str]:
-        """The first K genes of each cell's sentence, made as in training (the recipe applied
-        to an AnnData; genes outside the model's vocabulary dropped, as the training transform
-        had no such genes). The share of top genes the model never saw is logged: a warning
-        above 10%, an error when it knows none of them."""
+        """The first K genes of each cell's sentence, made as in training (the recipe applied to an
+        AnnData, genes outside the model's vocabulary dropped); the share of unknown top genes is
+        logged, a warning above 10%, an error when the model knows none."""
         k = n_genes or self.top_k_genes
         vocabulary = self.vocabulary()
         # Unknown genes are dropped before the cut to K, so an AnnData's sentences stay whole.
@@ -228,17 +203,13 @@ class CellSentenceModel:
                            constrain: bool = True, return_scores: bool = False,
                            progress: Callable[[int], None] | None = None,
                            column: str | None = None) -> list[str] | LabelPredictions:
-        """The predicted cell type of each cell (``column``: the label of that column instead,
-        e.g. "tissue" for a model trained with ``--label_columns cell_type,tissue``: its prompts
-        and label set).
+        """The predicted cell type (or label of ``column``, e.g. "tissue") of each cell.
 
         ``cells``: cell sentences, a dataset split, or an AnnData (the model's recipe applied).
-        With ``constrain`` (default) every answer is one of ``labels`` (default: the labels the
-        model was trained on), scored whole: a label's score is its sequence probability,
-        normalized over the label set. ``return_scores`` returns a :class:`LabelPredictions`
-        with every label's probability. Without a label set (a published model), or with
-        ``constrain=False``, answers are free text by greedy decoding (``max_new_tokens``),
-        with NaN scores.
+        With ``constrain`` every answer is one of ``labels`` (default: the model's), scored by its
+        sequence probability normalized over the labels; ``return_scores`` returns a
+        :class:`LabelPredictions`. Without a label set, or with ``constrain=False``, answers are
+        greedy free text with NaN scores.
         """
         result = self.predict_sentences(self.cell_sentences(cells, n_genes=n_genes), batch_size=batch_size,
                                         max_new_tokens=max_new_tokens, labels=labels, n_genes=n_genes,
@@ -347,8 +318,7 @@ class CellSentenceModel:
         return lambda: GeneConstraint(first, rest, closing, vocab_size)
 
     def _check_conditions(self, requested: Sequence[tuple[tuple[str, str], ...]]) -> None:
-        """Refuse conditions the model was not trained on: columns outside its
-        ``condition_columns``, values outside their label sets."""
+        """Refuse conditions on columns or values the model was not trained on."""
         allowed = self.recipe.condition_columns or [self.recipe.label_column]  # one column: its type alone
         for conditions in dict.fromkeys(requested):
             for column, value in conditions:
@@ -363,8 +333,7 @@ class CellSentenceModel:
                                      f"{', '.join(map(repr, known))}.")
 
     def _generation_prompt(self, requested: Any, n_genes: int) -> str:
-        """The prompt of one requested cell: a cell type, None (any cell) or conditions (the
-        cell-type prompt when they name the first label column alone, as in training)."""
+        """The prompt of a label, None or conditions (the first label column alone: its prompt)."""
         fmt = self.prompt_format
         if isinstance(requested, tuple):
             if [c for c, _ in requested] == [self.recipe.label_column]:
@@ -373,8 +342,7 @@ class CellSentenceModel:
         return fmt.generation_prompt(requested, n_genes)
 
     def _check_generation(self, requested: Sequence[str | None]) -> None:
-        """Refuse what the model was not trained for: cells of any type from a model trained
-        without unconditional generation, types outside its label set."""
+        """Refuse generation tasks or cell types the model was not trained on."""
         recipe = self.recipe
         if None in requested and recipe.has_task("unconditional_generation") is False:
             raise InputError(f"{self.name} was not trained to generate cells of any type (its tasks: "
@@ -395,18 +363,14 @@ class CellSentenceModel:
                        constrain_genes: bool = True, genes: Iterable[str] | None = None,
                        seed: int | None = None, progress: Callable[[int], None] | None = None,
                        processes: Any = None) -> pd.DataFrame | None:
-        """Generate ``n_per_type`` cells of each listed type (or ``{type: count}``; the type None
-        asks for cells of any type, the unconditional prompts), sampled. A "type" may also be
-        conditions on several label columns, ``{"cell_type": "B cell", "tissue": "blood"}`` (as
-        a ``{type: count}`` key: its ``tuple(items())``), for a model trained with them
-        (``train.py --label_columns``); the DataFrame then has ``requested_<column>`` per column.
+        """Sample ``n_per_type`` cells of each listed type, or ``{type: count}``. A type is a label,
+        None (a cell of any type) or conditions on several label columns, ``{"cell_type": "B cell",
+        "tissue": "blood"}`` (as a count key: its ``tuple(items())``).
 
-        With ``constrain_genes`` (default) every generated word is a gene of ``genes`` (default:
-        the genes of a word-level tokenizer) and no gene repeats. ``seed`` seeds each batch
-        (``utils.models.generation.generate_batched``), so ``processes`` (``utils.models.distributed.Processes``
-        under torchrun: each process a share of the batches) give the cells of one process.
-        Returns a DataFrame with ``cell_name``, ``cell_sentence``, ``requested_cell_type`` (None
-        on the processes other than rank 0).
+        With ``constrain_genes`` every word is a gene of ``genes`` (default: a word-level
+        tokenizer's), each once. ``seed`` seeds each batch, so under torchrun (``processes``) each
+        process samples its share of the batches. Returns ``cell_name``, ``cell_sentence`` and
+        ``requested_cell_type`` (conditions: ``requested_<column>`` each); None off rank 0.
         """
         import math
 
