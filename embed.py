@@ -1,19 +1,12 @@
 """Embed cells with a cell-sentence language model: one vector per cell, a UMAP, and scores.
 
-A model (ours from train.py, a LoRA run folder, a published C2S model or its hub name) reads each
-cell as the prediction prompt of its format; the cell's embedding is one layer's hidden states
-averaged over the tokens of its cell sentence only (``--pooling mean``: not the prompt's words,
-not padding) or the state of the prompt's last token (``--pooling last``). Cells come from
-transform.py's arrow dataset (``--data_dir``, ``--split``) or straight from an ``.h5ad``
-(``--h5ad``, turned into sentences by the transform's API, every cell kept).
+A cell's embedding: one layer's hidden states of its prediction prompt, pooled over its genes.
+metrics.json scores how well it separates the labels (k-NN accuracy, silhouette, ARI/NMI), next
+to the PCA of the cells' expression as the baseline.
 
     model + data/cell_sentences_hf/ (or cells.h5ad)
         -> data/embeddings/<model name>/: embeddings.h5ad (.obsm["X_c2s"], .obsm["X_umap"], the
            cells' obs), umap.png (coloured by cell type), metrics.json, embed_args.json
-
-metrics.json scores how well the embedding separates the cell types (leave-one-out k-NN
-accuracy, silhouette, ARI/NMI of a KMeans clustering), next to the same scores on the PCA of
-the cells' expression (transform.py's preprocessed AnnData, or the h5ad's), the baseline.
 
 Example:
     python embed.py --model_dir data/model/<run> --data_dir data/cell_sentences_hf/
@@ -37,8 +30,6 @@ from utils.contract import EMBED
 
 logger = logging.getLogger("cell2sentence")
 
-SPLITS = ("train", "valid", "test")
-
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = cli.script_parser(__doc__)
@@ -46,8 +37,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data_dir", type=Path, default=Path("data/cell_sentences_hf"),
                    help="the DatasetDict written by transform.py")
     p.add_argument("--split", type=str, default="all", help="split to embed: train, valid, test or all")
-    p.add_argument("--h5ad", type=Path, default=None,
-                   help="embed the cells of this .h5ad instead (sentences made by the transform's API, no QC)")
+    p.add_argument("--h5ad", type=Path, default=None, help="embed the cells of this .h5ad instead (no QC)")
     p.add_argument("--transform_dir", type=Path, default=None,
                    help="transform.py's output folder, for the PCA baseline (default: the parent of --data_dir)")
     cli.add_run_flags(p, output_dir=None, output_dir_help="where outputs go (default: data/embeddings/<model_dir name>)",
@@ -55,8 +45,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pooling", choices=("mean", "last"), default="mean",
                    help="mean over the cell sentence's tokens, or the last token")
     p.add_argument("--layer", type=int, default=-1, help="hidden states of this layer (-1: the last, 0: embeddings)")
-    p.add_argument("--top_k_genes", type=int, default=None,
-                   help="genes per cell (default: the run's top_k_genes, 100 for published models)")
+    p.add_argument("--top_k_genes", type=int, default=None, help="genes per cell (default: the recipe's)")
     p.add_argument("--label_column", type=str, default="cell_type", help="label column for the scores and UMAP")
     p.add_argument("--batch_size", type=int, default=16, help="cells per forward pass")
     p.add_argument("--max_cells", type=int, default=None, help="embed a seeded random subset of this many cells")
@@ -65,7 +54,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(cli.renamed_flags(argv))
     if args.model_dir is None:
         raise cli.InputError("Pass --model_dir: a train.py run folder, a published C2S model's folder, or its hub name.")
-    if args.split not in (*SPLITS, "all"):
+    if args.split not in ("train", "valid", "test", "all"):
         raise cli.InputError(f"--split {args.split!r}: choose train, valid, test or all.")
     for flag in ("batch_size", "k_neighbors", "n_components"):
         if getattr(args, flag) < 1:
@@ -80,50 +69,29 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# ---------------------------------------------------------------------------------- inputs
-
-
-def cells_from_dataset(data_dir: Path, split: str) -> tuple[pd.DataFrame, list[str]]:
-    """(obs, sentences) of one split or of all splits of transform.py's DatasetDict."""
-    from utils.contract import split_table
-
-    table = split_table(data_dir, split)
-    obs = table.drop(columns=["cell_sentence"]).set_index("cell_name")
-    obs.index = obs.index.astype(str)
-    return obs, table["cell_sentence"].astype(str).tolist()
-
-
-def cells_from_h5ad(path: Path, label_column: str, recipe: Any) -> tuple[pd.DataFrame, list[str], Any]:
-    """(obs, sentences, preprocessed AnnData) of every cell of an .h5ad, via the transform's API
-    with the model's recipe (the training transform's sentence options)."""
+def cells_to_embed(args: argparse.Namespace) -> tuple[pd.DataFrame, list[str], Any]:
+    """(obs, sentences, the h5ad's preprocessed AnnData or None) of the --split of --data_dir, or of
+    every cell of --h5ad made into sentences with the model's recipe."""
     import anndata as ad
 
+    from utils.contract import split_table
+    from utils.models.recipe import Recipe
     from utils.transform.sentences import adata_to_sentences
 
-    if not path.is_file():
-        raise cli.InputError(f"{path} does not exist; pass an .h5ad file with --h5ad.")
-    adata = ad.read_h5ad(path)
-    cells = adata_to_sentences(adata, qc=False, label_column=label_column if label_column in adata.obs else None,
-                               **recipe.sentence_kwargs())
+    if args.h5ad is None:
+        table = split_table(args.data_dir, args.split)
+        obs = table.drop(columns=["cell_sentence"]).set_index("cell_name")
+        obs.index = obs.index.astype(str)
+        return obs, table["cell_sentence"].astype(str).tolist(), None
+    if not args.h5ad.is_file():
+        raise cli.InputError(f"{args.h5ad} does not exist; pass an .h5ad file with --h5ad.")
+    adata = ad.read_h5ad(args.h5ad)
+    label_column = args.label_column if args.label_column in adata.obs else None
+    cells = adata_to_sentences(adata, qc=False, label_column=label_column,
+                               **Recipe.read(args.model_dir).sentence_kwargs())
     obs = adata.obs.iloc[cells.kept_rows].copy()
     obs.index = pd.Index(cells.cell_names)  # the preprocessed AnnData's names (cleaned, unique)
     return obs, cells.sentences, cells.preprocessed
-
-
-def subsample(obs: pd.DataFrame, sentences: list[str], cap: int | None, seed: int) -> tuple[pd.DataFrame, list[str]]:
-    from utils.contract import sample_rows
-
-    rows = sample_rows(len(sentences), cap, seed)
-    return obs.iloc[rows], [sentences[i] for i in rows]
-
-
-# ---------------------------------------------------------------------------------- main
-
-
-def umap_figure(coords: np.ndarray, labels: list[str], title: str):
-    from utils.evaluation.figures import plot_labelled_panels
-
-    return plot_labelled_panels([(title, coords, labels)], axis_label="UMAP")
 
 
 @publish.releasing_outputs
@@ -131,28 +99,23 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     import anndata as ad
     from tqdm.auto import tqdm
 
-    from utils.cli import load_from_args
-    from utils.contract import read_preprocessed
+    from utils.contract import read_preprocessed, sample_rows
+    from utils.evaluation.figures import plot_labelled_panels
     from utils.evaluation.metrics import evaluate_embedding
     from utils.models.distributed import Processes
-    from utils.models.recipe import Recipe
 
     procs = Processes.start()
-
     cli.seed_everything(args.seed)
     # A model or transform killed while publishing: finish its publish before reading anything.
     publish.settle_inputs(args.model_dir, *([args.h5ad] if args.h5ad is not None else [args.data_dir, args.transform_dir]))
     if procs.main:
         publish.claim_output_dir(args.output_dir, list(EMBED), overwrite=args.overwrite)
-    expression = None
-    if args.h5ad is not None:
-        obs, sentences, expression = cells_from_h5ad(args.h5ad, args.label_column, Recipe.read(args.model_dir))
-    else:
-        obs, sentences = cells_from_dataset(args.data_dir, args.split)
-    obs, sentences = subsample(obs, sentences, args.max_cells, args.seed)
+    obs, sentences, expression = cells_to_embed(args)
+    rows = sample_rows(len(sentences), args.max_cells, args.seed)
+    obs, sentences = obs.iloc[rows], [sentences[i] for i in rows]
     if not sentences:
         raise cli.InputError("There are no cells to embed.")
-    model = load_from_args(args, device=procs.device(args.device))
+    model = cli.load_from_args(args, device=procs.device(args.device))
     logger.info("Embedding %s cells with %s (%s format, top %d genes, %s pooling, layer %d) on %s%s.",
                 f"{len(sentences):,}", args.model_dir, model.prompt_format.name, model.top_k_genes, args.pooling,
                 args.layer, model.device, procs.describe())
@@ -164,11 +127,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if not procs.main:  # rank 0 scores and writes
         return {}
     adata = ad.AnnData(obs=obs.copy(), obsm={"X_c2s": X})
-    adata.uns["c2s_embedding"] = {"model": str(args.model_dir), "pooling": args.pooling, "layer": args.layer,
-                                  "prompt_format": model.prompt_format.name, "top_k_genes": model.top_k_genes}
+    setup = {"pooling": args.pooling, "layer": args.layer, "prompt_format": model.prompt_format.name,
+             "top_k_genes": model.top_k_genes}
+    adata.uns["c2s_embedding"] = {"model": str(args.model_dir), **setup}
     metrics: dict[str, Any] = {"model_dir": str(args.model_dir), "n_cells": len(sentences), "n_dims": int(X.shape[1]),
-                               "pooling": args.pooling, "layer": args.layer,
-                               "prompt_format": model.prompt_format.name, "top_k_genes": model.top_k_genes}
+                               **setup}
     labelled = (obs[args.label_column].notna().to_numpy() if args.label_column in obs
                 else np.zeros(len(obs), dtype=bool))
     labels = obs[args.label_column].astype(str).to_numpy() if labelled.any() else None
@@ -198,7 +161,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         sc.pp.neighbors(adata, use_rep="X_c2s", n_neighbors=min(15, len(sentences) - 1), random_state=args.seed)
         sc.tl.umap(adata, random_state=args.seed)
         colour = labels.tolist() if labels is not None else ["cells"] * len(sentences)
-        figure = umap_figure(adata.obsm["X_umap"], colour, f"UMAP of X_c2s ({X.shape[1]} dimensions, {args.pooling})")
+        title = f"UMAP of X_c2s ({X.shape[1]} dimensions, {args.pooling})"
+        figure = plot_labelled_panels([(title, adata.obsm["X_umap"], colour)], axis_label="UMAP")
     with publish.staged_outputs(args.output_dir, list(EMBED), overwrite=args.overwrite) as tmp:
         adata.write_h5ad(tmp / EMBED.embeddings)
         if figure is not None:

@@ -1,17 +1,8 @@
 """Annotate cells with a trained or published model: the label of every cell, with its score.
 
-Any cells: an ``.h5ad`` of one's own (``--h5ad``, any layout transform.py reads, no labels
-needed: the model's recipe turns the cells into the sentences it was trained on), or a split of
-transform.py's dataset (``--data_dir``, ``--split all|train|valid|test``). Every answer is one of
-the model's labels: each label is scored whole under the model and the scores are normalized
-over the label set (``utils.CellSentenceModel.predict_cell_types``). With the truth known, the
-metrics of eval/prediction.py are written too. A model trained on several label columns
-(``train.py --label_columns cell_type,tissue``) predicts each (``--label_columns``, default all):
-``predicted_<column>`` and ``<column>_score`` for each, and one confusion matrix per column
-(``confusion_matrix_<column>.png``). ``--multi_cell_column sample`` (a model trained with train.py
---multi_cell_column) predicts one label per group of the model's cells_per_example cells instead:
-``group_predictions.csv`` (group, n_cells, predicted_<column>, <column>_score, <column>),
-``group_members.csv`` and the group accuracy in metrics.json.
+Every answer is one of the model's labels, each scored whole; with the truth known, the metrics
+of eval/prediction.py are written too. Several label columns: ``predicted_<column>``,
+``<column>_score`` and ``confusion_matrix_<column>.png`` per column.
 
     model + cells.h5ad (or data/cell_sentences_hf/)
         -> <next to the input>/predictions/<model name>/: predictions.csv, annotated.h5ad
@@ -31,55 +22,38 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from utils import cli, publish
 from utils.contract import PREDICT, PREDICT_GROUPS
-from utils.models.annotation import (
-    annotate,
-    annotate_all,
-    metrics_of,
-    prediction_table,
-    read_cells,
-    train_labels_of,
-)
+from utils.models.annotation import annotate, metrics_of, prediction_table, train_labels_of
 from utils.models.distributed import Processes
 
 logger = logging.getLogger("cell2sentence")
-
-SPLITS = ("train", "valid", "test")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = cli.script_parser(__doc__)
     cli.add_model_arguments(p)
     p.add_argument("--h5ad", type=Path, default=None,
-                   help="cells to annotate: an .h5ad (or 10x .h5, 10x folder, .loom, .csv) in any layout "
-                        "transform.py reads; every cell is predicted")
-    p.add_argument("--data_dir", type=Path, default=None,
-                   help="or transform.py's cell_sentences_hf/ folder (with --split)")
+                   help="cells to annotate: an .h5ad (or 10x .h5/folder, .loom, .csv) as transform.py reads")
+    p.add_argument("--data_dir", type=Path, default=None, help="or transform.py's dataset (with --split)")
     p.add_argument("--split", type=str, default="test", help="with --data_dir: train, valid, test (default) or all")
     p.add_argument("--label_column", type=str, default=None,
-                   help="the column to predict (default: the one the model was trained on); its truth is "
-                        "read from the cells when they have it")
+                   help="the column to predict (default: the model's); its truth is read from the cells")
     p.add_argument("--label_columns", type=str, default=None,
-                   help="comma-separated columns to predict, of a model trained on several (train.py "
-                        "--label_columns; default: every column it was trained to predict)")
+                   help="comma-separated columns to predict (default: every column the model was trained on)")
     cli.add_run_flags(p, output_dir=None, output_dir_help="default: predictions/<model name>[_<h5ad name>] next to the input",
                       seed_help="seed of the --max_cells subset")
     p.add_argument("--batch_size", type=int, default=16, help="cells per forward pass")
     p.add_argument("--max_cells", type=int, default=None, help="predict a seeded random subset of this many cells")
-    p.add_argument("--top_k_genes", type=int, default=None,
-                   help="genes per prompt (default: the model's recipe; another value is used with a warning)")
+    p.add_argument("--top_k_genes", type=int, default=None, help="genes per prompt (default: the recipe's)")
     p.add_argument("--multi_cell_column", type=str, default=None,
-                   help="predict one label per group of N cells (a model trained with train.py "
-                        "--multi_cell_column; N its cells_per_example): the cells grouped by this column, "
-                        "seeded, within the cells given -> group_predictions.csv")
-    p.add_argument("--free_text", action="store_true",
-                   help="greedy free-text answers instead of the model's label set (no scores)")
+                   help="predict one label per group of the model's cells_per_example cells, grouped by this "
+                        "column (a model trained with train.py --multi_cell_column) -> group_predictions.csv")
+    p.add_argument("--free_text", action="store_true", help="greedy free text, not the label set (no scores)")
     args = p.parse_args(cli.renamed_flags(argv))
     check_args(args)
     return args
@@ -91,7 +65,7 @@ def check_args(args: argparse.Namespace) -> None:
     if (args.h5ad is None) == (args.data_dir is None):
         raise cli.InputError("Pass the cells to annotate: --h5ad my_cells.h5ad, or --data_dir with transform.py's "
                              "cell_sentences_hf/ folder (not both).")
-    if args.data_dir is not None and args.split not in (*SPLITS, "all"):
+    if args.data_dir is not None and args.split not in ("train", "valid", "test", "all"):
         raise cli.InputError(f"--split {args.split!r}: choose train, valid, test or all.")
     if args.batch_size < 1:
         raise cli.InputError("--batch_size must be at least 1.")
@@ -105,28 +79,17 @@ def check_args(args: argparse.Namespace) -> None:
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise cli.InputError(f"--{flag} must be at least 1 (or left out).")
     if args.output_dir is None:
-        model_name = Path(str(args.model_dir)).name or "model"
-        if args.h5ad is not None:
-            args.output_dir = args.h5ad.parent / "predictions" / f"{model_name}_{args.h5ad.stem}"
-        else:
-            args.output_dir = args.data_dir.parent / "predictions" / model_name
+        name = Path(str(args.model_dir)).name or "model"
+        folder = name if args.h5ad is None else f"{name}_{args.h5ad.stem}"
+        args.output_dir = (args.data_dir if args.h5ad is None else args.h5ad).parent / "predictions" / folder
 
 
-# ---------------------------------------------------------------------------------- main
-
-
-class SelectedCells(NamedTuple):
-    cells: Any  # the AnnData (its --max_cells subset) or the split's sentences
-    names: list[str]
-    rows: np.ndarray  # into the AnnData or the split table
-    adata: Any  # the user's whole AnnData (--h5ad), else None
-    truths: list[Any]  # per column asked for, its values for the cells; None where the cells lack it
-
-
-def select_cells(args: argparse.Namespace, columns: Sequence[str]) -> SelectedCells:
-    """The cells to predict (--h5ad, or --split of --data_dir; a seeded --max_cells subset) and
-    the values of ``columns`` they carry."""
+def select_cells(args: argparse.Namespace, columns: Sequence[str]) -> tuple[Any, ...]:
+    """(cells, names, rows, adata, truths): the cells to predict (the AnnData's --max_cells subset,
+    or the split's sentences), their names and rows, the user's whole AnnData (--h5ad, else None)
+    and per column of ``columns`` its values for the cells (None where the cells lack it)."""
     from utils.contract import sample_rows, split_table
+    from utils.models.annotation import read_cells
 
     if args.h5ad is not None:
         adata = read_cells(args.h5ad)
@@ -135,21 +98,21 @@ def select_cells(args: argparse.Namespace, columns: Sequence[str]) -> SelectedCe
         rows = sample_rows(adata.n_obs, args.max_cells, args.seed)
         cells = adata if len(rows) == adata.n_obs else adata[rows].copy()
         truths = [adata.obs[c].to_numpy()[rows] if c in adata.obs else None for c in columns]
-        return SelectedCells(cells, adata.obs_names[rows].astype(str).tolist(), rows, adata, truths)
+        return cells, adata.obs_names[rows].astype(str).tolist(), rows, adata, truths
     table = split_table(args.data_dir, args.split)
     if table.empty:
         raise cli.InputError(f"The {args.split} split of {args.data_dir} holds no cells.")
     rows = sample_rows(len(table), args.max_cells, args.seed)
     truths = [table[c].to_numpy()[rows] if c in table else None for c in columns]
-    return SelectedCells(table["cell_sentence"].to_numpy()[rows].tolist(), table["cell_name"].to_numpy()[rows].tolist(),
-                         rows, None, truths)
+    sentences = table["cell_sentence"].to_numpy()[rows].tolist()
+    return sentences, table["cell_name"].to_numpy()[rows].tolist(), rows, None, truths
 
 
 @publish.releasing_outputs
 def main(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
-    from utils.cli import load_from_args
+    from utils.contract import per_column
     from utils.models.cell_inputs import qc_kept
 
     procs = Processes.start()
@@ -159,61 +122,73 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         return predict_groups(args)
     if procs.main:
         publish.claim_output_dir(args.output_dir, list(PREDICT), overwrite=args.overwrite)
-    model = load_from_args(args, device=procs.device(args.device))
+    model = cli.load_from_args(args, device=procs.device(args.device))
     columns = predicted_columns(args, model)
-    if len(columns) > 1:
-        return predict_columns(args, model, procs, columns)
-    column = columns[0]
-    label_set = [] if args.free_text else model.label_set(column)
-
-    cells, names, rows, adata, (truth,) = select_cells(args, [column])
+    one = len(columns) == 1  # one column keeps the one-column layout of metrics.json and the figure's name
+    label_sets = [[] if args.free_text else model.label_set(c) for c in columns]
+    cells, names, rows, adata, truths = select_cells(args, columns)
     qc_pass = qc_kept(adata, model.recipe) if adata is not None and procs.main else None
-    train_labels = train_labels_of(args.data_dir, column) if adata is None else None
-    logger.info("Predicting %s for %s cells with %s (%s prompts, top %d genes, %s) on %s%s.", column,
-                f"{len(rows):,}", args.model_dir, model.prompt_format.name, model.top_k_genes,
-                f"{len(label_set):,} labels" if label_set else "free text", model.device, procs.describe())
+    train_labels = [train_labels_of(args.data_dir, c) if adata is None else None for c in columns]
+    labels_note = (f", {len(label_sets[0]):,} labels" if label_sets[0] else ", free text") if one else ""
+    logger.info("Predicting %s for %s cells with %s (%s prompts, top %d genes%s) on %s%s.", ", ".join(columns),
+                f"{len(rows):,}", args.model_dir, model.prompt_format.name, model.top_k_genes, labels_note,
+                model.device, procs.describe())
     sentences = model.cell_sentences(cells)  # the recipe applied once, here, to every cell
     mine = procs.share(len(sentences))
-    start = time.perf_counter()
-    with tqdm(total=len(mine), desc=f"Predicting {column}", unit="cell", disable=not procs.main) as bar:
-        result = model.predict_sentences([sentences[i] for i in mine], batch_size=args.batch_size,
-                                         labels=label_set or None, constrain=not args.free_text, progress=bar.update,
-                                         column=column)
-    result = procs.gather(mine, result, len(sentences))
-    seconds = time.perf_counter() - start
+    results, seconds = [], 0.0
+    for column, label_set in zip(columns, label_sets, strict=True):
+        start = time.perf_counter()
+        with tqdm(total=len(mine), desc=f"Predicting {column}", unit="cell", disable=not procs.main) as bar:
+            result = model.predict_sentences([sentences[i] for i in mine], batch_size=args.batch_size,
+                                             labels=label_set or None, constrain=not args.free_text,
+                                             progress=bar.update, column=column)
+        results.append(procs.gather(mine, result, len(sentences)))
+        seconds += time.perf_counter() - start
     if not procs.main:
         return {}
-    predictions = prediction_table(names, column, result, truth, qc_pass[rows] if qc_pass is not None else None)
-    recipe = model.recipe
-    metrics: dict[str, Any] = {"model_dir": str(args.model_dir), "n_cells": len(rows), "label_column": column,
-                               "constrained": bool(label_set), "n_labels": len(label_set), "seconds": seconds,
-                               "cells_per_second": len(rows) / seconds if seconds else None,
+    predictions = prediction_table(names, columns, results, truths, qc_pass[rows] if qc_pass is not None else None)
+    entries = [{"constrained": bool(s), "n_labels": len(s)} for s in label_sets]
+    asked = {"label_column": columns[0], **entries[0]} if one else {"label_columns": columns}
+    metrics: dict[str, Any] = {"model_dir": str(args.model_dir), "n_cells": len(rows), **asked,
+                               "seconds": seconds, "cells_per_second": len(rows) / seconds if seconds else None,
                                "processes": procs.world_size}
-    figure = None
-    if truth is not None and predictions[column].notna().any():
-        summary, figure = metrics_of(predictions, column, train_labels)
-        metrics["prediction"] = summary
-        logger.info("Accuracy %.3f on %s cells (majority-class baseline %.3f, %s); macro-F1 %.3f.",
-                    summary["accuracy"], f"{summary['n_cells']:,}", summary["majority_baseline"],
-                    summary["majority_label"], summary["macro_f1"])
+    figures: dict[str, Any] = {}
+    for column, truth, known, entry in zip(columns, truths, train_labels, entries, strict=True):
+        if truth is not None and predictions[column].notna().any():
+            figure_name = PREDICT.confusion if one else per_column(PREDICT.confusion, column)
+            summary, figures[figure_name] = metrics_of(predictions, column, known)
+            (metrics if one else entry)["prediction"] = summary
+            logger.info("%s %.3f on %s cells (majority-class baseline %.3f, %s); macro-F1 %.3f.",
+                        "Accuracy" if one else f"{column}: accuracy", summary["accuracy"],
+                        f"{summary['n_cells']:,}", summary["majority_baseline"], summary["majority_label"],
+                        summary["macro_f1"])
+        if not one:
+            metrics[column] = entry
     if qc_pass is not None and not qc_pass.all():
         logger.warning("%s of %s cells would have been dropped by the training transform's QC; they are predicted "
                        "all the same and flagged (qc_pass False).", f"{int((~qc_pass).sum()):,}", f"{len(qc_pass):,}")
-    with publish.staged_outputs(args.output_dir, list(PREDICT), overwrite=args.overwrite) as tmp:
+    recipe = model.recipe
+    outputs = list(PREDICT) if one else [*PREDICT, *(per_column(PREDICT.confusion, c) for c in columns)]
+    labels = ({"label_column": columns[0], "labels": label_sets[0]} if one
+              else {"label_columns": dict(zip(columns, label_sets, strict=True))})
+    with publish.staged_outputs(args.output_dir, outputs, overwrite=args.overwrite) as tmp:
         predictions.to_csv(tmp / PREDICT.predictions, index=False)
         if adata is not None:
-            annotate(adata, rows, column, result, label_set, qc_pass).write_h5ad(tmp / PREDICT.annotated)
-        if figure is not None:
-            figure.savefig(tmp / PREDICT.confusion, dpi=150, bbox_inches="tight")
-        (tmp / PREDICT.metrics).write_text(cli.strict_json(metrics, indent=2, default=str) + "\n")
-        cli.save_args({**vars(args), "recipe": {"prompt_format": model.prompt_format.name,
-                                            "top_k_genes": model.top_k_genes,
-                                            "exclude_genes": recipe.transform.get("exclude_genes"),
-                                            "label_column": column, "labels": label_set,
-                                            "transform": recipe.transform, "published": recipe.published}},
-                  tmp / PREDICT.args)
+            annotate(adata, rows, columns, results, label_sets, qc_pass).write_h5ad(tmp / PREDICT.annotated)
+        for name, figure in figures.items():
+            figure.savefig(tmp / name, dpi=150, bbox_inches="tight")
+        write_record(tmp, PREDICT, metrics, args, model, exclude_genes=recipe.transform.get("exclude_genes"),
+                     **labels, transform=recipe.transform, published=recipe.published)
     logger.info("Wrote %s.", args.output_dir)
     return metrics
+
+
+def write_record(tmp: Path, names: Any, metrics: dict[str, Any], args: argparse.Namespace, model: Any,
+                 **recipe: Any) -> None:
+    """``names.metrics`` and ``names.args``: the arguments and the model's recipe."""
+    (tmp / names.metrics).write_text(cli.strict_json(metrics, indent=2, default=str) + "\n")
+    cli.save_args({**vars(args), "recipe": {"prompt_format": model.prompt_format.name,
+                                            "top_k_genes": model.top_k_genes, **recipe}}, tmp / names.args)
 
 
 def predicted_columns(args: argparse.Namespace, model: Any) -> list[str]:
@@ -241,82 +216,16 @@ def predicted_columns(args: argparse.Namespace, model: Any) -> list[str]:
     return columns
 
 
-def predict_columns(args: argparse.Namespace, model: Any, procs: Any, columns: list[str]) -> dict[str, Any]:
-    """``main`` for several label columns: each predicted in turn on the same sentences; one
-    predictions.csv and annotated.h5ad with every column, metrics per column."""
-    from tqdm.auto import tqdm
-
-    from utils.contract import per_column
-    from utils.models.cell_inputs import qc_kept
-
-    label_sets = [[] if args.free_text else model.label_set(c) for c in columns]
-    cells, names, rows, adata, truths = select_cells(args, columns)
-    qc_pass = qc_kept(adata, model.recipe) if adata is not None and procs.main else None
-    train_labels = [train_labels_of(args.data_dir, c) if adata is None else None for c in columns]
-    logger.info("Predicting %s for %s cells with %s (%s prompts, top %d genes) on %s%s.", ", ".join(columns),
-                f"{len(rows):,}", args.model_dir, model.prompt_format.name, model.top_k_genes, model.device,
-                procs.describe())
-    sentences = model.cell_sentences(cells)  # the recipe applied once, here, to every cell
-    mine = procs.share(len(sentences))
-    results, seconds = [], 0.0
-    for column, label_set in zip(columns, label_sets, strict=True):
-        start = time.perf_counter()
-        with tqdm(total=len(mine), desc=f"Predicting {column}", unit="cell", disable=not procs.main) as bar:
-            result = model.predict_sentences([sentences[i] for i in mine], batch_size=args.batch_size,
-                                             labels=label_set or None, constrain=not args.free_text,
-                                             progress=bar.update, column=column)
-        results.append(procs.gather(mine, result, len(sentences)))
-        seconds += time.perf_counter() - start
-    if not procs.main:
-        return {}
-    predictions = prediction_table(names, columns, results, truths, qc_pass[rows] if qc_pass is not None else None)
-    metrics: dict[str, Any] = {"model_dir": str(args.model_dir), "n_cells": len(rows), "label_columns": columns,
-                               "seconds": seconds, "cells_per_second": len(rows) / seconds if seconds else None,
-                               "processes": procs.world_size}
-    figures: dict[str, Any] = {}
-    for column, label_set, truth, known in zip(columns, label_sets, truths, train_labels, strict=True):
-        entry: dict[str, Any] = {"constrained": bool(label_set), "n_labels": len(label_set)}
-        if truth is not None and predictions[column].notna().any():
-            summary, figures[per_column(PREDICT.confusion, column)] = metrics_of(predictions, column, known)
-            entry["prediction"] = summary
-            logger.info("%s: accuracy %.3f on %s cells (majority-class baseline %.3f, %s); macro-F1 %.3f.", column,
-                        summary["accuracy"], f"{summary['n_cells']:,}", summary["majority_baseline"],
-                        summary["majority_label"], summary["macro_f1"])
-        metrics[column] = entry
-    if qc_pass is not None and not qc_pass.all():
-        logger.warning("%s of %s cells would have been dropped by the training transform's QC; they are predicted "
-                       "all the same and flagged (qc_pass False).", f"{int((~qc_pass).sum()):,}", f"{len(qc_pass):,}")
-    recipe = model.recipe
-    outputs = [*PREDICT, *(per_column(PREDICT.confusion, c) for c in columns)]
-    with publish.staged_outputs(args.output_dir, outputs, overwrite=args.overwrite) as tmp:
-        predictions.to_csv(tmp / PREDICT.predictions, index=False)
-        if adata is not None:
-            annotate_all(adata, rows, columns, results, label_sets, qc_pass).write_h5ad(tmp / PREDICT.annotated)
-        for name, figure in figures.items():
-            figure.savefig(tmp / name, dpi=150, bbox_inches="tight")
-        (tmp / PREDICT.metrics).write_text(cli.strict_json(metrics, indent=2, default=str) + "\n")
-        cli.save_args({**vars(args), "recipe": {"prompt_format": model.prompt_format.name,
-                                            "top_k_genes": model.top_k_genes,
-                                            "exclude_genes": recipe.transform.get("exclude_genes"),
-                                            "label_columns": dict(zip(columns, label_sets, strict=True)),
-                                            "transform": recipe.transform, "published": recipe.published}},
-                  tmp / PREDICT.args)
-    logger.info("Wrote %s.", args.output_dir)
-    return metrics
-
-
 def predict_groups(args: argparse.Namespace) -> dict[str, Any]:
-    """``--multi_cell_column``: the cells grouped by the column (seeded, within the cells given;
-    without the column, consecutive cells), one constrained label per group ->
-    group_predictions.csv, group_members.csv, metrics.json (group accuracy vs the majority)."""
-    from utils.cli import load_from_args
+    """``--multi_cell_column``: the cells grouped by the column (seeded; without the column,
+    consecutive cells), one constrained label per group."""
     from utils.evaluation.metrics import classification_summary
     from utils.models.multi_cell import partition_groups
     from utils.models.multi_cell import predict_groups as predict_group_labels
 
     column = args.multi_cell_column
     publish.claim_output_dir(args.output_dir, list(PREDICT_GROUPS), overwrite=args.overwrite)
-    model = load_from_args(args, device=args.device)
+    model = cli.load_from_args(args, device=args.device)
     recipe = model.recipe
     if recipe.multi_cell_column is None or not recipe.group_labels:
         raise cli.InputError(f"{args.model_dir} was not trained with multi-cell tasks; train it with train.py "
@@ -341,8 +250,7 @@ def predict_groups(args: argparse.Namespace) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     ids = [f"group_{i:05d}" for i in range(len(groups))]
     table = pd.DataFrame({"group": ids, "n_cells": [len(g) for _, g in groups],
-                          f"predicted_{column}": predicted,
-                          f"{column}_score": probabilities.max(axis=1)})
+                          f"predicted_{column}": predicted, f"{column}_score": probabilities.max(axis=1)})
     if values is not None:
         table[column] = [label for label, _ in groups]
     members = pd.DataFrame({"group": [ids[j] for j, (_, g) in enumerate(groups) for _ in g],
@@ -353,20 +261,15 @@ def predict_groups(args: argparse.Namespace) -> dict[str, Any]:
     if values is not None:
         summary = classification_summary(table[column].astype(str).tolist(),
                                          table[f"predicted_{column}"].astype(str).tolist())
-        metrics["group_prediction"] = {"n_groups": len(table), "accuracy": summary["accuracy"],
-                                       "majority_baseline": summary["majority_baseline"],
-                                       "majority_label": summary["majority_label"]}
+        metrics["group_prediction"] = {"n_groups": len(table), **{k: summary[k] for k in
+                                       ("accuracy", "majority_baseline", "majority_label")}}
         logger.info("Group accuracy %.3f on %s groups of %d cells (majority baseline %.3f).",
-                    metrics["group_prediction"]["accuracy"], f"{len(table):,}", n,
-                    metrics["group_prediction"]["majority_baseline"])
+                    summary["accuracy"], f"{len(table):,}", n, summary["majority_baseline"])
     with publish.staged_outputs(args.output_dir, list(PREDICT_GROUPS), overwrite=args.overwrite) as tmp:
         table.to_csv(tmp / PREDICT_GROUPS.groups, index=False)
         members.to_csv(tmp / PREDICT_GROUPS.members, index=False)
-        (tmp / PREDICT_GROUPS.metrics).write_text(cli.strict_json(metrics, indent=2, default=str) + "\n")
-        cli.save_args({**vars(args), "recipe": {"prompt_format": model.prompt_format.name,
-                                            "top_k_genes": model.top_k_genes,
-                                            "multi_cell_column": recipe.multi_cell_column,
-                                            "cells_per_example": n, "labels": labels}}, tmp / PREDICT_GROUPS.args)
+        write_record(tmp, PREDICT_GROUPS, metrics, args, model, multi_cell_column=recipe.multi_cell_column,
+                     cells_per_example=n, labels=labels)
     logger.info("Wrote %s.", args.output_dir)
     return metrics
 

@@ -1,5 +1,5 @@
-"""predict.py's inputs and outputs: the user's cells read whole, the training labels (the majority
-baseline), predictions.csv, the annotated AnnData and the metrics of known labels."""
+"""predict.py's inputs and outputs: the user's cells, the training labels, predictions.csv, the
+annotated AnnData and the metrics of known labels."""
 
 from __future__ import annotations
 
@@ -40,13 +40,10 @@ def train_labels_of(data_dir: Path, column: str) -> list[str] | None:
     return [str(x) for x in dd["train"][column] if has_label(x)] or None
 
 
-def prediction_table(cell_names: Sequence[str], column: str | Sequence[str], result: Any, truth: Any,
-                     qc_pass: np.ndarray | None) -> pd.DataFrame:
-    """predictions.csv: ``cell_name``, then per column ``predicted_<column>``, ``<column>_score``
-    and the truth when known, and ``qc_pass`` for a user's h5ad (False: the transform's QC would
-    have dropped it). ``column``, ``result`` and ``truth`` are one column's, or lists of them
-    (truth None where unknown)."""
-    columns, results, truths = ([column], [result], [truth]) if isinstance(column, str) else (column, result, truth)
+def prediction_table(cell_names: Sequence[str], columns: Sequence[str], results: Sequence[Any],
+                     truths: Sequence[Any], qc_pass: np.ndarray | None) -> pd.DataFrame:
+    """predictions.csv: ``cell_name``, per column ``predicted_<column>``, ``<column>_score`` and the
+    truth (None: unknown), and ``qc_pass`` for a user's h5ad (False: the training QC drops the cell)."""
     table = pd.DataFrame({"cell_name": list(cell_names)})
     for name, one, known in zip(columns, results, truths, strict=True):
         table[f"predicted_{name}"] = one.labels
@@ -58,35 +55,26 @@ def prediction_table(cell_names: Sequence[str], column: str | Sequence[str], res
     return table
 
 
-def annotate(adata: Any, rows: np.ndarray, column: str, result: Any, label_set: list[str],
-             qc_pass: np.ndarray) -> Any:
-    """The user's AnnData, unchanged, plus ``obs["c2s_<column>"]`` (categorical over the
-    model's labels), ``obs["c2s_<column>_score"]``, ``obs["c2s_qc_pass"]`` and, with scores,
-    ``.obsm["c2s_<column>_scores"]`` (cells x labels; the label order in ``.uns``). Cells left
-    out by --max_cells get NaN."""
+def annotate(adata: Any, rows: np.ndarray, columns: Sequence[str], results: Sequence[Any],
+             label_sets: Sequence[list[str]], qc_pass: np.ndarray) -> Any:
+    """A copy of the user's AnnData plus ``obs["c2s_qc_pass"]`` and, per column, ``obs["c2s_<column>"]``,
+    ``obs["c2s_<column>_score"]`` and ``.obsm["c2s_<column>_scores"]`` (cells x labels, the label
+    order in ``.uns``); NaN for cells left out by --max_cells."""
     annotated = adata.copy()
-    categories = label_set or sorted(set(result.labels))
-    labels = np.full(adata.n_obs, None, dtype=object)
-    labels[rows] = result.labels
-    annotated.obs[f"c2s_{column}"] = pd.Categorical(labels, categories=categories)
-    scores = np.full(adata.n_obs, np.nan)
-    scores[rows] = result.scores
-    annotated.obs[f"c2s_{column}_score"] = scores
-    annotated.obs["c2s_qc_pass"] = qc_pass
-    if result.probabilities.shape[1]:
-        matrix = np.full((adata.n_obs, len(categories)), np.nan, dtype=np.float32)
-        matrix[rows] = result.probabilities[categories].to_numpy(dtype=np.float32)
-        annotated.obsm[f"c2s_{column}_scores"] = matrix
-        annotated.uns[f"c2s_{column}_scores_labels"] = list(categories)
-    return annotated
-
-
-def annotate_all(adata: Any, rows: np.ndarray, columns: Sequence[str], results: Sequence[Any],
-                 label_sets: Sequence[list[str]], qc_pass: np.ndarray) -> Any:
-    """``annotate`` for each predicted column."""
-    annotated = adata
     for column, result, label_set in zip(columns, results, label_sets, strict=True):
-        annotated = annotate(annotated, rows, column, result, label_set, qc_pass)
+        categories = label_set or sorted(set(result.labels))
+        labels = np.full(adata.n_obs, None, dtype=object)
+        labels[rows] = result.labels
+        annotated.obs[f"c2s_{column}"] = pd.Categorical(labels, categories=categories)
+        scores = np.full(adata.n_obs, np.nan)
+        scores[rows] = result.scores
+        annotated.obs[f"c2s_{column}_score"] = scores
+        annotated.obs["c2s_qc_pass"] = qc_pass
+        if result.probabilities.shape[1]:
+            matrix = np.full((adata.n_obs, len(categories)), np.nan, dtype=np.float32)
+            matrix[rows] = result.probabilities[categories].to_numpy(dtype=np.float32)
+            annotated.obsm[f"c2s_{column}_scores"] = matrix
+            annotated.uns[f"c2s_{column}_scores_labels"] = list(categories)
     return annotated
 
 

@@ -1,6 +1,5 @@
-"""New cells as a model saw its training cells: sentences made with the model's recipe (from a
-list, a dataset split, ``CellSentences`` or an AnnData), the training QC's verdict per cell, and
-a run's record."""
+"""New cells as a model saw its training cells: sentences made with its recipe, the training QC's
+verdict per cell, and a run's record."""
 
 from __future__ import annotations
 
@@ -34,14 +33,9 @@ def read_train_record(name_or_dir: str | Path) -> dict[str, Any]:
 
 def as_sentences(cells: Any, *, column: str = "cell_sentence", max_genes: int | None = None,
                  recipe: Recipe | None = None) -> list[str]:
-    """Cell sentences from a list of sentences, a ``datasets.Dataset`` (a DatasetDict split),
-    a ``CellSentences`` or an AnnData.
-
-    An AnnData goes through the transform's API (``utils.adata_to_sentences``) without QC, with
-    the sentence options of ``recipe`` (the model's: layer, input kind, gene names, excluded
-    genes, seed), so every cell gets the sentence it would have had in training, in the
-    AnnData's order (a cell with no counts gets an empty one).
-    """
+    """Cell sentences from a list of sentences, a ``datasets.Dataset`` split, a ``CellSentences``
+    or an AnnData: the latter made without QC with ``recipe``'s sentence options, so every cell
+    gets its training sentence, in the AnnData's order (a cell with no counts an empty one)."""
     import anndata
 
     if isinstance(cells, str):

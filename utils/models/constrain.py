@@ -1,13 +1,8 @@
-"""Decoding that names only real genes, each once: a logits processor over a prefix trie.
+"""Constrained decoding: generated genes that are real, each once (prefix tries over the genes'
+token ids, as first word and as later word), and label scoring over the labels' prefix trie.
 
-Every gene is encoded the way it appears in an answer: as the first word (after the prompt, with
-the format's answer prefix) and as a later word (after a space). With a word-level tokenizer
-each is one token; with a byte-pair tokenizer a few. Two prefix tries over these token
-sequences say, at every step and for every row of a batch, which tokens may follow: the
-children of the current node that still lead to an unused gene, and, once a gene is complete,
-the start of another unused gene or the end of the answer (the format's closing text, then
-EOS). The mask is applied before temperature, top-k and top-p, so sampling happens among
-valid continuations only.
+The gene mask is applied before temperature, top-k and top-p, so sampling happens among valid
+continuations only.
 """
 
 from __future__ import annotations
@@ -16,8 +11,6 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
-
-__all__ = ["GeneTrie", "GeneConstraint", "build_gene_tries"]
 
 
 class GeneTrie:
@@ -59,10 +52,6 @@ class GeneTrie:
         self.paths[gene] = path
         return True
 
-    @property
-    def n_nodes(self) -> int:
-        return len(self.children)
-
 
 def _tail(tokenizer: Any, head: str, text: str) -> list[int] | None:
     """The ids ``text`` adds after ``head`` (None when ``head``'s ids are no prefix)."""
@@ -73,11 +62,8 @@ def _tail(tokenizer: Any, head: str, text: str) -> list[int] | None:
 
 def build_gene_tries(tokenizer: Any, genes: Iterable[str], *, answer_prefix: str = " ",
                      answer_suffix: str = "") -> tuple[GeneTrie, GeneTrie, list[int], list[str]]:
-    """(first-word trie, later-word trie, closing ids, gene names) for ``genes``.
-
-    Genes the tokenizer cannot spell (an unknown token) or that it spells like another gene are
-    left out. The closing ids are the answer suffix's ids after a gene, then EOS.
-    """
+    """(first-word trie, later-word trie, closing ids: the answer suffix's then EOS, gene names) of
+    ``genes``, those the tokenizer cannot spell, or spells like another gene, left out."""
     first, rest = GeneTrie(), GeneTrie()
     names: list[str] = []
     unk = tokenizer.unk_token_id
@@ -103,32 +89,24 @@ def build_gene_tries(tokenizer: Any, genes: Iterable[str], *, answer_prefix: str
 
 
 class GeneConstraint:
-    """A ``transformers`` logits processor: each row generates distinct genes of the tries,
-    then the closing ids. Make one per ``generate`` call (it keeps the rows' state).
-
-    Parameters
-    ----------
-    first, rest, closing
-        From :func:`build_gene_tries`.
-    vocab_size
-        Width of the logits.
-    """
+    """A ``transformers`` logits processor: each row generates distinct genes of the tries
+    (:func:`build_gene_tries`), then the closing ids. One per ``generate`` call (it keeps state)."""
 
     def __init__(self, first: GeneTrie, rest: GeneTrie, closing: Sequence[int], vocab_size: int) -> None:
         self.tries = (first, rest)
         self.closing = [int(t) for t in closing]
         self.vocab_size = int(vocab_size)
         self._sizes = tuple(np.asarray(t.size, dtype=np.int32) for t in self.tries)
-        self._root_tokens = tuple(np.fromiter(t.children[0].keys(), dtype=np.int64, count=len(t.children[0]))
-                                  for t in self.tries)
-        self._root_nodes = tuple(np.fromiter(t.children[0].values(), dtype=np.int64, count=len(t.children[0]))
-                                 for t in self.tries)
+        roots = [t.children[0] for t in self.tries]
+        self._root_tokens = tuple(np.array(list(r.keys()), dtype=np.int64) for r in roots)
+        self._root_nodes = tuple(np.array(list(r.values()), dtype=np.int64) for r in roots)
         self._start: int | None = None
         self._seen = 0
 
     def _reset(self, batch: int, start: int) -> None:
         self._start, self._seen = start, start
-        self._used = [tuple(np.zeros(t.n_nodes, dtype=np.int32) for t in self.tries) for _ in range(batch)]
+        self._used = [tuple(np.zeros(len(t.children), dtype=np.int32) for t in self.tries)
+                      for _ in range(batch)]
         self._genes: list[set[int]] = [set() for _ in range(batch)]
         # Per row: (trie, node) while inside the genes, ("close", i) while closing, None when done.
         self._state: list[tuple[Any, int] | None] = [(0, 0)] * batch
@@ -172,8 +150,7 @@ class GeneConstraint:
         kind, node = state
         if kind == "close":
             return np.array([self.closing[node]], dtype=np.int64)
-        trie, used = self.tries[kind], self._used[row][kind]
-        sizes = self._sizes[kind]
+        trie, used, sizes = self.tries[kind], self._used[row][kind], self._sizes[kind]
         if node == 0:
             tokens, nodes = self._root_tokens[kind], self._root_nodes[kind]
             parts = [tokens[sizes[nodes] - used[nodes] > 0]]
@@ -184,9 +161,7 @@ class GeneConstraint:
         parts = [np.array([t for t, c in items if sizes[c] - used[c] > 0], dtype=np.int64)]
         gene = trie.gene[node]
         if gene >= 0 and gene not in self._genes[row]:
-            rest_used = self._used[row][1]
-            rest_sizes = self._sizes[1]
-            remaining = rest_sizes[self._root_nodes[1]] - rest_used[self._root_nodes[1]]
+            remaining = self._sizes[1][self._root_nodes[1]] - self._used[row][1][self._root_nodes[1]]
             own = self.tries[1].paths[gene][0]
             remaining = remaining - (self._root_nodes[1] == own)  # this gene is taken now
             parts.append(self._root_tokens[1][remaining > 0])
@@ -216,21 +191,16 @@ class GeneConstraint:
         return scores.masked_fill(~keep, float("-inf"))
 
 
-# --------------------------------------------------------------------------- labels
-
-
 def label_sequences(tokenizer: Any, labels: Sequence[str], fmt: Any) -> list[list[int]]:
-    """Token ids of each label's answer as it follows the prompt in training, EOS included
-    (``utils.models.examples.join_example``), so that a label that is a prefix of another (``T`` and
-    ``T cell``) is still told apart."""
+    """Token ids of each label's answer as it follows the prompt in training, EOS included (so
+    that ``T`` and ``T cell`` are told apart)."""
     from utils.models.examples import encode_answer
 
     return [[*encode_answer(tokenizer, fmt.prediction_answer(x), fmt), int(tokenizer.eos_token_id)] for x in labels]
 
 
 class LabelTrie:
-    """The labels' token sequences as a prefix trie, its nodes in breadth-first order: the
-    tokens every label needs, each shared prefix once."""
+    """The labels' token sequences as a prefix trie: each shared prefix once."""
 
     def __init__(self, sequences: Sequence[Sequence[int]]) -> None:
         index: dict[tuple[int, ...], int] = {}
@@ -267,30 +237,20 @@ class LabelTrie:
 
 def score_labels(model: Any, prompts: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], *,
                  pad_token_id: int, batch_size: int = 16, progress: Any = None) -> np.ndarray:
-    """Log-probability of every label's token sequence after every prompt (cells x labels).
-
-    The answer is constrained to the label set by scoring every label whole, in two forward
-    passes per batch: the left-padded prompts (their cache kept, as generation starts), then
-    the inner nodes of the labels' prefix trie (:class:`LabelTrie`) over that cache, with a
-    4-d attention mask that lets every node see its prompt and its own ancestors only, at the
-    positions it would have after the prompt. So a shared prefix is computed once and nothing is
-    repeated per label; a node's token probability is read at its parent's position (the
-    prompt's last for a label's first token). On the example model this costs what greedy
-    free-text decoding of the same cells costs (``bench/predict_bench.py``).
-    """
+    """Log-probability of every label's token sequence after every prompt (cells x labels): per
+    batch, the prompts (their cache kept), then the inner nodes of the labels' :class:`LabelTrie`
+    over that cache, each node seeing its prompt and its own ancestors only (a 4-d mask)."""
     import torch
 
     from utils.models.generation import left_pad
 
     trie = LabelTrie(labels)
-    # Only nodes with children are fed: a leaf (each label's EOS) is read at its parent, so its
-    # own state is never needed.
+    # Only nodes with children are fed: a leaf (each label's EOS) is read at its parent.
     fed = np.array(sorted(set(trie.parent) - {-1}), dtype=np.int64)
     slot = np.full(len(trie), -1, dtype=np.int64)
     slot[fed] = np.arange(len(fed))
     n_nodes = len(fed)
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     node_tokens = torch.as_tensor(np.asarray(trie.token)[fed], dtype=torch.long, device=device)
     node_depth = torch.as_tensor(np.asarray(trie.depth)[fed], dtype=torch.long, device=device)
     sees = torch.as_tensor(trie.ancestry()[np.ix_(fed, fed)], device=device)
@@ -309,15 +269,14 @@ def score_labels(model: Any, prompts: Sequence[Sequence[int]], labels: Sequence[
         prompt_mask = mask_t.bool()
         with torch.inference_mode():
             out = model(input_ids=ids_t, attention_mask=mask_t, position_ids=(mask_t.cumsum(-1) - 1).clamp(min=0),
-                        use_cache=True, **_last_logits(model, 1))
+                        use_cache=True, **({"logits_to_keep": 1} if _takes(model, "logits_to_keep") else {}))
             cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
             allowed = torch.cat([prompt_mask[:, None, :].expand(-1, n_nodes, -1), sees[None].expand(n, -1, -1)], dim=2)
             additive = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, lowest)
             nodes = model(input_ids=node_tokens.expand(n, -1), attention_mask=additive[:, None],
                           position_ids=mask_t.sum(-1, keepdim=True) + node_depth[None, :], use_cache=True,
-                          **{_cache_argument(model): cache})
-            # Position 0 is after the prompt, i + 1 after fed node i: a node's probability is read
-            # at its parent's position, only (cells x nodes) values kept (the vocabulary may be large).
+                          **{"cache" if _takes(model, "cache") else "past_key_values": cache})
+            # Position 0 is after the prompt, i + 1 after fed node i; only (cells x nodes) values kept.
             logits = torch.cat([out.logits[:, -1:], nodes.logits], dim=1).float()
             at = parent + 1
             rows = torch.arange(n, device=device)[:, None]
@@ -329,16 +288,8 @@ def score_labels(model: Any, prompts: Sequence[Sequence[int]], labels: Sequence[
     return scores
 
 
-def _last_logits(model: Any, n: int) -> dict[str, int]:
-    """Ask for the logits of the last ``n`` positions only, where the model supports it."""
+def _takes(model: Any, name: str) -> bool:
+    """Whether the model's forward takes ``name`` (``cache``: transformers 5's ``past_key_values``)."""
     import inspect
 
-    return {"logits_to_keep": n} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-
-
-def _cache_argument(model: Any) -> str:
-    """The name a model's forward takes its cache by: ``cache`` (transformers 5), formerly
-    ``past_key_values`` (a deprecated alias there)."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return name in inspect.signature(model.forward).parameters

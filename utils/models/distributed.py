@@ -1,11 +1,5 @@
-"""Several processes under ``torchrun``: each takes a share of the cells, rank 0 writes.
-
-``torchrun --nproc_per_node N predict.py ...`` sets ``WORLD_SIZE``, ``RANK`` and
-``LOCAL_RANK``; :meth:`Processes.start` joins the process group (NCCL on GPUs, gloo on CPUs),
-:meth:`Processes.share` gives each process every N-th cell, and :meth:`Processes.gather` puts
-the results back in the cells' order on rank 0, so the files are those of one process. Without
-torchrun it is one process and every call is the identity.
-"""
+"""Several processes under ``torchrun``: each takes every N-th cell, rank 0 gathers the results
+in the cells' order and writes. Without torchrun it is one process and every call the identity."""
 
 from __future__ import annotations
 
@@ -38,12 +32,12 @@ class Processes:
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            if torch.cuda.is_available():  # NCCL's collectives run on the current device: this rank's
+            if torch.cuda.is_available():  # NCCL's collectives run on the current device
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         procs = cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
         if not procs.main:
-            logging.getLogger("cell2sentence").setLevel(logging.WARNING)
+            logger.setLevel(logging.WARNING)
         return procs
 
     @property
@@ -66,8 +60,7 @@ class Processes:
         return np.arange(self.rank, n, self.world_size)
 
     def gather(self, indices: np.ndarray, result: Any, n: int) -> Any:
-        """Every process's ``LabelPredictions``, list or array (one row per cell) put together
-        in the cells' order on rank 0 (None elsewhere)."""
+        """Every process's ``LabelPredictions``, list or array in the cells' order on rank 0, else None."""
         if self.world_size == 1:
             return result
         import torch.distributed as dist
@@ -76,9 +69,7 @@ class Processes:
         dist.gather_object((indices, result), parts, dst=0)
         if not self.main:
             return None
-        order = np.concatenate([p[0] for p in parts])
-        position = np.empty(n, dtype=np.int64)
-        position[order] = np.arange(n)
+        position = np.argsort(np.concatenate([p[0] for p in parts]))  # the inverse of the share's order
         if isinstance(result, list):
             merged = [x for p in parts for x in p[1]]
             return [merged[i] for i in position]

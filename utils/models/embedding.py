@@ -1,11 +1,6 @@
-"""Cell embeddings from a causal language model: hidden states pooled over the genes.
-
-A cell is fed as the prediction prompt of the model's format (the context in which the model
-reads a cell). The embedding is the mean of one layer's hidden states over the tokens of the
-cell sentence only (not the prompt's words, not padding), or the state of the last real token
-(``pooling="last"``, the one that has read the whole prompt). Positions are computed from the
-attention mask, so padding on either side gives the same vectors.
-"""
+"""Cell embeddings from a causal language model: one layer's hidden states of a cell's prediction
+prompt, averaged over the cell sentence's tokens only (``pooling="mean"``) or of its last token
+(``"last"``). Positions come from the attention mask, so either padding side gives the same vectors."""
 
 from __future__ import annotations
 
@@ -16,15 +11,10 @@ import numpy as np
 
 from utils.models.prompts import PromptFormat
 
-POOLINGS = ("mean", "last")
-
 
 def encode_cell(tokenizer: Any, fmt: PromptFormat, genes: Sequence[str]) -> tuple[list[int], list[bool]]:
-    """The prompt ids of a cell and, per id, whether it is a token of the cell sentence.
-
-    The token -> character offsets of the fast tokenizer find the genes' tokens, so it works
-    for any tokenizer, word-level or byte-pair.
-    """
+    """The prompt ids of a cell and, per id, whether it is a token of the cell sentence (found by
+    the fast tokenizer's character offsets: any tokenizer, word-level or byte-pair)."""
     text, start, end = fmt.gene_span(genes)
     enc = tokenizer(text, add_special_tokens=not fmt.manual_bos, return_offsets_mapping=True)
     ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
@@ -52,13 +42,12 @@ def pool(hidden: Any, attention_mask: Any, gene_mask: Any, how: str = "mean") ->
     the last attended token. A row without gene tokens falls back to all attended tokens."""
     import torch
 
-    if how == "last":
-        # The last attended position, whichever side the padding is on.
+    if how == "last":  # the last attended position, whichever side the padding is on
         positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
         last = (positions * attention_mask.long()).argmax(dim=1)
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
     if how != "mean":
-        raise ValueError(f"pooling {how!r}: choose {' or '.join(POOLINGS)}.")
+        raise ValueError(f"pooling {how!r}: choose mean or last.")
     weights = gene_mask.to(hidden.dtype)
     empty = weights.sum(dim=1) == 0
     if bool(empty.any()):
@@ -80,10 +69,8 @@ def embed_batched(model: Any, tokenizer: Any, fmt: PromptFormat, cells: Sequence
     out: np.ndarray | None = None
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        ids, mask, genes = pad_batch([encoded[i][0] for i in rows], [encoded[i][1] for i in rows], pad,
-                                     side="right")
-        ids_t = torch.as_tensor(ids, device=device)
-        mask_t = torch.as_tensor(mask, device=device)
+        ids, mask, genes = pad_batch([encoded[i][0] for i in rows], [encoded[i][1] for i in rows], pad)
+        ids_t, mask_t = torch.as_tensor(ids, device=device), torch.as_tensor(mask, device=device)
         positions = (mask_t.cumsum(dim=1) - 1).clamp(min=0)
         with torch.inference_mode():
             result = model(input_ids=ids_t, attention_mask=mask_t, position_ids=positions,

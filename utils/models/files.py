@@ -1,12 +1,6 @@
-"""Is a model folder or a Trainer checkpoint whole? Checked before loading it.
-
-A folder copied in part (weights without the tokenizer, or the reverse), a save or a download
-cut short, a checkpoint the Trainer was still writing: loading such a folder either fails deep
-inside a library or, worse, works on what is there (a tokenizer of one token gives empty
-predictions; a missing ``scheduler.pt`` silently restarts the learning-rate schedule). These
-checks name the file that is missing or damaged. They read headers and checksums only, never
-the tensors into memory (torch files are memory-mapped for torch's weights-only loader).
-"""
+"""Is a model folder or a Trainer checkpoint whole? Checked before loading it, naming the file
+that is missing or damaged (a part copy or a cut-short save otherwise fails deep in a library, or
+silently works on what is there). Headers and checksums only: tensors are never read."""
 
 from __future__ import annotations
 
@@ -17,33 +11,19 @@ from pathlib import Path
 
 from utils.cli import InputError
 
-#: Files holding a model's weights, whole or as the index of shards (any one is enough).
-WEIGHT_FILES: tuple[str, ...] = (
-    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-    "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin",
-)
-#: Files of which a saved tokenizer has at least one (fast, BPE, sentencepiece, WordPiece).
-TOKENIZER_FILES: tuple[str, ...] = (
-    "tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model", "vocab.txt",
-    "sentencepiece.bpe.model",
-)
 #: Files holding a peft adapter's weights (a LoRA run folder has one of them).
 ADAPTER_WEIGHT_FILES: tuple[str, ...] = ("adapter_model.safetensors", "adapter_model.bin")
-#: What the Trainer needs to resume exactly where it stopped, besides the weights.
-RESUME_FILES: tuple[str, ...] = ("optimizer.pt", "scheduler.pt")
-_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since 1.6 (a zip archive with CRCs)
-# torch.save's legacy format is a pickle: the PROTO opcode, then the protocol (2 by default).
-_PICKLE_PROTO = b"\x80"
-_PICKLE_VERSIONS = (b"\x02", b"\x03", b"\x04", b"\x05")
+#: Files holding a model's weights, whole or as the index of shards (any one is enough).
+WEIGHT_FILES: tuple[str, ...] = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                                 "pytorch_model.bin.index.json", *ADAPTER_WEIGHT_FILES)
+#: Files of which a saved tokenizer has at least one (fast, BPE, sentencepiece, WordPiece).
+TOKENIZER_FILES: tuple[str, ...] = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model",
+                                    "vocab.txt", "sentencepiece.bpe.model")
 
 
 def file_problem(path: Path) -> str | None:
-    """What is wrong with one saved file, judged by its format (None: it reads back).
-
-    ``.safetensors``: the header and the file size agree; ``.json``: it parses; torch files
-    (``.pt``, ``.pth``, ``.bin``): saved by torch, and in the zip format the archive is whole,
-    every member matches its CRC and torch's weights-only loader accepts it (nothing but
-    tensors and plain data). An index of shards is checked with its shards.
+    """What is wrong with one saved file, judged by its format (None: it reads back): the
+    safetensors header, the JSON (an index with its shards), a torch zip's CRCs and weights-only load.
 
     >>> file_problem(Path("no/such/file.json"))
     'is missing'
@@ -75,11 +55,9 @@ def file_problem(path: Path) -> str | None:
     if path.suffix in (".pt", ".pth", ".bin"):
         with path.open("rb") as fh:
             head = fh.read(4)
-        if head[:1] == _PICKLE_PROTO and head[1:2] in _PICKLE_VERSIONS:
-            # torch's legacy (pickle) format has no checksums, and cannot be memory-mapped: its
-            # loader judges it when it loads
-            return None
-        if not head.startswith(_ZIP_MAGIC):
+        if head[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
+            return None  # torch's legacy format, a pickle, has no checksums: its loader judges it
+        if not head.startswith(b"PK\x03\x04"):  # torch's zip format (since 1.6), with CRCs
             return "is no file saved by torch (neither its zip nor its legacy format)"
         try:
             with zipfile.ZipFile(path) as archive:
@@ -93,9 +71,8 @@ def file_problem(path: Path) -> str | None:
 
 
 def _weights_only_problem(path: Path) -> str | None:
-    """Why torch's weights-only loader, as the Trainer and ``from_pretrained`` call it, refuses
-    the zip-format torch file ``path`` (None: it loads). Memory-mapped, so the tensors are not
-    read; the refusal happens before any code of the file runs."""
+    """Why torch's weights-only loader (as the Trainer calls it) refuses the zip-format torch file
+    ``path`` (None: it loads); memory-mapped, and no code of the file runs."""
     import pickle
 
     import torch
@@ -115,25 +92,17 @@ def _weights_only_problem(path: Path) -> str | None:
 
 
 def check_model_dir(path: Path) -> None:
-    """Fail with one sentence when a local model folder has no weights or no tokenizer, or one
-    of its weight, config or tokenizer files is damaged.
-
-    An adapter folder (``adapter_config.json``, e.g. LoRA, see ``check_adapter_dir``) needs its
-    adapter weights; its tokenizer may come from the base model.
-    """
+    """Fail with one sentence when a local model folder has no weights or no tokenizer (an
+    adapter folder may use its base model's), or a weight, config or tokenizer file is damaged."""
     weights = [name for name in WEIGHT_FILES if (path / name).is_file()]
     if not weights:
-        raise InputError(
-            f"{path} holds no model weights (none of {', '.join(WEIGHT_FILES[:3])}, ...); the "
-            "folder is an incomplete copy or an unfinished save: copy the whole model folder "
-            "or train it again."
-        )
+        raise InputError(f"{path} holds no model weights (none of {', '.join(WEIGHT_FILES[:3])}, ...); the "
+                         "folder is an incomplete copy or an unfinished save: copy the whole model folder "
+                         "or train it again.")
     tokenizer = [name for name in TOKENIZER_FILES if (path / name).is_file()]
     if not tokenizer and not (path / "adapter_config.json").is_file():
-        raise InputError(
-            f"{path} holds no tokenizer files (none of {', '.join(TOKENIZER_FILES[:4])}, ...); "
-            "copy them from where the model came from (tokenizer.save_pretrained writes them)."
-        )
+        raise InputError(f"{path} holds no tokenizer files (none of {', '.join(TOKENIZER_FILES[:4])}, ...); "
+                         "copy them from where the model came from (tokenizer.save_pretrained writes them).")
     for name in [*weights, "config.json", "tokenizer.json", "tokenizer_config.json"]:
         problem = file_problem(path / name) if (path / name).is_file() else None
         if problem:
@@ -141,13 +110,8 @@ def check_model_dir(path: Path) -> None:
 
 
 def check_adapter_dir(path: Path) -> str:
-    """Fail with one sentence when a peft adapter folder (a LoRA run of ``train.py``:
-    ``adapter_config.json`` + adapter weights, no model of its own) has its config or adapter
-    weights missing or damaged, or names a local base model folder that is not there.
-
-    Returns the base model's name (``base_model_name_or_path``: a hub name or a folder); a
-    base folder that exists is checked by ``check_model_dir`` when it is loaded.
-    """
+    """The base model's name of a peft adapter folder (a LoRA run); fails with one sentence when its
+    config or adapter weights are missing or damaged, or its local base model folder is not there."""
     from utils.models.lora import ADAPTER_CONFIG, base_model_name
 
     problem = file_problem(path / ADAPTER_CONFIG)
@@ -155,34 +119,25 @@ def check_adapter_dir(path: Path) -> str:
         raise InputError(f"{path / ADAPTER_CONFIG} {problem}; copy or save the adapter folder again.")
     weights = [name for name in ADAPTER_WEIGHT_FILES if (path / name).is_file()]
     if not weights:
-        raise InputError(
-            f"{path} is a LoRA adapter folder whose adapter weights "
-            f"{path / ADAPTER_WEIGHT_FILES[0]} are missing; the folder is an incomplete copy or "
-            "an unfinished save: copy the whole run folder or train it again."
-        )
+        raise InputError(f"{path} is a LoRA adapter folder whose adapter weights "
+                         f"{path / ADAPTER_WEIGHT_FILES[0]} are missing; the folder is an incomplete copy or "
+                         "an unfinished save: copy the whole run folder or train it again.")
     problem = file_problem(path / weights[0])
     if problem:
         raise InputError(f"{path / weights[0]} {problem}; copy or save the adapter folder again.")
     base = base_model_name(path)
     base_path = Path(base).expanduser()
-    # An absolute or ./-relative name is a folder (train.py records the base folder's absolute
-    # path); anything else may be a hub name, which the loader resolves with its own errors.
+    # An absolute or ./-relative name is a folder; anything else may be a hub name (the loader's errors).
     if (base_path.is_absolute() or base.startswith((".", "~"))) and not base_path.is_dir():
-        raise InputError(
-            f"{path} is a LoRA adapter of the base model {base}, which does not exist here; put "
-            f"the base model there or set base_model_name_or_path in {path / ADAPTER_CONFIG} to "
-            "where it is."
-        )
+        raise InputError(f"{path} is a LoRA adapter of the base model {base}, which does not exist here; put "
+                         f"the base model there or set base_model_name_or_path in {path / ADAPTER_CONFIG} to "
+                         "where it is.")
     return base
 
 
 def checkpoint_problem(folder: Path) -> str | None:
-    """Why the Trainer checkpoint ``folder`` cannot be resumed from (None: it is complete).
-
-    The Trainer writes ``trainer_state.json`` last, so a checkpoint it was still writing
-    lacks it. Every file the resume reads is checked; a missing ``scheduler.pt`` is a problem,
-    not a schedule that silently starts over.
-    """
+    """Why the Trainer checkpoint ``folder`` cannot be resumed from (None: it is complete): every
+    file the resume reads is checked (``trainer_state.json``, written last, first)."""
     state_path = folder / "trainer_state.json"
     problem = file_problem(state_path)
     if problem:
@@ -197,9 +152,8 @@ def checkpoint_problem(folder: Path) -> str | None:
     if not weights:
         return f"{folder} holds no model weights (none of {', '.join(WEIGHT_FILES[:3])}, ...)"
     # DeepSpeed and FSDP keep the optimizer in folders of their own.
-    sharded = any(p.is_dir() for p in folder.glob("global_step*")) or any(
-        p.is_dir() for p in folder.glob("optimizer*"))
-    resume = [] if sharded else list(RESUME_FILES)
+    sharded = any(p.is_dir() for p in [*folder.glob("global_step*"), *folder.glob("optimizer*")])
+    resume = [] if sharded else ["optimizer.pt", "scheduler.pt"]  # to resume exactly where it stopped
     others = sorted(p.name for p in folder.glob("rng_state*.pth")) + ["scaler.pt"]
     for name in [*weights, *resume, *others]:
         path = folder / name

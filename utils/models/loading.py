@@ -12,23 +12,15 @@ from urllib.parse import urlparse
 from utils.cli import InputError
 from utils.models.files import TOKENIZER_FILES, check_adapter_dir, check_model_dir
 
-_TRUE = {"1", "true", "yes", "on"}
-
 
 def hub_offline_mode() -> bool:
     """Whether the user switched the Hugging Face hub off (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)."""
-    return any(
-        os.environ.get(var, "").strip().lower() in _TRUE
-        for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    )
+    return any(os.environ.get(v, "").strip().lower() in {"1", "true", "yes", "on"}
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether a TCP connection to the hub (``HF_ENDPOINT``) opens within ``timeout`` seconds.
-
-    Asked before a download, so that without network the user gets one clear sentence in
-    seconds instead of a minute of retries.
-    """
+    """Whether a TCP connection to the hub (``HF_ENDPOINT``) opens within ``timeout`` seconds."""
     endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     host = endpoint.hostname or "huggingface.co"
     port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
@@ -44,36 +36,24 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1
 
 
-def from_pretrained(
-    loader: Callable[..., Any],
-    name: str,
-    *,
-    offline_hint: str = "pass a local model directory instead",
-    **kwargs: Any,
-) -> Any:
-    """``loader(name, **kwargs)`` for a local directory or a hub name, with clear errors.
-
-    A hub name is first looked up in the local cache; only when it is not there is the hub
-    asked, after checking quickly that it can be reached.
-    """
+def from_pretrained(loader: Callable[..., Any], name: str, *,
+                    offline_hint: str = "pass a local model directory instead", **kwargs: Any) -> Any:
+    """``loader(name, **kwargs)`` for a local directory or a hub name (the local cache first, the
+    hub only when it can be reached), with clear errors."""
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise InputError(
-                f"{path} holds no config.json, so it is no model directory; pass a folder "
-                "written by train.py or save_pretrained (an unfinished run has none)."
-            )
+            raise InputError(f"{path} holds no config.json, so it is no model directory; pass a folder "
+                             "written by train.py or save_pretrained (an unfinished run has none).")
         check_model_dir(path)
         try:
             return loader(str(path), **kwargs)
         except RuntimeError as err:
             if "size mismatch" not in str(err) and "ignore_mismatched_sizes" not in str(err):
                 raise
-            raise InputError(
-                f"The weights in {path} do not fit the model its config.json describes (tensors "
-                "of other sizes: the weights of a differently sized model); copy the model "
-                "folder again, weights and config.json together."
-            ) from None
+            raise InputError(f"The weights in {path} do not fit the model its config.json describes (tensors "
+                             "of other sizes: the weights of a differently sized model); copy the model "
+                             "folder again, weights and config.json together.") from None
     if path.exists() or _looks_like_path(name):
         raise InputError(f"Model directory {name} does not exist; check the path.")
     try:
@@ -81,23 +61,19 @@ def from_pretrained(
     except OSError:
         pass  # not cached: ask the hub below
     if hub_offline_mode() or not hub_reachable():
-        raise InputError(
-            f"Model {name!r} is not a local directory and the Hugging Face hub cannot be "
-            f"reached (offline); {offline_hint}."
-        )
+        raise InputError(f"Model {name!r} is not a local directory and the Hugging Face hub cannot be "
+                         f"reached (offline); {offline_hint}.")
     try:
         return loader(name, **kwargs)
     except OSError as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(
-            f"Could not load model {name!r} from the Hugging Face hub ({reason}); "
-            f"check the name or {offline_hint}."
-        ) from None
+        raise InputError(f"Could not load model {name!r} from the Hugging Face hub ({reason}); "
+                         f"check the name or {offline_hint}.") from None
 
 
 def hub_file(name: str, filename: str) -> Path | None:
-    """``filename`` of the hub model ``name`` (the cached copy, else downloaded when the hub can
-    be reached); None for a local path, a model without that file, or no hub."""
+    """``filename`` of the hub model ``name`` (cached, else downloaded when the hub can be
+    reached); None for a local path, a model without that file, or no hub."""
     from huggingface_hub import hf_hub_download
 
     if Path(name).expanduser().exists() or _looks_like_path(name):
@@ -112,31 +88,11 @@ def hub_file(name: str, filename: str) -> Path | None:
     return None
 
 
-def load_model_and_tokenizer(
-    model_dir: str | Path,
-    device: str | Any | None = None,
-    *,
-    dtype: Any = None,
-    offline_hint: str = "pass a local model directory instead",
-) -> tuple[Any, Any]:
-    """Load a causal language model and its tokenizer for generation.
-
-    Parameters
-    ----------
-    model_dir
-        A directory written by ``train.py`` (a full model, or a LoRA adapter folder whose
-        adapter is merged into its base model), any ``save_pretrained`` folder, or a hub name.
-    device
-        ``"cpu"``, ``"cuda"``, ``"cuda:1"``, a ``torch.device``; None picks CUDA when available.
-    dtype
-        Weight dtype; None keeps float32.
-
-    Returns
-    -------
-    (model, tokenizer)
-        The model in eval mode on ``device``; the tokenizer with a pad token (EOS when it had
-        none) and left padding, as batched generation needs.
-    """
+def load_model_and_tokenizer(model_dir: str | Path, device: str | Any | None = None, *, dtype: Any = None,
+                             offline_hint: str = "pass a local model directory instead") -> tuple[Any, Any]:
+    """(model in eval mode, tokenizer with a pad token and left padding) of a train.py run (a LoRA
+    adapter merged into its base model), a ``save_pretrained`` folder or a hub name. ``device``
+    None: CUDA when available; ``dtype`` None: float32."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -157,21 +113,15 @@ def load_model_and_tokenizer(
         name = base
     else:
         tokenizer = from_pretrained(AutoTokenizer.from_pretrained, name, offline_hint=offline_hint)
-    model = from_pretrained(
-        AutoModelForCausalLM.from_pretrained,
-        name,
-        offline_hint=offline_hint,
-        dtype=dtype or torch.float32,
-    )
+    model = from_pretrained(AutoModelForCausalLM.from_pretrained, name, offline_hint=offline_hint,
+                            dtype=dtype or torch.float32)
     if adapter:
         model = load_adapter_model(model_dir, model)
     rows = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > rows:  # ids past the embedding: garbage out (or an index error) later
-        raise InputError(
-            f"The tokenizer of {model_dir} has {len(tokenizer):,} tokens, but its model has only "
-            f"{rows:,} (vocab_size): the tokenizer belongs to another model; copy the tokenizer "
-            "files of the run that trained these weights."
-        )
+        raise InputError(f"The tokenizer of {model_dir} has {len(tokenizer):,} tokens, but its model has only "
+                         f"{rows:,} (vocab_size): the tokenizer belongs to another model; copy the tokenizer "
+                         "files of the run that trained these weights.")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"

@@ -1,10 +1,5 @@
-"""LoRA adapters (peft): defaults per architecture, and loading an adapter folder.
-
-``train.py --lora_r R`` wraps the model with ``peft.get_peft_model`` and trains the adapter only;
-its run folder holds ``adapter_config.json`` + ``adapter_model.safetensors`` (and the
-tokenizer, ``train_args.json``), the base model is named in ``adapter_config.json``
-(``base_model_name_or_path``: a hub name or the local folder it was trained from).
-"""
+"""LoRA adapters (peft): defaults per architecture, and loading an adapter folder
+(``adapter_config.json``, which names the base model, + ``adapter_model.safetensors``)."""
 
 from __future__ import annotations
 
@@ -17,16 +12,12 @@ from utils.cli import InputError
 
 ADAPTER_CONFIG = "adapter_config.json"
 
+_LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 #: The attention and MLP projections LoRA adapts, per ``config.model_type``.
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "gpt2": ["c_attn", "c_proj", "c_fc"],
     "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "gemma2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "gemma3_text": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    **{name: list(_LLAMA_LIKE) for name in ("llama", "gemma", "gemma2", "gemma3_text", "mistral", "qwen2")},
 }
 
 
@@ -41,15 +32,12 @@ def target_modules(model_type: str, requested: str | None) -> list[str]:
     if requested:
         return [m.strip() for m in requested.split(",") if m.strip()]
     if model_type not in DEFAULT_TARGET_MODULES:
-        raise InputError(
-            f"No default LoRA target modules for a {model_type!r} model; pass "
-            "--lora_target_modules with its projection layers (e.g. q_proj,v_proj)."
-        )
+        raise InputError(f"No default LoRA target modules for a {model_type!r} model; pass "
+                         "--lora_target_modules with its projection layers (e.g. q_proj,v_proj).")
     return list(DEFAULT_TARGET_MODULES[model_type])
 
 
-def wrap_with_lora(model: Any, *, r: int, alpha: float, dropout: float,
-                   modules: Sequence[str]) -> Any:
+def wrap_with_lora(model: Any, *, r: int, alpha: float, dropout: float, modules: Sequence[str]) -> Any:
     """The model with fresh LoRA adapters on ``modules``; only the adapters are trainable."""
     from peft import LoraConfig, get_peft_model
 
@@ -73,9 +61,8 @@ def base_model_name(adapter_dir: str | Path) -> str:
     return str(name)
 
 
-def load_adapter_model(adapter_dir: str | Path, base: Any, *, merge: bool = True) -> Any:
-    """``base`` with the adapter of ``adapter_dir`` (merged into its weights when ``merge``)."""
+def load_adapter_model(adapter_dir: str | Path, base: Any) -> Any:
+    """``base`` with the adapter of ``adapter_dir`` merged into its weights."""
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(base, str(adapter_dir))
-    return model.merge_and_unload() if merge else model
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
