@@ -26,9 +26,7 @@ def iter_top_genes(dataset: Any, top_k: int, batch_size: int = 10_000) -> Iterat
             yield " ".join(sentence.split()[:top_k])
 
 
-def build_model_and_tokenizer(
-    args: Any, train_split: Any, checkpoint: Path | None
-) -> tuple[Any, Any]:
+def build_model_and_tokenizer(args: Any, train_split: Any, checkpoint: Path | None) -> tuple[Any, Any]:
     """Load the pretrained model, the checkpoint's, or build a small one from scratch, as
     train.py's parsed flags ``args`` say."""
     import torch
@@ -40,19 +38,15 @@ def build_model_and_tokenizer(
     from utils.models.train_data import label_columns_of, label_set
 
     m, d = args.model, args.data
-    if checkpoint is not None and m.lora_r:
-        # An adapter checkpoint: the base model + fresh adapters; Trainer restores the adapter
-        # weights, optimizer and step from the checkpoint.
+    if checkpoint is not None:
         tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
-        model = from_pretrained(AutoModelForCausalLM.from_pretrained, m.model_name,
-                                offline_hint=OFFLINE_HINT, dtype=torch.float32)
-    elif checkpoint is not None:
-        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
-        model = from_pretrained(AutoModelForCausalLM.from_pretrained, str(checkpoint),
-                                offline_hint=OFFLINE_HINT, dtype=torch.float32)
+        # An adapter checkpoint: the base model + fresh adapters (Trainer restores the adapters).
+        source = m.model_name if m.lora_r else str(checkpoint)
+        model = from_pretrained(AutoModelForCausalLM.from_pretrained, source, offline_hint=OFFLINE_HINT,
+                                dtype=torch.float32)
     elif m.init_from_scratch:
-        # Every label column's words; the attribute and multi-condition prompts' words only when
-        # there are several columns (a one-column run's vocabulary stays what it was).
+        # The attribute and multi-condition prompts' words only with several label columns (a
+        # one-column run's vocabulary stays what it was).
         columns = label_columns_of(d)
         labels = [x for column in columns for x in label_set(train_split, column)]
         words = prompt_words(labels, attributes=[attribute_name(c) for c in columns] if columns[1:] else [],
@@ -62,46 +56,25 @@ def build_model_and_tokenizer(
 
             words = sorted({*words, *template_words(d.multi_cell_column,
                                                     label_set(train_split, d.multi_cell_column))})
-        tokenizer = build_word_tokenizer(
-            iter_top_genes(train_split, d.top_k_genes),
-            extra_words=words,
-            min_count=m.min_gene_count,
-            model_max_length=m.n_positions,
-        )
-        config = GPT2Config(
-            vocab_size=len(tokenizer),
-            n_positions=m.n_positions,
-            n_embd=m.n_embd,
-            n_layer=m.n_layer,
-            n_head=m.n_head,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+        tokenizer = build_word_tokenizer(iter_top_genes(train_split, d.top_k_genes), extra_words=words,
+                                         min_count=m.min_gene_count, model_max_length=m.n_positions)
+        config = GPT2Config(vocab_size=len(tokenizer), n_positions=m.n_positions, n_embd=m.n_embd,
+                            n_layer=m.n_layer, n_head=m.n_head, bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         model = AutoModelForCausalLM.from_config(config)
-        logger.info(
-            "New GPT-2-style model: %d layers, %d dims, %d heads, %s parameters, vocabulary "
-            "of %s words.",
-            m.n_layer, m.n_embd, m.n_head, f"{model.num_parameters():,}", f"{len(tokenizer):,}",
-        )
+        logger.info("New GPT-2-style model: %d layers, %d dims, %d heads, %s parameters, vocabulary of %s words.",
+                    m.n_layer, m.n_embd, m.n_head, f"{model.num_parameters():,}", f"{len(tokenizer):,}")
     else:
-        tokenizer = from_pretrained(
-            AutoTokenizer.from_pretrained, m.model_name, offline_hint=OFFLINE_HINT
-        )
-        model = from_pretrained(
-            AutoModelForCausalLM.from_pretrained,
-            m.model_name,
-            offline_hint=OFFLINE_HINT,
-            dtype=torch.float32,
-        )
+        tokenizer = from_pretrained(AutoTokenizer.from_pretrained, m.model_name, offline_hint=OFFLINE_HINT)
+        model = from_pretrained(AutoModelForCausalLM.from_pretrained, m.model_name, offline_hint=OFFLINE_HINT,
+                                dtype=torch.float32)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.eos_token_id is None:
         raise InputError(f"The tokenizer of {m.model_name} has no EOS token; pick another model.")
     tokenizer.padding_side = "right"
     if getattr(model, "loss_type", None) is None:
-        # GPT-2's class name names no loss; this is the loss transformers falls back to, named
-        # here so that it does not warn about it in every process.
+        # The loss transformers falls back to for GPT-2, named so that it does not warn in every process.
         model.loss_type = "ForCausalLM"
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
@@ -115,35 +88,26 @@ def build_model_and_tokenizer(
 
 
 def add_lora(model: Any, m: Any, *, gradient_checkpointing: bool) -> Any:
-    """Wrap ``model`` with LoRA adapters (only they train) as the model flags ``m`` say; the
-    adapter names its base model by an absolute path when it is a local folder, so the run
-    folder loads from anywhere."""
+    """Wrap ``model`` with LoRA adapters (only they train) as the model flags ``m`` say; a local
+    base model is named by its absolute path, so the run folder loads from anywhere."""
     from utils.models.lora import target_modules, wrap_with_lora
 
     modules = target_modules(model.config.model_type, m.lora_target_modules)
     if gradient_checkpointing:
         model.enable_input_require_grads()  # checkpointed blocks need inputs that require grad
-    model = wrap_with_lora(model, r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout,
-                           modules=modules)
+    model = wrap_with_lora(model, r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout, modules=modules)
     base = Path(m.model_name).expanduser()
-    model.peft_config["default"].base_model_name_or_path = (
-        str(base.resolve()) if base.is_dir() else m.model_name
-    )
+    model.peft_config["default"].base_model_name_or_path = str(base.resolve()) if base.is_dir() else m.model_name
     trainable, total = model.get_nb_trainable_parameters()
-    logger.info(
-        "LoRA r=%d alpha=%g on %s: %s of %s parameters train (%.2f%%).",
-        m.lora_r, m.lora_alpha, ",".join(modules), f"{trainable:,}", f"{total:,}",
-        100 * trainable / max(total, 1),
-    )
+    logger.info("LoRA r=%d alpha=%g on %s: %s of %s parameters train (%.2f%%).", m.lora_r, m.lora_alpha,
+                ",".join(modules), f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
     return model
 
 
 def context_length(model: Any, tokenizer: Any, requested: int | None) -> int:
     """The longest example: the model's context, or less when asked."""
     config = model.config
-    limit = getattr(config, "n_positions", None) or getattr(
-        config, "max_position_embeddings", None
-    )
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
     tok_limit = getattr(tokenizer, "model_max_length", None)
     if tok_limit and tok_limit < 1_000_000:
         limit = min(limit, tok_limit) if limit else tok_limit
@@ -151,9 +115,7 @@ def context_length(model: Any, tokenizer: Any, requested: int | None) -> int:
     if requested is None:
         return limit
     if requested > limit:
-        logger.warning(
-            "--max_seq_length %d exceeds the model's context of %d tokens; using %d.",
-            requested, limit, limit,
-        )
+        logger.warning("--max_seq_length %d exceeds the model's context of %d tokens; using %d.",
+                       requested, limit, limit)
         return limit
     return requested

@@ -1,13 +1,8 @@
-"""Training examples, prompt/answer encoding and model loading for cell-sentence language models.
+"""Training examples and the prompt/answer encoding shared by training and generation.
 
-An example is ``prompt ids + answer ids + EOS``. The prompt ids are exactly
-``encode_prompt(tokenizer, prompt)`` (BOS, then the prompt text), and the answer is encoded as
-``" " + answer`` so that a byte-pair tokenizer such as GPT-2's sees each gene as a word
-following a space, just as the model produces it when it continues the prompt. The loss is
-taken on the answer and the EOS only (labels -100 on the prompt and on padding).
-
-``generate.py`` uses ``encode_prompt``, ``decode_answer`` and ``load_model_and_tokenizer`` so
-that generation feeds the model the same ids it saw during training.
+An example is ``encode_prompt`` + ``encode_answer`` + EOS; the loss is taken on the answer and the
+EOS only. Our format encodes the answer as ``" " + answer``, so that a byte-pair tokenizer sees
+each gene as a word after a space, as the model produces it when it continues the prompt.
 """
 
 from __future__ import annotations
@@ -20,68 +15,42 @@ from typing import Any
 
 from utils.cli import InputError
 from utils.models.multi_cell import MULTI_CELL_TASKS
-from utils.models.prompts import OURS, PromptFormat, prompt_format
+from utils.models.prompts import OURS, PromptFormat, attribute_name, prompt_format
 
 IGNORE_INDEX = -100
-
-
 CONDITIONAL_GENERATION = "conditional_generation"
-
-
 UNCONDITIONAL_GENERATION = "unconditional_generation"
-
-
 CELL_TYPE_PREDICTION = "cell_type_prediction"
-
-
 TASKS: tuple[str, ...] = (CONDITIONAL_GENERATION, UNCONDITIONAL_GENERATION, CELL_TYPE_PREDICTION)
-
-
 #: Tasks that need a cell-type label per cell.
 TYPED_TASKS: frozenset[str] = frozenset({CONDITIONAL_GENERATION, CELL_TYPE_PREDICTION})
-
 PREDICTION_SUFFIX = "_prediction"
 
 
 def prediction_tasks(label_columns: Sequence[str]) -> dict[str, str]:
-    """The prediction task of each label column after the first (the cell type's, whose tasks
-    are ``TASKS``): ``<column>_prediction`` -> column.
-
-    >>> prediction_tasks(["cell_type", "tissue"])
-    {'tissue_prediction': 'tissue'}
-    """
+    """``<column>_prediction`` -> column, for each label column after the first (the cell type's)."""
     out: dict[str, str] = {}
     for column in label_columns[1:]:
         task = f"{column}{PREDICTION_SUFFIX}"
         if task in TASKS:
-            raise InputError(
-                f"The label column {column!r} would name the task {task}, which is the first label "
-                f"column's; list {column!r} first in --label_columns."
-            )
+            raise InputError(f"The label column {column!r} would name the task {task}, which is the first label "
+                             f"column's; list {column!r} first in --label_columns.")
         out[task] = str(column)
     return out
 
 
 def _format(fmt: PromptFormat | str | None) -> PromptFormat:
-    if isinstance(fmt, PromptFormat):
-        return fmt
-    return prompt_format(fmt or OURS)
+    return fmt if isinstance(fmt, PromptFormat) else prompt_format(fmt or OURS)
 
 
 def encode_prompt(tokenizer: Any, prompt: str, fmt: PromptFormat | str | None = None) -> list[int]:
-    """The token ids the model saw before the answer during training.
-
-    Our format: BOS (when the tokenizer has one) followed by the prompt's tokens. The C2S-Scale
-    format: the tokenizer's own encoding (its special tokens, as the published models were
-    trained). Feed exactly these ids to ``model.generate`` and the model continues with the answer.
-    """
+    """The token ids the model saw before the answer during training: ours, BOS (if any) and the
+    prompt's tokens; C2S-Scale, the tokenizer's own encoding (its special tokens)."""
     fmt = _format(fmt)
     if not fmt.manual_bos:
         return list(tokenizer(prompt)["input_ids"])
     ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    if tokenizer.bos_token_id is not None:
-        ids = [tokenizer.bos_token_id, *ids]
-    return ids
+    return ids if tokenizer.bos_token_id is None else [tokenizer.bos_token_id, *ids]
 
 
 def encode_answer(tokenizer: Any, answer: str, fmt: PromptFormat | str | None = None) -> list[int]:
@@ -101,74 +70,53 @@ def decode_text(tokenizer: Any, ids: Sequence[int] | Any) -> str:
 
 
 def decode_answer(tokenizer: Any, ids: Sequence[int] | Any, fmt: PromptFormat | str | None = None) -> str:
-    """Turn generated answer ids back into text: gene names (or the words of a cell-type
-    label) separated by single spaces. Everything from the first EOS on is dropped, and with
-    it, in the C2S-Scale format, everything after the first line and the closing period.
-
-    ``ids`` are the ids after the prompt (a list, or a 1-d tensor/array).
-    """
+    """The text of generated answer ``ids`` (list or 1-d tensor/array): up to the first EOS, words
+    separated by single spaces, only the first line and no closing suffix (``parse_label``)."""
     return _format(fmt).parse_label(decode_text(tokenizer, ids))
 
 
-def join_example(
-    prompt_ids: Sequence[int], answer_ids: Sequence[int], eos_token_id: int
-) -> dict[str, list[int]]:
-    """``input_ids`` = prompt + answer + EOS; ``labels`` the same with the prompt masked.
-
-    >>> join_example([1, 5, 6], [7, 8], 2)
-    {'input_ids': [1, 5, 6, 7, 8, 2], 'labels': [-100, -100, -100, 7, 8, 2]}
-    """
-    input_ids = [*prompt_ids, *answer_ids, eos_token_id]
-    labels = [IGNORE_INDEX] * len(prompt_ids) + [*answer_ids, eos_token_id]
-    return {"input_ids": input_ids, "labels": labels}
+def join_example(prompt_ids: Sequence[int], answer_ids: Sequence[int],
+                 eos_token_id: int) -> dict[str, list[int]]:
+    """``input_ids`` = prompt + answer + EOS; ``labels`` the same with the prompt masked (-100)."""
+    return {"input_ids": [*prompt_ids, *answer_ids, eos_token_id],
+            "labels": [IGNORE_INDEX] * len(prompt_ids) + [*answer_ids, eos_token_id]}
 
 
-def _fit_genes(
-    n_genes: int,
-    max_length: int,
-    build: Callable[[int], tuple[list[int], list[int]]],
-    *,
-    what: str,
-) -> tuple[list[int], list[int], int]:
-    """Largest-enough gene count whose (prompt, answer) plus EOS fits ``max_length`` tokens.
+Build = Callable[[int], tuple[list[int], list[int]]]
+Step = Callable[[list[int], list[int], int], float]
 
-    ``build(n)`` returns the prompt and answer ids with ``n`` genes. The count shrinks by an
-    estimate of the excess each round, so a few tokenizer calls suffice.
-    """
-    n = n_genes
+
+def fit_length(n: int, max_length: int, build: Build, step: Step,
+               error: str) -> tuple[list[int], list[int], int]:
+    """The largest count ``n`` (genes) whose ``build(n)`` (prompt and answer ids) plus EOS fits
+    ``max_length`` tokens; ``step(prompt_ids, answer_ids, n)`` estimates the tokens per unit of
+    ``n``, so that a few rounds suffice. ValueError with ``error`` when even 0 does not fit."""
     while True:
         prompt_ids, answer_ids = build(n)
         total = len(prompt_ids) + len(answer_ids) + 1
         if total <= max_length:
             return prompt_ids, answer_ids, n
         if n == 0:
-            raise ValueError(
-                f"A {what} example does not fit into {max_length} tokens even without genes; "
-                "raise --max_seq_length or use a model with a longer context."
-            )
-        gene_tokens = len(answer_ids) if what == "generation" else len(prompt_ids)
-        per_gene = max(1.0, gene_tokens / max(n, 1))
-        n = max(0, n - max(1, math.ceil((total - max_length) / per_gene)))
+            raise ValueError(error)
+        n = max(0, n - max(1, math.ceil((total - max_length) / step(prompt_ids, answer_ids, n))))
 
 
-def generation_example(
-    tokenizer: Any,
-    genes: Sequence[str],
-    cell_type: str | None,
-    *,
-    template: str,
-    max_length: int,
-    fmt: PromptFormat | str | None = None,
-    conditions: Sequence[tuple[str, str]] | None = None,
-) -> tuple[dict[str, list[int]], int]:
+def _fit_genes(n_genes: int, max_length: int, build: Build, *, what: str) -> tuple[list[int], list[int], int]:
+    def step(prompt_ids: list[int], answer_ids: list[int], n: int) -> float:
+        return max(1.0, len(answer_ids if what == "generation" else prompt_ids) / max(n, 1))
+
+    return fit_length(n_genes, max_length, build, step,
+                      f"A {what} example does not fit into {max_length} tokens even without genes; "
+                      "raise --max_seq_length or use a model with a longer context.")
+
+
+def generation_example(tokenizer: Any, genes: Sequence[str], cell_type: str | None, *, template: str,
+                       max_length: int, fmt: PromptFormat | str | None = None,
+                       conditions: Sequence[tuple[str, str]] | None = None) -> tuple[dict[str, list[int]], int]:
     """A generation example: prompt for ``len(genes)`` genes of a ``cell_type`` cell (or of a
-    cell with these ``(column, value)`` ``conditions``) -> those genes + EOS.
-
-    When it does not fit ``max_length`` tokens the answer is shortened (and the prompt asks
-    for that many genes), so the EOS is never cut off. Returns the example and the number
-    of genes kept.
+    cell with these ``(column, value)`` ``conditions``) -> those genes + EOS; returns it and the
+    number of genes kept (fewer when it would not fit ``max_length``: the EOS is never cut off).
     """
-
     fmt = _format(fmt)
 
     def build(n: int) -> tuple[list[int], list[int]]:
@@ -181,23 +129,12 @@ def generation_example(
     return join_example(prompt_ids, answer_ids, tokenizer.eos_token_id), n
 
 
-def prediction_example(
-    tokenizer: Any,
-    genes: Sequence[str],
-    cell_type: str,
-    *,
-    template: str,
-    max_length: int,
-    fmt: PromptFormat | str | None = None,
-    attribute: str | None = None,
-) -> tuple[dict[str, list[int]], int]:
-    """A cell-type prediction example: prompt with ranked ``genes`` -> ``cell_type`` + EOS
-    (with ``attribute``, the name of another label column, e.g. "tissue": its prompt, and
-    ``cell_type`` is the cell's value of that column).
-
-    When it does not fit ``max_length`` tokens, the lowest-ranked genes are dropped from the
-    prompt; the answer is never cut. Returns the example and the number of genes kept.
-    """
+def prediction_example(tokenizer: Any, genes: Sequence[str], cell_type: str, *, template: str, max_length: int,
+                       fmt: PromptFormat | str | None = None, attribute: str | None = None,
+                       ) -> tuple[dict[str, list[int]], int]:
+    """A prediction example: prompt with ranked ``genes`` -> ``cell_type`` (with ``attribute``:
+    that label column's prompt and value) + EOS; returns it and the number of genes kept (the
+    lowest-ranked are dropped when it would not fit ``max_length``; the answer is never cut)."""
     fmt = _format(fmt)
     answer_ids = encode_answer(tokenizer, fmt.prediction_answer(cell_type), fmt)
 
@@ -209,96 +146,55 @@ def prediction_example(
     return join_example(prompt_ids, answer_ids, tokenizer.eos_token_id), n
 
 
-def make_example(
-    tokenizer: Any,
-    sentence: str,
-    cell_type: str | None,
-    *,
-    task: str,
-    top_k: int,
-    max_length: int,
-    rng: random.Random,
-    fmt: PromptFormat | str | None = None,
-    attribute: str | None = None,
-    conditions: Sequence[tuple[str, str]] | None = None,
-) -> dict[str, list[int]]:
-    """One tokenized training example of ``task`` from a cell sentence (template from ``rng``);
-    ``attribute`` (the ``attribute_name`` of a further label column) makes it that column's
-    prediction, ``cell_type`` holding the cell's value of it; ``conditions`` (``(column,
-    value)`` pairs) a generation conditioned on them."""
+def make_example(tokenizer: Any, sentence: str, cell_type: str | None, *, task: str, top_k: int,
+                 max_length: int, rng: random.Random, fmt: PromptFormat | str | None = None,
+                 attribute: str | None = None, conditions: Sequence[tuple[str, str]] | None = None,
+                 ) -> dict[str, list[int]]:
+    """One tokenized example of ``task`` from a cell sentence (template from ``rng``); with
+    ``attribute`` (a further label column's ``attribute_name``) that column's prediction, the
+    answer ``cell_type``; with ``conditions`` (``(column, value)`` pairs) a conditional generation."""
     fmt = _format(fmt)
     genes = sentence.split()[:top_k]
+    kwargs = {"max_length": max_length, "fmt": fmt}
     if conditions:
-        example, _ = generation_example(tokenizer, genes, None, template=rng.choice(fmt.conditions_templates),
-                                        max_length=max_length, fmt=fmt, conditions=conditions)
-        return example
+        template = rng.choice(fmt.conditions_templates)
+        return generation_example(tokenizer, genes, None, template=template, conditions=conditions, **kwargs)[0]
     if attribute is not None:
         template = rng.choice(fmt.prediction_templates_for(attribute))
-        example, _ = prediction_example(tokenizer, genes, str(cell_type), template=template,
-                                        max_length=max_length, fmt=fmt, attribute=attribute)
-        return example
+        return prediction_example(tokenizer, genes, str(cell_type), template=template, attribute=attribute,
+                                  **kwargs)[0]
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}; choose from {', '.join(TASKS)}.")
     template = rng.choice(fmt.templates(task))
     if task == CELL_TYPE_PREDICTION:
-        example, _ = prediction_example(
-            tokenizer, genes, str(cell_type), template=template, max_length=max_length, fmt=fmt
-        )
-    else:
-        typed = str(cell_type) if task == CONDITIONAL_GENERATION else None
-        example, _ = generation_example(
-            tokenizer, genes, typed, template=template, max_length=max_length, fmt=fmt
-        )
-    return example
+        return prediction_example(tokenizer, genes, str(cell_type), template=template, **kwargs)[0]
+    typed = str(cell_type) if task == CONDITIONAL_GENERATION else None
+    return generation_example(tokenizer, genes, typed, template=template, **kwargs)[0]
 
 
-def example_rng(seed: int, split: str, index: int) -> random.Random:
-    """The random stream of one example: the same for any batching or number of workers."""
-    return random.Random(f"{seed}:{split}:{index}")
+def tokenize_batch(batch: Mapping[str, Sequence[Any]], indices: Sequence[int], *, tokenizer: Any,
+                   tasks: Mapping[str, float], top_k: int, max_length: int, seed: int, split: str,
+                   sentence_column: str = "cell_sentence", cell_type_column: str | None = "cell_type",
+                   prompt_format: PromptFormat | str = OURS, label_columns: Mapping[str, str] | None = None,
+                   condition_columns: Sequence[str] = ()) -> dict[str, list[Any]]:
+    """``datasets.map(batched=True, with_indices=True)`` function: one example per cell, its task
+    drawn with the weights of ``tasks`` among those whose label the cell has (no example when it
+    has none); a seeded stream per cell.
 
-
-def tokenize_batch(
-    batch: Mapping[str, Sequence[Any]],
-    indices: Sequence[int],
-    *,
-    tokenizer: Any,
-    tasks: Mapping[str, float],
-    top_k: int,
-    max_length: int,
-    seed: int,
-    split: str,
-    sentence_column: str = "cell_sentence",
-    cell_type_column: str | None = "cell_type",
-    prompt_format: PromptFormat | str = OURS,
-    label_columns: Mapping[str, str] | None = None,
-    condition_columns: Sequence[str] = (),
-) -> dict[str, list[Any]]:
-    """``datasets.map(batched=True, with_indices=True)`` function: one example per cell, its
-    task drawn with the weights of ``tasks`` from a per-cell seeded random stream.
-
-    ``label_columns`` maps the prediction task of each further label column
-    (``prediction_tasks``) to its column. A task is drawn among those whose label the cell
-    has (None, empty, "nan": none); a cell with no label at all gets an untyped task, or no
-    example when all tasks need a label. With ``condition_columns`` (every label column, the
-    cell type's first), a conditional generation is conditioned on a random subset of the
-    columns the cell has labels for (``draw_conditions``).
+    ``label_columns``: further label columns by prediction task (``prediction_tasks``). With
+    ``condition_columns``, a conditional generation is conditioned on ``draw_conditions``.
     """
-    from utils.models.prompts import attribute_name
-
     names, weights = list(tasks), list(tasks.values())
     fmt = _format(prompt_format)
     extra = dict(label_columns or {})
     sentences = batch[sentence_column]
-
-    def values(column: str | None) -> Sequence[Any]:
-        return batch[column] if column in batch else [None] * len(sentences)
-
     # The column whose label each task needs (None: an untyped task).
     needs = {n: extra.get(n, cell_type_column if n in TYPED_TASKS else None) for n in names}
-    columns = {c: values(c) for c in {*needs.values(), *condition_columns} - {None}}
+    columns = {c: batch[c] if c in batch else [None] * len(sentences)
+               for c in {*needs.values(), *condition_columns} - {None}}
     out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "task": []}
     for row, (sentence, index) in enumerate(zip(sentences, indices, strict=True)):
-        rng = example_rng(seed, split, index)
+        rng = random.Random(f"{seed}:{split}:{index}")  # the same for any batching or number of workers
         known = {c for c, v in columns.items() if has_label(v[row])}
         eligible = [(n, w) for n, w in zip(names, weights, strict=True) if needs[n] is None or needs[n] in known]
         if len(eligible) == len(names):
@@ -314,10 +210,9 @@ def tokenize_batch(
         conditions = None
         if task == CONDITIONAL_GENERATION and condition_columns:
             conditions = draw_conditions([(c, columns[c][row]) for c in condition_columns], rng)
-        example = make_example(
-            tokenizer, sentence, label, task=task, top_k=top_k, max_length=max_length, rng=rng,
-            fmt=fmt, attribute=attribute_name(column) if task in extra else None, conditions=conditions,
-        )
+        attribute = attribute_name(column) if task in extra else None
+        example = make_example(tokenizer, sentence, label, task=task, top_k=top_k, max_length=max_length,
+                               rng=rng, fmt=fmt, attribute=attribute, conditions=conditions)
         out["input_ids"].append(example["input_ids"])
         out["labels"].append(example["labels"])
         out["task"].append(task)
@@ -326,12 +221,7 @@ def tokenize_batch(
 
 def draw_conditions(labels: Sequence[tuple[str, Any]], rng: random.Random) -> list[tuple[str, str]] | None:
     """The conditions of one generation example: each labelled ``(column, value)`` kept with
-    probability 1/2 (none kept: the first). None when that leaves the first column alone (the
-    cell-type prompts of a one-column model).
-
-    >>> draw_conditions([("cell_type", "B"), ("tissue", None)], random.Random(0)) is None
-    True
-    """
+    probability 1/2 (none kept: the first); None when only the first column is left."""
     known = [(c, str(v)) for c, v in labels if has_label(v)]
     chosen = [pair for pair in known if rng.random() < 0.5] or known[:1]
     return None if [c for c, _ in chosen] == [labels[0][0]] else chosen
@@ -339,28 +229,18 @@ def draw_conditions(labels: Sequence[tuple[str, Any]], rng: random.Random) -> li
 
 def has_label(cell_type: Any) -> bool:
     """Whether a cell-type value is a usable label (not None, empty or NaN)."""
-    if cell_type is None:
-        return False
-    text = str(cell_type).strip()
+    text = "" if cell_type is None else str(cell_type).strip()
     return bool(text) and text.lower() not in {"nan", "none"}
 
 
-def parse_tasks(tasks: str, weights: str | None = None, *,
-                extra_tasks: Sequence[str] = ()) -> dict[str, float]:
-    """``"a,b"`` and optional ``"2,1"`` -> ``{"a": 2/3, "b": 1/3}`` (weights normalized);
-    ``extra_tasks`` are the prediction tasks of further label columns (``prediction_tasks``).
-
-    >>> parse_tasks("cell_type_prediction,unconditional_generation", "3,1")
-    {'cell_type_prediction': 0.75, 'unconditional_generation': 0.25}
-    """
+def parse_tasks(tasks: str, weights: str | None = None, *, extra_tasks: Sequence[str] = ()) -> dict[str, float]:
+    """``"a,b"`` and optional ``"2,1"`` -> ``{"a": 2/3, "b": 1/3}``; ``extra_tasks``: further known tasks."""
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     known = (*TASKS, *extra_tasks)
     unknown = [t for t in names if t not in known]
     if not names or unknown:
-        raise InputError(
-            f"Unknown task(s) {unknown or tasks!r} in --tasks; choose a comma-separated "
-            f"subset of {','.join(known)}."
-        )
+        raise InputError(f"Unknown task(s) {unknown or tasks!r} in --tasks; choose a comma-separated "
+                         f"subset of {','.join(known)}.")
     if len(set(names)) != len(names):
         raise InputError(f"--tasks {tasks!r} names a task twice; list each task once.")
     if weights is None:
@@ -369,14 +249,10 @@ def parse_tasks(tasks: str, weights: str | None = None, *,
         try:
             values = [float(w) for w in weights.split(",")]
         except ValueError:
-            raise InputError(
-                f"--task_weights {weights!r} is not a comma-separated list of numbers."
-            ) from None
+            raise InputError(f"--task_weights {weights!r} is not a comma-separated list of numbers.") from None
         if len(values) != len(names) or any(v < 0 or not math.isfinite(v) for v in values):
-            raise InputError(
-                f"--task_weights {weights!r} needs one non-negative number per task of --tasks "
-                f"({len(names)})."
-            )
+            raise InputError(f"--task_weights {weights!r} needs one non-negative number per task of --tasks "
+                             f"({len(names)}).")
         if sum(values) <= 0:
             raise InputError("--task_weights sum to zero; give at least one task a weight > 0.")
     total = sum(values)

@@ -1,22 +1,12 @@
 """Multi-cell tasks (C2S-Scale's): predict the label of a group of N cells, and generate N cells of a
 group given its label (``train.py --multi_cell_column sample --cells_per_example 4``).
 
-Cells are grouped by the value of one column (e.g. ``sample`` or ``tissue``) *within a split*, so a
-training example never holds a cell of the valid or test split; the group label is that value.
-A group's cells are joined into ``{multi_cell_sentences}`` (``{cells}`` in our templates) by the
-format's ``CELL_SEPARATORS``: ours puts the word ``|`` between cells (our word-level tokenizer splits
-on whitespace only, so a newline would vanish), c2s_scale one cell per line; each cell its genes
-separated by single spaces. An example longer than the context drops genes evenly across its cells
-(every cell keeps the same number of top genes), never the answer label.
-
->>> fill_multi_cell_prompt(prompt_format("ours"), OURS_MULTI_CELL_PREDICTION_TEMPLATES[0],
-...                        cells=[["A", "B"], ["C", "D"]], column="sample")
-'The 2 most highly expressed genes of each of 2 cells of one sample , cell by cell: A B | C D Which sample do these cells come from?'
+Cells are grouped by one column's value within a split. A group's cells are joined by the format's
+``CELL_SEPARATORS``; an example longer than the context drops genes evenly across its cells.
 """
 
 from __future__ import annotations
 
-import math
 import random
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -27,8 +17,7 @@ from utils.models.prompts import C2S_SCALE, OURS, PromptFormat, attribute_name, 
 MULTI_CELL_PREDICTION = "multi_cell_prediction"
 MULTI_CELL_GENERATION = "multi_cell_generation"
 MULTI_CELL_TASKS: tuple[str, ...] = (MULTI_CELL_PREDICTION, MULTI_CELL_GENERATION)
-DEFAULT_CELLS_PER_EXAMPLE = 4
-
+# Ours: the word "|" (our word-level tokenizer splits on whitespace, so a newline would vanish).
 CELL_SEPARATORS: dict[str, str] = {OURS: " | ", C2S_SCALE: "\n"}
 
 # Ours: every placeholder stands alone between whitespace ({attribute}: the column's name).
@@ -49,8 +38,7 @@ OURS_MULTI_CELL_GENERATION_TEMPLATES: tuple[str, ...] = (
 
 # C2S-Scale's, verbatim (vandijklab/cell2sentence, src/cell2sentence/prompts/
 # multi_cell_tissue_prediction_prompts.json and multi_cell_tissue_conditional_generation.json);
-# responses "{tissue}." and "{multi_cell_sentences}.". A column other than tissue replaces the
-# word "tissue" by its name (``c2s_scale_templates``).
+# responses "{tissue}." and "{multi_cell_sentences}.".
 C2S_SCALE_MULTI_CELL_PREDICTION_TEMPLATES: tuple[str, ...] = (
     "The following is a list of {num_genes} gene names ordered by descending expression level for {num_cells} different {organism} cells. Your task is to give the tissue which these cells belong to based on their gene expression.\nCell sentences:\n{multi_cell_sentences}.\nThe tissue which these cells belong to is:",
     "Below is a list of {num_genes} genes in decreasing order of expression in {num_cells} {organism} cells. Given this, predict the tissue which these cells belongs to.\nCell sentences:\n{multi_cell_sentences}.\nThe tissue which these cells originate from is:",
@@ -87,12 +75,8 @@ C2S_SCALE_MULTI_CELL_GENERATION_TEMPLATES: tuple[str, ...] = (
 
 
 def multi_cell_templates(fmt: PromptFormat, task: str, column: str) -> tuple[str, ...]:
-    """The templates of a multi-cell ``task`` in ``fmt`` for grouping column ``column``; in
-    c2s_scale the word "tissue" becomes the column's name when the column is not tissue.
-
-    >>> multi_cell_templates(prompt_format("c2s_scale"), MULTI_CELL_GENERATION, "sample")[0][:60]
-    'Generate a list of {num_genes} genes in order of descending '
-    """
+    """The templates of a multi-cell ``task`` in ``fmt`` for grouping column ``column`` (c2s_scale's
+    word "tissue" becomes the column's name)."""
     if task not in MULTI_CELL_TASKS:
         raise ValueError(f"Unknown multi-cell task {task!r}; choose from {', '.join(MULTI_CELL_TASKS)}.")
     prediction = task == MULTI_CELL_PREDICTION
@@ -108,8 +92,8 @@ def multi_cell_templates(fmt: PromptFormat, task: str, column: str) -> tuple[str
 
 
 def template_words(column: str, labels: Sequence[str] = ()) -> list[str]:
-    """The words our multi-cell templates add to a from-scratch tokenizer: their words, the
-    column's name, the cell separator and the group labels' words."""
+    """The words our multi-cell templates add to a from-scratch tokenizer (with the column's name,
+    the cell separator and the group labels' words)."""
     words: set[str] = set(CELL_SEPARATORS[OURS].split())
     for template in (*OURS_MULTI_CELL_PREDICTION_TEMPLATES, *OURS_MULTI_CELL_GENERATION_TEMPLATES):
         words.update(w for w in template.split() if not (w.startswith("{") and w.endswith("}")))
@@ -130,15 +114,14 @@ def split_cells(fmt: PromptFormat, text: str) -> list[str]:
     text = text.strip()
     if fmt.answer_suffix and text.endswith(fmt.answer_suffix):
         text = text[: -len(fmt.answer_suffix)]
-    if separator == "\n":
-        parts = text.split("\n")
-    else:
-        parts = f" {' '.join(text.split())} ".split(f" {separator} ")
+    parts = (text.split("\n") if separator == "\n"
+             else f" {' '.join(text.split())} ".split(f" {separator} "))
     return [" ".join(p.split()) for p in parts if p.strip()]
 
 
 def fill_multi_cell_prompt(fmt: PromptFormat, template: str, *, column: str, cells: Sequence[Sequence[str]] = (),
-                           n_genes: int | None = None, n_cells: int | None = None, label: str | None = None) -> str:
+                           n_genes: int | None = None, n_cells: int | None = None, label: str | None = None,
+                           ) -> str:
     """A multi-cell prompt: ``cells`` (gene lists) for prediction, ``label`` for generation."""
     n = max((len(c) for c in cells), default=0) if n_genes is None else n_genes
     k = len(cells) if n_cells is None else n_cells
@@ -159,19 +142,17 @@ def multi_cell_answer(fmt: PromptFormat, task: str, *, cells: Sequence[Sequence[
 def fit_cells(cells: Sequence[Sequence[str]], max_length: int,
               build: Callable[[list[list[str]]], tuple[list[int], list[int]]]) -> tuple[list[int], list[int], int]:
     """The largest per-cell gene count ``n`` whose example (``build`` of every cell's top ``n``
-    genes) plus EOS fits ``max_length`` tokens: genes are dropped evenly across the cells."""
-    n = max((len(c) for c in cells), default=0)
-    while True:
-        prompt_ids, answer_ids = build([list(c[:n]) for c in cells])
-        total = len(prompt_ids) + len(answer_ids) + 1
-        if total <= max_length:
-            return prompt_ids, answer_ids, n
-        if n == 0:
-            raise ValueError(f"A multi-cell example of {len(cells)} cells does not fit into {max_length} tokens "
-                             "even without genes; raise --max_seq_length or lower --cells_per_example.")
+    genes) plus EOS fits ``max_length`` tokens (``fit_length``)."""
+    from utils.models.examples import fit_length
+
+    def step(prompt_ids: list[int], answer_ids: list[int], n: int) -> float:
         kept = sum(min(len(c), n) for c in cells)
-        per_gene = max(1.0, (len(prompt_ids) + len(answer_ids)) / max(kept, 1) * 0.9)
-        n = max(0, n - max(1, math.ceil((total - max_length) / (per_gene * max(len(cells), 1)))))
+        return max(1.0, (len(prompt_ids) + len(answer_ids)) / max(kept, 1) * 0.9) * max(len(cells), 1)
+
+    return fit_length(max((len(c) for c in cells), default=0), max_length,
+                      lambda n: build([list(c[:n]) for c in cells]), step,
+                      f"A multi-cell example of {len(cells)} cells does not fit into {max_length} tokens "
+                      "even without genes; raise --max_seq_length or lower --cells_per_example.")
 
 
 def multi_cell_example(tokenizer: Any, cells: Sequence[Sequence[str]], label: str, *, task: str, template: str,
@@ -182,28 +163,31 @@ def multi_cell_example(tokenizer: Any, cells: Sequence[Sequence[str]], label: st
     def build(kept: list[list[str]]) -> tuple[list[int], list[int]]:
         if task == MULTI_CELL_PREDICTION:
             prompt = fill_multi_cell_prompt(fmt, template, column=column, cells=kept)
-            answer = multi_cell_answer(fmt, task, label=label)
         else:
             n = max((len(c) for c in kept), default=0)
             prompt = fill_multi_cell_prompt(fmt, template, column=column, n_genes=n, n_cells=len(kept), label=label)
-            answer = multi_cell_answer(fmt, task, cells=kept)
+        answer = multi_cell_answer(fmt, task, cells=kept, label=label)
         return encode_prompt(tokenizer, prompt, fmt), encode_answer(tokenizer, answer, fmt)
 
     prompt_ids, answer_ids, n = fit_cells(cells, max_length, build)
     return join_example(prompt_ids, answer_ids, tokenizer.eos_token_id), n
 
 
-def draw_groups(values: Sequence[Any], *, cells_per_example: int, n_groups: int, seed: int,
-                split: str) -> list[tuple[str, list[int]]]:
-    """``n_groups`` training groups (label, row indices): the labels taken in turn (sorted), the
-    cells of each group drawn seeded without replacement among the rows with that label, so
-    only cells of this split are ever grouped."""
+def _rows_by_label(values: Sequence[Any]) -> dict[str, list[int]]:
     from utils.models.examples import has_label
 
     rows: dict[str, list[int]] = defaultdict(list)
     for i, v in enumerate(values):
         if has_label(v):
             rows[str(v)].append(i)
+    return rows
+
+
+def draw_groups(values: Sequence[Any], *, cells_per_example: int, n_groups: int, seed: int,
+                split: str) -> list[tuple[str, list[int]]]:
+    """``n_groups`` training groups (label, row indices): the labels taken in turn (sorted), the
+    cells of each group drawn seeded without replacement among the rows with that label."""
+    rows = _rows_by_label(values)
     labels = sorted(rows)
     out: list[tuple[str, list[int]]] = []
     for j in range(n_groups if labels else 0):
@@ -219,15 +203,10 @@ def partition_groups(values: Sequence[Any] | None, n_cells: int, *, cells_per_ex
     """Every cell in exactly one group (for prediction): the rows of each value shuffled seeded
     and cut into groups of ``cells_per_example`` (the last of a value may be smaller); without
     ``values``, consecutive rows."""
-    from utils.models.examples import has_label
-
     if values is None:
         return [(None, list(range(s, min(s + cells_per_example, n_cells))))
                 for s in range(0, n_cells, cells_per_example)]
-    rows: dict[str, list[int]] = defaultdict(list)
-    for i, v in enumerate(values):
-        if has_label(v):
-            rows[str(v)].append(i)
+    rows = _rows_by_label(values)
     out: list[tuple[str | None, list[int]]] = []
     for label in sorted(rows):
         members = list(rows[label])
@@ -240,9 +219,8 @@ def partition_groups(values: Sequence[Any] | None, n_cells: int, *, cells_per_ex
 def multi_cell_examples(split: Any, name: str, *, tokenizer: Any, tasks: Mapping[str, float], column: str,
                         cells_per_example: int, top_k: int, max_length: int, seed: int,
                         fmt: PromptFormat | None = None, sentence_column: str = "cell_sentence") -> dict[str, list[Any]]:
-    """The multi-cell examples of one split: per multi-cell task of weight ``w`` (weights summing to
-    1 over all tasks), ``round(w * n_cells / cells_per_example)`` groups (each cell of a
-    single-cell task makes one example, each group spends ``cells_per_example`` cells)."""
+    """The multi-cell examples of one split: ``round(w * n_cells / cells_per_example)`` groups (at
+    least one) per multi-cell task of weight ``w``."""
     fmt = fmt or prompt_format(OURS)
     out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "task": []}
     if column not in split.column_names:
@@ -267,14 +245,10 @@ def multi_cell_examples(split: Any, name: str, *, tokenizer: Any, tasks: Mapping
     return out
 
 
-# --------------------------------------------------------------------------- using a trained model
-
-
 def group_prompts(model: Any, groups: Sequence[Sequence[str]], *, column: str, budget: int,
                   n_genes: int | None = None) -> tuple[list[list[int]], int]:
-    """The multi-cell prediction prompt ids of each group (its cells' sentences), first template,
-    genes dropped evenly so that the prompt plus ``budget`` answer tokens fits the context;
-    returns the prompts and how many were shortened."""
+    """The multi-cell prediction prompt ids (first template) of each group of cell sentences, fit
+    to leave ``budget`` answer tokens of the context; returns them and how many were shortened."""
     from utils.models.examples import encode_prompt
 
     fmt, tok = model.prompt_format, model.tokenizer
@@ -295,8 +269,7 @@ def group_prompts(model: Any, groups: Sequence[Sequence[str]], *, column: str, b
 
 def predict_groups(model: Any, groups: Sequence[Sequence[str]], *, column: str, labels: Sequence[str],
                    batch_size: int = 16, progress: Any = None) -> tuple[list[str], Any]:
-    """The label of each group of cell sentences, constrained to ``labels`` (each scored whole,
-    normalized over the set, as single cells are: ``utils.models.constrain.score_labels``);
+    """The label of each group of cell sentences among ``labels`` (``constrain.score_labels``);
     returns the labels and their probabilities (groups x labels)."""
     import numpy as np
 
@@ -315,9 +288,8 @@ def predict_groups(model: Any, groups: Sequence[Sequence[str]], *, column: str, 
 def generate_groups(model: Any, labels: Sequence[str], *, column: str, cells_per_example: int,
                     n_genes: int | None = None, batch_size: int = 8, temperature: float = 1.0, top_k: int = 50,
                     top_p: float = 1.0, seed: int | None = None, constrain_genes: bool = False) -> Any:
-    """Generate one group of ``cells_per_example`` cells per entry of ``labels`` (sampled, as
-    ``CellSentenceModel.generate_cells``); returns a DataFrame with ``cell_name``, ``cell_sentence``,
-    ``group`` and ``requested_<column>``, a row per generated cell."""
+    """Sample one group of ``cells_per_example`` cells per entry of ``labels``; returns a DataFrame
+    (``cell_name``, ``cell_sentence``, ``group``, ``requested_<column>``), a row per cell."""
     import pandas as pd
 
     from utils.models.examples import decode_text, encode_prompt
@@ -329,9 +301,7 @@ def generate_groups(model: Any, labels: Sequence[str], *, column: str, cells_per
     prompts = [encode_prompt(tok, fill_multi_cell_prompt(fmt, template, column=column, n_genes=k,
                                                          n_cells=cells_per_example, label=str(x)), fmt)
                for x in labels]
-    names = model.known_genes()
-    per_cell = model.gene_budget(k, names)
-    budget = per_cell * cells_per_example + 2 * cells_per_example
+    budget = (model.gene_budget(k, model.known_genes()) + 2) * cells_per_example
     longest = max((len(p) for p in prompts), default=0)
     new_tokens = max(1, min(budget, model.context - longest))
     answers = generate_batched(model.model, prompts, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,

@@ -1,29 +1,9 @@
-"""Prompt templates of the training tasks, kept as data in one place.
+"""Prompt templates of the training tasks (data) and the prompt formats that fill them.
 
-Three tasks, as in the Cell2Sentence paper (Levine et al. 2023):
-
-- conditional generation: "the top K genes of a cell of type X" -> the first K genes of a sentence;
-- unconditional generation: the same without a cell type -> the first K genes;
-- cell-type prediction: the first K genes -> the cell type;
-- and, per further label column (``train.py --label_columns cell_type,tissue``), its
-  prediction: the first K genes -> the cell's tissue, worded by ``ATTRIBUTE_PREDICTION_TEMPLATES``
-  with the column named ("Which tissue does this cell come from?").
-
-Each task has about ten paraphrases; training picks one per example at random so the model
-does not learn a single wording. Every placeholder (``{n_genes}``, ``{cell_type}``,
-``{genes}``) stands alone between whitespace, so a word-level tokenizer that splits on
-whitespace sees cell types and gene names as whole words, and the punctuation of a template
-stays attached to template words only.
-
-``PromptFormat`` (``prompt_format(name)``) holds the templates of a format and fills them:
-``train.py`` builds the training examples with it and ``generate.py`` asks the trained model
-with the very same prompts. ``generation_prompt`` and ``prediction_prompt`` are the ``ours``
-format's, for scripts of one's own.
-
->>> generation_prompt("B cell", 3)
-'List the 3 most highly expressed genes of a cell of type B cell in order, from highest to lowest expression:'
->>> prediction_prompt(["CD79A", "MS4A1"])
-'The 2 most highly expressed genes of a cell, ordered from highest to lowest expression, are CD79A MS4A1 Which cell type is this cell?'
+Tasks: conditional generation (cell type -> top K genes), unconditional generation, cell-type
+prediction (top K genes -> cell type) and the prediction of each further label column. Training
+picks one of a task's paraphrases per example. Our placeholders stand alone between whitespace,
+so a word-level tokenizer sees labels and genes as whole words.
 """
 
 from __future__ import annotations
@@ -72,9 +52,7 @@ CELL_TYPE_PREDICTION_TEMPLATES: tuple[str, ...] = (
     "Which cell type has the expression profile {genes} given as its {n_genes} leading genes?",
 )
 
-# Prediction of a label column other than the cell type (``train.py --label_columns
-# cell_type,tissue``): ``{attribute}`` names the column ("tissue", "disease state": see
-# ``attribute_name``), the answer is the cell's value of it.
+# Prediction of a further label column; ``{attribute}`` is its ``attribute_name``.
 ATTRIBUTE_PREDICTION_TEMPLATES: tuple[str, ...] = (
     "The {n_genes} most highly expressed genes of a cell, ordered from highest to lowest expression, are {genes} Which {attribute} does this cell come from?",
     "Genes of a cell by decreasing expression: {genes} The {attribute} of this cell is",
@@ -88,9 +66,7 @@ ATTRIBUTE_PREDICTION_TEMPLATES: tuple[str, ...] = (
     "Which {attribute} has a cell whose {n_genes} leading genes are {genes} ?",
 )
 
-# Conditional generation on several label columns (``train.py --label_columns cell_type,tissue``):
-# ``{conditions}`` is each chosen column named with its value, joined by "and"
-# ("cell type B cell and tissue blood": see ``conditions_text``).
+# Conditional generation on several label columns; ``{conditions}``: see ``conditions_text``.
 MULTI_CONDITION_GENERATION_TEMPLATES: tuple[str, ...] = (
     "List the {n_genes} most highly expressed genes of a cell with {conditions} in order, from highest to lowest expression:",
     "Generate the top {n_genes} genes, by decreasing expression, of a cell with {conditions} .",
@@ -109,21 +85,12 @@ PLACEHOLDERS: tuple[str, ...] = ("{n_genes}", "{cell_type}", "{genes}", "{attrib
 
 
 def conditions_text(conditions: Sequence[tuple[str, str]]) -> str:
-    """The ``{conditions}`` of a prompt: ``(column, value)`` pairs, each column named by
-    ``attribute_name``.
-
-    >>> conditions_text([("cell_type", "B cell"), ("tissue", "blood")])
-    'cell type B cell and tissue blood'
-    """
+    """The ``{conditions}`` of a prompt from ``(column, value)`` pairs: "cell type B and tissue blood"."""
     return f" {CONDITION_JOINER} ".join(f"{attribute_name(c)} {v}" for c, v in conditions)
 
 
 def attribute_name(column: str) -> str:
-    """How prompts name a label column: its words, underscores as spaces.
-
-    >>> attribute_name("disease_state")
-    'disease state'
-    """
+    """How prompts name a label column: its words, underscores as spaces ("disease state")."""
     return " ".join(str(column).replace("_", " ").split())
 
 
@@ -132,49 +99,29 @@ def _pick(templates: Sequence[str], rng: random.Random | None) -> str:
     return templates[0] if rng is None else templates[rng.randrange(len(templates))]
 
 
-def generation_prompt(
-    cell_type: str | None, n_genes: int, *, rng: random.Random | None = None
-) -> str:
-    """Prompt of the ``ours`` format asking for the top ``n_genes`` genes of a cell of
-    ``cell_type`` (None: any cell); ``PromptFormat.generation_prompt`` of ``prompt_format()``.
-
-    ``rng`` None gives the first template, so the prompt is deterministic.
-
-    >>> generation_prompt(None, 100)
-    'List the 100 most highly expressed genes of a cell, ordered from highest to lowest expression:'
-    """
+def generation_prompt(cell_type: str | None, n_genes: int, *, rng: random.Random | None = None) -> str:
+    """The ``ours`` prompt asking for ``n_genes`` genes of a ``cell_type`` cell (None: any cell);
+    the first template without ``rng``."""
     return prompt_format(OURS).generation_prompt(cell_type, n_genes, rng=rng)
 
 
 def prediction_prompt(genes: Sequence[str], *, rng: random.Random | None = None) -> str:
-    """Prompt of the ``ours`` format giving a cell's ranked ``genes`` and asking for its cell
-    type; ``PromptFormat.prediction_prompt`` of ``prompt_format()``.
-
-    ``rng`` None gives the first template, so the prompt is deterministic.
-    """
+    """The ``ours`` prompt giving ranked ``genes`` and asking for the cell type; the first
+    template without ``rng``."""
     return prompt_format(OURS).prediction_prompt(genes, rng=rng)
 
 
 def all_templates() -> tuple[str, ...]:
     """Every template of every task."""
-    return (
-        CONDITIONAL_GENERATION_TEMPLATES
-        + UNCONDITIONAL_GENERATION_TEMPLATES
-        + CELL_TYPE_PREDICTION_TEMPLATES
-    )
+    return CONDITIONAL_GENERATION_TEMPLATES + UNCONDITIONAL_GENERATION_TEMPLATES + CELL_TYPE_PREDICTION_TEMPLATES
 
 
-def prompt_words(
-    cell_types: Iterable[str] = (), *, attributes: Iterable[str] = (), max_number: int = 1024
-) -> list[str]:
-    """The whitespace-separated words prompts and answers can contain, except gene names.
-
-    Template words, the words of the labels (``cell_types``: of every label column), and the
-    numbers ``1..max_number`` (the ``{n_genes}`` of a prompt); with ``attributes`` (the
-    ``attribute_name`` of every label column, when there are several), also the words of the
-    attribute-prediction and multi-condition templates and of those names. A word-level tokenizer built from these
-    plus the genes encodes every prompt without unknown tokens.
-    """
+def prompt_words(cell_types: Iterable[str] = (), *, attributes: Iterable[str] = (),
+                 max_number: int = 1024) -> list[str]:
+    """The words prompts and answers can contain, except gene names: template words, the words
+    of the labels (``cell_types``) and the numbers ``1..max_number``; with ``attributes`` (the
+    label columns' ``attribute_name``), also those names and the words of the attribute and
+    multi-condition templates."""
     words: set[str] = set()
     attributes = [str(a) for a in attributes]
     templates = all_templates()
@@ -191,12 +138,8 @@ def prompt_words(
     return sorted(words)
 
 
-# --------------------------------------------------------------------------- prompt formats
-
 # The C2S-Scale format of the published models (vandijklab/cell2sentence,
-# src/cell2sentence/prompts/single_cell_cell_type_{prediction,conditional_generation}_prompts.json):
-# the prompt is tokenized as the tokenizer does by default (its own BOS, if any), the answer
-# follows without a space and ends with a period, then EOS.
+# src/cell2sentence/prompts/single_cell_cell_type_{prediction,conditional_generation}_prompts.json).
 C2S_SCALE_PREDICTION_TEMPLATES: tuple[str, ...] = (
     "The following is a list of {num_genes} gene names ordered by descending expression level in a {organism} cell. Your task is to give the cell type which this cell belongs to based on its gene expression.\nCell sentence: {cell_sentence}.\nThe cell type corresponding to these genes is:",
     "Below is a list of {num_genes} gene names in order of descending expression level from a {organism} cell. Based on this, predict what the cell type of this cell is.\nCell sentence: {cell_sentence}.\nThese genes are most likely associated with cell type:",
@@ -233,7 +176,6 @@ C2S_SCALE_ATTRIBUTE_PREDICTION_TEMPLATES: tuple[str, ...] = tuple(
     t.replace("cell type", "{attribute}") for t in C2S_SCALE_PREDICTION_TEMPLATES)
 
 
-
 def _c2s_conditions_template(template: str) -> str:
     """A C2S-Scale generation template with its cell type replaced by ``{conditions}``."""
     for old, new in (("cell with cell type {cell_type}", "cell with {conditions}"),
@@ -254,18 +196,10 @@ DEFAULT_ORGANISM = "Homo sapiens"
 
 @dataclass(frozen=True)
 class PromptFormat:
-    """How prompts and answers are worded and joined: ours (``train.py``'s default) or the
-    C2S-Scale format of the published models.
+    """How prompts and answers are worded and joined: ours or the published models' C2S-Scale.
 
-    ``answer_prefix`` goes between prompt and answer; ``answer_suffix`` closes an answer
-    (before EOS); ``manual_bos`` says whether the BOS token is put in front of a prompt by
-    hand (ours, so a word-level tokenizer without a template gets one) or left to the
-    tokenizer's own special-token rules (C2S-Scale, as the published models were trained).
-
-    >>> fmt = prompt_format("c2s_scale")
-    >>> fmt.prediction_answer("B cell"), fmt.parse_label(" B cell.\\nThe")
-    ('B cell.', 'B cell')
-    """
+    ``answer_prefix`` goes between prompt and answer, ``answer_suffix`` closes an answer;
+    ``manual_bos``: BOS put before a prompt by hand (ours), else the tokenizer's own rules."""
 
     name: str
     conditional_templates: tuple[str, ...]
@@ -287,23 +221,17 @@ class PromptFormat:
                                organism=self.organism, attribute=attribute, conditions=conditions)
 
     def _table(self) -> dict[str, tuple[str, ...]]:
-        return {
-            "conditional_generation": self.conditional_templates,
-            "unconditional_generation": self.unconditional_templates,
-            "cell_type_prediction": self.prediction_templates,
-        }
+        return {"conditional_generation": self.conditional_templates,
+                "unconditional_generation": self.unconditional_templates,
+                "cell_type_prediction": self.prediction_templates}
 
     @property
     def tasks(self) -> tuple[str, ...]:
-        """The tasks (names of ``utils.models.examples``) this format has prompts for, in that order.
-
-        >>> prompt_format("c2s_scale").tasks
-        ('conditional_generation', 'cell_type_prediction')
-        """
+        """The tasks this format has prompts for."""
         return tuple(task for task, templates in self._table().items() if templates)
 
     def templates(self, task: str) -> tuple[str, ...]:
-        """The templates of ``task`` (a task name of ``utils.models.examples``)."""
+        """The templates of ``task``; ValueError when the format has none."""
         templates = self._table().get(task)
         if not templates:
             raise ValueError(f"The {self.name} prompt format has no {task} prompts.")
@@ -313,22 +241,16 @@ class PromptFormat:
                           rng: random.Random | None = None, template: str | None = None) -> str:
         """Prompt asking for ``n_genes`` genes of a ``cell_type`` cell (None: any cell)."""
         task = "unconditional_generation" if cell_type is None else "conditional_generation"
-        return self._fill(template or _pick(self.templates(task), rng), n_genes=n_genes,
-                          cell_type=cell_type)
+        return self._fill(template or _pick(self.templates(task), rng), n_genes=n_genes, cell_type=cell_type)
 
     def conditions_prompt(self, conditions: Sequence[tuple[str, str]], n_genes: int, *,
                           rng: random.Random | None = None, template: str | None = None) -> str:
-        """Prompt asking for ``n_genes`` genes of a cell with these ``(column, value)`` conditions.
-
-        >>> prompt_format().conditions_prompt([("cell_type", "B cell"), ("tissue", "blood")], 2)
-        'List the 2 most highly expressed genes of a cell with cell type B cell and tissue blood in order, from highest to lowest expression:'
-        """
+        """Prompt asking for ``n_genes`` genes of a cell with these ``(column, value)`` conditions."""
         return self._fill(template or _pick(self.conditions_templates, rng), n_genes=n_genes,
                           conditions=conditions_text(conditions))
 
     def prediction_templates_for(self, attribute: str | None = None) -> tuple[str, ...]:
-        """The prediction templates of the cell type (``attribute`` None) or of another label
-        column (``attribute``: its ``attribute_name``, e.g. "tissue")."""
+        """The prediction templates of the cell type (``attribute`` None) or of another label column."""
         if attribute is None:
             return self.prediction_templates
         if not self.attribute_templates:
@@ -337,12 +259,7 @@ class PromptFormat:
 
     def prediction_prompt(self, genes: Sequence[str], *, rng: random.Random | None = None,
                           template: str | None = None, attribute: str | None = None) -> str:
-        """Prompt giving the ranked ``genes`` and asking for the cell type, or for the
-        ``attribute`` (a label column's ``attribute_name``) when given.
-
-        >>> prompt_format().prediction_prompt(["CD79A"], attribute="tissue")
-        'The 1 most highly expressed genes of a cell, ordered from highest to lowest expression, are CD79A Which tissue does this cell come from?'
-        """
+        """Prompt giving the ranked ``genes`` and asking for the cell type or the ``attribute``."""
         template = template or _pick(self.prediction_templates_for(attribute), rng)
         return self._fill(template, genes=genes, attribute=attribute)
 
@@ -363,31 +280,28 @@ class PromptFormat:
         return " ".join(genes) + (self.answer_suffix if genes else "")
 
     def parse_label(self, text: str) -> str:
-        """A generated label: up to the first newline, whitespace collapsed, the closing
-        period dropped."""
-        line = text.strip().split("\n", 1)[0]
-        line = " ".join(line.split())
-        return line[: -len(self.answer_suffix)].rstrip() if self.answer_suffix and line.endswith(self.answer_suffix) else line
+        """A generated label: its first line, whitespace collapsed, the closing suffix dropped."""
+        line = " ".join(text.strip().split("\n", 1)[0].split())
+        if self.answer_suffix and line.endswith(self.answer_suffix):
+            return line[: -len(self.answer_suffix)].rstrip()
+        return line
 
     def record(self) -> dict[str, Any]:
         """What ``train_args.json`` keeps of the format."""
-        return {"name": self.name, "answer_prefix": self.answer_prefix,
-                "answer_suffix": self.answer_suffix, "manual_bos": self.manual_bos,
-                "organism": self.organism}
+        return {"name": self.name, "answer_prefix": self.answer_prefix, "answer_suffix": self.answer_suffix,
+                "manual_bos": self.manual_bos, "organism": self.organism}
 
 
 def prompt_format(name: str = OURS, *, organism: str = DEFAULT_ORGANISM) -> PromptFormat:
     """The prompt format called ``name``: ``ours`` or ``c2s_scale``."""
     if name == OURS:
         return PromptFormat(OURS, CONDITIONAL_GENERATION_TEMPLATES, UNCONDITIONAL_GENERATION_TEMPLATES,
-                            CELL_TYPE_PREDICTION_TEMPLATES, answer_prefix=" ", answer_suffix="",
-                            manual_bos=True, organism=organism,
-                            attribute_templates=ATTRIBUTE_PREDICTION_TEMPLATES,
+                            CELL_TYPE_PREDICTION_TEMPLATES, answer_prefix=" ", answer_suffix="", manual_bos=True,
+                            organism=organism, attribute_templates=ATTRIBUTE_PREDICTION_TEMPLATES,
                             conditions_templates=MULTI_CONDITION_GENERATION_TEMPLATES)
     if name == C2S_SCALE:
-        return PromptFormat(C2S_SCALE, C2S_SCALE_GENERATION_TEMPLATES, (),
-                            C2S_SCALE_PREDICTION_TEMPLATES, answer_prefix="", answer_suffix=".",
-                            manual_bos=False, organism=organism,
+        return PromptFormat(C2S_SCALE, C2S_SCALE_GENERATION_TEMPLATES, (), C2S_SCALE_PREDICTION_TEMPLATES,
+                            answer_prefix="", answer_suffix=".", manual_bos=False, organism=organism,
                             attribute_templates=C2S_SCALE_ATTRIBUTE_PREDICTION_TEMPLATES,
                             conditions_templates=C2S_SCALE_MULTI_CONDITION_GENERATION_TEMPLATES)
     raise ValueError(f"Unknown prompt format {name!r}; choose {OURS} or {C2S_SCALE}.")

@@ -1,21 +1,10 @@
-"""A model's recipe: everything that turns new cells into the sentences and prompts it was
-trained on.
-
-``train.py`` writes ``recipe.json`` into every run folder (full model, LoRA adapter, and
-``merged/``); every use of a model (``predict.py``, ``embed.py``, ``generate.py``,
-``CellSentenceModel``) reads it back with :meth:`Recipe.read` and re-applies it. A run of an
-earlier version has no ``recipe.json``: its recipe is rebuilt from its ``train_args.json`` and,
-where its data folder still exists, that transform's ``transform_args.json``. A published
-model without either keeps the ``c2s_scale`` defaults.
-
->>> Recipe.for_published_model().describe()
-'published model defaults: c2s_scale prompts, top 100 genes, no recorded transform or labels'
+"""A model's recipe: everything that turns new cells into the sentences and prompts it was trained
+on. ``train.py`` writes ``recipe.json``; every use of a model reads it back with ``Recipe.read``.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,14 +14,11 @@ from utils.cli import InputError
 from utils.contract import TRANSFORM, VOCAB
 from utils.models.prompts import DEFAULT_ORGANISM
 
-logger = logging.getLogger("cell2sentence")
-
 RECIPE_FILE = "recipe.json"
 RECIPE_VERSION = 1
 DEFAULT_TOP_K_GENES = 100
 
-# The transform options that shape a sentence of new cells (QC is left out: a user's cells are
-# all predicted; ``qc`` is kept to flag the cells that QC would have dropped).
+# The transform options that shape a sentence of new cells (QC only flags cells: all are predicted).
 SENTENCE_OPTIONS = ("layer", "input_kind", "gene_column", "bad_gene_names", "exclude_genes", "target_sum", "seed")
 QC_OPTIONS = ("min_genes_per_cell", "max_genes_per_cell", "max_mt_percent")
 
@@ -48,8 +34,7 @@ def read_json(path: Path) -> Any:
 
 def transform_options_of(transform_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """The sentence options and the QC thresholds of the transform whose output is
-    ``transform_dir`` (its ``transform_args.json``, as the script or ``CellSentences.save``
-    wrote it); two empty dicts when it has none."""
+    ``transform_dir`` (its ``transform_args.json``); two empty dicts when it has none."""
     path = Path(transform_dir) / TRANSFORM.args
     if not path.is_file():
         return {}, {}
@@ -73,35 +58,12 @@ def vocabulary_of(transform_dir: Path) -> list[str] | None:
 class Recipe:
     """How a model's training cells became sentences and prompts.
 
-    Attributes
-    ----------
-    prompt_format, organism
-        The prompt format (``ours`` or ``c2s_scale``) and the ``{organism}`` of its prompts.
-    top_k_genes
-        Genes per prompt and answer.
-    tasks, task_weights
-        The training tasks and their weights (empty: not recorded, as for a published model).
-    label_columns
-        Per label column (e.g. ``cell_type``), the labels the model was trained on, sorted: the
-        cell type's first (the column of ``cell_type_prediction`` and conditional generation),
-        then each further column of ``train.py --label_columns`` (task ``<column>_prediction``).
-    transform
-        The transform options that shape a sentence (``SENTENCE_OPTIONS``).
-    qc
-        The transform's QC thresholds (``QC_OPTIONS`` and ``enabled``), to flag new cells it
-        would have dropped.
-    genes
-        The vocabulary of the training transform (None: unknown).
-    data_dir
-        The dataset the model was trained on.
-    published
-        True when nothing was recorded: the ``c2s_scale`` defaults.
-    multi_cell_column, cells_per_example, group_labels
-        The grouping column of the multi-cell tasks (``train.py --multi_cell_column``; None
-        without them), the cells per group and the group labels trained on, sorted.
-    condition_columns
-        The label columns conditional generation was conditioned on in any subset (``[]``: the
-        cell type alone).
+    ``tasks``/``task_weights`` empty: not recorded. ``label_columns``: per label column its sorted
+    labels, the cell type's first. ``transform``: the ``SENTENCE_OPTIONS``; ``qc``: the
+    ``QC_OPTIONS`` and ``enabled``; ``genes``: the transform's vocabulary (None: unknown);
+    ``published``: nothing recorded (the c2s_scale defaults). ``multi_cell_column`` (None: no
+    multi-cell tasks), ``cells_per_example``, ``group_labels``: the multi-cell tasks';
+    ``condition_columns``: the columns conditional generation was conditioned on (``[]``: the cell type).
     """
 
     prompt_format: str = "c2s_scale"
@@ -121,8 +83,6 @@ class Recipe:
     group_labels: list[str] = field(default_factory=list)
     condition_columns: list[str] = field(default_factory=list)
 
-    # ------------------------------------------------------------------ making and reading
-
     @classmethod
     def for_published_model(cls) -> Recipe:
         """The defaults of a published C2S model with no record."""
@@ -131,8 +91,7 @@ class Recipe:
     @classmethod
     def for_training(cls, data_dir: str | Path, *, prompt_format: str, organism: str, top_k_genes: int,
                      tasks: Mapping[str, float], label_columns: Mapping[str, Sequence[str]]) -> Recipe:
-        """The recipe of a training run on ``data_dir`` (a transform's ``cell_sentences_hf/``):
-        the transform's options and vocabulary are read from its parent folder."""
+        """The recipe of a training run on ``data_dir`` (a transform's ``cell_sentences_hf/``)."""
         transform_dir = Path(data_dir).parent
         sentence, qc = transform_options_of(transform_dir)
         return cls(prompt_format=prompt_format, organism=organism, top_k_genes=int(top_k_genes),
@@ -142,8 +101,7 @@ class Recipe:
 
     @classmethod
     def from_train_record(cls, record: Mapping[str, Any]) -> Recipe:
-        """The recipe of a run written before ``recipe.json`` existed (its ``train_args.json``,
-        whose keys of renamed flags, such as ``cell_type_column``, are read by their new names)."""
+        """The recipe of a run written before ``recipe.json`` existed, from its ``train_args.json``."""
         from utils.models.run_record import renamed_keys
 
         record = renamed_keys(record)
@@ -163,14 +121,12 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Recipe:
-        known = {k: values[k] for k in cls.__dataclass_fields__ if k in values}
-        return cls(**known)
+        return cls(**{k: values[k] for k in cls.__dataclass_fields__ if k in values})
 
     @classmethod
     def read(cls, model_dir: str | Path) -> Recipe:
-        """The recipe of a model folder or hub name: ``recipe.json``, else rebuilt from
-        ``train_args.json``, else (a checkpoint folder) its run's ``run_args.json``, else the
-        published defaults."""
+        """The recipe of a model folder or hub name: ``recipe.json``, else from ``train_args.json``,
+        else (a checkpoint folder) its run's ``run_args.json``, else the published defaults."""
         folder = Path(str(model_dir)).expanduser()
         if not folder.exists():  # a hub name: a model pushed by train.py has its records there
             from utils.models.loading import hub_file
@@ -208,8 +164,6 @@ class Recipe:
         path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True, default=str) + "\n")
         return path
 
-    # ------------------------------------------------------------------ using
-
     @property
     def label_column(self) -> str | None:
         """The first label column (the cell type's), or None for a model trained without labels."""
@@ -221,14 +175,8 @@ class Recipe:
         return list(self.label_columns.get(column, [])) if column else []
 
     def attribute(self, column: str | None) -> str | None:
-        """How the prediction prompts of ``column`` name it: None for the cell type's column
-        (the cell-type prompts), its ``attribute_name`` for a further label column (the model
-        was trained on ``<column>_prediction``).
-
-        >>> Recipe(tasks=["cell_type_prediction", "tissue_prediction"],
-        ...        label_columns={"cell_type": ["B"], "tissue": ["blood"]}).attribute("tissue")
-        'tissue'
-        """
+        """How the prediction prompts of ``column`` name it: its ``attribute_name`` when the model
+        was trained on ``<column>_prediction``, else None (the cell-type prompts)."""
         from utils.models.examples import CELL_TYPE_PREDICTION, PREDICTION_SUFFIX
         from utils.models.prompts import attribute_name
 
@@ -238,21 +186,20 @@ class Recipe:
         return attribute_name(column)
 
     def prediction_columns(self) -> list[str]:
-        """The label columns the model was trained to predict, the cell type's first (none
-        recorded: [])."""
+        """The label columns the model was trained to predict, the cell type's first."""
         from utils.models.examples import CELL_TYPE_PREDICTION
 
+        types = self.has_task(CELL_TYPE_PREDICTION) is not False
         return [c for c in self.label_columns
-                if self.attribute(c) is not None or (c == self.label_column and self.has_task(CELL_TYPE_PREDICTION)
-                                                     is not False)]
+                if self.attribute(c) is not None or (c == self.label_column and types)]
 
     def has_task(self, task: str) -> bool | None:
         """Whether the model was trained for ``task`` (None: not recorded)."""
         return task in self.tasks if self.tasks else None
 
     def sentence_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of ``utils.adata_to_sentences`` that rebuild the training
-        sentences' order for new cells (no QC: every cell of the user's gets a sentence)."""
+        """Keyword arguments of ``utils.adata_to_sentences`` that rebuild the training sentences'
+        order for new cells."""
         kwargs = {k: v for k, v in self.transform.items() if k in SENTENCE_OPTIONS and v is not None}
         if "target_sum" in kwargs:
             kwargs["target_sum"] = float(kwargs["target_sum"])
@@ -261,12 +208,11 @@ class Recipe:
     def describe(self) -> str:
         """One line for the log: what is re-applied."""
         if self.published:
-            return ("published model defaults: c2s_scale prompts, top 100 genes, no recorded transform or labels")
+            return "published model defaults: c2s_scale prompts, top 100 genes, no recorded transform or labels"
         parts = [f"{self.prompt_format} prompts", f"top {self.top_k_genes} genes"]
         if self.tasks:
             parts.append("tasks " + ", ".join(self.tasks))
-        for column, labels in self.label_columns.items():
-            parts.append(f"{len(labels):,} {column} labels")
+        parts.extend(f"{len(labels):,} {column} labels" for column, labels in self.label_columns.items())
         if self.transform.get("exclude_genes"):
             parts.append(f"excluding genes {self.transform['exclude_genes']!r}")
         if self.transform.get("layer"):

@@ -12,6 +12,18 @@ from pathlib import Path
 from typing import Any
 
 from utils.cli import InputError
+from utils.models.examples import (
+    CONDITIONAL_GENERATION,
+    TASKS,
+    TYPED_TASKS,
+    UNCONDITIONAL_GENERATION,
+    has_label,
+    parse_tasks,
+    prediction_tasks,
+    tokenize_batch,
+)
+from utils.models.multi_cell import MULTI_CELL_TASKS
+from utils.models.prompts import PROMPT_FORMATS, prompt_format
 
 logger = logging.getLogger("cell2sentence.train")
 
@@ -21,37 +33,27 @@ def load_cell_sentences(data_dir: Path) -> Any:
     from datasets import DatasetDict, load_from_disk
 
     if not data_dir.is_dir():
-        raise InputError(
-            f"Dataset folder {data_dir} does not exist; run transform.py first or pass "
-            "--data_dir with its cell_sentences_hf/ folder."
-        )
+        raise InputError(f"Dataset folder {data_dir} does not exist; run transform.py first or pass "
+                         "--data_dir with its cell_sentences_hf/ folder.")
     try:
         dataset = load_from_disk(str(data_dir))
     except (FileNotFoundError, ValueError, OSError) as err:
-        raise InputError(
-            f"{data_dir} is not a dataset saved with save_to_disk ({err}); pass the "
-            "cell_sentences_hf/ folder written by transform.py."
-        ) from None
+        raise InputError(f"{data_dir} is not a dataset saved with save_to_disk ({err}); pass the "
+                         "cell_sentences_hf/ folder written by transform.py.") from None
     if not isinstance(dataset, DatasetDict) or "train" not in dataset:
-        raise InputError(
-            f"{data_dir} holds no 'train' split; pass the cell_sentences_hf/ folder written "
-            "by transform.py (splits train/valid/test)."
-        )
+        raise InputError(f"{data_dir} holds no 'train' split; pass the cell_sentences_hf/ folder written "
+                         "by transform.py (splits train/valid/test).")
     if "cell_sentence" not in dataset["train"].column_names:
-        raise InputError(
-            f"The train split of {data_dir} has no 'cell_sentence' column "
-            f"(columns: {', '.join(dataset['train'].column_names)})."
-        )
+        raise InputError(f"The train split of {data_dir} has no 'cell_sentence' column "
+                         f"(columns: {', '.join(dataset['train'].column_names)}).")
     return dataset
 
 
 def check_splits(dataset: Any, data_dir: str, *, do_eval: bool) -> None:
     """A train split with cells, and a valid one with cells when evaluation was asked for."""
     if do_eval and ("valid" not in dataset or len(dataset["valid"]) == 0):
-        raise InputError(
-            f"Evaluation was asked for, but {data_dir} has no or an empty 'valid' split; "
-            "drop --eval_strategy or pass a dataset with a valid split."
-        )
+        raise InputError(f"Evaluation was asked for, but {data_dir} has no or an empty 'valid' split; "
+                         "drop --eval_strategy or pass a dataset with a valid split.")
     if len(dataset["train"]) == 0:
         raise InputError(f"The train split of {data_dir} is empty; nothing to train on.")
 
@@ -62,20 +64,17 @@ def first_cells(split: Any, n: int | None) -> Any:
 
 
 def resolve_label_column(requested: str | None, columns: Sequence[str]) -> str:
-    """The label column: ``cell_type`` by default; one named with --label_column must
-    exist (a typo would otherwise train an unconditional model without a word)."""
+    """The label column: ``cell_type`` by default; one named with --label_column must exist."""
     if requested is not None and requested not in columns:
-        raise InputError(
-            f"The data has no column {requested!r} given by --label_column (it has "
-            f"{', '.join(columns)}); fix the name or leave the flag out."
-        )
+        raise InputError(f"The data has no column {requested!r} given by --label_column (it has "
+                         f"{', '.join(columns)}); fix the name or leave the flag out.")
     return requested or "cell_type"
 
 
 def resolve_label_columns(label_column: str | None, label_columns: str | None,
                           columns: Sequence[str]) -> list[str]:
-    """The label columns of ``--label_columns a,b`` (each must exist; the first also takes the
-    cell type's tasks) or, without it, ``[resolve_label_column(label_column, columns)]``."""
+    """The label columns of ``--label_columns a,b`` (each must exist) or, without it,
+    ``[resolve_label_column(label_column, columns)]``."""
     if label_columns is None:
         return [resolve_label_column(label_column, columns)]
     names = [c.strip() for c in label_columns.split(",") if c.strip()]
@@ -85,16 +84,12 @@ def resolve_label_columns(label_column: str | None, label_columns: str | None,
         raise InputError(f"--label_columns {label_columns!r} names a column twice; list each once.")
     missing = [c for c in names if c not in columns]
     if missing:
-        raise InputError(
-            f"The data has no column {', '.join(map(repr, missing))} given by --label_columns (it has "
-            f"{', '.join(columns)}); fix the name, or carry the column into the dataset with "
-            "transform.py --obs_columns."
-        )
+        raise InputError(f"The data has no column {', '.join(map(repr, missing))} given by --label_columns "
+                         f"(it has {', '.join(columns)}); fix the name, or carry the column into the dataset "
+                         "with transform.py --obs_columns.")
     if label_column is not None and label_column != names[0]:
-        raise InputError(
-            f"--label_column {label_column!r} and --label_columns {label_columns!r} disagree; the "
-            "first of --label_columns is the label column: drop --label_column."
-        )
+        raise InputError(f"--label_column {label_column!r} and --label_columns {label_columns!r} disagree; the "
+                         "first of --label_columns is the label column: drop --label_column.")
     return names
 
 
@@ -106,10 +101,7 @@ def label_columns_of(data_args: Any) -> list[str]:
 
 
 def label_set(split: Any, column: str | None) -> list[str]:
-    """The sorted labels of ``column`` in ``split`` (missing labels left out); [] when the
-    split has no such column."""
-    from utils.models.examples import has_label
-
+    """The sorted labels of ``column`` in ``split`` (missing labels left out; [] without the column)."""
     if column not in split.column_names:
         return []
     return sorted({str(x) for x in split.unique(column) if has_label(x)})
@@ -118,34 +110,18 @@ def label_set(split: Any, column: str | None) -> list[str]:
 def condition_columns_of(data_args: Any, tasks: Sequence[str]) -> list[str]:
     """The columns conditional generation is conditioned on, in any subset: every label column
     when there are several and the task is trained ([] otherwise: the cell type alone)."""
-    from utils.models.examples import CONDITIONAL_GENERATION
-    from utils.models.prompts import prompt_format
-
     columns = label_columns_of(data_args)
     fmt = prompt_format(data_args.prompt_format)
-    if len(columns) < 2 or CONDITIONAL_GENERATION not in tasks or not fmt.conditions_templates:
-        return []
-    return columns
+    trained = len(columns) > 1 and CONDITIONAL_GENERATION in tasks and fmt.conditions_templates
+    return columns if trained else []
 
 
 def resolve_tasks(data_args: Any, columns: Sequence[str]) -> dict[str, float]:
-    """The task mix: the flags (``data_args``: train.py's ``DataArguments``), or all tasks the
-    data allows."""
-    from utils.models.examples import (
-        TASKS,
-        TYPED_TASKS,
-        UNCONDITIONAL_GENERATION,
-        parse_tasks,
-        prediction_tasks,
-    )
-    from utils.models.prompts import PROMPT_FORMATS, prompt_format
-
+    """The task mix: train.py's flags (``data_args``), or all tasks the data allows."""
     label = data_args.label_column or "cell_type"
     has_types = label in columns
     extra = list(prediction_tasks(label_columns_of(data_args)))  # further columns' prediction
     if getattr(data_args, "multi_cell_column", None):
-        from utils.models.multi_cell import MULTI_CELL_TASKS
-
         extra += list(MULTI_CELL_TASKS)
     fmt = prompt_format(data_args.prompt_format)  # a format may lack some tasks' prompts
     if data_args.tasks is None:
@@ -153,62 +129,36 @@ def resolve_tasks(data_args: Any, columns: Sequence[str]) -> dict[str, float]:
             return parse_tasks(",".join([*(t for t in TASKS if t in fmt.tasks), *extra]),
                                data_args.task_weights, extra_tasks=extra)
         if UNCONDITIONAL_GENERATION not in fmt.tasks:
-            raise InputError(
-                f"The {fmt.name} format has only cell-type tasks, but the data has no "
-                f"{label!r} column; pass --label_column."
-            )
-        logger.warning(
-            "The data has no %r column; training unconditional_generation only.",
-            label,
-        )
+            raise InputError(f"The {fmt.name} format has only cell-type tasks, but the data has no "
+                             f"{label!r} column; pass --label_column.")
+        logger.warning("The data has no %r column; training unconditional_generation only.", label)
         return parse_tasks(UNCONDITIONAL_GENERATION, data_args.task_weights)
     tasks = parse_tasks(data_args.tasks, data_args.task_weights, extra_tasks=extra)
     lacking = [t for t in tasks if t not in fmt.tasks and t not in extra]
     if lacking:
         others = [n for n in PROMPT_FORMATS if set(tasks) <= set(prompt_format(n).tasks)]
-        raise InputError(
-            f"The {fmt.name} prompt format has no {', '.join(lacking)} prompts; drop it "
-            f"from --tasks{' or use --prompt_format ' + ' or '.join(others) if others else ''}."
-        )
+        raise InputError(f"The {fmt.name} prompt format has no {', '.join(lacking)} prompts; drop it "
+                         f"from --tasks{' or use --prompt_format ' + ' or '.join(others) if others else ''}.")
     typed = [t for t in tasks if t in TYPED_TASKS]
     if typed and not has_types:
-        raise InputError(
-            f"Task(s) {', '.join(typed)} need cell types, but the data has no "
-            f"{label!r} column; pass --label_column with the label "
-            "column or --tasks unconditional_generation."
-        )
+        raise InputError(f"Task(s) {', '.join(typed)} need cell types, but the data has no {label!r} column; "
+                         "pass --label_column with the label column or --tasks unconditional_generation.")
     return tasks
 
 
-def tokenize_split(
-    split: Any, name: str, args: Any, tokenizer: Any, tasks: dict[str, float],
-    max_length: int,
-) -> Any:
-    """One tokenized example per cell (input_ids, labels, task)."""
-    from utils.models.examples import prediction_tasks, tokenize_batch
-    from utils.models.prompts import prompt_format
-
+def tokenize_split(split: Any, name: str, args: Any, tokenizer: Any, tasks: dict[str, float],
+                   max_length: int) -> Any:
+    """One tokenized example per cell (input_ids, labels, task), then the multi-cell ones."""
     d = args.data
+    fmt = prompt_format(d.prompt_format, organism=d.organism)
     examples = split.map(
-        tokenize_batch,
-        batched=True,
-        with_indices=True,
-        remove_columns=split.column_names,
+        tokenize_batch, batched=True, with_indices=True, remove_columns=split.column_names,
         keep_in_memory=True,  # never write cache files into transform.py's output folder
-        num_proc=d.num_proc,
-        desc=f"Building {name} examples",
-        fn_kwargs={
-            "tokenizer": tokenizer,
-            "tasks": tasks,
-            "top_k": d.top_k_genes,
-            "max_length": max_length,
-            "seed": args.training.seed,
-            "split": name,
-            "cell_type_column": d.label_column,
-            "prompt_format": prompt_format(d.prompt_format, organism=d.organism),
-            "label_columns": prediction_tasks(label_columns_of(d)),
-            "condition_columns": condition_columns_of(d, tasks),
-        },
+        num_proc=d.num_proc, desc=f"Building {name} examples",
+        fn_kwargs={"tokenizer": tokenizer, "tasks": tasks, "top_k": d.top_k_genes, "max_length": max_length,
+                   "seed": args.training.seed, "split": name, "cell_type_column": d.label_column,
+                   "prompt_format": fmt, "label_columns": prediction_tasks(label_columns_of(d)),
+                   "condition_columns": condition_columns_of(d, tasks)},
     )
     column = getattr(d, "multi_cell_column", None)
     if not column:
@@ -219,8 +169,7 @@ def tokenize_split(
 
     groups = multi_cell_examples(split, name, tokenizer=tokenizer, tasks=tasks, column=column,
                                  cells_per_example=d.cells_per_example, top_k=d.top_k_genes,
-                                 max_length=max_length, seed=args.training.seed,
-                                 fmt=prompt_format(d.prompt_format, organism=d.organism))
+                                 max_length=max_length, seed=args.training.seed, fmt=fmt)
     if not groups["task"]:
         return examples
     if len(examples) == 0:  # every cell's share went to groups
@@ -232,54 +181,40 @@ def describe_examples(examples: Any) -> dict[str, Any]:
     """Counts per task and token lengths of tokenized examples."""
     lengths = [len(ids) for ids in examples["input_ids"]]
     answer = [sum(1 for x in labels if x != -100) for labels in examples["labels"]]
-    return {
-        "n_examples": len(lengths),
-        "task_counts": dict(sorted(Counter(examples["task"]).items())),
-        "avg_tokens_per_example": round(statistics.fmean(lengths), 2) if lengths else 0.0,
-        "max_tokens_per_example": max(lengths, default=0),
-        "avg_answer_tokens": round(statistics.fmean(answer), 2) if answer else 0.0,
-    }
+    return {"n_examples": len(lengths), "task_counts": dict(sorted(Counter(examples["task"]).items())),
+            "avg_tokens_per_example": round(statistics.fmean(lengths), 2) if lengths else 0.0,
+            "max_tokens_per_example": max(lengths, default=0),
+            "avg_answer_tokens": round(statistics.fmean(answer), 2) if answer else 0.0}
 
 
-def build_examples(
-    train_split: Any, valid_split: Any | None, args: Any, tokenizer: Any,
-    tasks: dict[str, float], max_length: int,
-) -> tuple[Any, Any | None, dict[str, Any]]:
+def build_examples(train_split: Any, valid_split: Any | None, args: Any, tokenizer: Any, tasks: dict[str, float],
+                   max_length: int) -> tuple[Any, Any | None, dict[str, Any]]:
     """The training examples, the evaluation ones (None without ``valid_split``) and the
-    counts of the training ones (``describe_examples``), as train.py's flags ``args`` say;
-    built by the main process first (the others reuse its cache)."""
+    counts of the training ones (``describe_examples``), as train.py's flags ``args`` say."""
     d = args.data
     with args.training.main_process_first(desc="building examples"):
         try:
-            train_examples = tokenize_split(train_split, "train", args, tokenizer, tasks,
-                                            max_length)
+            train_examples = tokenize_split(train_split, "train", args, tokenizer, tasks, max_length)
             eval_examples = None
             if valid_split is not None:
-                eval_examples = tokenize_split(valid_split, "valid", args, tokenizer, tasks,
-                                               max_length)
+                eval_examples = tokenize_split(valid_split, "valid", args, tokenizer, tasks, max_length)
         except ValueError as err:
             if "does not fit" in str(err):
                 raise InputError(str(err)) from None
             raise
     stats = describe_examples(train_examples)
     if stats["n_examples"] == 0:
-        raise InputError(
-            f"No training example could be built: no cell of {d.data_dir} has a "
-            f"{' or '.join(map(repr, label_columns_of(d)))} label; add unconditional_generation to --tasks."
-        )
+        raise InputError(f"No training example could be built: no cell of {d.data_dir} has a "
+                         f"{' or '.join(map(repr, label_columns_of(d)))} label; "
+                         "add unconditional_generation to --tasks.")
     if stats["n_examples"] < len(train_split) and not getattr(d, "multi_cell_column", None):
-        logger.warning(
-            "%s training cells without a label were left out (their tasks need one).",
-            f"{len(train_split) - stats['n_examples']:,}",
-        )
-    logger.info(
-        "%s training examples (%s), %.1f tokens per example on average (longest %d, context "
-        "%d), %.1f answer tokens.",
-        f"{stats['n_examples']:,}",
-        ", ".join(f"{k} {v:,}" for k, v in stats["task_counts"].items()),
-        stats["avg_tokens_per_example"], stats["max_tokens_per_example"], max_length,
-        stats["avg_answer_tokens"],
-    )
+        logger.warning("%s training cells without a label were left out (their tasks need one).",
+                       f"{len(train_split) - stats['n_examples']:,}")
+    logger.info("%s training examples (%s), %.1f tokens per example on average (longest %d, context "
+                "%d), %.1f answer tokens.", f"{stats['n_examples']:,}",
+                ", ".join(f"{k} {v:,}" for k, v in stats["task_counts"].items()),
+                stats["avg_tokens_per_example"], stats["max_tokens_per_example"], max_length,
+                stats["avg_answer_tokens"])
     train_examples = train_examples.remove_columns("task")
     if eval_examples is not None:
         eval_examples = eval_examples.remove_columns("task")
@@ -288,10 +223,8 @@ def build_examples(
 
 def add_label_columns(recipe: Any, train_split: Any, data_args: Any, tasks: dict[str, Any], *,
                       path: str) -> None:
-    """Record in ``recipe`` the label set of each further label column (``--label_columns``;
-    the first column's is recorded already) whose prediction the run trains or that conditional
-    generation is conditioned on (``condition_columns_of``), and those columns."""
-    from utils.models.examples import prediction_tasks
+    """Record in ``recipe`` the condition columns and the label set of each further label column
+    whose prediction the run trains or that conditional generation is conditioned on."""
     from utils.transform.labels import refuse_unsafe_labels
 
     recipe.condition_columns = condition_columns_of(data_args, tasks)
