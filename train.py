@@ -1,17 +1,10 @@
 """Fine-tune a causal language model on cell sentences (or train a small one from scratch).
 
-Input -> output: ``data/cell_sentences_hf/`` (transform.py's DatasetDict) -> ``data/model/<run_name>/``:
-the model and tokenizer, ``train_args.json``, ``recipe.json`` (how new cells become the model's
-sentences and prompts), ``train_results.json``, ``train_log.json`` and the model card ``README.md``;
-checkpoints in ``<run>/checkpoints/``. Files of the user's there are never touched (docs/train.md).
-``--checkpoint latest --run_name R`` continues run R as it was recorded.
+``data/cell_sentences_hf/`` -> ``data/model/<run_name>/``: the model and tokenizer, ``train_args.json``,
+``recipe.json``, ``train_results.json``, ``train_log.json``, the card ``README.md``; checkpoints in
+``<run>/checkpoints/`` (docs/train.md). ``--checkpoint latest --run_name R`` continues run R.
 
-Each training cell becomes one example of a task drawn at random (seeded per cell): conditional
-generation (cell type -> top K genes), unconditional generation, cell-type prediction (top K genes ->
-cell type), the prediction of each further ``--label_columns`` column, and with ``--multi_cell_column``
-C2S-Scale's multi-cell tasks. The loss is taken on the answer tokens only.
-
-Example (GPT-2 from the hub; offline: ``--init_from_scratch True --n_layer 4 --n_embd 256 --n_head 4``):
+Example (offline: ``--init_from_scratch True --n_layer 4 --n_embd 256 --n_head 4``):
 
     python train.py --data_dir data/cell_sentences_hf/ --output_dir data/model/ \
         --model_name gpt2 --num_train_epochs 10 --gradient_accumulation_steps 4 \
@@ -35,69 +28,45 @@ from transformers import TrainingArguments
 from transformers.training_args import trainer_log_levels
 
 from utils.cli import InputError, renamed_flags, run_cli, seed_everything
+from utils.models import run_folder, train_data
 from utils.models.build import build_model_and_tokenizer, context_length
 from utils.models.model_card import run_facts
-from utils.models.run_folder import (
-    final_eval_metrics,
-    hub_push,
-    is_rank_zero,
-    prepare_run_dir,
-    publish_run,
-    resolve_run,
-    write_run_record,
-)
 from utils.models.run_record import effective_args, recorded_flags, resume_run, training_recipe
-from utils.models.train_data import (
-    add_label_columns,
-    build_examples,
-    check_splits,
-    first_cells,
-    label_set,
-    load_cell_sentences,
-    resolve_label_columns,
-    resolve_tasks,
-)
 from utils.publish import disk_full_error, is_disk_full, releasing_outputs, settle_inputs
 
 logger = logging.getLogger("cell2sentence.train")
+
+
+def flag(default: Any, text: str, **metadata: Any) -> Any:
+    """A dataclass field parsed as a flag with ``default`` and help ``text``."""
+    return field(default=default, metadata={"help": text, **metadata})
 
 
 @dataclass
 class ModelArguments:
     """Which model to fine-tune, or the size of one to train from scratch."""
 
-    model_name: str = field(default="gpt2", metadata={
-        "help": "Hub model name (needs internet) or local model directory."})
-    init_from_scratch: bool = field(default=False, metadata={
-        "help": "Train a random GPT-2-style model with a word-level tokenizer of the training genes "
-        "(offline)."})
-    n_layer: int = field(default=4, metadata={"help": "From scratch: transformer layers."})
-    n_embd: int = field(default=256, metadata={"help": "From scratch: embedding size."})
-    n_head: int = field(default=4, metadata={"help": "From scratch: attention heads."})
-    n_positions: int = field(default=1024, metadata={"help": "From scratch: context length in tokens."})
-    min_gene_count: int = field(default=1, metadata={
-        "help": "From scratch: genes among the top genes of fewer training cells than this map to <unk>."})
-    checkpoint: str | None = field(default=None, metadata={
-        "help": "Resume from this <run>/checkpoints/checkpoint-N folder, or 'latest' of --run_name."})
-    lora_r: int = field(default=0, metadata={
-        "help": "LoRA rank; > 0 trains LoRA adapters only (peft), 0 the full model."})
-    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling alpha."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA inputs."})
-    lora_target_modules: str | None = field(default=None, metadata={
-        "help": "Comma-separated layer names LoRA adapts (default per architecture: gpt2 "
-        "c_attn,c_proj,c_fc; llama/gemma q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)."})
-    merge_lora: bool = field(default=False, metadata={
-        "help": "With --lora_r: also write the merged full model to <run>/merged/."})
+    model_name: str = flag("gpt2", "Hub model name or local model directory.")
+    init_from_scratch: bool = flag(False, "Train a random GPT-2-style model (word-level tokenizer).")
+    n_layer: int = flag(4, "From scratch: transformer layers.")
+    n_embd: int = flag(256, "From scratch: embedding size.")
+    n_head: int = flag(4, "From scratch: attention heads.")
+    n_positions: int = flag(1024, "From scratch: context length in tokens.")
+    min_gene_count: int = flag(1, "From scratch: genes in fewer training cells map to <unk>.")
+    checkpoint: str | None = flag(None, "Resume from <run>/checkpoints/checkpoint-N, or 'latest' of --run_name.")
+    lora_r: int = flag(0, "LoRA rank; > 0 trains LoRA adapters only, 0 the full model.")
+    lora_alpha: float = flag(16.0, "LoRA scaling alpha.")
+    lora_dropout: float = flag(0.05, "Dropout on the LoRA inputs.")
+    lora_target_modules: str | None = flag(None, "Comma-separated layers LoRA adapts (default: per architecture).")
+    merge_lora: bool = flag(False, "With --lora_r: also write the merged model to <run>/merged/.")
 
 
 @dataclass
 class DataArguments:
     """Where the cell sentences are and how they become training examples."""
 
-    data_dir: str = field(default="data/cell_sentences_hf/", metadata={
-        "help": "DatasetDict folder written by transform.py (train/valid/test)."})
-    top_k_genes: int = field(default=100, metadata={
-        "help": "Genes per example (the first K of each sentence)."})
+    data_dir: str = flag("data/cell_sentences_hf/", "transform.py's DatasetDict folder.")
+    top_k_genes: int = flag(100, "Genes per example (the first K of each sentence).")
     tasks: str | None = field(
         default=None,
         metadata={
@@ -108,11 +77,8 @@ class DataArguments:
             "unconditional_generation."
         },
     )
-    task_weights: str | None = field(default=None, metadata={
-        "help": "Comma-separated weights of --tasks (default: equal)."})
-    label_column: str | None = field(default=None, metadata={
-        "help": "Column with the cell-type labels (default: cell_type when the data has it, else no "
-        "labels); a named column must exist."})
+    task_weights: str | None = flag(None, "Comma-separated weights of --tasks (default: equal).")
+    label_column: str | None = flag(None, "Column of the cell types (default: cell_type if the data has it).")
     label_columns: str | None = field(
         default=None,
         metadata={
@@ -121,40 +87,26 @@ class DataArguments:
             "is conditioned on any subset of them (default: --label_column alone)."
         },
     )
-    multi_cell_column: str | None = field(default=None, metadata={
-        "help": "Add C2S-Scale's multi-cell tasks (N cells <-> their value of this column), cells grouped "
-        "by this column within each split (e.g. sample)."})
-    cells_per_example: int = field(default=4, metadata={
-        "help": "With --multi_cell_column: cells per multi-cell example (N)."})
-    prompt_format: str = field(default="ours", metadata={
-        "help": "Prompt format: ours or c2s_scale (the published C2S models' prompts, to fine-tune one)."})
-    organism: str = field(default="Homo sapiens", metadata={"help": "The {organism} of c2s_scale prompts."})
-    max_seq_length: int | None = field(default=None, metadata={
-        "help": "Longest example in tokens (default: the model's context); longer ones lose genes, never "
-        "their answer."})
-    max_train_samples: int | None = field(default=None, metadata={
-        "help": "Use only the first N training cells (for quick runs)."})
-    max_eval_samples: int | None = field(default=None, metadata={
-        "help": "Evaluate on only the first N validation cells."})
-    num_proc: int | None = field(default=None, metadata={"help": "Processes that tokenize the examples."})
-    overwrite: bool = field(default=False, metadata={
-        "help": "Replace an existing finished run of the same name."})
+    multi_cell_column: str | None = flag(None, "Add C2S-Scale's multi-cell tasks, cells grouped by this column.")
+    cells_per_example: int = flag(4, "With --multi_cell_column: cells per example.")
+    prompt_format: str = flag("ours", "ours or c2s_scale (the published C2S models').")
+    organism: str = flag("Homo sapiens", "The {organism} of c2s_scale prompts.")
+    max_seq_length: int | None = flag(None, "Longest example in tokens (default: the model's context).")
+    max_train_samples: int | None = flag(None, "Use only the first N training cells.")
+    max_eval_samples: int | None = flag(None, "Use only the first N validation cells.")
+    num_proc: int | None = flag(None, "Processes that tokenize the examples.")
+    overwrite: bool = flag(False, "Replace a finished run of the same name.")
 
 
 @dataclass
 class CellTrainingArguments(TrainingArguments):
     """``TrainingArguments`` with this project's defaults (output under data/, no reporting)."""
 
-    output_dir: str | None = field(default="data/model/", metadata={
-        "help": "Folder of the runs; the model goes to <output_dir>/<run_name>/."})
-    report_to: None | str | list[str] = field(default="none", metadata={
-        "help": "Experiment trackers to report to (wandb, tensorboard, ...); none."})
-    log_level_replica: str = field(default="error", metadata={
-        "help": "Log level of the other processes under torchrun (rank 0 logs for all).",
-        "choices": list(trainer_log_levels)})
-    ddp_find_unused_parameters: bool | None = field(default=False, metadata={
-        "help": "Under torchrun: let DDP search for parameters without a gradient in every step (slower; "
-        "a causal LM needs no search)."})
+    output_dir: str | None = flag("data/model/", "Folder of the runs (<output_dir>/<run_name>/).")
+    report_to: None | str | list[str] = flag("none", "Experiment trackers (wandb, ...).")
+    log_level_replica: str = flag("error", "Log level of the other processes under torchrun.",
+                                  choices=list(trainer_log_levels))
+    ddp_find_unused_parameters: bool | None = flag(False, "Under torchrun: DDP searches unused parameters.")
 
     def __post_init__(self) -> None:
         import torch
@@ -258,48 +210,49 @@ def _train(args: TrainArgs) -> Path:
 
     m, d, t = args.model, args.data, args.training
     # Sets up the device and, under torchrun, the process group (rank 0 shares its run name).
-    device = t.device
-    if not is_rank_zero(t):
+    device, rank_zero = t.device, run_folder.is_rank_zero(t)
+    if not rank_zero:
         # Every process sees the same data and flags: rank 0's log speaks for all.
         logging.getLogger("cell2sentence").setLevel(logging.ERROR)
         import datasets
 
         datasets.disable_progress_bars()
     logger.info("Device %s, %d process(es).", device, t.world_size)
-    run_dir, checkpoint = resolve_run(args)
+    run_dir, checkpoint = run_folder.resolve_run(args)
     earlier = resume_run(args, checkpoint)  # a resume continues the run as it was recorded
     check_args(args)
     flags = recorded_flags(args)  # before the run derives anything from them
 
     # The data: the cells, their labels and the task mix
     settle_inputs(Path(d.data_dir).parent, *([Path(m.model_name)] if m.model_name else []))
-    dataset = load_cell_sentences(Path(d.data_dir))
+    dataset = train_data.load_cell_sentences(Path(d.data_dir))
+    names = dataset["train"].column_names
     if d.label_columns is None and isinstance(earlier.get("label_columns"), str):
         d.label_columns = earlier["label_columns"]  # a resumed run keeps its label columns
-    columns = resolve_label_columns(d.label_column, d.label_columns, dataset["train"].column_names)
+    columns = train_data.resolve_label_columns(d.label_column, d.label_columns, names)
     d.label_column = columns[0]
     if d.label_columns is not None:
         d.label_columns = ",".join(columns)
-    if d.multi_cell_column is not None and d.multi_cell_column not in dataset["train"].column_names:
+    if d.multi_cell_column is not None and d.multi_cell_column not in names:
         raise InputError(f"The data has no column {d.multi_cell_column!r} given by --multi_cell_column (it "
-                         f"has {', '.join(dataset['train'].column_names)}); carry it into the dataset with "
+                         f"has {', '.join(names)}); carry it into the dataset with "
                          "transform.py --obs_columns, or fix the name.")
-    tasks = resolve_tasks(d, dataset["train"].column_names)
+    tasks = train_data.resolve_tasks(d, names)
     do_eval = t.eval_strategy != "no" or t.do_eval
-    check_splits(dataset, d.data_dir, do_eval=do_eval)
-    prepare_run_dir(run_dir, checkpoint, overwrite=d.overwrite, delete=is_rank_zero(t))
+    train_data.check_splits(dataset, d.data_dir, do_eval=do_eval)
+    run_folder.prepare_run_dir(run_dir, checkpoint, overwrite=d.overwrite, delete=rank_zero)
     t.output_dir = str(run_dir / "checkpoints")
     t.run_name = run_dir.name
     seed_everything(t.seed)
-    train_split = first_cells(dataset["train"], d.max_train_samples)
-    cell_types = label_set(train_split, d.label_column)
+    train_split = train_data.first_cells(dataset["train"], d.max_train_samples)
+    cell_types = train_data.label_set(train_split, d.label_column)
     refuse_unsafe_labels(cell_types, column=d.label_column, path=d.data_dir)
     logger.info("Training on %s cells of %s (%s cell types); tasks %s.", f"{len(train_split):,}", d.data_dir,
                 f"{len(cell_types):,}", ", ".join(f"{k}={v:.2f}" for k, v in tasks.items()))
     recipe = training_recipe(d, tasks, cell_types, earlier)
-    add_label_columns(recipe, train_split, d, tasks, path=d.data_dir)
+    train_data.add_label_columns(recipe, train_split, d, tasks, path=d.data_dir)
     if d.multi_cell_column is not None:
-        groups = label_set(train_split, d.multi_cell_column)
+        groups = train_data.label_set(train_split, d.multi_cell_column)
         refuse_unsafe_labels(groups, column=d.multi_cell_column, path=d.data_dir)
         recipe.multi_cell_column, recipe.cells_per_example = d.multi_cell_column, d.cells_per_example
         recipe.group_labels = groups
@@ -311,16 +264,17 @@ def _train(args: TrainArgs) -> Path:
     max_length = context_length(model, tokenizer, d.max_seq_length)
     if t.gradient_checkpointing:
         model.config.use_cache = False
-    valid_split = first_cells(dataset["valid"], d.max_eval_samples) if do_eval else None
-    train_examples, eval_examples, stats = build_examples(train_split, valid_split, args, tokenizer, tasks,
-                                                          max_length)
+    valid_split = train_data.first_cells(dataset["valid"], d.max_eval_samples) if do_eval else None
+    train_examples, eval_examples, stats = train_data.build_examples(
+        train_split, valid_split, args, tokenizer, tasks, max_length)
     lora_modules = model.peft_config["default"].target_modules if m.lora_r else ()
-    record = effective_args(args, tasks, max_length, stats, tokenizer, checkpoint, run_dir, cell_types, lora_modules,
-                            flags, facts=run_facts(m, d, dataset, train_split, valid_split), earlier=earlier)
-    write_run_record(t, record, recipe)
+    record = effective_args(args, tasks, max_length, stats, tokenizer, checkpoint, run_dir, cell_types,
+                            lora_modules, flags, facts=run_facts(m, d, dataset, train_split, valid_split),
+                            earlier=earlier)
+    run_folder.write_run_record(t, record, recipe)
 
     # Train, evaluate, publish (and push: after the publish, so that the card and recipe go too)
-    hub = hub_push(t, run_dir)
+    hub = run_folder.hub_push(t, run_dir)
     trainer = Trainer(model=model, args=t, train_dataset=train_examples,
                       data_collator=CausalLMCollator(pad_token_id=tokenizer.pad_token_id),
                       eval_dataset=eval_examples, processing_class=tokenizer)
@@ -329,11 +283,11 @@ def _train(args: TrainArgs) -> Path:
     train_result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     metrics: dict[str, Any] = {**train_result.metrics, "global_step": trainer.state.global_step}
     if eval_examples is not None:
-        metrics.update(final_eval_metrics(trainer))
+        metrics.update(run_folder.final_eval_metrics(trainer))
     trainer.log_metrics("train", metrics)
     if record.get("resumes"):
         record["resumes"][-1]["to_step"] = trainer.state.global_step
-    publish_run(trainer, tokenizer, run_dir, record, recipe, metrics, merge=m.merge_lora, hub=hub)
+    run_folder.publish_run(trainer, tokenizer, run_dir, record, recipe, metrics, merge=m.merge_lora, hub=hub)
     return run_dir
 
 

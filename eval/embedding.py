@@ -1,12 +1,6 @@
 """Score cell embeddings against the cell types, next to PCA of the expression.
 
-Leave-one-out k-NN accuracy, silhouette, and ARI / NMI of a KMeans clustering of the labelled
-cells of embed.py's embeddings; the same for PCA of their expression (the baseline to beat).
-
-    embeddings.h5ad [+ <transform_dir>/<stem>_preprocessed.h5ad]
-        -> <output_dir>/metrics.json, embedding_vs_pca.png, eval_args.json
-
-Example:
+embeddings.h5ad [+ the transform's preprocessed AnnData] -> metrics.json, embedding_vs_pca.png. Example:
     python eval/embedding.py --embeddings data/embeddings/<run>/embeddings.h5ad \\
         --transform_dir data --output_dir data/eval/embedding
 """

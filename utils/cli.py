@@ -1,5 +1,4 @@
-"""What every script shares: the one-sentence error, the CLI runner (logging, signals, a full
-disk), seeding, run records and the shared flags."""
+"""What every script shares: the one-sentence error, the CLI runner, seeding, run records, shared flags."""
 
 from __future__ import annotations
 
@@ -54,9 +53,7 @@ def run_cli(main: Callable[[Any], Any], parse_args: Callable[[Sequence[str] | No
         code = 2
     finally:
         release_output_dirs()
-    if code:
-        # HDF5 keeps an h5ad whose flush hit ENOSPC open and crashes the interpreter's teardown
-        # on it (SIGSEGV); the outputs are settled by now, so leave without teardown.
+    if code:  # HDF5 may crash the teardown after ENOSPC (SIGSEGV): the outputs are settled, leave without it
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
@@ -126,7 +123,7 @@ def _raise_terminated(signum: int, frame: Any) -> None:
     raise Terminated()
 
 
-# One name per concept in every script; the old names still work, with a warning, unlisted in --help.
+# Old flag names: they still work, with a warning, unlisted in --help.
 RENAMED_FLAGS = {"--cell_type_column": "--label_column", "--labels_key": "--label_column",
                  "--max_genes": "--top_k_genes", "--preprocessing_num_workers": "--num_proc"}
 
@@ -156,8 +153,7 @@ def add_run_flags(parser: argparse.ArgumentParser, *, output_dir: Path | None, o
 
 
 def renamed_flags(argv: Sequence[str] | None, renamed: dict[str, str] | None = None) -> list[str]:
-    """``argv`` (default: the command line) with old flag names (``RENAMED_FLAGS`` and ``renamed``)
-    replaced by the new ones, with a warning.
+    """``argv`` (default: the command line) with old flag names (``RENAMED_FLAGS``, ``renamed``) renamed.
 
     >>> renamed_flags(["--cell_type_column=tissue", "--seed", "1"])
     ['--label_column=tissue', '--seed', '1']

@@ -1,6 +1,5 @@
-"""The data contract between the steps: the names of the files each step writes (named here
-only), the readers of those outputs and the writer of an evaluation's results. Each reader first
-settles the folder it reads (``utils.publish.settle_inputs``) and fails with one ``InputError``."""
+"""The data contract between the steps: the names of the files each step writes (named here only),
+their readers (each settles its folder first and fails with one ``InputError``) and the evaluations' writer."""
 
 from __future__ import annotations
 
@@ -36,8 +35,7 @@ class Outputs(tuple):
 
 
 EVAL_ARGS = "eval_args.json"
-# The transform's files in ``eval/`` are named one by one: ``eval/<name>/`` holds the eval scripts'
-# outputs, which a transform run with --overwrite leaves alone.
+# The transform's eval/ files one by one: its --overwrite leaves the eval scripts' eval/<name>/ alone.
 TRANSFORM = Outputs(sentences="cell_sentences", dataset="cell_sentences_hf", args="transform_args.json")
 TRANSFORM_EVAL = Outputs(metrics="eval/transformation_metrics.csv", fit="eval/log_rank_vs_log_expression.png",
                          reconstruction="eval/expression_vs_reconstruction.png", qc_by_label="eval/qc_by_label.csv")
@@ -47,8 +45,7 @@ PREDICT = Outputs(predictions="predictions.csv", annotated="annotated.h5ad", met
 # predict.py --multi_cell_column: one label per group of cells (its members in group_members.csv).
 PREDICT_GROUPS = Outputs(groups="group_predictions.csv", members="group_members.csv", metrics="metrics.json",
                          args="predict_args.json")
-# generate.py --multi_cell_column: the generated groups, a row per cell (cell_name, cell_sentence,
-# group, requested_<column>).
+# generate.py --multi_cell_column: the generated groups, a row per cell.
 GENERATE_GROUPS = Outputs(cells="generated_groups.csv", metrics="metrics.json", args="generate_args.json")
 # old_predictions and old_confusion: outputs of earlier versions, listed so that a rerun removes them.
 GENERATE = Outputs(old_predictions="predictions.csv", old_confusion="confusion_matrix.png",
@@ -63,8 +60,7 @@ EVAL_EMBEDDING = Outputs(metrics="metrics.json", panels="embedding_vs_pca.png", 
 EVAL_RECONSTRUCTION = Outputs(metrics="metrics.json", per_cell="per_cell.csv", fit="log_rank_vs_log_expression.png",
                               reconstruction="expression_vs_reconstruction.png",
                               per_cell_figure="per_cell_r_squared.png", args=EVAL_ARGS)
-# train.py's files in its run folder beside the model, adapter and tokenizer (the card is user_card when
-# README.md is the user's; run_args lies in <run>/checkpoints/ for a resume).
+# train.py's files beside the model (user_card: when README.md is the user's; run_args: in checkpoints/).
 TRAIN = Outputs(args="train_args.json", results="train_results.json", log="train_log.json", merged="merged",
                 card="README.md", user_card="MODEL_CARD.md", evaluations="model_card_evaluations.json",
                 figures="model_card_figures", run_args="run_args.json")
@@ -97,7 +93,7 @@ def per_column(name: str, column: str) -> str:
 
 
 def read_lines(path: Path) -> list[str]:
-    """Lines of a small text file (labels, names), without line ends; a final newline ends the last."""
+    """The lines of a small text file, without line ends."""
     if not path.is_file():
         raise InputError(f"{path} does not exist.")
     lines = path.read_text().split("\n")
@@ -228,7 +224,7 @@ def label_column_of(transform_dir: Path, default: str = "cell_type") -> str:
 
 def read_preprocessed(source: Path, names: Any = None) -> Any:
     """transform.py's preprocessed AnnData (``source``: the file or the transform's folder; None when
-    it has none) in memory, or only the cells in ``names`` found, in the file's order."""
+    it has none), or only the cells among ``names``, in the file's order."""
     import anndata as ad
 
     settle_inputs(source)
@@ -248,13 +244,12 @@ def read_preprocessed(source: Path, names: Any = None) -> Any:
 
 def write_evaluation(output_dir: Path, names: list[str], *, metrics: dict[str, Any], figures: dict[str, Any],
                      frames: dict[str, Any], args: Any, overwrite: bool) -> None:
-    """Publish ``metrics.json``, the figures (a matplotlib figure, or a function writing the PNG at
-    a path), the frames (CSV) and the arguments into ``output_dir`` (``staged_outputs``; ``names``:
-    all the outputs this evaluation can write)."""
+    """Publish ``metrics.json``, the figures (a Figure, or a function writing the PNG at a path), the
+    frames (CSV) and the arguments (``names``: every output this evaluation can write)."""
     with staged_outputs(output_dir, names, overwrite=overwrite) as tmp:
         (tmp / "metrics.json").write_text(strict_json(metrics, indent=2, default=str) + "\n")
         for name, figure in figures.items():
-            if callable(figure):  # a function that writes the file itself
+            if callable(figure):
                 figure(tmp / name)
             elif figure is not None:
                 figure.savefig(tmp / name, dpi=150, bbox_inches="tight")

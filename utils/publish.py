@@ -1,5 +1,4 @@
-"""The one publish protocol of every script: claim an output folder (a lock), stage the outputs in
-a hidden folder beside them, publish them by renames, and settle the folders a reader reads."""
+"""The publish protocol of every script: claim (lock) an output folder, stage, publish by renames, settle."""
 
 from __future__ import annotations
 
@@ -136,7 +135,7 @@ def _lock(folder: Path) -> int:
         except FileNotFoundError:
             pass
         os.close(fd)
-    try:  # which process holds it, for the message above; also a probe that files can be written
+    try:  # the holder for the message above; also a probe that files can be written
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     except OSError as err:
@@ -146,9 +145,7 @@ def _lock(folder: Path) -> int:
 
 
 def claim_output_dir(output_dir: Path, names: Sequence[str] = (), *, overwrite: bool = True) -> None:
-    """Take ``output_dir`` for this run, before any work: create it, lock it, settle what
-    earlier runs left there, and check that ``names`` may be written (one sentence if not).
-    Again in the same process: only the check."""
+    """Create and lock ``output_dir``, settle what earlier runs left, check that ``names`` may be written."""
     output_dir = Path(output_dir)
     key = output_dir.resolve()
     if key not in _HELD:
@@ -210,7 +207,7 @@ def releasing_outputs(main: Callable[..., Any]) -> Callable[..., Any]:
 
 def _settle(folder: Path) -> None:
     """Finish the publishes and remove the staging and trash folders dead runs left (lock held)."""
-    for committed in sorted(folder.glob(PUBLISH_PREFIX + "*")):
+    for committed in _pending_publishes(folder):
         logger.warning("Finishing the publish of outputs that an interrupted run left in %s.", folder)
         _finish_publish(committed, folder)
     for prefix in (STAGING_PREFIX, TRASH_PREFIX):
@@ -220,9 +217,8 @@ def _settle(folder: Path) -> None:
 
 
 def settle_inputs(*paths: Path, wait_s: float = 10.0) -> None:
-    """Finish every publish a killed run committed but did not complete, in each of ``paths``
-    and its parent; call it before reading there. A live run's publish is waited for up to
-    ``wait_s`` seconds; one that cannot be finished is an ``InputError``."""
+    """Finish the publishes killed runs left in each of ``paths`` and its parent (before reading there);
+    a live run's is waited for up to ``wait_s`` seconds, one that cannot be finished is an ``InputError``."""
     seen: set[Path] = set()
     for path in map(Path, paths):
         for folder in (path, path.parent):
@@ -310,9 +306,8 @@ def _finish_publish(committed: Path, folder: Path) -> None:
 
 
 def publish_staged(staging: Path, output_dir: Path, names: Sequence[str], *, whole: bool = False) -> list[str]:
-    """Move the outputs among ``names`` found in ``staging`` (a ``.staging-*`` folder inside
-    ``output_dir``) into ``output_dir`` by renames, the first name last; returns those published.
-    ``whole``: ``names`` are all the step's outputs, so an old one not written now goes too."""
+    """Move the outputs among ``names`` in ``staging`` into ``output_dir`` by renames, the first name
+    last; returns those published. ``whole``: also remove the old ones among ``names`` not staged."""
     present = [n for n in dict.fromkeys(names) if (staging / n).exists() or (staging / n).is_symlink()]
     retired = [n for n in dict.fromkeys(names) if whole and n not in present]
     (staging / _NAMES_FILE).write_text(json.dumps({"publish": present, "retire": retired}))
@@ -327,14 +322,11 @@ def publish_staged(staging: Path, output_dir: Path, names: Sequence[str], *, who
 
 @contextlib.contextmanager
 def staged_outputs(output_dir: Path, names: Sequence[str], *, overwrite: bool) -> Iterator[Path]:
-    """Yield a hidden staging folder, then publish each of ``names`` (every output the step can
-    write: an old one not written now is removed) and release ``output_dir``. On any failure,
-    Ctrl-C or SIGTERM nothing under ``output_dir`` changes; a full disk is one sentence."""
+    """Yield a staging folder, then publish ``names`` (all the step's outputs): all, or on failure none."""
     output_dir = Path(output_dir)
     claim_output_dir(output_dir, names, overwrite=overwrite)
     try:
-        # Same file system as the destination, so the final moves are renames.
-        try:
+        try:  # on the destination's file system: the final moves are renames
             tmp = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=output_dir))
         except OSError as err:
             raise _unwritable(output_dir, err) from None

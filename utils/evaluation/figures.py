@@ -1,5 +1,4 @@
-"""Every figure of the project: matplotlib ``Figure`` objects, or PNG files for the transform's
-evaluation (no pyplot state shared between figures)."""
+"""Every figure of the project: matplotlib ``Figure`` objects, or PNG files for the transform's evaluation."""
 
 from __future__ import annotations
 
@@ -21,8 +20,7 @@ if TYPE_CHECKING:
     from utils.evaluation.generation_metrics import GenerationEvaluation
 
 
-# tab10, then colours of Kelly's list of maximum contrast unlike any of them (tab20's pairs of
-# shades of one hue gave neighbouring types two shades of one blue).
+# tab10, then colours of Kelly's list of maximum contrast unlike any of them.
 PALETTE = (
     "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
     "#bcbd22", "#17becf", "#f3c300", "#875692", "#008856", "#f99379", "#604e97", "#b3446c",
@@ -81,12 +79,8 @@ def _colour_distance(a: str, b: str) -> float:
 
 
 def distinct_colours(types: Sequence[str], centroids: np.ndarray) -> dict[str, str]:
-    """A colour per type such that types close together in the embedding look different.
-
-    Local search from the palette's order (each type in turn takes the free or swapped colour
-    that lowers it most) of the sum over pairs of types of closeness exp(−(d / s)²) (s: the
-    median distance of a centroid to its nearest other one) × likeness exp(−colour distance / 40).
-    Deterministic; past the palette's length colours repeat.
+    """A colour per type such that types close together in the embedding look different (a local
+    search lowering the sum over pairs of closeness × colour likeness; past the palette colours repeat).
 
     >>> distinct_colours(["a", "b"], np.array([[0.0, 0.0], [1.0, 0.0]]))
     {'a': '#1f77b4', 'b': '#ff7f0e'}
@@ -166,8 +160,7 @@ def plot_embedding(real: np.ndarray, real_labels: Sequence[str], generated: np.n
 
 def plot_labelled_panels(panels: Sequence[tuple[str, np.ndarray, Sequence[str]]], *,
                          axis_label: str = "PC") -> Figure:
-    """Side-by-side 2-d scatters of (title, coordinates, labels), one colour per label in every
-    panel (from the first panel's centroids)."""
+    """Side-by-side 2-d scatters of (title, coordinates, labels), one colour per label in all panels."""
     fig = Figure(figsize=(5.2 * len(panels) + 2.5, 5))
     types = sorted({str(x) for _, _, labels in panels for x in labels})
     colors = _type_colours(types, np.asarray(panels[0][1])[:, :2], _labels(panels[0][2]))
@@ -218,7 +211,7 @@ def _save(fig, ax, path: Path, *, xlabel: str, ylabel: str, title: str, legend: 
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(loc=legend, fontsize=8)
-    # Fixed margins fit our fixed labels; tight_layout's extra layout pass took a third of the time.
+    # Fixed margins fit our fixed labels (tight_layout is slow).
     fig.subplots_adjust(left=0.11, right=0.98, bottom=0.11, top=0.93)
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,5 +1,5 @@
-"""The metrics of the evaluations over arrays: labels (compared normalized), generated words,
-k-NN, PCA, embeddings, the rank-to-expression reconstruction."""
+"""The evaluations' metrics: labels (compared normalized), generated words, k-NN, PCA, embeddings,
+the rank-to-expression reconstruction."""
 
 from __future__ import annotations
 
@@ -54,9 +54,8 @@ def majority_baseline(train_labels: Sequence[str], eval_labels: Sequence[str]) -
 
 def classification_summary(true: Sequence[str], predicted: Sequence[str], *,
                            train_labels: Sequence[str] | None = None) -> dict[str, Any]:
-    """Accuracy, balanced accuracy, macro-F1 and per-class scores, with the majority baseline
-    (its class from ``train_labels`` when given, else from ``true``). The classes are the true
-    labels: a predicted label of no true class counts against the recall and adds no class.
+    """Accuracy, balanced accuracy, macro-F1, per-class scores and the majority baseline (of
+    ``train_labels``, else ``true``); the classes are the true labels.
 
     >>> s = classification_summary(["B cell", "T cell"], ["b cell ", "NK"])
     >>> s["accuracy"], s["n_cells"], s["n_correct"], s["macro_f1"]
@@ -91,8 +90,7 @@ def classification_summary(true: Sequence[str], predicted: Sequence[str], *,
 
 
 def sentence_stats(result: InverseResult) -> dict[str, float]:
-    """Word-level quality of (generated) sentences from the inverse transform's counts: rates
-    are per word (``duplicate_rate``: words repeating a gene already in the sentence)."""
+    """Word-level quality of (generated) sentences from the inverse transform's counts (rates per word)."""
     words, n = int(result.n_words.sum()), len(result.n_words)
     valid = words - int(result.n_invalid_genes.sum())
     return {
@@ -107,9 +105,8 @@ def sentence_stats(result: InverseResult) -> dict[str, float]:
 
 
 def _knn_predict(X_fit: Any, y_fit: np.ndarray, X_query: Any, k: int) -> np.ndarray:
-    """The majority label of the ``k`` nearest rows (Euclidean) of ``X_fit`` to each row of
-    ``X_query``, ties to the first label by name (as scikit-learn's classifier); ``X_query``
-    None: leave-one-out, each row of ``X_fit`` by its ``k`` nearest other rows."""
+    """The majority label (ties: first by name) of the ``k`` nearest rows of ``X_fit`` to each row of
+    ``X_query``; ``X_query`` None: leave-one-out over ``X_fit``."""
     from sklearn.neighbors import NearestNeighbors
 
     loo = X_query is None
@@ -129,9 +126,7 @@ def _knn_predict(X_fit: Any, y_fit: np.ndarray, X_query: Any, k: int) -> np.ndar
 
 def knn_accuracy(X_train: sp.spmatrix | np.ndarray, y_train: Sequence[str], X_eval: sp.spmatrix | np.ndarray,
                  y_eval: Sequence[str], *, k: int = 5) -> dict[str, Any]:
-    """A k-NN classifier (Euclidean) fitted on ``X_train`` and scored on ``X_eval``: the
-    accuracy, the k used (at most the training cells) and the predicted labels (as spelled in
-    ``y_train``)."""
+    """k-NN fitted on ``X_train``, scored on ``X_eval``: accuracy, the k used and the predicted labels."""
     if X_train.shape[0] == 0 or X_eval.shape[0] == 0:
         return {"accuracy": float("nan"), "k": 0, "predicted": []}
     k_used = int(min(k, X_train.shape[0]))
@@ -156,15 +151,13 @@ def knn_loo_accuracy(X: np.ndarray, labels: Sequence[str], *, k: int = 5) -> flo
 
 def embed_pca(X_fit: sp.spmatrix | np.ndarray, *others: sp.spmatrix | np.ndarray, n_components: int = 2,
               seed: int = 0) -> tuple[np.ndarray, ...]:
-    """PCA fitted on ``X_fit`` (e.g. real cells): the coordinates of ``X_fit`` followed by those
-    of each of ``others``. Sparse input stays sparse; the work never grows with genes × genes."""
+    """PCA fitted on ``X_fit``: the coordinates of ``X_fit`` followed by those of each of ``others``."""
     from sklearn.decomposition import PCA
 
     n_components = int(min(n_components, X_fit.shape[0], X_fit.shape[1]))
     solver = "arpack" if sp.issparse(X_fit) and n_components < min(X_fit.shape) else "full"
     if sp.issparse(X_fit) and solver == "full":
-        # arpack cannot give every component; "covariance_eigh" decomposes genes × genes, so it
-        # serves only when genes are the small side, else the few cells' rows are made dense.
+        # arpack cannot give every component; covariance_eigh only when genes are the small side.
         if X_fit.shape[0] <= X_fit.shape[1]:
             X_fit = X_fit.toarray()
         else:
@@ -177,9 +170,8 @@ def embed_pca(X_fit: sp.spmatrix | np.ndarray, *others: sp.spmatrix | np.ndarray
 
 def embedding_scores(X: np.ndarray, labels: Sequence[str], *, k: int = 5, max_silhouette: int = 5000,
                      seed: int = 0) -> dict[str, float]:
-    """How well an embedding (cells × dimensions) separates the labelled types: leave-one-out
-    ``knn_accuracy``, ``silhouette`` (on a seeded subset of ``max_silhouette`` cells when larger),
-    ``ari`` and ``nmi`` of a KMeans clustering with as many clusters as types."""
+    """How well an embedding separates the types: leave-one-out ``knn_accuracy``, ``silhouette`` (on at
+    most ``max_silhouette`` cells), ``ari`` and ``nmi`` of a KMeans clustering into as many clusters."""
     from sklearn.cluster import KMeans
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
 
@@ -202,8 +194,7 @@ def embedding_scores(X: np.ndarray, labels: Sequence[str], *, k: int = 5, max_si
 
 @dataclass
 class EmbeddingEvaluation:
-    """The scores (``"c2s"``, and ``"pca"`` of the expression baseline) and the baseline's
-    principal components with their cells' labels."""
+    """The scores (``"c2s"``, ``"pca"``) and the baseline's principal components with their labels."""
 
     scores: dict[str, Any]
     pca_coords: np.ndarray | None = None
@@ -212,9 +203,8 @@ class EmbeddingEvaluation:
 
 def evaluate_embedding(X: np.ndarray, labels: Sequence[str], names: Sequence[str], *, expression: Any = None,
                        k: int = 5, n_components: int = 50, seed: int = 0) -> EmbeddingEvaluation:
-    """:func:`embedding_scores` of the embedding ``X`` of the cells ``names`` (``"c2s"``), and,
-    given ``expression`` (an AnnData of some or all of these cells, matched by name), of its
-    first ``n_components`` principal components (``"pca"``): the baseline to beat."""
+    """:func:`embedding_scores` of ``X`` (``"c2s"``) and of the PCA of ``expression`` (``"pca"``; an
+    AnnData of some of the cells ``names``, matched by name)."""
     scores: dict[str, Any] = {"c2s": embedding_scores(X, labels, k=k, seed=seed)}
     if expression is None:
         return EmbeddingEvaluation(scores)
@@ -226,9 +216,8 @@ def evaluate_embedding(X: np.ndarray, labels: Sequence[str], names: Sequence[str
 
 
 def rank_expression_points(X: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every expressed value of a preprocessed matrix with its rank in its cell: ``log_rank``
-    (log10(1 + rank), rank 0 = the cell's highest), ``log_expression`` and ``indptr`` (cell
-    ``i``'s points are ``indptr[i]:indptr[i+1]``). Tied values need no tie-breaking.
+    """Every expressed value with its rank in its cell: ``log_rank`` (log10(1 + rank), rank 0 the
+    highest), ``log_expression`` and ``indptr`` (cell ``i``: ``indptr[i]:indptr[i+1]``).
 
     >>> r, e, p = rank_expression_points(sp.csr_matrix(np.array([[0.0, 1.0, 3.0], [2.0, 0.0, 0.0]])))
     >>> np.round(10 ** r - 1, 6).tolist(), e.tolist(), p.tolist()
@@ -246,9 +235,7 @@ def rank_expression_points(X: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray, np
 
 def per_cell_reconstruction(log_rank: np.ndarray, log_expression: np.ndarray, indptr: np.ndarray,
                             fit: RankExpressionFit) -> pd.DataFrame:
-    """How well ``fit``'s line reconstructs each cell's expressed values: ``n_genes``,
-    ``r_squared`` and ``pearson_r`` of y and ŷ (NaN when the cell's values are all one), and
-    ``mean_abs_error``."""
+    """Per cell: ``n_genes``, ``r_squared``, ``pearson_r`` (NaN: constant values), ``mean_abs_error``."""
     y = np.asarray(log_expression, dtype=np.float64)
     y_hat = fit.predict(log_rank)
     n = np.diff(indptr)

@@ -98,7 +98,6 @@ def render_card(folder: Path, evaluations: Mapping[str, Any] | None = None) -> s
     """The card of a run folder (or its ``merged/``); ``evaluations``: default its records'."""
     from huggingface_hub import ModelCardData
 
-
     folder = Path(folder)
     record, recipe, config = _read(folder / TRAIN.args), Recipe.read(folder), _read(folder / "config.json")
     results, log = _read(folder / TRAIN.results), _read(folder / TRAIN.log)
@@ -119,7 +118,7 @@ def render_card(folder: Path, evaluations: Mapping[str, Any] | None = None) -> s
     about = lora and (f"LoRA adapter (rank {lora.get('r')}, alpha {_fmt(lora.get('alpha'))}, dropout "
                       f"{_fmt(lora.get('dropout'))}, modules {', '.join(lora.get('target_modules') or [])})")
     weights = ("full model" if not lora else f"{about} merged into the base model's weights" if merged else
-               f"{about}; it loads with its base model" + (f"; merged: `{TRAIN.merged}/`" * bool(lora.get("merged"))))
+               f"{about}; it loads with its base model" + f"; merged: `{TRAIN.merged}/`" * bool(lora.get("merged")))
     arch = [f"{label}{_fmt(config[key])}" for label, keys in ARCHITECTURE for key in keys if key in config]
     out += ["## Model", "", *_table([("Base model", base), ("Weights", weights),
                                      *([("Architecture", ", ".join(arch))] if arch else []),
@@ -128,7 +127,7 @@ def render_card(folder: Path, evaluations: Mapping[str, Any] | None = None) -> s
     data = record.get("data_summary") or {}
     used = {"train": f" ({data.get('train_cells', 0):,} trained on)",
             "valid": f" ({data.get('eval_cells', 0):,} for the eval loss)" if data.get("eval_cells") else ""}
-    splits = sorted(data.get("cells") or {}, key=lambda split: (["train", "valid", "test", split].index(split), split))
+    splits = sorted(data.get("cells") or {}, key=lambda s: (["train", "valid", "test", s].index(s), s))
     cells = "; ".join(f"{split} {data['cells'][split]:,}{used.get(split, '')}" for split in splits)
     examples = (record.get("train_examples") or {}).get("n_examples")
     out += ["## Data", "", *_table([
@@ -145,7 +144,8 @@ def render_card(folder: Path, evaluations: Mapping[str, Any] | None = None) -> s
                      ("Transform options", transform or "not recorded (the transform's defaults)"),
                      ("QC", ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(recipe.qc.items())) or "not recorded")])]
     counts = (record.get("train_examples") or {}).get("task_counts") or {}
-    out += ["## Tasks", "", *_table([(t, w, counts.get(t)) for t, w in tasks], ("task", "weight", "training examples"))]
+    out += ["## Tasks", "", *_table([(t, w, counts.get(t)) for t, w in tasks],
+                                    ("task", "weight", "training examples"))]
     out += (["Labels the model was trained on:", "", *(_labels(c, v) for c, v in recipe.label_columns.items()), ""]
             if recipe.label_columns else ["No labels (no task was trained on a label column).", ""])
     t = record.get("training") or {}
@@ -172,10 +172,11 @@ def render_card(folder: Path, evaluations: Mapping[str, Any] | None = None) -> s
 def _usage(ref: str, recipe: Recipe, *, adapter: bool) -> list[str]:
     predicts = any(task.endswith("_prediction") for task in recipe.tasks) and bool(recipe.label_columns)
     conditional = "conditional_generation" in recipe.tasks and bool(recipe.labels())
+    unconditional = "unconditional_generation" in recipe.tasks
     shell = [*[f"python predict.py --model_dir {ref} --h5ad my_cells.h5ad   # a label and a score per cell"] * predicts,
              f"python embed.py --model_dir {ref} --h5ad my_cells.h5ad     # .obsm['X_c2s']",
              *[f"python generate.py --model_dir {ref} --data_dir data/cell_sentences_hf/"] * conditional,
-             *[f"python generate.py --model_dir {ref} --unconditional --n_per_type 50"] * ("unconditional_generation" in recipe.tasks)]
+             *[f"python generate.py --model_dir {ref} --unconditional --n_per_type 50"] * unconditional]
     api = ["from utils import CellSentenceModel", "", f'model = CellSentenceModel.load("{ref}")',
            *["labels = model.predict_cell_types(adata)      # one of the model's labels per cell"] * predicts,
            "embeddings = model.embed_cells(adata)          # cells x hidden size",
@@ -196,16 +197,17 @@ def write_model_card(folder: Path, name: str = TRAIN.card) -> Path:
 def _clean(metrics: Mapping[str, Any]) -> dict[str, Any]:
     """The scalars of ``metrics`` and its mappings of scalars (one level: per column, per type)."""
     one = str | int | float | bool | None
-    inner = {k: {str(a): b for a, b in v.items() if isinstance(b, one)} for k, v in metrics.items() if isinstance(v, Mapping)}
-    return json.loads(strict_json({str(k): inner.get(k, v) for k, v in metrics.items() if isinstance(v, one) or inner.get(k)}))
+    inner = {k: {str(a): b for a, b in v.items() if isinstance(b, one)}
+             for k, v in metrics.items() if isinstance(v, Mapping)}
+    kept = {str(k): inner.get(k, v) for k, v in metrics.items() if isinstance(v, one) or inner.get(k)}
+    return json.loads(strict_json(kept))
 
 
 def add_evaluation_to_card(model_dir: str | Path | None, name: str, metrics: Mapping[str, Any], *,
                            figures: Mapping[str, str | Path] | None = None,
                            source: str | Path | None = None) -> Path | None:
-    """Record the evaluation ``name`` (headline ``metrics``, ``figures``: caption -> PNG, ``source`` of all
-    results) in the run folder ``model_dir`` and render its card again; returns the card, or None for
-    no run folder or one that cannot be written (a warning)."""
+    """Add the evaluation ``name`` (``figures``: caption -> PNG) to the card of the run folder ``model_dir``;
+    returns the card, or None for no run folder or one that cannot be written (a warning)."""
     from utils.publish import staged_outputs
 
     folder = None if model_dir is None else Path(str(model_dir)).expanduser()

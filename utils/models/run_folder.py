@@ -1,7 +1,6 @@
-"""The run folder of ``train.py`` (``<output_dir>/<run_name>/``, checkpoints in
-``<run>/checkpoints/checkpoint-N``): claiming it, the final publish of the model with its records
-and card, and the push to the hub. A later run may replace or remove what a run writes there
-(``is_run_output``), never anything else of the user's."""
+"""The run folder of ``train.py`` (``<output_dir>/<run_name>/``): claiming it, the final publish of
+the model with its records and card, and the push to the hub. A later run replaces or removes only
+what a run writes there (``is_run_output``)."""
 
 from __future__ import annotations
 
@@ -24,8 +23,7 @@ from utils.publish import check_can_write, claim_output_dir, publish_staged, rel
 logger = logging.getLogger("cell2sentence.train")
 
 STAGING_DIR = ".staging-final"
-# What a run writes into its folder besides model, adapter and tokenizer files (utils.models.files).
-# README.md is replaced only when it is the card (card_name).
+# What a run writes besides model, adapter and tokenizer files (README.md: only when it is the card).
 RUN_OUTPUTS = frozenset({
     TRAIN.args, TRAIN.results, TRAIN.log, RECIPE_FILE, TRAIN.merged, TRAIN.user_card, TRAIN.evaluations,
     TRAIN.figures, "config.json", "generation_config.json", "adapter_config.json", "tokenizer_config.json",
@@ -107,15 +105,11 @@ def resolve_run(args: Any) -> tuple[Path, Path | None]:
 
 
 def prepare_run_dir(run_dir: Path, checkpoint: Path | None, *, overwrite: bool, delete: bool = True) -> None:
-    """Refuse to replace a finished run without --overwrite (resuming from one of its own
-    checkpoints continues it); clear stale checkpoints where ``delete`` (rank 0, the lock holder)."""
-    markers = ["config.json", "adapter_config.json"]
+    """Refuse to replace a finished run without --overwrite, unless resuming it; ``delete``: claim, clean."""
     checkpoints = run_dir / "checkpoints"
     resuming_here = checkpoint is not None and checkpoints.resolve() in checkpoint.resolve().parents
-    if delete:
-        claim_output_dir(run_dir, markers, overwrite=overwrite or resuming_here)
-    else:
-        check_can_write(run_dir, markers, overwrite=overwrite or resuming_here)
+    claim = claim_output_dir if delete else check_can_write
+    claim(run_dir, ["config.json", "adapter_config.json"], overwrite=overwrite or resuming_here)
     if not checkpoints.is_dir() or resuming_here:
         return
     if latest_checkpoint(checkpoints, complete=False) is not None and not overwrite:
@@ -140,9 +134,7 @@ def is_run_output(name: str) -> bool:
 
 
 def publish(staging: Path, run_dir: Path) -> None:
-    """Move the staged final files into ``run_dir`` by renames, ``config.json`` (or
-    ``adapter_config.json``) last, then remove the run outputs an earlier run wrote that this one
-    did not (a full model's weights before an adapter); the user's own files stay."""
+    """Publish the staged files into ``run_dir`` (config last); remove earlier run outputs not written now."""
     names = sorted(p.name for p in staging.iterdir())
     published = publish_staged(staging, run_dir, ["config.json", "adapter_config.json", *names])
     for old in sorted(run_dir.iterdir()):
@@ -178,7 +170,7 @@ def save_final_files(staging: Path, trainer: Any, tokenizer: Any, record: dict[s
 
 
 class HubPush(NamedTuple):
-    """Where ``--push_to_hub`` pushes the run folder (``hub_push``)."""
+    """Where ``--push_to_hub`` pushes the run folder."""
 
     repo_id: str
     token: str | None
@@ -186,9 +178,8 @@ class HubPush(NamedTuple):
 
 
 def hub_push(training_args: Any, run_dir: Path) -> HubPush | None:
-    """Take ``--push_to_hub`` over from the Trainer (which would push ``checkpoints/`` before the card
-    exists): create the repository now, so that a missing login fails before training; ``publish_run``
-    pushes the published folder. None without ``--push_to_hub`` and on the other processes."""
+    """Take ``--push_to_hub`` over from the Trainer (which pushes before the card exists) and create
+    the repository now, so that a missing login fails before training; None without it or off rank 0."""
     t = training_args
     if not t.push_to_hub:
         return None
@@ -236,8 +227,7 @@ def push_run(run_dir: Path, hub: HubPush) -> None:
 
 def publish_run(trainer: Any, tokenizer: Any, run_dir: Path, record: dict[str, Any],
                 recipe: Recipe, metrics: dict[str, Any], *, merge: bool, hub: HubPush | None = None) -> None:
-    """Save the model with its records into a staging folder of ``run_dir`` (every process takes part,
-    so that sharded weights are gathered; rank 0 writes), publish it and push it with ``hub``."""
+    """Save (on every process: sharded weights are gathered), publish and push the model with its records."""
     t = trainer.args
     if hub is not None:
         record = {**record, "hub_repo": hub.repo_id}

@@ -1,6 +1,5 @@
-"""What a ``train.py`` run records (``train_args.json``, ``checkpoints/run_args.json``) and how a
-resume continues the run from it: the recorded model and data flags and seed are restored, the
-optimization (``TRAINING_FLAGS``) unless given again."""
+"""What a ``train.py`` run records (``train_args.json``, ``checkpoints/run_args.json``) and how a resume
+restores it: the model and data flags and seed always, the optimization unless given again."""
 
 from __future__ import annotations
 
@@ -19,8 +18,7 @@ from utils.models.recipe import Recipe
 
 logger = logging.getLogger("cell2sentence.train")
 
-# The optimization a resume keeps unless given again (a different batch size would also make the
-# Trainer skip the wrong number of batches of the epoch).
+# Kept on resume unless given again (another batch size would also skip the wrong number of batches).
 TRAINING_FLAGS = ("per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
                   "weight_decay", "warmup_steps", "warmup_ratio", "max_grad_norm", "lr_scheduler_type")
 # The flags that make a run what it is: a resume restores them.
@@ -33,8 +31,7 @@ _RENAMED_KEYS = {old.removeprefix("--"): new.removeprefix("--") for old, new in 
 
 
 def renamed_keys(record: Mapping[str, Any]) -> dict[str, Any]:
-    """``record`` with the keys of renamed flags (``RENAMED_FLAGS``), also in its ``flags``, under
-    their new names; a new name already there is kept.
+    """``record`` (and its ``flags``) with renamed flags' keys under their new names (a new one wins).
 
     >>> renamed_keys({"cell_type_column": "tissue", "seed": 1})
     {'label_column': 'tissue', 'seed': 1}
@@ -119,8 +116,7 @@ def _same_flag(name: str, value: Any, other: Any) -> bool:
 
 
 def restore_run(args: Any, record: dict[str, Any], source: Path) -> None:
-    """Continue the recorded run: its model and data flags and seed replace those of ``args``; a flag
-    given with another value than recorded (as given or as derived) is an ``InputError``."""
+    """Restore the recorded model and data flags and seed; one given with another value is an ``InputError``."""
     from utils.models.examples import parse_tasks
 
     record = renamed_keys(record)
@@ -176,8 +172,8 @@ def effective_args(args: Any, tasks: dict[str, float], max_length: int, stats: d
                    checkpoint: Path | None, run_dir: Path, cell_types: list[str], lora_modules: Sequence[str] = (),
                    flags: dict[str, Any] | None = None, *, facts: Mapping[str, Any] | None = None,
                    earlier: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The run's one record (train_args.json): every flag, what the run derived, the ``flags`` as given
-    and the card's ``facts``; a resume extends the run's record ``earlier``, adding itself to ``resumes``."""
+    """The run's record (train_args.json): every flag, what the run derived, the ``flags`` as given and
+    the card's ``facts``; a resume extends ``earlier``, adding itself to ``resumes``."""
     from utils.models.prompts import prompt_format
 
     m, fmt = args.model, prompt_format(args.data.prompt_format, organism=args.data.organism)
@@ -210,17 +206,14 @@ def effective_args(args: Any, tasks: dict[str, float], max_length: int, stats: d
 
 def training_recipe(data_args: Any, tasks: Mapping[str, float], cell_types: Sequence[str],
                     earlier: Mapping[str, Any]) -> Recipe:
-    """The recipe of the run (labels only when a task taught them); a resume whose transform changed
-    since the run's record ``earlier`` is a warning."""
+    """The run's recipe (labels only when a task taught them); warns if the transform changed since."""
     from utils.models.examples import TYPED_TASKS
 
     d = data_args
     labelled = cell_types and any(task in TYPED_TASKS for task in tasks)
-    recipe = Recipe.for_training(
-        Path(d.data_dir).resolve(), prompt_format=d.prompt_format, organism=d.organism,
-        top_k_genes=d.top_k_genes, tasks=tasks,
-        label_columns={d.label_column: cell_types} if labelled else {},
-    )
+    recipe = Recipe.for_training(Path(d.data_dir).resolve(), prompt_format=d.prompt_format, organism=d.organism,
+                                 top_k_genes=d.top_k_genes, tasks=tasks,
+                                 label_columns={d.label_column: cell_types} if labelled else {})
     logger.info("Model %s.", recipe.describe())
     before = earlier.get("recipe")
     if isinstance(before, dict) and (before.get("transform"), before.get("genes")) != (
@@ -232,8 +225,7 @@ def training_recipe(data_args: Any, tasks: Mapping[str, float], cell_types: Sequ
 
 def resume_entry(record: dict[str, Any], earlier: dict[str, Any], checkpoint: Path,
                  from_step: int) -> dict[str, Any]:
-    """One entry of a record's ``resumes``: when, from which checkpoint and step, and the values that
-    differ from ``earlier`` (``[before, now]``); ``to_step`` is filled in when the run ends."""
+    """One entry of ``resumes``: when, from which checkpoint and step, and what changed (``[before, now]``)."""
     volatile = {"resumed_from", "resumes", "checkpoint", "overwrite", "recipe", "flags", "training"}
     changed = {k: [earlier.get(k), v] for k, v in record.items()
                if k not in volatile and earlier.get(k) != v}
