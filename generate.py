@@ -39,7 +39,7 @@ from utils.contract import (
     transform_reference,
 )
 from utils.evaluation.figures import plot_generation
-from utils.evaluation.generation_metrics import score_generated
+from utils.evaluation.generation_metrics import score_generated, score_generated_groups
 from utils.inverse import VocabIndex
 from utils.models.generation import allocate_counts, answer_token_budget
 from utils.models.recipe import Recipe
@@ -402,6 +402,7 @@ def generate_groups(args: argparse.Namespace) -> dict[str, Any]:
                               batch_size=args.batch_size, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, seed=args.seed)
     metrics: dict[str, Any] = {"model_dir": str(args.model_dir), "multi_cell_column": column,
+                               "top_k_genes": args.top_k_genes or model.top_k_genes,
                                "cells_per_example": n, "n_groups": len(requested), "n_cells": len(generated),
                                "requested_groups": dict(Counter(requested)), "seconds": time.perf_counter() - start}
     scored = None
@@ -410,13 +411,15 @@ def generate_groups(args: argparse.Namespace) -> dict[str, Any]:
         if "train" in tables and all(column in t.column_names for t in tables.values()):
             tables = labelled_rows(tables, column)
             index, fit, _ = transform_reference(args.transform_dir, tables, model.top_k_genes)
-            scored, _ = evaluate_generated(generated["cell_sentence"].tolist(), generated[f"requested_{column}"],
-                                           tables, split=args.split, label_column=column, index=index, fit=fit,
-                                           top_k=model.top_k_genes, k=args.k_neighbors, seed=args.seed,
-                                           cell_types=sorted(set(labels)))
+            scored, _ = score_generated_groups(
+                generated["cell_sentence"].tolist(), generated["group"].astype(str).tolist(),
+                generated[f"requested_{column}"].tolist(), tables, split=args.split, label_column=column,
+                index=index, fit=fit, top_k=model.top_k_genes, k=args.k_neighbors, seed=args.seed, cells_per_group=n)
             metrics["generation"] = scored
     logger.info("Generated %s groups (%s cells) of %s%s.", f"{len(requested):,}", f"{len(generated):,}", column,
-                "" if scored is None else f"; valid-gene rate {scored['sentences']['valid_gene_rate']:.3f}")
+                "" if scored is None else f"; valid-gene rate {scored['sentences']['valid_gene_rate']:.3f}, group "
+                f"k-NN accuracy {scored['groups']['group_knn_accuracy']:.3f} (real groups "
+                f"{scored['groups']['group_knn_ceiling']:.3f}, majority {scored['groups']['group_majority_baseline']:.3f})")
     with publish.staged_outputs(args.output_dir, list(GENERATE_GROUPS), overwrite=args.overwrite) as tmp:
         generated.to_csv(tmp / GENERATE_GROUPS.cells, index=False)
         (tmp / GENERATE_GROUPS.metrics).write_text(cli.strict_json(metrics, indent=2, default=str) + "\n")

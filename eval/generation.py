@@ -31,9 +31,9 @@ import pandas as pd  # noqa: E402
 
 from eval import finish, logger, parse, start  # noqa: E402
 from utils import cli, contract  # noqa: E402
-from utils.contract import EVAL_GENERATION, GENERATE  # noqa: E402
+from utils.contract import EVAL_GENERATION, GENERATE, GENERATE_GROUPS  # noqa: E402
 from utils.evaluation.figures import plot_generation  # noqa: E402
-from utils.evaluation.generation_metrics import score_generated  # noqa: E402
+from utils.evaluation.generation_metrics import score_generated, score_generated_groups  # noqa: E402
 from utils.inverse import read_sentence_file  # noqa: E402
 
 # The headline scores, first in metrics.json and in the model card.
@@ -63,6 +63,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.transform_dir is None:
         args.transform_dir = args.data_dir.parent
     return args
+
+
+def read_generated_groups(path: Path) -> tuple[list[str], list[str], list[str], str]:
+    """The sentences, groups and requested labels of generate.py --multi_cell_column's
+    generated_groups.csv, and the label column (of its ``requested_<column>``)."""
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    requested = [c for c in table.columns if c.startswith("requested_")]
+    if not {"cell_sentence", "group"} <= set(table.columns) or len(requested) != 1 or table.empty:
+        raise cli.InputError(f"{path} is not a generated_groups.csv of generate.py --multi_cell_column with cells "
+                             f"(columns cell_sentence, group, requested_<column>; it has {list(table.columns)}).")
+    return (table["cell_sentence"].tolist(), table["group"].tolist(), table[requested[0]].tolist(),
+            requested[0].removeprefix("requested_"))
 
 
 def read_generated(generated_dir: Path) -> tuple[Any, list[str]]:
@@ -111,6 +123,9 @@ def asked_types(generated_dir: Path) -> list[str] | None:
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     start(args, [args.generated_dir, args.data_dir, args.transform_dir], EVAL_GENERATION)
+    grouped = args.generated_dir / GENERATE_GROUPS.cells
+    if grouped.is_file() and not (args.generated_dir / GENERATE.cells).is_file():
+        return score_groups(args, *read_generated_groups(grouped))
     packed, requested = read_generated(args.generated_dir)
     tables = contract.load_splits(args.data_dir, args.split, args.label_column, need_labels=True)
     if "train" not in tables:
@@ -143,6 +158,38 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
            frames={EVAL_GENERATION.per_type: per_type},
            card=(args.generated_dir, "generation", {key: metrics[key] for key in CARD_SCORES}),
            captions={"Real and generated cells (PCA)": EVAL_GENERATION.pca})
+    return metrics
+
+
+def score_groups(args: argparse.Namespace, sentences: list[str], groups: list[str], requested: list[str],
+                 column: str) -> dict[str, Any]:
+    """Generated groups: their cells as single cells against the real cells of the labels asked
+    for, and each group's profile against real groups (``metrics["groups"]``)."""
+    tables = contract.labelled_rows(contract.load_splits(args.data_dir, args.split, column, need_labels=True), column)
+    if "train" not in tables:
+        raise cli.InputError(f"{args.data_dir} has no train split, needed for the k-NN classifier and the PCA.")
+    top_k = (args.top_k_genes or recorded(args.generated_dir / GENERATE_GROUPS.metrics, "top_k_genes")
+             or int(np.median([len(s.split()) for s in sentences])))
+    index, fit, from_transform = contract.transform_reference(args.transform_dir, tables, top_k)
+    scored, result = score_generated_groups(sentences, groups, requested, tables, split=args.split,
+                                            label_column=column, index=index, fit=fit, top_k=top_k,
+                                            k=args.k_neighbors, seed=args.seed, cells_per_group=recorded(
+                                                args.generated_dir / GENERATE_GROUPS.metrics, "cells_per_example"))
+    rates, g = scored["sentences"], scored["groups"]
+    metrics = {**{key: scored[key] if key in scored else rates[key] for key in CARD_SCORES},
+               **{key: value for key, value in scored.items()}, "label_column": column, "split": args.split,
+               "generated_dir": str(args.generated_dir), "vocabulary": "transform" if from_transform else "train sentences"}
+    logger.info("%s generated groups of %s (%d cells each) vs %s real %s groups: group k-NN accuracy %.3f (real "
+                "groups %.3f, majority %.3f); as single cells k-NN accuracy %.3f (ceiling %.3f).",
+                f"{g['n_generated_groups']:,}", column, g["cells_per_group"], f"{g['n_real_eval_groups']:,}",
+                args.split, g["group_knn_accuracy"], g["group_knn_ceiling"], g["group_majority_baseline"],
+                metrics["knn_accuracy"], metrics["knn_ceiling"])
+    per_type = pd.DataFrame([{column: t, **v} for t, v in scored["per_type"].items()])
+    finish(args, EVAL_GENERATION, metrics=metrics, figures={EVAL_GENERATION.pca: plot_generation(
+               result, split=args.split, top_k=top_k)}, frames={EVAL_GENERATION.per_type: per_type},
+           card=(args.generated_dir, "group_generation", {key: g[key] for key in (
+               "group_knn_accuracy", "group_knn_ceiling", "group_majority_baseline", "n_generated_groups")}),
+           captions={"Real and generated cells of the groups (PCA)": EVAL_GENERATION.pca})
     return metrics
 
 

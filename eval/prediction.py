@@ -41,8 +41,8 @@ SCORES = ("accuracy", "balanced_accuracy", "macro_f1")
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = cli.script_parser(__doc__)
     p.add_argument("--predictions", type=Path, default=None,
-                   help="predictions.csv of predict.py (cell_name, predicted_<column>, <column>), or with "
-                        "columns cell_name,true,predicted (required)")
+                   help="predictions.csv of predict.py (cell_name, predicted_<column>, <column>), its "
+                        "group_predictions.csv (scored per group), or cell_name,true,predicted (required)")
     p.add_argument("--transform_dir", type=Path, default=None,
                    help="transform.py's output folder, for the training labels and the expression "
                         "baseline (default: the parent of --data_dir, else data)")
@@ -160,21 +160,28 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
     figures: dict[str, Any] = {}
     frames: dict[str, Any] = {}
+    # predict.py --multi_cell_column's group_predictions.csv: a label per group, scored per group
+    groups = args.predictions.is_file() and {"group", "n_cells"} <= set(pd.read_csv(args.predictions, nrows=0))
     for column in columns:
         table = read_predictions(args.predictions, column or args.label_column)
         first = column == columns[0]
         if first:  # after the first table: a bad predictions.csv fails before the AnnData is read
-            adata = read_preprocessed(args.transform_dir)
-        baseline = expression_baseline(table, args, adata, column, warn=first)
+            adata = None if groups else read_preprocessed(args.transform_dir)
+        baseline = (None, []) if groups else expression_baseline(table, args, adata, column, warn=first)
         metrics[column], frames[named(EVAL_PREDICTION.per_class, column)], figure = evaluate(
             table, args, *baseline, column=column)
+        if groups:
+            metrics[column].update(unit="group", n_groups=len(table),
+                                   mean_cells_per_group=float(pd.to_numeric(table["n_cells"]).mean()))
+            name = named(EVAL_PREDICTION.per_class, column)  # the group column names the labels
+            frames[name] = frames[name].rename(columns={"cell_type": column or predicted_columns(args.predictions)[0]})
         figures[named(EVAL_PREDICTION.confusion, column)] = figure
     captions = {f"Confusion matrix: {column}": name for column, name in zip(columns, figures, strict=True)}
     card = {column: card_scores(metrics[column]) for column in columns}
     if not several:
         metrics, card, captions = metrics[None], card[None], {"Confusion matrix": EVAL_PREDICTION.confusion}
     finish(args, outputs, metrics=metrics, figures=figures, frames=frames,
-           card=(args.predictions.parent, "prediction", card), captions=captions)
+           card=(args.predictions.parent, "group_prediction" if groups else "prediction", card), captions=captions)
     return metrics
 
 

@@ -220,6 +220,18 @@ def test_groups_are_predicted_above_the_majority_baseline(pipeline, tmp_path: Pa
     assert accuracy > summary["majority_baseline"] + 0.2
     assert json.loads((out / "metrics.json").read_text())["group_prediction"]["accuracy"] == pytest.approx(accuracy)
 
+    # eval/prediction.py scores the groups as predict.py did
+    from eval import prediction as eval_prediction
+
+    scored = eval_prediction.main(eval_prediction.parse_args(["--predictions", str(out / "group_predictions.csv"),
+                                                              "--transform_dir", str(pipeline["tx"]),
+                                                              "--output_dir", str(tmp_path / "eval")]))
+    assert scored["unit"] == "group" and scored["n_groups"] == len(table) and "pca_knn" not in scored["baselines"]
+    assert scored["accuracy"] == pytest.approx(accuracy)
+    assert scored["majority_baseline"] == pytest.approx(summary["majority_baseline"])
+    per_class = pd.read_csv(tmp_path / "eval" / "per_class.csv")
+    assert set(per_class["sample"]) == set(table["sample"]) and (tmp_path / "eval" / "confusion_matrix.png").is_file()
+
 
 def test_generate_writes_groups_of_the_requested_labels(pipeline, tmp_path: Path) -> None:
     import generate
@@ -239,6 +251,17 @@ def test_generate_writes_groups_of_the_requested_labels(pipeline, tmp_path: Path
     words = " ".join(table["cell_sentence"]).split()
     assert "|" not in words and sum(w in vocab for w in words) / len(words) > 0.8  # cells of genes
     assert metrics["generation"]["sentences"]["valid_gene_rate"] > 0.8
+    groups = metrics["generation"]["groups"]
+    assert groups["n_generated_groups"] == 4 and groups["cells_per_group"] == 4
+    assert groups["group_knn_ceiling"] >= groups["group_majority_baseline"] and 0 <= groups["group_knn_accuracy"] <= 1
+    # eval/generation.py scores the same groups the same way
+    from eval import generation as eval_generation
+
+    scored = eval_generation.main(eval_generation.parse_args(["--generated_dir", str(out), "--data_dir",
+                                                              str(pipeline["tx"] / "cell_sentences_hf"),
+                                                              "--seed", "1", "--output_dir", str(tmp_path / "eval")]))
+    assert scored["groups"] == groups and scored["label_column"] == "sample"
+    assert set(pd.read_csv(tmp_path / "eval" / "per_type.csv")["sample"]) == {"s1", "s3"}
     with pytest.raises(InputError, match="--groups"):
         generate.main(generate.parse_args(["--model_dir", str(pipeline["model"]), "--multi_cell_column", "sample",
                                            "--groups", "s9", "--output_dir", str(tmp_path / "bad")]))

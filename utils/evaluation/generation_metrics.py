@@ -238,3 +238,62 @@ def score_generated(
     if cell_types is not None:
         metrics["cell_types"] = list(cell_types)
     return metrics, result
+
+
+def real_groups(labels: Sequence[str], cells_per_group: int, seed: int = 0) -> list[np.ndarray]:
+    """Real cells in groups of ``cells_per_group`` of one label each (seeded shuffle within a
+    label, the rest left out), as a multi-cell model sees them.
+
+    >>> [g.tolist() for g in real_groups(["a", "b", "a", "a", "b"], 2)]
+    [[3, 0], [4, 1]]
+    """
+    rng, y, out = np.random.default_rng(seed), normalized(labels), []
+    for label in sorted(set(y)):
+        rows = rng.permutation(np.flatnonzero(y == label))
+        out += [rows[i:i + cells_per_group] for i in range(0, len(rows) - cells_per_group + 1, cells_per_group)]
+    return out
+
+
+def group_scores(generated_X: Any, groups: Sequence[str], requested: Sequence[str], real: dict[str, Any],
+                 tables: dict[str, Any], *, split: str, label_column: str, cells_per_group: int, k: int = 5,
+                 seed: int = 0) -> dict[str, Any]:
+    """Generated groups against real groups: each group's mean expression (its cells' profile) is
+    classified by k-NN among the real training groups (``real_groups``); ``group_knn_ceiling`` is
+    the same for the real groups of ``split``, ``group_majority_baseline`` the top training label."""
+    def profiles(X: Any, members: list[np.ndarray]) -> np.ndarray:
+        return np.vstack([np.asarray(X[m].mean(axis=0)).ravel() for m in members]) if members else np.zeros((0, 0))
+
+    gen_ids = list(dict.fromkeys(groups))
+    gen_members = [np.flatnonzero(np.asarray(groups) == g) for g in gen_ids]
+    gen_labels = [str(requested[m[0]]) for m in gen_members]
+    real_labels = {name: tables[name].column(label_column).to_pylist() for name in ("train", split)}
+    real_members = {name: real_groups(real_labels[name], cells_per_group, seed) for name in ("train", split)}
+    group_labels = {name: [str(real_labels[name][m[0]]) for m in real_members[name]] for name in ("train", split)}
+    train = profiles(real["train"], real_members["train"])
+    knn_gen = knn_accuracy(train, group_labels["train"], profiles(generated_X, gen_members), gen_labels, k=k)
+    knn_real = knn_accuracy(train, group_labels["train"], profiles(real[split], real_members[split]),
+                            group_labels[split], k=k)
+    return {"group_knn_accuracy": knn_gen["accuracy"], "group_knn_ceiling": knn_real["accuracy"],
+            "group_majority_baseline": majority_baseline(group_labels["train"], gen_labels)["accuracy"],
+            "group_k": knn_gen["k"], "cells_per_group": int(cells_per_group), "n_generated_groups": len(gen_ids),
+            "n_real_train_groups": len(real_members["train"]), "n_real_eval_groups": len(real_members[split])}
+
+
+def score_generated_groups(
+    sentences: Sequence[str], groups: Sequence[str], requested: Sequence[str], tables: dict[str, Any], *,
+    split: str, label_column: str, index: VocabIndex, fit: RankExpressionFit, top_k: int, k: int = 5,
+    seed: int = 0, cells_per_group: int | None = None,
+) -> tuple[dict[str, Any], GenerationEvaluation]:
+    """:func:`score_generated` of generated groups' cells (against the real cells of the labels
+    asked for), plus :func:`group_scores` with real groups of ``cells_per_group`` cells (default:
+    the largest generated group's)."""
+    labels = sorted(set(map(str, requested)))
+    metrics, result = score_generated(sentences, requested, tables, split=split, label_column=label_column,
+                                      index=index, fit=fit, top_k=top_k, k=k, seed=seed, cell_types=labels)
+    tables = tables_of_types(tables, label_column, labels)
+    real = real_expression(tables, split=split, index=index, fit=fit, top_k=top_k)
+    generated = sentences_to_expression(sentences, index, fit, max_words=top_k).X
+    size = cells_per_group or int(np.unique(np.asarray(groups), return_counts=True)[1].max())
+    metrics["groups"] = group_scores(generated, groups, requested, real, tables, split=split,
+                                     label_column=label_column, cells_per_group=size, k=k, seed=seed)
+    return metrics, result
