@@ -281,3 +281,18 @@ def test_a_resume_continues_the_grouping_as_recorded(pipeline, tmp_path: Path) -
     with pytest.raises(InputError, match="--cells_per_example 4 differs from the 3"):
         train.main(train.parse_args(["--output_dir", str(tmp_path), "--run_name", "r", "--checkpoint", "latest",
                                      "--max_steps", "6", "--cells_per_example", "4", *TINY]))
+
+
+@pytest.mark.parametrize("script", ["predict", "generate"])
+def test_groups_under_torchrun_are_one_sentence(script: str, monkeypatch, tmp_path: Path) -> None:
+    import importlib
+
+    from utils.models.distributed import Processes
+
+    module = importlib.import_module(script)
+    monkeypatch.setattr(Processes, "start", classmethod(lambda cls: Processes(0, 2, 0)))
+    args = module.parse_args(["--model_dir", str(tmp_path), "--data_dir", str(tmp_path), "--multi_cell_column",
+                              "sample", "--output_dir", str(tmp_path / "out")])
+    with pytest.raises(InputError, match="runs in one process"):
+        module.main(args)
+    assert not (tmp_path / "out").exists()
