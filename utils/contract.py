@@ -63,7 +63,7 @@ EVAL_RECONSTRUCTION = Outputs(metrics="metrics.json", per_cell="per_cell.csv", f
 # train.py's files beside the model (user_card: when README.md is the user's; run_args: in checkpoints/).
 TRAIN = Outputs(args="train_args.json", results="train_results.json", log="train_log.json", merged="merged",
                 card="README.md", user_card="MODEL_CARD.md", evaluations="model_card_evaluations.json",
-                figures="model_card_figures", run_args="run_args.json")
+                figures="model_card_figures", run_args="run_args.json", recipe="recipe.json")
 
 
 def split_files(split: str) -> Outputs:

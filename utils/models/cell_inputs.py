@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from utils.cli import InputError
+from utils.contract import TRAIN
 from utils.models.recipe import Recipe, read_json
 
 logger = logging.getLogger("cell2sentence")
@@ -18,11 +19,11 @@ logger = logging.getLogger("cell2sentence")
 def read_train_record(name_or_dir: str | Path) -> dict[str, Any]:
     """``train_args.json`` of a ``train.py`` run, or {} (a published or other model); one
     sentence when the file is not valid JSON."""
-    path = Path(str(name_or_dir)).expanduser() / "train_args.json"
+    path = Path(str(name_or_dir)).expanduser() / TRAIN.args
     if not path.is_file():
         from utils.models.loading import hub_file
 
-        path = hub_file(str(name_or_dir), "train_args.json")  # a hub name: a model pushed by train.py
+        path = hub_file(str(name_or_dir), TRAIN.args)  # a hub name: a model pushed by train.py
         if path is None:
             return {}
     record = read_json(path)

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from utils.cli import InputError
-from utils.contract import TRANSFORM, VOCAB
+from utils.contract import TRAIN, TRANSFORM, VOCAB
 from utils.models.prompts import DEFAULT_ORGANISM
 
-RECIPE_FILE = "recipe.json"
+RECIPE_FILE = TRAIN.recipe
 RECIPE_VERSION = 1
 DEFAULT_TOP_K_GENES = 100
 
@@ -131,18 +131,18 @@ class Recipe:
         if not folder.exists():  # a hub name: a model pushed by train.py has its records there
             from utils.models.loading import hub_file
 
-            found = hub_file(str(model_dir), RECIPE_FILE) or hub_file(str(model_dir), "train_args.json")
+            found = hub_file(str(model_dir), RECIPE_FILE) or hub_file(str(model_dir), TRAIN.args)
             folder = found.parent if found is not None else folder
         if (folder / RECIPE_FILE).is_file():
             values = read_json(folder / RECIPE_FILE)
             if not isinstance(values, Mapping):
                 raise InputError(f"{folder / RECIPE_FILE} holds no recipe (a JSON object); restore it from the run.")
             return cls.from_dict(values)
-        if (folder / "train_args.json").is_file():
-            record = read_json(folder / "train_args.json")
+        if (folder / TRAIN.args).is_file():
+            record = read_json(folder / TRAIN.args)
             if isinstance(record, Mapping) and record:
                 return cls.from_train_record(record)
-        run_args = folder.parent / "run_args.json"  # a checkpoint-N folder of a train.py run
+        run_args = folder.parent / TRAIN.run_args  # a checkpoint-N folder of a train.py run
         if folder.name.startswith("checkpoint-") and run_args.is_file():
             recorded = read_json(run_args)
             if isinstance(recorded, Mapping) and isinstance(recorded.get("recipe"), Mapping):
