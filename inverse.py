@@ -1,9 +1,7 @@
 """Turn cell sentences back into expression: the inverse of transform.py's rank transform.
 
-The gene at rank r (0 = first word) gets ``intercept + slope·log10(1 + r)`` (the log10(1 + x)
-scale of the preprocessed matrix), with the line of ``eval/transformation_metrics.csv``; genes
-absent from the sentence are 0 (see ``utils/inverse.py`` for unknown and repeated words and
-values ≤ 0, which ``--clip_negative`` drops).
+The gene at rank r (0 = first word) gets ``intercept + slope·log10(1 + r)`` with the line of
+``eval/transformation_metrics.csv``; genes absent from the sentence are 0 (see ``utils/inverse.py``).
 
     sentences (.txt, one per line, or an arrow dataset) + <transform_dir>/cell_sentences/vocab.txt
     + <transform_dir>/eval/transformation_metrics.csv

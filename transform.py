@@ -1,17 +1,13 @@
 """Turn a single-cell count matrix into cell sentences, an arrow dataset and an evaluation.
 
 Each cell becomes the names of its expressed genes from highest to lowest normalized expression
-(ties broken at random, reproducibly with --seed), after the original project's QC and
-normalization. A line from log-rank to log-expression is fitted for inverse.py.
+(ties broken reproducibly with --seed); a line from log-rank to log-expression is fitted for inverse.py.
 
     data/<name>.h5ad -> data/cell_sentences/{train,valid,test}.txt, *_barcodes.txt,
                         *_indices.npy, vocab.txt
                         data/cell_sentences_hf/ (datasets.DatasetDict)
                         data/eval/transformation_metrics.csv + figures, qc_by_label.csv
                         data/<name>_preprocessed.h5ad, data/transform_args.json
-
-The matrix is processed in chunks of --chunk_size cells (out of core for CSR or dense .h5ad),
-optionally by --num_proc worker threads.
 
 Example:
     python transform.py --data_filepath data/dominguez_sample.h5ad --output_dir data/

@@ -8,8 +8,6 @@ line on all of them, and scores each cell alone (R², Pearson r, mean absolute e
         -> <output_dir>/metrics.json, per_cell.csv, log_rank_vs_log_expression.png,
            expression_vs_reconstruction.png, per_cell_r_squared.png, eval_args.json
 
-Memory: 16 bytes per expressed value (fitted at once); ``--max_cells`` fits a seeded subset.
-
 Example:
     python eval/reconstruction.py --transform_dir data --output_dir data/eval/reconstruction
 """
@@ -17,7 +15,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,18 +27,12 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import scipy.sparse as sp  # noqa: E402
 
-from utils import cli, publish  # noqa: E402
-from utils.contract import (  # noqa: E402
-    EVAL_RECONSTRUCTION,
-    TRANSFORM_EVAL,
-    find_preprocessed,
-    write_evaluation,
-)
+from eval import finish, logger, parse, start  # noqa: E402
+from utils import cli  # noqa: E402
+from utils.contract import EVAL_RECONSTRUCTION, TRANSFORM_EVAL, find_preprocessed  # noqa: E402
 from utils.evaluation.metrics import per_cell_reconstruction, rank_expression_points  # noqa: E402
 from utils.inverse import load_transform_fit  # noqa: E402
 from utils.transform.fit import fit_rank_expression, score_line  # noqa: E402
-
-logger = logging.getLogger("cell2sentence")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -54,12 +45,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="fit on genes with log10(1 + rank) below this (default: the transform's, else 3)")
     p.add_argument("--max_cells", type=int, default=None, help="use a seeded subset of this many cells")
     p.add_argument("--chunk_size", type=int, default=4096, help="cells read at a time")
-    cli.add_run_flags(p, output_dir=Path("data/eval/reconstruction"), output_dir_help="where outputs go",
-                      seed_help="seed of --max_cells and of the figures' subsample")
-    args = p.parse_args(cli.renamed_flags(argv, {"--data_filepath": "--preprocessed_h5ad"}))
-    if args.max_cells is not None and args.max_cells < 1 or args.chunk_size < 1:
-        raise cli.InputError("--max_cells and --chunk_size must be at least 1.")
-    return args
+    return parse(p, argv, name="reconstruction", seed_help="seed of --max_cells and of the figures' subsample",
+                 positive=("max_cells", "chunk_size"), renamed={"--data_filepath": "--preprocessed_h5ad"})
 
 
 def read_points(path: Path, *, chunk_size: int, max_cells: int | None, seed: int
@@ -98,10 +85,7 @@ def summary(values: pd.Series) -> dict[str, float]:
 def main(args: argparse.Namespace) -> dict[str, Any]:
     from utils.evaluation.figures import plot_log_rank_fit, plot_reconstruction
 
-    cli.seed_everything(args.seed)
-    # Publishes cut short there are finished first.
-    publish.settle_inputs(args.transform_dir, *[f for f in [args.preprocessed_h5ad] if f is not None])
-    publish.check_can_write(args.output_dir, list(EVAL_RECONSTRUCTION), overwrite=args.overwrite)
+    start(args, [args.transform_dir, args.preprocessed_h5ad], EVAL_RECONSTRUCTION)
     path = args.preprocessed_h5ad or find_preprocessed(args.transform_dir)
     if path is None or not path.is_file():
         raise cli.InputError(f"No preprocessed .h5ad in {args.transform_dir}; pass transform.py's --output_dir as "
@@ -139,9 +123,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             log_expression, refit.predict(log_rank), refit, out, seed=args.seed),
         EVAL_RECONSTRUCTION.per_cell_figure: _histogram(per_cell),
     }
-    write_evaluation(args.output_dir, list(EVAL_RECONSTRUCTION), metrics=metrics, figures=figures,
-                     frames={EVAL_RECONSTRUCTION.per_cell: per_cell}, args=args, overwrite=args.overwrite)
-    logger.info("Wrote %s.", args.output_dir)
+    finish(args, EVAL_RECONSTRUCTION, metrics=metrics, figures=figures,
+           frames={EVAL_RECONSTRUCTION.per_cell: per_cell})
     return metrics
 
 

@@ -2,12 +2,9 @@
 
 The transform fitted ``log10(1 + expr) ≈ intercept + slope·log10(1 + rank)`` (rank 0 = first
 word), so the gene at rank ``r`` gets ``intercept + slope·log10(1 + r)``; genes absent from the
-sentence get 0. As in the original scripts, a word that is not a vocabulary gene is skipped but
-keeps its place, and a repeated gene is placed once, at the average of its positions.
-
-Past the fit's zero crossing (rank ``10**(-intercept/slope) - 1``) the line predicts values ≤ 0:
-they are kept by default (the sentence's order is reproduced exactly); ``clip_negative=True``
-drops them.
+sentence get 0. A word that is not a vocabulary gene is skipped but keeps its place; a repeated
+gene is placed once, at the average of its positions. Values ≤ 0 (past the fit's zero crossing)
+are kept unless ``clip_negative=True``.
 """
 
 from __future__ import annotations

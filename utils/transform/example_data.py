@@ -1,15 +1,8 @@
 """Example datasets for trying the pipeline: download, bundled fallback and validation.
 
-``dominguez``: a 1,000-cell subset of the immune cell atlas of Domínguez Conde et al., Science 376
-(2022), eabl5197, as the original Cell2Sentence project published it on Google Drive (needs the
-internet).
-
-``pbmc68k_reduced``: scanpy's bundled 700 PBMCs (offline), labels in ``obs["bulk_labels"]``. Its
-``.X`` is scaled data (negative values, unusable for ranking); ``.raw.X`` is natural-log log1p of
-library-size-normalized counts, with no ``uns["log1p"]`` saying so.
-:func:`prepare_pbmc68k_reduced` copies ``bulk_labels`` to ``obs["cell_type"]``, puts the log1p
-values of ``.raw`` in ``.X`` and sets ``uns["log1p"] = {"base": None}`` (scanpy's marker for the
-natural log), so that transform.py takes the file as it is.
+``dominguez``: the 1,000-cell immune cell atlas sample (Domínguez Conde et al., Science 2022) of
+the original Cell2Sentence project, from Google Drive. ``pbmc68k_reduced``: scanpy's bundled 700
+PBMCs (offline), whose ``.X`` is scaled data and ``.raw.X`` natural-log log1p values.
 """
 
 from __future__ import annotations
@@ -38,14 +31,8 @@ class DownloadUnavailable(Exception):
     """The download could not reach the server or was cut off; the message says why."""
 
 
-def part_path(dest: Path) -> Path:
-    """The partial file a download of ``dest`` is written to: ``<dest>.part``."""
-    return dest.with_name(dest.name + ".part")
-
-
 def download_from_drive(file_id: str, out: BinaryIO, *, timeout: float, quiet: bool = False) -> None:
-    """Stream a Google Drive file into ``out`` with gdown; network failures raise
-    :class:`DownloadUnavailable`."""
+    """Stream a Google Drive file into ``out`` with gdown; network failures raise ``DownloadUnavailable``."""
     import gdown
     import requests
     from gdown.exceptions import DownloadError
@@ -97,7 +84,7 @@ def fetch_to_file(download: Downloader, dest: Path) -> ad.AnnData:
 
 
 def _write_checked(write: Callable[[Path], object], dest: Path) -> ad.AnnData:
-    part = part_path(dest)
+    part = dest.with_name(dest.name + ".part")
     try:
         write(part)
         adata = check_example_h5ad(part)
@@ -109,7 +96,8 @@ def _write_checked(write: Callable[[Path], object], dest: Path) -> ad.AnnData:
 
 
 def prepare_pbmc68k_reduced() -> ad.AnnData:
-    """scanpy's bundled ``pbmc68k_reduced`` made ready for transform.py (see module docstring).
+    """scanpy's bundled ``pbmc68k_reduced`` made ready for transform.py: ``bulk_labels`` as
+    ``obs["cell_type"]``, the log1p values of ``.raw`` in ``.X``, ``uns["log1p"] = {"base": None}``.
 
     >>> adata = prepare_pbmc68k_reduced()  # doctest: +SKIP
     >>> adata.obs["cell_type"].nunique(), adata.uns["log1p"]  # doctest: +SKIP

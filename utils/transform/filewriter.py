@@ -1,8 +1,6 @@
 """The OS-level machinery behind the transform's output files: ``OutputFile`` (``pwrite`` from any
-thread), ``OrderedAppendFile`` (appends in chunk order) and ``DirectWriter`` (``O_DIRECT`` writes
-from a background thread), plus ``keep_freed_memory_for_reuse``. Each trick is kept because the
-transform is at least 15% slower without it (``bench/README.md``).
-"""
+thread), ``OrderedAppendFile`` (appends in chunk order), ``DirectWriter`` (``O_DIRECT`` writes from a
+background thread) and ``keep_freed_memory_for_reuse`` (each measured in ``bench/README.md``)."""
 
 from __future__ import annotations
 

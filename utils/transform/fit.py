@@ -45,8 +45,7 @@ def check_finite(what: str, **arrays: np.ndarray) -> None:
 
 def fit_rank_expression(log_rank: np.ndarray, log_expression: np.ndarray, *, threshold: float = 3.0
                         ) -> RankExpressionFit:
-    """Fit the line on the points with ``log_rank < threshold`` (the top ~1,000 genes by default;
-    ``n_points`` counts them) and score it, as the original did, on every point given.
+    """Fit the line on the points with ``log_rank < threshold`` (``n_points``) and score it on every point.
 
     >>> r = np.log10(1 + np.arange(50.0))
     >>> fit = fit_rank_expression(r, 2.0 - 0.5 * r)
@@ -67,8 +66,7 @@ def fit_rank_expression(log_rank: np.ndarray, log_expression: np.ndarray, *, thr
 
 
 def least_squares_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """(slope, intercept) of the least-squares line, as ``np.polyfit(x, y, 1)`` (to rounding), in
-    closed form.
+    """(slope, intercept) of the least-squares line, as ``np.polyfit(x, y, 1)`` (to rounding).
 
     >>> least_squares_line(np.array([0.0, 1.0, 2.0]), np.array([1.0, 3.0, 5.0]))
     (2.0, 1.0)
@@ -100,8 +98,7 @@ def score_line(log_rank: np.ndarray, log_expression: np.ndarray, *, slope: float
     if slope == 0 or np.ptp(x) == 0 or total_squares == 0:
         pearson = spearman = float("nan")
     else:
-        # The prediction is the log-rank scaled and shifted: its r with expression is the
-        # log-rank's, signed as the slope (the ranks of the given values, float32 ones as they are).
+        # The prediction is the log-rank scaled and shifted: its r is the log-rank's, signed as the slope.
         sign = float(np.sign(slope))
         pearson = sign * correlation(x, y)
         spearman = sign * correlation(average_ranks(log_rank), average_ranks(log_expression))

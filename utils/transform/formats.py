@@ -1,6 +1,5 @@
-"""Writers of other libraries' formats, filled chunk by chunk: an AnnData ``.h5ad`` whose X is a
-CSR matrix of known row lengths, and a ``datasets.DatasetDict`` as ``save_to_disk`` leaves it (the
-tests read both back with ``anndata`` and ``datasets``)."""
+"""Writers of other libraries' formats, filled chunk by chunk: an AnnData ``.h5ad`` with a CSR X of
+known row lengths, and a ``datasets.DatasetDict`` as ``save_to_disk`` leaves it."""
 
 from __future__ import annotations
 
@@ -89,7 +88,10 @@ class ArrowSplitWriter:
                  direct: DirectWriter | None = None):
         self.folder = folder
         self.folder.mkdir(parents=True)
-        self.features = {f.name: {"dtype": _value_dtype(f.type), "_type": "Value"} for f in schema}
+        # datasets.Value dtypes of plain Arrow types (without importing datasets: seconds)
+        dtypes = {"double": "float64", "float": "float32", "halffloat": "float16"}
+        self.features = {f.name: {"dtype": dtypes.get(str(f.type), str(f.type)), "_type": "Value"}
+                         for f in schema}
         metadata = {"huggingface": json.dumps({"info": {"features": self.features}})}
         self.schema = schema.with_metadata(metadata)
         self._schema_message = self.schema.serialize()
@@ -149,12 +151,6 @@ class ArrowSplitWriter:
         info = {"citation": "", "description": "", "features": self.features, "homepage": "", "license": ""}
         (self.folder / "state.json").write_text(json.dumps(state, indent=2))
         (self.folder / "dataset_info.json").write_text(json.dumps(info, indent=2))
-
-
-def _value_dtype(arrow_type: pa.DataType) -> str:
-    """The ``datasets.Value`` dtype of a plain Arrow type (without importing datasets: seconds)."""
-    names = {"double": "float64", "float": "float32", "halffloat": "float16"}
-    return names.get(str(arrow_type), str(arrow_type))
 
 
 def write_dataset_dict_index(folder: Path, splits: list[str]) -> None:

@@ -56,10 +56,8 @@ def write_evaluation(root: Path, fit: RankExpressionFit, log_rank: np.ndarray, l
 
 
 class TransformOutputs:
-    """The data contract's files under ``root``: chunks are written in chunk order (``write``, from
-    any thread), ``finish`` completes them; as a context manager, every file is released on exit.
-
-    ``columns``: the dataset's columns (``write``'s rows index them); ``genes``: the kept genes;
+    """The data contract's files under ``root``, written chunk by chunk (``write``, any thread) and
+    completed by ``finish``. ``columns``: the dataset's columns (``write``'s rows index them);
     ``row_lengths``: the stored entries of each preprocessed row; ``plan``: for ``task``."""
 
     def __init__(self, root: Path, columns: dict[str, np.ndarray], genes: np.ndarray, row_lengths: np.ndarray, *,
@@ -81,7 +79,7 @@ class TransformOutputs:
         self.close()
 
     def task(self, ticket: int, bounds: tuple[int, int]) -> SentenceChunk:
-        """Pass 2 of chunk ``ticket`` in a worker: rank it and ``write`` it; returns it without its rows and text."""
+        """Pass 2 of chunk ``ticket`` in a worker: rank and ``write`` it."""
         start, stop = bounds
         plan = self.plan
         try:
@@ -103,9 +101,8 @@ class TransformOutputs:
 
     def write(self, ticket: int, first_row: int, chunk: SentenceChunk, rows: list[np.ndarray],
               strings: list[pa.Array]) -> None:
-        """Chunk ``ticket``'s preprocessed rows (``chunk.indices``, ``.data``, from ``first_row`` on),
-        text (``chunk.text``) and, per split, dataset rows: ``rows`` of ``columns`` with ``strings``,
-        their sentences. The chunk's rows and text are dropped as they are written."""
+        """Chunk ``ticket``'s preprocessed rows (from ``first_row`` on), text and, per split, dataset
+        rows (``rows`` of ``columns``, with ``strings`` their sentences); each is dropped once written."""
         places = [self.sentence_files[s].place(ticket, len(chunk.text[i])) for i, s in enumerate(SPLITS)]
         # Written in the worker: the writes run side by side, and only small results go back.
         self.h5ad.write_rows(first_row, chunk.indices, chunk.data)
@@ -136,8 +133,7 @@ class TransformOutputs:
 
     def finish(self, *, split: np.ndarray, gene_cells: np.ndarray, obs: pd.DataFrame, fit: RankExpressionFit,
                points: tuple[np.ndarray, np.ndarray], qc_table: pd.DataFrame | None, seed: int) -> None:
-        """Complete the contract: ``split`` and ``obs`` (changed: its ``split`` column is added) are
-        per preprocessed row, ``gene_cells`` per gene; ``points`` are the fit's; ``seed`` the figures'."""
+        """Complete the contract: ``split`` and ``obs`` (gains a ``split`` column) are per preprocessed row."""
         self.direct.flush()
         self.direct.close()
         for appender in [*self.sentence_files.values(), *self.barcode_files.values()]:

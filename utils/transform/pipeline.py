@@ -1,10 +1,6 @@
-"""The transform as two streaming passes over row chunks, optionally by worker threads.
-
-Pass 1 (``plan_run``) reads every chunk for the QC statistics and decides which cells and genes
-are kept; pass 2 (``sentence_pass``) ranks every chunk into a sink (files or memory). Memory
-depends on the chunk size, not the number of cells; the output is the same for any number of
-workers (and chunk size, but for the Arrow files' record batches).
-"""
+"""The transform as two streaming passes over row chunks, optionally by worker threads: pass 1
+(``plan_run``) runs the QC, pass 2 (``sentence_pass``) ranks every chunk into a sink (files or
+memory). The output does not depend on the number of workers."""
 
 from __future__ import annotations
 
@@ -38,10 +34,10 @@ from utils.transform.preprocess import (
     gene_flags,
     log1p_ceiling,
     log1p_problem,
+    log_qc,
     qc_by_label,
     to_linear,
 )
-from utils.transform.qc_log import log_qc
 from utils.transform.ranking import GeneNameTable
 from utils.transform.readers import (
     NO_LOG1P,
@@ -50,9 +46,10 @@ from utils.transform.readers import (
     input_paths,
     input_stem,
     open_source,
+    raise_value_problems,
+    read_checked_chunk,
 )
 from utils.transform.sentence_chunk import RankedChunk, rank_chunk
-from utils.transform.value_checks import raise_value_problems, read_checked_chunk
 
 logger = logging.getLogger("cell2sentence")
 
@@ -64,8 +61,7 @@ MAX_SEED = 2**64 - 1  # the tie-breaking hash takes the seed as an unsigned 64-b
 
 @dataclass(frozen=True)
 class TransformOptions:
-    """What decides a transform's sentences: ``transform.py``'s flags and ``adata_to_sentences``'
-    arguments both become one of these."""
+    """What decides a transform's sentences (``transform.py``'s flags, ``adata_to_sentences``' arguments)."""
 
     input_kind: str = "auto"
     gene_column: str | None = None
@@ -101,22 +97,14 @@ class TransformOptions:
                              f"{TARGET_SUM:,g}.")
 
 
-@dataclass(frozen=True)
-class RunSettings:
-    """What the workers need besides the data; fixed before the first pass."""
-
-    normalization: Normalization
-    qc: QCParams
-    seed: int
-    max_genes: int | None
-
-
 @dataclass
 class RunPlan:
     """A run after its QC pass: which cells and genes are kept, and what pass 2 needs."""
 
     source: MatrixSource
-    settings: RunSettings
+    normalization: Normalization
+    seed: int
+    max_genes: int | None
     obs_columns: dict[str, str]  # dataset column -> obs column
     columns: dict[str, np.ndarray]  # per input cell, the dataset's columns (see ``dataset_columns``)
     qc: QCResult
@@ -138,7 +126,6 @@ class RunPlan:
 
 
 def chunk_bounds(n_cells: int, chunk_size: int) -> list[tuple[int, int]]:
-    """[start, stop) row ranges of ``chunk_size`` cells."""
     return [(s, min(s + chunk_size, n_cells)) for s in range(0, n_cells, chunk_size)]
 
 
@@ -174,15 +161,13 @@ def resolve_gene_names(var: pd.DataFrame, gene_column: str | None, *, bad: str, 
 def resolve_obs_columns(obs: pd.DataFrame, label_column: str | bool | None, extra: Sequence[str], *, path: Any) -> dict[str, str]:
     """Dataset column name -> obs column: cell_type from the label column (False: none), plus extras."""
     columns: dict[str, str] = {}
-    if label_column is False:
-        pass
-    elif label_column is not None:
-        if label_column not in obs.columns:
-            raise InputError(f"{path}: obs has no column {label_column!r} (it has {list(obs.columns)[:8]}); fix --label_column.")
+    if label_column not in (None, False) and label_column not in obs.columns:
+        raise InputError(f"{path}: obs has no column {label_column!r} (it has {list(obs.columns)[:8]}); fix --label_column.")
+    if label_column not in (None, False):
         columns["cell_type"] = label_column
-    elif DEFAULT_LABEL_COLUMN in obs.columns:
+    elif label_column is None and DEFAULT_LABEL_COLUMN in obs.columns:
         columns["cell_type"] = DEFAULT_LABEL_COLUMN
-    else:
+    elif label_column is None:
         logger.warning("obs has no %r column: the dataset has no cell_type (pass --label_column).", DEFAULT_LABEL_COLUMN)
     for name in extra:
         if name not in obs.columns:
@@ -192,9 +177,7 @@ def resolve_obs_columns(obs: pd.DataFrame, label_column: str | bool | None, extr
 
 
 def resolve_input_kind(source: MatrixSource, requested: str, *, target_sum: float = TARGET_SUM) -> Normalization:
-    """The input kind (auto-detected on the first cells), the log1p base and the target sum.
-
-    ``uns["log1p"]`` describes X only: a layer or ``.raw`` is judged by its own values."""
+    """The input kind (auto-detected on the first cells), the log1p base and the target sum."""
     has_uns = source.log1p_base != NO_LOG1P
     base = source.log1p_base if has_uns else None
     sample = read_checked_chunk(source, 0, min(DETECTION_CELLS, source.n_cells))
@@ -215,20 +198,6 @@ def resolve_input_kind(source: MatrixSource, requested: str, *, target_sum: floa
     return Normalization(kind, base, float(target_sum))
 
 
-def excluded_genes(gene_names: np.ndarray, pattern: str | None) -> np.ndarray | None:
-    """Which genes the regular expression ``pattern`` (searched in each name) excludes; None without one."""
-    if pattern is None:
-        return None
-    try:
-        regex = re.compile(pattern)
-    except re.error as err:
-        raise InputError(f"--exclude_genes {pattern!r} is not a valid regular expression ({err}).") from err
-    mask = np.fromiter((regex.search(name) is not None for name in gene_names), bool, len(gene_names))
-    logger.info("--exclude_genes %r matches %s of %s genes (e.g. %s).", pattern, f"{mask.sum():,}",
-                f"{len(mask):,}", ", ".join(gene_names[mask][:5]) or "none")
-    return mask
-
-
 def _check_not_empty(source: MatrixSource) -> None:
     if source.n_cells == 0 or source.n_genes == 0:
         raise InputError(f"{source.path}: {source.matrix_name} is empty ({source.shape}).")
@@ -236,9 +205,8 @@ def _check_not_empty(source: MatrixSource) -> None:
 
 def plan_run(source: MatrixSource, options: TransformOptions, *, progress: bool = True,
              normalization: Normalization | None = None) -> RunPlan:
-    """Pass 1: resolve names, columns and the input kind, run the QC over ``source``, and draw the
-    splits and the evaluation sample. ``normalization``: the input kind already agreed on
-    (``open_inputs``), else detected here."""
+    """Pass 1: names, columns, input kind (``normalization``: given by ``open_inputs``, else detected),
+    the QC, the splits and the evaluation sample."""
     _check_not_empty(source)
     gene_names = resolve_gene_names(source.var, options.gene_column, bad=options.bad_gene_names, path=source.path)
     obs_columns = resolve_obs_columns(source.obs, options.label_column, options.obs_columns, path=source.path)
@@ -247,13 +215,21 @@ def plan_run(source: MatrixSource, options: TransformOptions, *, progress: bool 
         logger.warning("%s", note)
     if normalization is None:
         normalization = resolve_input_kind(source, options.input_kind, target_sum=options.target_sum)
-    settings = RunSettings(normalization, options.qc, options.seed, options.max_genes)
     is_mt = np.char.startswith(np.char.upper(gene_names.astype(str)), "MT-")
-    excluded = excluded_genes(gene_names, options.exclude_genes)
+    excluded = None
+    if options.exclude_genes is not None:  # a regular expression searched in each name
+        try:
+            regex = re.compile(options.exclude_genes)
+        except re.error as err:
+            raise InputError(f"--exclude_genes {options.exclude_genes!r} is not a valid regular expression "
+                             f"({err}).") from err
+        excluded = np.fromiter((regex.search(name) is not None for name in gene_names), bool, len(gene_names))
+        logger.info("--exclude_genes %r matches %s of %s genes (e.g. %s).", options.exclude_genes,
+                    f"{excluded.sum():,}", f"{len(excluded):,}", ", ".join(gene_names[excluded][:5]) or "none")
     chunks = chunk_bounds(source.n_cells, options.chunk_size)
 
     accumulator = QCAccumulator(source.n_cells, source.n_genes, options.qc)
-    task = partial(_stats_task, source, settings, gene_flags(is_mt, excluded))
+    task = partial(_stats_task, source, normalization, options.qc, gene_flags(is_mt, excluded))
     with tqdm(total=source.n_cells, desc="QC pass", unit="cells", disable=not progress) as bar:
         for stats in ordered_map(task, chunks, num_proc=options.num_proc):
             accumulator.add(stats)
@@ -268,7 +244,8 @@ def plan_run(source: MatrixSource, options: TransformOptions, *, progress: bool 
                                                     seed=options.seed)
     kept_names = gene_names[result.gene_mask]
     return RunPlan(
-        source=source, settings=settings, obs_columns=obs_columns, columns=columns, qc=result, chunks=chunks,
+        source=source, normalization=normalization, seed=options.seed, max_genes=options.max_genes,
+        obs_columns=obs_columns, columns=columns, qc=result, chunks=chunks,
         kept_names=kept_names,
         gene_position=np.where(result.gene_mask, np.cumsum(result.gene_mask) - 1, -1).astype(np.int32),
         names=GeneNameTable(list(kept_names)), split_of_cell=split_of_cell,
@@ -278,12 +255,9 @@ def plan_run(source: MatrixSource, options: TransformOptions, *, progress: bool 
 
 def open_inputs(data_filepath: Path | Sequence[Path], options: TransformOptions, *,
                 layer: str | None = None) -> tuple[MatrixSource, TransformOptions, Normalization | None]:
-    """The input of ``--data_filepath``, the options to plan it with, and its input kind when
-    several files had theirs agreed on.
-
-    Several files (or a folder of .h5ad files) become one ``ConcatenatedSource``: gene names
-    resolved per file and matched by name, a ``dataset`` column naming each cell's file, the input
-    kind detected per file and required to agree (unless ``--input_kind`` is given)."""
+    """The input of ``--data_filepath``, the options to plan it with, and the input kind several files
+    agreed on (None: one file). Several files become one ``ConcatenatedSource`` (genes matched by name,
+    obs column ``dataset``); their detected kinds must agree unless ``--input_kind`` is given."""
     paths = input_paths(data_filepath)
     if paths == [data_filepath]:
         return open_source(data_filepath, layer=layer), options, None
@@ -319,19 +293,20 @@ def open_inputs(data_filepath: Path | Sequence[Path], options: TransformOptions,
     return source, dataclasses.replace(options, gene_column=None, obs_columns=columns), normalization
 
 
-def _stats_task(source: MatrixSource, settings: RunSettings, flags: np.ndarray, index: int, bounds: tuple[int, int]):
+def _stats_task(source: MatrixSource, normalization: Normalization, qc: QCParams, flags: np.ndarray, index: int,
+                bounds: tuple[int, int]):
     start, stop = bounds
-    params = dict(row_offset=start, is_mt=None, params=settings.qc, flags=flags)
-    if settings.normalization.input_kind == "log1p":  # check the values as stored, before they are brought back
+    params = dict(row_offset=start, is_mt=None, params=qc, flags=flags)
+    if normalization.input_kind == "log1p":  # check the values as stored, before they are brought back
         chunk = read_checked_chunk(source, start, stop)
         top = chunk.data.max(initial=0.0)
-        if top > log1p_ceiling(settings.normalization.log1p_base):  # e.g. counts past the detection sample
+        if top > log1p_ceiling(normalization.log1p_base):  # e.g. counts past the detection sample
             raise InputError(
                 f"{source.path}: {source.matrix_name} was read as log1p values, but cells from {start} on "
                 f"reach {top:g}, beyond log1p of any normalized matrix; pass --input_kind counts "
                 "(or normalized)."
             )
-        chunk.data = to_linear(chunk.data, input_kind="log1p", log1p_base=settings.normalization.log1p_base)
+        chunk.data = to_linear(chunk.data, input_kind="log1p", log1p_base=normalization.log1p_base)
         return chunk_stats(chunk, **params)
     # The statistics kernel checks the values on its way (one pass over them, not two).
     stats = chunk_stats(source.read_rows(start, stop), **params)
@@ -341,8 +316,7 @@ def _stats_task(source: MatrixSource, settings: RunSettings, flags: np.ndarray, 
 
 def ordered_map(task: Callable[[int, tuple[int, int]], Any], chunks: Sequence[tuple[int, int]], *,
                 num_proc: int) -> Iterator[Any]:
-    """``task(i, chunks[i])`` for every chunk, results in order, at most ``num_proc + 1`` chunks in
-    flight; ``i`` is each chunk's place in the order of appends to the outputs."""
+    """``task(i, chunks[i])`` for every chunk, results in order, at most ``num_proc + 1`` chunks in flight."""
     if num_proc <= 1 or len(chunks) <= 1:
         for i, bounds in enumerate(chunks):
             yield task(i, bounds)
@@ -358,29 +332,26 @@ def ordered_map(task: Callable[[int, tuple[int, int]], Any], chunks: Sequence[tu
         while pending:
             yield pending.popleft().result()
     finally:
-        # On an error (or the caller closing us) start no more chunks, and return only when the
-        # running ones have stopped, so the caller may then close their output files.
+        # Return only when the running chunks have stopped: the caller then closes their files.
         pool.shutdown(wait=True, cancel_futures=True)
 
 
 def rank_rows(plan: RunPlan, chunk: Any, start: int, row_split: np.ndarray,
               out_arrays: tuple[np.ndarray, np.ndarray] | None = None) -> RankedChunk:
     """``rank_chunk`` of the input rows ``chunk`` (from row ``start`` on), as the plan says."""
-    stop, settings = start + chunk.shape[0], plan.settings
+    stop = start + chunk.shape[0]
     return rank_chunk(
         chunk.indptr, chunk.indices, chunk.data, row_split=row_split, row_eval=plan.eval_mask[start:stop],
         cell_ids=np.arange(start, stop), gene_position=plan.gene_position, names=plan.names,
-        normalization=settings.normalization, seed=settings.seed, max_genes=settings.max_genes,
+        normalization=plan.normalization, seed=plan.seed, max_genes=plan.max_genes,
         out_arrays=out_arrays,
     )  # fmt: skip
 
 
 def sentence_pass(plan: RunPlan, sink: Any, *, num_proc: int, fit_threshold: float, progress: bool = True
                   ) -> tuple[np.ndarray, RankExpressionFit, tuple[np.ndarray, np.ndarray]]:
-    """Pass 2 of every chunk into ``sink`` (files: ``TransformOutputs``; memory: ``adata_to_sentences``),
-    which ranks it in a worker (``sink.task(ticket, bounds) -> SentenceChunk``), takes it in input
-    order (``sink.add(chunk, start)``) and, when one fails, releases the workers waiting for their
-    turn (``sink.abort()``). Returns the kept genes' cell counts, the fit and its points."""
+    """Pass 2 of every chunk into ``sink`` (``sink.task(ticket, bounds)`` in a worker, ``sink.add(chunk,
+    start)`` in input order, ``sink.abort()`` on a failure). Returns the genes' cell counts, the fit, its points."""
     gene_cells = np.zeros(len(plan.kept_names), np.int64)
     points: list[tuple[np.ndarray, np.ndarray]] = []
     results = ordered_map(sink.task, plan.chunks, num_proc=num_proc)
@@ -407,8 +378,7 @@ def sentence_pass(plan: RunPlan, sink: Any, *, num_proc: int, fit_threshold: flo
 
 
 def assign_splits(n_cells: int, fractions: Sequence[float], *, seed: int) -> np.ndarray:
-    """Split index (0 train, 1 valid, 2 test) of each of ``n_cells`` cells, seeded; the test split
-    takes the remainder of the rounded sizes."""
+    """Split (0 train, 1 valid, 2 test) of each of ``n_cells`` cells, seeded; test takes the remainder."""
     order = np.random.default_rng(seed).permutation(n_cells)
     n_train = int(round(fractions[0] * n_cells))
     n_valid = int(round(fractions[1] * n_cells))

@@ -1,21 +1,25 @@
-"""Quality control, input-kind detection and normalization, computed in passes over chunks.
+"""Quality control (and its log), input-kind detection and normalization, in passes over chunks.
 
-QC gives exactly what the original script (scanpy's tutorial defaults) gives on the whole matrix:
-``filter_cells(min_genes=200)``, then ``filter_genes(min_cells=3)`` on the cells left, then drop
-cells with ``n_genes_by_counts >= 2500`` and with ``pct_counts_mt >= max_mt_percent`` (counted over
-the genes left). One streaming pass suffices: a failing gene occurs in fewer than ``min_cells``
-cells, so the occurrences of genes seen fewer times so far are kept, and the failing genes'
-contributions subtracted from the per-cell statistics at the end.
+QC gives what scanpy's ``filter_cells(min_genes)``, ``filter_genes(min_cells)`` on the cells left,
+then the ``n_genes_by_counts`` and ``pct_counts_mt`` cuts give on the whole matrix, in one streaming
+pass: a failing gene occurs in fewer than ``min_cells`` cells, so the occurrences of genes seen
+fewer times so far are kept, and the failing genes' contributions subtracted at the end.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from numba import njit
+
+from utils.cli import InputError
+
+logger = logging.getLogger("cell2sentence")
 
 INPUT_KINDS = ("auto", "counts", "normalized", "log1p")
 # The cell filters in the order they apply; the last removes cells left with no gene by the gene
@@ -118,8 +122,8 @@ def chunk_stats(
     chunk: sp.csr_matrix, *, row_offset: int, is_mt: np.ndarray, params: QCParams,
     excluded: np.ndarray | None = None, flags: np.ndarray | None = None,
 ) -> ChunkStats:
-    """Statistics of one CSR chunk (no explicit zeros) for the streaming QC, and where its first
-    NaN, infinite or negative values are; ``flags``: ``gene_flags(is_mt, excluded)``, made once."""
+    """Statistics of one CSR chunk (no explicit zeros) for the streaming QC, and its first NaN,
+    infinite or negative values; ``flags``: ``gene_flags(is_mt, excluded)``, made once."""
     if flags is None:
         flags = gene_flags(is_mt, excluded)
     (n_genes, total, mt_total, n_excluded, gene_cells, rare_cells, rare_genes, rare_values, nonfinite,
@@ -158,8 +162,7 @@ class QCAccumulator:
         self._rare = [(cells[still_rare], genes[still_rare], values[still_rare])]
 
     def finalize(self, is_mt: np.ndarray, excluded: np.ndarray | None = None) -> QCResult:
-        """Apply the filters in the original order. ``excluded`` genes take part in the QC like any
-        gene (``pct_counts_mt`` still sees MT- genes), then are left out of the kept genes."""
+        """Apply the filters in scanpy's order; ``excluded`` genes take part in the QC, then are left out."""
         p = self.params
         passes_min_genes = self.n_genes >= (p.min_genes_per_cell if p.enabled else 1)
         if p.enabled:
@@ -228,8 +231,8 @@ class QCResult:
 
 
 def qc_by_label(result: QCResult, labels: np.ndarray | None) -> pd.DataFrame:
-    """``eval/qc_by_label.csv``: per label (sorted, cells without one last, as NaN), its cells, those
-    each filter removed (``removed_by_<filter>``) and those kept; one ``ALL_CELLS`` row without labels."""
+    """``eval/qc_by_label.csv``: per label (sorted, missing last), its cells, those each filter removed
+    (``removed_by_<filter>``) and those kept; one ``ALL_CELLS`` row without labels."""
     if labels is None:
         codes, names = np.zeros(len(result.cell_mask), np.int64), [ALL_CELLS]
     else:
@@ -278,11 +281,9 @@ def log1p_problem(values: np.ndarray, base: float | None) -> str | None:
 def detect_input_kind(
     sample: sp.csr_matrix, *, has_log1p_uns: bool, log1p_base: float | None = None
 ) -> tuple[str, float | None, str]:
-    """Guess whether ``sample``'s values are raw counts, normalized values or log1p values: returns
-    the kind, the log1p base (None: natural log, or not log1p) and a reason for the log.
-    ``has_log1p_uns``: ``uns["log1p"]`` (with ``log1p_base``) describes this matrix; values that
-    cannot be log1p are judged by their values even then.
-    """
+    """Guess whether ``sample``'s values are raw counts, normalized or log1p values: returns the kind,
+    the log1p base (None: natural log, or not log1p) and a reason. ``has_log1p_uns``: ``uns["log1p"]``
+    (with ``log1p_base``) describes this matrix, unless the values cannot be log1p."""
     values = sample.data
     if has_log1p_uns:
         problem = log1p_problem(values, log1p_base)
@@ -319,8 +320,7 @@ def _spread(totals: np.ndarray) -> float:
 
 @dataclass(frozen=True)
 class Normalization:
-    """How a cell's stored values become the preprocessed log10(1 + normalized value); the kernels
-    receive ``kernel_args()`` and use it in ``normalize_row``."""
+    """How a cell's stored values become log10(1 + normalized value) (``kernel_args()``: the kernels')."""
 
     input_kind: str = "counts"  # "counts", "normalized" or "log1p" (detected: see ``detect_input_kind``)
     log1p_base: float | None = None  # the log1p values' base (None: natural log)
@@ -342,8 +342,8 @@ def to_linear(data: np.ndarray, *, input_kind: str, log1p_base: float | None) ->
 
 @njit(cache=True, nogil=True)
 def normalize_row(values, n, out, normalization):
-    """log10(1 + normalized value) of one cell's ``values[:n]`` into ``out[:n]``; ``normalization``
-    is ``Normalization.kernel_args()``. Small integer counts take their log from a per-cell table."""
+    """log10(1 + normalized value) of one cell's ``values[:n]`` into ``out[:n]``; small integer
+    counts take their log from a per-cell table."""
     mode, log_base, target_sum = normalization
     inv_ln10 = 1.0 / np.log(10.0)
     scale = 1.0
@@ -363,4 +363,62 @@ def normalize_row(values, n, out, normalization):
         if mode == 2:  # log1p values: back to linear first
             value = np.expm1(value * log_base)
         out[k] = np.log1p(value * scale) * inv_ln10
+
+
+QC_WARN_SHARE = 0.10  # a filter removing more of a label's cells than this is a warning
+
+
+def log_qc(result: QCResult, n_cells: int, qc: QCParams, *, path: Any = "the input",
+           by_label: pd.DataFrame | None = None) -> None:
+    """Log what each filter removed, in all and per label of ``by_label``; fail when no cell is left."""
+    for flag, removed in result.cells_removed.items():
+        if removed:  # in the words of the flags (not every filter is a flag)
+            reason = ("having no gene left after --min_cells_per_gene" if flag == "no_expressed_genes"
+                      else "being empty" if flag == "min_genes_per_cell" and not qc.enabled else f"--{flag}")
+            logger.info("QC: %s cells removed by %s.", f"{removed:,}", reason)
+    logger.info("QC: %s genes removed by min_cells_per_gene (%s); %s of %s cells kept.",
+                f"{result.genes_removed:,}", qc.min_cells_per_gene,
+                f"{int(result.cell_mask.sum()):,}", f"{n_cells:,}")
+    if result.genes_excluded:
+        logger.info("%s genes excluded (--exclude_genes).", f"{result.genes_excluded:,}")
+    if by_label is not None:
+        _log_qc_by_label(by_label, qc, excluded=result.genes_excluded > 0)
+    if result.cell_mask.any():
+        return
+    removed = result.cells_removed
+    if not qc.enabled:  # only empty cells are dropped then
+        raise InputError(f"No cells left: all {n_cells:,} cells of {path} are empty (no non-zero value); "
+                         "check --layer (or the input file).")
+    worst = max(removed, key=removed.get)
+    if worst == "no_expressed_genes":
+        raise InputError(f"No cells left after QC: --min_cells_per_gene {qc.min_cells_per_gene} removed every gene of "
+                         f"the {removed[worst]:,} cells that passed the cell filters; lower it or pass --no_qc.")
+    raise InputError(f"No cells left after QC: --{worst} removed {removed[worst]:,} of {n_cells:,} cells; "
+                     "relax it or pass --no_qc.")
+
+
+def _log_qc_by_label(by_label: pd.DataFrame, qc: QCParams, *, excluded: bool) -> None:
+    """One line per label of what QC removed, and a warning naming the flag to relax where a filter
+    removed more than ``QC_WARN_SHARE`` of a label's cells (a total can hide a population)."""
+    exclusion = (" or --exclude_genes", " or narrow --exclude_genes") if excluded else ("", "")
+    causes = {  # what removed the cells, and what keeps them
+        "min_genes_per_cell": (f"--min_genes_per_cell {qc.min_genes_per_cell}", "lower --min_genes_per_cell"),
+        "max_genes_per_cell": (f"--max_genes_per_cell {qc.max_genes_per_cell}", "raise --max_genes_per_cell"),
+        "max_mt_percent": (f"--max_mt_percent {qc.max_mt_percent:g}", "raise --max_mt_percent"),
+        "no_expressed_genes": (f"having no gene left after --min_cells_per_gene {qc.min_cells_per_gene}"
+                               + exclusion[0], "lower --min_cells_per_gene" + exclusion[1]),
+    }
+    if not qc.enabled:  # only empty cells are removed then (nothing relaxes that), and exclusion's
+        causes = {"no_expressed_genes": ("having no gene left after --exclude_genes", "narrow --exclude_genes")}
+    for row in by_label.to_dict("records"):
+        name = "cells without a label" if pd.isna(row["label"]) else f"cells labelled {row['label']!r}"
+        n = row["n_cells"]
+        removed = {f: row[f"removed_by_{f}"] for f in QC_FILTERS if row[f"removed_by_{f}"]}
+        logger.info("QC: %s of %s %s kept%s.", f"{row['kept']:,}", f"{n:,}", name,
+                    "".join(f"; {c:,} removed by {f}" for f, c in removed.items()))
+        for f, count in removed.items():
+            if f in causes and count > QC_WARN_SHARE * n:
+                cause, fix = causes[f]
+                logger.warning("QC: %s removed %s of the %s %s (%.0f%%); %s to keep them.", cause,
+                               f"{count:,}", f"{n:,}", name, 100 * count / n, fix)
 

@@ -1,9 +1,5 @@
-"""Readers of the transform's input: count matrices served in chunks of rows.
-
-An ``.h5ad`` stored as CSR (or dense) is read out of core, a slice of rows at a time; other
-formats (10x ``.h5`` and folders, ``.loom``, ``.csv``, CSC-stored h5ad) are read into memory by
-anndata/scanpy and served in the same chunks.
-"""
+"""Readers of the transform's input: count matrices served in chunks of rows (a CSR or dense
+``.h5ad`` out of core; other formats read into memory by anndata/scanpy), and their value checks."""
 
 from __future__ import annotations
 
@@ -30,13 +26,12 @@ NO_LOG1P = "absent"
 
 def canonical_rows(chunk: sp.csr_matrix, column_map: np.ndarray | None = None,
                    n_columns: int | None = None) -> sp.csr_matrix:
-    """The rows with sorted indices and no explicit zeros or duplicates, each column ``c`` renamed
-    ``column_map[c]`` among ``n_columns`` when given; ``chunk`` itself is never changed."""
+    """The rows with sorted indices and no explicit zeros or duplicates, column ``c`` renamed
+    ``column_map[c]`` among ``n_columns`` when given; ``chunk`` is not changed."""
     if column_map is None:
         if _is_canonical(chunk.indptr, chunk.indices, chunk.data):
             return chunk
         column_map, n_columns = np.arange(chunk.shape[1], dtype=np.int32), chunk.shape[1]
-    # Rows sorted by ``sort_rows`` (far faster than scipy), then scipy's linear passes.
     indices, data = sort_rows(chunk.indptr.astype(np.int64), chunk.indices, chunk.data, column_map, n_columns)
     out = sp.csr_matrix((data, indices, chunk.indptr - chunk.indptr[0]), shape=(chunk.shape[0], n_columns))
     out.has_sorted_indices = True
@@ -47,8 +42,7 @@ def canonical_rows(chunk: sp.csr_matrix, column_map: np.ndarray | None = None,
 
 @njit(cache=True, nogil=True)
 def _is_canonical(indptr, indices, data):
-    """Whether every row's indices strictly increase and no stored value is 0 (counted without early
-    exits, so that the loops vectorize)."""
+    """Whether every row's indices strictly increase and no stored value is 0 (no early exits: vectorized)."""
     zeros = 0
     for j in range(data.shape[0]):
         zeros += data[j] == 0
@@ -64,8 +58,7 @@ def _is_canonical(indptr, indices, data):
 
 
 class MatrixSource:
-    """Rows of the input's count matrix (``matrix_name``: ``raw.X``, ``layers['counts']`` or ``X``),
-    with its obs, var and log1p marker."""
+    """Rows of the input's count matrix (``matrix_name``, e.g. ``raw.X``), its obs, var and log1p marker."""
 
     path: Path
     matrix_name: str
@@ -75,7 +68,6 @@ class MatrixSource:
     shape: tuple[int, int]
 
     def read_rows(self, start: int, stop: int) -> sp.csr_matrix:
-        """Rows ``[start, stop)``, canonical (``canonical_rows``)."""
         return canonical_rows(self.read_stored_rows(start, stop))
 
     def read_stored_rows(self, start: int, stop: int) -> sp.csr_matrix:
@@ -92,7 +84,7 @@ class MatrixSource:
 
 
 def _choose_matrix(has: dict[str, bool], layer: str | None) -> str:
-    """The matrix holding counts: --layer, else .raw.X (as the original), else layers['counts'], else X."""
+    """The matrix holding counts: --layer, else .raw.X, else layers['counts'], else X."""
     if layer is not None:
         if not has.get(f"layers/{layer}"):
             raise InputError(f"The input has no layer {layer!r}; drop --layer or name one it has.")
@@ -175,7 +167,6 @@ class H5adSource(MatrixSource):
 
 
 def _file_stamp(path: Path) -> tuple[int, int, int]:
-    """What changes when a file is rewritten, cut short or replaced: size, mtime, inode."""
     try:
         st = path.stat()
     except OSError:  # deleted or moved away
@@ -210,8 +201,7 @@ class InMemorySource(MatrixSource):
             self.log1p_base = _log1p_base(adata.uns["log1p"])
 
     def read_stored_rows(self, start: int, stop: int) -> sp.csr_matrix:
-        """Rows ``[start, stop)`` as views of the matrix (scipy's row slicing copies, slowly);
-        ``read_rows`` copies them only to make them canonical."""
+        """Rows ``[start, stop)`` as views of the matrix (scipy's row slicing copies, slowly)."""
         m = self._matrix
         lo, hi = int(m.indptr[start]), int(m.indptr[stop])
         data = m.data[lo:hi]
@@ -222,7 +212,7 @@ class InMemorySource(MatrixSource):
 
 
 def exact_float(values: np.ndarray) -> np.ndarray:
-    """float16 values (which scipy.sparse and the kernels do not take) as float32, exactly."""
+    """float16 values (which scipy.sparse and the kernels do not take) as float32."""
     return values.astype(np.float32) if values.dtype == np.float16 else values
 
 
@@ -250,34 +240,24 @@ def open_source(path: Path, *, layer: str | None = None) -> MatrixSource:
             logger.warning("%s cannot be read by rows (%s); loading it into memory.", path, why)
         except (OSError, KeyError) as err:
             raise InputError(f"{path} is not a readable .h5ad file ({err}).") from err
-    return InMemorySource(_read_with_scanpy(path), path, layer=layer)
-
-
-def _read_with_scanpy(path: Path) -> ad.AnnData:
     import scanpy as sc
 
     suffix = path.suffix.lower()
+    read = sc.read_10x_mtx if path.is_dir() else {".h5ad": ad.read_h5ad, ".h5": sc.read_10x_h5,
+                                                   ".loom": sc.read_loom, ".csv": sc.read_csv}.get(suffix)
+    if read is None:
+        raise InputError(f"{path} has an unsupported format; give an .h5ad, 10x .h5, 10x matrix folder, .loom or "
+                         ".csv.")
     try:
-        if path.is_dir():
-            return sc.read_10x_mtx(path)
-        if suffix == ".h5ad":
-            return ad.read_h5ad(path)
-        if suffix == ".h5":
-            return sc.read_10x_h5(path)
-        if suffix == ".loom":
-            return sc.read_loom(path)
-        if suffix == ".csv":
-            return sc.read_csv(path)
+        adata = read(path)
     except Exception as err:  # readers raise many kinds; the user needs one sentence
         raise InputError(f"{path} could not be read as {suffix or 'a 10x folder'} ({err}).") from err
-    raise InputError(f"{path} has an unsupported format; give an .h5ad, 10x .h5, 10x matrix folder, .loom or "
-                     ".csv.")
+    return InMemorySource(adata, path, layer=layer)
 
 
 class ConcatenatedSource(MatrixSource):
-    """Several inputs' cells one after another over the union of their gene names (``gene_names``:
-    each source's, resolved), in first-seen order; ``obs`` gains a ``dataset`` column naming each
-    cell's file (its stem). Rows are streamed as the sources stream them."""
+    """Several inputs' cells one after another over the union of their (resolved) ``gene_names``;
+    ``obs`` gains a ``dataset`` column naming each cell's file (its stem)."""
 
     def __init__(self, sources: Sequence[MatrixSource], gene_names: Sequence[np.ndarray], *, path: Path):
         self.path = path
@@ -316,7 +296,6 @@ class ConcatenatedSource(MatrixSource):
     read_stored_rows = read_rows  # its files' rows are made canonical as they are remapped
 
     def _remapped(self, i: int, chunk: sp.csr_matrix) -> sp.csr_matrix:
-        """A file's rows as stored, canonical in the union's columns."""
         if self._in_order[i] and _is_canonical(chunk.indptr, chunk.indices, chunk.data):
             return sp.csr_matrix((chunk.data, self._maps[i][chunk.indices], chunk.indptr),
                                  shape=(chunk.shape[0], self.shape[1]))
@@ -325,9 +304,8 @@ class ConcatenatedSource(MatrixSource):
 
 @njit(cache=True, nogil=True)
 def sort_rows(indptr, indices, data, column_map, n_columns):
-    """(indices, data) of CSR rows with each column ``c`` renamed ``column_map[c]`` and each row
-    sorted by its new columns: an LSD radix sort on bytes, a row at a time (``indptr`` may start
-    above 0)."""
+    """(indices, data) of CSR rows, column ``c`` renamed ``column_map[c]`` and each row sorted by an
+    LSD radix sort on bytes (far faster than scipy; ``indptr`` may start above 0)."""
     n_rows = indptr.shape[0] - 1
     base = indptr[0]
     out_indices = np.empty(indptr[n_rows] - base, np.int32)
@@ -369,8 +347,7 @@ def sort_rows(indptr, indices, data, column_map, n_columns):
 
 
 def input_paths(data_filepath: Path | Sequence[Path]) -> list[Path]:
-    """The files of ``--data_filepath``: the ones given, or a folder's ``*.h5ad`` (sorted); a folder
-    without any is one input (a 10x matrix folder)."""
+    """The files of ``--data_filepath``: the ones given, or a folder's ``*.h5ad`` (sorted), else the folder."""
     paths = [data_filepath] if isinstance(data_filepath, Path) else list(data_filepath)
     if len(paths) == 1 and paths[0].is_dir():
         found = sorted(paths[0].glob("*.h5ad"))
@@ -384,3 +361,38 @@ def input_stem(data_filepath: Path | Sequence[Path]) -> str:
     if len(paths) > 1:
         return "combined"
     return paths[0].name if input_paths(paths) != paths else paths[0].stem
+
+
+def read_checked_chunk(source: MatrixSource, start: int, stop: int) -> sp.csr_matrix:
+    """Rows [start, stop), after checking that every value is finite and non-negative."""
+    chunk = source.read_rows(start, stop)
+    raise_value_problems(source, start, *_value_problems(chunk.indptr, chunk.data))
+    return chunk
+
+
+def raise_value_problems(source: MatrixSource, start: int, first_nonfinite: int, first_negative: int) -> None:
+    """The error for chunk rows ``first_nonfinite``, ``first_negative`` (-1: none) from row ``start``."""
+    if first_nonfinite >= 0:
+        raise InputError(f"{source.path}: {source.matrix_name} holds NaN or infinite values (first in cell "
+                         f"{start + first_nonfinite}); a count matrix must be finite.")
+    if first_negative >= 0:
+        raise InputError(f"{source.path}: {source.matrix_name} holds negative values (first in cell "
+                         f"{start + first_negative}); give raw counts (e.g. --layer counts), not scaled data.")
+
+
+@njit(cache=True, nogil=True)
+def _value_problems(indptr, data):
+    """The first row holding a NaN or infinite value and the first holding a negative one (-1: none)."""
+    first_nonfinite = first_negative = -1
+    for r in range(indptr.shape[0] - 1):
+        nonfinite = 0
+        negative = 0
+        for j in range(indptr[r], indptr[r + 1]):
+            value = data[j]
+            nonfinite += (value - value) != 0  # NaN for NaN and infinities
+            negative += value < 0
+        if nonfinite and first_nonfinite < 0:
+            first_nonfinite = r
+        if negative and first_negative < 0:
+            first_negative = r
+    return first_nonfinite, first_negative

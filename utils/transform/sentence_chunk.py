@@ -1,9 +1,6 @@
-"""Pass 2 of the transform on one chunk of rows, as compiled kernels that release the GIL.
-
-Per kept cell of a raw CSR chunk, while its values are in cache: drop the genes QC removed,
-normalize to log10(1 + value per target sum), rank, and write the sentence as a text line and as
-an Arrow string into per-split byte buffers.
-"""
+"""Pass 2 of the transform on one chunk of rows, as compiled kernels that release the GIL: per kept
+cell, drop the genes QC removed, normalize, rank, and write the sentence as a text line and as an
+Arrow string into per-split byte buffers."""
 
 from __future__ import annotations
 
@@ -30,8 +27,7 @@ TEXT_SLACK = 16  # bytes the text kernel may write past each split's text (16-by
 
 @dataclass
 class SentenceChunk:
-    """What pass 2 makes of one chunk (kept cells only, in input order unless said); the rows and
-    the text are None once written."""
+    """What pass 2 makes of one chunk (kept cells, input order); rows and text are None once written."""
 
     kept: np.ndarray | None = None  # chunk-local row of each kept cell
     indptr: np.ndarray | None = None  # the preprocessed rows: kept genes, log10(1 + normalized) values
@@ -131,8 +127,8 @@ def _rank_kernel(indptr, indices, data, row_split, row_eval, cell_ids, gene_posi
 @njit(cache=True, nogil=True)
 def _text_kernel(kept, row_split, out_indptr, ranked, line_bytes, split_bytes, split_lines, max_genes,
                  name_lengths, name_slots, name_buffer, name_offsets, text, text_start):
-    """Write each split's lines into ``text`` from ``text_start[split]`` on (``TEXT_SLACK`` bytes of slack
-    after each), and the Arrow strings (the lines without their newlines) back to back."""
+    """Write each split's lines into ``text`` from ``text_start[split]`` on, and the Arrow strings
+    (the lines without their newlines) back to back."""
     n_kept = kept.shape[0]
     arrow_text = np.empty(split_bytes[N_SPLITS] - n_kept + TEXT_SLACK, np.uint8)
     arrow_offsets = np.empty(n_kept + N_SPLITS, np.int32)  # per split: its lines + 1
@@ -158,7 +154,6 @@ def _text_kernel(kept, row_split, out_indptr, ranked, line_bytes, split_bytes, s
                 pos += length + 1
             pos = line_start + line_bytes[i]
             text[pos - 1] = 10  # the last space becomes the newline
-            # The Arrow string is the line without its newline.
             arrow_pos = arrow_start + arrow_offsets[line + s]
             copy_bytes(arrow_text, arrow_pos, text, line_start, line_bytes[i] - 1)
             line += 1
@@ -189,14 +184,12 @@ def rank_chunk(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, *, row
                row_eval: np.ndarray, cell_ids: np.ndarray, gene_position: np.ndarray, names: GeneNameTable,
                normalization: Normalization, seed: int, max_genes: int | None,
                out_arrays: tuple[np.ndarray, np.ndarray] | None = None) -> RankedChunk:
-    """Filter, normalize and rank the kept cells of one raw CSR chunk (pass 2's first half).
+    """Filter, normalize and rank the kept cells of one canonical CSR chunk (``indptr`` may start above 0).
 
-    ``indptr, indices, data``: the chunk as read (``indptr`` may start above 0), indices sorted
-    within rows, explicit zeros skipped. Per row: ``row_split`` 0 train, 1 valid, 2 test or -1
-    (removed by QC); ``row_eval`` whether its points feed the fit; ``cell_ids`` its input index,
-    which seeds the tie-breaking. ``gene_position``: per input gene, its kept position or -1.
-    ``out_arrays``: empty int32 and float32 arrays of at least the chunk's stored entries for the
-    preprocessed rows (allocated here when None).
+    Per row: ``row_split`` 0 train, 1 valid, 2 test or -1 (removed); ``row_eval`` whether it feeds the
+    fit; ``cell_ids`` its input index (seeds the tie-breaking). ``gene_position``: per input gene, its
+    kept position or -1. ``out_arrays``: int32 and float32 arrays of at least the chunk's stored
+    entries for the preprocessed rows (None: allocated here).
     """
     limit = np.iinfo(np.int32).max if max_genes is None else int(max_genes)
     nnz = int(indptr[-1] - indptr[0])
@@ -218,10 +211,8 @@ def rank_chunk(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, *, row
                        split_bytes, split_lines, eval_log_rank, eval_log_expression, limit)
 
 
-
 def write_text(ranked: RankedChunk, names: GeneNameTable) -> SentenceChunk:
-    """The sentences of a ranked chunk (pass 2's second half): each split's lines in one
-    buffer (``.text``) and as Arrow strings (``.arrow_offsets``, ``.arrow_text``)."""
+    """The sentences of a ranked chunk: each split's lines in one buffer and as Arrow strings."""
     sizes = np.diff(ranked.split_bytes)
     text_start = np.concatenate([[0], np.cumsum(sizes + TEXT_SLACK)[:-1]]).astype(np.int64)
     text = np.empty(int(sizes.sum()) + N_SPLITS * TEXT_SLACK, np.uint8)

@@ -51,8 +51,7 @@ MAX_DEFAULT_THREADS = 8  # n threads hold n + 1 chunks in flight (~100 MB each a
 
 
 def default_threads() -> int:
-    """``adata_to_sentences``' default ``num_proc``: the cores this process may use (all where the OS
-    cannot say), at most ``MAX_DEFAULT_THREADS``."""
+    """``adata_to_sentences``' default ``num_proc``: the cores it may use, at most ``MAX_DEFAULT_THREADS``."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return min(cores, MAX_DEFAULT_THREADS)
 
@@ -61,10 +60,8 @@ def default_threads() -> int:
 class CellSentences:
     """The cell sentences of an AnnData's kept cells (input order), with what made them.
 
-    ``sentence_array``: the sentences as Arrow strings (``.sentences``: as Python strings, made
-    when first asked). ``columns``: the dataset's columns per kept cell (``cell_name``,
-    ``cell_type`` when labelled, further ``obs_columns``); ``labels``: its ``cell_type`` or None;
-    ``qc_table``: per label, what each QC filter removed.
+    ``sentence_array``: Arrow strings (``.sentences``: Python strings). ``columns``: the dataset's
+    columns per kept cell; ``labels``: its ``cell_type`` or None; ``qc_table``: what QC removed per label.
     """
 
     # The large fields stay out of the repr (a notebook prints it).
@@ -85,7 +82,7 @@ class CellSentences:
 
     @property
     def sentences(self) -> list[str]:
-        """One string per kept cell, in input order (made on first use, then kept)."""
+        """One string per kept cell, in input order (made on first use)."""
         if self._sentences is None:
             self._sentences = self.sentence_array.to_pylist()
         return self._sentences
@@ -106,8 +103,7 @@ class CellSentences:
         return assign_splits(len(self), fractions, seed=self.options.seed if seed is None else seed)
 
     def to_dataset_dict(self, split_fractions: Sequence[float] | None = None, seed: int | None = None):
-        """A ``datasets.DatasetDict`` with splits train/valid/test and the script's columns
-        (``cell_name``, ``cell_sentence``, ``cell_type`` when labelled, further obs columns)."""
+        """A ``datasets.DatasetDict`` with splits train/valid/test and the script's columns."""
         import datasets  # seconds to import: only when asked for
         from datasets.fingerprint import generate_random_fingerprint
 
@@ -128,8 +124,7 @@ class CellSentences:
 
     def save(self, output_dir: Path | str, *, name: str = "adata", split_fractions: Sequence[float] | None = None,
              seed: int | None = None, overwrite: bool = False) -> Path:
-        """Write the data contract of ``transform.py`` under ``output_dir`` with the script's writer
-        (staged, moved into place at the end); returns ``output_dir``."""
+        """Write ``transform.py``'s data contract under ``output_dir`` (staged); returns ``output_dir``."""
         output_dir = Path(output_dir)
         split = self.split_of_cells(split_fractions, seed)
         X = sp.csr_matrix(self.preprocessed.X)
@@ -215,7 +210,7 @@ def adata_to_sentences(
 
 class _MemorySink:
     """Pass 2 into memory: each chunk's preprocessed rows go straight into their place in one CSR
-    matrix (its size is known after the QC pass), its sentences are kept as Arrow strings."""
+    matrix, its sentences are kept as Arrow strings."""
 
     def __init__(self, plan: RunPlan):
         self.plan = plan
