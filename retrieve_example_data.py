@@ -25,6 +25,7 @@ from functools import partial
 from pathlib import Path
 
 from utils import cli
+from utils.contract import EXAMPLE
 from utils.transform import example_data
 
 logger = logging.getLogger("cell2sentence")
@@ -97,7 +98,7 @@ def main(args: argparse.Namespace) -> Path:
             logger.warning("The network is unreachable (%s), so falling back to scanpy's bundled "
                            "pbmc68k_reduced (700 PBMCs).", err)
             path = retrieve_pbmc68k_reduced(output_dir, force=args.force)
-    pointer = output_dir / ".example_path"
+    pointer = output_dir / EXAMPLE.path
     example_data.write_text_atomically(f"{path.resolve()}\n", pointer)
     command = shlex.join(["python", "transform.py", "--data_filepath", str(path), "--output_dir", str(output_dir)])
     logger.info("Example data: %s (path recorded in %s).", path, pointer)

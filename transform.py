@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from utils import cli, publish
-from utils.contract import TRANSFORM, preprocessed_name, transform_names
+from utils.contract import EXAMPLE, TRANSFORM, preprocessed_name, transform_names
 from utils.transform.filewriter import keep_freed_memory_for_reuse
 from utils.transform.outputs import TransformOutputs, preprocessed_obs
 from utils.transform.pipeline import (
@@ -95,10 +95,10 @@ def transform_options(args: argparse.Namespace) -> TransformOptions:
 
 def example_path(data_dir: Path = Path("data")) -> Path:
     """The example data retrieve_example_data.py recorded in ``data/.example_path``."""
-    pointer = data_dir / ".example_path"
+    pointer = data_dir / EXAMPLE.path
     if pointer.is_file() and pointer.read_text().strip():
         return Path(pointer.read_text().strip())
-    return data_dir / "dominguez_sample.h5ad"
+    return data_dir / EXAMPLE.dominguez
 
 
 @publish.releasing_outputs

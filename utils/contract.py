@@ -61,6 +61,9 @@ EVAL_RECONSTRUCTION = Outputs(metrics="metrics.json", per_cell="per_cell.csv", f
                               reconstruction="expression_vs_reconstruction.png",
                               per_cell_figure="per_cell_r_squared.png", args=EVAL_ARGS)
 # train.py's files beside the model (user_card: when README.md is the user's; run_args: in checkpoints/).
+# retrieve_example_data.py: the example file and, in ``path``, the path of the one it wrote.
+EXAMPLE = Outputs(dominguez="dominguez_sample.h5ad", pbmc68k="pbmc68k_reduced.h5ad", path=".example_path")
+
 TRAIN = Outputs(args="train_args.json", results="train_results.json", log="train_log.json", merged="merged",
                 card="README.md", user_card="MODEL_CARD.md", evaluations="model_card_evaluations.json",
                 figures="model_card_figures", run_args="run_args.json", recipe="recipe.json")

@@ -17,12 +17,12 @@ import numpy as np
 import scipy.sparse as sp
 
 from utils.cli import InputError
+from utils.contract import EXAMPLE
 
 logger = logging.getLogger("cell2sentence")
 
 DOMINGUEZ_GDRIVE_ID = "1PYUM59fKclw-aeN79oL5ghCkU4kn6XvN"
-DOMINGUEZ_FILENAME = "dominguez_sample.h5ad"
-PBMC68K_FILENAME = "pbmc68k_reduced.h5ad"
+DOMINGUEZ_FILENAME, PBMC68K_FILENAME = EXAMPLE.dominguez, EXAMPLE.pbmc68k
 
 Downloader = Callable[[BinaryIO], None]
 
