@@ -48,6 +48,7 @@ def test_the_recipe_records_the_condition_columns_and_their_labels(pipeline) -> 
     assert recipe.condition_columns == ["cell_type", "tissue"]
     assert recipe.label_columns == {"cell_type": ["type 0", "type 1", "type 2"], "tissue": ["gut", "liver"]}
     assert recipe.prediction_columns() == []  # trained to generate only
+    assert "Conditional generation on any subset of `cell_type`, `tissue`." in (pipeline["model"] / "README.md").read_text()
     model = CellSentenceModel.load(pipeline["model"])
     genes = model.known_genes()
     assert genes and not {"and", "tissue", "gut", "Conditions:"} & set(genes)

@@ -187,6 +187,8 @@ def test_the_recipe_records_the_grouping(pipeline) -> None:
     counts = record["train_examples"]["task_counts"]
     assert set(counts) == {"multi_cell_prediction", "multi_cell_generation"}
     assert counts["multi_cell_prediction"] > 2 * counts["multi_cell_generation"] > 0
+    card = (pipeline["model"] / "README.md").read_text()
+    assert "Groups of 4 cells by `sample`:\n\n- `sample` (3 labels): `s1`, `s2`, `s3`" in card
 
 
 def test_a_missing_multi_cell_column_is_one_sentence(pipeline, tmp_path: Path) -> None:

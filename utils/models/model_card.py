@@ -148,6 +148,11 @@ def render_card(folder: Path, evaluations: Mapping[str, Any] | None = None) -> s
                                     ("task", "weight", "training examples"))]
     out += (["Labels the model was trained on:", "", *(_labels(c, v) for c, v in recipe.label_columns.items()), ""]
             if recipe.label_columns else ["No labels (no task was trained on a label column).", ""])
+    if recipe.condition_columns:
+        out += [f"Conditional generation on any subset of {', '.join(f'`{c}`' for c in recipe.condition_columns)}.", ""]
+    if recipe.multi_cell_column:
+        out += [f"Groups of {recipe.cells_per_example} cells by `{recipe.multi_cell_column}`:", "",
+                _labels(recipe.multi_cell_column, recipe.group_labels), ""]
     t = record.get("training") or {}
     resumes = ", ".join(f"from step {r.get('from_step')} to {r.get('to_step')}" for r in record.get("resumes") or [])
     rows = [("Steps", results.get("global_step")), ("Epochs", results.get("epoch")),
