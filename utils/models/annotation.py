@@ -17,7 +17,7 @@ def read_cells(path: Path) -> Any:
     """The user's AnnData, read whole (its obs and layout are kept as they are)."""
     import anndata as ad
 
-    from utils.transform.readers import _read_with_scanpy as read_with_scanpy
+    from utils.transform.readers import read_with_scanpy
 
     if not path.exists():
         raise InputError(f"{path} does not exist; pass the cells to annotate with --h5ad.")

@@ -240,6 +240,11 @@ def open_source(path: Path, *, layer: str | None = None) -> MatrixSource:
             logger.warning("%s cannot be read by rows (%s); loading it into memory.", path, why)
         except (OSError, KeyError) as err:
             raise InputError(f"{path} is not a readable .h5ad file ({err}).") from err
+    return InMemorySource(read_with_scanpy(path), path, layer=layer)
+
+
+def read_with_scanpy(path: Path) -> ad.AnnData:
+    """An .h5ad, 10x .h5, 10x matrix folder, .loom or .csv read whole by scanpy/anndata."""
     import scanpy as sc
 
     suffix = path.suffix.lower()
@@ -249,10 +254,9 @@ def open_source(path: Path, *, layer: str | None = None) -> MatrixSource:
         raise InputError(f"{path} has an unsupported format; give an .h5ad, 10x .h5, 10x matrix folder, .loom or "
                          ".csv.")
     try:
-        adata = read(path)
+        return read(path)
     except Exception as err:  # readers raise many kinds; the user needs one sentence
         raise InputError(f"{path} could not be read as {suffix or 'a 10x folder'} ({err}).") from err
-    return InMemorySource(adata, path, layer=layer)
 
 
 class ConcatenatedSource(MatrixSource):
