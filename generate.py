@@ -1,15 +1,9 @@
 """Generate cells with a trained cell-sentence model, then evaluate them against real cells.
 
-Conditional (``--n_per_type`` cells per cell type of ``--split`` or of ``--cell_types``),
-unconditional (``--unconditional``), under several conditions (``--conditions
-"cell_type=B cell,tissue=blood"``) or in groups (``--multi_cell_column``), through
-``utils.CellSentenceModel`` with the prompts of training. The metrics are eval/generation.py's
-(``utils.evaluation.generation_metrics.score_generated``), against the real cells of what was
-asked for. Flags and outputs: docs/generate.md.
+Per cell type (of ``--split`` or ``--cell_types``), ``--unconditional``, under ``--conditions`` or
+in groups (``--multi_cell_column``); scored with eval/generation.py's metrics.
 
-    data/model/<run>/ + data/cell_sentences_hf/ -> data/generated/<run>/: generated_cells.txt,
-        generated_labels.txt, generated_cells_hf/, real_vs_generated_pca.png, metrics.json,
-        generate_args.json
+    data/model/<run>/ + data/cell_sentences_hf/ -> data/generated/<run>/ (docs/generate.md)
 
 Example:
     python generate.py --model_dir data/model/scratch-small --data_dir data/cell_sentences_hf/
@@ -24,7 +18,7 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +33,7 @@ from utils.contract import (
     transform_reference,
 )
 from utils.evaluation.figures import plot_generation
-from utils.evaluation.generation_metrics import score_generated, score_generated_groups
+from utils.evaluation.generation_metrics import score_generated
 from utils.inverse import VocabIndex
 from utils.models.generation import allocate_counts, answer_token_budget
 from utils.models.recipe import Recipe
@@ -66,8 +60,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cell_types", type=str, default=None,
                    help="comma-separated cell types to generate (default: those of --split)")
     p.add_argument("--conditions", type=str, default=None,
-                   help="generate under several conditions, e.g. \"cell_type=B cell,tissue=blood\" (sets "
-                        "separated by ';'), for a model trained with train.py --label_columns")
+                   help="conditions to generate under, e.g. \"cell_type=B cell,tissue=blood\" "
+                        "(sets separated by ';')")
     p.add_argument("--unconditional", action="store_true",
                    help="generate cells of no chosen type; --n_per_type is then the number of cells")
     p.add_argument("--tasks", type=str, default="generate",
@@ -116,13 +110,11 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.cell_types is not None and args.unconditional:
         raise cli.InputError("--cell_types and --unconditional contradict each other: pass --cell_types for cells of "
                              "chosen types, or --unconditional for cells of no chosen type.")
-    for flag in ("batch_size", "k_neighbors"):
-        if getattr(args, flag) < 1:
-            raise cli.InputError(f"--{flag} must be at least 1.")
-    for flag in ("top_k_genes", "n_per_type", "max_cells", "max_new_tokens"):
+    for flag in ("batch_size", "k_neighbors", "top_k_genes", "n_per_type", "max_cells", "max_new_tokens"):
         value = getattr(args, flag)
         if value is not None and value < 1:
-            raise cli.InputError(f"--{flag} must be at least 1 (or left out for the default).")
+            default = "" if flag in ("batch_size", "k_neighbors") else " (or left out for the default)"
+            raise cli.InputError(f"--{flag} must be at least 1{default}.")
     if args.temperature <= 0:
         raise cli.InputError("--temperature must be positive.")
     if not 0 < args.top_p <= 1:
@@ -166,8 +158,7 @@ def condition_label(conditions: Sequence[tuple[str, Any]]) -> str:
 
 
 def tables_with_conditions(tables: dict[str, Any], columns: Sequence[str]) -> dict[str, Any]:
-    """The tables of cells labelled in every condition column, with a ``conditions`` column
-    holding their ``condition_label`` (the label the metrics compare)."""
+    """The cells labelled in every condition column, their ``condition_label`` in column ``CONDITIONS``."""
     import pyarrow as pa
 
     for name, table in tables.items():
@@ -186,9 +177,7 @@ def tables_with_conditions(tables: dict[str, Any], columns: Sequence[str]) -> di
 
 
 def unconditional_mode(args: argparse.Namespace, recipe: Recipe) -> bool:
-    """Whether to generate cells of no chosen type: ``--unconditional``, or a model trained to
-    generate that way only. A model asked for a generation it was not trained for is one
-    sentence."""
+    """Whether to generate cells of no chosen type: ``--unconditional``, or a model trained only so."""
     tasks = ", ".join(recipe.tasks) or "not recorded"
     conditional, unconditional = recipe.has_task(CONDITIONAL), recipe.has_task(UNCONDITIONAL)
     if args.unconditional:
@@ -245,23 +234,10 @@ def generation_counts(args: argparse.Namespace, unconditional: bool, wanted: lis
 # ---------------------------------------------------------------------------------- generation
 
 
-def generate_cells(model: Any, counts: dict[str | None, int], *, budget: int, genes: Sequence[str],
-                   args: argparse.Namespace, processes: Any) -> pd.DataFrame | None:
-    """The generated cells (on rank 0; None on the other processes under torchrun)."""
-    from tqdm.auto import tqdm
-
-    with tqdm(total=sum(counts.values()), desc="Generating cells", unit="cell", disable=not processes.main) as bar:
-        return model.generate_cells(counts, batch_size=args.batch_size, max_new_tokens=budget,
-                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                    constrain_genes=not args.no_constrain_genes, genes=genes,
-                                    seed=args.seed, progress=bar.update, processes=processes)
-
-
 def evaluate_generated(sentences: list[str], requested: pd.Series, tables: dict[str, Any], *, split: str,
                        label_column: str, index: VocabIndex, fit: RankExpressionFit, top_k: int, k: int, seed: int,
                        cell_types: Sequence[str] | None = None) -> tuple[dict[str, Any], Any]:
-    """eval/generation.py's metrics (against the real cells of ``cell_types`` when given) and its
-    PCA figure; cells generated without a label get the word statistics only."""
+    """eval/generation.py's metrics and PCA figure; unlabelled cells get the word statistics only."""
     # pandas may hold "no cell type" as None or NaN; a dataset without labels has no types to compare
     if requested.isna().any() or label_column not in tables["train"].column_names:
         from utils.evaluation.metrics import sentence_stats
@@ -278,7 +254,6 @@ def evaluate_generated(sentences: list[str], requested: pd.Series, tables: dict[
 
 @publish.releasing_outputs
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    from utils.cli import load_from_args
     from utils.models.distributed import Processes
 
     procs = Processes.start()
@@ -306,9 +281,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         tables = labelled_rows(tables, label_column)
     eval_table = tables[args.split]
 
+    from tqdm.auto import tqdm
+
     from utils.models.examples import encode_answer
 
-    model = load_from_args(args, device=procs.device(args.device))
+    model = cli.load_from_args(args, device=procs.device(args.device))
     top_k, tokenizer, fmt = model.top_k_genes, model.tokenizer, model.prompt_format
     device = str(model.device)
     logger.info("Model %s on %s (%s), context %d tokens, %s prompt format, top %d genes, split %s (%s cells).",
@@ -329,7 +306,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     if sets:  # ask the model for each label's conditions
         counts = {dict(zip(wanted, sets, strict=True))[label]: n for label, n in counts.items()}
-    generated = generate_cells(model, counts, budget=budget, genes=index.genes, args=args, processes=procs)
+    with tqdm(total=sum(counts.values()), desc="Generating cells", unit="cell", disable=not procs.main) as bar:
+        generated = model.generate_cells(counts, batch_size=args.batch_size, max_new_tokens=budget,
+                                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                         constrain_genes=not args.no_constrain_genes, genes=index.genes,
+                                         seed=args.seed, progress=bar.update, processes=procs)
     elapsed = time.perf_counter() - start
     if not procs.main:  # rank 0 scores and writes
         return {}
@@ -358,28 +339,35 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 f"; k-NN accuracy {gen_metrics['knn_accuracy']:.3f} (real vs real {gen_metrics['knn_ceiling']:.3f}),"
                 f" MMD {gen_metrics['mmd']:.4f} (real vs real {gen_metrics['mmd_floor']:.4f})"
                 + ("" if wanted is None else f", against real cells of the {len(wanted)} {'condition sets' if sets else 'types'} asked for"))
-    with publish.staged_outputs(args.output_dir, list(GENERATE), overwrite=args.overwrite) as tmp:
+
+    def write(tmp: Path) -> None:
         from datasets import Dataset
 
-        (tmp / GENERATE.cells).write_text("".join(s + "\n" for s in generated["cell_sentence"]))
-        if unconditional:  # no cell types asked for: no labels to write
-            generated = generated.drop(columns="requested_cell_type")
-        else:
-            (tmp / GENERATE.labels).write_text("".join(t + "\n" for t in generated[labels]))
-        Dataset.from_pandas(generated, preserve_index=False).save_to_disk(str(tmp / GENERATE.dataset))
+        cells = generated.drop(columns="requested_cell_type") if unconditional else generated
+        (tmp / GENERATE.cells).write_text("".join(s + "\n" for s in cells["cell_sentence"]))
+        if not unconditional:  # no cell types asked for: no labels to write
+            (tmp / GENERATE.labels).write_text("".join(t + "\n" for t in cells[labels]))
+        Dataset.from_pandas(cells, preserve_index=False).save_to_disk(str(tmp / GENERATE.dataset))
         if pca is not None:
             pca.savefig(tmp / GENERATE.pca, dpi=150, bbox_inches="tight")
-        (tmp / GENERATE.metrics).write_text(cli.strict_json(metrics, indent=2, default=str) + "\n")
-        cli.save_args(args, tmp / GENERATE.args)
+
+    return write_outputs(args, GENERATE, metrics, write)
+
+
+def write_outputs(args: argparse.Namespace, names: Any, metrics: dict[str, Any],
+                  write: Callable[[Path], None]) -> dict[str, Any]:
+    """Publish ``write``'s outputs, metrics.json and the arguments into ``--output_dir``."""
+    with publish.staged_outputs(args.output_dir, list(names), overwrite=args.overwrite) as tmp:
+        write(tmp)
+        (tmp / names.metrics).write_text(cli.strict_json(metrics, indent=2, default=str) + "\n")
+        cli.save_args(args, tmp / names.args)
     logger.info("Wrote %s.", args.output_dir)
     return metrics
 
 
 def generate_groups(args: argparse.Namespace) -> dict[str, Any]:
-    """``--multi_cell_column``: groups of cells for the requested group labels; the generated cells are
-    scored per label against the real cells of that label of ``--split`` (when the data has the
-    column), with the metrics of the single-cell generation."""
-    from utils.cli import load_from_args
+    """``--multi_cell_column``: groups of cells for the requested group labels, scored against the
+    real cells and groups of those labels in ``--split`` (when the data has the column)."""
     from utils.models.multi_cell import generate_groups as sample_groups
 
     publish.claim_output_dir(args.output_dir, list(GENERATE_GROUPS), overwrite=args.overwrite)
@@ -398,7 +386,7 @@ def generate_groups(args: argparse.Namespace) -> dict[str, Any]:
                              f"not {', '.join(unknown)}; fix --groups.")
     n = int(recipe.cells_per_example or 4)
     requested = [x for x in labels for _ in range(args.n_per_type or 1)]
-    model = load_from_args(args, device=args.device)
+    model = cli.load_from_args(args, device=args.device)
     start = time.perf_counter()
     generated = sample_groups(model, requested, column=column, cells_per_example=n, n_genes=args.top_k_genes,
                               batch_size=args.batch_size, temperature=args.temperature, top_k=args.top_k,
@@ -413,21 +401,18 @@ def generate_groups(args: argparse.Namespace) -> dict[str, Any]:
         if "train" in tables and all(column in t.column_names for t in tables.values()):
             tables = labelled_rows(tables, column)
             index, fit, _ = transform_reference(args.transform_dir, tables, model.top_k_genes)
-            scored, _ = score_generated_groups(
-                generated["cell_sentence"].tolist(), generated["group"].astype(str).tolist(),
-                generated[f"requested_{column}"].tolist(), tables, split=args.split, label_column=column,
-                index=index, fit=fit, top_k=model.top_k_genes, k=args.k_neighbors, seed=args.seed, cells_per_group=n)
+            scored, _ = score_generated(
+                generated["cell_sentence"].tolist(), generated[f"requested_{column}"].tolist(), tables,
+                split=args.split, label_column=column, index=index, fit=fit, top_k=model.top_k_genes,
+                k=args.k_neighbors, seed=args.seed, groups=generated["group"].astype(str).tolist(),
+                cells_per_group=n)
             metrics["generation"] = scored
     logger.info("Generated %s groups (%s cells) of %s%s.", f"{len(requested):,}", f"{len(generated):,}", column,
                 "" if scored is None else f"; valid-gene rate {scored['sentences']['valid_gene_rate']:.3f}, group "
                 f"k-NN accuracy {scored['groups']['group_knn_accuracy']:.3f} (real groups "
                 f"{scored['groups']['group_knn_ceiling']:.3f}, majority {scored['groups']['group_majority_baseline']:.3f})")
-    with publish.staged_outputs(args.output_dir, list(GENERATE_GROUPS), overwrite=args.overwrite) as tmp:
-        generated.to_csv(tmp / GENERATE_GROUPS.cells, index=False)
-        (tmp / GENERATE_GROUPS.metrics).write_text(cli.strict_json(metrics, indent=2, default=str) + "\n")
-        cli.save_args(args, tmp / GENERATE_GROUPS.args)
-    logger.info("Wrote %s.", args.output_dir)
-    return metrics
+    return write_outputs(args, GENERATE_GROUPS, metrics,
+                         lambda tmp: generated.to_csv(tmp / GENERATE_GROUPS.cells, index=False))
 
 
 if __name__ == "__main__":

@@ -22,9 +22,8 @@ logger = logging.getLogger("cell2sentence")
 def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None, *, name: str, seed_help: str,
           required: tuple[str, str] | None = None, positive: Sequence[str] = (),
           renamed: dict[str, str] | None = None) -> argparse.Namespace:
-    """``argv`` parsed by ``parser`` with the run flags added (``--output_dir data/eval/<name>``,
-    ``--seed``, ``--overwrite``; old flag names in ``renamed``). Raises ``InputError`` when the
-    flag ``required[0]`` is missing (message ``required[1]``), or one of ``positive`` is below 1."""
+    """``argv`` parsed with the run flags (``--output_dir data/eval/<name>``); an ``InputError`` when
+    the flag ``required[0]`` is missing (message ``required[1]``) or one of ``positive`` is below 1."""
     cli.add_run_flags(parser, output_dir=Path("data/eval") / name, output_dir_help="where outputs go",
                       seed_help=seed_help)
     args = parser.parse_args(cli.renamed_flags(argv, renamed))
@@ -36,8 +35,7 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None, *, name: 
 
 
 def start(args: argparse.Namespace, inputs: Sequence[Path | None], outputs: Sequence[str] | None = None) -> None:
-    """Seed the run, finish publishes cut short in ``inputs`` (None: left out) and check that
-    ``outputs`` (None: the script checks them once it knows them) may be written."""
+    """Seed the run, settle ``inputs`` (None: left out) and check that ``outputs`` may be written."""
     cli.seed_everything(args.seed)
     publish.settle_inputs(*[path for path in inputs if path is not None])
     if outputs is not None:
@@ -47,8 +45,8 @@ def start(args: argparse.Namespace, inputs: Sequence[Path | None], outputs: Sequ
 def finish(args: argparse.Namespace, outputs: Sequence[str], *, metrics: dict[str, Any], figures: dict[str, Any],
            frames: dict[str, Any], card: tuple[Path, str, Mapping[str, Any]] | None = None,
            captions: Mapping[str, str] | None = None) -> None:
-    """Publish the evaluation into ``--output_dir``; ``card``: (the step's folder, the evaluation's
-    name, its headline scores) for the card of that step's model, with ``captions``' figures."""
+    """Publish the evaluation; ``card``: (the step's folder, the evaluation's name, its scores) for
+    that step's model card, with ``captions``' figures."""
     write_evaluation(args.output_dir, list(outputs), metrics=metrics, figures=figures, frames=frames, args=args,
                      overwrite=args.overwrite)
     if card is not None:

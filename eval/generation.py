@@ -1,13 +1,9 @@
 """Score generated cells against real ones, each score next to what real cells reach.
 
-generate.py's sentences and requested types against the real cells of a split (both as the
-inverse transform of their first K genes): k-NN accuracy next to its real -> real ceiling, MMD
-and energy distance in a PCA of real training cells next to their floors (overall and per type),
-valid-gene and duplicate rates, and a figure. The real cells are those of the types generate.py
-was asked for (its ``--cell_types``), if any.
+generate.py's cells (or generated groups, also scored as groups) against the real cells of the
+types asked for: k-NN accuracy, MMD and energy distance, overall and per type, and gene rates.
 
-    <generated_dir>/generated_cells.txt + generated_labels.txt + <data_dir> (cell_sentences_hf)
-    + <transform_dir>/cell_sentences/vocab.txt + eval/transformation_metrics.csv
+    <generated_dir> + <data_dir> + <transform_dir>/cell_sentences/vocab.txt
         -> <output_dir>/metrics.json, per_type.csv, real_vs_generated_pca.png, eval_args.json
 
 Example:
@@ -33,7 +29,7 @@ from eval import finish, logger, parse, start  # noqa: E402
 from utils import cli, contract  # noqa: E402
 from utils.contract import EVAL_GENERATION, GENERATE, GENERATE_GROUPS  # noqa: E402
 from utils.evaluation.figures import plot_generation  # noqa: E402
-from utils.evaluation.generation_metrics import score_generated, score_generated_groups  # noqa: E402
+from utils.evaluation.generation_metrics import score_generated  # noqa: E402
 from utils.inverse import read_sentence_file  # noqa: E402
 
 # The headline scores, first in metrics.json and in the model card.
@@ -141,56 +137,59 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                                      label_column=args.label_column, index=index, fit=fit,
                                      top_k=top_k, k=args.k_neighbors, seed=args.seed, cell_types=cell_types)
     rates = scored["sentences"]
-    metrics = {**{key: scored[key] if key in scored else rates[key] for key in CARD_SCORES},
-               **{key: value for key, value in scored.items() if key != "per_type"},
-               "split": args.split, "generated_dir": str(args.generated_dir),
-               "vocabulary": "transform" if from_transform else "train sentences"}
-    per_type = pd.DataFrame([{"cell_type": t, **v} for t, v in scored["per_type"].items()])
-    metrics["per_type"] = scored["per_type"]
     logger.info("%s generated cells vs %s real %s cells (top %d genes): k-NN accuracy %.3f (ceiling %.3f, "
                 "majority %.3f); MMD %.4f (floor %.4f); energy distance %.3f (floor %.3f); valid-gene rate "
                 "%.4f, duplicate rate %.3f.", f"{scored['n_generated']:,}", f"{scored['n_real_eval']:,}",
-                args.split, top_k, metrics["knn_accuracy"], metrics["knn_ceiling"], scored["majority_baseline"],
-                metrics["mmd"], metrics["mmd_floor"], metrics["energy_distance"],
-                metrics["energy_distance_floor"], metrics["valid_gene_rate"], metrics["duplicate_rate"])
-    figure = plot_generation(result, split=args.split, top_k=top_k)
-    finish(args, EVAL_GENERATION, metrics=metrics, figures={EVAL_GENERATION.pca: figure},
-           frames={EVAL_GENERATION.per_type: per_type},
-           card=(args.generated_dir, "generation", {key: metrics[key] for key in CARD_SCORES}),
-           captions={"Real and generated cells (PCA)": EVAL_GENERATION.pca})
+                args.split, top_k, scored["knn_accuracy"], scored["knn_ceiling"], scored["majority_baseline"],
+                scored["mmd"], scored["mmd_floor"], scored["energy_distance"],
+                scored["energy_distance_floor"], rates["valid_gene_rate"], rates["duplicate_rate"])
+    return write_scores(args, scored, result, top_k=top_k, from_transform=from_transform)
+
+
+def write_scores(args: argparse.Namespace, scored: dict[str, Any], result: Any, *, top_k: int,
+                 from_transform: bool, column: str | None = None) -> dict[str, Any]:
+    """Publish ``scored`` (``column``: generated groups' label column) and add it to the model's card."""
+    rates = scored["sentences"]
+    metrics = {**{key: scored[key] if key in scored else rates[key] for key in CARD_SCORES},
+               **{key: value for key, value in scored.items() if column or key != "per_type"},
+               **({"label_column": column} if column else {}), "split": args.split,
+               "generated_dir": str(args.generated_dir),
+               "vocabulary": "transform" if from_transform else "train sentences"}
+    if column is None:
+        metrics["per_type"] = scored["per_type"]
+        card = ("generation", {key: metrics[key] for key in CARD_SCORES})
+        caption = "Real and generated cells (PCA)"
+    else:
+        card = ("group_generation", {key: scored["groups"][key] for key in (
+            "group_knn_accuracy", "group_knn_ceiling", "group_majority_baseline", "n_generated_groups")})
+        caption = "Real and generated cells of the groups (PCA)"
+    per_type = pd.DataFrame([{column or "cell_type": t, **v} for t, v in scored["per_type"].items()])
+    finish(args, EVAL_GENERATION, metrics=metrics, figures={EVAL_GENERATION.pca: plot_generation(
+               result, split=args.split, top_k=top_k)}, frames={EVAL_GENERATION.per_type: per_type},
+           card=(args.generated_dir, *card), captions={caption: EVAL_GENERATION.pca})
     return metrics
 
 
 def score_groups(args: argparse.Namespace, sentences: list[str], groups: list[str], requested: list[str],
                  column: str) -> dict[str, Any]:
-    """Generated groups: their cells as single cells against the real cells of the labels asked
-    for, and each group's profile against real groups (``metrics["groups"]``)."""
+    """Generated groups: their cells as single cells, and each group's profile against real groups."""
     tables = contract.labelled_rows(contract.load_splits(args.data_dir, args.split, column, need_labels=True), column)
     if "train" not in tables:
         raise cli.InputError(f"{args.data_dir} has no train split, needed for the k-NN classifier and the PCA.")
     top_k = (args.top_k_genes or recorded(args.generated_dir / GENERATE_GROUPS.metrics, "top_k_genes")
              or int(np.median([len(s.split()) for s in sentences])))
     index, fit, from_transform = contract.transform_reference(args.transform_dir, tables, top_k)
-    scored, result = score_generated_groups(sentences, groups, requested, tables, split=args.split,
-                                            label_column=column, index=index, fit=fit, top_k=top_k,
-                                            k=args.k_neighbors, seed=args.seed, cells_per_group=recorded(
-                                                args.generated_dir / GENERATE_GROUPS.metrics, "cells_per_example"))
-    rates, g = scored["sentences"], scored["groups"]
-    metrics = {**{key: scored[key] if key in scored else rates[key] for key in CARD_SCORES},
-               **{key: value for key, value in scored.items()}, "label_column": column, "split": args.split,
-               "generated_dir": str(args.generated_dir), "vocabulary": "transform" if from_transform else "train sentences"}
+    scored, result = score_generated(sentences, requested, tables, split=args.split, label_column=column,
+                                     index=index, fit=fit, top_k=top_k, k=args.k_neighbors, seed=args.seed,
+                                     groups=groups, cells_per_group=recorded(
+                                         args.generated_dir / GENERATE_GROUPS.metrics, "cells_per_example"))
+    g = scored["groups"]
     logger.info("%s generated groups of %s (%d cells each) vs %s real %s groups: group k-NN accuracy %.3f (real "
                 "groups %.3f, majority %.3f); as single cells k-NN accuracy %.3f (ceiling %.3f).",
                 f"{g['n_generated_groups']:,}", column, g["cells_per_group"], f"{g['n_real_eval_groups']:,}",
                 args.split, g["group_knn_accuracy"], g["group_knn_ceiling"], g["group_majority_baseline"],
-                metrics["knn_accuracy"], metrics["knn_ceiling"])
-    per_type = pd.DataFrame([{column: t, **v} for t, v in scored["per_type"].items()])
-    finish(args, EVAL_GENERATION, metrics=metrics, figures={EVAL_GENERATION.pca: plot_generation(
-               result, split=args.split, top_k=top_k)}, frames={EVAL_GENERATION.per_type: per_type},
-           card=(args.generated_dir, "group_generation", {key: g[key] for key in (
-               "group_knn_accuracy", "group_knn_ceiling", "group_majority_baseline", "n_generated_groups")}),
-           captions={"Real and generated cells of the groups (PCA)": EVAL_GENERATION.pca})
-    return metrics
+                scored["knn_accuracy"], scored["knn_ceiling"])
+    return write_scores(args, scored, result, top_k=top_k, from_transform=from_transform, column=column)
 
 
 if __name__ == "__main__":

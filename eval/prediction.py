@@ -1,14 +1,11 @@
 """Score cell-type predictions against the truth, next to baselines on the same cells.
 
-Accuracy, balanced accuracy, macro-F1, per-class scores and a confusion matrix, next to always
-the most frequent training type and k-NN on PCA of the expression (fitted on training cells).
+Accuracy, balanced accuracy, macro-F1, per-class scores and a confusion matrix, next to the
+majority class and k-NN on PCA of the expression. Several predicted columns are each scored
+(``metrics.json``: ``{"<column>": {...}}``, ``per_class_<column>.csv``, ...).
 
-    predictions.csv (predict.py's cell_name, predicted_<column>, <column>; or cell_name, true,
-    predicted) [+ <transform_dir>/<stem>_preprocessed.h5ad]
+    predictions.csv [+ <transform_dir>/<stem>_preprocessed.h5ad]
         -> <output_dir>/metrics.json, per_class.csv, confusion_matrix.png, eval_args.json
-
-Several predicted columns (and no ``--label_column``): each scored, ``metrics.json`` holds
-``{"<column>": {...}}``, with ``per_class_<column>.csv`` and ``confusion_matrix_<column>.png``.
 
 Example:
     python eval/prediction.py --predictions data/predictions/<run>/predictions.csv \\
@@ -41,17 +38,14 @@ SCORES = ("accuracy", "balanced_accuracy", "macro_f1")
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = cli.script_parser(__doc__)
     p.add_argument("--predictions", type=Path, default=None,
-                   help="predictions.csv of predict.py (cell_name, predicted_<column>, <column>), its "
-                        "group_predictions.csv (scored per group), or cell_name,true,predicted (required)")
+                   help="predict.py's predictions.csv or group_predictions.csv, or columns "
+                        "cell_name,true,predicted (required)")
     p.add_argument("--transform_dir", type=Path, default=None,
-                   help="transform.py's output folder, for the training labels and the expression "
-                        "baseline (default: the parent of --data_dir, else data)")
+                   help="transform.py's output folder (default: the parent of --data_dir, else data)")
     p.add_argument("--data_dir", type=Path, default=None,
                    help="transform.py's cell_sentences_hf folder (only to find --transform_dir, its parent)")
     p.add_argument("--label_column", type=str, default=None,
-                   help="the label column: of predictions.csv's predicted_<column>, and in the preprocessed "
-                        "AnnData (default: the only one predicted, and the transform's; with several "
-                        "predicted, each is scored)")
+                   help="the label column, of predicted_<column> and the AnnData (default: each predicted)")
     p.add_argument("--k_neighbors", type=int, default=5, help="k of the expression baseline's k-NN")
     p.add_argument("--n_components", type=int, default=50, help="principal components of the baseline")
     args = parse(p, argv, name="prediction", seed_help="seed of the PCA",
@@ -103,9 +97,7 @@ def predicted_columns(path: Path) -> list[str]:
 def expression_baseline(table: pd.DataFrame, args: argparse.Namespace, adata: Any, column: str | None = None, *,
                         warn: bool = True) -> tuple[dict[str, Any] | None, list[str]]:
     """k-NN on PCA of the preprocessed expression ``adata`` (fitted on training cells) for the
-    predicted cells found by name; also returns the training labels (empty without ``adata``).
-    ``column``: the label column (default: --label_column, else the transform's); ``warn``:
-    whether to warn that ``adata`` is None."""
+    predicted cells found by name, and the training labels (empty without ``adata``)."""
     if adata is None:
         if warn:
             logger.warning("No preprocessed AnnData in %s: no expression baseline, and the majority class is "
@@ -158,8 +150,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         EVAL_PREDICTION.per_class, EVAL_PREDICTION.confusion)), *EVAL_PREDICTION]))  # a rerun removes the others
     publish.check_can_write(args.output_dir, outputs, overwrite=args.overwrite)
     metrics: dict[str, Any] = {}
-    figures: dict[str, Any] = {}
-    frames: dict[str, Any] = {}
+    figures, frames = {}, {}
     # predict.py --multi_cell_column's group_predictions.csv: a label per group, scored per group
     groups = args.predictions.is_file() and {"group", "n_cells"} <= set(pd.read_csv(args.predictions, nrows=0))
     for column in columns:
@@ -193,8 +184,7 @@ def card_scores(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def evaluate(table: pd.DataFrame, args: argparse.Namespace, pca_knn: dict[str, Any] | None,
              train_labels: list[str], *, column: str | None = None) -> tuple[dict[str, Any], pd.DataFrame, Any]:
-    """The metrics, per-class table and confusion matrix of one column's predictions
-    (``table``: true, predicted)."""
+    """The metrics, per-class table and confusion matrix of ``table``'s true and predicted."""
     summary = classification_summary(table["true"], table["predicted"], train_labels=train_labels or None)
     constant = classification_summary(table["true"], [summary["majority_label"]] * len(table),
                                       train_labels=train_labels or None)

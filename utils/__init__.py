@@ -1,18 +1,8 @@
-"""Shared, importable logic of the cell2sentence scripts, and the Python API.
+"""Shared logic of the cell2sentence scripts, and the Python API (``_EXPORTS``, loaded lazily so
+that a script importing ``utils.cli`` does not import anndata or compile kernels).
 
-The API (``from utils import adata_to_sentences``) is exported lazily: a script importing
-``utils.cli`` does not pay for importing anndata and compiling kernels it does not use.
-
-- ``adata_to_sentences(adata, ...)`` -> ``CellSentences`` (``utils/transform/sentences.py``)
-- ``sentences_to_adata(sentences, vocab, fit, ...)`` -> AnnData, ``sentences_to_expression``,
-  ``load_transform_fit``, ``load_vocab`` (``utils/inverse.py``)
-- ``RankExpressionFit``, ``fit_rank_expression`` (``utils/transform/fit.py``), ``QCParams``
-  (``utils/transform/preprocess.py``), ``CellSentenceModel`` (``utils/models/cell_model.py``)
-
-numba caches compiled kernels per source file and checks only that file's time stamp, so a
-kernel that inlines a function from another module (the sentence kernel calls ``rank_row`` from
-``ranking.py``) would keep running the old code after an update. The cache therefore lives in a
-folder named after the hash of every module here: any change starts a fresh one.
+numba checks only a cached kernel's own file, not the modules it inlines (``rank_row``), so the
+cache lives in a folder named after the hash of every module here: any change starts a fresh one.
 """
 
 from __future__ import annotations
@@ -54,7 +44,6 @@ __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):
-    # Loaded on first use, not with every script.
     if name not in _EXPORTS:
         raise AttributeError(f"module 'utils' has no attribute {name!r}")
     import importlib

@@ -217,8 +217,8 @@ def _settle(folder: Path) -> None:
 
 
 def settle_inputs(*paths: Path, wait_s: float = 10.0) -> None:
-    """Finish the publishes killed runs left in each of ``paths`` and its parent (before reading there);
-    a live run's is waited for up to ``wait_s`` seconds, one that cannot be finished is an ``InputError``."""
+    """Finish the publishes killed runs left in each of ``paths`` and its parent (a live run's: waited
+    for up to ``wait_s`` seconds); one that cannot be finished is an ``InputError``."""
     seen: set[Path] = set()
     for path in map(Path, paths):
         for folder in (path, path.parent):

@@ -1,6 +1,4 @@
-"""Generated cells against real ones: the k-NN metric with its real -> real ceiling, MMD (RBF
-kernel, median-heuristic bandwidth) and the energy distance in a PCA of real cells, overall and
-per label."""
+"""Generated cells against real ones: k-NN accuracy, MMD and energy distance, each next to real cells'."""
 
 from __future__ import annotations
 
@@ -35,8 +33,7 @@ def _sq_dists(A: np.ndarray, B: np.ndarray) -> np.ndarray:
 
 
 def median_heuristic(X: np.ndarray, *, max_points: int = 2000, seed: int = 0) -> float:
-    """Median pairwise Euclidean distance among (a seeded subset of ``max_points``) rows of
-    ``X``, the usual bandwidth of an RBF kernel; 1.0 when all points coincide.
+    """Median pairwise distance among (at most ``max_points``) rows of ``X``; 1.0 if all coincide.
 
     >>> median_heuristic(np.array([[0.0], [1.0], [3.0]]))
     2.0
@@ -61,14 +58,9 @@ def _pair_means(A: np.ndarray, B: np.ndarray, gamma: float) -> tuple[float, floa
 
 
 def distribution_distances(X: np.ndarray, Y: np.ndarray, *, bandwidth: float | None = None) -> dict[str, float]:
-    """MMD² (RBF kernel) and energy distance between the rows of ``X`` and of ``Y``; NaN when a
-    set is empty.
-
-    Plain (V-statistic) estimates: identical sets give exactly 0, two samples of one
-    distribution a small positive value (compare with two real samples of the same sizes).
-    ``mmd`` = mean k(x, x') + mean k(y, y') − 2 mean k(x, y), k(a, b) = exp(−‖a − b‖² /
-    (2·bandwidth²)); ``bandwidth`` defaults to the median heuristic over both sets (fix one to
-    compare several sets). ``energy_distance`` = sqrt(2 E‖x − y‖ − E‖x − x'‖ − E‖y − y'‖).
+    """MMD² (RBF kernel) and energy distance between the rows of ``X`` and ``Y`` (V-statistics:
+    identical sets give exactly 0); NaN when a set is empty. ``bandwidth`` of k(a, b) =
+    exp(−‖a − b‖² / (2·bandwidth²)): default the median heuristic over both sets.
 
     >>> a = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
     >>> distribution_distances(a, a)
@@ -91,8 +83,7 @@ def distribution_distances(X: np.ndarray, Y: np.ndarray, *, bandwidth: float | N
 
 @dataclass
 class GenerationEvaluation:
-    """The metrics, and the real (``--split``) and generated cells in the PCA of the real
-    training cells."""
+    """The metrics, and the real (``--split``) and generated cells in the PCA of the training cells."""
 
     metrics: dict[str, Any]
     real_coords: np.ndarray
@@ -122,19 +113,11 @@ def evaluate_generation(
 ) -> GenerationEvaluation:
     """Score generated cells against real ones, each score next to what real cells reach.
 
-    The matrices are cells × the same genes in one representation; ``train_*``: real cells the
-    model saw (the k-NN classifier and the PCA are fitted on them), ``real_*``: held-out real
-    cells, ``generated_labels``: the requested types.
-
-    - ``knn_accuracy``: the classifier's agreement with the requested types; ``knn_ceiling``:
-      its accuracy on the held-out cells; ``majority_baseline``: always the top training type.
-    - ``mmd``, ``energy_distance``: generated vs held-out cells in the first ``n_components``
-      principal components; ``*_floor``: the same for training cells (matched to the generated
-      type counts), what a perfect generator would score. One RBF bandwidth: the median
-      heuristic over the held-out cells.
-    - ``per_type``: all of the above per requested type (distances need 2 cells on each side).
-
-    Sets larger than ``max_cells`` are subsampled (seeded) for the distances.
+    The matrices are cells × the same genes; the k-NN classifier and the PCA are fitted on
+    ``train_*``, ``real_*`` are held-out cells, ``generated_labels`` the requested types.
+    ``knn_accuracy`` (ceiling: on the held-out cells; ``majority_baseline``), ``mmd`` and
+    ``energy_distance`` against the held-out cells in the PCA (``*_floor``: training cells matched
+    to the generated type counts), all also ``per_type``. Sets above ``max_cells`` are subsampled.
     """
     rng = np.random.default_rng(seed)
     gen_y, train_y, real_y = normalized(generated_labels), normalized(train_labels), normalized(real_labels)
@@ -181,9 +164,8 @@ def evaluate_generation(
 
 def real_expression(tables: dict[str, Any], *, split: str, index: VocabIndex, fit: RankExpressionFit, top_k: int,
                     case_insensitive: bool = False) -> dict[str, sp.csr_matrix]:
-    """The real cells of ``tables`` (Arrow tables of ``train`` and ``split``, as
-    ``utils.contract.load_splits`` gives) by split, in the representation of generated cells:
-    the inverse transform of each cell's first ``top_k`` genes."""
+    """The real cells of ``tables`` (``train`` and ``split``) by split as generated cells are
+    represented: the inverse transform of each cell's first ``top_k`` genes."""
     return {name: sentences_to_expression(tables[name].column("cell_sentence"), index, fit,
                                           case_insensitive=case_insensitive, max_words=top_k).X
             for name in dict.fromkeys(("train", split))}
@@ -214,16 +196,17 @@ def tables_of_types(tables: dict[str, Any], label_column: str, cell_types: Seque
 def score_generated(
     sentences: Sequence[str] | SentenceBytes, requested: Sequence[str], tables: dict[str, Any], *, split: str,
     label_column: str, index: VocabIndex, fit: RankExpressionFit, top_k: int, k: int = 5, seed: int = 0,
-    cell_types: Sequence[str] | None = None,
+    cell_types: Sequence[str] | None = None, groups: Sequence[str] | None = None,
+    cells_per_group: int | None = None,
 ) -> tuple[dict[str, Any], GenerationEvaluation]:
-    """Generated sentences (with their requested types) against the real cells of ``tables``
-    (as for :func:`real_expression`): :func:`sentence_stats` of every word under
-    ``"sentences"``, and :func:`score_expression` on the first ``top_k`` genes of every cell.
-
-    ``cell_types``: the types that were asked for (e.g. generate.py's ``--cell_types``), then
-    recorded under ``"cell_types"``; the real cells are those of these types only, so that
-    every score and baseline answers the question that was asked.
-    """
+    """Generated sentences (with their requested types) against the real cells of ``tables``:
+    :func:`sentence_stats` of every word (``"sentences"``) and :func:`score_expression` of the
+    first ``top_k`` genes. ``cell_types``: compare with the real cells of these types only.
+    ``groups`` (each cell's group; ``cell_types`` default the labels asked for): also
+    :func:`group_scores` (``"groups"``) with real groups of ``cells_per_group`` cells (default: the
+    largest generated group's)."""
+    if groups is not None and cell_types is None:
+        cell_types = sorted(set(map(str, requested)))
     if cell_types is not None:
         tables = tables_of_types(tables, label_column, cell_types)
         if tables["train"].num_rows == 0:
@@ -237,12 +220,15 @@ def score_generated(
     metrics = {"sentences": sentence_stats(everything), **result.metrics}
     if cell_types is not None:
         metrics["cell_types"] = list(cell_types)
+    if groups is not None:
+        size = cells_per_group or int(np.unique(np.asarray(groups), return_counts=True)[1].max())
+        metrics["groups"] = group_scores(generated.X, groups, requested, real, tables, split=split,
+                                         label_column=label_column, cells_per_group=size, k=k, seed=seed)
     return metrics, result
 
 
 def real_groups(labels: Sequence[str], cells_per_group: int, seed: int = 0) -> list[np.ndarray]:
-    """Real cells in groups of ``cells_per_group`` of one label each (seeded shuffle within a
-    label, the rest left out), as a multi-cell model sees them.
+    """Real cells in groups of ``cells_per_group`` of one label each (seeded; the rest left out).
 
     >>> [g.tolist() for g in real_groups(["a", "b", "a", "a", "b"], 2)]
     [[3, 0], [4, 1]]
@@ -257,9 +243,8 @@ def real_groups(labels: Sequence[str], cells_per_group: int, seed: int = 0) -> l
 def group_scores(generated_X: Any, groups: Sequence[str], requested: Sequence[str], real: dict[str, Any],
                  tables: dict[str, Any], *, split: str, label_column: str, cells_per_group: int, k: int = 5,
                  seed: int = 0) -> dict[str, Any]:
-    """Generated groups against real groups: each group's mean expression (its cells' profile) is
-    classified by k-NN among the real training groups (``real_groups``); ``group_knn_ceiling`` is
-    the same for the real groups of ``split``, ``group_majority_baseline`` the top training label."""
+    """Each generated group's mean expression classified by k-NN among the real training groups
+    (``real_groups``); ``group_knn_ceiling``: the same for ``split``'s real groups."""
     def profiles(X: Any, members: list[np.ndarray]) -> np.ndarray:
         return np.vstack([np.asarray(X[m].mean(axis=0)).ravel() for m in members]) if members else np.zeros((0, 0))
 
@@ -267,8 +252,8 @@ def group_scores(generated_X: Any, groups: Sequence[str], requested: Sequence[st
     gen_members = [np.flatnonzero(np.asarray(groups) == g) for g in gen_ids]
     gen_labels = [str(requested[m[0]]) for m in gen_members]
     real_labels = {name: tables[name].column(label_column).to_pylist() for name in ("train", split)}
-    real_members = {name: real_groups(real_labels[name], cells_per_group, seed) for name in ("train", split)}
-    group_labels = {name: [str(real_labels[name][m[0]]) for m in real_members[name]] for name in ("train", split)}
+    real_members = {name: real_groups(y, cells_per_group, seed) for name, y in real_labels.items()}
+    group_labels = {name: [str(real_labels[name][m[0]]) for m in real_members[name]] for name in real_members}
     train = profiles(real["train"], real_members["train"])
     knn_gen = knn_accuracy(train, group_labels["train"], profiles(generated_X, gen_members), gen_labels, k=k)
     knn_real = knn_accuracy(train, group_labels["train"], profiles(real[split], real_members[split]),
@@ -277,23 +262,3 @@ def group_scores(generated_X: Any, groups: Sequence[str], requested: Sequence[st
             "group_majority_baseline": majority_baseline(group_labels["train"], gen_labels)["accuracy"],
             "group_k": knn_gen["k"], "cells_per_group": int(cells_per_group), "n_generated_groups": len(gen_ids),
             "n_real_train_groups": len(real_members["train"]), "n_real_eval_groups": len(real_members[split])}
-
-
-def score_generated_groups(
-    sentences: Sequence[str], groups: Sequence[str], requested: Sequence[str], tables: dict[str, Any], *,
-    split: str, label_column: str, index: VocabIndex, fit: RankExpressionFit, top_k: int, k: int = 5,
-    seed: int = 0, cells_per_group: int | None = None,
-) -> tuple[dict[str, Any], GenerationEvaluation]:
-    """:func:`score_generated` of generated groups' cells (against the real cells of the labels
-    asked for), plus :func:`group_scores` with real groups of ``cells_per_group`` cells (default:
-    the largest generated group's)."""
-    labels = sorted(set(map(str, requested)))
-    metrics, result = score_generated(sentences, requested, tables, split=split, label_column=label_column,
-                                      index=index, fit=fit, top_k=top_k, k=k, seed=seed, cell_types=labels)
-    tables = tables_of_types(tables, label_column, labels)
-    real = real_expression(tables, split=split, index=index, fit=fit, top_k=top_k)
-    generated = sentences_to_expression(sentences, index, fit, max_words=top_k).X
-    size = cells_per_group or int(np.unique(np.asarray(groups), return_counts=True)[1].max())
-    metrics["groups"] = group_scores(generated, groups, requested, real, tables, split=split,
-                                     label_column=label_column, cells_per_group=size, k=k, seed=seed)
-    return metrics, result

@@ -1,5 +1,4 @@
-"""``CellSentenceModel``: a cell-sentence language model (a ``train.py`` run or a published C2S
-model) that predicts, generates and embeds cells in batches, for notebooks and the scripts.
+"""``CellSentenceModel``: a ``train.py`` run or published C2S model that predicts, generates and embeds cells.
 
 >>> model = CellSentenceModel.load("data/model/scratch-e2e-k50")  # doctest: +SKIP
 >>> model.predict_cell_types(["CD3E CD3D IL7R ...", "LYZ CD14 S100A8 ..."])  # doctest: +SKIP
@@ -37,8 +36,7 @@ UNKNOWN_GENES_WARNING = 0.10  # share of a cell's top genes the model never saw 
 
 @dataclass
 class LabelPredictions:
-    """Predictions of one label column: the label per cell, its probability, and cells x labels
-    probabilities (each row sums to 1)."""
+    """One label column's predictions: label and probability per cell, cells x labels probabilities."""
 
     column: str
     labels: list[str]
@@ -56,8 +54,8 @@ def _drop_cut_gene(sentence: str, genes: set[str]) -> str:
 
 @dataclass
 class CellSentenceModel:
-    """A loaded model (eval mode), its tokenizer (left padding), prompt format, genes per prompt,
-    ``train_args.json`` record ({} for a published model) and recipe."""
+    """A model (eval mode), its tokenizer (left padding), prompt format, genes per prompt,
+    ``train_args.json`` record ({} when published) and recipe."""
 
     model: Any
     tokenizer: Any
@@ -93,8 +91,6 @@ class CellSentenceModel:
         logger.info("%s: %s.", name_or_dir, recipe.describe())
         return cls(model, tokenizer, fmt, top_k, record, str(name_or_dir), recipe)
 
-    # ------------------------------------------------------------------ properties
-
     @property
     def context(self) -> int:
         config = self.model.config
@@ -106,8 +102,7 @@ class CellSentenceModel:
         return next(self.model.parameters()).device
 
     def known_genes(self) -> list[str] | None:
-        """The genes a word-level tokenizer of ``train.py`` spells (None for sub-word tokenizers,
-        whose gene list must come from the data)."""
+        """The genes a word-level tokenizer of ``train.py`` spells (None for sub-word tokenizers)."""
         from utils.models.tokenizer import SPECIAL_TOKENS
 
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
@@ -120,8 +115,6 @@ class CellSentenceModel:
                                                        max_number=max(1024, self.top_k_genes)))
         vocab = self.tokenizer.get_vocab()
         return [w for w, _ in sorted(vocab.items(), key=lambda kv: kv[1]) if w not in other]
-
-    # ------------------------------------------------------------------ prediction
 
     def prediction_prompts(self, sentences: Sequence[str], *, budget: int, n_genes: int | None = None,
                            column: str | None = None) -> tuple[list[list[int]], int]:
@@ -144,17 +137,15 @@ class CellSentenceModel:
         return prompts, shortened
 
     def vocabulary(self) -> set[str] | None:
-        """The genes the model was trained on: the recipe's vocabulary, else those of a
-        word-level tokenizer; None when unknown (a published sub-word model)."""
+        """The genes the model was trained on (the recipe's, else ``known_genes``); None when unknown."""
         if self.recipe.genes is not None:
             return set(self.recipe.genes)
         known = self.known_genes()
         return set(known) if known else None
 
     def cell_sentences(self, cells: Any, *, n_genes: int | None = None) -> list[str]:
-        """The first K genes of each cell's sentence, made as in training (the recipe applied to an
-        AnnData, genes outside the model's vocabulary dropped); the share of unknown top genes is
-        logged, a warning above 10%, an error when the model knows none."""
+        """The first K genes of each cell's sentence, made as in training, unknown genes dropped (a
+        warning above 10% of the top genes, an ``InputError`` when the model knows none)."""
         k = n_genes or self.top_k_genes
         vocabulary = self.vocabulary()
         # Unknown genes are dropped before the cut to K, so an AnnData's sentences stay whole.
@@ -184,10 +175,6 @@ class CellSentenceModel:
         """The labels the model was trained to predict for ``column`` (default: its first)."""
         return self.recipe.labels(column)
 
-    def prediction_columns(self) -> list[str]:
-        """The label columns the model was trained to predict (``Recipe.prediction_columns``)."""
-        return self.recipe.prediction_columns()
-
     def label_budget(self, labels: Iterable[str] | None = None) -> int:
         """New tokens for a free-text label: the longest known label's tokens + 2."""
         from utils.models.examples import encode_answer
@@ -203,14 +190,10 @@ class CellSentenceModel:
                            constrain: bool = True, return_scores: bool = False,
                            progress: Callable[[int], None] | None = None,
                            column: str | None = None) -> list[str] | LabelPredictions:
-        """The predicted cell type (or label of ``column``, e.g. "tissue") of each cell.
-
-        ``cells``: cell sentences, a dataset split, or an AnnData (the model's recipe applied).
-        With ``constrain`` every answer is one of ``labels`` (default: the model's), scored by its
-        sequence probability normalized over the labels; ``return_scores`` returns a
-        :class:`LabelPredictions`. Without a label set, or with ``constrain=False``, answers are
-        greedy free text with NaN scores.
-        """
+        """The predicted cell type (or label of ``column``) of each of ``cells`` (sentences, a dataset
+        split or an AnnData). With ``constrain`` each answer is one of ``labels`` (default: the
+        model's), scored by its normalized sequence probability; otherwise greedy free text with NaN
+        scores. ``return_scores``: a :class:`LabelPredictions`."""
         result = self.predict_sentences(self.cell_sentences(cells, n_genes=n_genes), batch_size=batch_size,
                                         max_new_tokens=max_new_tokens, labels=labels, n_genes=n_genes,
                                         constrain=constrain, progress=progress, column=column)
@@ -220,8 +203,7 @@ class CellSentenceModel:
                           labels: Iterable[str] | None = None, n_genes: int | None = None, constrain: bool = True,
                           progress: Callable[[int], None] | None = None,
                           column: str | None = None) -> LabelPredictions:
-        """:meth:`predict_cell_types` of sentences that :meth:`cell_sentences` already made (the
-        recipe applied once, e.g. before the cells are shared among processes)."""
+        """:meth:`predict_cell_types` of sentences that :meth:`cell_sentences` already made."""
         n_genes = n_genes or self.top_k_genes
         known = self.recipe.label_columns
         if column is not None and known and column not in known:
@@ -233,15 +215,13 @@ class CellSentenceModel:
             logger.warning("%s records no label set: answering in free text (pass labels=... to constrain).",
                            self.name)
         if constrain and label_set:
-            result = self._score_labels(sentences, label_set, batch_size=batch_size, n_genes=n_genes,
-                                        progress=progress, column=name)
-        else:
-            answers = self._free_text_labels(sentences, batch_size=batch_size, progress=progress, n_genes=n_genes,
-                                             max_new_tokens=max_new_tokens or self.label_budget(label_set or None),
-                                             column=name)
-            result = LabelPredictions(name, answers, np.full(len(answers), np.nan),
-                                      pd.DataFrame(index=range(len(answers))))
-        return result
+            return self._score_labels(sentences, label_set, batch_size=batch_size, n_genes=n_genes,
+                                      progress=progress, column=name)
+        answers = self._free_text_labels(sentences, batch_size=batch_size, progress=progress, n_genes=n_genes,
+                                         max_new_tokens=max_new_tokens or self.label_budget(label_set or None),
+                                         column=name)
+        return LabelPredictions(name, answers, np.full(len(answers), np.nan),
+                                pd.DataFrame(index=range(len(answers))))
 
     def _prompts(self, sentences: Sequence[str], budget: int, n_genes: int, column: str | None = None
                  ) -> list[list[int]]:
@@ -264,7 +244,7 @@ class CellSentenceModel:
 
     def _score_labels(self, sentences: Sequence[str], label_set: list[str], *, batch_size: int, n_genes: int,
                       progress: Callable[[int], None] | None, column: str | None = None) -> LabelPredictions:
-        from utils.models.constrain import label_sequences, score_labels
+        from utils.models.constrain import label_probabilities, label_sequences, score_labels
 
         fmt = self.prompt_format
         sequences = label_sequences(self.tokenizer, label_set, fmt)
@@ -277,19 +257,14 @@ class CellSentenceModel:
         prompts = self._prompts(sentences, max(len(x) for x in sequences), n_genes, column)
         log_p = score_labels(self.model, prompts, sequences, pad_token_id=self.tokenizer.pad_token_id,
                              batch_size=batch_size, progress=progress)
-        log_p -= log_p.max(axis=1, keepdims=True)
-        probabilities = np.exp(log_p)
-        probabilities /= probabilities.sum(axis=1, keepdims=True)
+        probabilities = label_probabilities(log_p)
         best = probabilities.argmax(axis=1)
         return LabelPredictions(column or self.recipe.label_column or "cell_type", [label_set[i] for i in best],
                                 probabilities[np.arange(len(best)), best],
                                 pd.DataFrame(probabilities, columns=label_set))
 
-    # ------------------------------------------------------------------ generation
-
     def gene_budget(self, n_genes: int, genes: Sequence[str] | None) -> int:
-        """New tokens for ``n_genes`` genes: 1.25 x their mean token length (from ``genes``,
-        else 4 tokens a gene) + 2."""
+        """New tokens for ``n_genes`` genes: 1.25 x their mean token length (else 4) + 2."""
         per_gene = 4.0
         if genes:
             sample = list(genes)[:: max(1, len(genes) // 500)]
@@ -363,15 +338,12 @@ class CellSentenceModel:
                        constrain_genes: bool = True, genes: Iterable[str] | None = None,
                        seed: int | None = None, progress: Callable[[int], None] | None = None,
                        processes: Any = None) -> pd.DataFrame | None:
-        """Sample ``n_per_type`` cells of each listed type, or ``{type: count}``. A type is a label,
-        None (a cell of any type) or conditions on several label columns, ``{"cell_type": "B cell",
-        "tissue": "blood"}`` (as a count key: its ``tuple(items())``).
-
-        With ``constrain_genes`` every word is a gene of ``genes`` (default: a word-level
-        tokenizer's), each once. ``seed`` seeds each batch, so under torchrun (``processes``) each
-        process samples its share of the batches. Returns ``cell_name``, ``cell_sentence`` and
-        ``requested_cell_type`` (conditions: ``requested_<column>`` each); None off rank 0.
-        """
+        """Sample ``n_per_type`` cells of each listed type, or ``{type: count}``. A type is a label, None
+        (any type) or conditions, ``{"cell_type": "B cell", "tissue": "blood"}`` (as a count key: its
+        ``tuple(items())``). With ``constrain_genes`` every word is a gene of ``genes`` (default: a
+        word-level tokenizer's), each once; ``seed`` seeds each batch (under torchrun ``processes``
+        share them). Returns ``cell_name``, ``cell_sentence``, ``requested_cell_type`` (conditions:
+        ``requested_<column>`` each); None off rank 0."""
         import math
 
         from utils.models.examples import decode_answer, encode_prompt
@@ -385,10 +357,9 @@ class CellSentenceModel:
         if isinstance(cell_types, str | None) or (isinstance(cell_types, Mapping) and cell_types
                                                   and not isinstance(next(iter(cell_types.values())), int)):
             cell_types = [cell_types]  # one type (or None: any, or one set of conditions)
-        if isinstance(cell_types, Mapping):
-            requested = [name(t) for t, n in cell_types.items() for _ in range(int(n))]
-        else:  # each entry n_per_type times, in order (a type listed twice is asked twice)
-            requested = [name(t) for t in cell_types for _ in range(n_per_type)]
+        # a list: each entry n_per_type times, in order (a type listed twice is asked twice)
+        pairs = cell_types.items() if isinstance(cell_types, Mapping) else ((t, n_per_type) for t in cell_types)
+        requested = [name(t) for t, n in pairs for _ in range(int(n))]
         if None in requested and not self.prompt_format.unconditional_templates:
             raise InputError(f"The {self.prompt_format.name} prompt format has no prompts for cells of any type; "
                              "name the cell types to generate.")
@@ -430,13 +401,11 @@ class CellSentenceModel:
                                             for t in requested]
         return cells
 
-    # ------------------------------------------------------------------ embedding
-
     def embed_cells(self, cells: Any, *, pooling: str = "mean", layer: int = -1, batch_size: int = 16,
                     n_genes: int | None = None, progress: Callable[[int], None] | None = None
                     ) -> np.ndarray:
-        """Cell embeddings (cells x hidden size, float32): ``layer``'s hidden states averaged
-        over the cell sentence's tokens (``pooling="mean"``) or at the last token."""
+        """Cell embeddings (cells x hidden, float32): ``layer``'s hidden states averaged over the
+        sentence's tokens (``pooling="mean"``) or at the last token."""
         from utils.models.embedding import embed_batched
 
         genes = [s.split() for s in self.cell_sentences(cells, n_genes=n_genes)]

@@ -1,8 +1,5 @@
-"""Constrained decoding: generated genes that are real, each once (prefix tries over the genes'
-token ids, as first word and as later word), and label scoring over the labels' prefix trie.
-
-The gene mask is applied before temperature, top-k and top-p, so sampling happens among valid
-continuations only.
+"""Constrained decoding: generated genes that are real, each once (prefix tries of the genes' token
+ids, as first and as later word; the mask applies before sampling), and label scoring over a trie.
 """
 
 from __future__ import annotations
@@ -286,6 +283,13 @@ def score_labels(model: Any, prompts: Sequence[Sequence[int]], labels: Sequence[
         if progress is not None:
             progress(len(batch))
     return scores
+
+
+def label_probabilities(log_p: np.ndarray) -> np.ndarray:
+    """``score_labels``' log-probabilities normalized over the labels (each row sums to 1)."""
+    log_p = log_p - log_p.max(axis=1, keepdims=True)
+    p = np.exp(log_p)
+    return p / p.sum(axis=1, keepdims=True)
 
 
 def _takes(model: Any, name: str) -> bool:

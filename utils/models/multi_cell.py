@@ -1,8 +1,5 @@
-"""Multi-cell tasks (C2S-Scale's): predict the label of a group of N cells, and generate N cells of a
-group given its label (``train.py --multi_cell_column sample --cells_per_example 4``).
-
-Cells are grouped by one column's value within a split. A group's cells are joined by the format's
-``CELL_SEPARATORS``; an example longer than the context drops genes evenly across its cells.
+"""Multi-cell tasks (C2S-Scale's): predict the label of a group of N cells (grouped by one column's
+value), and generate N cells given the label; the cells are joined by ``CELL_SEPARATORS``.
 """
 
 from __future__ import annotations
@@ -83,17 +80,13 @@ def multi_cell_templates(fmt: PromptFormat, task: str, column: str) -> tuple[str
     if fmt.name == OURS:
         return OURS_MULTI_CELL_PREDICTION_TEMPLATES if prediction else OURS_MULTI_CELL_GENERATION_TEMPLATES
     templates = C2S_SCALE_MULTI_CELL_PREDICTION_TEMPLATES if prediction else C2S_SCALE_MULTI_CELL_GENERATION_TEMPLATES
-    name = attribute_name(column)
-    if name == "tissue":
-        return templates
-    marker = "\x00"
+    name, marker = attribute_name(column), "\x00"
     return tuple(t.replace("{tissue}", marker).replace("tissue", name).replace(marker, "{tissue}")
                  for t in templates)
 
 
 def template_words(column: str, labels: Sequence[str] = ()) -> list[str]:
-    """The words our multi-cell templates add to a from-scratch tokenizer (with the column's name,
-    the cell separator and the group labels' words)."""
+    """The words our multi-cell templates, the column's name and the labels add to a tokenizer."""
     words: set[str] = set(CELL_SEPARATORS[OURS].split())
     for template in (*OURS_MULTI_CELL_PREDICTION_TEMPLATES, *OURS_MULTI_CELL_GENERATION_TEMPLATES):
         words.update(w for w in template.split() if not (w.startswith("{") and w.endswith("}")))
@@ -131,14 +124,6 @@ def fill_multi_cell_prompt(fmt: PromptFormat, template: str, *, column: str, cel
                            label=label, tissue=label)
 
 
-def multi_cell_answer(fmt: PromptFormat, task: str, *, cells: Sequence[Sequence[str]] = (),
-                      label: str | None = None) -> str:
-    """The answer text: the label (prediction) or the joined cells (generation)."""
-    if task == MULTI_CELL_PREDICTION:
-        return fmt.prediction_answer(str(label))
-    return join_cells(fmt, cells) + fmt.answer_suffix
-
-
 def fit_cells(cells: Sequence[Sequence[str]], max_length: int,
               build: Callable[[list[list[str]]], tuple[list[int], list[int]]]) -> tuple[list[int], list[int], int]:
     """The largest per-cell gene count ``n`` whose example (``build`` of every cell's top ``n``
@@ -163,10 +148,11 @@ def multi_cell_example(tokenizer: Any, cells: Sequence[Sequence[str]], label: st
     def build(kept: list[list[str]]) -> tuple[list[int], list[int]]:
         if task == MULTI_CELL_PREDICTION:
             prompt = fill_multi_cell_prompt(fmt, template, column=column, cells=kept)
+            answer = fmt.prediction_answer(str(label))
         else:
             n = max((len(c) for c in kept), default=0)
             prompt = fill_multi_cell_prompt(fmt, template, column=column, n_genes=n, n_cells=len(kept), label=label)
-        answer = multi_cell_answer(fmt, task, cells=kept, label=label)
+            answer = join_cells(fmt, kept) + fmt.answer_suffix
         return encode_prompt(tokenizer, prompt, fmt), encode_answer(tokenizer, answer, fmt)
 
     prompt_ids, answer_ids, n = fit_cells(cells, max_length, build)
@@ -200,9 +186,8 @@ def draw_groups(values: Sequence[Any], *, cells_per_example: int, n_groups: int,
 
 def partition_groups(values: Sequence[Any] | None, n_cells: int, *, cells_per_example: int,
                      seed: int) -> list[tuple[str | None, list[int]]]:
-    """Every cell in exactly one group (for prediction): the rows of each value shuffled seeded
-    and cut into groups of ``cells_per_example`` (the last of a value may be smaller); without
-    ``values``, consecutive rows."""
+    """Every cell in exactly one group (for prediction): each value's rows shuffled (seeded) and cut
+    into groups of ``cells_per_example``; without ``values``, consecutive rows."""
     if values is None:
         return [(None, list(range(s, min(s + cells_per_example, n_cells))))
                 for s in range(0, n_cells, cells_per_example)]
@@ -247,8 +232,8 @@ def multi_cell_examples(split: Any, name: str, *, tokenizer: Any, tasks: Mapping
 
 def group_prompts(model: Any, groups: Sequence[Sequence[str]], *, column: str, budget: int,
                   n_genes: int | None = None) -> tuple[list[list[int]], int]:
-    """The multi-cell prediction prompt ids (first template) of each group of cell sentences, fit
-    to leave ``budget`` answer tokens of the context; returns them and how many were shortened."""
+    """The prediction prompt ids (first template) of each group, fit to leave ``budget`` answer tokens;
+    and how many were shortened."""
     from utils.models.examples import encode_prompt
 
     fmt, tok = model.prompt_format, model.tokenizer
@@ -271,23 +256,18 @@ def predict_groups(model: Any, groups: Sequence[Sequence[str]], *, column: str, 
                    batch_size: int = 16, progress: Any = None) -> tuple[list[str], Any]:
     """The label of each group of cell sentences among ``labels`` (``constrain.score_labels``);
     returns the labels and their probabilities (groups x labels)."""
-    import numpy as np
-
-    from utils.models.constrain import label_sequences, score_labels
+    from utils.models.constrain import label_probabilities, label_sequences, score_labels
 
     sequences = label_sequences(model.tokenizer, list(labels), model.prompt_format)
     prompts, _ = group_prompts(model, groups, column=column, budget=max(len(s) for s in sequences))
-    log_p = score_labels(model.model, prompts, sequences, pad_token_id=model.tokenizer.pad_token_id,
-                         batch_size=batch_size, progress=progress)
-    log_p -= log_p.max(axis=1, keepdims=True)
-    p = np.exp(log_p)
-    p /= p.sum(axis=1, keepdims=True)
+    p = label_probabilities(score_labels(model.model, prompts, sequences, batch_size=batch_size,
+                                         pad_token_id=model.tokenizer.pad_token_id, progress=progress))
     return [labels[i] for i in p.argmax(axis=1)], p
 
 
 def generate_groups(model: Any, labels: Sequence[str], *, column: str, cells_per_example: int,
                     n_genes: int | None = None, batch_size: int = 8, temperature: float = 1.0, top_k: int = 50,
-                    top_p: float = 1.0, seed: int | None = None, constrain_genes: bool = False) -> Any:
+                    top_p: float = 1.0, seed: int | None = None) -> Any:
     """Sample one group of ``cells_per_example`` cells per entry of ``labels``; returns a DataFrame
     (``cell_name``, ``cell_sentence``, ``group``, ``requested_<column>``), a row per cell."""
     import pandas as pd
