@@ -26,10 +26,14 @@ import pandas as pd
 
 from utils import cli, publish
 from utils.contract import (
+    CONDITIONS,
     GENERATE,
     GENERATE_GROUPS,
+    condition_label,
     labelled_rows,
     load_splits,
+    parse_conditions,
+    tables_with_conditions,
     transform_reference,
 )
 from utils.evaluation.figures import plot_generation
@@ -43,7 +47,6 @@ logger = logging.getLogger("cell2sentence")
 
 UNCONDITIONAL = "unconditional_generation"
 CONDITIONAL = "conditional_generation"
-CONDITIONS = "c2s_conditions"  # the column of the joint label of --conditions in the real cells
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -129,51 +132,6 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------- inputs
-
-
-def parse_conditions(text: str) -> list[tuple[tuple[str, str], ...]]:
-    """``"cell_type=B cell,tissue=blood;cell_type=NK cell,tissue=blood"`` -> one tuple of
-    ``(column, value)`` pairs per set; every set names the same columns, each once."""
-    sets = []
-    for part in (p for p in text.split(";") if p.strip()):
-        pairs = [tuple(x.strip() for x in item.split("=", 1)) for item in part.split(",") if item.strip()]
-        if not pairs or any(len(pair) != 2 or not all(pair) for pair in pairs):
-            raise cli.InputError(f"--conditions {text!r}: write column=value pairs separated by commas, e.g. "
-                                 "--conditions \"cell_type=B cell,tissue=blood\" (several sets separated by ';').")
-        columns = [c for c, _ in pairs]
-        if len(set(columns)) != len(columns):
-            raise cli.InputError(f"--conditions {part.strip()!r} names a column twice; name each column once.")
-        if sets and columns != [c for c, _ in sets[0]]:
-            raise cli.InputError("Every set of --conditions must name the same columns in the same order "
-                                 f"({', '.join(c for c, _ in sets[0])}).")
-        sets.append(tuple(pairs))
-    if not sets:
-        raise cli.InputError("--conditions is empty; e.g. --conditions \"cell_type=B cell,tissue=blood\".")
-    return list(dict.fromkeys(sets))
-
-
-def condition_label(conditions: Sequence[tuple[str, Any]]) -> str:
-    """One set of conditions as text, the way --conditions writes it."""
-    return ",".join(f"{c}={v}" for c, v in conditions)
-
-
-def tables_with_conditions(tables: dict[str, Any], columns: Sequence[str]) -> dict[str, Any]:
-    """The cells labelled in every condition column, their ``condition_label`` in column ``CONDITIONS``."""
-    import pyarrow as pa
-
-    for name, table in tables.items():
-        missing = [c for c in columns if c not in table.column_names]
-        if missing:
-            raise cli.InputError(f"The {name} split has no column {', '.join(missing)} named by --conditions; "
-                                 "carry it into the data with transform.py --obs_columns.")
-    for column in columns:
-        tables = labelled_rows(tables, column)
-    out = {}
-    for name, table in tables.items():
-        values = zip(*(table.column(c).to_pylist() for c in columns), strict=True)
-        labels = [condition_label(zip(columns, row, strict=True)) for row in values]
-        out[name] = table.append_column(CONDITIONS, pa.array(labels, type=pa.string()))
-    return out
 
 
 def unconditional_mode(args: argparse.Namespace, recipe: Recipe) -> bool:
@@ -400,10 +358,11 @@ def generate_groups(args: argparse.Namespace) -> dict[str, Any]:
         tables = load_splits(args.data_dir, args.split, column, need_labels=True)
         if "train" in tables and all(column in t.column_names for t in tables.values()):
             tables = labelled_rows(tables, column)
-            index, fit, _ = transform_reference(args.transform_dir, tables, model.top_k_genes)
+            top_k = args.top_k_genes or model.top_k_genes  # the genes generated, as eval/generation.py reads back
+            index, fit, _ = transform_reference(args.transform_dir, tables, top_k)
             scored, _ = score_generated(
                 generated["cell_sentence"].tolist(), generated[f"requested_{column}"].tolist(), tables,
-                split=args.split, label_column=column, index=index, fit=fit, top_k=model.top_k_genes,
+                split=args.split, label_column=column, index=index, fit=fit, top_k=top_k,
                 k=args.k_neighbors, seed=args.seed, groups=generated["group"].astype(str).tolist(),
                 cells_per_group=n)
             metrics["generation"] = scored

@@ -123,18 +123,23 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if grouped.is_file() and not (args.generated_dir / GENERATE.cells).is_file():
         return score_groups(args, *read_generated_groups(grouped))
     packed, requested = read_generated(args.generated_dir)
-    tables = contract.load_splits(args.data_dir, args.split, args.label_column, need_labels=True)
+    conditions = recorded(args.generated_dir / GENERATE.args, "conditions")  # generate.py --conditions
+    label_column = contract.CONDITIONS if conditions else args.label_column
+    tables = contract.load_splits(args.data_dir, args.split, args.label_column, need_labels=not conditions)
     if "train" not in tables:
         raise cli.InputError(f"{args.data_dir} has no train split, needed for the k-NN classifier and the PCA.")
-    tables = contract.labelled_rows(tables, args.label_column)
+    if conditions:  # the real cells matching all the conditions of a set carry its label
+        sets = contract.parse_conditions(conditions)
+        tables = contract.tables_with_conditions(tables, [c for c, _ in sets[0]])
+    tables = contract.labelled_rows(tables, label_column)
     top_k = genes_per_cell(args, packed)
     index, fit, from_transform = contract.transform_reference(args.transform_dir, tables, top_k)
-    cell_types = asked_types(args.generated_dir)
+    cell_types = [contract.condition_label(c) for c in sets] if conditions else asked_types(args.generated_dir)
     if cell_types is not None:
         logger.info("Comparing with the real cells of the %d types generate.py was asked for (%s).",
                     len(cell_types), ", ".join(cell_types))
     scored, result = score_generated(packed, requested, tables, split=args.split,
-                                     label_column=args.label_column, index=index, fit=fit,
+                                     label_column=label_column, index=index, fit=fit,
                                      top_k=top_k, k=args.k_neighbors, seed=args.seed, cell_types=cell_types)
     rates = scored["sentences"]
     logger.info("%s generated cells vs %s real %s cells (top %d genes): k-NN accuracy %.3f (ceiling %.3f, "

@@ -90,6 +90,27 @@ def test_generate_under_two_sets_of_conditions(pipeline, tmp_path: Path) -> None
     assert shares["gut"][0] > shares["liver"][0] + 1 and shares["liver"][1] > shares["gut"][1] + 1
     assert gen["knn_accuracy"] > gen["majority_baseline"]
 
+    # eval/generation.py scores the folder against the same real cells
+    from eval import generation as eval_generation
+
+    scored = eval_generation.main(eval_generation.parse_args(["--generated_dir", str(out), "--data_dir", str(data_dir),
+                                                              "--seed", "3", "--output_dir", str(tmp_path / "ev")]))
+    for key in ("knn_accuracy", "knn_ceiling", "majority_baseline", "n_real_eval", "cell_types"):
+        assert scored[key] == gen[key], key
+
+
+def test_the_api_takes_counts_or_conditions(pipeline) -> None:
+    import numpy as np
+
+    model = CellSentenceModel.load(pipeline["model"])
+    counts = model.generate_cells({"type 0": np.int64(2)}, seed=1)  # numpy counts are counts
+    assert counts["requested_cell_type"].tolist() == ["type 0", "type 0"]
+    cells = model.generate_cells({"tissue": "gut", "cell_type": "type 1"}, n_per_type=2, seed=1)
+    assert cells["requested_tissue"].tolist() == ["gut", "gut"] and set(cells["requested_cell_type"]) == {"type 1"}
+    # the prompt names the columns in training order, whatever order they were given in
+    assert model._generation_prompt((("tissue", "gut"), ("cell_type", "type 1")), 5) == \
+        model.prompt_format.conditions_prompt([("cell_type", "type 1"), ("tissue", "gut")], 5)
+
 
 def test_conditions_the_model_was_not_trained_on(pipeline, tmp_path: Path) -> None:
     base = ["--model_dir", str(pipeline["model"]), "--data_dir", str(pipeline["tx"] / "cell_sentences_hf"),
@@ -103,6 +124,12 @@ def test_conditions_the_model_was_not_trained_on(pipeline, tmp_path: Path) -> No
     with pytest.raises(InputError, match="not trained to generate under conditions on 'tissue'"):
         CellSentenceModel._check_conditions(model, [(("cell_type", "B"), ("tissue", "blood"))])
     CellSentenceModel._check_conditions(model, [(("cell_type", "B"),)])  # the cell type alone is fine
+    model.recipe.tasks = ["cell_type_prediction"]
+    with pytest.raises(InputError, match="not trained to generate cells under conditions"):
+        CellSentenceModel._check_conditions(model, [(("cell_type", "B"),)])
+    published = SimpleNamespace(name="p", recipe=Recipe.for_published_model())
+    with pytest.raises(InputError, match="not trained to generate under conditions on 'tissue'"):
+        CellSentenceModel._check_conditions(published, [(("tissue", "blood"),)])
 
 
 @pytest.mark.parametrize(("text", "match"), [

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -259,3 +260,53 @@ def write_evaluation(output_dir: Path, names: list[str], *, metrics: dict[str, A
         for name, frame in frames.items():
             frame.to_csv(tmp / name, index=False)
         save_args(args, tmp / EVAL_ARGS)
+
+
+# --------------------------------------------------------------- generate.py --conditions
+
+CONDITIONS = "c2s_conditions"  # the column of a set of conditions' joint label in the real cells
+
+
+def parse_conditions(text: str) -> list[tuple[tuple[str, str], ...]]:
+    """``"cell_type=B cell,tissue=blood;cell_type=NK cell,tissue=blood"`` -> one tuple of
+    ``(column, value)`` pairs per set; every set names the same columns, each once."""
+    sets = []
+    for part in (p for p in text.split(";") if p.strip()):
+        pairs = [tuple(x.strip() for x in item.split("=", 1)) for item in part.split(",") if item.strip()]
+        if not pairs or any(len(pair) != 2 or not all(pair) for pair in pairs):
+            raise InputError(f"--conditions {text!r}: write column=value pairs separated by commas, e.g. "
+                                 "--conditions \"cell_type=B cell,tissue=blood\" (several sets separated by ';').")
+        columns = [c for c, _ in pairs]
+        if len(set(columns)) != len(columns):
+            raise InputError(f"--conditions {part.strip()!r} names a column twice; name each column once.")
+        if sets and columns != [c for c, _ in sets[0]]:
+            raise InputError("Every set of --conditions must name the same columns in the same order "
+                                 f"({', '.join(c for c, _ in sets[0])}).")
+        sets.append(tuple(pairs))
+    if not sets:
+        raise InputError("--conditions is empty; e.g. --conditions \"cell_type=B cell,tissue=blood\".")
+    return list(dict.fromkeys(sets))
+
+
+def condition_label(conditions: Sequence[tuple[str, Any]]) -> str:
+    """One set of conditions as text, the way --conditions writes it."""
+    return ",".join(f"{c}={v}" for c, v in conditions)
+
+
+def tables_with_conditions(tables: dict[str, Any], columns: Sequence[str]) -> dict[str, Any]:
+    """The cells labelled in every condition column, their ``condition_label`` in column ``CONDITIONS``."""
+    import pyarrow as pa
+
+    for name, table in tables.items():
+        missing = [c for c in columns if c not in table.column_names]
+        if missing:
+            raise InputError(f"The {name} split has no column {', '.join(missing)} named by --conditions; "
+                                 "carry it into the data with transform.py --obs_columns.")
+    for column in columns:
+        tables = labelled_rows(tables, column)
+    out = {}
+    for name, table in tables.items():
+        values = zip(*(table.column(c).to_pylist() for c in columns), strict=True)
+        labels = [condition_label(zip(columns, row, strict=True)) for row in values]
+        out[name] = table.append_column(CONDITIONS, pa.array(labels, type=pa.string()))
+    return out

@@ -294,7 +294,12 @@ class CellSentenceModel:
 
     def _check_conditions(self, requested: Sequence[tuple[tuple[str, str], ...]]) -> None:
         """Refuse conditions on columns or values the model was not trained on."""
-        allowed = self.recipe.condition_columns or [self.recipe.label_column]  # one column: its type alone
+        recipe = self.recipe
+        if requested and recipe.has_task("conditional_generation") is False:
+            raise InputError(f"{self.name} was not trained to generate cells under conditions (its tasks: "
+                             f"{', '.join(recipe.tasks)}); train with the conditional_generation task.")
+        # one label column: conditions on it alone are its cell types
+        allowed = recipe.condition_columns or [c for c in [recipe.label_column] if c]
         for conditions in dict.fromkeys(requested):
             for column, value in conditions:
                 if column not in allowed:
@@ -313,7 +318,8 @@ class CellSentenceModel:
         if isinstance(requested, tuple):
             if [c for c, _ in requested] == [self.recipe.label_column]:
                 return fmt.generation_prompt(requested[0][1], n_genes)
-            return fmt.conditions_prompt(requested, n_genes)
+            order = {c: i for i, c in enumerate(self.recipe.condition_columns)}  # training names them so
+            return fmt.conditions_prompt(sorted(requested, key=lambda pair: order.get(pair[0], len(order))), n_genes)
         return fmt.generation_prompt(requested, n_genes)
 
     def _check_generation(self, requested: Sequence[str | None]) -> None:
@@ -355,8 +361,8 @@ class CellSentenceModel:
             return None if t is None else str(t)  # None: a cell of any type (unconditional)
 
         if isinstance(cell_types, str | None) or (isinstance(cell_types, Mapping) and cell_types
-                                                  and not isinstance(next(iter(cell_types.values())), int)):
-            cell_types = [cell_types]  # one type (or None: any, or one set of conditions)
+                                                  and all(isinstance(v, str) for v in cell_types.values())):
+            cell_types = [cell_types]  # one type (or None: any, or one set of conditions: labels as values)
         # a list: each entry n_per_type times, in order (a type listed twice is asked twice)
         pairs = cell_types.items() if isinstance(cell_types, Mapping) else ((t, n_per_type) for t in cell_types)
         requested = [name(t) for t, n in pairs for _ in range(int(n))]
