@@ -218,8 +218,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     cli.seed_everything(args.seed)
     publish.settle_inputs(args.model_dir, args.data_dir, args.transform_dir)
     if args.multi_cell_column is not None:
-        if procs.world_size > 1:  # groups are few: one process does them
-            raise cli.InputError("--multi_cell_column runs in one process; run it without torchrun.")
+        procs.require_one("--multi_cell_column")  # groups are few: one process does them
         return generate_groups(args)
     if procs.main:
         publish.claim_output_dir(args.output_dir, list(GENERATE), overwrite=args.overwrite)

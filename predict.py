@@ -119,8 +119,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     cli.seed_everything(args.seed)
     publish.settle_inputs(*[p for p in (args.data_dir, args.data_dir.parent if args.data_dir else None) if p])
     if args.multi_cell_column is not None:
-        if procs.world_size > 1:  # groups are few: one process does them
-            raise cli.InputError("--multi_cell_column runs in one process; run it without torchrun.")
+        procs.require_one("--multi_cell_column")  # groups are few: one process does them
         return predict_groups(args)
     if procs.main:
         publish.claim_output_dir(args.output_dir, list(PREDICT), overwrite=args.overwrite)

@@ -44,6 +44,13 @@ class Processes:
     def main(self) -> bool:
         return self.rank == 0
 
+    def require_one(self, flag: str) -> None:
+        """Refuse ``flag`` under several processes, for work one process does."""
+        if self.world_size > 1:
+            from utils.cli import InputError
+
+            raise InputError(f"{flag} runs in one process; run it without torchrun.")
+
     def describe(self) -> str:
         return f", {self.world_size} processes" if self.world_size > 1 else ""
 
