@@ -227,24 +227,14 @@ def score_generated(
     return metrics, result
 
 
-def real_groups(labels: Sequence[str], cells_per_group: int, seed: int = 0) -> list[np.ndarray]:
-    """Real cells in groups of ``cells_per_group`` of one label each (seeded; the rest left out).
-
-    >>> [g.tolist() for g in real_groups(["a", "b", "a", "a", "b"], 2)]
-    [[3, 0], [4, 1]]
-    """
-    rng, y, out = np.random.default_rng(seed), normalized(labels), []
-    for label in sorted(set(y)):
-        rows = rng.permutation(np.flatnonzero(y == label))
-        out += [rows[i:i + cells_per_group] for i in range(0, len(rows) - cells_per_group + 1, cells_per_group)]
-    return out
-
-
 def group_scores(generated_X: Any, groups: Sequence[str], requested: Sequence[str], real: dict[str, Any],
                  tables: dict[str, Any], *, split: str, label_column: str, cells_per_group: int, k: int = 5,
                  seed: int = 0) -> dict[str, Any]:
     """Each generated group's mean expression classified by k-NN among the real training groups
-    (``real_groups``); ``group_knn_ceiling``: the same for ``split``'s real groups."""
+    (grouped as predict.py groups cells, ``partition_groups``: full groups only);
+    ``group_knn_ceiling``: the same for ``split``'s real groups."""
+    from utils.models.multi_cell import partition_groups
+
     def profiles(X: Any, members: list[np.ndarray]) -> np.ndarray:
         return np.vstack([np.asarray(X[m].mean(axis=0)).ravel() for m in members]) if members else np.zeros((0, 0))
 
@@ -252,7 +242,9 @@ def group_scores(generated_X: Any, groups: Sequence[str], requested: Sequence[st
     gen_members = [np.flatnonzero(np.asarray(groups) == g) for g in gen_ids]
     gen_labels = [str(requested[m[0]]) for m in gen_members]
     real_labels = {name: tables[name].column(label_column).to_pylist() for name in ("train", split)}
-    real_members = {name: real_groups(y, cells_per_group, seed) for name, y in real_labels.items()}
+    real_members = {name: [np.asarray(rows) for _, rows in partition_groups(
+        y, len(y), cells_per_example=cells_per_group, seed=seed) if len(rows) == cells_per_group]
+        for name, y in real_labels.items()}
     group_labels = {name: [str(real_labels[name][m[0]]) for m in real_members[name]] for name in real_members}
     train = profiles(real["train"], real_members["train"])
     knn_gen = knn_accuracy(train, group_labels["train"], profiles(generated_X, gen_members), gen_labels, k=k)
