@@ -1,12 +1,6 @@
-"""Turn cell sentences back into expression: the inverse of transform.py's rank transform.
+"""Turn cell sentences back into expression: the inverse of transform.py's rank transform (``utils/inverse.py``).
 
-The gene at rank r (0 = first word) gets ``intercept + slope·log10(1 + r)`` with the line of
-``eval/transformation_metrics.csv``; genes absent from the sentence are 0 (see ``utils/inverse.py``).
-
-    sentences (.txt, one per line, or an arrow dataset) + <transform_dir>/cell_sentences/vocab.txt
-    + <transform_dir>/eval/transformation_metrics.csv
-        -> <output>.h5ad (cells × vocabulary genes, CSR float32; obs: per-cell word counts and
-           the cell type / requested cell type when known), <output>_metrics.json (--evaluate)
+    sentences (.txt or an arrow dataset) + <transform_dir> -> <output>.h5ad [+ <output>_metrics.json]
 
 Example:
     python inverse.py --sentences data/generated/<run>/generated_cells.txt \\
@@ -240,15 +234,14 @@ def main(args: argparse.Namespace) -> ad.AnnData:
                 f"{packed.n:,}", f"{len(vocab):,}", f"{result.X.nnz:,}", elapsed,
                 f"{packed.n / max(elapsed, 1e-9):,.0f}")
     stats = sentence_stats(result)
-    if stats["n_words"] and stats["invalid_rate"] > 0:
+    if result.n_invalid_genes.sum():
         logger.warning("%s words (%.2f%%) are not genes of the vocabulary; skipped, keeping their place.",
                        f"{int(result.n_invalid_genes.sum()):,}", 100 * stats["invalid_rate"])
     if result.n_duplicate_genes.sum():
         logger.warning("%s repeated genes were placed once, at the average of their positions.",
                        f"{int(result.n_duplicate_genes.sum()):,}")
     crossing = zero_crossing_rank(fit)
-    longest = int(result.n_words.max()) if packed.n else 0
-    if longest > crossing:
+    if result.n_words.max() > crossing:
         if args.clip_negative:
             logger.warning("Dropped %s values <= 0 (ranks from %.0f on, the fit's zero crossing).",
                            f"{result.n_clipped:,}", np.ceil(crossing))

@@ -1,8 +1,5 @@
 """Score generated cells against real ones, each score next to what real cells reach.
 
-generate.py's cells (or generated groups, also scored as groups) against the real cells of the
-types asked for: k-NN accuracy, MMD and energy distance, overall and per type, and gene rates.
-
     <generated_dir> + <data_dir> + <transform_dir>/cell_sentences/vocab.txt
         -> <output_dir>/metrics.json, per_type.csv, real_vs_generated_pca.png, eval_args.json
 
@@ -15,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,13 +75,13 @@ def read_generated(generated_dir: Path) -> tuple[Any, list[str]]:
     cells, labels = generated_dir / GENERATE.cells, generated_dir / GENERATE.labels
     for path in (cells, labels):
         if not path.is_file():
-            raise cli.InputError(f"{path} does not exist; pass as --generated_dir a folder where generate.py "
-                             "generated cells of chosen types (without --unconditional: those have no types to compare).")
+            raise cli.InputError(f"{path} does not exist; pass as --generated_dir a folder where generate.py generated "
+                                 "cells of chosen types (without --unconditional: those have no types to compare).")
     packed = read_sentence_file(cells)
     requested = contract.read_lines(labels)
     if len(requested) != packed.n:
         raise cli.InputError(f"{labels} has {len(requested):,} labels for {packed.n:,} sentences in {cells}; "
-                         "both must come from one generate.py run.")
+                             "both must come from one generate.py run.")
     if packed.n == 0:
         raise cli.InputError(f"{cells} holds no generated cells.")
     return packed, requested
@@ -97,17 +94,25 @@ def recorded(path: Path, key: str) -> Any:
     return json.loads(path.read_text()).get(key) if path.is_file() else None
 
 
-def genes_per_cell(args: argparse.Namespace, packed: Any) -> int:
-    """--top_k_genes, else the generating run's, else the median length of the generated cells."""
+def real_cells(args: argparse.Namespace, label_column: str, conditions: list | None = None) -> dict[str, Any]:
+    """The real train and --split cells labelled in ``label_column`` (``conditions``: in each set's joint label)."""
+    tables = contract.load_splits(args.data_dir, args.split, label_column, need_labels=not conditions)
+    if "train" not in tables:
+        raise cli.InputError(f"{args.data_dir} has no train split, needed for the k-NN classifier and the PCA.")
+    if conditions:  # the real cells matching all the conditions of a set carry its label
+        tables = contract.tables_with_conditions(tables, [c for c, _ in conditions[0]])
+    return contract.labelled_rows(tables, contract.CONDITIONS if conditions else label_column)
+
+
+def genes_per_cell(args: argparse.Namespace, record: Path, lengths: Callable[[], list[int]]) -> int:
+    """--top_k_genes, else the generating run's (in ``record``), else the median of the ``lengths``."""
     if args.top_k_genes is not None:
         return args.top_k_genes
-    top_k = recorded(args.generated_dir / GENERATE.metrics, "top_k_genes")
+    top_k = recorded(record, "top_k_genes")
     if top_k:
         return int(top_k)
-    bounds = zip(packed.offsets[:-1], packed.offsets[1:], strict=True)
-    median = int(np.median([len(packed.data[a:b].tobytes().split()) for a, b in bounds]))
-    logger.warning("No top_k_genes recorded in %s: comparing the first %d genes (the median length).",
-                   args.generated_dir / GENERATE.metrics, median)
+    median = int(np.median(lengths()))
+    logger.warning("No top_k_genes recorded in %s: comparing the first %d genes (the median length).", record, median)
     return max(1, median)
 
 
@@ -124,17 +129,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         return score_groups(args, *read_generated_groups(grouped))
     packed, requested = read_generated(args.generated_dir)
     conditions = recorded(args.generated_dir / GENERATE.args, "conditions")  # generate.py --conditions
+    sets = contract.parse_conditions(conditions) if conditions else None
     label_column = contract.CONDITIONS if conditions else args.label_column
-    tables = contract.load_splits(args.data_dir, args.split, args.label_column, need_labels=not conditions)
-    if "train" not in tables:
-        raise cli.InputError(f"{args.data_dir} has no train split, needed for the k-NN classifier and the PCA.")
-    if conditions:  # the real cells matching all the conditions of a set carry its label
-        sets = contract.parse_conditions(conditions)
-        tables = contract.tables_with_conditions(tables, [c for c, _ in sets[0]])
-    tables = contract.labelled_rows(tables, label_column)
-    top_k = genes_per_cell(args, packed)
+    tables = real_cells(args, args.label_column, sets)
+    top_k = genes_per_cell(args, args.generated_dir / GENERATE.metrics, lambda: [
+        len(packed.data[a:b].tobytes().split()) for a, b in zip(packed.offsets[:-1], packed.offsets[1:], strict=True)])
     index, fit, from_transform = contract.transform_reference(args.transform_dir, tables, top_k)
-    cell_types = [contract.condition_label(c) for c in sets] if conditions else asked_types(args.generated_dir)
+    cell_types = [contract.condition_label(c) for c in sets] if sets else asked_types(args.generated_dir)
     if cell_types is not None:
         logger.info("Comparing with the real cells of the %d types generate.py was asked for (%s).",
                     len(cell_types), ", ".join(cell_types))
@@ -178,11 +179,9 @@ def write_scores(args: argparse.Namespace, scored: dict[str, Any], result: Any, 
 def score_groups(args: argparse.Namespace, sentences: list[str], groups: list[str], requested: list[str],
                  column: str) -> dict[str, Any]:
     """Generated groups: their cells as single cells, and each group's profile against real groups."""
-    tables = contract.labelled_rows(contract.load_splits(args.data_dir, args.split, column, need_labels=True), column)
-    if "train" not in tables:
-        raise cli.InputError(f"{args.data_dir} has no train split, needed for the k-NN classifier and the PCA.")
-    top_k = (args.top_k_genes or recorded(args.generated_dir / GENERATE_GROUPS.metrics, "top_k_genes")
-             or int(np.median([len(s.split()) for s in sentences])))
+    tables = real_cells(args, column)
+    top_k = genes_per_cell(args, args.generated_dir / GENERATE_GROUPS.metrics,
+                           lambda: [len(s.split()) for s in sentences])
     index, fit, from_transform = contract.transform_reference(args.transform_dir, tables, top_k)
     scored, result = score_generated(sentences, requested, tables, split=args.split, label_column=column,
                                      index=index, fit=fit, top_k=top_k, k=args.k_neighbors, seed=args.seed,

@@ -205,11 +205,16 @@ def transform_reference(transform_dir: Path, tables: dict[str, Any], top_k: int
     return build_vocab_index(list(genes)), RankExpressionFit(slope=-1.0, intercept=float(np.log10(1 + top_k))), False
 
 
+def _transform_args(transform_dir: Path) -> dict[str, Any]:
+    args_file = transform_dir / TRANSFORM.args
+    return json.loads(args_file.read_text()) if args_file.is_file() else {}
+
+
 def find_preprocessed(transform_dir: Path) -> Path | None:
     """transform.py's ``<input stem>_preprocessed.h5ad`` in ``transform_dir``, if any."""
-    args_file = transform_dir / TRANSFORM.args
-    if args_file.is_file():
-        given = json.loads(args_file.read_text()).get("data_filepath", "")
+    recorded = _transform_args(transform_dir)
+    if recorded:
+        given = recorded.get("data_filepath", "")
         stem = input_stem(Path(given) if isinstance(given, str) else [Path(p) for p in given])
         candidate = transform_dir / preprocessed_name(stem)
         if candidate.is_file():
@@ -220,10 +225,7 @@ def find_preprocessed(transform_dir: Path) -> Path | None:
 
 def label_column_of(transform_dir: Path, default: str = "cell_type") -> str:
     """The obs column of the cell types in transform.py's preprocessed AnnData."""
-    args_file = transform_dir / TRANSFORM.args
-    if args_file.is_file():
-        return json.loads(args_file.read_text()).get("label_column") or default
-    return default
+    return _transform_args(transform_dir).get("label_column") or default
 
 
 def read_preprocessed(source: Path, names: Any = None) -> Any:

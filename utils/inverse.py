@@ -1,11 +1,5 @@
-"""Cell sentences -> expression: the inverse of the rank transform.
-
-The transform fitted ``log10(1 + expr) ≈ intercept + slope·log10(1 + rank)`` (rank 0 = first
-word), so the gene at rank ``r`` gets ``intercept + slope·log10(1 + r)``; genes absent from the
-sentence get 0. A word that is not a vocabulary gene is skipped but keeps its place; a repeated
-gene is placed once, at the average of its positions. Values ≤ 0 (past the fit's zero crossing)
-are kept unless ``clip_negative=True``.
-"""
+"""Cell sentences -> expression: the gene at rank ``r`` (0 = first word) gets the transform's
+``intercept + slope·log10(1 + r)``, absent genes 0 (non-genes keep their place, repeats get their mean rank)."""
 
 from __future__ import annotations
 
@@ -91,8 +85,7 @@ class SentenceBytes:
 
 
 def sentence_bytes(sentences: Sequence[str] | pa.Array | pa.ChunkedArray) -> SentenceBytes:
-    """Pack sentences (Python strings or an Arrow string column, used without a copy) into one byte
-    buffer; nulls count as empty sentences, one string is refused."""
+    """Pack sentences (strings or an Arrow string column, without a copy) into one buffer; nulls are empty."""
     if isinstance(sentences, str | bytes):
         raise InputError(f"Sentences must be a list of sentences, not one string ({sentences[:40]!r}); wrap it in a "
                          "list for one cell.")
@@ -115,8 +108,7 @@ def sentence_bytes(sentences: Sequence[str] | pa.Array | pa.ChunkedArray) -> Sen
 
 
 def read_sentence_file(path: Path) -> SentenceBytes:
-    """A one-sentence-per-line text file (``\\r\\n`` accepted) as a byte buffer: every line is a
-    sentence, empty ones included; a final newline does not start another."""
+    """A one-sentence-per-line text file as a byte buffer (every line, empty ones included, is a sentence)."""
     data = np.fromfile(path, dtype=np.uint8)
     if data.size == 0:
         return SentenceBytes(data=data, offsets=np.zeros(1, np.int64))
@@ -129,8 +121,7 @@ def read_sentence_file(path: Path) -> SentenceBytes:
 
 @dataclass(frozen=True)
 class VocabIndex:
-    """The vocabulary as Arrow lookup sets: the names, and each distinct ASCII case-folded name
-    once (``folded``) with the first gene of that folded name (``folded_genes``)."""
+    """The vocabulary as Arrow lookup sets: the names, each distinct ASCII-folded name and its first gene."""
 
     genes: tuple[str, ...]
     names: pa.Array  # large_string, one per gene
@@ -143,8 +134,7 @@ class VocabIndex:
 
 
 def build_vocab_index(genes: Sequence[str]) -> VocabIndex:
-    """Index the vocabulary once for many calls; under ASCII case folding, names that differ only by
-    case map to the first of them."""
+    """Index the vocabulary once for many calls (names differing only by case fold to the first)."""
     genes = tuple(str(g) for g in genes)
     if len(set(genes)) != len(genes):
         raise InputError("The vocabulary lists a gene more than once.")
@@ -167,8 +157,8 @@ def _lookup(words: pa.Array, value_set: pa.Array) -> np.ndarray:
 @numba.njit(cache=True)
 def _rows(genes: np.ndarray, folded: np.ndarray, is_word: np.ndarray, word_offsets: np.ndarray, max_words: int,
           n_vocab: int, slope: float, intercept: float):
-    """Per sentence (words ``word_offsets[i]:word_offsets[i+1]``, gene ids or -1), within its first
-    ``max_words`` words (-1: all): its CSR row, each gene at its average rank, and its word counts."""
+    """Per sentence (gene ids or -1), within its first ``max_words`` words (-1: all): its CSR row, each
+    gene at its average rank, and its word counts."""
     n = len(word_offsets) - 1
     indptr = np.zeros(n + 1, dtype=np.int64)
     indices = np.empty(len(genes), dtype=np.int32)
@@ -211,10 +201,8 @@ def _rows(genes: np.ndarray, folded: np.ndarray, is_word: np.ndarray, word_offse
 
 @dataclass
 class InverseResult:
-    """Reconstructed expression (cells × vocabulary genes, CSR float32) and per-cell word counts:
-    ``n_words = n_genes + n_invalid_genes + n_duplicate_genes`` (words considered, distinct genes
-    placed before clipping, words not in the vocabulary, repeats); ``n_case_folded_genes``: words
-    that matched only after case folding."""
+    """Expression (cells × vocabulary genes, CSR float32) and per-cell word counts:
+    ``n_words = n_genes + n_invalid_genes + n_duplicate_genes`` (``n_genes`` before clipping)."""
 
     X: sp.csr_matrix
     n_words: np.ndarray
@@ -224,23 +212,13 @@ class InverseResult:
     n_case_folded_genes: np.ndarray
     n_clipped: int = 0
 
-    def obs(self) -> pd.DataFrame:
-        """The per-cell counts as an ``obs``-ready frame (default integer index)."""
-        return pd.DataFrame({"n_words": self.n_words, "n_genes": self.n_genes, "n_invalid_genes": self.n_invalid_genes,
-                             "n_duplicate_genes": self.n_duplicate_genes,
-                             "n_case_folded_genes": self.n_case_folded_genes})
-
 
 def sentences_to_expression(sentences: Sequence[str] | pa.Array | pa.ChunkedArray | SentenceBytes,
                             vocab: Sequence[str] | VocabIndex, fit: RankExpressionFit, *,
                             case_insensitive: bool = False, clip_negative: bool = False,
                             max_words: int | None = None) -> InverseResult:
-    """Turn cell sentences (space-separated gene names, most expressed first) into an expression
-    matrix over ``vocab`` (the transform's genes, or a ``VocabIndex``) with ``fit``'s line.
-
-    ``case_insensitive``: also match words whose ASCII letters differ in case from a gene (exact
-    match first). ``clip_negative``: drop predicted values ≤ 0. ``max_words``: consider only the
-    first words of each sentence.
+    """Cell sentences -> expression over ``vocab`` (genes or a ``VocabIndex``) with ``fit``'s line;
+    ``case_insensitive``: exact match first, then ASCII case-folded; ``clip_negative``: drop values ≤ 0.
 
     >>> res = sentences_to_expression(["B A", "A x A"], ["A", "B"], RankExpressionFit(-1.0, 2.0))
     >>> res.X.toarray().astype(float).round(3).tolist()
@@ -285,10 +263,10 @@ def expression_adata(result: InverseResult, obs: pd.DataFrame, vocab: Sequence[s
                      case_insensitive: bool = False) -> ad.AnnData:
     """The reconstruction as an AnnData (cells x ``vocab``), the word counts in ``obs`` after the given
     columns; cells without names are called ``cell_0``, ``cell_1``, ..."""
-    counts = result.obs()
-    if not case_insensitive:
-        counts = counts.drop(columns="n_case_folded_genes")
-    counts.index = obs.index
+    counts = pd.DataFrame({"n_words": result.n_words, "n_genes": result.n_genes,
+                           "n_invalid_genes": result.n_invalid_genes, "n_duplicate_genes": result.n_duplicate_genes,
+                           **({"n_case_folded_genes": result.n_case_folded_genes} if case_insensitive else {})},
+                          index=obs.index)
     # The word counts describe the sentences: they replace same-named columns of ``obs``.
     frame = pd.concat([obs.drop(columns=counts.columns, errors="ignore"), counts], axis=1)
     if isinstance(frame.index, pd.RangeIndex):
@@ -305,11 +283,8 @@ def sentences_to_adata(sentences: Sequence[str] | pa.Array | pa.ChunkedArray, vo
                        fit: RankExpressionFit, *, cell_names: Sequence[str] | None = None,
                        obs: pd.DataFrame | None = None, max_genes: int | None = None,
                        clip_negative: bool = False, case_insensitive: bool = False) -> ad.AnnData:
-    """Cell sentences -> an expression AnnData over ``vocab`` (the inverse of the transform).
-
-    ``vocab`` and ``fit``: ``CellSentences.genes`` and ``.fit``, or ``load_vocab`` /
-    ``load_transform_fit`` on a transform's output folder. ``obs`` (one row per sentence) or
-    ``cell_names`` name the cells; ``max_genes`` uses the first K words only.
+    """Cell sentences -> an expression AnnData over ``vocab`` (``CellSentences.genes`` and ``.fit``, or
+    ``load_vocab``/``load_transform_fit``); ``obs`` or ``cell_names`` name the cells.
 
     >>> a = sentences_to_adata(["B A"], ["A", "B"], RankExpressionFit(-1.0, 2.0), cell_names=["c1"])
     >>> a.X.toarray().astype(float).round(3).tolist(), a.obs_names.tolist(), a.obs["n_genes"].tolist()
