@@ -1,11 +1,6 @@
-"""Fetch example single-cell data to try the pipeline on.
+"""Fetch example single-cell data: the Domínguez Conde et al. 1,000-cell sample, offline scanpy's pbmc68k_reduced.
 
-internet (Google Drive) or bundled scanpy data -> ``<output_dir>/<name>.h5ad`` and
-``<output_dir>/.example_path`` (one line: the path of the h5ad written, read by ``make example``).
-
-By default it downloads the 1,000-cell Domínguez Conde et al. (Science 2022) immune cell atlas
-sample of the original Cell2Sentence project; offline, it falls back to scanpy's bundled
-``pbmc68k_reduced`` (700 PBMCs), prepared for transform.py (``utils/transform/example_data.py``).
+Google Drive or scanpy -> ``<output_dir>/<name>.h5ad`` and ``<output_dir>/.example_path`` (its path).
 
 Example::
 
@@ -64,7 +59,7 @@ def retrieve_dominguez(output_dir: Path, *, force: bool, timeout: float) -> Path
     logger.info("Downloading the Domínguez Conde et al. 1,000-cell sample (Google Drive id %s) to %s.",
                 example_data.DOMINGUEZ_GDRIVE_ID, dest)
     download = partial(example_data.download_from_drive, example_data.DOMINGUEZ_GDRIVE_ID, timeout=timeout)
-    adata = example_data.fetch_to_file(lambda handle: download(handle), dest)
+    adata = example_data.fetch_to_file(download, dest)
     logger.info("Downloaded %s: %s cells x %s genes.", dest, f"{adata.n_obs:,}", f"{adata.n_vars:,}")
     return dest
 

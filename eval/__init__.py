@@ -1,8 +1,5 @@
-"""The evaluations of the paper and the ones users ask for, over the outputs of the steps.
-
-Each module is a script (``python eval/<name>.py --help``) with ``parse_args(argv)`` and
-``main(args)`` (``from eval import generation``); here are the steps they share.
-"""
+"""The evaluations over the steps' outputs: each module a script with ``parse_args(argv)`` and ``main(args)``;
+here the steps they share."""
 
 from __future__ import annotations
 
@@ -22,8 +19,7 @@ logger = logging.getLogger("cell2sentence")
 def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None, *, name: str, seed_help: str,
           required: tuple[str, str] | None = None, positive: Sequence[str] = (),
           renamed: dict[str, str] | None = None) -> argparse.Namespace:
-    """``argv`` parsed with the run flags (``--output_dir data/eval/<name>``); an ``InputError`` when
-    the flag ``required[0]`` is missing (message ``required[1]``) or one of ``positive`` is below 1."""
+    """``argv`` with the run flags; ``required``: (a flag, the error when missing); ``positive``: flags ≥ 1."""
     cli.add_run_flags(parser, output_dir=Path("data/eval") / name, output_dir_help="where outputs go",
                       seed_help=seed_help)
     args = parser.parse_args(cli.renamed_flags(argv, renamed))
@@ -45,8 +41,7 @@ def start(args: argparse.Namespace, inputs: Sequence[Path | None], outputs: Sequ
 def finish(args: argparse.Namespace, outputs: Sequence[str], *, metrics: dict[str, Any], figures: dict[str, Any],
            frames: dict[str, Any], card: tuple[Path, str, Mapping[str, Any]] | None = None,
            captions: Mapping[str, str] | None = None) -> None:
-    """Publish the evaluation; ``card``: (the step's folder, the evaluation's name, its scores) for
-    that step's model card, with ``captions``' figures."""
+    """Publish the evaluation; ``card``: (the step's folder, the evaluation's name, its scores) for its model card."""
     write_evaluation(args.output_dir, list(outputs), metrics=metrics, figures=figures, frames=frames, args=args,
                      overwrite=args.overwrite)
     if card is not None:

@@ -1,8 +1,4 @@
-"""Score cell-type predictions against the truth, next to baselines on the same cells.
-
-Accuracy, balanced accuracy, macro-F1, per-class scores and a confusion matrix, next to the
-majority class and k-NN on PCA of the expression. Several predicted columns are each scored
-(``metrics.json``: ``{"<column>": {...}}``, ``per_class_<column>.csv``, ...).
+"""Score cell-type predictions against the truth, next to the majority class and k-NN on PCA of expression.
 
     predictions.csv [+ <transform_dir>/<stem>_preprocessed.h5ad]
         -> <output_dir>/metrics.json, per_class.csv, confusion_matrix.png, eval_args.json
@@ -57,8 +53,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def read_predictions(path: Path, column: str | None = None) -> pd.DataFrame:
-    """cell_name, true, predicted of a predictions.csv: predict.py's ``predicted_<column>`` and
-    ``<column>`` (``column``: which, when several were predicted), or columns true,predicted."""
+    """cell_name, true, predicted of a predictions.csv (``predicted_<column>`` and ``<column>``, or true,predicted)."""
     if not path.is_file():
         raise cli.InputError(f"{path} does not exist; pass the predictions.csv of a predict.py run.")
     # Labels are text: "NA" or "None" are cell types here, not missing values.
@@ -96,8 +91,7 @@ def predicted_columns(path: Path) -> list[str]:
 
 def expression_baseline(table: pd.DataFrame, args: argparse.Namespace, adata: Any, column: str | None = None, *,
                         warn: bool = True) -> tuple[dict[str, Any] | None, list[str]]:
-    """k-NN on PCA of the preprocessed expression ``adata`` (fitted on training cells) for the
-    predicted cells found by name, and the training labels (empty without ``adata``)."""
+    """k-NN on PCA of ``adata`` (fitted on its training cells) for the predicted cells, and the training labels."""
     if adata is None:
         if warn:
             logger.warning("No preprocessed AnnData in %s: no expression baseline, and the majority class is "
@@ -168,18 +162,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             frames[name] = frames[name].rename(columns={"cell_type": column or predicted_columns(args.predictions)[0]})
         figures[named(EVAL_PREDICTION.confusion, column)] = figure
     captions = {f"Confusion matrix: {column}": name for column, name in zip(columns, figures, strict=True)}
-    card = {column: card_scores(metrics[column]) for column in columns}
+    card = {column: {key: metrics[column][key] for key in (*SCORES, "majority_baseline", "n_cells")}
+            for column in columns}
     if not several:
         metrics, card, captions = metrics[None], card[None], {"Confusion matrix": EVAL_PREDICTION.confusion}
     finish(args, outputs, metrics=metrics, figures=figures, frames=frames,
            card=(args.predictions.parent, "group_prediction" if groups else "prediction", card), captions=captions)
     return metrics
-
-
-def card_scores(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The figures of one column that go into the model's card."""
-    return {**{key: metrics[key] for key in SCORES}, "majority_baseline": metrics["majority_baseline"],
-            "n_cells": metrics["n_cells"]}
 
 
 def evaluate(table: pd.DataFrame, args: argparse.Namespace, pca_knn: dict[str, Any] | None,

@@ -1,8 +1,4 @@
-"""The rank-to-expression fit over all cells of a dataset, overall and per cell.
-
-transform.py fits its line on a sample of ``--eval_cells`` cells; this refits it over every
-expressed gene of its preprocessed AnnData (the same fit and threshold), scores the transform's
-line on all of them, and scores each cell alone (R², Pearson r, mean absolute error).
+"""The rank-to-expression fit over all cells of a dataset (transform.py's is on ``--eval_cells``), and per cell.
 
     <transform_dir>/<stem>_preprocessed.h5ad + eval/transformation_metrics.csv
         -> <output_dir>/metrics.json, per_cell.csv, log_rank_vs_log_expression.png,

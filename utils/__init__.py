@@ -1,5 +1,4 @@
-"""Shared logic of the cell2sentence scripts, and the Python API (``_EXPORTS``, loaded lazily so
-that a script importing ``utils.cli`` does not import anndata or compile kernels).
+"""Shared logic of the cell2sentence scripts, and the Python API (``_EXPORTS``, loaded lazily).
 
 numba checks only a cached kernel's own file, not the modules it inlines (``rank_row``), so the
 cache lives in a folder named after the hash of every module here: any change starts a fresh one.

@@ -72,7 +72,7 @@ def _quiet_disk_full_unraisable(unraisable: Any) -> None:
 
 
 def _quiet_disk_full_excepthook(kind: type, err: BaseException, tb: Any) -> None:
-    # h5py's Cython __dealloc__ prints its error through sys.excepthook before the unraisable hook
+    # h5py's Cython __dealloc__ prints its error through sys.excepthook before the unraisable hook.
     if not _h5py_disk_full(err):
         sys.__excepthook__(kind, err, tb)
 
@@ -144,11 +144,10 @@ def script_parser(doc: str) -> argparse.ArgumentParser:
 
 
 def add_run_flags(parser: argparse.ArgumentParser, *, output_dir: Path | None, output_dir_help: str,
-                  seed: int | None = 1234, seed_help: str = "the run's seed") -> None:
-    """``--output_dir``, ``--seed`` (unless ``seed`` is None) and ``--overwrite``."""
+                  seed_help: str = "the run's seed") -> None:
+    """``--output_dir``, ``--seed`` and ``--overwrite``."""
     parser.add_argument("--output_dir", type=Path, default=output_dir, help=output_dir_help)
-    if seed is not None:
-        parser.add_argument("--seed", type=int, default=seed, help=seed_help)
+    parser.add_argument("--seed", type=int, default=1234, help=seed_help)
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
 

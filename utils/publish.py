@@ -98,19 +98,6 @@ def _missing(folder: Path) -> tuple[list[Path], Path]:
     return missing, probe
 
 
-def _make_dirs(folder: Path) -> list[Path]:
-    """Create ``folder`` and its parents; the ones created, deepest first."""
-    missing, probe = _missing(folder)
-    if probe.exists() and not probe.is_dir():
-        what = "is" if probe == folder else f"cannot be created: {probe} is"
-        raise InputError(f"The output folder {folder} {what} a file, not a folder; choose another output folder.")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise _unwritable(folder, err) from None
-    return missing
-
-
 def _lock(folder: Path) -> int:
     """An exclusive ``flock`` on ``folder``'s lock file (released by the OS when the process dies)."""
     path = folder / LOCK_NAME
@@ -149,7 +136,15 @@ def claim_output_dir(output_dir: Path, names: Sequence[str] = (), *, overwrite: 
     output_dir = Path(output_dir)
     key = output_dir.resolve()
     if key not in _HELD:
-        created = _make_dirs(output_dir)
+        created, probe = _missing(output_dir)  # the folders this run makes, deepest first
+        if probe.exists() and not probe.is_dir():
+            what = "is" if probe == output_dir else f"cannot be created: {probe} is"
+            raise InputError(f"The output folder {output_dir} {what} a file, not a folder; choose another output "
+                             "folder.")
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise _unwritable(output_dir, err) from None
         try:
             fd = _lock(output_dir)
         except BaseException:
@@ -217,8 +212,7 @@ def _settle(folder: Path) -> None:
 
 
 def settle_inputs(*paths: Path, wait_s: float = 10.0) -> None:
-    """Finish the publishes killed runs left in each of ``paths`` and its parent (a live run's: waited
-    for up to ``wait_s`` seconds); one that cannot be finished is an ``InputError``."""
+    """Finish the publishes killed runs left in each of ``paths`` and its parent (a live run's: waited for)."""
     seen: set[Path] = set()
     for path in map(Path, paths):
         for folder in (path, path.parent):

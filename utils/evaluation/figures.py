@@ -79,8 +79,7 @@ def _colour_distance(a: str, b: str) -> float:
 
 
 def distinct_colours(types: Sequence[str], centroids: np.ndarray) -> dict[str, str]:
-    """A colour per type such that types close together in the embedding look different (a local
-    search lowering the sum over pairs of closeness × colour likeness; past the palette colours repeat).
+    """A colour per type such that types close together in the embedding look different (a local search).
 
     >>> distinct_colours(["a", "b"], np.array([[0.0, 0.0], [1.0, 0.0]]))
     {'a': '#1f77b4', 'b': '#ff7f0e'}
@@ -132,8 +131,7 @@ def _type_colours(types: list[str], points: np.ndarray, labels: np.ndarray) -> d
 
 
 def plot_embedding(real: np.ndarray, real_labels: Sequence[str], generated: np.ndarray,
-                   generated_labels: Sequence[str], *, title: str = "Real and generated cells (PCA)",
-                   axis_label: str = "PC") -> Figure:
+                   generated_labels: Sequence[str], *, title: str = "Real and generated cells (PCA)") -> Figure:
     """2-d scatter of real (dots) and generated (crosses) cells, coloured by cell type."""
     fig = Figure(figsize=(8.5, 6))
     ax = fig.add_subplot()
@@ -150,8 +148,8 @@ def plot_embedding(real: np.ndarray, real_labels: Sequence[str], generated: np.n
             if m.any():
                 ax.scatter(pts[m, 0], pts[m, 1], s=size, alpha=alpha, color=colors[t],
                            marker=marker, label=f"{t} ({kind})")
-    ax.set_xlabel(f"{axis_label}1")
-    ax.set_ylabel(f"{axis_label}2")
+    ax.set_xlabel("PC1")
+    ax.set_ylabel("PC2")
     ax.set_title(title)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     fig.tight_layout()

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import scipy.sparse as sp
 
 from utils.cli import InputError
@@ -58,9 +59,8 @@ def _pair_means(A: np.ndarray, B: np.ndarray, gamma: float) -> tuple[float, floa
 
 
 def distribution_distances(X: np.ndarray, Y: np.ndarray, *, bandwidth: float | None = None) -> dict[str, float]:
-    """MMD² (RBF kernel) and energy distance between the rows of ``X`` and ``Y`` (V-statistics:
-    identical sets give exactly 0); NaN when a set is empty. ``bandwidth`` of k(a, b) =
-    exp(−‖a − b‖² / (2·bandwidth²)): default the median heuristic over both sets.
+    """MMD² (RBF kernel, ``bandwidth`` default the median heuristic) and energy distance between the rows
+    of ``X`` and ``Y`` (V-statistics: identical sets give exactly 0); NaN when a set is empty.
 
     >>> a = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
     >>> distribution_distances(a, a)
@@ -111,14 +111,9 @@ def evaluate_generation(
     real_X: sp.spmatrix | np.ndarray, real_labels: Sequence[str],
     *, k: int = 5, n_components: int = 50, max_cells: int = 5000, seed: int = 0,
 ) -> GenerationEvaluation:
-    """Score generated cells against real ones, each score next to what real cells reach.
-
-    The matrices are cells × the same genes; the k-NN classifier and the PCA are fitted on
-    ``train_*``, ``real_*`` are held-out cells, ``generated_labels`` the requested types.
-    ``knn_accuracy`` (ceiling: on the held-out cells; ``majority_baseline``), ``mmd`` and
-    ``energy_distance`` against the held-out cells in the PCA (``*_floor``: training cells matched
-    to the generated type counts), all also ``per_type``. Sets above ``max_cells`` are subsampled.
-    """
+    """Generated cells (labels: the requested types) against held-out ``real_*`` cells: k-NN accuracy and
+    PCA fitted on ``train_*``, MMD and energy distance in the PCA, each next to real cells' (``*_ceiling``,
+    ``*_floor``), also ``per_type``; sets above ``max_cells`` are subsampled."""
     rng = np.random.default_rng(seed)
     gen_y, train_y, real_y = normalized(generated_labels), normalized(train_labels), normalized(real_labels)
     spelled = spellings([*train_labels, *real_labels, *generated_labels])
@@ -164,8 +159,7 @@ def evaluate_generation(
 
 def real_expression(tables: dict[str, Any], *, split: str, index: VocabIndex, fit: RankExpressionFit, top_k: int,
                     case_insensitive: bool = False) -> dict[str, sp.csr_matrix]:
-    """The real cells of ``tables`` (``train`` and ``split``) by split as generated cells are
-    represented: the inverse transform of each cell's first ``top_k`` genes."""
+    """The ``train`` and ``split`` cells of ``tables`` as generated ones: the inverse of their first ``top_k`` genes."""
     return {name: sentences_to_expression(tables[name].column("cell_sentence"), index, fit,
                                           case_insensitive=case_insensitive, max_words=top_k).X
             for name in dict.fromkeys(("train", split))}
@@ -174,23 +168,12 @@ def real_expression(tables: dict[str, Any], *, split: str, index: VocabIndex, fi
 def score_expression(generated_X: sp.spmatrix | np.ndarray, requested: Sequence[str], tables: dict[str, Any],
                      real: dict[str, sp.spmatrix], *, split: str, label_column: str, top_k: int, k: int = 5,
                      seed: int = 0) -> GenerationEvaluation:
-    """:func:`evaluate_generation` of generated cells against ``real`` (:func:`real_expression`),
-    labelled by the ``label_column`` of ``tables``; the metrics record ``top_k_genes``."""
+    """:func:`evaluate_generation` against ``real`` (:func:`real_expression`), labelled by ``label_column``."""
     result = evaluate_generation(generated_X, [str(y) for y in requested],
                                  real["train"], tables["train"].column(label_column).to_pylist(),
                                  real[split], tables[split].column(label_column).to_pylist(), k=k, seed=seed)
     result.metrics["top_k_genes"] = int(top_k)
     return result
-
-
-def tables_of_types(tables: dict[str, Any], label_column: str, cell_types: Sequence[str]) -> dict[str, Any]:
-    """The Arrow tables with only the cells whose ``label_column`` is one of ``cell_types``."""
-    import pyarrow as pa
-
-    wanted = {normalize_label(t) for t in cell_types}
-    return {name: table.filter(pa.array([normalize_label(x) in wanted for x in
-                                         table.column(label_column).to_pylist()], type=pa.bool_()))
-            for name, table in tables.items()}
 
 
 def score_generated(
@@ -199,16 +182,15 @@ def score_generated(
     cell_types: Sequence[str] | None = None, groups: Sequence[str] | None = None,
     cells_per_group: int | None = None,
 ) -> tuple[dict[str, Any], GenerationEvaluation]:
-    """Generated sentences (with their requested types) against the real cells of ``tables``:
-    :func:`sentence_stats` of every word (``"sentences"``) and :func:`score_expression` of the
-    first ``top_k`` genes. ``cell_types``: compare with the real cells of these types only.
-    ``groups`` (each cell's group; ``cell_types`` default the labels asked for): also
-    :func:`group_scores` (``"groups"``) with real groups of ``cells_per_group`` cells (default: the
-    largest generated group's)."""
+    """:func:`sentence_stats` of generated sentences and :func:`score_expression` of their first ``top_k`` genes
+    against the real cells of ``tables`` (``cell_types``: of these types only); ``groups`` (each cell's group):
+    also :func:`group_scores`, real groups of ``cells_per_group`` cells (default: the largest generated group)."""
     if groups is not None and cell_types is None:
         cell_types = sorted(set(map(str, requested)))
     if cell_types is not None:
-        tables = tables_of_types(tables, label_column, cell_types)
+        wanted = {normalize_label(t) for t in cell_types}
+        tables = {name: table.filter(pa.array([normalize_label(x) in wanted for x in table.column(label_column)
+                                               .to_pylist()], type=pa.bool_())) for name, table in tables.items()}
         if tables["train"].num_rows == 0:
             raise InputError(f"The train split has no cells of {', '.join(map(repr, cell_types))}, needed "
                              "for the k-NN metric and the PCA; choose types of the training data.")
@@ -230,9 +212,8 @@ def score_generated(
 def group_scores(generated_X: Any, groups: Sequence[str], requested: Sequence[str], real: dict[str, Any],
                  tables: dict[str, Any], *, split: str, label_column: str, cells_per_group: int, k: int = 5,
                  seed: int = 0) -> dict[str, Any]:
-    """Each generated group's mean expression classified by k-NN among the real training groups
-    (grouped as predict.py groups cells, ``partition_groups``: full groups only);
-    ``group_knn_ceiling``: the same for ``split``'s real groups."""
+    """Each generated group's mean expression classified by k-NN among the real training groups (full groups
+    of ``partition_groups``, as predict.py groups cells); ``group_knn_ceiling``: the same for ``split``'s."""
     from utils.models.multi_cell import partition_groups
 
     def profiles(X: Any, members: list[np.ndarray]) -> np.ndarray:

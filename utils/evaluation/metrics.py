@@ -54,8 +54,7 @@ def majority_baseline(train_labels: Sequence[str], eval_labels: Sequence[str]) -
 
 def classification_summary(true: Sequence[str], predicted: Sequence[str], *,
                            train_labels: Sequence[str] | None = None) -> dict[str, Any]:
-    """Accuracy, balanced accuracy, macro-F1, per-class scores and the majority baseline (of
-    ``train_labels``, else ``true``); the classes are the true labels.
+    """Accuracy, balanced accuracy, macro-F1, per-class scores and the majority baseline (of ``train_labels``).
 
     >>> s = classification_summary(["B cell", "T cell"], ["b cell ", "NK"])
     >>> s["accuracy"], s["n_cells"], s["n_correct"], s["macro_f1"]
@@ -105,8 +104,7 @@ def sentence_stats(result: InverseResult) -> dict[str, float]:
 
 
 def _knn_predict(X_fit: Any, y_fit: np.ndarray, X_query: Any, k: int) -> np.ndarray:
-    """The majority label (ties: first by name) of the ``k`` nearest rows of ``X_fit`` to each row of
-    ``X_query``; ``X_query`` None: leave-one-out over ``X_fit``."""
+    """The majority label (ties: first by name) of each ``X_query`` row's ``k`` nearest ``X_fit`` rows (None: LOO)."""
     from sklearn.neighbors import NearestNeighbors
 
     loo = X_query is None
@@ -203,8 +201,7 @@ class EmbeddingEvaluation:
 
 def evaluate_embedding(X: np.ndarray, labels: Sequence[str], names: Sequence[str], *, expression: Any = None,
                        k: int = 5, n_components: int = 50, seed: int = 0) -> EmbeddingEvaluation:
-    """:func:`embedding_scores` of ``X`` (``"c2s"``) and of the PCA of ``expression`` (``"pca"``; an
-    AnnData of some of the cells ``names``, matched by name)."""
+    """:func:`embedding_scores` of ``X`` (``"c2s"``) and of the PCA of ``expression`` (``"pca"``, cells by name)."""
     scores: dict[str, Any] = {"c2s": embedding_scores(X, labels, k=k, seed=seed)}
     if expression is None:
         return EmbeddingEvaluation(scores)
@@ -216,8 +213,7 @@ def evaluate_embedding(X: np.ndarray, labels: Sequence[str], names: Sequence[str
 
 
 def rank_expression_points(X: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every expressed value with its rank in its cell: ``log_rank`` (log10(1 + rank), rank 0 the
-    highest), ``log_expression`` and ``indptr`` (cell ``i``: ``indptr[i]:indptr[i+1]``).
+    """Every expressed value's ``log_rank`` (log10(1 + rank) in its cell), ``log_expression`` and cells' ``indptr``.
 
     >>> r, e, p = rank_expression_points(sp.csr_matrix(np.array([[0.0, 1.0, 3.0], [2.0, 0.0, 0.0]])))
     >>> np.round(10 ** r - 1, 6).tolist(), e.tolist(), p.tolist()
