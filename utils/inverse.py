@@ -128,10 +128,6 @@ class VocabIndex:
     folded: pa.Array  # large_string, distinct folded names
     folded_genes: np.ndarray  # int64, the gene of each folded name
 
-    @property
-    def n_genes(self) -> int:
-        return len(self.genes)
-
 
 def build_vocab_index(genes: Sequence[str]) -> VocabIndex:
     """Index the vocabulary once for many calls (names differing only by case fold to the first)."""
@@ -245,8 +241,8 @@ def sentences_to_expression(sentences: Sequence[str] | pa.Array | pa.ChunkedArra
     is_word = np.array(pc.greater(pc.binary_length(words), 0))
     indptr, indices, values, word_counts, n_invalid, n_dup, n_folded = _rows(
         genes, folded, is_word, split.offsets.to_numpy(), -1 if max_words is None else int(max_words),
-        index.n_genes, float(fit.slope), float(fit.intercept))
-    X = sp.csr_matrix((values, indices, indptr), shape=(packed.n, index.n_genes))
+        len(index.genes), float(fit.slope), float(fit.intercept))
+    X = sp.csr_matrix((values, indices, indptr), shape=(packed.n, len(index.genes)))
     X.has_sorted_indices = True
     n_clipped = 0
     if clip_negative:
