@@ -1,16 +1,10 @@
 """Fine-tune a causal language model on cell sentences (or train a small one from scratch).
 
-``data/cell_sentences_hf/`` -> ``data/model/<run_name>/``: the model and tokenizer, ``train_args.json``,
-``recipe.json``, ``train_results.json``, ``train_log.json``, the card ``README.md``; checkpoints in
-``<run>/checkpoints/`` (docs/train.md). ``--checkpoint latest --run_name R`` continues run R.
+``data/cell_sentences_hf/`` -> ``data/model/<run_name>/``: model, tokenizer, records and card (docs/train.md).
 
-Example (offline: ``--init_from_scratch True --n_layer 4 --n_embd 256 --n_head 4``):
+Example (offline: ``--init_from_scratch True``; several GPUs: ``torchrun --nproc_per_node 4 train.py ...``):
 
-    python train.py --data_dir data/cell_sentences_hf/ --output_dir data/model/ \
-        --model_name gpt2 --num_train_epochs 10 --gradient_accumulation_steps 4 \
-        --per_device_train_batch_size 16 --fp16 True --logging_steps 32 --save_steps 500
-
-Several GPUs: ``torchrun --nproc_per_node 4 train.py ...`` or ``accelerate launch train.py ...``.
+    python train.py --data_dir data/cell_sentences_hf/ --model_name gpt2 --num_train_epochs 10 --fp16 True
 """
 
 import startup_guard  # noqa: F401  # isort: skip  (first: Ctrl-C while the rest loads is one line)
@@ -67,26 +61,17 @@ class DataArguments:
 
     data_dir: str = flag("data/cell_sentences_hf/", "transform.py's DatasetDict folder.")
     top_k_genes: int = flag(100, "Genes per example (the first K of each sentence).")
-    tasks: str | None = field(
-        default=None,
-        metadata={
-            "help": "Comma-separated tasks among conditional_generation, "
-            "unconditional_generation, cell_type_prediction and, per further column of "
-            "--label_columns, <column>_prediction and, with --multi_cell_column, multi_cell_prediction "
-            "and multi_cell_generation. Default: all of them when the data has cell types, else "
-            "unconditional_generation."
-        },
-    )
+    tasks: str | None = flag(None, "Comma-separated tasks among conditional_generation, "
+                             "unconditional_generation, cell_type_prediction and, per further column of "
+                             "--label_columns, <column>_prediction and, with --multi_cell_column, "
+                             "multi_cell_prediction and multi_cell_generation. Default: all of them when the "
+                             "data has cell types, else unconditional_generation.")
     task_weights: str | None = flag(None, "Comma-separated weights of --tasks (default: equal).")
     label_column: str | None = flag(None, "Column of the cell types (default: cell_type if the data has it).")
-    label_columns: str | None = field(
-        default=None,
-        metadata={
-            "help": "Comma-separated label columns, e.g. cell_type,tissue: the first takes the cell "
-            "type's tasks, each further one a task <column>_prediction, and conditional generation "
-            "is conditioned on any subset of them (default: --label_column alone)."
-        },
-    )
+    label_columns: str | None = flag(None, "Comma-separated label columns, e.g. cell_type,tissue: the first "
+                                     "takes the cell type's tasks, each further one a task <column>_prediction, "
+                                     "and conditional generation is conditioned on any subset of them (default: "
+                                     "--label_column alone).")
     multi_cell_column: str | None = flag(None, "Add C2S-Scale's multi-cell tasks, cells grouped by this column.")
     cells_per_example: int = flag(4, "With --multi_cell_column: cells per example.")
     prompt_format: str = flag("ours", "ours or c2s_scale (the published C2S models').")

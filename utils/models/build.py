@@ -90,12 +90,21 @@ def build_model_and_tokenizer(args: Any, train_split: Any, checkpoint: Path | No
 def add_lora(model: Any, m: Any, *, gradient_checkpointing: bool) -> Any:
     """Wrap ``model`` with LoRA adapters (only they train) as the model flags ``m`` say; a local
     base model is named by its absolute path, so the run folder loads from anywhere."""
-    from utils.models.lora import target_modules, wrap_with_lora
+    from peft import LoraConfig, get_peft_model
+
+    from utils.models.lora import target_modules
 
     modules = target_modules(model.config.model_type, m.lora_target_modules)
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    if missing := [x for x in modules if x not in present]:
+        raise InputError(f"--lora_target_modules {','.join(missing)} name no layer of this "
+                         f"{model.config.model_type} model; pick among its linear layers.")
     if gradient_checkpointing:
         model.enable_input_require_grads()  # checkpointed blocks need inputs that require grad
-    model = wrap_with_lora(model, r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout, modules=modules)
+    # GPT-2's Conv1D layers store weights transposed; peft must know.
+    model = get_peft_model(model, LoraConfig(r=m.lora_r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
+                                             target_modules=list(modules), task_type="CAUSAL_LM",
+                                             fan_in_fan_out=model.config.model_type == "gpt2"))
     base = Path(m.model_name).expanduser()
     model.peft_config["default"].base_model_name_or_path = str(base.resolve()) if base.is_dir() else m.model_name
     trainable, total = model.get_nb_trainable_parameters()
@@ -112,10 +121,7 @@ def context_length(model: Any, tokenizer: Any, requested: int | None) -> int:
     if tok_limit and tok_limit < 1_000_000:
         limit = min(limit, tok_limit) if limit else tok_limit
     limit = limit or 1024
-    if requested is None:
-        return limit
-    if requested > limit:
+    if requested is not None and requested > limit:
         logger.warning("--max_seq_length %d exceeds the model's context of %d tokens; using %d.",
                        requested, limit, limit)
-        return limit
-    return requested
+    return limit if requested is None else min(requested, limit)

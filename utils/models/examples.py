@@ -1,9 +1,5 @@
-"""Training examples and the prompt/answer encoding shared by training and generation.
-
-An example is ``encode_prompt`` + ``encode_answer`` + EOS; the loss is taken on the answer and the
-EOS only. Our format encodes the answer as ``" " + answer``, so that a byte-pair tokenizer sees
-each gene as a word after a space, as the model produces it when it continues the prompt.
-"""
+"""Training examples (``encode_prompt`` + ``encode_answer`` + EOS, the loss on the answer and the EOS
+only) and the prompt/answer encoding shared by training and generation."""
 
 from __future__ import annotations
 
@@ -57,6 +53,7 @@ def encode_answer(tokenizer: Any, answer: str, fmt: PromptFormat | str | None = 
     """The token ids of an answer as they follow the prompt (without the EOS)."""
     if not answer:
         return []
+    # Ours prefixes " ": a byte-pair tokenizer sees each gene as a word after a space, as it generates them.
     return list(tokenizer(_format(fmt).answer_prefix + answer, add_special_tokens=False)["input_ids"])
 
 
@@ -197,9 +194,7 @@ def tokenize_batch(batch: Mapping[str, Sequence[Any]], indices: Sequence[int], *
         rng = random.Random(f"{seed}:{split}:{index}")  # the same for any batching or number of workers
         known = {c for c, v in columns.items() if has_label(v[row])}
         eligible = [(n, w) for n, w in zip(names, weights, strict=True) if needs[n] is None or needs[n] in known]
-        if len(eligible) == len(names):
-            task = rng.choices(names, weights=weights)[0]
-        elif eligible and sum(w for _, w in eligible) > 0:
+        if eligible and sum(w for _, w in eligible) > 0:
             task = rng.choices([n for n, _ in eligible], weights=[w for _, w in eligible])[0]
         else:
             continue
@@ -265,14 +260,11 @@ class CausalLMCollator:
     -100 in the labels, 0 in the attention mask."""
 
     pad_token_id: int
-    pad_to_multiple_of: int | None = None
 
     def __call__(self, features: Sequence[Mapping[str, Sequence[int]]]) -> dict[str, Any]:
         import torch
 
         longest = max(len(f["input_ids"]) for f in features)
-        if self.pad_to_multiple_of:
-            longest = math.ceil(longest / self.pad_to_multiple_of) * self.pad_to_multiple_of
         input_ids = torch.full((len(features), longest), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(features), longest), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(features), longest), dtype=torch.long)

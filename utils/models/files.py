@@ -22,12 +22,8 @@ TOKENIZER_FILES: tuple[str, ...] = ("tokenizer.json", "vocab.json", "tokenizer.m
 
 
 def file_problem(path: Path) -> str | None:
-    """What is wrong with one saved file, judged by its format (None: it reads back): the
-    safetensors header, the JSON (an index with its shards), a torch zip's CRCs and weights-only load.
-
-    >>> file_problem(Path("no/such/file.json"))
-    'is missing'
-    """
+    """What is wrong with one saved file (None: it reads back), e.g. ``"is missing"``: the safetensors
+    header, the JSON (an index with its shards), a torch zip's CRCs and weights-only load."""
     if not path.is_file():
         return "is missing"
     if path.stat().st_size == 0:
@@ -114,17 +110,14 @@ def check_adapter_dir(path: Path) -> str:
     config or adapter weights are missing or damaged, or its local base model folder is not there."""
     from utils.models.lora import ADAPTER_CONFIG, base_model_name
 
-    problem = file_problem(path / ADAPTER_CONFIG)
-    if problem:
-        raise InputError(f"{path / ADAPTER_CONFIG} {problem}; copy or save the adapter folder again.")
     weights = [name for name in ADAPTER_WEIGHT_FILES if (path / name).is_file()]
+    for name in [ADAPTER_CONFIG, *weights[:1]]:
+        if problem := file_problem(path / name):
+            raise InputError(f"{path / name} {problem}; copy or save the adapter folder again.")
     if not weights:
         raise InputError(f"{path} is a LoRA adapter folder whose adapter weights "
                          f"{path / ADAPTER_WEIGHT_FILES[0]} are missing; the folder is an incomplete copy or "
                          "an unfinished save: copy the whole run folder or train it again.")
-    problem = file_problem(path / weights[0])
-    if problem:
-        raise InputError(f"{path / weights[0]} {problem}; copy or save the adapter folder again.")
     base = base_model_name(path)
     base_path = Path(base).expanduser()
     # An absolute or ./-relative name is a folder; anything else may be a hub name (the loader's errors).

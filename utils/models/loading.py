@@ -96,7 +96,7 @@ def load_model_and_tokenizer(model_dir: str | Path, device: str | Any | None = N
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from utils.models.lora import ADAPTER_CONFIG, is_adapter_dir, load_adapter_model
+    from utils.models.lora import ADAPTER_CONFIG, is_adapter_dir
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -115,8 +115,10 @@ def load_model_and_tokenizer(model_dir: str | Path, device: str | Any | None = N
         tokenizer = from_pretrained(AutoTokenizer.from_pretrained, name, offline_hint=offline_hint)
     model = from_pretrained(AutoModelForCausalLM.from_pretrained, name, offline_hint=offline_hint,
                             dtype=dtype or torch.float32)
-    if adapter:
-        model = load_adapter_model(model_dir, model)
+    if adapter:  # the adapter merged into the base model's weights
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(model_dir)).merge_and_unload()
     rows = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > rows:  # ids past the embedding: garbage out (or an index error) later
         raise InputError(f"The tokenizer of {model_dir} has {len(tokenizer):,} tokens, but its model has only "

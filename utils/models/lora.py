@@ -1,12 +1,10 @@
-"""LoRA adapters (peft): defaults per architecture, and loading an adapter folder
+"""LoRA adapters (peft): the layers adapted per architecture, and adapter folders
 (``adapter_config.json``, which names the base model, + ``adapter_model.safetensors``)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from utils.cli import InputError
 
@@ -37,21 +35,6 @@ def target_modules(model_type: str, requested: str | None) -> list[str]:
     return list(DEFAULT_TARGET_MODULES[model_type])
 
 
-def wrap_with_lora(model: Any, *, r: int, alpha: float, dropout: float, modules: Sequence[str]) -> Any:
-    """The model with fresh LoRA adapters on ``modules``; only the adapters are trainable."""
-    from peft import LoraConfig, get_peft_model
-
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [m for m in modules if m not in present]
-    if missing:
-        raise InputError(f"--lora_target_modules {','.join(missing)} name no layer of this "
-                         f"{model.config.model_type} model; pick among its linear layers.")
-    # GPT-2's Conv1D layers store weights transposed; peft must know.
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(modules),
-                        task_type="CAUSAL_LM", fan_in_fan_out=model.config.model_type == "gpt2")
-    return get_peft_model(model, config)
-
-
 def base_model_name(adapter_dir: str | Path) -> str:
     """The base model an adapter folder was trained on."""
     config = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text())
@@ -59,10 +42,3 @@ def base_model_name(adapter_dir: str | Path) -> str:
     if not name:
         raise InputError(f"{adapter_dir}/{ADAPTER_CONFIG} names no base model.")
     return str(name)
-
-
-def load_adapter_model(adapter_dir: str | Path, base: Any) -> Any:
-    """``base`` with the adapter of ``adapter_dir`` merged into its weights."""
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()

@@ -193,12 +193,6 @@ def _usage(ref: str, recipe: Recipe, *, adapter: bool) -> list[str]:
             * adapter]
 
 
-def write_model_card(folder: Path, name: str = TRAIN.card) -> Path:
-    """Write the card of ``folder``, rendered from its records, as ``folder/name``."""
-    (Path(folder) / name).write_text(render_card(folder))
-    return Path(folder) / name
-
-
 def _clean(metrics: Mapping[str, Any]) -> dict[str, Any]:
     """The scalars of ``metrics`` and its mappings of scalars (one level: per column, per type)."""
     one = str | int | float | bool | None

@@ -32,26 +32,19 @@ def read_json(path: Path) -> Any:
                          "(then the model counts as a published one).") from None
 
 
-def transform_options_of(transform_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The sentence options and the QC thresholds of the transform whose output is
-    ``transform_dir`` (its ``transform_args.json``); two empty dicts when it has none."""
-    path = Path(transform_dir) / TRANSFORM.args
+def transform_of(transform_dir: Path) -> dict[str, Any]:
+    """The recipe fields of the transform whose output is ``transform_dir``: its sentence options and
+    QC thresholds (``transform_args.json``; empty when absent) and ``vocab.txt``'s genes (None when absent)."""
+    path, vocab = Path(transform_dir) / TRANSFORM.args, Path(transform_dir) / VOCAB
+    genes = [line.split()[0] for line in vocab.read_text().splitlines() if line.strip()] if vocab.is_file() else None
     if not path.is_file():
-        return {}, {}
+        return {"transform": {}, "qc": {}, "genes": genes}
     recorded = read_json(path)
     sentence = {k: recorded.get(k) for k in SENTENCE_OPTIONS if k in recorded}
     qc_source = recorded.get("qc") if isinstance(recorded.get("qc"), Mapping) else recorded  # API / script
     qc = {k: qc_source[k] for k in QC_OPTIONS if k in qc_source}
     qc["enabled"] = not recorded.get("no_qc", False) and bool(qc_source.get("enabled", True))
-    return sentence, qc
-
-
-def vocabulary_of(transform_dir: Path) -> list[str] | None:
-    """The genes of the transform's ``cell_sentences/vocab.txt`` (None when absent)."""
-    path = Path(transform_dir) / VOCAB
-    if not path.is_file():
-        return None
-    return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    return {"transform": sentence, "qc": qc, "genes": genes}
 
 
 @dataclass
@@ -92,12 +85,10 @@ class Recipe:
     def for_training(cls, data_dir: str | Path, *, prompt_format: str, organism: str, top_k_genes: int,
                      tasks: Mapping[str, float], label_columns: Mapping[str, Sequence[str]]) -> Recipe:
         """The recipe of a training run on ``data_dir`` (a transform's ``cell_sentences_hf/``)."""
-        transform_dir = Path(data_dir).parent
-        sentence, qc = transform_options_of(transform_dir)
         return cls(prompt_format=prompt_format, organism=organism, top_k_genes=int(top_k_genes),
                    tasks=list(tasks), task_weights=[float(w) for w in tasks.values()],
                    label_columns={c: sorted(map(str, v)) for c, v in label_columns.items()},
-                   transform=sentence, qc=qc, genes=vocabulary_of(transform_dir), data_dir=str(data_dir))
+                   **transform_of(Path(data_dir).parent), data_dir=str(data_dir))
 
     @classmethod
     def from_train_record(cls, record: Mapping[str, Any]) -> Recipe:
@@ -111,13 +102,11 @@ class Recipe:
         column = record.get("label_column") or "cell_type"
         labels = record.get("cell_types") or []
         data_dir = record.get("data_dir")
-        sentence, qc = transform_options_of(Path(data_dir).parent) if data_dir else ({}, {})
-        genes = vocabulary_of(Path(data_dir).parent) if data_dir else None
         return cls(prompt_format=str(fmt), organism=record.get("organism", DEFAULT_ORGANISM),
                    top_k_genes=int(record.get("top_k_genes", DEFAULT_TOP_K_GENES)),
                    tasks=list(record.get("tasks") or []), task_weights=list(record.get("task_weights") or []),
-                   label_columns={column: list(labels)} if labels else {}, transform=sentence, qc=qc,
-                   genes=genes, data_dir=data_dir)
+                   label_columns={column: list(labels)} if labels else {},
+                   **(transform_of(Path(data_dir).parent) if data_dir else {}), data_dir=data_dir)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Recipe:

@@ -16,19 +16,20 @@ from typing import Any, NamedTuple
 
 from utils.cli import InputError, save_args, strict_json
 from utils.contract import TRAIN
-from utils.models.model_card import card_name, write_model_card
+from utils.models.files import TOKENIZER_FILES, WEIGHT_FILES, checkpoint_problem
+from utils.models.model_card import card_name, render_card
 from utils.models.recipe import RECIPE_FILE, Recipe
 from utils.publish import check_can_write, claim_output_dir, publish_staged, release_output_dir
 
 logger = logging.getLogger("cell2sentence.train")
 
 STAGING_DIR = ".staging-final"
-# What a run writes besides model, adapter and tokenizer files (README.md: only when it is the card).
+# What a run writes (README.md: only when it is the card), besides the shards of _SHARD.
 RUN_OUTPUTS = frozenset({
     TRAIN.args, TRAIN.results, TRAIN.log, RECIPE_FILE, TRAIN.merged, TRAIN.user_card, TRAIN.evaluations,
     TRAIN.figures, "config.json", "generation_config.json", "adapter_config.json", "tokenizer_config.json",
     "special_tokens_map.json", "added_tokens.json", "merges.txt", "chat_template.jinja", "chat_template.json",
-    "training_args.bin"})
+    "training_args.bin", *WEIGHT_FILES, *TOKENIZER_FILES})
 _SHARD = re.compile(r"(model|pytorch_model|adapter_model)-\d+-of-\d+\.(safetensors|bin)")
 # Not pushed to the hub: the checkpoints (the Trainer leaves them out too), lock and staging files.
 PUSH_IGNORE = ["checkpoints/*", ".*", "*/.*"]
@@ -37,17 +38,6 @@ PUSH_IGNORE = ["checkpoints/*", ".*", "*/.*"]
 def is_rank_zero(training_args: Any) -> bool:
     """Whether this process is rank 0 (the only one that writes files)."""
     return training_args.process_index == 0
-
-
-def _broadcast(value: Any) -> Any:
-    """Rank 0's value on every process (identity when not distributed)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        holder = [value]
-        dist.broadcast_object_list(holder, src=0)
-        return holder[0]
-    return value
 
 
 def default_run_name(model_args: Any) -> str:
@@ -59,8 +49,6 @@ def default_run_name(model_args: Any) -> str:
 
 def latest_checkpoint(checkpoints_dir: Path, *, complete: bool = True) -> Path | None:
     """The ``checkpoint-N`` folder with the largest N (``complete``: that can be resumed from), or None."""
-    from utils.models.files import checkpoint_problem
-
     found = sorted((p for p in checkpoints_dir.glob("checkpoint-*")
                     if p.is_dir() and p.name.split("-")[-1].isdigit()),
                    key=lambda p: int(p.name.split("-")[-1]), reverse=True)
@@ -74,8 +62,6 @@ def latest_checkpoint(checkpoints_dir: Path, *, complete: bool = True) -> Path |
 
 def resolve_run(args: Any) -> tuple[Path, Path | None]:
     """The run folder and the checkpoint to resume from (None: a fresh run) of train.py's ``args``."""
-    from utils.models.files import checkpoint_problem
-
     m, t = args.model, args.training
     output_dir = Path(t.output_dir or "data/model/")
     checkpoint: Path | None = None
@@ -100,7 +86,9 @@ def resolve_run(args: Any) -> tuple[Path, Path | None]:
     elif checkpoint is not None and checkpoint.parent.name == "checkpoints":
         run_dir = checkpoint.parent.parent  # resume into the run the checkpoint belongs to
     else:
-        run_dir = output_dir / _broadcast(default_run_name(m))
+        from accelerate.utils import broadcast_object_list
+
+        run_dir = output_dir / broadcast_object_list([default_run_name(m)])[0]  # rank 0's name on every rank
     return run_dir, checkpoint
 
 
@@ -128,9 +116,7 @@ def write_run_record(training_args: Any, record: dict[str, Any], recipe: Recipe)
 
 def is_run_output(name: str) -> bool:
     """Whether ``name`` in a run folder is one train.py writes there; anything else is the user's."""
-    from utils.models.files import TOKENIZER_FILES, WEIGHT_FILES
-
-    return name in {*RUN_OUTPUTS, *WEIGHT_FILES, *TOKENIZER_FILES} or bool(_SHARD.fullmatch(name))
+    return name in RUN_OUTPUTS or bool(_SHARD.fullmatch(name))
 
 
 def publish(staging: Path, run_dir: Path) -> None:
@@ -166,7 +152,7 @@ def save_final_files(staging: Path, trainer: Any, tokenizer: Any, record: dict[s
         logger.warning("%s is yours, so it stays; the model card is %s (rename it to README.md to have the "
                        "hub show it).", staging.parent / TRAIN.card, staging.parent / card)
     for folder in folders:
-        write_model_card(folder, card if folder == staging else TRAIN.card)
+        (folder / (card if folder == staging else TRAIN.card)).write_text(render_card(folder))
 
 
 class HubPush(NamedTuple):
@@ -205,10 +191,7 @@ def push_run(run_dir: Path, hub: HubPush) -> None:
     """Upload the run folder but ``checkpoints/``; run outputs of an earlier push not written now go."""
     from huggingface_hub import HfApi
 
-    from utils.models.files import TOKENIZER_FILES, WEIGHT_FILES
-
-    stale = sorted({*RUN_OUTPUTS, *WEIGHT_FILES, *TOKENIZER_FILES, f"{TRAIN.merged}/*", f"{TRAIN.figures}/*",
-                    "*-of-*.safetensors", "*-of-*.bin"})
+    stale = sorted({*RUN_OUTPUTS, f"{TRAIN.merged}/*", f"{TRAIN.figures}/*", "*-of-*.safetensors", "*-of-*.bin"})
     config = run_dir / "adapter_config.json"
     base = json.loads(config.read_text()).get("base_model_name_or_path") if config.is_file() else None
     if base and Path(base).is_absolute():

@@ -46,8 +46,11 @@ def renamed_keys(record: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def read_run_record(checkpoint: Path) -> tuple[dict[str, Any], Path] | None:
-    """The record (``run_args.json``, else ``train_args.json``) of ``checkpoint``'s run and its path."""
+def resume_run(args: Any, checkpoint: Path | None) -> dict[str, Any]:
+    """Restore the run of ``checkpoint`` into ``args`` from its record (``run_args.json``, else
+    ``train_args.json``); returns the record, {} for a fresh run or none recorded."""
+    if checkpoint is None:
+        return {}
     for path in (checkpoint.parent / TRAIN.run_args, checkpoint.parent.parent / TRAIN.args):
         if not path.is_file():
             continue
@@ -57,21 +60,12 @@ def read_run_record(checkpoint: Path) -> tuple[dict[str, Any], Path] | None:
             raise InputError(f"{path} is not valid JSON ({err}), so the run to resume is unknown; restore "
                              "the file or start a new run without --checkpoint.") from None
         if isinstance(record, dict):
-            return renamed_keys(record), path
-    return None
-
-
-def resume_run(args: Any, checkpoint: Path | None) -> dict[str, Any]:
-    """Restore the run of ``checkpoint`` into ``args``; its record, {} for a fresh run or none recorded."""
-    if checkpoint is None:
-        return {}
-    found = read_run_record(checkpoint)
-    if found is None:
-        logger.warning("%s has no run record (%s); resuming with the flags as given.",
-                       checkpoint, checkpoint.parent / TRAIN.run_args)
-        return {}
-    restore_run(args, *found)
-    return found[0]
+            record = renamed_keys(record)
+            restore_run(args, record, path)
+            return record
+    logger.warning("%s has no run record (%s); resuming with the flags as given.",
+                   checkpoint, checkpoint.parent / TRAIN.run_args)
+    return {}
 
 
 def recorded_flags(args: Any) -> dict[str, Any]:
@@ -169,9 +163,8 @@ def _restore_training(t: Any, recorded: dict[str, Any], given: frozenset[str], s
 
 
 def effective_args(args: Any, tasks: dict[str, float], max_length: int, stats: dict[str, Any], tokenizer: Any,
-                   checkpoint: Path | None, run_dir: Path, cell_types: list[str], lora_modules: Sequence[str] = (),
-                   flags: dict[str, Any] | None = None, *, facts: Mapping[str, Any] | None = None,
-                   earlier: dict[str, Any] | None = None) -> dict[str, Any]:
+                   checkpoint: Path | None, run_dir: Path, cell_types: list[str], lora_modules: Sequence[str],
+                   flags: dict[str, Any], *, facts: Mapping[str, Any], earlier: dict[str, Any]) -> dict[str, Any]:
     """The run's record (train_args.json): every flag, what the run derived, the ``flags`` as given and
     the card's ``facts``; a resume extends ``earlier``, adding itself to ``resumes``."""
     from utils.models.prompts import prompt_format
@@ -193,13 +186,19 @@ def effective_args(args: Any, tasks: dict[str, float], max_length: int, stats: d
         lora={"r": m.lora_r, "alpha": m.lora_alpha, "dropout": m.lora_dropout,
               "target_modules": sorted(lora_modules), "merged": m.merge_lora} if m.lora_r else None,
         seed=args.training.seed, training=json.loads(args.training.to_json_string()),
-        flags=flags if flags is not None else recorded_flags(args),
+        flags=flags, **facts,
     )
-    record.update(facts or {})
     if checkpoint is None or not earlier:
         return record
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
-    entry = resume_entry(record, earlier, checkpoint, int(state["global_step"]))
+    # The entry of this resume: when, from which checkpoint and step, and what changed ([before, now]).
+    volatile = {"resumed_from", "resumes", "checkpoint", "overwrite", "recipe", "flags", "training"}
+    changed = {k: [earlier.get(k), v] for k, v in record.items() if k not in volatile and earlier.get(k) != v}
+    before = earlier.get("training") or {}
+    changed.update({f"training.{k}": [before.get(k), v] for k, v in record["training"].items()
+                    if before.get(k) != v and k not in ("output_dir", "logging_dir")})
+    entry = {"at": datetime.now(UTC).isoformat(timespec="seconds"), "checkpoint": str(checkpoint),
+             "from_step": json.loads((checkpoint / "trainer_state.json").read_text())["global_step"], "to_step": None,
+             "changed": changed}
     kept = {k: v for k, v in earlier.items() if k not in ("recipe", "resumes")}
     return {**kept, **record, "resumes": [*earlier.get("resumes", []), entry]}
 
@@ -221,18 +220,4 @@ def training_recipe(data_args: Any, tasks: Mapping[str, float], cell_types: Sequ
         logger.warning("The transform of %s changed since the run started (its options or vocabulary differ "
                        "from the run's recipe); the resumed run trains on the new sentences.", d.data_dir)
     return recipe
-
-
-def resume_entry(record: dict[str, Any], earlier: dict[str, Any], checkpoint: Path,
-                 from_step: int) -> dict[str, Any]:
-    """One entry of ``resumes``: when, from which checkpoint and step, and what changed (``[before, now]``)."""
-    volatile = {"resumed_from", "resumes", "checkpoint", "overwrite", "recipe", "flags", "training"}
-    changed = {k: [earlier.get(k), v] for k, v in record.items()
-               if k not in volatile and earlier.get(k) != v}
-    before = earlier.get("training") or {}
-    changed.update({f"training.{k}": [before.get(k), v]
-                    for k, v in (record.get("training") or {}).items()
-                    if before.get(k) != v and k not in ("output_dir", "logging_dir")})
-    return {"at": datetime.now(UTC).isoformat(timespec="seconds"), "checkpoint": str(checkpoint),
-            "from_step": from_step, "to_step": None, "changed": changed}
 

@@ -1,9 +1,5 @@
-"""A word-level tokenizer for cell sentences: one token per gene and per prompt word.
-
-GPT-2's byte-pair encoding splits a gene name such as ``RPS27A`` into several tokens; this
-``PreTrainedTokenizerFast`` (WordLevel + WhitespaceSplit) maps every whitespace-separated word to
-one id, so sequences are shorter and decoding rebuilds ``"GENE1 GENE2"`` exactly.
-"""
+"""A word-level tokenizer for cell sentences: one token per gene and per prompt word (byte-pair
+encoding splits ``RPS27A`` into several), so sequences are shorter and decoding gives back the text."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
-"""The data ``train.py`` trains on: transform.py's DatasetDict read and checked, the label column
-and the task mix it allows, and the tokenized examples (one per cell, its task drawn at random,
-seeded per cell) with their counts."""
+"""The data ``train.py`` trains on: transform.py's DatasetDict checked, the label columns and task mix
+it allows, and the tokenized examples (one per cell, its task drawn at random, seeded per cell)."""
 
 from __future__ import annotations
 
@@ -63,20 +62,15 @@ def first_cells(split: Any, n: int | None) -> Any:
     return split if n is None else split.select(range(min(n, len(split))))
 
 
-def resolve_label_column(requested: str | None, columns: Sequence[str]) -> str:
-    """The label column: ``cell_type`` by default; one named with --label_column must exist."""
-    if requested is not None and requested not in columns:
-        raise InputError(f"The data has no column {requested!r} given by --label_column (it has "
-                         f"{', '.join(columns)}); fix the name or leave the flag out.")
-    return requested or "cell_type"
-
-
 def resolve_label_columns(label_column: str | None, label_columns: str | None,
                           columns: Sequence[str]) -> list[str]:
-    """The label columns of ``--label_columns a,b`` (each must exist) or, without it,
-    ``[resolve_label_column(label_column, columns)]``."""
+    """The label columns of ``--label_columns a,b`` or else ``--label_column`` (default ``cell_type``);
+    each one named must exist."""
     if label_columns is None:
-        return [resolve_label_column(label_column, columns)]
+        if label_column is not None and label_column not in columns:
+            raise InputError(f"The data has no column {label_column!r} given by --label_column (it has "
+                             f"{', '.join(columns)}); fix the name or leave the flag out.")
+        return [label_column or "cell_type"]
     names = [c.strip() for c in label_columns.split(",") if c.strip()]
     if not names:
         raise InputError(f"--label_columns {label_columns!r} names no column; e.g. --label_columns cell_type,tissue.")
@@ -177,20 +171,10 @@ def tokenize_split(split: Any, name: str, args: Any, tokenizer: Any, tasks: dict
     return concatenate_datasets([examples, Dataset.from_dict(groups, features=examples.features)])
 
 
-def describe_examples(examples: Any) -> dict[str, Any]:
-    """Counts per task and token lengths of tokenized examples."""
-    lengths = [len(ids) for ids in examples["input_ids"]]
-    answer = [sum(1 for x in labels if x != -100) for labels in examples["labels"]]
-    return {"n_examples": len(lengths), "task_counts": dict(sorted(Counter(examples["task"]).items())),
-            "avg_tokens_per_example": round(statistics.fmean(lengths), 2) if lengths else 0.0,
-            "max_tokens_per_example": max(lengths, default=0),
-            "avg_answer_tokens": round(statistics.fmean(answer), 2) if answer else 0.0}
-
-
 def build_examples(train_split: Any, valid_split: Any | None, args: Any, tokenizer: Any, tasks: dict[str, float],
                    max_length: int) -> tuple[Any, Any | None, dict[str, Any]]:
-    """The training examples, the evaluation ones (None without ``valid_split``) and the
-    counts of the training ones (``describe_examples``), as train.py's flags ``args`` say."""
+    """The training examples, the evaluation ones (None without ``valid_split``) and the counts per
+    task and token lengths of the training ones, as train.py's flags ``args`` say."""
     d = args.data
     with args.training.main_process_first(desc="building examples"):
         try:
@@ -202,7 +186,12 @@ def build_examples(train_split: Any, valid_split: Any | None, args: Any, tokeniz
             if "does not fit" in str(err):
                 raise InputError(str(err)) from None
             raise
-    stats = describe_examples(train_examples)
+    lengths = [len(ids) for ids in train_examples["input_ids"]]
+    answer = [sum(1 for x in labels if x != -100) for labels in train_examples["labels"]]
+    stats = {"n_examples": len(lengths), "task_counts": dict(sorted(Counter(train_examples["task"]).items())),
+             "avg_tokens_per_example": round(statistics.fmean(lengths), 2) if lengths else 0.0,
+             "max_tokens_per_example": max(lengths, default=0),
+             "avg_answer_tokens": round(statistics.fmean(answer), 2) if answer else 0.0}
     if stats["n_examples"] == 0:
         raise InputError(f"No training example could be built: no cell of {d.data_dir} has a "
                          f"{' or '.join(map(repr, label_columns_of(d)))} label; "
