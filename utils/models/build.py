@@ -38,13 +38,7 @@ def build_model_and_tokenizer(args: Any, train_split: Any, checkpoint: Path | No
     from utils.models.train_data import label_columns_of, label_set
 
     m, d = args.model, args.data
-    if checkpoint is not None:
-        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
-        # An adapter checkpoint: the base model + fresh adapters (Trainer restores the adapters).
-        source = m.model_name if m.lora_r else str(checkpoint)
-        model = from_pretrained(AutoModelForCausalLM.from_pretrained, source, offline_hint=OFFLINE_HINT,
-                                dtype=torch.float32)
-    elif m.init_from_scratch:
+    if m.init_from_scratch and checkpoint is None:
         # The attribute and multi-condition prompts' words only with several label columns (a
         # one-column run's vocabulary stays what it was).
         columns = label_columns_of(d)
@@ -65,8 +59,11 @@ def build_model_and_tokenizer(args: Any, train_split: Any, checkpoint: Path | No
         logger.info("New GPT-2-style model: %d layers, %d dims, %d heads, %s parameters, vocabulary of %s words.",
                     m.n_layer, m.n_embd, m.n_head, f"{model.num_parameters():,}", f"{len(tokenizer):,}")
     else:
-        tokenizer = from_pretrained(AutoTokenizer.from_pretrained, m.model_name, offline_hint=OFFLINE_HINT)
-        model = from_pretrained(AutoModelForCausalLM.from_pretrained, m.model_name, offline_hint=OFFLINE_HINT,
+        tokenizer = (AutoTokenizer.from_pretrained(str(checkpoint)) if checkpoint is not None else
+                     from_pretrained(AutoTokenizer.from_pretrained, m.model_name, offline_hint=OFFLINE_HINT))
+        # An adapter checkpoint: the base model + fresh adapters (Trainer restores the adapters).
+        source = m.model_name if checkpoint is None or m.lora_r else str(checkpoint)
+        model = from_pretrained(AutoModelForCausalLM.from_pretrained, source, offline_hint=OFFLINE_HINT,
                                 dtype=torch.float32)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

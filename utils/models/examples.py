@@ -110,10 +110,9 @@ def _fit_genes(n_genes: int, max_length: int, build: Build, *, what: str) -> tup
 def generation_example(tokenizer: Any, genes: Sequence[str], cell_type: str | None, *, template: str,
                        max_length: int, fmt: PromptFormat | str | None = None,
                        conditions: Sequence[tuple[str, str]] | None = None) -> tuple[dict[str, list[int]], int]:
-    """A generation example: prompt for ``len(genes)`` genes of a ``cell_type`` cell (or of a
-    cell with these ``(column, value)`` ``conditions``) -> those genes + EOS; returns it and the
-    number of genes kept (fewer when it would not fit ``max_length``: the EOS is never cut off).
-    """
+    """A generation example: prompt for ``len(genes)`` genes of a ``cell_type`` cell (or of a cell with
+    these ``(column, value)`` ``conditions``) -> those genes + EOS; returns it and the number of genes
+    kept (fewer when it would not fit ``max_length``: the EOS is never cut off)."""
     fmt = _format(fmt)
 
     def build(n: int) -> tuple[list[int], list[int]]:
@@ -171,20 +170,17 @@ def make_example(tokenizer: Any, sentence: str, cell_type: str | None, *, task: 
 
 def tokenize_batch(batch: Mapping[str, Sequence[Any]], indices: Sequence[int], *, tokenizer: Any,
                    tasks: Mapping[str, float], top_k: int, max_length: int, seed: int, split: str,
-                   sentence_column: str = "cell_sentence", cell_type_column: str | None = "cell_type",
+                   cell_type_column: str | None = "cell_type",
                    prompt_format: PromptFormat | str = OURS, label_columns: Mapping[str, str] | None = None,
                    condition_columns: Sequence[str] = ()) -> dict[str, list[Any]]:
-    """``datasets.map(batched=True, with_indices=True)`` function: one example per cell, its task
-    drawn with the weights of ``tasks`` among those whose label the cell has (no example when it
-    has none); a seeded stream per cell.
-
-    ``label_columns``: further label columns by prediction task (``prediction_tasks``). With
-    ``condition_columns``, a conditional generation is conditioned on ``draw_conditions``.
-    """
+    """``datasets.map(batched=True, with_indices=True)`` function: one example per cell, its task drawn
+    (seeded per cell) with the weights of ``tasks`` among those whose label the cell has (none: no example).
+    ``label_columns``: further label columns by prediction task (``prediction_tasks``); with
+    ``condition_columns``, a conditional generation is conditioned on ``draw_conditions``."""
     names, weights = list(tasks), list(tasks.values())
     fmt = _format(prompt_format)
     extra = dict(label_columns or {})
-    sentences = batch[sentence_column]
+    sentences = batch["cell_sentence"]
     # The column whose label each task needs (None: an untyped task).
     needs = {n: extra.get(n, cell_type_column if n in TYPED_TASKS else None) for n in names}
     columns = {c: batch[c] if c in batch else [None] * len(sentences)

@@ -49,15 +49,10 @@ def transform_of(transform_dir: Path) -> dict[str, Any]:
 
 @dataclass
 class Recipe:
-    """How a model's training cells became sentences and prompts.
-
-    ``tasks``/``task_weights`` empty: not recorded. ``label_columns``: per label column its sorted
-    labels, the cell type's first. ``transform``: the ``SENTENCE_OPTIONS``; ``qc``: the
-    ``QC_OPTIONS`` and ``enabled``; ``genes``: the transform's vocabulary (None: unknown);
-    ``published``: nothing recorded (the c2s_scale defaults). ``multi_cell_column`` (None: no
-    multi-cell tasks), ``cells_per_example``, ``group_labels``: the multi-cell tasks';
-    ``condition_columns``: the columns conditional generation was conditioned on (``[]``: the cell type).
-    """
+    """How a model's training cells became sentences and prompts. ``tasks`` empty: not recorded;
+    ``label_columns``: per column its sorted labels, the cell type's first; ``genes`` None: unknown;
+    ``published``: nothing recorded (the c2s_scale defaults); ``multi_cell_column`` None: no multi-cell
+    tasks; ``condition_columns``: those of conditional generation (``[]``: the cell type)."""
 
     prompt_format: str = "c2s_scale"
     organism: str = DEFAULT_ORGANISM

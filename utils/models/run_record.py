@@ -110,7 +110,10 @@ def _same_flag(name: str, value: Any, other: Any) -> bool:
 
 
 def restore_run(args: Any, record: dict[str, Any], source: Path) -> None:
-    """Restore the recorded model and data flags and seed; one given with another value is an ``InputError``."""
+    """Restore the recorded model and data flags and seed (one given with another value: an ``InputError``)
+    and the ``TRAINING_FLAGS`` not given again."""
+    from transformers import SchedulerType
+
     from utils.models.examples import parse_tasks
 
     record = renamed_keys(record)
@@ -138,28 +141,19 @@ def restore_run(args: Any, record: dict[str, Any], source: Path) -> None:
                              f"trained with (recorded in {source}); drop the flag to continue the run as it "
                              "was, or start a new run without --checkpoint.")
         setattr(holder, name, recorded)
-    _restore_training(args.training, record.get("training") or {}, given, source)
+    training = record.get("training") or {}  # kept unless given again (then a warning when it differs)
+    for name in (n for n in TRAINING_FLAGS if n in training):
+        value, before = getattr(args.training, name), training[name]
+        value = value.value if isinstance(value, SchedulerType) else value
+        if name not in given:
+            setattr(args.training, name, SchedulerType(before) if name == "lr_scheduler_type" else before)
+        elif value != before:
+            logger.warning("--%s %s replaces the %s the run being resumed was trained with (%s).",
+                           name, value, before, source)
     d = args.data
     logger.info("Resuming the run recorded in %s: data %s, tasks %s, top %d genes, %s prompts, seed %d.",
                 source, d.data_dir, d.tasks or "(from the data)", d.top_k_genes, d.prompt_format,
                 args.training.seed)
-
-
-def _restore_training(t: Any, recorded: dict[str, Any], given: frozenset[str], source: Path) -> None:
-    """The recorded ``TRAINING_FLAGS`` replace the defaults; one given with another value is a warning."""
-    from transformers import SchedulerType
-
-    for name in TRAINING_FLAGS:
-        if name not in recorded:
-            continue
-        value, before = getattr(t, name), recorded[name]
-        value = value.value if isinstance(value, SchedulerType) else value
-        if name in given:
-            if value != before:
-                logger.warning("--%s %s replaces the %s the run being resumed was trained with (%s).",
-                               name, value, before, source)
-            continue
-        setattr(t, name, SchedulerType(before) if name == "lr_scheduler_type" else before)
 
 
 def effective_args(args: Any, tasks: dict[str, float], max_length: int, stats: dict[str, Any], tokenizer: Any,

@@ -179,9 +179,8 @@ def build_examples(train_split: Any, valid_split: Any | None, args: Any, tokeniz
     with args.training.main_process_first(desc="building examples"):
         try:
             train_examples = tokenize_split(train_split, "train", args, tokenizer, tasks, max_length)
-            eval_examples = None
-            if valid_split is not None:
-                eval_examples = tokenize_split(valid_split, "valid", args, tokenizer, tasks, max_length)
+            eval_examples = (None if valid_split is None else
+                             tokenize_split(valid_split, "valid", args, tokenizer, tasks, max_length))
         except ValueError as err:
             if "does not fit" in str(err):
                 raise InputError(str(err)) from None
@@ -204,10 +203,8 @@ def build_examples(train_split: Any, valid_split: Any | None, args: Any, tokeniz
                 ", ".join(f"{k} {v:,}" for k, v in stats["task_counts"].items()),
                 stats["avg_tokens_per_example"], stats["max_tokens_per_example"], max_length,
                 stats["avg_answer_tokens"])
-    train_examples = train_examples.remove_columns("task")
-    if eval_examples is not None:
-        eval_examples = eval_examples.remove_columns("task")
-    return train_examples, eval_examples, stats
+    return (train_examples.remove_columns("task"),
+            None if eval_examples is None else eval_examples.remove_columns("task"), stats)
 
 
 def add_label_columns(recipe: Any, train_split: Any, data_args: Any, tasks: dict[str, Any], *,
