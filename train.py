@@ -210,7 +210,8 @@ def _train(args: TrainArgs) -> Path:
 
     # The data: the cells, their labels and the task mix
     settle_inputs(Path(d.data_dir).parent, *([Path(m.model_name)] if m.model_name else []))
-    dataset = train_data.load_cell_sentences(Path(d.data_dir))
+    do_eval = t.eval_strategy != "no" or t.do_eval
+    dataset = train_data.load_cell_sentences(Path(d.data_dir), do_eval=do_eval)
     names = dataset["train"].column_names
     if d.label_columns is None and isinstance(earlier.get("label_columns"), str):
         d.label_columns = earlier["label_columns"]  # a resumed run keeps its label columns
@@ -223,8 +224,6 @@ def _train(args: TrainArgs) -> Path:
                          f"has {', '.join(names)}); carry it into the dataset with "
                          "transform.py --obs_columns, or fix the name.")
     tasks = train_data.resolve_tasks(d, names)
-    do_eval = t.eval_strategy != "no" or t.do_eval
-    train_data.check_splits(dataset, d.data_dir, do_eval=do_eval)
     run_folder.prepare_run_dir(run_dir, checkpoint, overwrite=d.overwrite, delete=rank_zero)
     t.output_dir = str(run_dir / "checkpoints")
     t.run_name = run_dir.name

@@ -27,8 +27,7 @@ def iter_top_genes(dataset: Any, top_k: int, batch_size: int = 10_000) -> Iterat
 
 
 def build_model_and_tokenizer(args: Any, train_split: Any, checkpoint: Path | None) -> tuple[Any, Any]:
-    """Load the pretrained model, the checkpoint's, or build a small one from scratch, as
-    train.py's parsed flags ``args`` say."""
+    """The model and tokenizer train.py's flags ``args`` ask for: pretrained, the checkpoint's or new."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
 

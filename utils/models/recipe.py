@@ -182,8 +182,7 @@ class Recipe:
         return task in self.tasks if self.tasks else None
 
     def sentence_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of ``utils.adata_to_sentences`` that rebuild the training sentences'
-        order for new cells."""
+        """Keyword arguments of ``utils.adata_to_sentences`` that order new cells' genes as in training."""
         kwargs = {k: v for k, v in self.transform.items() if k in SENTENCE_OPTIONS and v is not None}
         if "target_sum" in kwargs:
             kwargs["target_sum"] = float(kwargs["target_sum"])

@@ -14,6 +14,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from accelerate.utils import broadcast_object_list
+
 from utils.cli import InputError, save_args, strict_json
 from utils.contract import TRAIN
 from utils.models.files import TOKENIZER_FILES, WEIGHT_FILES, checkpoint_problem
@@ -86,8 +88,6 @@ def resolve_run(args: Any) -> tuple[Path, Path | None]:
     elif checkpoint is not None and checkpoint.parent.name == "checkpoints":
         run_dir = checkpoint.parent.parent  # resume into the run the checkpoint belongs to
     else:
-        from accelerate.utils import broadcast_object_list
-
         run_dir = output_dir / broadcast_object_list([default_run_name(m)])[0]  # rank 0's name on every rank
     return run_dir, checkpoint
 
@@ -138,20 +138,18 @@ def save_final_files(staging: Path, trainer: Any, tokenizer: Any, record: dict[s
     folders = [staging]
     if merge:
         # The adapter folds into the base weights: a plain model anyone loads without peft.
-        merged = trainer.model.merge_and_unload()
-        merged.save_pretrained(str(staging / TRAIN.merged))
+        trainer.model.merge_and_unload().save_pretrained(str(staging / TRAIN.merged))
         tokenizer.save_pretrained(str(staging / TRAIN.merged))
         folders.append(staging / TRAIN.merged)
-    for folder in folders:
-        save_args(record, folder / TRAIN.args)
-        recipe.write(folder)
-        (folder / TRAIN.results).write_text(strict_json(metrics, indent=2, sort_keys=True) + "\n")
-        (folder / TRAIN.log).write_text(strict_json(trainer.state.log_history, indent=2) + "\n")
     card = card_name(staging.parent)
     if card != TRAIN.card:
         logger.warning("%s is yours, so it stays; the model card is %s (rename it to README.md to have the "
                        "hub show it).", staging.parent / TRAIN.card, staging.parent / card)
     for folder in folders:
+        save_args(record, folder / TRAIN.args)
+        recipe.write(folder)
+        (folder / TRAIN.results).write_text(strict_json(metrics, indent=2, sort_keys=True) + "\n")
+        (folder / TRAIN.log).write_text(strict_json(trainer.state.log_history, indent=2) + "\n")
         (folder / (card if folder == staging else TRAIN.card)).write_text(render_card(folder))
 
 

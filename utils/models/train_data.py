@@ -27,8 +27,9 @@ from utils.models.prompts import PROMPT_FORMATS, prompt_format
 logger = logging.getLogger("cell2sentence.train")
 
 
-def load_cell_sentences(data_dir: Path) -> Any:
-    """The DatasetDict of transform.py, checked for a train split and a sentence column."""
+def load_cell_sentences(data_dir: Path, *, do_eval: bool) -> Any:
+    """The DatasetDict of transform.py, checked for a train split with cells and a sentence column, and
+    a valid split with cells when evaluation was asked for (``do_eval``)."""
     from datasets import DatasetDict, load_from_disk
 
     if not data_dir.is_dir():
@@ -45,16 +46,12 @@ def load_cell_sentences(data_dir: Path) -> Any:
     if "cell_sentence" not in dataset["train"].column_names:
         raise InputError(f"The train split of {data_dir} has no 'cell_sentence' column "
                          f"(columns: {', '.join(dataset['train'].column_names)}).")
-    return dataset
-
-
-def check_splits(dataset: Any, data_dir: str, *, do_eval: bool) -> None:
-    """A train split with cells, and a valid one with cells when evaluation was asked for."""
     if do_eval and ("valid" not in dataset or len(dataset["valid"]) == 0):
         raise InputError(f"Evaluation was asked for, but {data_dir} has no or an empty 'valid' split; "
                          "drop --eval_strategy or pass a dataset with a valid split.")
     if len(dataset["train"]) == 0:
         raise InputError(f"The train split of {data_dir} is empty; nothing to train on.")
+    return dataset
 
 
 def first_cells(split: Any, n: int | None) -> Any:
@@ -64,8 +61,7 @@ def first_cells(split: Any, n: int | None) -> Any:
 
 def resolve_label_columns(label_column: str | None, label_columns: str | None,
                           columns: Sequence[str]) -> list[str]:
-    """The label columns of ``--label_columns a,b`` or else ``--label_column`` (default ``cell_type``);
-    each one named must exist."""
+    """The label columns: ``--label_columns a,b``, else ``--label_column`` (default cell_type); each must exist."""
     if label_columns is None:
         if label_column is not None and label_column not in columns:
             raise InputError(f"The data has no column {label_column!r} given by --label_column (it has "
@@ -173,8 +169,7 @@ def tokenize_split(split: Any, name: str, args: Any, tokenizer: Any, tasks: dict
 
 def build_examples(train_split: Any, valid_split: Any | None, args: Any, tokenizer: Any, tasks: dict[str, float],
                    max_length: int) -> tuple[Any, Any | None, dict[str, Any]]:
-    """The training examples, the evaluation ones (None without ``valid_split``) and the counts per
-    task and token lengths of the training ones, as train.py's flags ``args`` say."""
+    """The training and evaluation examples (None without ``valid_split``) and the training ones' counts."""
     d = args.data
     with args.training.main_process_first(desc="building examples"):
         try:
