@@ -84,8 +84,7 @@ def build_model_and_tokenizer(args: Any, train_split: Any, checkpoint: Path | No
 
 
 def add_lora(model: Any, m: Any, *, gradient_checkpointing: bool) -> Any:
-    """Wrap ``model`` with LoRA adapters (only they train) as the model flags ``m`` say; a local
-    base model is named by its absolute path, so the run folder loads from anywhere."""
+    """``model`` with LoRA adapters (only they train) as the model flags ``m`` say."""
     from peft import LoraConfig, get_peft_model
 
     from utils.models.lora import target_modules
@@ -101,7 +100,7 @@ def add_lora(model: Any, m: Any, *, gradient_checkpointing: bool) -> Any:
     model = get_peft_model(model, LoraConfig(r=m.lora_r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
                                              target_modules=list(modules), task_type="CAUSAL_LM",
                                              fan_in_fan_out=model.config.model_type == "gpt2"))
-    base = Path(m.model_name).expanduser()
+    base = Path(m.model_name).expanduser()  # a local one by its absolute path: the run loads from anywhere
     model.peft_config["default"].base_model_name_or_path = str(base.resolve()) if base.is_dir() else m.model_name
     trainable, total = model.get_nb_trainable_parameters()
     logger.info("LoRA r=%d alpha=%g on %s: %s of %s parameters train (%.2f%%).", m.lora_r, m.lora_alpha,

@@ -67,8 +67,7 @@ def decode_text(tokenizer: Any, ids: Sequence[int] | Any) -> str:
 
 
 def decode_answer(tokenizer: Any, ids: Sequence[int] | Any, fmt: PromptFormat | str | None = None) -> str:
-    """The text of generated answer ``ids`` (list or 1-d tensor/array): up to the first EOS, words
-    separated by single spaces, only the first line and no closing suffix (``parse_label``)."""
+    """The answer in generated ``ids`` (list or 1-d tensor/array), up to the first EOS, by ``parse_label``."""
     return _format(fmt).parse_label(decode_text(tokenizer, ids))
 
 
@@ -252,8 +251,7 @@ def parse_tasks(tasks: str, weights: str | None = None, *, extra_tasks: Sequence
 
 @dataclass
 class CausalLMCollator:
-    """Pad a list of ``{"input_ids", "labels"}`` on the right: ``pad_token_id`` in the inputs,
-    -100 in the labels, 0 in the attention mask."""
+    """Pad ``{"input_ids", "labels"}`` on the right (``pad_token_id``, -100) with an attention mask."""
 
     pad_token_id: int
 

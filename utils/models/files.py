@@ -67,8 +67,7 @@ def file_problem(path: Path) -> str | None:
 
 
 def _weights_only_problem(path: Path) -> str | None:
-    """Why torch's weights-only loader (as the Trainer calls it) refuses the zip-format torch file
-    ``path`` (None: it loads); memory-mapped, and no code of the file runs."""
+    """Why the Trainer's weights-only, memory-mapped torch load refuses ``path`` (None: it loads)."""
     import pickle
 
     import torch

@@ -38,8 +38,7 @@ def _looks_like_path(name: str) -> bool:
 
 def from_pretrained(loader: Callable[..., Any], name: str, *,
                     offline_hint: str = "pass a local model directory instead", **kwargs: Any) -> Any:
-    """``loader(name, **kwargs)`` for a local directory or a hub name (the local cache first, the
-    hub only when it can be reached), with clear errors."""
+    """``loader(name, **kwargs)`` for a local folder or a hub name (cache first, then the hub), with clear errors."""
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():

@@ -159,8 +159,7 @@ class Recipe:
         return list(self.label_columns.get(column, [])) if column else []
 
     def attribute(self, column: str | None) -> str | None:
-        """How the prediction prompts of ``column`` name it: its ``attribute_name`` when the model
-        was trained on ``<column>_prediction``, else None (the cell-type prompts)."""
+        """``column``'s ``attribute_name`` if the model learned ``<column>_prediction``, else None (cell types)."""
         from utils.models.examples import CELL_TYPE_PREDICTION, PREDICTION_SUFFIX
         from utils.models.prompts import attribute_name
 

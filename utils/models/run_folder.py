@@ -120,12 +120,10 @@ def is_run_output(name: str) -> bool:
 
 
 def publish(staging: Path, run_dir: Path) -> None:
-    """Publish the staged files into ``run_dir`` (config last); remove earlier run outputs not written now."""
+    """Publish the staged files into ``run_dir`` (config last), retiring earlier run outputs not written now."""
     names = sorted(p.name for p in staging.iterdir())
-    published = publish_staged(staging, run_dir, ["config.json", "adapter_config.json", *names])
-    for old in sorted(run_dir.iterdir()):
-        if old.name not in published and is_run_output(old.name):
-            shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+    old = sorted(p.name for p in run_dir.iterdir() if is_run_output(p.name))
+    publish_staged(staging, run_dir, ["config.json", "adapter_config.json", *names, *old], whole=True)
     release_output_dir(run_dir)
 
 

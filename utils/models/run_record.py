@@ -47,8 +47,7 @@ def renamed_keys(record: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def resume_run(args: Any, checkpoint: Path | None) -> dict[str, Any]:
-    """Restore the run of ``checkpoint`` into ``args`` from its record (``run_args.json``, else
-    ``train_args.json``); returns the record, {} for a fresh run or none recorded."""
+    """Restore into ``args`` the run of ``checkpoint`` as recorded; the record, {} for a fresh run or none."""
     if checkpoint is None:
         return {}
     for path in (checkpoint.parent / TRAIN.run_args, checkpoint.parent.parent / TRAIN.args):
@@ -70,10 +69,8 @@ def resume_run(args: Any, checkpoint: Path | None) -> dict[str, Any]:
 
 def recorded_flags(args: Any) -> dict[str, Any]:
     """The flags a resume restores, as given (before the run derives anything from them)."""
-    values = {name: getattr(args.model, name) for name in MODEL_FLAGS}
-    values.update({name: getattr(args.data, name) for name in DATA_FLAGS})
-    values["seed"] = args.training.seed
-    return values
+    return {**{name: getattr(args.model, name) for name in MODEL_FLAGS},
+            **{name: getattr(args.data, name) for name in DATA_FLAGS}, "seed": args.training.seed}
 
 
 def _flags_of(record: dict[str, Any]) -> dict[str, Any]:

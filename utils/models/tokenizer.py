@@ -35,8 +35,7 @@ def word_vocabulary(texts: Iterable[str], *, extra_words: Iterable[str] = (),
 
 def build_word_tokenizer(texts: Iterable[str], *, extra_words: Iterable[str] = (), min_count: int = 1,
                          model_max_length: int = 1024) -> PreTrainedTokenizerFast:
-    """Word-level tokenizer with one token per word of ``texts`` (cell sentences) and of
-    ``extra_words`` (``prompts.prompt_words``); genes seen fewer than ``min_count`` times are ``<unk>``."""
+    """One token per word of ``texts`` and ``extra_words``; genes seen under ``min_count`` times are ``<unk>``."""
     vocab = word_vocabulary(texts, extra_words=extra_words, min_count=min_count)
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
     # Whitespace only: punctuation stays in its word ("CD14+"), so decoding gives back the text.

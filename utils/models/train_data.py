@@ -98,8 +98,7 @@ def label_set(split: Any, column: str | None) -> list[str]:
 
 
 def condition_columns_of(data_args: Any, tasks: Sequence[str]) -> list[str]:
-    """The columns conditional generation is conditioned on, in any subset: every label column
-    when there are several and the task is trained ([] otherwise: the cell type alone)."""
+    """The label columns conditional generation is conditioned on, in any subset ([]: the cell type alone)."""
     columns = label_columns_of(data_args)
     fmt = prompt_format(data_args.prompt_format)
     trained = len(columns) > 1 and CONDITIONAL_GENERATION in tasks and fmt.conditions_templates
@@ -204,8 +203,7 @@ def build_examples(train_split: Any, valid_split: Any | None, args: Any, tokeniz
 
 def add_label_columns(recipe: Any, train_split: Any, data_args: Any, tasks: dict[str, Any], *,
                       path: str) -> None:
-    """Record in ``recipe`` the condition columns and the label set of each further label column
-    whose prediction the run trains or that conditional generation is conditioned on."""
+    """Record in ``recipe`` the condition columns and the label sets of the further label columns used."""
     from utils.transform.labels import refuse_unsafe_labels
 
     recipe.condition_columns = condition_columns_of(data_args, tasks)
