@@ -1,6 +1,5 @@
-"""The model and tokenizer ``train.py`` trains: a pretrained one (hub name or local folder), a
-checkpoint's, or a small GPT-2-style model with a word-level tokenizer built from the data; LoRA
-adapters on top when asked; and the context length of its examples."""
+"""The model and tokenizer ``train.py`` trains (pretrained, a checkpoint's, or a small GPT-2-style one with a
+word-level tokenizer from the data), LoRA adapters on top when asked, and the context length."""
 
 from __future__ import annotations
 

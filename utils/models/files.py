@@ -1,6 +1,5 @@
-"""Is a model folder or a Trainer checkpoint whole? Checked before loading it, naming the file
-that is missing or damaged (a part copy or a cut-short save otherwise fails deep in a library, or
-silently works on what is there). Headers and checksums only: tensors are never read."""
+"""Is a model folder or a Trainer checkpoint whole? Checked before loading, naming the file missing or
+damaged (else a part copy fails deep in a library); headers and checksums only, tensors are never read."""
 
 from __future__ import annotations
 

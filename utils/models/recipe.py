@@ -1,6 +1,5 @@
 """A model's recipe: everything that turns new cells into the sentences and prompts it was trained
-on. ``train.py`` writes ``recipe.json``; every use of a model reads it back with ``Recipe.read``.
-"""
+on. ``train.py`` writes ``recipe.json``; every use of a model reads it back with ``Recipe.read``."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
-"""The run folder of ``train.py`` (``<output_dir>/<run_name>/``): claiming it, the final publish of
-the model with its records and card, and the push to the hub. A later run replaces or removes only
-what a run writes there (``is_run_output``)."""
+"""``train.py``'s run folder (``<output_dir>/<run_name>/``): claiming it, the final publish of the model with
+its records and card, and the hub push. A later run replaces only what a run writes (``is_run_output``)."""
 
 from __future__ import annotations
 
@@ -210,9 +209,7 @@ def publish_run(trainer: Any, tokenizer: Any, run_dir: Path, record: dict[str, A
     t = trainer.args
     if hub is not None:
         record = {**record, "hub_repo": hub.repo_id}
-    staging = run_dir / STAGING_DIR
-    if is_rank_zero(t) and staging.exists():
-        shutil.rmtree(staging)
+    staging = run_dir / STAGING_DIR  # one a dead run left was removed when the run folder was claimed
     trainer.accelerator.wait_for_everyone()
     try:
         trainer.save_model(str(staging))
