@@ -4,7 +4,7 @@ on. ``train.py`` writes ``recipe.json``; every use of a model reads it back with
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,15 +74,6 @@ class Recipe:
     def for_published_model(cls) -> Recipe:
         """The defaults of a published C2S model with no record."""
         return cls(published=True)
-
-    @classmethod
-    def for_training(cls, data_dir: str | Path, *, prompt_format: str, organism: str, top_k_genes: int,
-                     tasks: Mapping[str, float], label_columns: Mapping[str, Sequence[str]]) -> Recipe:
-        """The recipe of a training run on ``data_dir`` (a transform's ``cell_sentences_hf/``)."""
-        return cls(prompt_format=prompt_format, organism=organism, top_k_genes=int(top_k_genes),
-                   tasks=list(tasks), task_weights=[float(w) for w in tasks.values()],
-                   label_columns={c: sorted(map(str, v)) for c, v in label_columns.items()},
-                   **transform_of(Path(data_dir).parent), data_dir=str(data_dir))
 
     @classmethod
     def from_train_record(cls, record: Mapping[str, Any]) -> Recipe:

@@ -41,13 +41,6 @@ def is_rank_zero(training_args: Any) -> bool:
     return training_args.process_index == 0
 
 
-def default_run_name(model_args: Any) -> str:
-    """``<model>-<UTC timestamp>``, e.g. ``gpt2-20240101-120000``."""
-    m = model_args
-    base = f"scratch-L{m.n_layer}-D{m.n_embd}" if m.init_from_scratch else Path(m.model_name.rstrip("/")).name
-    return f"{base or 'model'}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
-
-
 def latest_checkpoint(checkpoints_dir: Path, *, complete: bool = True) -> Path | None:
     """The ``checkpoint-N`` folder with the largest N (``complete``: that can be resumed from), or None."""
     found = sorted((p for p in checkpoints_dir.glob("checkpoint-*")
@@ -87,7 +80,10 @@ def resolve_run(args: Any) -> tuple[Path, Path | None]:
     elif checkpoint is not None and checkpoint.parent.name == "checkpoints":
         run_dir = checkpoint.parent.parent  # resume into the run the checkpoint belongs to
     else:
-        run_dir = output_dir / broadcast_object_list([default_run_name(m)])[0]  # rank 0's name on every rank
+        # <model>-<UTC timestamp>, e.g. gpt2-20240101-120000: rank 0's on every rank
+        base = f"scratch-L{m.n_layer}-D{m.n_embd}" if m.init_from_scratch else Path(m.model_name.rstrip("/")).name
+        name = f"{base or 'model'}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
+        run_dir = output_dir / broadcast_object_list([name])[0]
     return run_dir, checkpoint
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from utils.cli import RENAMED_FLAGS, InputError
 from utils.contract import TRAIN
-from utils.models.recipe import Recipe
+from utils.models.recipe import Recipe, transform_of
 
 logger = logging.getLogger("cell2sentence.train")
 
@@ -199,11 +199,12 @@ def training_recipe(data_args: Any, tasks: Mapping[str, float], cell_types: Sequ
     """The run's recipe (labels only when a task taught them); warns if the transform changed since."""
     from utils.models.examples import TYPED_TASKS
 
-    d = data_args
+    d, data_dir = data_args, Path(data_args.data_dir).resolve()
     labelled = cell_types and any(task in TYPED_TASKS for task in tasks)
-    recipe = Recipe.for_training(Path(d.data_dir).resolve(), prompt_format=d.prompt_format, organism=d.organism,
-                                 top_k_genes=d.top_k_genes, tasks=tasks,
-                                 label_columns={d.label_column: cell_types} if labelled else {})
+    recipe = Recipe(prompt_format=d.prompt_format, organism=d.organism, top_k_genes=int(d.top_k_genes),
+                    tasks=list(tasks), task_weights=[float(w) for w in tasks.values()],
+                    label_columns={d.label_column: sorted(map(str, cell_types))} if labelled else {},
+                    **transform_of(data_dir.parent), data_dir=str(data_dir))
     logger.info("Model %s.", recipe.describe())
     before = earlier.get("recipe")
     if isinstance(before, dict) and (before.get("transform"), before.get("genes")) != (
