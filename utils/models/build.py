@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from utils.cli import InputError
+from utils.models.lora import target_modules
 
 logger = logging.getLogger("cell2sentence.train")
 
@@ -85,8 +86,6 @@ def build_model_and_tokenizer(args: Any, train_split: Any, checkpoint: Path | No
 def add_lora(model: Any, m: Any, *, gradient_checkpointing: bool) -> Any:
     """``model`` with LoRA adapters (only they train) as the model flags ``m`` say."""
     from peft import LoraConfig, get_peft_model
-
-    from utils.models.lora import target_modules
 
     modules = target_modules(model.config.model_type, m.lora_target_modules)
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}

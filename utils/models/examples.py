@@ -257,14 +257,12 @@ class CausalLMCollator:
 
     def __call__(self, features: Sequence[Mapping[str, Sequence[int]]]) -> dict[str, Any]:
         import torch
+        from torch.nn.utils.rnn import pad_sequence
 
-        longest = max(len(f["input_ids"]) for f in features)
-        input_ids = torch.full((len(features), longest), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(features), longest), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(features), longest), dtype=torch.long)
-        for row, feature in enumerate(features):
-            n = len(feature["input_ids"])
-            input_ids[row, :n] = torch.as_tensor(feature["input_ids"], dtype=torch.long)
-            labels[row, :n] = torch.as_tensor(feature["labels"], dtype=torch.long)
-            attention_mask[row, :n] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        def padded(rows: list[Sequence[int]], value: int) -> Any:
+            return pad_sequence([torch.as_tensor(r, dtype=torch.long) for r in rows], batch_first=True,
+                                padding_value=value)
+
+        ids = [f["input_ids"] for f in features]
+        return {"input_ids": padded(ids, self.pad_token_id), "attention_mask": padded([[1] * len(i) for i in ids], 0),
+                "labels": padded([f["labels"] for f in features], IGNORE_INDEX)}

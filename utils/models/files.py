@@ -9,6 +9,7 @@ import zipfile
 from pathlib import Path
 
 from utils.cli import InputError
+from utils.models.lora import ADAPTER_CONFIG, base_model_name
 
 #: Files holding a peft adapter's weights (a LoRA run folder has one of them).
 ADAPTER_WEIGHT_FILES: tuple[str, ...] = ("adapter_model.safetensors", "adapter_model.bin")
@@ -43,8 +44,7 @@ def file_problem(path: Path) -> str | None:
             return f"is truncated or damaged (not valid JSON: {err})"
         if path.name.endswith(".index.json") and isinstance(content, dict):
             for shard in sorted(set(content.get("weight_map", {}).values())):
-                problem = file_problem(path.parent / shard)
-                if problem:
+                if problem := file_problem(path.parent / shard):
                     return f"lists the shard {shard}, which {problem}"
         return None
     if path.suffix in (".pt", ".pth", ".bin"):
@@ -98,16 +98,13 @@ def check_model_dir(path: Path) -> None:
         raise InputError(f"{path} holds no tokenizer files (none of {', '.join(TOKENIZER_FILES[:4])}, ...); "
                          "copy them from where the model came from (tokenizer.save_pretrained writes them).")
     for name in [*weights, "config.json", "tokenizer.json", "tokenizer_config.json"]:
-        problem = file_problem(path / name) if (path / name).is_file() else None
-        if problem:
+        if (path / name).is_file() and (problem := file_problem(path / name)):
             raise InputError(f"{path / name} {problem}; copy or save the model folder again.")
 
 
 def check_adapter_dir(path: Path) -> str:
     """The base model's name of a peft adapter folder (a LoRA run); fails with one sentence when its
     config or adapter weights are missing or damaged, or its local base model folder is not there."""
-    from utils.models.lora import ADAPTER_CONFIG, base_model_name
-
     weights = [name for name in ADAPTER_WEIGHT_FILES if (path / name).is_file()]
     for name in [ADAPTER_CONFIG, *weights[:1]]:
         if problem := file_problem(path / name):
@@ -130,8 +127,7 @@ def checkpoint_problem(folder: Path) -> str | None:
     """Why the Trainer checkpoint ``folder`` cannot be resumed from (None: it is complete): every
     file the resume reads is checked (``trainer_state.json``, written last, first)."""
     state_path = folder / "trainer_state.json"
-    problem = file_problem(state_path)
-    if problem:
+    if problem := file_problem(state_path):
         return f"{state_path} {problem}"
     state = json.loads(state_path.read_text())
     step = folder.name.rpartition("-")[2]
@@ -150,8 +146,7 @@ def checkpoint_problem(folder: Path) -> str | None:
         path = folder / name
         if name in others and not path.is_file():
             continue  # optional: written only by some runs (mixed precision, several ranks)
-        problem = file_problem(path)
-        if problem:
+        if problem := file_problem(path):
             if name == "scheduler.pt" and problem == "is missing":
                 problem += " (resuming would restart the learning-rate schedule)"
             return f"{path} {problem}"

@@ -11,6 +11,7 @@ from urllib.parse import urlparse
 
 from utils.cli import InputError
 from utils.models.files import TOKENIZER_FILES, check_adapter_dir, check_model_dir
+from utils.models.lora import ADAPTER_CONFIG, is_adapter_dir
 
 
 def hub_offline_mode() -> bool:
@@ -94,8 +95,6 @@ def load_model_and_tokenizer(model_dir: str | Path, device: str | Any | None = N
     None: CUDA when available; ``dtype`` None: float32."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from utils.models.lora import ADAPTER_CONFIG, is_adapter_dir
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from utils.cli import InputError, strict_json
-from utils.contract import TRAIN, TRANSFORM
+from utils.contract import EMBED, GENERATE, PREDICT, TRAIN, TRANSFORM
 from utils.models.recipe import Recipe
+from utils.publish import staged_outputs
 
 logger = logging.getLogger("cell2sentence")
 
@@ -207,8 +208,6 @@ def add_evaluation_to_card(model_dir: str | Path | None, name: str, metrics: Map
                            source: str | Path | None = None) -> Path | None:
     """Add the evaluation ``name`` (``figures``: caption -> PNG) to the card of the run folder ``model_dir``;
     returns the card, or None for no run folder or one that cannot be written (a warning)."""
-    from utils.publish import staged_outputs
-
     folder = None if model_dir is None else Path(str(model_dir)).expanduser()
     if folder is None or not (folder / TRAIN.args).is_file():
         logger.info("%s is no train.py run folder: no model card to add the %s evaluation to.", model_dir, name)
@@ -233,7 +232,5 @@ def add_evaluation_to_card(model_dir: str | Path | None, name: str, metrics: Map
 
 def recorded_model_dir(step_dir: str | Path) -> str | None:
     """The ``--model_dir`` predict.py, generate.py or embed.py recorded in ``step_dir``, or None."""
-    from utils.contract import EMBED, GENERATE, PREDICT
-
     found = [_read(Path(step_dir) / name).get("model_dir") for name in (PREDICT.args, GENERATE.args, EMBED.args)]
     return next((str(model) for model in found if model), None)

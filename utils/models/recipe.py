@@ -11,7 +11,9 @@ from typing import Any
 
 from utils.cli import InputError
 from utils.contract import TRAIN, TRANSFORM, VOCAB
-from utils.models.prompts import DEFAULT_ORGANISM
+from utils.models.examples import CELL_TYPE_PREDICTION, PREDICTION_SUFFIX
+from utils.models.loading import hub_file
+from utils.models.prompts import DEFAULT_ORGANISM, attribute_name
 
 RECIPE_FILE = TRAIN.recipe
 RECIPE_VERSION = 1
@@ -103,8 +105,6 @@ class Recipe:
         else (a checkpoint folder) its run's ``run_args.json``, else the published defaults."""
         folder = Path(str(model_dir)).expanduser()
         if not folder.exists():  # a hub name: a model pushed by train.py has its records there
-            from utils.models.loading import hub_file
-
             found = hub_file(str(model_dir), RECIPE_FILE) or hub_file(str(model_dir), TRAIN.args)
             folder = found.parent if found is not None else folder
         if (folder / RECIPE_FILE).is_file():
@@ -150,9 +150,6 @@ class Recipe:
 
     def attribute(self, column: str | None) -> str | None:
         """``column``'s ``attribute_name`` if the model learned ``<column>_prediction``, else None (cell types)."""
-        from utils.models.examples import CELL_TYPE_PREDICTION, PREDICTION_SUFFIX
-        from utils.models.prompts import attribute_name
-
         task = f"{column}{PREDICTION_SUFFIX}"
         if column is None or task == CELL_TYPE_PREDICTION or task not in self.tasks:
             return None
@@ -160,8 +157,6 @@ class Recipe:
 
     def prediction_columns(self) -> list[str]:
         """The label columns the model was trained to predict, the cell type's first."""
-        from utils.models.examples import CELL_TYPE_PREDICTION
-
         types = self.has_task(CELL_TYPE_PREDICTION) is not False
         return [c for c in self.label_columns
                 if self.attribute(c) is not None or (c == self.label_column and types)]

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from accelerate.utils import broadcast_object_list
+from huggingface_hub import HfApi
 
 from utils.cli import InputError, save_args, strict_json
 from utils.contract import TRAIN
@@ -163,8 +164,6 @@ def hub_push(training_args: Any, run_dir: Path) -> HubPush | None:
     t.push_to_hub = False
     if not is_rank_zero(t):
         return None
-    from huggingface_hub import HfApi
-
     name = t.hub_model_id or run_dir.name
     try:
         url = HfApi().create_repo(name, token=t.hub_token, private=t.hub_private_repo, exist_ok=True)
@@ -180,8 +179,6 @@ def hub_push(training_args: Any, run_dir: Path) -> HubPush | None:
 
 def push_run(run_dir: Path, hub: HubPush) -> None:
     """Upload the run folder but ``checkpoints/``; run outputs of an earlier push not written now go."""
-    from huggingface_hub import HfApi
-
     stale = sorted({*RUN_OUTPUTS, f"{TRAIN.merged}/*", f"{TRAIN.figures}/*", "*-of-*.safetensors", "*-of-*.bin"})
     config = run_dir / "adapter_config.json"
     base = json.loads(config.read_text()).get("base_model_name_or_path") if config.is_file() else None

@@ -14,6 +14,8 @@ from typing import Any
 
 from utils.cli import RENAMED_FLAGS, InputError
 from utils.contract import TRAIN
+from utils.models.examples import TYPED_TASKS, parse_tasks
+from utils.models.prompts import prompt_format
 from utils.models.recipe import Recipe, transform_of
 
 logger = logging.getLogger("cell2sentence.train")
@@ -111,8 +113,6 @@ def restore_run(args: Any, record: dict[str, Any], source: Path) -> None:
     and the ``TRAINING_FLAGS`` not given again."""
     from transformers import SchedulerType
 
-    from utils.models.examples import parse_tasks
-
     record = renamed_keys(record)
     flags, given = _flags_of(record), _given(args)
     holders = {**dict.fromkeys(MODEL_FLAGS, args.model), **dict.fromkeys(DATA_FLAGS, args.data),
@@ -158,8 +158,6 @@ def effective_args(args: Any, tasks: dict[str, float], max_length: int, stats: d
                    flags: dict[str, Any], *, facts: Mapping[str, Any], earlier: dict[str, Any]) -> dict[str, Any]:
     """The run's record (train_args.json): every flag, what the run derived, the ``flags`` as given and
     the card's ``facts``; a resume extends ``earlier``, adding itself to ``resumes``."""
-    from utils.models.prompts import prompt_format
-
     m, fmt = args.model, prompt_format(args.data.prompt_format, organism=args.data.organism)
     record: dict[str, Any] = {**asdict(m), **asdict(args.data)}
     if m.init_from_scratch:
@@ -197,8 +195,6 @@ def effective_args(args: Any, tasks: dict[str, float], max_length: int, stats: d
 def training_recipe(data_args: Any, tasks: Mapping[str, float], cell_types: Sequence[str],
                     earlier: Mapping[str, Any]) -> Recipe:
     """The run's recipe (labels only when a task taught them); warns if the transform changed since."""
-    from utils.models.examples import TYPED_TASKS
-
     d, data_dir = data_args, Path(data_args.data_dir).resolve()
     labelled = cell_types and any(task in TYPED_TASKS for task in tasks)
     recipe = Recipe(prompt_format=d.prompt_format, organism=d.organism, top_k_genes=int(d.top_k_genes),

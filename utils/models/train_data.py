@@ -21,7 +21,7 @@ from utils.models.examples import (
     prediction_tasks,
     tokenize_batch,
 )
-from utils.models.multi_cell import MULTI_CELL_TASKS
+from utils.models.multi_cell import MULTI_CELL_TASKS, multi_cell_examples
 from utils.models.prompts import PROMPT_FORMATS, prompt_format
 
 logger = logging.getLogger("cell2sentence.train")
@@ -72,8 +72,7 @@ def resolve_label_columns(label_column: str | None, label_columns: str | None,
         raise InputError(f"--label_columns {label_columns!r} names no column; e.g. --label_columns cell_type,tissue.")
     if len(set(names)) != len(names):
         raise InputError(f"--label_columns {label_columns!r} names a column twice; list each once.")
-    missing = [c for c in names if c not in columns]
-    if missing:
+    if missing := [c for c in names if c not in columns]:
         raise InputError(f"The data has no column {', '.join(map(repr, missing))} given by --label_columns "
                          f"(it has {', '.join(columns)}); fix the name, or carry the column into the dataset "
                          "with transform.py --obs_columns.")
@@ -123,8 +122,7 @@ def resolve_tasks(data_args: Any, columns: Sequence[str]) -> dict[str, float]:
         logger.warning("The data has no %r column; training unconditional_generation only.", label)
         return parse_tasks(UNCONDITIONAL_GENERATION, data_args.task_weights)
     tasks = parse_tasks(data_args.tasks, data_args.task_weights, extra_tasks=extra)
-    lacking = [t for t in tasks if t not in fmt.tasks and t not in extra]
-    if lacking:
+    if lacking := [t for t in tasks if t not in fmt.tasks and t not in extra]:
         others = [n for n in PROMPT_FORMATS if set(tasks) <= set(prompt_format(n).tasks)]
         raise InputError(f"The {fmt.name} prompt format has no {', '.join(lacking)} prompts; drop it "
                          f"from --tasks{' or use --prompt_format ' + ' or '.join(others) if others else ''}.")
@@ -153,8 +151,6 @@ def tokenize_split(split: Any, name: str, args: Any, tokenizer: Any, tasks: dict
     if not column:
         return examples
     from datasets import Dataset, concatenate_datasets
-
-    from utils.models.multi_cell import multi_cell_examples
 
     groups = multi_cell_examples(split, name, tokenizer=tokenizer, tasks=tasks, column=column,
                                  cells_per_example=d.cells_per_example, top_k=d.top_k_genes,
