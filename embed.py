@@ -1,8 +1,5 @@
-"""Embed cells with a cell-sentence language model: one vector per cell, a UMAP, and scores.
-
-A cell's embedding: one layer's hidden states of its prediction prompt, pooled over its genes.
-metrics.json scores how well it separates the labels (k-NN accuracy, silhouette, ARI/NMI), next
-to the PCA of the cells' expression as the baseline.
+"""Embed cells with a cell-sentence language model: one vector per cell (a layer's hidden states
+pooled over its genes), a UMAP, and how well they separate the labels (PCA of expression: baseline).
 
     model + data/cell_sentences_hf/ (or cells.h5ad)
         -> data/embeddings/<model name>/: embeddings.h5ad (.obsm["X_c2s"], .obsm["X_umap"], the

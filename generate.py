@@ -22,8 +22,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from utils import cli, publish
 from utils.contract import (
     CONDITIONS,
@@ -38,15 +36,13 @@ from utils.contract import (
 )
 from utils.evaluation.figures import plot_generation
 from utils.evaluation.generation_metrics import score_generated
-from utils.inverse import VocabIndex
+from utils.evaluation.metrics import sentence_stats
+from utils.inverse import sentences_to_expression
+from utils.models.examples import CONDITIONAL_GENERATION, UNCONDITIONAL_GENERATION
 from utils.models.generation import allocate_counts, answer_token_budget
 from utils.models.recipe import Recipe
-from utils.transform.fit import RankExpressionFit
 
 logger = logging.getLogger("cell2sentence")
-
-UNCONDITIONAL = "unconditional_generation"
-CONDITIONAL = "conditional_generation"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -137,7 +133,7 @@ def _check_args(args: argparse.Namespace) -> None:
 def unconditional_mode(args: argparse.Namespace, recipe: Recipe) -> bool:
     """Whether to generate cells of no chosen type: ``--unconditional``, or a model trained only so."""
     tasks = ", ".join(recipe.tasks) or "not recorded"
-    conditional, unconditional = recipe.has_task(CONDITIONAL), recipe.has_task(UNCONDITIONAL)
+    conditional, unconditional = recipe.has_task(CONDITIONAL_GENERATION), recipe.has_task(UNCONDITIONAL_GENERATION)
     if args.unconditional:
         if unconditional is None:  # a published model: C2S-Scale has no unconditional prompts
             raise cli.InputError(f"{args.model_dir} records no training tasks (a published model), and the "
@@ -146,7 +142,7 @@ def unconditional_mode(args: argparse.Namespace, recipe: Recipe) -> bool:
         if not unconditional:
             raise cli.InputError(f"{args.model_dir} was not trained for unconditional generation (tasks: {tasks}); "
                                  "drop --unconditional, or train a model with --tasks including "
-                             f"{UNCONDITIONAL}.")
+                             f"{UNCONDITIONAL_GENERATION}.")
         return True
     if conditional is False:
         if not unconditional:
@@ -189,24 +185,6 @@ def generation_counts(args: argparse.Namespace, unconditional: bool, wanted: lis
     return allocate_counts(dict(sorted(available.items())), n_per_type=args.n_per_type, max_cells=args.max_cells)
 
 
-# ---------------------------------------------------------------------------------- generation
-
-
-def evaluate_generated(sentences: list[str], requested: pd.Series, tables: dict[str, Any], *, split: str,
-                       label_column: str, index: VocabIndex, fit: RankExpressionFit, top_k: int, k: int, seed: int,
-                       cell_types: Sequence[str] | None = None) -> tuple[dict[str, Any], Any]:
-    """eval/generation.py's metrics and PCA figure; unlabelled cells get the word statistics only."""
-    # pandas may hold "no cell type" as None or NaN; a dataset without labels has no types to compare
-    if requested.isna().any() or label_column not in tables["train"].column_names:
-        from utils.evaluation.metrics import sentence_stats
-        from utils.inverse import sentences_to_expression
-
-        return {"sentences": sentence_stats(sentences_to_expression(sentences, index, fit))}, None
-    metrics, result = score_generated(sentences, requested.tolist(), tables, split=split, label_column=label_column,
-                                      index=index, fit=fit, top_k=top_k, k=k, seed=seed, cell_types=cell_types)
-    return metrics, plot_generation(result, split=split, top_k=top_k)
-
-
 # ---------------------------------------------------------------------------------- main
 
 
@@ -231,8 +209,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     tables = load_splits(args.data_dir, args.split, label_column, need_labels=not (unconditional or sets))
     if "train" not in tables:
         raise cli.InputError(f"{args.data_dir} has no train split, needed for the baseline and the k-NN metric.")
+    columns = [c for c, _ in sets[0]] if sets else []
     if sets:  # the real cells matching all conditions of a set carry its label
-        tables, label_column = tables_with_conditions(tables, [c for c, _ in sets[0]]), CONDITIONS
+        tables, label_column = tables_with_conditions(tables, columns), CONDITIONS
     has_labels = all(label_column in t.column_names for t in tables.values())
     if has_labels:
         tables = labelled_rows(tables, label_column)
@@ -261,10 +240,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         or [top_k])
     index, fit, from_transform = transform_reference(args.transform_dir, tables, top_k)
     start = time.perf_counter()
-    if sets:  # ask the model for each label's conditions
-        counts = {dict(zip(wanted, sets, strict=True))[label]: n for label, n in counts.items()}
+    # conditions: ask the model for each label's set
+    asked = {dict(zip(wanted, sets, strict=True))[label]: n for label, n in counts.items()} if sets else counts
     with tqdm(total=sum(counts.values()), desc="Generating cells", unit="cell", disable=not procs.main) as bar:
-        generated = model.generate_cells(counts, batch_size=args.batch_size, max_new_tokens=budget,
+        generated = model.generate_cells(asked, batch_size=args.batch_size, max_new_tokens=budget,
                                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                          constrain_genes=not args.no_constrain_genes, genes=index.genes,
                                          seed=args.seed, progress=bar.update, processes=procs)
@@ -273,13 +252,17 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         return {}
     labels = "requested_conditions" if sets else "requested_cell_type"
     if sets:
-        columns = [c for c, _ in sets[0]]
         generated.insert(2, labels, [condition_label(zip(columns, row, strict=True)) for row in
                                      generated[[f"requested_{c}" for c in columns]].itertuples(index=False)])
-        counts = {condition_label(t): n for t, n in counts.items()}
-    gen_metrics, pca = evaluate_generated(generated["cell_sentence"].tolist(), generated[labels], tables,
-                                          split=args.split, label_column=label_column, index=index, fit=fit,
-                                          top_k=top_k, k=args.k_neighbors, seed=args.seed, cell_types=wanted)
+    sentences = generated["cell_sentence"].tolist()
+    # pandas may hold "no cell type" as None or NaN; a dataset without labels has no types to compare
+    if generated[labels].isna().any() or label_column not in tables["train"].column_names:
+        gen_metrics, pca = {"sentences": sentence_stats(sentences_to_expression(sentences, index, fit))}, None
+    else:
+        gen_metrics, result = score_generated(sentences, generated[labels].tolist(), tables, split=args.split,
+                                              label_column=label_column, index=index, fit=fit, top_k=top_k,
+                                              k=args.k_neighbors, seed=args.seed, cell_types=wanted)
+        pca = plot_generation(result, split=args.split, top_k=top_k)
     if sets:
         gen_metrics["conditions"] = [dict(c) for c in sets]
     gen_metrics.update(requested_counts={"any" if t is None else t: n for t, n in counts.items()},

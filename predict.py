@@ -1,8 +1,5 @@
-"""Annotate cells with a trained or published model: the label of every cell, with its score.
-
-Every answer is one of the model's labels, each scored whole; with the truth known, the metrics
-of eval/prediction.py are written too. Several label columns: ``predicted_<column>``,
-``<column>_score`` and ``confusion_matrix_<column>.png`` per column.
+"""Annotate cells with a trained or published model: the label of every cell (one of the model's
+labels, each scored whole), with its score; with the truth known, eval/prediction.py's metrics.
 
     model + cells.h5ad (or data/cell_sentences_hf/)
         -> <next to the input>/predictions/<model name>/: predictions.csv, annotated.h5ad
@@ -252,14 +249,13 @@ def predict_groups(args: argparse.Namespace) -> dict[str, Any]:
     ids = [f"group_{i:05d}" for i in range(len(groups))]
     table = pd.DataFrame({"group": ids, "n_cells": [len(g) for _, g in groups],
                           f"predicted_{column}": predicted, f"{column}_score": probabilities.max(axis=1)})
-    if values is not None:
-        table[column] = [label for label, _ in groups]
     members = pd.DataFrame({"group": [ids[j] for j, (_, g) in enumerate(groups) for _ in g],
                             "cell_name": [names[i] for _, g in groups for i in g]})
     metrics: dict[str, Any] = {"model_dir": str(args.model_dir), "multi_cell_column": column,
                                "cells_per_example": n, "n_groups": len(groups), "n_cells": len(rows),
                                "n_labels": len(labels), "seconds": seconds}
     if values is not None:
+        table[column] = [label for label, _ in groups]
         summary = classification_summary(table[column].astype(str).tolist(),
                                          table[f"predicted_{column}"].astype(str).tolist())
         metrics["group_prediction"] = {"n_groups": len(table), **{k: summary[k] for k in

@@ -204,6 +204,10 @@ class CellSentenceModel:
                           progress: Callable[[int], None] | None = None,
                           column: str | None = None) -> LabelPredictions:
         """:meth:`predict_cell_types` of sentences that :meth:`cell_sentences` already made."""
+        from utils.models.constrain import label_probabilities, label_sequences, score_labels
+        from utils.models.examples import decode_answer
+        from utils.models.generation import generate_batched
+
         n_genes = n_genes or self.top_k_genes
         known = self.recipe.label_columns
         if column is not None and known and column not in known:
@@ -211,57 +215,39 @@ class CellSentenceModel:
         label_set = (sorted(dict.fromkeys(str(x) for x in labels)) if labels is not None
                      else self.label_set(column))
         name = column or self.recipe.label_column or "cell_type"
-        if constrain and not label_set:
-            logger.warning("%s records no label set: answering in free text (pass labels=... to constrain).",
-                           self.name)
-        if constrain and label_set:
-            return self._score_labels(sentences, label_set, batch_size=batch_size, n_genes=n_genes,
-                                      progress=progress, column=name)
-        answers = self._free_text_labels(sentences, batch_size=batch_size, progress=progress, n_genes=n_genes,
-                                         max_new_tokens=max_new_tokens or self.label_budget(label_set or None),
-                                         column=name)
-        return LabelPredictions(name, answers, np.full(len(answers), np.nan),
-                                pd.DataFrame(index=range(len(answers))))
-
-    def _prompts(self, sentences: Sequence[str], budget: int, n_genes: int, column: str | None = None
-                 ) -> list[list[int]]:
-        prompts, shortened = self.prediction_prompts(sentences, budget=budget, n_genes=n_genes, column=column)
-        if shortened:
-            logger.warning("%s prediction prompts were shortened to fit the model's %d-token context.",
-                           f"{shortened:,}", self.context)
-        return prompts
-
-    def _free_text_labels(self, sentences: Sequence[str], *, batch_size: int, max_new_tokens: int, n_genes: int,
-                          progress: Callable[[int], None] | None, column: str | None = None) -> list[str]:
-        from utils.models.examples import decode_answer
-        from utils.models.generation import generate_batched
-
-        prompts = self._prompts(sentences, max_new_tokens, n_genes, column)
-        answers = generate_batched(self.model, prompts, pad_token_id=self.tokenizer.pad_token_id,
-                                   eos_token_id=self.tokenizer.eos_token_id, max_new_tokens=max_new_tokens,
-                                   batch_size=batch_size, do_sample=False, progress=progress)
-        return [decode_answer(self.tokenizer, a, self.prompt_format) for a in answers]
-
-    def _score_labels(self, sentences: Sequence[str], label_set: list[str], *, batch_size: int, n_genes: int,
-                      progress: Callable[[int], None] | None, column: str | None = None) -> LabelPredictions:
-        from utils.models.constrain import label_probabilities, label_sequences, score_labels
-
-        fmt = self.prompt_format
-        sequences = label_sequences(self.tokenizer, label_set, fmt)
+        tok = self.tokenizer
+        if not (constrain and label_set):
+            if constrain:
+                logger.warning("%s records no label set: answering in free text (pass labels=... to constrain).",
+                               self.name)
+            budget = max_new_tokens or self.label_budget(label_set or None)
+            answers = generate_batched(self.model, self._prompts(sentences, budget, n_genes, name),
+                                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                       max_new_tokens=budget, batch_size=batch_size, do_sample=False,
+                                       progress=progress)
+            answers = [decode_answer(tok, a, self.prompt_format) for a in answers]
+            return LabelPredictions(name, answers, np.full(len(answers), np.nan),
+                                    pd.DataFrame(index=range(len(answers))))
+        sequences = label_sequences(tok, label_set, self.prompt_format)
         seen: dict[tuple[int, ...], str] = {}
         for label, ids in zip(label_set, sequences, strict=True):
             if tuple(ids) in seen:
                 raise InputError(f"The labels {seen[tuple(ids)]!r} and {label!r} have the same tokens for "
                                  f"{self.name}'s tokenizer; the model cannot tell them apart.")
             seen[tuple(ids)] = label
-        prompts = self._prompts(sentences, max(len(x) for x in sequences), n_genes, column)
-        log_p = score_labels(self.model, prompts, sequences, pad_token_id=self.tokenizer.pad_token_id,
-                             batch_size=batch_size, progress=progress)
-        probabilities = label_probabilities(log_p)
+        prompts = self._prompts(sentences, max(len(x) for x in sequences), n_genes, name)
+        probabilities = label_probabilities(score_labels(self.model, prompts, sequences, batch_size=batch_size,
+                                                         pad_token_id=tok.pad_token_id, progress=progress))
         best = probabilities.argmax(axis=1)
-        return LabelPredictions(column or self.recipe.label_column or "cell_type", [label_set[i] for i in best],
-                                probabilities[np.arange(len(best)), best],
+        return LabelPredictions(name, [label_set[i] for i in best], probabilities[np.arange(len(best)), best],
                                 pd.DataFrame(probabilities, columns=label_set))
+
+    def _prompts(self, sentences: Sequence[str], budget: int, n_genes: int, column: str) -> list[list[int]]:
+        prompts, shortened = self.prediction_prompts(sentences, budget=budget, n_genes=n_genes, column=column)
+        if shortened:
+            logger.warning("%s prediction prompts were shortened to fit the model's %d-token context.",
+                           f"{shortened:,}", self.context)
+        return prompts
 
     def gene_budget(self, n_genes: int, genes: Sequence[str] | None) -> int:
         """New tokens for ``n_genes`` genes: 1.25 x their mean token length (else 4) + 2."""

@@ -28,8 +28,8 @@ class GeneTrie:
                 return False
         return self.gene[node] >= 0
 
-    def add(self, ids: Sequence[int], gene: int) -> bool:
-        """Insert ``gene``'s ids; False (nothing added) when another gene has the same ids."""
+    def add(self, ids: Sequence[int], gene: int) -> None:
+        """Insert ``gene``'s ids (not empty, and no other gene's: see ``spells``)."""
         node, path = 0, []
         for token in ids:
             nxt = self.children[node].get(int(token))
@@ -41,13 +41,10 @@ class GeneTrie:
                 self.size.append(0)
             node = nxt
             path.append(node)
-        if not path or self.gene[node] != -1:
-            return False
         self.gene[node] = gene
         for n in [0, *path]:
             self.size[n] += 1
         self.paths[gene] = path
-        return True
 
 
 def _tail(tokenizer: Any, head: str, text: str) -> list[int] | None:
@@ -93,7 +90,7 @@ class GeneConstraint:
         self.tries = (first, rest)
         self.closing = [int(t) for t in closing]
         self.vocab_size = int(vocab_size)
-        self._sizes = tuple(np.asarray(t.size, dtype=np.int32) for t in self.tries)
+        self._sizes = tuple(np.asarray(t.size, dtype=np.int32) for t in self.tries)  # genes under each node
         roots = [t.children[0] for t in self.tries]
         self._root_tokens = tuple(np.array(list(r.keys()), dtype=np.int64) for r in roots)
         self._root_nodes = tuple(np.array(list(r.values()), dtype=np.int64) for r in roots)
@@ -102,18 +99,15 @@ class GeneConstraint:
 
     def _reset(self, batch: int, start: int) -> None:
         self._start, self._seen = start, start
-        self._used = [tuple(np.zeros(len(t.children), dtype=np.int32) for t in self.tries)
-                      for _ in range(batch)]
+        self._left = [tuple(s.copy() for s in self._sizes) for _ in range(batch)]  # of them, not yet named
         self._genes: list[set[int]] = [set() for _ in range(batch)]
         # Per row: (trie, node) while inside the genes, ("close", i) while closing, None when done.
         self._state: list[tuple[Any, int] | None] = [(0, 0)] * batch
 
     def _use(self, row: int, gene: int) -> None:
         self._genes[row].add(gene)
-        for k, trie in enumerate(self.tries):
-            used = self._used[row][k]
-            used[0] += 1
-            used[trie.paths[gene]] += 1
+        for trie, left in zip(self.tries, self._left[row], strict=True):
+            left[[0, *trie.paths[gene]]] -= 1
 
     def _step(self, row: int, token: int) -> None:
         state = self._state[row]
@@ -147,22 +141,18 @@ class GeneConstraint:
         kind, node = state
         if kind == "close":
             return np.array([self.closing[node]], dtype=np.int64)
-        trie, used, sizes = self.tries[kind], self._used[row][kind], self._sizes[kind]
+        trie, left = self.tries[kind], self._left[row][kind]
         if node == 0:
-            tokens, nodes = self._root_tokens[kind], self._root_nodes[kind]
-            parts = [tokens[sizes[nodes] - used[nodes] > 0]]
-            if not len(parts[0]) and kind == 0:
-                parts.append(np.array([self.closing[0]], dtype=np.int64))  # nothing to name
-            return np.concatenate(parts)
-        items = list(trie.children[node].items())
-        parts = [np.array([t for t, c in items if sizes[c] - used[c] > 0], dtype=np.int64)]
+            tokens = self._root_tokens[kind][left[self._root_nodes[kind]] > 0]
+            if not len(tokens) and kind == 0:
+                return np.array([self.closing[0]], dtype=np.int64)  # nothing to name
+            return tokens
+        parts = [np.array([t for t, c in trie.children[node].items() if left[c] > 0], dtype=np.int64)]
         gene = trie.gene[node]
         if gene >= 0 and gene not in self._genes[row]:
-            remaining = self._sizes[1][self._root_nodes[1]] - self._used[row][1][self._root_nodes[1]]
-            own = self.tries[1].paths[gene][0]
-            remaining = remaining - (self._root_nodes[1] == own)  # this gene is taken now
-            parts.append(self._root_tokens[1][remaining > 0])
-            parts.append(np.array([self.closing[0]], dtype=np.int64))
+            roots = self._root_nodes[1]
+            remaining = self._left[row][1][roots] - (roots == self.tries[1].paths[gene][0])  # this gene is taken now
+            parts += [self._root_tokens[1][remaining > 0], np.array([self.closing[0]], dtype=np.int64)]
         return np.concatenate(parts)
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
@@ -196,40 +186,26 @@ def label_sequences(tokenizer: Any, labels: Sequence[str], fmt: Any) -> list[lis
     return [[*encode_answer(tokenizer, fmt.prediction_answer(x), fmt), int(tokenizer.eos_token_id)] for x in labels]
 
 
-class LabelTrie:
-    """The labels' token sequences as a prefix trie: each shared prefix once."""
-
-    def __init__(self, sequences: Sequence[Sequence[int]]) -> None:
-        index: dict[tuple[int, ...], int] = {}
-        self.token: list[int] = []
-        self.parent: list[int] = []  # -1: a child of the root (follows the prompt)
-        self.depth: list[int] = []
-        self.paths: list[list[int]] = []
-        for seq in sequences:
-            path = []
-            for d in range(len(seq)):
-                key = tuple(seq[: d + 1])
-                if key not in index:
-                    index[key] = len(self.token)
-                    self.token.append(int(seq[d]))
-                    self.parent.append(path[-1] if path else -1)
-                    self.depth.append(d)
-                path.append(index[key])
-            self.paths.append(path)
-
-    def __len__(self) -> int:
-        return len(self.token)
-
-    def ancestry(self) -> np.ndarray:
-        """(nodes x nodes) bool: node i may see node j (j is i or one of its ancestors)."""
-        n = len(self)
-        sees = np.eye(n, dtype=bool)
-        for i in range(n):
-            j = self.parent[i]
-            while j >= 0:
-                sees[i, j] = True
-                j = self.parent[j]
-        return sees
+def _label_trie(sequences: Sequence[Sequence[int]]) -> tuple[list[int], list[int], list[int], list[list[int]]]:
+    """The labels' token sequences as a prefix trie, each shared prefix once: per node its token,
+    parent (-1: a child of the root, it follows the prompt) and depth; per label its nodes."""
+    index: dict[tuple[int, ...], int] = {}
+    token: list[int] = []
+    parent: list[int] = []
+    depth: list[int] = []
+    paths: list[list[int]] = []
+    for seq in sequences:
+        path: list[int] = []
+        for d in range(len(seq)):
+            key = tuple(seq[: d + 1])
+            if key not in index:
+                index[key] = len(token)
+                token.append(int(seq[d]))
+                parent.append(path[-1] if path else -1)
+                depth.append(d)
+            path.append(index[key])
+        paths.append(path)
+    return token, parent, depth, paths
 
 
 def score_labels(model: Any, prompts: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], *,
@@ -241,18 +217,22 @@ def score_labels(model: Any, prompts: Sequence[Sequence[int]], labels: Sequence[
 
     from utils.models.generation import left_pad
 
-    trie = LabelTrie(labels)
+    token, parent_of, depth, paths = _label_trie(labels)
+    sees_all = np.zeros((len(token), len(token)), dtype=bool)  # node i may see node j: j is i or an ancestor
+    for path in paths:
+        for d, node in enumerate(path):
+            sees_all[node, path[: d + 1]] = True
     # Only nodes with children are fed: a leaf (each label's EOS) is read at its parent.
-    fed = np.array(sorted(set(trie.parent) - {-1}), dtype=np.int64)
-    slot = np.full(len(trie), -1, dtype=np.int64)
+    fed = np.array(sorted(set(parent_of) - {-1}), dtype=np.int64)
+    slot = np.full(len(token), -1, dtype=np.int64)
     slot[fed] = np.arange(len(fed))
     n_nodes = len(fed)
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    node_tokens = torch.as_tensor(np.asarray(trie.token)[fed], dtype=torch.long, device=device)
-    node_depth = torch.as_tensor(np.asarray(trie.depth)[fed], dtype=torch.long, device=device)
-    sees = torch.as_tensor(trie.ancestry()[np.ix_(fed, fed)], device=device)
-    every_token = torch.as_tensor(trie.token, device=device)
-    parents = np.asarray(trie.parent)
+    node_tokens = torch.as_tensor(np.asarray(token)[fed], dtype=torch.long, device=device)
+    node_depth = torch.as_tensor(np.asarray(depth)[fed], dtype=torch.long, device=device)
+    sees = torch.as_tensor(sees_all[np.ix_(fed, fed)], device=device)
+    every_token = torch.as_tensor(token, device=device)
+    parents = np.asarray(parent_of)
     parent = torch.as_tensor(np.where(parents >= 0, slot[np.maximum(parents, 0)], -1),
                              device=device)  # per node, its parent's fed slot (-1: the root)
     order = np.argsort([len(p) for p in prompts], kind="stable")
@@ -279,7 +259,7 @@ def score_labels(model: Any, prompts: Sequence[Sequence[int]], labels: Sequence[
             rows = torch.arange(n, device=device)[:, None]
             node_logp = logits[rows, at[None, :], every_token[None, :]] - logits.logsumexp(-1)[:, at]
         per_node = node_logp.double().cpu().numpy()
-        scores[batch] = np.stack([per_node[:, path].sum(1) for path in trie.paths], axis=1)
+        scores[batch] = np.stack([per_node[:, path].sum(1) for path in paths], axis=1)
         if progress is not None:
             progress(len(batch))
     return scores

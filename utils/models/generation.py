@@ -16,12 +16,7 @@ logging.getLogger("transformers.modeling_utils").addFilter(
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stack token-id lists into (input_ids, attention_mask), padded on the left.
-
-    >>> ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
-    >>> ids.tolist(), mask.tolist()
-    ([[5, 6, 7], [0, 0, 8]], [[1, 1, 1], [0, 0, 1]])
-    """
+    """Stack token-id lists into (input_ids, attention_mask), padded on the left."""
     from utils.models.embedding import pad_batch
 
     ids, mask, _ = pad_batch(sequences, [[False] * len(s) for s in sequences], pad_id, side="left")
@@ -31,15 +26,7 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarra
 def allocate_counts(available: Mapping[str, int], *, n_per_type: int | None = None,
                     max_cells: int | None = None) -> dict[str, int]:
     """Cells to generate per type: ``n_per_type`` each, or as many as ``available`` has;
-    scaled down proportionally (at least one per type) when the total exceeds ``max_cells``.
-
-    >>> allocate_counts({"a": 30, "b": 10})
-    {'a': 30, 'b': 10}
-    >>> allocate_counts({"a": 30, "b": 10}, max_cells=8)
-    {'a': 6, 'b': 2}
-    >>> allocate_counts({"a": 30, "b": 10}, n_per_type=3)
-    {'a': 3, 'b': 3}
-    """
+    scaled down proportionally (at least one per type) when the total exceeds ``max_cells``."""
     counts = {t: (n_per_type if n_per_type is not None else int(n)) for t, n in available.items()}
     total = sum(counts.values())
     if max_cells is not None and total > max_cells:
@@ -47,15 +34,9 @@ def allocate_counts(available: Mapping[str, int], *, n_per_type: int | None = No
     return counts
 
 
-def answer_token_budget(lengths: Sequence[int], *, margin: float = 1.25, extra: int = 2) -> int:
-    """New tokens to allow for an answer: the longest reference answer plus a margin.
-
-    >>> answer_token_budget([80, 100, 96])
-    127
-    """
-    if not len(lengths):
-        return extra
-    return int(math.ceil(max(lengths) * margin)) + extra
+def answer_token_budget(lengths: Sequence[int]) -> int:
+    """New tokens to allow for an answer: the longest reference answer (``lengths``, not empty) x 1.25, + 2."""
+    return int(math.ceil(max(lengths) * 1.25)) + 2
 
 
 def shorten_to_fit(build: Callable[[int], list[int]], n_genes: int, limit: int) -> tuple[list[int], int]:
@@ -113,13 +94,11 @@ def generate_batched(model: Any, prompts: Sequence[Sequence[int]], *, pad_token_
             torch.manual_seed(batch_seed + number)
         batch = order[start : start + batch_size]
         ids, mask = left_pad([prompts[i] for i in batch], pad_token_id)
-        extra = {}
-        if logits_processor_factory is not None:
-            extra["logits_processor"] = LogitsProcessorList([logits_processor_factory()])
+        processors = None if logits_processor_factory is None else LogitsProcessorList([logits_processor_factory()])
         with torch.inference_mode():
             out = model.generate(input_ids=torch.as_tensor(ids, device=device),
                                  attention_mask=torch.as_tensor(mask, device=device), generation_config=config,
-                                 **extra)
+                                 logits_processor=processors)
         new = out[:, ids.shape[1] :].cpu().numpy()
         for row, i in enumerate(batch):
             answers[i] = new[row].tolist()

@@ -231,25 +231,22 @@ def multi_cell_examples(split: Any, name: str, *, tokenizer: Any, tasks: Mapping
 
 
 def group_prompts(model: Any, groups: Sequence[Sequence[str]], *, column: str, budget: int,
-                  n_genes: int | None = None) -> tuple[list[list[int]], int]:
-    """The prediction prompt ids (first template) of each group, fit to leave ``budget`` answer tokens;
-    and how many were shortened."""
+                  n_genes: int | None = None) -> list[list[int]]:
+    """The prediction prompt ids (first template) of each group, fit to leave ``budget`` answer tokens."""
     from utils.models.examples import encode_prompt
 
     fmt, tok = model.prompt_format, model.tokenizer
     template = multi_cell_templates(fmt, MULTI_CELL_PREDICTION, column)[0]
     k = n_genes or model.top_k_genes
-    prompts, shortened = [], 0
+    prompts = []
     for sentences in groups:
         cells = [s.split()[:k] for s in sentences]
 
         def build(kept: list[list[str]]) -> tuple[list[int], list[int]]:
             return encode_prompt(tok, fill_multi_cell_prompt(fmt, template, column=column, cells=kept), fmt), [0] * budget
 
-        ids, _, n = fit_cells(cells, model.context, build)
-        shortened += n < max((len(c) for c in cells), default=0)
-        prompts.append(ids)
-    return prompts, shortened
+        prompts.append(fit_cells(cells, model.context, build)[0])
+    return prompts
 
 
 def predict_groups(model: Any, groups: Sequence[Sequence[str]], *, column: str, labels: Sequence[str],
@@ -259,7 +256,7 @@ def predict_groups(model: Any, groups: Sequence[Sequence[str]], *, column: str, 
     from utils.models.constrain import label_probabilities, label_sequences, score_labels
 
     sequences = label_sequences(model.tokenizer, list(labels), model.prompt_format)
-    prompts, _ = group_prompts(model, groups, column=column, budget=max(len(s) for s in sequences))
+    prompts = group_prompts(model, groups, column=column, budget=max(len(s) for s in sequences))
     p = label_probabilities(score_labels(model.model, prompts, sequences, batch_size=batch_size,
                                          pad_token_id=model.tokenizer.pad_token_id, progress=progress))
     return [labels[i] for i in p.argmax(axis=1)], p

@@ -1,10 +1,6 @@
-"""Prompt templates of the training tasks (data) and the prompt formats that fill them.
-
-Tasks: conditional generation (cell type -> top K genes), unconditional generation, cell-type
-prediction (top K genes -> cell type) and the prediction of each further label column. Training
-picks one of a task's paraphrases per example. Our placeholders stand alone between whitespace,
-so a word-level tokenizer sees labels and genes as whole words.
-"""
+"""Prompt templates of the training tasks (data; training picks one paraphrase per example) and the
+prompt formats that fill them. Our placeholders stand alone between whitespace, so a word-level
+tokenizer sees labels and genes as whole words."""
 
 from __future__ import annotations
 
