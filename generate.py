@@ -327,12 +327,13 @@ def generate_groups(args: argparse.Namespace) -> dict[str, Any]:
     n = int(recipe.cells_per_example or 4)
     requested = [x for x in labels for _ in range(args.n_per_type or 1)]
     model = cli.load_from_args(args, device=args.device)
+    top_k = args.top_k_genes or model.top_k_genes  # the genes generated, as eval/generation.py reads back
     start = time.perf_counter()
     generated = sample_groups(model, requested, column=column, cells_per_example=n, n_genes=args.top_k_genes,
                               batch_size=args.batch_size, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, seed=args.seed)
     metrics: dict[str, Any] = {"model_dir": str(args.model_dir), "multi_cell_column": column,
-                               "top_k_genes": args.top_k_genes or model.top_k_genes,
+                               "top_k_genes": top_k,
                                "cells_per_example": n, "n_groups": len(requested), "n_cells": len(generated),
                                "requested_groups": dict(Counter(requested)), "seconds": time.perf_counter() - start}
     scored = None
@@ -340,7 +341,6 @@ def generate_groups(args: argparse.Namespace) -> dict[str, Any]:
         tables = load_splits(args.data_dir, args.split, column, need_labels=True)
         if "train" in tables and all(column in t.column_names for t in tables.values()):
             tables = labelled_rows(tables, column)
-            top_k = args.top_k_genes or model.top_k_genes  # the genes generated, as eval/generation.py reads back
             index, fit, _ = transform_reference(args.transform_dir, tables, top_k)
             scored, _ = score_generated(
                 generated["cell_sentence"].tolist(), generated[f"requested_{column}"].tolist(), tables,

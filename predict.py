@@ -194,8 +194,7 @@ def predicted_columns(args: argparse.Namespace, model: Any) -> list[str]:
     trained to predict (its first label column, or cell_type, when it records none)."""
     recipe = model.recipe
     if args.label_columns is not None:
-        columns = [c.strip() for c in args.label_columns.split(",") if c.strip()]
-        flag = "--label_columns"
+        columns, flag = [c.strip() for c in args.label_columns.split(",") if c.strip()], "--label_columns"
     elif args.label_column is not None:
         columns, flag = [args.label_column], "--label_column"
     else:

@@ -15,17 +15,10 @@ from utils.cli import InputError
 
 def read_cells(path: Path) -> Any:
     """The user's AnnData, read whole (its obs and layout are kept as they are)."""
-    import anndata as ad
-
     from utils.transform.readers import read_with_scanpy
 
     if not path.exists():
         raise InputError(f"{path} does not exist; pass the cells to annotate with --h5ad.")
-    if path.is_file() and path.suffix.lower() == ".h5ad":
-        try:
-            return ad.read_h5ad(path)
-        except Exception as err:  # h5py and anndata raise many kinds; the user needs one sentence
-            raise InputError(f"{path} is not a readable .h5ad file ({err}).") from None
     return read_with_scanpy(path)
 
 

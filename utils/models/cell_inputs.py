@@ -32,8 +32,7 @@ def read_train_record(name_or_dir: str | Path) -> dict[str, Any]:
     return record
 
 
-def as_sentences(cells: Any, *, column: str = "cell_sentence", max_genes: int | None = None,
-                 recipe: Recipe | None = None) -> list[str]:
+def as_sentences(cells: Any, *, max_genes: int | None = None, recipe: Recipe | None = None) -> list[str]:
     """Cell sentences from a list of sentences, a ``datasets.Dataset`` split, a ``CellSentences``
     or an AnnData: the latter made without QC with ``recipe``'s sentence options, so every cell
     gets its training sentence, in the AnnData's order (a cell with no counts an empty one)."""
@@ -53,9 +52,9 @@ def as_sentences(cells: Any, *, column: str = "cell_sentence", max_genes: int | 
     if hasattr(cells, "sentences") and hasattr(cells, "cell_names"):  # utils.transform.sentences.CellSentences
         return [str(s) for s in cells.sentences]
     if hasattr(cells, "column_names"):  # datasets.Dataset / pyarrow.Table
-        if column not in cells.column_names:
-            raise InputError(f"The dataset has no {column!r} column (it has {list(cells.column_names)}).")
-        values = cells[column] if hasattr(cells, "with_format") else cells.column(column).to_pylist()
+        if "cell_sentence" not in cells.column_names:
+            raise InputError(f"The dataset has no 'cell_sentence' column (it has {list(cells.column_names)}).")
+        values = cells["cell_sentence"] if hasattr(cells, "with_format") else cells.column("cell_sentence").to_pylist()
         return [str(s) for s in values]
     if hasattr(cells, "keys") and "train" in cells:
         raise InputError("Pass one split of the DatasetDict (e.g. dataset['test']), not the whole dict.")

@@ -190,10 +190,9 @@ class CellSentenceModel:
                            constrain: bool = True, return_scores: bool = False,
                            progress: Callable[[int], None] | None = None,
                            column: str | None = None) -> list[str] | LabelPredictions:
-        """The predicted cell type (or label of ``column``) of each of ``cells`` (sentences, a dataset
-        split or an AnnData). With ``constrain`` each answer is one of ``labels`` (default: the
-        model's), scored by its normalized sequence probability; otherwise greedy free text with NaN
-        scores. ``return_scores``: a :class:`LabelPredictions`."""
+        """The predicted cell type (or label of ``column``) of each of ``cells`` (sentences, a dataset split or
+        an AnnData): one of ``labels`` (default: the model's) by its normalized sequence probability, or with
+        ``constrain=False`` greedy free text (NaN scores). ``return_scores``: a :class:`LabelPredictions`."""
         result = self.predict_sentences(self.cell_sentences(cells, n_genes=n_genes), batch_size=batch_size,
                                         max_new_tokens=max_new_tokens, labels=labels, n_genes=n_genes,
                                         constrain=constrain, progress=progress, column=column)
@@ -259,11 +258,10 @@ class CellSentenceModel:
                                       for g in sample]))
         return int(np.ceil(1.25 * n_genes * per_gene)) + 2
 
-    def gene_constraint(self, genes: Iterable[str] | None) -> Callable[[], Any] | None:
-        """A factory of the valid-gene logits processor, or None when no gene list is known."""
+    def gene_constraint(self, names: Sequence[str] | None) -> Callable[[], Any] | None:
+        """A factory of the logits processor allowing the genes ``names``, or None when there are none."""
         from utils.models.constrain import GeneConstraint, build_gene_tries
 
-        names = list(genes) if genes is not None else self.known_genes()
         if not names:
             logger.warning("No gene list for this model's tokenizer: generating without the gene "
                            "constraint (pass genes=..., e.g. the transform's vocabulary).")

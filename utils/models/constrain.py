@@ -94,11 +94,10 @@ class GeneConstraint:
         roots = [t.children[0] for t in self.tries]
         self._root_tokens = tuple(np.array(list(r.keys()), dtype=np.int64) for r in roots)
         self._root_nodes = tuple(np.array(list(r.values()), dtype=np.int64) for r in roots)
-        self._start: int | None = None
-        self._seen = 0
+        self._seen: int | None = None  # the tokens of each row read so far (None: no call yet)
 
     def _reset(self, batch: int, start: int) -> None:
-        self._start, self._seen = start, start
+        self._seen = start
         self._left = [tuple(s.copy() for s in self._sizes) for _ in range(batch)]  # of them, not yet named
         self._genes: list[set[int]] = [set() for _ in range(batch)]
         # Per row: (trie, node) while inside the genes, ("close", i) while closing, None when done.
@@ -159,7 +158,7 @@ class GeneConstraint:
         import torch
 
         batch, length = input_ids.shape
-        if self._start is None or length < self._seen:
+        if self._seen is None or length < self._seen:
             self._reset(batch, length)
         if length > self._seen:
             new = input_ids[:, self._seen:length].cpu().numpy()

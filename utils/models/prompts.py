@@ -259,12 +259,11 @@ class PromptFormat:
         template = template or _pick(self.prediction_templates_for(attribute), rng)
         return self._fill(template, genes=genes, attribute=attribute)
 
-    def gene_span(self, genes: Sequence[str], *, template: str | None = None) -> tuple[str, int, int]:
-        """The prediction prompt and the character span of its genes (for pooling them)."""
-        template = template or self.prediction_templates[0]
+    def gene_span(self, genes: Sequence[str]) -> tuple[str, int, int]:
+        """The (first) prediction prompt and the character span of its genes (for pooling them)."""
         marker = "\x00"
-        with_marker = self._fill(template.replace("{genes}", marker).replace("{cell_sentence}", marker),
-                                 genes=genes)
+        template = self.prediction_templates[0].replace("{genes}", marker).replace("{cell_sentence}", marker)
+        with_marker = self._fill(template, genes=genes)
         start = with_marker.index(marker)
         text = " ".join(genes)
         return with_marker.replace(marker, text), start, start + len(text)
