@@ -161,11 +161,10 @@ def requested_types(args: argparse.Namespace, recipe: Recipe, label_column: str)
         return None
     wanted = list(dict.fromkeys(t.strip() for t in args.cell_types.split(",") if t.strip()))
     known = recipe.labels(label_column)
-    if known:
-        unknown = [t for t in wanted if t not in known]
-        if unknown:
-            raise cli.InputError(f"--cell_types: the model never saw {', '.join(map(repr, unknown))}; it was "
-                                 f"trained on {', '.join(map(repr, known))}.")
+    unknown = [t for t in wanted if known and t not in known]
+    if unknown:
+        raise cli.InputError(f"--cell_types: the model never saw {', '.join(map(repr, unknown))}; it was "
+                             f"trained on {', '.join(map(repr, known))}.")
     return wanted
 
 

@@ -118,7 +118,7 @@ class CellSentenceModel:
 
     def prediction_prompts(self, sentences: Sequence[str], *, budget: int, n_genes: int | None = None,
                            column: str | None = None) -> tuple[list[list[int]], int]:
-        """Prompt ids per sentence (its first K genes, fewer where the context is short) and
+        """Prompt ids per sentence (its first K genes, fewer where the context is short, with a warning) and
         how many were shortened; the prompts asking for ``column`` (default: the cell type)."""
         from utils.models.examples import encode_prompt
         from utils.models.generation import shorten_to_fit
@@ -134,6 +134,9 @@ class CellSentenceModel:
                 len(genes), self.context - budget)
             shortened += n < len(genes)
             prompts.append(ids)
+        if shortened:
+            logger.warning("%s prediction prompts were shortened to fit the model's %d-token context.",
+                           f"{shortened:,}", self.context)
         return prompts, shortened
 
     def vocabulary(self) -> set[str] | None:
@@ -220,7 +223,8 @@ class CellSentenceModel:
                 logger.warning("%s records no label set: answering in free text (pass labels=... to constrain).",
                                self.name)
             budget = max_new_tokens or self.label_budget(label_set or None)
-            answers = generate_batched(self.model, self._prompts(sentences, budget, n_genes, name),
+            prompts, _ = self.prediction_prompts(sentences, budget=budget, n_genes=n_genes, column=name)
+            answers = generate_batched(self.model, prompts,
                                        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                                        max_new_tokens=budget, batch_size=batch_size, do_sample=False,
                                        progress=progress)
@@ -234,19 +238,13 @@ class CellSentenceModel:
                 raise InputError(f"The labels {seen[tuple(ids)]!r} and {label!r} have the same tokens for "
                                  f"{self.name}'s tokenizer; the model cannot tell them apart.")
             seen[tuple(ids)] = label
-        prompts = self._prompts(sentences, max(len(x) for x in sequences), n_genes, name)
+        prompts, _ = self.prediction_prompts(sentences, budget=max(len(x) for x in sequences), n_genes=n_genes,
+                                             column=name)
         probabilities = label_probabilities(score_labels(self.model, prompts, sequences, batch_size=batch_size,
                                                          pad_token_id=tok.pad_token_id, progress=progress))
         best = probabilities.argmax(axis=1)
         return LabelPredictions(name, [label_set[i] for i in best], probabilities[np.arange(len(best)), best],
                                 pd.DataFrame(probabilities, columns=label_set))
-
-    def _prompts(self, sentences: Sequence[str], budget: int, n_genes: int, column: str) -> list[list[int]]:
-        prompts, shortened = self.prediction_prompts(sentences, budget=budget, n_genes=n_genes, column=column)
-        if shortened:
-            logger.warning("%s prediction prompts were shortened to fit the model's %d-token context.",
-                           f"{shortened:,}", self.context)
-        return prompts
 
     def gene_budget(self, n_genes: int, genes: Sequence[str] | None) -> int:
         """New tokens for ``n_genes`` genes: 1.25 x their mean token length (else 4) + 2."""

@@ -103,11 +103,6 @@ class GeneConstraint:
         # Per row: (trie, node) while inside the genes, ("close", i) while closing, None when done.
         self._state: list[tuple[Any, int] | None] = [(0, 0)] * batch
 
-    def _use(self, row: int, gene: int) -> None:
-        self._genes[row].add(gene)
-        for trie, left in zip(self.tries, self._left[row], strict=True):
-            left[[0, *trie.paths[gene]]] -= 1
-
     def _step(self, row: int, token: int) -> None:
         state = self._state[row]
         if state is None:
@@ -122,8 +117,10 @@ class GeneConstraint:
             self._state[row] = (kind, child)
             return
         gene = trie.gene[node]
-        if gene >= 0 and gene not in self._genes[row]:
-            self._use(row, gene)
+        if gene >= 0 and gene not in self._genes[row]:  # it is named: one gene less under its nodes
+            self._genes[row].add(gene)
+            for named, left in zip(self.tries, self._left[row], strict=True):
+                left[[0, *named.paths[gene]]] -= 1
             nxt = self.tries[1].children[0].get(token)
             if nxt is not None:
                 self._state[row] = (1, nxt)

@@ -203,7 +203,7 @@ def partition_groups(values: Sequence[Any] | None, n_cells: int, *, cells_per_ex
 
 def multi_cell_examples(split: Any, name: str, *, tokenizer: Any, tasks: Mapping[str, float], column: str,
                         cells_per_example: int, top_k: int, max_length: int, seed: int,
-                        fmt: PromptFormat | None = None, sentence_column: str = "cell_sentence") -> dict[str, list[Any]]:
+                        fmt: PromptFormat | None = None) -> dict[str, list[Any]]:
     """The multi-cell examples of one split: ``round(w * n_cells / cells_per_example)`` groups (at
     least one) per multi-cell task of weight ``w``."""
     fmt = fmt or prompt_format(OURS)
@@ -211,7 +211,7 @@ def multi_cell_examples(split: Any, name: str, *, tokenizer: Any, tasks: Mapping
     if column not in split.column_names:
         return out
     values = split[column]
-    sentences = split[sentence_column]
+    sentences = split["cell_sentence"]
     for task in MULTI_CELL_TASKS:
         weight = tasks.get(task, 0.0)
         if weight <= 0:
@@ -230,35 +230,25 @@ def multi_cell_examples(split: Any, name: str, *, tokenizer: Any, tasks: Mapping
     return out
 
 
-def group_prompts(model: Any, groups: Sequence[Sequence[str]], *, column: str, budget: int,
-                  n_genes: int | None = None) -> list[list[int]]:
-    """The prediction prompt ids (first template) of each group, fit to leave ``budget`` answer tokens."""
-    from utils.models.examples import encode_prompt
-
-    fmt, tok = model.prompt_format, model.tokenizer
-    template = multi_cell_templates(fmt, MULTI_CELL_PREDICTION, column)[0]
-    k = n_genes or model.top_k_genes
-    prompts = []
-    for sentences in groups:
-        cells = [s.split()[:k] for s in sentences]
-
-        def build(kept: list[list[str]]) -> tuple[list[int], list[int]]:
-            return encode_prompt(tok, fill_multi_cell_prompt(fmt, template, column=column, cells=kept), fmt), [0] * budget
-
-        prompts.append(fit_cells(cells, model.context, build)[0])
-    return prompts
-
-
 def predict_groups(model: Any, groups: Sequence[Sequence[str]], *, column: str, labels: Sequence[str],
                    batch_size: int = 16, progress: Any = None) -> tuple[list[str], Any]:
     """The label of each group of cell sentences among ``labels`` (``constrain.score_labels``);
     returns the labels and their probabilities (groups x labels)."""
     from utils.models.constrain import label_probabilities, label_sequences, score_labels
+    from utils.models.examples import encode_prompt
 
-    sequences = label_sequences(model.tokenizer, list(labels), model.prompt_format)
-    prompts = group_prompts(model, groups, column=column, budget=max(len(s) for s in sequences))
+    fmt, tok = model.prompt_format, model.tokenizer
+    sequences = label_sequences(tok, list(labels), fmt)
+    template = multi_cell_templates(fmt, MULTI_CELL_PREDICTION, column)[0]
+    budget = max(len(s) for s in sequences)
+
+    def build(kept: list[list[str]]) -> tuple[list[int], list[int]]:  # a prompt leaving room for every label
+        return encode_prompt(tok, fill_multi_cell_prompt(fmt, template, column=column, cells=kept), fmt), [0] * budget
+
+    prompts = [fit_cells([s.split()[: model.top_k_genes] for s in sentences], model.context, build)[0]
+               for sentences in groups]
     p = label_probabilities(score_labels(model.model, prompts, sequences, batch_size=batch_size,
-                                         pad_token_id=model.tokenizer.pad_token_id, progress=progress))
+                                         pad_token_id=tok.pad_token_id, progress=progress))
     return [labels[i] for i in p.argmax(axis=1)], p
 
 
