@@ -96,14 +96,12 @@ def _pick(templates: Sequence[str], rng: random.Random | None) -> str:
 
 
 def generation_prompt(cell_type: str | None, n_genes: int, *, rng: random.Random | None = None) -> str:
-    """The ``ours`` prompt asking for ``n_genes`` genes of a ``cell_type`` cell (None: any cell);
-    the first template without ``rng``."""
+    """``prompt_format("ours").generation_prompt``: ``n_genes`` genes of a ``cell_type`` cell (None: any)."""
     return prompt_format(OURS).generation_prompt(cell_type, n_genes, rng=rng)
 
 
 def prediction_prompt(genes: Sequence[str], *, rng: random.Random | None = None) -> str:
-    """The ``ours`` prompt giving ranked ``genes`` and asking for the cell type; the first
-    template without ``rng``."""
+    """``prompt_format("ours").prediction_prompt``: the ranked ``genes``, asking for the cell type."""
     return prompt_format(OURS).prediction_prompt(genes, rng=rng)
 
 
