@@ -47,11 +47,14 @@ class GeneTrie:
         self.paths[gene] = path
 
 
-def _tail(tokenizer: Any, head: str, text: str) -> list[int] | None:
-    """The ids ``text`` adds after ``head`` (None when ``head``'s ids are no prefix)."""
-    a = tokenizer(head, add_special_tokens=False)["input_ids"]
-    b = tokenizer(head + text, add_special_tokens=False)["input_ids"]
-    return list(b[len(a):]) if list(b[: len(a)]) == list(a) else None
+def _ids(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _tail(tokenizer: Any, head: str, text: str) -> list[int]:
+    """The ids ``text`` adds after ``head`` (its own ids when ``head``'s ids are no prefix)."""
+    a, b = _ids(tokenizer, head), _ids(tokenizer, head + text)
+    return b[len(a):] if b[: len(a)] == a else _ids(tokenizer, text)
 
 
 def build_gene_tries(tokenizer: Any, genes: Iterable[str], *, answer_prefix: str = " ",
@@ -63,10 +66,8 @@ def build_gene_tries(tokenizer: Any, genes: Iterable[str], *, answer_prefix: str
     unk = tokenizer.unk_token_id
     anchor = answer_prefix + "A"
     for gene in dict.fromkeys(str(g) for g in genes):
-        ids_first = list(tokenizer(answer_prefix + gene, add_special_tokens=False)["input_ids"])
+        ids_first = _ids(tokenizer, answer_prefix + gene)
         ids_rest = _tail(tokenizer, anchor, " " + gene)
-        if ids_rest is None:
-            ids_rest = list(tokenizer(" " + gene, add_special_tokens=False)["input_ids"])
         if not ids_first or not ids_rest or (unk is not None and (unk in ids_first or unk in ids_rest)):
             continue
         if first.spells(ids_first) or rest.spells(ids_rest):
@@ -74,10 +75,7 @@ def build_gene_tries(tokenizer: Any, genes: Iterable[str], *, answer_prefix: str
         first.add(ids_first, len(names))
         rest.add(ids_rest, len(names))
         names.append(gene)
-    closing: list[int] = []
-    if answer_suffix:
-        closing = _tail(tokenizer, anchor, answer_suffix) or list(
-            tokenizer(answer_suffix, add_special_tokens=False)["input_ids"])
+    closing = (_tail(tokenizer, anchor, answer_suffix) or _ids(tokenizer, answer_suffix)) if answer_suffix else []
     closing.append(int(tokenizer.eos_token_id))
     return first, rest, closing, names
 
