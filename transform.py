@@ -3,11 +3,8 @@
 Each cell becomes the names of its expressed genes from highest to lowest normalized expression
 (ties broken reproducibly with --seed); a line from log-rank to log-expression is fitted for inverse.py.
 
-    data/<name>.h5ad -> data/cell_sentences/{train,valid,test}.txt, *_barcodes.txt,
-                        *_indices.npy, vocab.txt
-                        data/cell_sentences_hf/ (datasets.DatasetDict)
-                        data/eval/transformation_metrics.csv + figures, qc_by_label.csv
-                        data/<name>_preprocessed.h5ad, data/transform_args.json
+    data/<name>.h5ad -> data/cell_sentences/ (text, barcodes, vocab), data/cell_sentences_hf/ (DatasetDict),
+                        data/eval/ (fit metrics, figures, QC by label), data/<name>_preprocessed.h5ad
 
 Example:
     python transform.py --data_filepath data/dominguez_sample.h5ad --output_dir data/
@@ -82,7 +79,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def transform_options(args: argparse.Namespace) -> TransformOptions:
-    """The run's options from its flags."""
     qc = QCParams(args.min_genes_per_cell, args.min_cells_per_gene, args.max_genes_per_cell,
                   args.max_mt_percent, enabled=not args.no_qc)
     return TransformOptions(

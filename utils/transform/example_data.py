@@ -44,7 +44,6 @@ def download_from_drive(file_id: str, out: BinaryIO, *, timeout: float, quiet: b
 
 
 def _short_reason(err: BaseException) -> str:
-    """A one-line reason from a (possibly very long) network exception."""
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     for marker in ("Failed to resolve", "Name or service not known", "timed out", "Connection refused"):
         if marker in text:
@@ -97,12 +96,7 @@ def _write_checked(write: Callable[[Path], object], dest: Path) -> ad.AnnData:
 
 def prepare_pbmc68k_reduced() -> ad.AnnData:
     """scanpy's bundled ``pbmc68k_reduced`` made ready for transform.py: ``bulk_labels`` as
-    ``obs["cell_type"]``, the log1p values of ``.raw`` in ``.X``, ``uns["log1p"] = {"base": None}``.
-
-    >>> adata = prepare_pbmc68k_reduced()  # doctest: +SKIP
-    >>> adata.obs["cell_type"].nunique(), adata.uns["log1p"]  # doctest: +SKIP
-    (10, {'base': None})
-    """
+    ``obs["cell_type"]`` (10 types), the log1p values of ``.raw`` in ``.X``, ``uns["log1p"] = {"base": None}``."""
     import scanpy as sc
 
     adata = sc.datasets.pbmc68k_reduced()

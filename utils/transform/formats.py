@@ -29,9 +29,7 @@ class H5adCSRWriter:
         np.cumsum(row_lengths, out=self.indptr[1:])
         self._file = h5py.File(path, "w")
         x = self._file.create_group("X")
-        x.attrs["encoding-type"] = "csr_matrix"
-        x.attrs["encoding-version"] = "0.1.0"
-        x.attrs["shape"] = (len(row_lengths), n_genes)
+        x.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": (len(row_lengths), n_genes)})
         x.create_dataset("indptr", data=self.indptr)
         nnz = int(self.indptr[-1])
         self._places = {name: _preallocated(x, name, dtype, nnz) for name, dtype in (("data", "<f4"), ("indices", "<i4"))}
@@ -50,13 +48,10 @@ class H5adCSRWriter:
     def finish(self, *, obs: pd.DataFrame, var: pd.DataFrame, uns: dict[str, Any]) -> None:
         """Write obs, var and uns and close the file (after ``DirectWriter.flush``)."""
         self._out.close()
-        self._file.attrs["encoding-type"] = "anndata"
-        self._file.attrs["encoding-version"] = "0.1.0"
-        ad.io.write_elem(self._file, "obs", obs)
-        ad.io.write_elem(self._file, "var", var)
-        ad.io.write_elem(self._file, "uns", uns)
-        for empty in ("obsm", "varm", "obsp", "varp", "layers"):
-            ad.io.write_elem(self._file, empty, {})
+        self._file.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+        for key, value in {"obs": obs, "var": var, "uns": uns, "obsm": {}, "varm": {}, "obsp": {}, "varp": {},
+                           "layers": {}}.items():
+            ad.io.write_elem(self._file, key, value)
         self._file.close()
 
     def close(self) -> None:

@@ -33,14 +33,8 @@ def as_strings(values: pd.Series) -> np.ndarray:
 
 
 def clean_labels(values: pd.Series, *, column: str, path: Path) -> tuple[np.ndarray, list[str]]:
-    """Labels as strings (object array), missing ones (NaN, None, empty or blank) as None, each
-    whitespace run one space, ends stripped; and warnings to log. A label holding a special token
-    is refused (``InputError``).
-
-    >>> labels, notes = clean_labels(pd.Series(["T cell", None, "B\\ncell", " "]), column="c", path=Path("a"))
-    >>> labels.tolist(), len(notes)
-    (['T cell', None, 'B cell', None], 2)
-    """
+    """Labels as ``one_line`` strings, missing ones (NaN, None, blank) as None, and warnings to log;
+    ``InputError`` for a label holding a special token."""
     labels = as_strings(values)
     notes = []
     distinct = pd.unique(labels[~np.equal(labels, None)])
@@ -73,11 +67,7 @@ def clean_labels(values: pd.Series, *, column: str, path: Path) -> tuple[np.ndar
 
 
 def one_line(text: str) -> str:
-    """``text`` with every whitespace run (line breaks and tabs included) one space, ends stripped.
-
-    >>> one_line("  T \\n  cell ")
-    'T cell'
-    """
+    """``text`` with every whitespace run (line breaks and tabs included) one space, ends stripped."""
     return re.sub(r"\s+", " ", text).strip()
 
 
@@ -91,10 +81,7 @@ def _refuse_special_tokens(labels, *, where: str, path: Path) -> None:
 
 def refuse_unsafe_labels(labels: list[str], *, column: str, path: Path) -> None:
     """``InputError`` for a dataset's label (maybe not made by ``transform.py``) that holds a special
-    token or a line break.
-
-    >>> refuse_unsafe_labels(["T cell", "B cell"], column="cell_type", path=Path("d"))
-    """
+    token or a line break."""
     _refuse_special_tokens(labels, where=f"column {column!r}", path=path)
     broken = [v for v in labels if LINE_BREAKING.search(v)]
     if broken:
@@ -103,12 +90,7 @@ def refuse_unsafe_labels(labels: list[str], *, column: str, path: Path) -> None:
 
 
 def unique_cell_names(names: pd.Index) -> tuple[np.ndarray, list[str]]:
-    """Cell names as strings, each on one line (``one_line``), made unique by appending -1, -2, ...,
-    and warnings to log.
-
-    >>> unique_cell_names(pd.Index(["a", "b", "a", "c\\td"]))[0].tolist()
-    ['a', 'b', 'a-1', 'c d']
-    """
+    """Cell names as ``one_line`` strings made unique by appending -1, -2, ..., and warnings to log."""
     names = pd.Index(names.astype(str))
     notes = []
     broken = names.str.contains(LINE_BREAKING.pattern, regex=True)

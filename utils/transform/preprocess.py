@@ -1,9 +1,8 @@
 """Quality control (and its log), input-kind detection and normalization, in passes over chunks.
 
-QC gives what scanpy's ``filter_cells(min_genes)``, ``filter_genes(min_cells)`` on the cells left,
-then the ``n_genes_by_counts`` and ``pct_counts_mt`` cuts give on the whole matrix, in one streaming
-pass: a failing gene occurs in fewer than ``min_cells`` cells, so the occurrences of genes seen
-fewer times so far are kept, and the failing genes' contributions subtracted at the end.
+QC gives scanpy's ``filter_cells``/``filter_genes`` and the ``n_genes_by_counts``/``pct_counts_mt`` cuts
+in one streaming pass: a failing gene occurs in fewer than ``min_cells`` cells, so its occurrences are
+kept until it passes, and the failing genes' contributions are subtracted at the end.
 """
 
 from __future__ import annotations
@@ -165,48 +164,30 @@ class QCAccumulator:
         """Apply the filters in scanpy's order; ``excluded`` genes take part in the QC, then are left out."""
         p = self.params
         passes_min_genes = self.n_genes >= (p.min_genes_per_cell if p.enabled else 1)
-        if p.enabled:
-            gene_mask = self.gene_cells >= p.min_cells_per_gene
-        else:
-            gene_mask = np.ones(self.n_genes_total, bool)
+        gene_mask = self.gene_cells >= p.min_cells_per_gene if p.enabled else np.ones(self.n_genes_total, bool)
         # Subtract what the failing genes contributed to each cell.
         cells, genes, values = self._rare[0] if self._rare else (np.empty(0, np.int64),) * 3
-        failing = ~gene_mask[genes] if len(genes) else np.zeros(0, bool)
+        failing = ~gene_mask[genes]
         cells, genes, values = cells[failing], genes[failing], values[failing]
         n_genes = self.n_genes - np.bincount(cells, minlength=self.n_cells)
         total = self.total - np.bincount(cells, weights=values, minlength=self.n_cells)
-        mt_removed = np.bincount(cells, weights=values * is_mt[genes], minlength=self.n_cells)
-        mt_total = self.mt_total - mt_removed
+        mt_total = self.mt_total - np.bincount(cells, weights=values * is_mt[genes], minlength=self.n_cells)
+        excluded = np.zeros(self.n_genes_total, bool) if excluded is None else np.asarray(excluded, bool)
         # Entries each cell keeps: its genes passing the filter, less the excluded ones among them.
-        n_stored = n_genes.copy()
-        if excluded is not None:
-            excluded = np.asarray(excluded, bool)
-            n_stored -= self.n_excluded - np.bincount(cells[excluded[genes]], minlength=self.n_cells)
+        n_stored = n_genes - (self.n_excluded - np.bincount(cells[excluded[genes]], minlength=self.n_cells))
         with np.errstate(divide="ignore", invalid="ignore"):
             pct_mt = np.where(total > 0, 100.0 * mt_total / total, 0.0)
 
-        keep = passes_min_genes.copy()
-        removed_by = np.full(self.n_cells, -1, np.int8)
-        removed_by[~passes_min_genes] = QC_FILTERS.index("min_genes_per_cell")
-        removed = {"min_genes_per_cell": int((~passes_min_genes).sum())}
-        if p.enabled:
-            too_many = keep & (n_genes >= p.max_genes_per_cell)
-            keep &= ~too_many
-            too_mt = keep & (pct_mt >= p.max_mt_percent)
-            keep &= ~too_mt
-            removed["max_genes_per_cell"] = int(too_many.sum())
-            removed["max_mt_percent"] = int(too_mt.sum())
-            removed_by[too_many] = QC_FILTERS.index("max_genes_per_cell")
-            removed_by[too_mt] = QC_FILTERS.index("max_mt_percent")
-        # A cell whose every gene was filtered out (or excluded) has no sentence.
-        empty = keep & (n_stored == 0)
-        keep &= ~empty
-        removed["no_expressed_genes"] = int(empty.sum())
-        removed_by[empty] = QC_FILTERS.index("no_expressed_genes")
-        genes_excluded = 0
-        if excluded is not None:
-            genes_excluded = int((gene_mask & excluded).sum())
-            gene_mask = gene_mask & ~excluded
+        # Each filter in QC_FILTERS' order removes cells the earlier ones kept; the last removes the cells
+        # whose every gene was filtered out (or excluded): they have no sentence.
+        removed_by = np.where(passes_min_genes, -1, 0).astype(np.int8)
+        cuts = [n_genes >= p.max_genes_per_cell, pct_mt >= p.max_mt_percent] if p.enabled else [False, False]
+        for i, cut in enumerate([*cuts, n_stored == 0], start=1):
+            removed_by[(removed_by < 0) & cut] = i
+        keep = removed_by < 0
+        removed = {name: int((removed_by == i).sum()) for i, name in enumerate(QC_FILTERS)}
+        genes_excluded = int((gene_mask & excluded).sum())
+        gene_mask &= ~excluded
         return QCResult(cell_mask=keep, gene_mask=gene_mask, n_genes=n_genes, n_stored=n_stored, total=total,
                         pct_mt=pct_mt, cells_removed=removed, removed_by=removed_by,
                         genes_removed=int((~gene_mask).sum()) - genes_excluded, gene_cells=self.gene_cells,
@@ -261,13 +242,7 @@ def log1p_ceiling(base: float | None) -> float:
 
 
 def log1p_problem(values: np.ndarray, base: float | None) -> str | None:
-    """Why ``values`` cannot be log1p of normalized data in ``base`` (None: they can).
-
-    >>> log1p_problem(np.array([0.7, 2.3]), None) is None
-    True
-    >>> log1p_problem(np.array([3.0, 812.0]), None)
-    'every value is a whole number (up to 812)'
-    """
+    """Why ``values`` cannot be log1p of normalized data in ``base`` (None: they can)."""
     if values.size == 0:
         return None
     top = float(values.max())

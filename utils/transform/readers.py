@@ -83,14 +83,14 @@ class MatrixSource:
         return self.shape[1]
 
 
-def _choose_matrix(has: dict[str, bool], layer: str | None) -> str:
-    """The matrix holding counts: --layer, else .raw.X, else layers['counts'], else X."""
+def _choose_matrix(has: Any, layer: str | None) -> str:
+    """The matrix holding counts (``has``: the keys present): --layer, else .raw.X, else layers['counts'], else X."""
     if layer is not None:
-        if not has.get(f"layers/{layer}"):
+        if f"layers/{layer}" not in has:
             raise InputError(f"The input has no layer {layer!r}; drop --layer or name one it has.")
         return f"layers/{layer}"
     for key in ("raw/X", "layers/counts", "X"):
-        if has.get(key):
+        if key in has:
             return key
     raise InputError("The input holds no count matrix (no X, .raw.X or layers).")
 
@@ -113,10 +113,7 @@ class H5adSource(MatrixSource):
         if any(isinstance(f.get(key), h5py.Dataset) for key in ("obs", "var", "raw/var")):
             f.close()  # anndata before 0.7 stored them as tables; anndata's own reader still reads those
             raise _NeedsInMemory("it was written by anndata before 0.7")
-        has = {"X": "X" in f, "raw/X": "raw" in f and "X" in f["raw"]}
-        if "layers" in f:
-            has.update({f"layers/{name}": True for name in f["layers"]})
-        self._key = _choose_matrix(has, layer)
+        self._key = _choose_matrix(f, layer)
         self.matrix_name = _display_name(self._key)
         node = f[self._key]
         self._dense = isinstance(node, h5py.Dataset)
@@ -183,16 +180,12 @@ class InMemorySource(MatrixSource):
 
     def __init__(self, adata: ad.AnnData, path: Path, *, layer: str | None):
         self.path = path
-        has = {"X": adata.X is not None, "raw/X": adata.raw is not None}
-        has.update({f"layers/{name}": True for name in adata.layers})
+        has = {f"layers/{name}" for name in adata.layers}
+        has |= {key for key, value in (("X", adata.X), ("raw/X", adata.raw)) if value is not None}
         key = _choose_matrix(has, layer)
         self.matrix_name = _display_name(key)
-        if key == "raw/X":
-            matrix, self.var = adata.raw.X, adata.raw.var.copy()
-        elif key == "X":
-            matrix, self.var = adata.X, adata.var.copy()
-        else:
-            matrix, self.var = adata.layers[key.split("/", 1)[1]], adata.var.copy()
+        matrix = adata.raw.X if key == "raw/X" else adata.X if key == "X" else adata.layers[key.split("/", 1)[1]]
+        self.var = (adata.raw.var if key == "raw/X" else adata.var).copy()
         self._matrix = sp.csr_matrix(exact_float(matrix)) if not sp.issparse(matrix) else matrix.tocsr()
         self.shape = self._matrix.shape
         self.obs = adata.obs.copy()

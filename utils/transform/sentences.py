@@ -1,13 +1,6 @@
-"""The Python API for notebooks: an AnnData in memory -> cell sentences, in memory.
-
-``adata_to_sentences`` runs the transform of ``transform.py`` (the same plan, kernels and driver)
-into memory: for the same input and seed its sentences are the script's (tested).
-``CellSentences.save`` writes the script's data contract.
-
->>> import scanpy as sc                                              # doctest: +SKIP
->>> from utils import adata_to_sentences
->>> cs = adata_to_sentences(sc.datasets.pbmc3k(), label_column=None)  # doctest: +SKIP
->>> cs.sentences[0][:40]                                             # doctest: +SKIP
+"""The Python API for notebooks (docs/api.md): ``adata_to_sentences`` runs ``transform.py``'s plan,
+kernels and driver on an AnnData in memory (same sentences, tested); ``CellSentences.save`` writes
+the script's data contract.
 """
 
 from __future__ import annotations
@@ -16,7 +9,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import anndata as ad
@@ -98,8 +91,7 @@ class CellSentences:
     def split_of_cells(self, split_fractions: Sequence[float] | None = None, seed: int | None = None) -> np.ndarray:
         """Per cell, 0 train, 1 valid or 2 test, drawn as ``transform.py`` draws them."""
         fractions = self.options.split_fractions if split_fractions is None else tuple(split_fractions)
-        if len(fractions) != 3 or min(fractions) < 0 or not np.isclose(sum(fractions), 1.0):
-            raise InputError(f"split_fractions {fractions} must be three non-negative fractions adding up to 1.")
+        replace(self.options, split_fractions=fractions).check()
         return assign_splits(len(self), fractions, seed=self.options.seed if seed is None else seed)
 
     def to_dataset_dict(self, split_fractions: Sequence[float] | None = None, seed: int | None = None):
@@ -158,18 +150,11 @@ def adata_to_sentences(
     eval_cells: int = 1_000, bad_gene_names: str = "replace", chunk_size: int = 2_048, num_proc: int | None = None,
     progress: bool = False,
 ) -> CellSentences:
-    """Cell sentences of an in-memory AnnData, as ``transform.py`` makes them.
+    """Cell sentences of an in-memory AnnData, as ``transform.py`` makes them (the input is not modified).
 
-    Parameters mirror the script's flags: ``layer`` (default ``.raw.X``, else
-    ``layers["counts"]``, else ``X``), ``input_kind``, ``gene_column`` (default
-    ``var["feature_name"]`` when present, else ``var_names``), ``label_column`` (default
-    ``cell_type`` when present; False: none), ``qc`` (True: the original's QC, False: none, or a
-    ``QCParams``), ``max_genes`` (top K genes per sentence), ``exclude_genes`` (a regular
-    expression, e.g. ``"^MT-|^RP[SL]"``), ``target_sum``, ``seed`` (tie-breaking, splits, the
-    fit's sample). ``split_fractions`` and ``seed`` are the defaults of ``to_dataset_dict`` and
-    ``save``. ``chunk_size`` and ``num_proc`` (default: the cores this process may use, at most
-    ``MAX_DEFAULT_THREADS``) change speed and memory only. The input is not modified; a backed
-    one is read into memory.
+    The parameters are the script's flags (docs/api.md); ``qc``: True (the original's QC), False
+    (none) or a ``QCParams``; ``label_column=False``: no labels; ``num_proc`` (default: the cores this
+    process may use, at most ``MAX_DEFAULT_THREADS``) and ``chunk_size`` change speed and memory only.
     """
     if not isinstance(adata, ad.AnnData):
         raise InputError(f"adata_to_sentences takes an AnnData, not {type(adata).__name__}.")
