@@ -1,9 +1,5 @@
-"""Example datasets for trying the pipeline: download, bundled fallback and validation.
-
-``dominguez``: the 1,000-cell immune cell atlas sample (Domínguez Conde et al., Science 2022) of
-the original Cell2Sentence project, from Google Drive. ``pbmc68k_reduced``: scanpy's bundled 700
-PBMCs (offline), whose ``.X`` is scaled data and ``.raw.X`` natural-log log1p values.
-"""
+"""Example datasets (docs/retrieve_example_data.md): the Domínguez Conde sample from Google Drive and
+scanpy's bundled ``pbmc68k_reduced`` (offline); download, fallback and validation."""
 
 from __future__ import annotations
 

@@ -24,12 +24,12 @@ class H5adCSRWriter:
 
     def __init__(self, path: Path, n_genes: int, row_lengths: np.ndarray, *, direct: DirectWriter | None = None):
         self.path = path
-        self.n_genes = n_genes
         self.indptr = np.zeros(len(row_lengths) + 1, np.int64)
         np.cumsum(row_lengths, out=self.indptr[1:])
         self._file = h5py.File(path, "w")
         x = self._file.create_group("X")
-        x.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": (len(row_lengths), n_genes)})
+        x.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0",
+                        "shape": (len(row_lengths), n_genes)})
         x.create_dataset("indptr", data=self.indptr)
         nnz = int(self.indptr[-1])
         self._places = {name: _preallocated(x, name, dtype, nnz) for name, dtype in (("data", "<f4"), ("indices", "<i4"))}

@@ -37,11 +37,11 @@ def clean_labels(values: pd.Series, *, column: str, path: Path) -> tuple[np.ndar
     ``InputError`` for a label holding a special token."""
     labels = as_strings(values)
     notes = []
-    distinct = pd.unique(labels[~np.equal(labels, None)])
+    present = ~np.equal(labels, None)
+    distinct = pd.unique(labels[present])
     _refuse_special_tokens(distinct, where=f"obs[{column!r}]", path=path)
     fixed = {v: one_line(v) for v in distinct if one_line(v) != v}
     if fixed:  # a blank label becomes "": missing, below
-        present = ~np.equal(labels, None)
         labels[present] = pd.Series(labels[present]).replace(fixed).to_numpy(dtype=object)
         changed = [v for v, new in fixed.items() if new]
         if changed:

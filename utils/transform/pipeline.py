@@ -160,15 +160,14 @@ def resolve_gene_names(var: pd.DataFrame, gene_column: str | None, *, bad: str, 
 
 def resolve_obs_columns(obs: pd.DataFrame, label_column: str | bool | None, extra: Sequence[str], *, path: Any) -> dict[str, str]:
     """Dataset column name -> obs column: cell_type from the label column (False: none), plus extras."""
-    columns: dict[str, str] = {}
-    if label_column not in (None, False) and label_column not in obs.columns:
+    if label_column is None:
+        label_column = DEFAULT_LABEL_COLUMN if DEFAULT_LABEL_COLUMN in obs.columns else False
+        if label_column is False:
+            logger.warning("obs has no %r column: the dataset has no cell_type (pass --label_column).",
+                           DEFAULT_LABEL_COLUMN)
+    elif label_column is not False and label_column not in obs.columns:
         raise InputError(f"{path}: obs has no column {label_column!r} (it has {list(obs.columns)[:8]}); fix --label_column.")
-    if label_column not in (None, False):
-        columns["cell_type"] = label_column
-    elif label_column is None and DEFAULT_LABEL_COLUMN in obs.columns:
-        columns["cell_type"] = DEFAULT_LABEL_COLUMN
-    elif label_column is None:
-        logger.warning("obs has no %r column: the dataset has no cell_type (pass --label_column).", DEFAULT_LABEL_COLUMN)
+    columns = {} if label_column is False else {"cell_type": label_column}
     for name in extra:
         if name not in obs.columns:
             raise InputError(f"{path}: obs has no column {name!r} asked for by --obs_columns.")
@@ -256,8 +255,7 @@ def plan_run(source: MatrixSource, options: TransformOptions, *, progress: bool 
 def open_inputs(data_filepath: Path | Sequence[Path], options: TransformOptions, *,
                 layer: str | None = None) -> tuple[MatrixSource, TransformOptions, Normalization | None]:
     """The input of ``--data_filepath``, the options to plan it with, and the input kind several files
-    agreed on (None: one file). Several files become one ``ConcatenatedSource`` (genes matched by name,
-    obs column ``dataset``); their detected kinds must agree unless ``--input_kind`` is given."""
+    agreed on (None: one file); several files become one ``ConcatenatedSource``."""
     paths = input_paths(data_filepath)
     if paths == [data_filepath]:
         return open_source(data_filepath, layer=layer), options, None
@@ -366,8 +364,7 @@ def sentence_pass(plan: RunPlan, sink: Any, *, num_proc: int, fit_threshold: flo
         sink.abort()  # release workers waiting for their turn to write
         results.close()  # wait for the running workers: they write to the sink
         raise
-    log_rank = np.concatenate([p[0] for p in points])
-    log_expression = np.concatenate([p[1] for p in points])
+    log_rank, log_expression = (np.concatenate(arrays) for arrays in zip(*points, strict=True))
     try:
         fit = fit_rank_expression(log_rank, log_expression, threshold=fit_threshold)
     except NonFiniteError as err:
