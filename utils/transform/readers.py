@@ -83,22 +83,17 @@ class MatrixSource:
         return self.shape[1]
 
 
-def _choose_matrix(has: Any, layer: str | None) -> str:
-    """The matrix holding counts (``has``: the keys present): --layer, else .raw.X, else layers['counts'], else X."""
+def _choose_matrix(has: Any, layer: str | None) -> tuple[str, str]:
+    """The key and name of the matrix holding counts (``has``: the keys present): --layer, else .raw.X,
+    else layers['counts'], else X."""
     if layer is not None:
         if f"layers/{layer}" not in has:
             raise InputError(f"The input has no layer {layer!r}; drop --layer or name one it has.")
-        return f"layers/{layer}"
-    for key in ("raw/X", "layers/counts", "X"):
+        return f"layers/{layer}", f"layers[{layer!r}]"
+    for key, name in (("raw/X", "raw.X"), ("layers/counts", "layers['counts']"), ("X", "X")):
         if key in has:
-            return key
+            return key, name
     raise InputError("The input holds no count matrix (no X, .raw.X or layers).")
-
-
-def _display_name(key: str) -> str:
-    if key.startswith("layers/"):
-        return f"layers[{key.split('/', 1)[1]!r}]"
-    return key.replace("/", ".")
 
 
 class H5adSource(MatrixSource):
@@ -113,8 +108,7 @@ class H5adSource(MatrixSource):
         if any(isinstance(f.get(key), h5py.Dataset) for key in ("obs", "var", "raw/var")):
             f.close()  # anndata before 0.7 stored them as tables; anndata's own reader still reads those
             raise _NeedsInMemory("it was written by anndata before 0.7")
-        self._key = _choose_matrix(f, layer)
-        self.matrix_name = _display_name(self._key)
+        self._key, self.matrix_name = _choose_matrix(f, layer)
         node = f[self._key]
         self._dense = isinstance(node, h5py.Dataset)
         self._direct: dict[str, _DirectReader | None] = {}
@@ -182,8 +176,7 @@ class InMemorySource(MatrixSource):
         self.path = path
         has = {f"layers/{name}" for name in adata.layers}
         has |= {key for key, value in (("X", adata.X), ("raw/X", adata.raw)) if value is not None}
-        key = _choose_matrix(has, layer)
-        self.matrix_name = _display_name(key)
+        key, self.matrix_name = _choose_matrix(has, layer)
         matrix = adata.raw.X if key == "raw/X" else adata.X if key == "X" else adata.layers[key.split("/", 1)[1]]
         self.var = (adata.raw.var if key == "raw/X" else adata.var).copy()
         self._matrix = sp.csr_matrix(exact_float(matrix)) if not sp.issparse(matrix) else matrix.tocsr()
