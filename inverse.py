@@ -32,6 +32,7 @@ from utils.contract import (
     find_preprocessed,
     labelled_rows,
     load_splits,
+    open_dataset_dict,
     read_lines,
     read_preprocessed,
 )
@@ -133,18 +134,15 @@ def load_sentences(args: argparse.Namespace) -> tuple[SentenceBytes, pd.DataFram
 
 
 def _load_arrow(path: Path, args: argparse.Namespace) -> tuple[SentenceBytes, pd.DataFrame]:
-    import datasets
-
-    try:
-        ds = datasets.load_from_disk(str(path))
-    except (FileNotFoundError, ValueError) as err:
-        raise cli.InputError(f"{path} is no datasets folder written by save_to_disk ({err}).") from None
-    if isinstance(ds, datasets.DatasetDict):
-        if args.split is None or args.split not in ds:
-            raise cli.InputError(f"{path} holds the splits {list(ds)}; choose one with --split.")
-        ds = ds[args.split]
-    elif args.split is not None:
-        logger.warning("--split is ignored: %s is a single dataset.", path)
+    dd = open_dataset_dict(path, single_ok=True)
+    if list(dd) == ["all"]:  # a single saved Dataset
+        if args.split is not None:
+            logger.warning("--split is ignored: %s is a single dataset.", path)
+        ds = dd["all"]
+    elif args.split in dd:
+        ds = dd[args.split]
+    else:
+        raise cli.InputError(f"{path} holds the splits {list(dd)}; choose one with --split.")
     if args.sentence_column not in ds.column_names:
         raise cli.InputError(f"{path} has no column {args.sentence_column!r} (it has {ds.column_names}); "
                              "fix --sentence_column.")

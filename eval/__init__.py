@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from utils import cli, publish
-from utils.contract import write_evaluation
+from utils.contract import EVAL_ARGS
 from utils.models.model_card import add_evaluation_to_card, recorded_model_dir
 
 logger = logging.getLogger("cell2sentence")
@@ -41,9 +41,18 @@ def start(args: argparse.Namespace, inputs: Sequence[Path | None], outputs: Sequ
 def finish(args: argparse.Namespace, outputs: Sequence[str], *, metrics: dict[str, Any], figures: dict[str, Any],
            frames: dict[str, Any], card: tuple[Path, str, Mapping[str, Any]] | None = None,
            captions: Mapping[str, str] | None = None) -> None:
-    """Publish the evaluation; ``card``: (the step's folder, the evaluation's name, its scores) for its model card."""
-    write_evaluation(args.output_dir, list(outputs), metrics=metrics, figures=figures, frames=frames, args=args,
-                     overwrite=args.overwrite)
+    """Publish ``metrics.json``, the figures (a Figure, or a function writing the PNG at a path), the frames (CSV)
+    and the arguments; ``card``: (the step's folder, the evaluation's name, its scores) for its model card."""
+    with publish.staged_outputs(args.output_dir, list(outputs), overwrite=args.overwrite) as tmp:
+        (tmp / "metrics.json").write_text(cli.strict_json(metrics, indent=2, default=str) + "\n")
+        for name, figure in figures.items():
+            if callable(figure):
+                figure(tmp / name)
+            elif figure is not None:
+                figure.savefig(tmp / name, dpi=150, bbox_inches="tight")
+        for name, frame in frames.items():
+            frame.to_csv(tmp / name, index=False)
+        cli.save_args(args, tmp / EVAL_ARGS)
     if card is not None:
         step_dir, name, scores = card
         add_evaluation_to_card(recorded_model_dir(step_dir), name, scores,

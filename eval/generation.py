@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from utils import cli, contract  # noqa: E402
 from utils.contract import EVAL_GENERATION, GENERATE, GENERATE_GROUPS  # noqa: E402
 from utils.evaluation.figures import plot_generation  # noqa: E402
 from utils.evaluation.generation_metrics import score_generated  # noqa: E402
-from utils.inverse import read_sentence_file  # noqa: E402
+from utils.inverse import SentenceBytes, read_sentence_file, sentence_bytes  # noqa: E402
 
 # The headline scores, first in metrics.json and in the model card.
 CARD_SCORES = ("knn_accuracy", "knn_ceiling", "mmd", "mmd_floor", "energy_distance", "energy_distance_floor",
@@ -58,15 +58,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def read_generated_groups(path: Path) -> tuple[list[str], list[str], list[str], str]:
-    """The sentences, groups and requested labels of generate.py --multi_cell_column's
+def read_generated_groups(path: Path) -> tuple[SentenceBytes, list[str], list[str], str]:
+    """The sentences (one byte buffer), groups and requested labels of generate.py --multi_cell_column's
     generated_groups.csv, and the label column (of its ``requested_<column>``)."""
     table = pd.read_csv(path, dtype=str, keep_default_na=False)
     requested = [c for c in table.columns if c.startswith("requested_")]
     if not {"cell_sentence", "group"} <= set(table.columns) or len(requested) != 1 or table.empty:
         raise cli.InputError(f"{path} is not a generated_groups.csv of generate.py --multi_cell_column with cells "
                              f"(columns cell_sentence, group, requested_<column>; it has {list(table.columns)}).")
-    return (table["cell_sentence"].tolist(), table["group"].tolist(), table[requested[0]].tolist(),
+    return (sentence_bytes(table["cell_sentence"].tolist()), table["group"].tolist(), table[requested[0]].tolist(),
             requested[0].removeprefix("requested_"))
 
 
@@ -87,13 +87,6 @@ def read_generated(generated_dir: Path) -> tuple[Any, list[str]]:
     return packed, requested
 
 
-def recorded(path: Path, key: str) -> Any:
-    """``key`` of the JSON record ``path`` of the generate.py run (None when it has none)."""
-    import json
-
-    return json.loads(path.read_text()).get(key) if path.is_file() else None
-
-
 def real_cells(args: argparse.Namespace, label_column: str, conditions: list | None = None) -> dict[str, Any]:
     """The real train and --split cells labelled in ``label_column`` (``conditions``: in each set's joint label)."""
     tables = contract.load_splits(args.data_dir, args.split, label_column, need_labels=not conditions)
@@ -104,21 +97,22 @@ def real_cells(args: argparse.Namespace, label_column: str, conditions: list | N
     return contract.labelled_rows(tables, contract.CONDITIONS if conditions else label_column)
 
 
-def genes_per_cell(args: argparse.Namespace, record: Path, lengths: Callable[[], list[int]]) -> int:
-    """--top_k_genes, else the generating run's (in ``record``), else the median of the ``lengths``."""
+def genes_per_cell(args: argparse.Namespace, record: Path, packed: SentenceBytes) -> int:
+    """--top_k_genes, else the generating run's (in ``record``), else the median length of the sentences."""
     if args.top_k_genes is not None:
         return args.top_k_genes
-    top_k = recorded(record, "top_k_genes")
+    top_k = contract.read_record(record).get("top_k_genes")
     if top_k:
         return int(top_k)
-    median = int(np.median(lengths()))
+    median = int(np.median([len(packed.data[a:b].tobytes().split())
+                            for a, b in zip(packed.offsets[:-1], packed.offsets[1:], strict=True)]))
     logger.warning("No top_k_genes recorded in %s: comparing the first %d genes (the median length).", record, median)
     return max(1, median)
 
 
 def asked_types(generated_dir: Path) -> list[str] | None:
     """The ``--cell_types`` of the generate.py run that wrote ``generated_dir`` (None: all types)."""
-    asked = recorded(generated_dir / GENERATE.args, "cell_types")
+    asked = contract.read_record(generated_dir / GENERATE.args).get("cell_types")
     return list(dict.fromkeys(t.strip() for t in asked.split(",") if t.strip())) if asked else None
 
 
@@ -126,35 +120,32 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     start(args, [args.generated_dir, args.data_dir, args.transform_dir], EVAL_GENERATION)
     grouped = args.generated_dir / GENERATE_GROUPS.cells
     if grouped.is_file() and not (args.generated_dir / GENERATE.cells).is_file():
-        return score_groups(args, *read_generated_groups(grouped))
-    packed, requested = read_generated(args.generated_dir)
-    conditions = recorded(args.generated_dir / GENERATE.args, "conditions")  # generate.py --conditions
-    sets = contract.parse_conditions(conditions) if conditions else None
-    label_column = contract.CONDITIONS if conditions else args.label_column
-    tables = real_cells(args, args.label_column, sets)
-    top_k = genes_per_cell(args, args.generated_dir / GENERATE.metrics, lambda: [
-        len(packed.data[a:b].tobytes().split()) for a, b in zip(packed.offsets[:-1], packed.offsets[1:], strict=True)])
+        # generate.py --multi_cell_column: its cells as single cells, and each group's profile against real groups
+        packed, groups, requested, column = read_generated_groups(grouped)
+        tables, record, label_column, cell_types = real_cells(args, column), GENERATE_GROUPS.metrics, column, None
+    else:
+        packed, requested = read_generated(args.generated_dir)
+        groups, column, record = None, None, GENERATE.metrics
+        conditions = contract.read_record(args.generated_dir / GENERATE.args).get("conditions")  # generate.py --conditions
+        sets = contract.parse_conditions(conditions) if conditions else None
+        label_column = contract.CONDITIONS if conditions else args.label_column
+        tables = real_cells(args, args.label_column, sets)
+        cell_types = [contract.condition_label(c) for c in sets] if sets else asked_types(args.generated_dir)
+    top_k = genes_per_cell(args, args.generated_dir / record, packed)
     index, fit, from_transform = contract.transform_reference(args.transform_dir, tables, top_k)
-    cell_types = [contract.condition_label(c) for c in sets] if sets else asked_types(args.generated_dir)
     if cell_types is not None:
         logger.info("Comparing with the real cells of the %d types generate.py was asked for (%s).",
                     len(cell_types), ", ".join(cell_types))
-    scored, result = score_generated(packed, requested, tables, split=args.split,
-                                     label_column=label_column, index=index, fit=fit,
-                                     top_k=top_k, k=args.k_neighbors, seed=args.seed, cell_types=cell_types)
-    rates = scored["sentences"]
-    logger.info("%s generated cells vs %s real %s cells (top %d genes): k-NN accuracy %.3f (ceiling %.3f, "
-                "majority %.3f); MMD %.4f (floor %.4f); energy distance %.3f (floor %.3f); valid-gene rate "
-                "%.4f, duplicate rate %.3f.", f"{scored['n_generated']:,}", f"{scored['n_real_eval']:,}",
-                args.split, top_k, scored["knn_accuracy"], scored["knn_ceiling"], scored["majority_baseline"],
-                scored["mmd"], scored["mmd_floor"], scored["energy_distance"],
-                scored["energy_distance_floor"], rates["valid_gene_rate"], rates["duplicate_rate"])
-    return write_scores(args, scored, result, top_k=top_k, from_transform=from_transform)
+    scored, result = score_generated(packed, requested, tables, split=args.split, label_column=label_column,
+                                     index=index, fit=fit, top_k=top_k, k=args.k_neighbors, seed=args.seed,
+                                     cell_types=cell_types, groups=groups, cells_per_group=contract.read_record(
+                                         args.generated_dir / record).get("cells_per_example"))
+    return write_scores(args, scored, result, top_k=top_k, from_transform=from_transform, column=column)
 
 
 def write_scores(args: argparse.Namespace, scored: dict[str, Any], result: Any, *, top_k: int,
-                 from_transform: bool, column: str | None = None) -> dict[str, Any]:
-    """Publish ``scored`` (``column``: generated groups' label column) and add it to the model's card."""
+                 from_transform: bool, column: str | None) -> dict[str, Any]:
+    """Log and publish ``scored`` (``column``: generated groups' label column) and add it to the model's card."""
     rates = scored["sentences"]
     metrics = {**{key: scored[key] if key in scored else rates[key] for key in CARD_SCORES},
                **{key: value for key, value in scored.items() if column or key != "per_type"},
@@ -162,11 +153,23 @@ def write_scores(args: argparse.Namespace, scored: dict[str, Any], result: Any, 
                "generated_dir": str(args.generated_dir),
                "vocabulary": "transform" if from_transform else "train sentences"}
     if column is None:
+        logger.info("%s generated cells vs %s real %s cells (top %d genes): k-NN accuracy %.3f (ceiling %.3f, "
+                    "majority %.3f); MMD %.4f (floor %.4f); energy distance %.3f (floor %.3f); valid-gene rate "
+                    "%.4f, duplicate rate %.3f.", f"{scored['n_generated']:,}", f"{scored['n_real_eval']:,}",
+                    args.split, top_k, scored["knn_accuracy"], scored["knn_ceiling"], scored["majority_baseline"],
+                    scored["mmd"], scored["mmd_floor"], scored["energy_distance"],
+                    scored["energy_distance_floor"], rates["valid_gene_rate"], rates["duplicate_rate"])
         metrics["per_type"] = scored["per_type"]
         card = ("generation", {key: metrics[key] for key in CARD_SCORES})
         caption = "Real and generated cells (PCA)"
     else:
-        card = ("group_generation", {key: scored["groups"][key] for key in (
+        g = scored["groups"]
+        logger.info("%s generated groups of %s (%d cells each) vs %s real %s groups: group k-NN accuracy %.3f (real "
+                    "groups %.3f, majority %.3f); as single cells k-NN accuracy %.3f (ceiling %.3f).",
+                    f"{g['n_generated_groups']:,}", column, g["cells_per_group"], f"{g['n_real_eval_groups']:,}",
+                    args.split, g["group_knn_accuracy"], g["group_knn_ceiling"], g["group_majority_baseline"],
+                    scored["knn_accuracy"], scored["knn_ceiling"])
+        card = ("group_generation", {key: g[key] for key in (
             "group_knn_accuracy", "group_knn_ceiling", "group_majority_baseline", "n_generated_groups")})
         caption = "Real and generated cells of the groups (PCA)"
     per_type = pd.DataFrame([{column or "cell_type": t, **v} for t, v in scored["per_type"].items()])
@@ -174,26 +177,6 @@ def write_scores(args: argparse.Namespace, scored: dict[str, Any], result: Any, 
                result, split=args.split, top_k=top_k)}, frames={EVAL_GENERATION.per_type: per_type},
            card=(args.generated_dir, *card), captions={caption: EVAL_GENERATION.pca})
     return metrics
-
-
-def score_groups(args: argparse.Namespace, sentences: list[str], groups: list[str], requested: list[str],
-                 column: str) -> dict[str, Any]:
-    """Generated groups: their cells as single cells, and each group's profile against real groups."""
-    tables = real_cells(args, column)
-    top_k = genes_per_cell(args, args.generated_dir / GENERATE_GROUPS.metrics,
-                           lambda: [len(s.split()) for s in sentences])
-    index, fit, from_transform = contract.transform_reference(args.transform_dir, tables, top_k)
-    scored, result = score_generated(sentences, requested, tables, split=args.split, label_column=column,
-                                     index=index, fit=fit, top_k=top_k, k=args.k_neighbors, seed=args.seed,
-                                     groups=groups, cells_per_group=recorded(
-                                         args.generated_dir / GENERATE_GROUPS.metrics, "cells_per_example"))
-    g = scored["groups"]
-    logger.info("%s generated groups of %s (%d cells each) vs %s real %s groups: group k-NN accuracy %.3f (real "
-                "groups %.3f, majority %.3f); as single cells k-NN accuracy %.3f (ceiling %.3f).",
-                f"{g['n_generated_groups']:,}", column, g["cells_per_group"], f"{g['n_real_eval_groups']:,}",
-                args.split, g["group_knn_accuracy"], g["group_knn_ceiling"], g["group_majority_baseline"],
-                scored["knn_accuracy"], scored["knn_ceiling"])
-    return write_scores(args, scored, result, top_k=top_k, from_transform=from_transform, column=column)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import scipy.sparse as sp  # noqa: E402
 
 from eval import finish, logger, parse, start  # noqa: E402
 from utils import cli  # noqa: E402
-from utils.contract import EVAL_RECONSTRUCTION, TRANSFORM_EVAL, find_preprocessed  # noqa: E402
+from utils.contract import EVAL_RECONSTRUCTION, TRANSFORM_EVAL, find_preprocessed, sample_rows  # noqa: E402
 from utils.evaluation.metrics import per_cell_reconstruction, rank_expression_points  # noqa: E402
 from utils.inverse import load_transform_fit  # noqa: E402
 from utils.transform.fit import fit_rank_expression, score_line  # noqa: E402
@@ -53,9 +53,8 @@ def read_points(path: Path, *, chunk_size: int, max_cells: int | None, seed: int
 
     adata = ad.read_h5ad(path, backed="r")
     try:
-        rows = np.arange(adata.n_obs)
-        if max_cells is not None and max_cells < adata.n_obs:
-            rows = np.sort(np.random.default_rng(seed).choice(adata.n_obs, max_cells, replace=False))
+        rows = sample_rows(adata.n_obs, max_cells, seed)
+        if len(rows) < adata.n_obs:
             logger.warning("Using %s of the %s cells (--max_cells).", f"{max_cells:,}", f"{adata.n_obs:,}")
         parts = []
         for start in tqdm(range(0, len(rows), chunk_size), desc="Reading cells", unit="chunk"):

@@ -1,5 +1,5 @@
 """The data contract between the steps: the names of the files each step writes (named here only),
-their readers (each settles its folder first and fails with one ``InputError``) and the evaluations' writer."""
+their readers (each settles its folder first and fails with one ``InputError``)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from utils.cli import InputError, save_args, strict_json
+from utils.cli import InputError
 from utils.inverse import VocabIndex, build_vocab_index, load_transform_fit, load_vocab
-from utils.publish import settle_inputs, staged_outputs
+from utils.publish import settle_inputs
 from utils.transform.fit import RankExpressionFit
 from utils.transform.readers import input_stem
 
@@ -144,8 +144,8 @@ def split_table(data_dir: Path, split: str) -> Any:
     return table
 
 
-def sample_rows(n: int, cap: int | None, seed: int) -> np.ndarray:
-    """Row indices: all ``n``, or a seeded random subset of ``cap`` in their original order."""
+def sample_rows(n: int, cap: int | None, seed: int | np.random.Generator) -> np.ndarray:
+    """Row indices: all ``n``, or a random subset of ``cap`` (``seed``: an integer or a Generator) in order."""
     if cap is None or cap >= n:
         return np.arange(n)
     return np.sort(np.random.default_rng(seed).choice(n, size=cap, replace=False))
@@ -205,14 +205,14 @@ def transform_reference(transform_dir: Path, tables: dict[str, Any], top_k: int
     return build_vocab_index(list(genes)), RankExpressionFit(slope=-1.0, intercept=float(np.log10(1 + top_k))), False
 
 
-def _transform_args(transform_dir: Path) -> dict[str, Any]:
-    args_file = transform_dir / TRANSFORM.args
-    return json.loads(args_file.read_text()) if args_file.is_file() else {}
+def read_record(path: Path) -> dict[str, Any]:
+    """A step's JSON record (e.g. ``transform_args.json``), empty when there is none."""
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def find_preprocessed(transform_dir: Path) -> Path | None:
     """transform.py's ``<input stem>_preprocessed.h5ad`` in ``transform_dir``, if any."""
-    recorded = _transform_args(transform_dir)
+    recorded = read_record(transform_dir / TRANSFORM.args)
     if recorded:
         given = recorded.get("data_filepath", "")
         stem = input_stem(Path(given) if isinstance(given, str) else [Path(p) for p in given])
@@ -225,7 +225,7 @@ def find_preprocessed(transform_dir: Path) -> Path | None:
 
 def label_column_of(transform_dir: Path, default: str = "cell_type") -> str:
     """The obs column of the cell types in transform.py's preprocessed AnnData."""
-    return _transform_args(transform_dir).get("label_column") or default
+    return read_record(transform_dir / TRANSFORM.args).get("label_column") or default
 
 
 def read_preprocessed(source: Path, names: Any = None) -> Any:
@@ -246,22 +246,6 @@ def read_preprocessed(source: Path, names: Any = None) -> Any:
         return backed[rows].to_memory()
     finally:
         backed.file.close()
-
-
-def write_evaluation(output_dir: Path, names: list[str], *, metrics: dict[str, Any], figures: dict[str, Any],
-                     frames: dict[str, Any], args: Any, overwrite: bool) -> None:
-    """Publish ``metrics.json``, the figures (a Figure, or a function writing the PNG at a path), the
-    frames (CSV) and the arguments (``names``: every output this evaluation can write)."""
-    with staged_outputs(output_dir, names, overwrite=overwrite) as tmp:
-        (tmp / "metrics.json").write_text(strict_json(metrics, indent=2, default=str) + "\n")
-        for name, figure in figures.items():
-            if callable(figure):
-                figure(tmp / name)
-            elif figure is not None:
-                figure.savefig(tmp / name, dpi=150, bbox_inches="tight")
-        for name, frame in frames.items():
-            frame.to_csv(tmp / name, index=False)
-        save_args(args, tmp / EVAL_ARGS)
 
 
 # --------------------------------------------------------------- generate.py --conditions

@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from utils.contract import sample_rows  # noqa: E402
 from utils.evaluation.metrics import normalized, spellings  # noqa: E402
 from utils.transform.fit import RankExpressionFit, check_finite  # noqa: E402
 
@@ -195,9 +196,7 @@ MAX_SCATTER_POINTS = 200_000
 def _density(x: np.ndarray, y: np.ndarray, path: Path, *, cmap: str, seed: int, **finite: np.ndarray):
     """A hexbin density of (a seeded subsample of) the points, after checking ``finite``."""
     check_finite(f"draw {path.name}", **finite)
-    n = len(x)
-    keep = np.arange(n) if n <= MAX_SCATTER_POINTS else np.sort(
-        np.random.default_rng(seed).choice(n, MAX_SCATTER_POINTS, replace=False))
+    keep = sample_rows(len(x), MAX_SCATTER_POINTS, seed)
     fig, ax = plt.subplots(figsize=(6.5, 5))
     hb = ax.hexbin(x[keep], y[keep], gridsize=70, bins="log", cmap=cmap, mincnt=1)
     fig.colorbar(hb, ax=ax, label="points (log scale)", format="%g")

@@ -11,6 +11,7 @@ import pyarrow as pa
 import scipy.sparse as sp
 
 from utils.cli import InputError
+from utils.contract import sample_rows
 from utils.evaluation.metrics import (
     dense,
     embed_pca,
@@ -40,8 +41,7 @@ def median_heuristic(X: np.ndarray, *, max_points: int = 2000, seed: int = 0) ->
     2.0
     """
     X = dense(X)
-    if len(X) > max_points:
-        X = X[np.sort(np.random.default_rng(seed).choice(len(X), max_points, replace=False))]
+    X = X[sample_rows(len(X), max_points, seed)]
     d = np.sqrt(_sq_dists(X, X))[np.triu_indices(len(X), k=1)]
     median = float(np.median(d)) if d.size else 0.0
     return median if median > 0 else 1.0
@@ -101,10 +101,6 @@ def _matched_sample(labels: np.ndarray, wanted: dict[str, int], rng: np.random.G
     return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
 
 
-def _cap(n: int, cap: int, rng: np.random.Generator) -> np.ndarray:
-    return np.arange(n) if n <= cap else np.sort(rng.choice(n, size=cap, replace=False))
-
-
 def evaluate_generation(
     generated_X: sp.spmatrix | np.ndarray, generated_labels: Sequence[str],
     train_X: sp.spmatrix | np.ndarray, train_labels: Sequence[str],
@@ -124,8 +120,8 @@ def evaluate_generation(
     bandwidth = median_heuristic(real_pc, seed=seed) if len(real_pc) > 1 else 1.0
 
     def distances(gen_rows: np.ndarray, real_rows: np.ndarray) -> dict[str, float]:
-        gen_rows = gen_rows[_cap(len(gen_rows), max_cells, rng)]
-        real_rows = real_rows[_cap(len(real_rows), max_cells, rng)]
+        gen_rows = gen_rows[sample_rows(len(gen_rows), max_cells, rng)]
+        real_rows = real_rows[sample_rows(len(real_rows), max_cells, rng)]
         wanted = dict(zip(*np.unique(gen_y[gen_rows], return_counts=True), strict=True))
         floor_rows = _matched_sample(train_y, {str(t): int(n) for t, n in wanted.items()}, rng)
         if len(gen_rows) < 2 or len(real_rows) < 2:
