@@ -29,14 +29,13 @@ from utils.contract import (
     TRANSFORM,
     TRANSFORM_EVAL,
     VOCAB,
-    find_preprocessed,
     labelled_rows,
     load_splits,
     open_dataset_dict,
     read_lines,
     read_preprocessed,
 )
-from utils.evaluation.generation_metrics import real_expression, score_expression
+from utils.evaluation.generation_metrics import evaluate_generation, real_expression
 from utils.evaluation.metrics import sentence_stats
 from utils.inverse import (
     SentenceBytes,
@@ -79,11 +78,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--seed", type=int, default=1234, help="seed (the transform itself is deterministic)")
     add("--overwrite", action="store_true", help="replace an existing output")
     args = p.parse_args(cli.renamed_flags(argv))
-    _check_args(args)
-    return args
-
-
-def _check_args(args: argparse.Namespace) -> None:
     if args.top_k_genes is not None and args.top_k_genes < 1:
         raise cli.InputError("--top_k_genes must be at least 1 (or left out to use whole sentences).")
     if args.k_neighbors < 1:
@@ -98,6 +92,7 @@ def _check_args(args: argparse.Namespace) -> None:
     for path in output_paths(args):  # a folder would be replaced (so deleted) by the publish: never the user's
         if path.is_dir():
             raise cli.InputError(f"{path} is a folder, not a file; choose another --output (nothing was changed).")
+    return args
 
 
 def output_paths(args: argparse.Namespace) -> list[Path]:
@@ -159,12 +154,12 @@ def _load_arrow(path: Path, args: argparse.Namespace) -> tuple[SentenceBytes, pd
     return packed, obs
 
 
-def reconstruction_metrics(adata: ad.AnnData, preprocessed: Path) -> dict[str, Any] | None:
-    """Reconstructed vs preprocessed values on the sentences' genes, for cells found by name."""
+def reconstruction_metrics(adata: ad.AnnData, transform_dir: Path) -> dict[str, Any] | None:
+    """Reconstructed vs the transform's preprocessed values on the sentences' genes, for cells found by name."""
     from scipy.stats import pearsonr, spearmanr
 
-    truth = read_preprocessed(preprocessed, adata.obs_names)
-    if truth.n_obs == 0:
+    truth = read_preprocessed(transform_dir, adata.obs_names)
+    if truth is None or truth.n_obs == 0:
         return None
     truth = truth[:, truth.var_names.isin(adata.var_names)]
     mine = sp.csr_matrix(adata[truth.obs_names, truth.var_names].X)
@@ -182,7 +177,7 @@ def reconstruction_metrics(adata: ad.AnnData, preprocessed: Path) -> dict[str, A
 def real_knn_metrics(adata: ad.AnnData, packed: SentenceBytes, transform_dir: Path, labels_keys: Sequence[str], *,
                      fit: RankExpressionFit, vocab_index: Any, max_genes: int | None, k: int,
                      case_insensitive: bool) -> dict[str, dict[str, Any]]:
-    """Per label column of ``labels_keys``, its cells scored like generated ones (``score_expression``)
+    """Per label column of ``labels_keys``, its cells scored like generated ones (``evaluate_generation``)
     against the transform's test cells; empty when there is nothing to compare with."""
     hf = transform_dir / TRANSFORM.dataset
     keys = [key for key in labels_keys if key in adata.obs]
@@ -202,9 +197,10 @@ def real_knn_metrics(adata: ad.AnnData, packed: SentenceBytes, transform_dir: Pa
         logger.info("k-NN on the first %d genes (the median sentence length).", top_k)
     out = {}
     for key in keys:
-        result = score_expression(X_eval, adata.obs[key].astype(str).tolist(), tables, real, split="test",
-                                  label_column="cell_type", top_k=top_k, k=k)
-        out[key] = {"top_k_genes": top_k, **result.metrics}  # top_k_genes first, as before
+        result = evaluate_generation(X_eval, adata.obs[key].astype(str).tolist(), real["train"],
+                                     tables["train"].column("cell_type").to_pylist(), real["test"],
+                                     tables["test"].column("cell_type").to_pylist(), k=k)
+        out[key] = {"top_k_genes": top_k, **result.metrics}
     return out
 
 
@@ -257,13 +253,11 @@ def main(args: argparse.Namespace) -> ad.AnnData:
     if args.evaluate:
         metrics = {"sentences": stats, "fit": {"slope": fit.slope, "intercept": fit.intercept},
                    "seconds": elapsed}
-        pre = find_preprocessed(args.transform_dir)
-        if pre is not None:
-            rec = reconstruction_metrics(adata, pre)
-            if rec is not None:
-                metrics["reconstruction"] = rec
-                logger.info("Reconstruction vs %s: Pearson r %.3f on %s values of %s cells.", pre.name,
-                            rec["pearson_r"], f"{rec['n_points']:,}", f"{rec['n_cells']:,}")
+        rec = reconstruction_metrics(adata, args.transform_dir)
+        if rec is not None:
+            metrics["reconstruction"] = rec
+            logger.info("Reconstruction vs the preprocessed data of %s: Pearson r %.3f on %s values of %s cells.",
+                        args.transform_dir, rec["pearson_r"], f"{rec['n_points']:,}", f"{rec['n_cells']:,}")
         keys = LABEL_COLUMNS if args.labels is None else (args.label_column,)
         for key, knn in real_knn_metrics(adata, packed, args.transform_dir, keys, fit=fit, vocab_index=index,
                                          max_genes=args.top_k_genes, k=args.k_neighbors,

@@ -27,7 +27,7 @@ class InputError(Exception):
 
 def run_cli(main: Callable[[Any], Any], parse_args: Callable[[Sequence[str] | None], Any]) -> None:
     """Parse and run a script: ``InputError`` or a full disk is one line (exit 2), SIGTERM is Ctrl-C."""
-    from utils.publish import _HELD, disk_full_error, is_disk_full, release_output_dirs
+    from utils.publish import _HELD, disk_full_error, is_disk_full, release_output_dir
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S", force=True)
@@ -52,7 +52,8 @@ def run_cli(main: Callable[[Any], Any], parse_args: Callable[[Sequence[str] | No
         logger.error("%s", disk_full_error(Path(folder), staged=False))
         code = 2
     finally:
-        release_output_dirs()
+        for folder in list(_HELD):
+            release_output_dir(folder)
     if code:  # HDF5 may crash the teardown after ENOSPC (SIGSEGV): the outputs are settled, leave without it
         logging.shutdown()
         sys.stdout.flush()

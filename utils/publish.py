@@ -173,12 +173,6 @@ def release_output_dir(output_dir: Path) -> None:
         _remove_empty(hold.created)
 
 
-def release_output_dirs() -> None:
-    """Release every output folder this process holds (the end of a run)."""
-    for folder in list(_HELD):
-        release_output_dir(folder)
-
-
 def releasing_outputs(main: Callable[..., Any]) -> Callable[..., Any]:
     """Decorate a script's ``main``: the output folders it claimed are released when it ends."""
 

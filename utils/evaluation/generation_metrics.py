@@ -161,24 +161,13 @@ def real_expression(tables: dict[str, Any], *, split: str, index: VocabIndex, fi
             for name in dict.fromkeys(("train", split))}
 
 
-def score_expression(generated_X: sp.spmatrix | np.ndarray, requested: Sequence[str], tables: dict[str, Any],
-                     real: dict[str, sp.spmatrix], *, split: str, label_column: str, top_k: int, k: int = 5,
-                     seed: int = 0) -> GenerationEvaluation:
-    """:func:`evaluate_generation` against ``real`` (:func:`real_expression`), labelled by ``label_column``."""
-    result = evaluate_generation(generated_X, [str(y) for y in requested],
-                                 real["train"], tables["train"].column(label_column).to_pylist(),
-                                 real[split], tables[split].column(label_column).to_pylist(), k=k, seed=seed)
-    result.metrics["top_k_genes"] = int(top_k)
-    return result
-
-
 def score_generated(
     sentences: Sequence[str] | SentenceBytes, requested: Sequence[str], tables: dict[str, Any], *, split: str,
     label_column: str, index: VocabIndex, fit: RankExpressionFit, top_k: int, k: int = 5, seed: int = 0,
     cell_types: Sequence[str] | None = None, groups: Sequence[str] | None = None,
     cells_per_group: int | None = None,
 ) -> tuple[dict[str, Any], GenerationEvaluation]:
-    """:func:`sentence_stats` of generated sentences and :func:`score_expression` of their first ``top_k`` genes
+    """:func:`sentence_stats` of generated sentences and :func:`evaluate_generation` of their first ``top_k`` genes
     against the real cells of ``tables`` (``cell_types``: of these types only); ``groups`` (each cell's group):
     also :func:`group_scores`, real groups of ``cells_per_group`` cells (default: the largest generated group)."""
     if groups is not None and cell_types is None:
@@ -193,9 +182,10 @@ def score_generated(
     everything = sentences_to_expression(sentences, index, fit)
     generated = sentences_to_expression(sentences, index, fit, max_words=top_k)
     real = real_expression(tables, split=split, index=index, fit=fit, top_k=top_k)
-    result = score_expression(generated.X, requested, tables, real, split=split, label_column=label_column,
-                              top_k=top_k, k=k, seed=seed)
-    metrics = {"sentences": sentence_stats(everything), **result.metrics}
+    result = evaluate_generation(generated.X, [str(y) for y in requested], real["train"],
+                                 tables["train"].column(label_column).to_pylist(), real[split],
+                                 tables[split].column(label_column).to_pylist(), k=k, seed=seed)
+    metrics = {"sentences": sentence_stats(everything), **result.metrics, "top_k_genes": int(top_k)}
     if cell_types is not None:
         metrics["cell_types"] = list(cell_types)
     if groups is not None:
