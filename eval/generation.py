@@ -110,12 +110,6 @@ def genes_per_cell(args: argparse.Namespace, record: Path, packed: SentenceBytes
     return max(1, median)
 
 
-def asked_types(generated_dir: Path) -> list[str] | None:
-    """The ``--cell_types`` of the generate.py run that wrote ``generated_dir`` (None: all types)."""
-    asked = contract.read_record(generated_dir / GENERATE.args).get("cell_types")
-    return list(dict.fromkeys(t.strip() for t in asked.split(",") if t.strip())) if asked else None
-
-
 def main(args: argparse.Namespace) -> dict[str, Any]:
     start(args, [args.generated_dir, args.data_dir, args.transform_dir], EVAL_GENERATION)
     grouped = args.generated_dir / GENERATE_GROUPS.cells
@@ -126,11 +120,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     else:
         packed, requested = read_generated(args.generated_dir)
         groups, column, record = None, None, GENERATE.metrics
-        conditions = contract.read_record(args.generated_dir / GENERATE.args).get("conditions")  # generate.py --conditions
-        sets = contract.parse_conditions(conditions) if conditions else None
-        label_column = contract.CONDITIONS if conditions else args.label_column
+        run = contract.read_record(args.generated_dir / GENERATE.args)  # its --conditions, else its --cell_types
+        sets = contract.parse_conditions(run["conditions"]) if run.get("conditions") else None
+        label_column = contract.CONDITIONS if sets else args.label_column
         tables = real_cells(args, args.label_column, sets)
-        cell_types = [contract.condition_label(c) for c in sets] if sets else asked_types(args.generated_dir)
+        asked = list(dict.fromkeys(t.strip() for t in (run.get("cell_types") or "").split(",") if t.strip()))
+        cell_types = [contract.condition_label(c) for c in sets] if sets else asked or None  # None: all types
     top_k = genes_per_cell(args, args.generated_dir / record, packed)
     index, fit, from_transform = contract.transform_reference(args.transform_dir, tables, top_k)
     if cell_types is not None:

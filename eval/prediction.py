@@ -89,13 +89,10 @@ def predicted_columns(path: Path) -> list[str]:
     return [c.removeprefix("predicted_") for c in header if c.startswith("predicted_")]
 
 
-def expression_baseline(table: pd.DataFrame, args: argparse.Namespace, adata: Any, column: str | None = None, *,
-                        warn: bool = True) -> tuple[dict[str, Any] | None, list[str]]:
+def expression_baseline(table: pd.DataFrame, args: argparse.Namespace, adata: Any, column: str | None = None
+                        ) -> tuple[dict[str, Any] | None, list[str]]:
     """k-NN on PCA of ``adata`` (fitted on its training cells) for the predicted cells, and the training labels."""
     if adata is None:
-        if warn:
-            logger.warning("No preprocessed AnnData in %s: no expression baseline, and the majority class is "
-                           "taken from the true labels; pass --transform_dir.", args.transform_dir)
         return None, []
     column = column or args.label_column or label_column_of(args.transform_dir)
     if column not in adata.obs or "split" not in adata.obs:
@@ -149,12 +146,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     groups = args.predictions.is_file() and {"group", "n_cells"} <= set(pd.read_csv(args.predictions, nrows=0))
     for column in columns:
         table = read_predictions(args.predictions, column or args.label_column)
-        first = column == columns[0]
-        if first:  # after the first table: a bad predictions.csv fails before the AnnData is read
+        if column == columns[0]:  # after the first table: a bad predictions.csv fails before the AnnData is read
             adata = None if groups else read_preprocessed(args.transform_dir)
-        baseline = (None, []) if groups else expression_baseline(table, args, adata, column, warn=first)
+            if adata is None and not groups:
+                logger.warning("No preprocessed AnnData in %s: no expression baseline, and the majority class is "
+                               "taken from the true labels; pass --transform_dir.", args.transform_dir)
         metrics[column], frames[named(EVAL_PREDICTION.per_class, column)], figure = evaluate(
-            table, args, *baseline, column=column)
+            table, args, *expression_baseline(table, args, adata, column), column=column)
         if groups:
             metrics[column].update(unit="group", n_groups=len(table),
                                    mean_cells_per_group=float(pd.to_numeric(table["n_cells"]).mean()))

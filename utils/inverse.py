@@ -48,13 +48,13 @@ def load_transform_fit(path: Path) -> RankExpressionFit:
     if missing or table.empty:
         raise InputError(f"{path} has no slope/intercept row (missing columns: {sorted(missing)}); "
                          "re-run transform.py to write it.")
-    slope, intercept = float(table["slope"].iloc[0]), float(table["intercept"].iloc[0])
+    row = table.iloc[0]
+    slope, intercept = float(row["slope"]), float(row["intercept"])
     if not (np.isfinite(slope) and np.isfinite(intercept)):
         raise InputError(f"{path} holds a non-finite slope or intercept; re-run transform.py.")
     if slope >= 0:
         logger.warning("The fitted slope %.4g is not negative: reconstructed values will not decrease with rank.",
                        slope)
-    row = table.iloc[0]
     scores = {k: (int(row[k]) if k == "n_points" else float(row[k]))
               for k in RankExpressionFit.__dataclass_fields__ if k in row.index and k not in ("slope", "intercept")}
     return RankExpressionFit(slope=slope, intercept=intercept, **scores)
