@@ -174,32 +174,31 @@ def reconstruction_metrics(adata: ad.AnnData, transform_dir: Path) -> dict[str, 
             "spearman_r": float(spearmanr(x, y)[0]), "mean_abs_error": float(np.abs(x - y).mean())}
 
 
-def real_knn_metrics(adata: ad.AnnData, packed: SentenceBytes, transform_dir: Path, labels_keys: Sequence[str], *,
-                     fit: RankExpressionFit, vocab_index: Any, max_genes: int | None, k: int,
-                     case_insensitive: bool) -> dict[str, dict[str, Any]]:
-    """Per label column of ``labels_keys``, its cells scored like generated ones (``evaluate_generation``)
-    against the transform's test cells; empty when there is nothing to compare with."""
-    hf = transform_dir / TRANSFORM.dataset
-    keys = [key for key in labels_keys if key in adata.obs]
+def real_knn_metrics(adata: ad.AnnData, packed: SentenceBytes, args: argparse.Namespace, *, fit: RankExpressionFit,
+                     vocab_index: Any) -> dict[str, dict[str, Any]]:
+    """Per label column (--label_column with --labels, else LABEL_COLUMNS), its cells scored like generated ones
+    (``evaluate_generation``) against the transform's test cells; empty when there is nothing to compare with."""
+    hf = args.transform_dir / TRANSFORM.dataset
+    keys = [key for key in (LABEL_COLUMNS if args.labels is None else (args.label_column,)) if key in adata.obs]
     if not hf.is_dir() or not keys:
         return {}
     try:
         tables = labelled_rows(load_splits(hf, "test", "cell_type", need_labels=True), "cell_type")
     except cli.InputError:
         return {}  # no test split or no cell types: nothing to compare with
-    top_k = max_genes or int(max(1, np.median(adata.obs["n_words"])))
+    top_k = args.top_k_genes or int(max(1, np.median(adata.obs["n_words"])))
     real = real_expression(tables, split="test", index=vocab_index, fit=fit, top_k=top_k,
-                           case_insensitive=case_insensitive)
+                           case_insensitive=args.case_insensitive)
     # The evaluated cells in the same representation: their first top_k words.
-    X_eval = sentences_to_expression(packed, vocab_index, fit, case_insensitive=case_insensitive,
+    X_eval = sentences_to_expression(packed, vocab_index, fit, case_insensitive=args.case_insensitive,
                                      max_words=top_k).X
-    if max_genes is None:
+    if args.top_k_genes is None:
         logger.info("k-NN on the first %d genes (the median sentence length).", top_k)
     out = {}
     for key in keys:
         result = evaluate_generation(X_eval, adata.obs[key].astype(str).tolist(), real["train"],
                                      tables["train"].column("cell_type").to_pylist(), real["test"],
-                                     tables["test"].column("cell_type").to_pylist(), k=k)
+                                     tables["test"].column("cell_type").to_pylist(), k=args.k_neighbors)
         out[key] = {"top_k_genes": top_k, **result.metrics}
     return out
 
@@ -210,9 +209,9 @@ def main(args: argparse.Namespace) -> ad.AnnData:
     publish.settle_inputs(args.transform_dir)  # a transform killed while publishing: finished first
     fit = load_transform_fit(args.transform_dir / TRANSFORM_EVAL.metrics)
     vocab = load_vocab(args.transform_dir / VOCAB)
-    out_dir, name = args.output.parent, args.output.name
-    metrics_name = f"{args.output.stem}_metrics.json"
+    out_dir = args.output.parent
     names = [path.name for path in output_paths(args)]
+    h5ad, record, *metrics_file = names  # metrics_file: [its name] with --evaluate
     publish.claim_output_dir(out_dir, names, overwrite=args.overwrite)
     packed, obs = load_sentences(args)
     if packed.n == 0:  # an h5ad of no cells would look like a result to the next step
@@ -258,19 +257,16 @@ def main(args: argparse.Namespace) -> ad.AnnData:
             metrics["reconstruction"] = rec
             logger.info("Reconstruction vs the preprocessed data of %s: Pearson r %.3f on %s values of %s cells.",
                         args.transform_dir, rec["pearson_r"], f"{rec['n_points']:,}", f"{rec['n_cells']:,}")
-        keys = LABEL_COLUMNS if args.labels is None else (args.label_column,)
-        for key, knn in real_knn_metrics(adata, packed, args.transform_dir, keys, fit=fit, vocab_index=index,
-                                         max_genes=args.top_k_genes, k=args.k_neighbors,
-                                         case_insensitive=args.case_insensitive).items():
+        for key, knn in real_knn_metrics(adata, packed, args, fit=fit, vocab_index=index).items():
             metrics[f"knn_{key}"] = knn
             logger.info("k-NN accuracy against %s: %.3f (real vs real: %.3f).", key, knn["knn_accuracy"],
                         knn["knn_ceiling"])
     with publish.staged_outputs(out_dir, names, overwrite=args.overwrite) as tmp:
-        adata.write_h5ad(tmp / name)
-        cli.save_args(args, tmp / f"{args.output.stem}_args.json")
+        adata.write_h5ad(tmp / h5ad)
+        cli.save_args(args, tmp / record)
         if args.evaluate:
-            (tmp / metrics_name).write_text(cli.strict_json(metrics, indent=2) + "\n")
-    logger.info("Wrote %s%s.", args.output, f" and {out_dir / metrics_name}" if args.evaluate else "")
+            (tmp / metrics_file[0]).write_text(cli.strict_json(metrics, indent=2) + "\n")
+    logger.info("Wrote %s%s.", args.output, f" and {out_dir / metrics_file[0]}" if args.evaluate else "")
     return adata
 
 

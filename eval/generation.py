@@ -1,9 +1,7 @@
 """Score generated cells against real ones, each score next to what real cells reach.
 
-    <generated_dir> + <data_dir> + <transform_dir>/cell_sentences/vocab.txt
-        -> <output_dir>/metrics.json, per_type.csv, real_vs_generated_pca.png, eval_args.json
-
-Example:
+<generated_dir> + <data_dir> + <transform_dir>/cell_sentences/vocab.txt -> metrics.json, per_type.csv,
+real_vs_generated_pca.png, eval_args.json. Example:
     python eval/generation.py --generated_dir data/generated/<run> \\
         --data_dir data/cell_sentences_hf --output_dir data/eval/generation
 """

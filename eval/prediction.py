@@ -1,9 +1,7 @@
 """Score cell-type predictions against the truth, next to the majority class and k-NN on PCA of expression.
 
-    predictions.csv [+ <transform_dir>/<stem>_preprocessed.h5ad]
-        -> <output_dir>/metrics.json, per_class.csv, confusion_matrix.png, eval_args.json
-
-Example:
+predictions.csv [+ <transform_dir>/<stem>_preprocessed.h5ad] -> metrics.json, per_class.csv, confusion_matrix.png,
+eval_args.json. Example:
     python eval/prediction.py --predictions data/predictions/<run>/predictions.csv \\
         --transform_dir data --output_dir data/eval/prediction
 """

@@ -1,10 +1,7 @@
 """The rank-to-expression fit over all cells of a dataset (transform.py's is on ``--eval_cells``), and per cell.
 
-    <transform_dir>/<stem>_preprocessed.h5ad + eval/transformation_metrics.csv
-        -> <output_dir>/metrics.json, per_cell.csv, log_rank_vs_log_expression.png,
-           expression_vs_reconstruction.png, per_cell_r_squared.png, eval_args.json
-
-Example:
+<transform_dir>/<stem>_preprocessed.h5ad + eval/transformation_metrics.csv -> metrics.json, per_cell.csv,
+log_rank_vs_log_expression.png, expression_vs_reconstruction.png, per_cell_r_squared.png, eval_args.json. Example:
     python eval/reconstruction.py --transform_dir data --output_dir data/eval/reconstruction
 """
 
