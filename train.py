@@ -25,7 +25,7 @@ from utils.cli import InputError, renamed_flags, run_cli, seed_everything
 from utils.models import run_folder, train_data
 from utils.models.build import build_model_and_tokenizer, context_length
 from utils.models.model_card import run_facts
-from utils.models.run_record import effective_args, recorded_flags, resume_run, training_recipe
+from utils.models.run_record import effective_args, recorded_flags, resume_run
 from utils.publish import disk_full_error, is_disk_full, releasing_outputs, settle_inputs
 
 logger = logging.getLogger("cell2sentence.train")
@@ -137,19 +137,17 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainArgs:
 def check_args(args: TrainArgs) -> None:
     """Fail early on flag values and combinations that cannot work."""
     m, d, t = args.model, args.data, args.training
-    for flag in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-        if getattr(t, flag) < 1:
-            raise InputError(f"--{flag} must be at least 1, not {getattr(t, flag)}.")
+    counts = [(t, "per_device_train_batch_size"), (t, "per_device_eval_batch_size"), (t, "gradient_accumulation_steps"),
+              (d, "top_k_genes"), *([(d, "cells_per_example")] if d.multi_cell_column is not None else [])]
+    for holder, name in counts:
+        if getattr(holder, name) < 1:
+            raise InputError(f"--{name} must be at least 1, not {getattr(holder, name)}.")
     if not (math.isfinite(t.learning_rate) and t.learning_rate > 0):
         raise InputError(f"--learning_rate must be a positive number, not {t.learning_rate}; the default is "
                          "5e-5 (fine-tuning), a small model from scratch takes about 1e-3.")
     if t.max_steps <= 0 and not (math.isfinite(t.num_train_epochs) and t.num_train_epochs > 0):
         raise InputError(f"--max_steps {t.max_steps} with --num_train_epochs {t.num_train_epochs} would "
                          "train no step; give a positive --max_steps or --num_train_epochs.")
-    if d.top_k_genes < 1:
-        raise InputError(f"--top_k_genes must be at least 1, not {d.top_k_genes}.")
-    if d.multi_cell_column is not None and d.cells_per_example < 1:
-        raise InputError(f"--cells_per_example must be at least 1, not {d.cells_per_example}.")
     if d.max_seq_length is not None and d.max_seq_length < 8:
         raise InputError(f"--max_seq_length {d.max_seq_length} is too small; use at least 8.")
     from utils.models.prompts import C2S_SCALE, PROMPT_FORMATS
@@ -233,15 +231,7 @@ def _train(args: TrainArgs) -> Path:
     refuse_unsafe_labels(cell_types, column=d.label_column, path=d.data_dir)
     logger.info("Training on %s cells of %s (%s cell types); tasks %s.", f"{len(train_split):,}", d.data_dir,
                 f"{len(cell_types):,}", ", ".join(f"{k}={v:.2f}" for k, v in tasks.items()))
-    recipe = training_recipe(d, tasks, cell_types, earlier)
-    train_data.add_label_columns(recipe, train_split, d, tasks, path=d.data_dir)
-    if d.multi_cell_column is not None:
-        groups = train_data.label_set(train_split, d.multi_cell_column)
-        refuse_unsafe_labels(groups, column=d.multi_cell_column, path=d.data_dir)
-        recipe.multi_cell_column, recipe.cells_per_example = d.multi_cell_column, d.cells_per_example
-        recipe.group_labels = groups
-        logger.info("Multi-cell tasks: groups of %d cells by %s (%s labels).", d.cells_per_example,
-                    d.multi_cell_column, f"{len(groups):,}")
+    recipe = train_data.training_recipe(d, tasks, train_split, cell_types, earlier)
 
     # The model and its examples
     model, tokenizer = build_model_and_tokenizer(args, train_split, checkpoint)

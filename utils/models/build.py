@@ -78,32 +78,26 @@ def build_model_and_tokenizer(args: Any, train_split: Any, checkpoint: Path | No
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
-    if m.lora_r:
-        model = add_lora(model, m, gradient_checkpointing=args.training.gradient_checkpointing)
+    if m.lora_r:  # LoRA adapters: only they train
+        from peft import LoraConfig, get_peft_model
+
+        modules = target_modules(model.config.model_type, m.lora_target_modules)
+        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        if missing := [x for x in modules if x not in present]:
+            raise InputError(f"--lora_target_modules {','.join(missing)} name no layer of this "
+                             f"{model.config.model_type} model; pick among its linear layers.")
+        if args.training.gradient_checkpointing:
+            model.enable_input_require_grads()  # checkpointed blocks need inputs that require grad
+        # GPT-2's Conv1D layers store weights transposed; peft must know.
+        model = get_peft_model(model, LoraConfig(r=m.lora_r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
+                                                 target_modules=list(modules), task_type="CAUSAL_LM",
+                                                 fan_in_fan_out=model.config.model_type == "gpt2"))
+        base = Path(m.model_name).expanduser()  # a local one by its absolute path: the run loads from anywhere
+        model.peft_config["default"].base_model_name_or_path = str(base.resolve()) if base.is_dir() else m.model_name
+        trainable, total = model.get_nb_trainable_parameters()
+        logger.info("LoRA r=%d alpha=%g on %s: %s of %s parameters train (%.2f%%).", m.lora_r, m.lora_alpha,
+                    ",".join(modules), f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
     return model, tokenizer
-
-
-def add_lora(model: Any, m: Any, *, gradient_checkpointing: bool) -> Any:
-    """``model`` with LoRA adapters (only they train) as the model flags ``m`` say."""
-    from peft import LoraConfig, get_peft_model
-
-    modules = target_modules(model.config.model_type, m.lora_target_modules)
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    if missing := [x for x in modules if x not in present]:
-        raise InputError(f"--lora_target_modules {','.join(missing)} name no layer of this "
-                         f"{model.config.model_type} model; pick among its linear layers.")
-    if gradient_checkpointing:
-        model.enable_input_require_grads()  # checkpointed blocks need inputs that require grad
-    # GPT-2's Conv1D layers store weights transposed; peft must know.
-    model = get_peft_model(model, LoraConfig(r=m.lora_r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
-                                             target_modules=list(modules), task_type="CAUSAL_LM",
-                                             fan_in_fan_out=model.config.model_type == "gpt2"))
-    base = Path(m.model_name).expanduser()  # a local one by its absolute path: the run loads from anywhere
-    model.peft_config["default"].base_model_name_or_path = str(base.resolve()) if base.is_dir() else m.model_name
-    trainable, total = model.get_nb_trainable_parameters()
-    logger.info("LoRA r=%d alpha=%g on %s: %s of %s parameters train (%.2f%%).", m.lora_r, m.lora_alpha,
-                ",".join(modules), f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
-    return model
 
 
 def context_length(model: Any, tokenizer: Any, requested: int | None) -> int:

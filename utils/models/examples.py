@@ -84,9 +84,8 @@ Step = Callable[[list[int], list[int], int], float]
 
 def fit_length(n: int, max_length: int, build: Build, step: Step,
                error: str) -> tuple[list[int], list[int], int]:
-    """The largest count ``n`` (genes) whose ``build(n)`` (prompt and answer ids) plus EOS fits
-    ``max_length`` tokens; ``step(prompt_ids, answer_ids, n)`` estimates the tokens per unit of
-    ``n``, so that a few rounds suffice. ValueError with ``error`` when even 0 does not fit."""
+    """The count ``n`` whose ``build(n)`` (prompt, answer ids) + EOS fits ``max_length``, lowered by ``step``'s
+    estimate of tokens per unit (a few rounds); ValueError with ``error`` when even 0 does not fit."""
     while True:
         prompt_ids, answer_ids = build(n)
         total = len(prompt_ids) + len(answer_ids) + 1
@@ -109,9 +108,8 @@ def _fit_genes(n_genes: int, max_length: int, build: Build, *, what: str) -> tup
 def generation_example(tokenizer: Any, genes: Sequence[str], cell_type: str | None, *, template: str,
                        max_length: int, fmt: PromptFormat | str | None = None,
                        conditions: Sequence[tuple[str, str]] | None = None) -> tuple[dict[str, list[int]], int]:
-    """A generation example: prompt for ``len(genes)`` genes of a ``cell_type`` cell (or of a cell with
-    these ``(column, value)`` ``conditions``) -> those genes + EOS; returns it and the number of genes
-    kept (fewer when it would not fit ``max_length``: the EOS is never cut off)."""
+    """Prompt for the genes of a ``cell_type`` cell (or one with ``(column, value)`` ``conditions``) -> the
+    genes + EOS, and the genes kept (fewer when it would not fit ``max_length``; the EOS is never cut)."""
     fmt = _format(fmt)
 
     def build(n: int) -> tuple[list[int], list[int]]:
@@ -127,9 +125,8 @@ def generation_example(tokenizer: Any, genes: Sequence[str], cell_type: str | No
 def prediction_example(tokenizer: Any, genes: Sequence[str], cell_type: str, *, template: str, max_length: int,
                        fmt: PromptFormat | str | None = None, attribute: str | None = None,
                        ) -> tuple[dict[str, list[int]], int]:
-    """A prediction example: prompt with ranked ``genes`` -> ``cell_type`` (with ``attribute``:
-    that label column's prompt and value) + EOS; returns it and the number of genes kept (the
-    lowest-ranked are dropped when it would not fit ``max_length``; the answer is never cut)."""
+    """Prompt with ranked ``genes`` -> ``cell_type`` (or the ``attribute`` column's label) + EOS, and the genes
+    kept (the lowest-ranked are dropped when it would not fit ``max_length``; the answer is never cut)."""
     fmt = _format(fmt)
     answer_ids = encode_answer(tokenizer, fmt.prediction_answer(cell_type), fmt)
 
@@ -145,24 +142,20 @@ def make_example(tokenizer: Any, sentence: str, cell_type: str | None, *, task: 
                  max_length: int, rng: random.Random, fmt: PromptFormat | str | None = None,
                  attribute: str | None = None, conditions: Sequence[tuple[str, str]] | None = None,
                  ) -> dict[str, list[int]]:
-    """One tokenized example of ``task`` from a cell sentence (template from ``rng``); with
-    ``attribute`` (a further label column's ``attribute_name``) that column's prediction, the
-    answer ``cell_type``; with ``conditions`` (``(column, value)`` pairs) a conditional generation."""
+    """One tokenized example of ``task`` (template from ``rng``); ``attribute``: a further label column's
+    prediction (the answer ``cell_type``); ``conditions``: a conditional generation on those pairs."""
     fmt = _format(fmt)
     genes = sentence.split()[:top_k]
     kwargs = {"max_length": max_length, "fmt": fmt}
     if conditions:
         template = rng.choice(fmt.conditions_templates)
         return generation_example(tokenizer, genes, None, template=template, conditions=conditions, **kwargs)[0]
-    if attribute is not None:
-        template = rng.choice(fmt.prediction_templates_for(attribute))
+    if attribute is None and task not in TASKS:
+        raise ValueError(f"Unknown task {task!r}; choose from {', '.join(TASKS)}.")
+    template = rng.choice(fmt.templates(task) if attribute is None else fmt.prediction_templates_for(attribute))
+    if attribute is not None or task == CELL_TYPE_PREDICTION:
         return prediction_example(tokenizer, genes, str(cell_type), template=template, attribute=attribute,
                                   **kwargs)[0]
-    if task not in TASKS:
-        raise ValueError(f"Unknown task {task!r}; choose from {', '.join(TASKS)}.")
-    template = rng.choice(fmt.templates(task))
-    if task == CELL_TYPE_PREDICTION:
-        return prediction_example(tokenizer, genes, str(cell_type), template=template, **kwargs)[0]
     typed = str(cell_type) if task == CONDITIONAL_GENERATION else None
     return generation_example(tokenizer, genes, typed, template=template, **kwargs)[0]
 
@@ -172,10 +165,9 @@ def tokenize_batch(batch: Mapping[str, Sequence[Any]], indices: Sequence[int], *
                    cell_type_column: str | None = "cell_type",
                    prompt_format: PromptFormat | str = OURS, label_columns: Mapping[str, str] | None = None,
                    condition_columns: Sequence[str] = ()) -> dict[str, list[Any]]:
-    """``datasets.map(batched=True, with_indices=True)`` function: one example per cell, its task drawn
-    (seeded per cell) with the weights of ``tasks`` among those whose label the cell has (none: no example).
-    ``label_columns``: further label columns by prediction task (``prediction_tasks``); with
-    ``condition_columns``, a conditional generation is conditioned on ``draw_conditions``."""
+    """``datasets.map(batched=True, with_indices=True)`` function: one example per cell, its task drawn (seeded
+    per cell) by the weights of ``tasks`` among those whose label it has; ``label_columns``: further columns by
+    prediction task (``prediction_tasks``); ``condition_columns``: conditional generation's (``draw_conditions``)."""
     names, weights = list(tasks), list(tasks.values())
     fmt = _format(prompt_format)
     extra = dict(label_columns or {})
@@ -189,10 +181,9 @@ def tokenize_batch(batch: Mapping[str, Sequence[Any]], indices: Sequence[int], *
         rng = random.Random(f"{seed}:{split}:{index}")  # the same for any batching or number of workers
         known = {c for c, v in columns.items() if has_label(v[row])}
         eligible = [(n, w) for n, w in zip(names, weights, strict=True) if needs[n] is None or needs[n] in known]
-        if eligible and sum(w for _, w in eligible) > 0:
-            task = rng.choices([n for n, _ in eligible], weights=[w for _, w in eligible])[0]
-        else:
+        if not eligible or sum(w for _, w in eligible) <= 0:
             continue
+        task = rng.choices([n for n, _ in eligible], weights=[w for _, w in eligible])[0]
         if task in MULTI_CELL_TASKS:
             continue  # this cell's share goes to a group example (utils.models.multi_cell)
         column = needs[task]

@@ -4,12 +4,13 @@ damaged (else a part copy fails deep in a library); headers and checksums only, 
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import zipfile
 from pathlib import Path
 
 from utils.cli import InputError
-from utils.models.lora import ADAPTER_CONFIG, base_model_name
+from utils.models.lora import ADAPTER_CONFIG
 
 #: Files holding a peft adapter's weights (a LoRA run folder has one of them).
 ADAPTER_WEIGHT_FILES: tuple[str, ...] = ("adapter_model.safetensors", "adapter_model.bin")
@@ -61,27 +62,19 @@ def file_problem(path: Path) -> str | None:
             return f"is truncated or damaged ({err})"
         if bad:
             return f"is damaged (member {bad} fails its checksum)"
-        return _weights_only_problem(path)
-    return None
+        import torch
+        from transformers.trainer_pt_utils import safe_globals
 
-
-def _weights_only_problem(path: Path) -> str | None:
-    """Why the Trainer's weights-only, memory-mapped torch load refuses ``path`` (None: it loads)."""
-    import pickle
-
-    import torch
-    from transformers.trainer_pt_utils import safe_globals
-
-    try:
-        with safe_globals():  # the numpy types the Trainer allows in rng_state.pth
-            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as err:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
-        what = f"the Python object {found.group(1)}" if found else "Python objects"
-        return (f"is refused by torch's safe weights-only loader: it holds {what} besides tensors, "
-                "which could run code when loaded (re-save it with tensors only, or delete it)")
-    except (RuntimeError, OSError, EOFError, ValueError) as err:
-        return f"is truncated or damaged ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+        try:
+            with safe_globals():  # the Trainer's load: weights only, with the numpy types of rng_state.pth
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as err:
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+            what = f"the Python object {found.group(1)}" if found else "Python objects"
+            return (f"is refused by torch's safe weights-only loader: it holds {what} besides tensors, "
+                    "which could run code when loaded (re-save it with tensors only, or delete it)")
+        except (RuntimeError, OSError, EOFError, ValueError) as err:
+            return f"is truncated or damaged ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
     return None
 
 
@@ -113,7 +106,10 @@ def check_adapter_dir(path: Path) -> str:
         raise InputError(f"{path} is a LoRA adapter folder whose adapter weights "
                          f"{path / ADAPTER_WEIGHT_FILES[0]} are missing; the folder is an incomplete copy or "
                          "an unfinished save: copy the whole run folder or train it again.")
-    base = base_model_name(path)
+    base = json.loads((path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if not base:
+        raise InputError(f"{path}/{ADAPTER_CONFIG} names no base model.")
+    base = str(base)
     base_path = Path(base).expanduser()
     # An absolute or ./-relative name is a folder; anything else may be a hub name (the loader's errors).
     if (base_path.is_absolute() or base.startswith((".", "~"))) and not base_path.is_dir():

@@ -14,22 +14,20 @@ from utils.models.files import TOKENIZER_FILES, check_adapter_dir, check_model_d
 from utils.models.lora import ADAPTER_CONFIG, is_adapter_dir
 
 
-def hub_offline_mode() -> bool:
-    """Whether the user switched the Hugging Face hub off (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)."""
-    return any(os.environ.get(v, "").strip().lower() in {"1", "true", "yes", "on"}
-               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether a TCP connection to the hub (``HF_ENDPOINT``) opens within ``timeout`` seconds."""
+def hub_unreachable(timeout: float = 3.0) -> bool:
+    """Whether the user switched the hub off (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE) or no TCP connection
+    to it (``HF_ENDPOINT``) opens within ``timeout`` seconds."""
+    if any(os.environ.get(v, "").strip().lower() in {"1", "true", "yes", "on"}
+           for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return True
     endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     host = endpoint.hostname or "huggingface.co"
     port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
     try:
         with socket.create_connection((host, port), timeout=timeout):
-            return True
+            return False
     except OSError:
-        return False
+        return True
 
 
 def _looks_like_path(name: str) -> bool:
@@ -60,7 +58,7 @@ def from_pretrained(loader: Callable[..., Any], name: str, *,
         return loader(name, local_files_only=True, **kwargs)
     except OSError:
         pass  # not cached: ask the hub below
-    if hub_offline_mode() or not hub_reachable():
+    if hub_unreachable():
         raise InputError(f"Model {name!r} is not a local directory and the Hugging Face hub cannot be "
                          f"reached (offline); {offline_hint}.")
     try:
@@ -79,7 +77,7 @@ def hub_file(name: str, filename: str) -> Path | None:
     if Path(name).expanduser().exists() or _looks_like_path(name):
         return None
     for local_only in (True, False):
-        if not local_only and (hub_offline_mode() or not hub_reachable()):
+        if not local_only and hub_unreachable():
             return None
         try:
             return Path(hf_hub_download(name, filename, local_files_only=local_only))

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from utils.cli import InputError
@@ -33,12 +32,3 @@ def target_modules(model_type: str, requested: str | None) -> list[str]:
         raise InputError(f"No default LoRA target modules for a {model_type!r} model; pass "
                          "--lora_target_modules with its projection layers (e.g. q_proj,v_proj).")
     return list(DEFAULT_TARGET_MODULES[model_type])
-
-
-def base_model_name(adapter_dir: str | Path) -> str:
-    """The base model an adapter folder was trained on."""
-    config = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text())
-    name = config.get("base_model_name_or_path")
-    if not name:
-        raise InputError(f"{adapter_dir}/{ADAPTER_CONFIG} names no base model.")
-    return str(name)

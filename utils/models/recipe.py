@@ -132,12 +132,6 @@ class Recipe:
             values.pop("condition_columns")
         return values
 
-    def write(self, folder: str | Path) -> Path:
-        """Write ``recipe.json`` into ``folder`` (a staging folder: publishing is the caller's)."""
-        path = Path(folder) / RECIPE_FILE
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True, default=str) + "\n")
-        return path
-
     @property
     def label_column(self) -> str | None:
         """The first label column (the cell type's), or None for a model trained without labels."""

@@ -1,5 +1,5 @@
 """``train.py``'s run folder (``<output_dir>/<run_name>/``): claiming it, the final publish of the model with
-its records and card, and the hub push. A later run replaces only what a run writes (``is_run_output``)."""
+its records and card, and the hub push. A later run replaces only what a run writes (``RUN_OUTPUTS``)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from utils.publish import check_can_write, claim_output_dir, publish_staged, rel
 logger = logging.getLogger("cell2sentence.train")
 
 STAGING_DIR = ".staging-final"
-# What a run writes (README.md: only when it is the card), besides the shards of _SHARD.
+# What a run writes (README.md: only when it is the card), besides the shards of _SHARD; the rest is the user's.
 RUN_OUTPUTS = frozenset({
     TRAIN.args, TRAIN.results, TRAIN.log, RECIPE_FILE, TRAIN.merged, TRAIN.user_card, TRAIN.evaluations,
     TRAIN.figures, "config.json", "generation_config.json", "adapter_config.json", "tokenizer_config.json",
@@ -110,15 +110,10 @@ def write_run_record(training_args: Any, record: dict[str, Any], recipe: Recipe)
         save_args({**record, "recipe": recipe.to_dict()}, Path(training_args.output_dir) / TRAIN.run_args)
 
 
-def is_run_output(name: str) -> bool:
-    """Whether ``name`` in a run folder is one train.py writes there; anything else is the user's."""
-    return name in RUN_OUTPUTS or bool(_SHARD.fullmatch(name))
-
-
 def publish(staging: Path, run_dir: Path) -> None:
     """Publish the staged files into ``run_dir`` (config last), retiring earlier run outputs not written now."""
     names = sorted(p.name for p in staging.iterdir())
-    old = sorted(p.name for p in run_dir.iterdir() if is_run_output(p.name))
+    old = sorted(p.name for p in run_dir.iterdir() if p.name in RUN_OUTPUTS or _SHARD.fullmatch(p.name))
     publish_staged(staging, run_dir, ["config.json", "adapter_config.json", *names, *old], whole=True)
     release_output_dir(run_dir)
 
@@ -141,7 +136,7 @@ def save_final_files(staging: Path, trainer: Any, tokenizer: Any, record: dict[s
                        "hub show it).", staging.parent / TRAIN.card, staging.parent / card)
     for folder in folders:
         save_args(record, folder / TRAIN.args)
-        recipe.write(folder)
+        save_args(recipe.to_dict(), folder / RECIPE_FILE)
         (folder / TRAIN.results).write_text(strict_json(metrics, indent=2, sort_keys=True) + "\n")
         (folder / TRAIN.log).write_text(strict_json(trainer.state.log_history, indent=2) + "\n")
         (folder / (card if folder == staging else TRAIN.card)).write_text(render_card(folder))

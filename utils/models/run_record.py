@@ -14,9 +14,8 @@ from typing import Any
 
 from utils.cli import RENAMED_FLAGS, InputError
 from utils.contract import TRAIN
-from utils.models.examples import TYPED_TASKS, parse_tasks
+from utils.models.examples import parse_tasks
 from utils.models.prompts import prompt_format
-from utils.models.recipe import Recipe, transform_of
 
 logger = logging.getLogger("cell2sentence.train")
 
@@ -190,22 +189,3 @@ def effective_args(args: Any, tasks: dict[str, float], max_length: int, stats: d
              "changed": changed}
     kept = {k: v for k, v in earlier.items() if k not in ("recipe", "resumes")}
     return {**kept, **record, "resumes": [*earlier.get("resumes", []), entry]}
-
-
-def training_recipe(data_args: Any, tasks: Mapping[str, float], cell_types: Sequence[str],
-                    earlier: Mapping[str, Any]) -> Recipe:
-    """The run's recipe (labels only when a task taught them); warns if the transform changed since."""
-    d, data_dir = data_args, Path(data_args.data_dir).resolve()
-    labelled = cell_types and any(task in TYPED_TASKS for task in tasks)
-    recipe = Recipe(prompt_format=d.prompt_format, organism=d.organism, top_k_genes=int(d.top_k_genes),
-                    tasks=list(tasks), task_weights=[float(w) for w in tasks.values()],
-                    label_columns={d.label_column: sorted(map(str, cell_types))} if labelled else {},
-                    **transform_of(data_dir.parent), data_dir=str(data_dir))
-    logger.info("Model %s.", recipe.describe())
-    before = earlier.get("recipe")
-    if isinstance(before, dict) and (before.get("transform"), before.get("genes")) != (
-            recipe.transform, recipe.genes):
-        logger.warning("The transform of %s changed since the run started (its options or vocabulary differ "
-                       "from the run's recipe); the resumed run trains on the new sentences.", d.data_dir)
-    return recipe
-

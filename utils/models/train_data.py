@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import statistics
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from utils.models.examples import (
 )
 from utils.models.multi_cell import MULTI_CELL_TASKS, multi_cell_examples
 from utils.models.prompts import PROMPT_FORMATS, prompt_format
+from utils.models.recipe import Recipe, transform_of
 
 logger = logging.getLogger("cell2sentence.train")
 
@@ -197,19 +198,40 @@ def build_examples(train_split: Any, valid_split: Any | None, args: Any, tokeniz
             None if eval_examples is None else eval_examples.remove_columns("task"), stats)
 
 
-def add_label_columns(recipe: Any, train_split: Any, data_args: Any, tasks: dict[str, Any], *,
-                      path: str) -> None:
-    """Record in ``recipe`` the condition columns and the label sets of the further label columns used."""
+def training_recipe(data_args: Any, tasks: dict[str, float], train_split: Any, cell_types: Sequence[str],
+                    earlier: Mapping[str, Any]) -> Recipe:
+    """The run's recipe: labels only of columns a task taught, the multi-cell groups; warns if the transform
+    changed since the run started (``earlier``: its record)."""
     from utils.transform.labels import refuse_unsafe_labels
 
-    recipe.condition_columns = condition_columns_of(data_args, tasks)
-    for task, column in prediction_tasks(label_columns_of(data_args)).items():
+    d, data_dir = data_args, Path(data_args.data_dir).resolve()
+    labelled = cell_types and any(task in TYPED_TASKS for task in tasks)
+    recipe = Recipe(prompt_format=d.prompt_format, organism=d.organism, top_k_genes=int(d.top_k_genes),
+                    tasks=list(tasks), task_weights=[float(w) for w in tasks.values()],
+                    label_columns={d.label_column: sorted(map(str, cell_types))} if labelled else {},
+                    **transform_of(data_dir.parent), data_dir=str(data_dir))
+    logger.info("Model %s.", recipe.describe())
+    before = earlier.get("recipe")
+    if isinstance(before, dict) and (before.get("transform"), before.get("genes")) != (
+            recipe.transform, recipe.genes):
+        logger.warning("The transform of %s changed since the run started (its options or vocabulary differ "
+                       "from the run's recipe); the resumed run trains on the new sentences.", d.data_dir)
+    recipe.condition_columns = condition_columns_of(d, tasks)
+    for task, column in prediction_tasks(label_columns_of(d)).items():
         if task not in tasks and column not in recipe.condition_columns:
             continue
         labels = label_set(train_split, column)
-        refuse_unsafe_labels(labels, column=column, path=path)
+        refuse_unsafe_labels(labels, column=column, path=d.data_dir)
         recipe.label_columns[column] = sorted(labels)
         logger.info("Label column %s: %s labels (%s).", column, f"{len(labels):,}",
                     f"task {task}={tasks[task]:.2f}" if task in tasks else "a generation condition")
     if recipe.condition_columns:
         logger.info("Conditional generation on any subset of %s.", ", ".join(recipe.condition_columns))
+    if d.multi_cell_column is not None:
+        groups = label_set(train_split, d.multi_cell_column)
+        refuse_unsafe_labels(groups, column=d.multi_cell_column, path=d.data_dir)
+        recipe.multi_cell_column, recipe.cells_per_example = d.multi_cell_column, d.cells_per_example
+        recipe.group_labels = groups
+        logger.info("Multi-cell tasks: groups of %d cells by %s (%s labels).", d.cells_per_example,
+                    d.multi_cell_column, f"{len(groups):,}")
+    return recipe
