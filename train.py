@@ -24,7 +24,9 @@ from transformers.training_args import trainer_log_levels
 from utils.cli import InputError, renamed_flags, run_cli, seed_everything
 from utils.models import run_folder, train_data
 from utils.models.build import build_model_and_tokenizer, context_length
+from utils.models.examples import CausalLMCollator
 from utils.models.model_card import run_facts
+from utils.models.prompts import C2S_SCALE, PROMPT_FORMATS
 from utils.models.run_record import effective_args, recorded_flags, resume_run
 from utils.publish import disk_full_error, is_disk_full, releasing_outputs, settle_inputs
 
@@ -150,8 +152,6 @@ def check_args(args: TrainArgs) -> None:
                          "train no step; give a positive --max_steps or --num_train_epochs.")
     if d.max_seq_length is not None and d.max_seq_length < 8:
         raise InputError(f"--max_seq_length {d.max_seq_length} is too small; use at least 8.")
-    from utils.models.prompts import C2S_SCALE, PROMPT_FORMATS
-
     if d.prompt_format not in PROMPT_FORMATS:
         raise InputError(f"--prompt_format {d.prompt_format!r}: choose {' or '.join(PROMPT_FORMATS)}.")
     if m.init_from_scratch and d.prompt_format == C2S_SCALE:
@@ -188,7 +188,6 @@ def _train(args: TrainArgs) -> Path:
     """``main`` without the full-disk sentence: the pipeline."""
     from transformers import Trainer
 
-    from utils.models.examples import CausalLMCollator
     from utils.transform.labels import refuse_unsafe_labels
 
     m, d, t = args.model, args.data, args.training

@@ -9,7 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from utils.cli import InputError
+from utils.models.loading import from_pretrained
 from utils.models.lora import target_modules
+from utils.models.multi_cell import template_words
+from utils.models.prompts import attribute_name, prompt_words
+from utils.models.train_data import label_columns_of, label_set
 
 logger = logging.getLogger("cell2sentence.train")
 
@@ -31,10 +35,7 @@ def build_model_and_tokenizer(args: Any, train_split: Any, checkpoint: Path | No
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
 
-    from utils.models.loading import from_pretrained
-    from utils.models.prompts import attribute_name, prompt_words
     from utils.models.tokenizer import build_word_tokenizer
-    from utils.models.train_data import label_columns_of, label_set
 
     m, d = args.model, args.data
     if m.init_from_scratch and checkpoint is None:
@@ -45,8 +46,6 @@ def build_model_and_tokenizer(args: Any, train_split: Any, checkpoint: Path | No
         words = prompt_words(labels, attributes=[attribute_name(c) for c in columns] if columns[1:] else [],
                              max_number=max(1024, d.top_k_genes))
         if getattr(d, "multi_cell_column", None):  # the multi-cell templates' words and group labels
-            from utils.models.multi_cell import template_words
-
             words = sorted({*words, *template_words(d.multi_cell_column,
                                                     label_set(train_split, d.multi_cell_column))})
         tokenizer = build_word_tokenizer(iter_top_genes(train_split, d.top_k_genes), extra_words=words,
@@ -102,8 +101,7 @@ def build_model_and_tokenizer(args: Any, train_split: Any, checkpoint: Path | No
 
 def context_length(model: Any, tokenizer: Any, requested: int | None) -> int:
     """The longest example: the model's context, or less when asked."""
-    config = model.config
-    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
     tok_limit = getattr(tokenizer, "model_max_length", None)
     if tok_limit and tok_limit < 1_000_000:
         limit = min(limit, tok_limit) if limit else tok_limit

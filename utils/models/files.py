@@ -106,10 +106,9 @@ def check_adapter_dir(path: Path) -> str:
         raise InputError(f"{path} is a LoRA adapter folder whose adapter weights "
                          f"{path / ADAPTER_WEIGHT_FILES[0]} are missing; the folder is an incomplete copy or "
                          "an unfinished save: copy the whole run folder or train it again.")
-    base = json.loads((path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    base = str(json.loads((path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path") or "")
     if not base:
         raise InputError(f"{path}/{ADAPTER_CONFIG} names no base model.")
-    base = str(base)
     base_path = Path(base).expanduser()
     # An absolute or ./-relative name is a folder; anything else may be a hub name (the loader's errors).
     if (base_path.is_absolute() or base.startswith((".", "~"))) and not base_path.is_dir():

@@ -88,9 +88,8 @@ def hub_file(name: str, filename: str) -> Path | None:
 
 def load_model_and_tokenizer(model_dir: str | Path, device: str | Any | None = None, *, dtype: Any = None,
                              offline_hint: str = "pass a local model directory instead") -> tuple[Any, Any]:
-    """(model in eval mode, tokenizer with a pad token and left padding) of a train.py run (a LoRA
-    adapter merged into its base model), a ``save_pretrained`` folder or a hub name. ``device``
-    None: CUDA when available; ``dtype`` None: float32."""
+    """(model in eval mode, tokenizer padding left) of a train.py run (a LoRA adapter merged into its base
+    model), a ``save_pretrained`` folder or a hub name; ``device`` None: CUDA if any; ``dtype`` None: float32."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -125,6 +124,4 @@ def load_model_and_tokenizer(model_dir: str | Path, device: str | Any | None = N
     tokenizer.padding_side = "left"
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.to(device)
-    model.eval()
-    return model, tokenizer
+    return model.to(device).eval(), tokenizer

@@ -1,5 +1,4 @@
-"""LoRA adapters (peft): the layers adapted per architecture, and adapter folders
-(``adapter_config.json``, which names the base model, + ``adapter_model.safetensors``)."""
+"""LoRA adapters (peft): the layers adapted per architecture, and adapter folders (``adapter_config.json``)."""
 
 from __future__ import annotations
 

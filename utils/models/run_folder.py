@@ -1,5 +1,4 @@
-"""``train.py``'s run folder (``<output_dir>/<run_name>/``): claiming it, the final publish of the model with
-its records and card, and the hub push. A later run replaces only what a run writes (``RUN_OUTPUTS``)."""
+"""``train.py``'s run folder (``<output_dir>/<run_name>/``): claiming it, the final publish, the hub push."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""What a ``train.py`` run records (``train_args.json``, ``checkpoints/run_args.json``) and how a resume
-restores it: the model and data flags and seed always, the optimization unless given again."""
+"""What a ``train.py`` run records (``train_args.json``, ``checkpoints/run_args.json``) and how a resume restores it."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""The data ``train.py`` trains on: transform.py's DatasetDict checked, the label columns and task mix
-it allows, and the tokenized examples (one per cell, its task drawn at random, seeded per cell)."""
+"""The data ``train.py`` trains on: transform.py's DatasetDict checked, the label columns and task mix it allows,
+the recipe, and the tokenized examples (one per cell, its task drawn at random, seeded per cell)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from utils.cli import InputError
+from utils.contract import open_dataset_dict
 from utils.models.examples import (
     CONDITIONAL_GENERATION,
     TASKS,
@@ -29,19 +30,9 @@ logger = logging.getLogger("cell2sentence.train")
 
 
 def load_cell_sentences(data_dir: Path, *, do_eval: bool) -> Any:
-    """The DatasetDict of transform.py, checked for a train split with cells and a sentence column, and
-    a valid split with cells when evaluation was asked for (``do_eval``)."""
-    from datasets import DatasetDict, load_from_disk
-
-    if not data_dir.is_dir():
-        raise InputError(f"Dataset folder {data_dir} does not exist; run transform.py first or pass "
-                         "--data_dir with its cell_sentences_hf/ folder.")
-    try:
-        dataset = load_from_disk(str(data_dir))
-    except (FileNotFoundError, ValueError, OSError) as err:
-        raise InputError(f"{data_dir} is not a dataset saved with save_to_disk ({err}); pass the "
-                         "cell_sentences_hf/ folder written by transform.py.") from None
-    if not isinstance(dataset, DatasetDict) or "train" not in dataset:
+    """transform.py's DatasetDict, checked for a train split of sentences and, with ``do_eval``, a valid split."""
+    dataset = open_dataset_dict(data_dir)
+    if "train" not in dataset:
         raise InputError(f"{data_dir} holds no 'train' split; pass the cell_sentences_hf/ folder written "
                          "by transform.py (splits train/valid/test).")
     if "cell_sentence" not in dataset["train"].column_names:
@@ -200,8 +191,7 @@ def build_examples(train_split: Any, valid_split: Any | None, args: Any, tokeniz
 
 def training_recipe(data_args: Any, tasks: dict[str, float], train_split: Any, cell_types: Sequence[str],
                     earlier: Mapping[str, Any]) -> Recipe:
-    """The run's recipe: labels only of columns a task taught, the multi-cell groups; warns if the transform
-    changed since the run started (``earlier``: its record)."""
+    """The run's recipe (labels only of columns a task taught); warns if the transform changed since ``earlier``."""
     from utils.transform.labels import refuse_unsafe_labels
 
     d, data_dir = data_args, Path(data_args.data_dir).resolve()
