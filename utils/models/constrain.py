@@ -1,6 +1,5 @@
 """Constrained decoding: generated genes that are real, each once (prefix tries of the genes' token
-ids, as first and as later word; the mask applies before sampling), and label scoring over a trie.
-"""
+ids, as first and as later word; the mask applies before sampling), and label scoring over a trie."""
 
 from __future__ import annotations
 
@@ -19,17 +18,8 @@ class GeneTrie:
         self.size: list[int] = [0]  # genes in the node's subtree
         self.paths: dict[int, list[int]] = {}  # gene -> its nodes, root excluded
 
-    def spells(self, ids: Sequence[int]) -> bool:
-        """Whether a gene ends after exactly ``ids``."""
-        node = 0
-        for token in ids:
-            node = self.children[node].get(int(token), -1)
-            if node < 0:
-                return False
-        return self.gene[node] >= 0
-
     def add(self, ids: Sequence[int], gene: int) -> None:
-        """Insert ``gene``'s ids (not empty, and no other gene's: see ``spells``)."""
+        """Insert ``gene``'s ids (not empty, and no other gene's)."""
         node, path = 0, []
         for token in ids:
             nxt = self.children[node].get(int(token))
@@ -63,6 +53,7 @@ def build_gene_tries(tokenizer: Any, genes: Iterable[str], *, answer_prefix: str
     ``genes``, those the tokenizer cannot spell, or spells like another gene, left out."""
     first, rest = GeneTrie(), GeneTrie()
     names: list[str] = []
+    spelled: set[tuple[int, ...]] = set()  # (1, *first-word ids) and (2, *later-word ids) of the genes so far
     unk = tokenizer.unk_token_id
     anchor = answer_prefix + "A"
     for gene in dict.fromkeys(str(g) for g in genes):
@@ -70,8 +61,10 @@ def build_gene_tries(tokenizer: Any, genes: Iterable[str], *, answer_prefix: str
         ids_rest = _tail(tokenizer, anchor, " " + gene)
         if not ids_first or not ids_rest or (unk is not None and (unk in ids_first or unk in ids_rest)):
             continue
-        if first.spells(ids_first) or rest.spells(ids_rest):
+        keys = {(1, *ids_first), (2, *ids_rest)}
+        if keys & spelled:
             continue  # spelled like an earlier gene: the tokens could not tell them apart
+        spelled |= keys
         first.add(ids_first, len(names))
         rest.add(ids_rest, len(names))
         names.append(gene)
@@ -257,13 +250,6 @@ def score_labels(model: Any, prompts: Sequence[Sequence[int]], labels: Sequence[
         if progress is not None:
             progress(len(batch))
     return scores
-
-
-def label_probabilities(log_p: np.ndarray) -> np.ndarray:
-    """``score_labels``' log-probabilities normalized over the labels (each row sums to 1)."""
-    log_p = log_p - log_p.max(axis=1, keepdims=True)
-    p = np.exp(log_p)
-    return p / p.sum(axis=1, keepdims=True)
 
 
 def _takes(model: Any, name: str) -> bool:

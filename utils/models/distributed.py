@@ -72,20 +72,19 @@ class Processes:
             return result
         import torch.distributed as dist
 
+        from utils.models.cell_model import LabelPredictions
+
+        if isinstance(result, LabelPredictions):  # each field gathered as a list or rows of cells
+            labels, scores, p = (self.gather(indices, x, n) for x in
+                                 (result.labels, result.scores, result.probabilities.to_numpy()))
+            return None if labels is None else LabelPredictions(
+                result.column, labels, scores, pd.DataFrame(p, columns=result.probabilities.columns))
         parts: list[Any] = [None] * self.world_size if self.main else None
         dist.gather_object((indices, result), parts, dst=0)
         if not self.main:
             return None
         position = np.argsort(np.concatenate([p[0] for p in parts]))  # the inverse of the share's order
-        if isinstance(result, list):
-            merged = [x for p in parts for x in p[1]]
-            return [merged[i] for i in position]
         if isinstance(result, np.ndarray):  # rows of cells, e.g. embeddings
             return np.concatenate([p[1] for p in parts])[position]
-        from utils.models.cell_model import LabelPredictions
-
-        labels = [x for p in parts for x in p[1].labels]
-        scores = np.concatenate([p[1].scores for p in parts])
-        probabilities = pd.concat([p[1].probabilities for p in parts], ignore_index=True)
-        return LabelPredictions(result.column, [labels[i] for i in position], scores[position],
-                                probabilities.iloc[position].reset_index(drop=True))
+        merged = [x for p in parts for x in p[1]]
+        return [merged[i] for i in position]
