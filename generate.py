@@ -1,7 +1,5 @@
-"""Generate cells with a trained cell-sentence model, then evaluate them against real cells.
-
-Per cell type (of ``--split`` or ``--cell_types``), ``--unconditional``, under ``--conditions`` or
-in groups (``--multi_cell_column``); scored with eval/generation.py's metrics.
+"""Generate cells with a trained cell-sentence model (per cell type, ``--unconditional``, under
+``--conditions`` or in groups) and score them against real cells with eval/generation.py's metrics.
 
     data/model/<run>/ + data/cell_sentences_hf/ -> data/generated/<run>/ (docs/generate.md)
 
@@ -15,6 +13,7 @@ import startup_guard  # noqa: F401  # isort: skip  (first: Ctrl-C while the rest
 
 import argparse
 import logging
+import math
 import random
 import time
 from collections import Counter
@@ -39,7 +38,7 @@ from utils.evaluation.generation_metrics import score_generated
 from utils.evaluation.metrics import sentence_stats
 from utils.inverse import sentences_to_expression
 from utils.models.examples import CONDITIONAL_GENERATION, UNCONDITIONAL_GENERATION
-from utils.models.generation import allocate_counts, answer_token_budget
+from utils.models.generation import allocate_counts
 from utils.models.recipe import Recipe
 
 logger = logging.getLogger("cell2sentence")
@@ -234,9 +233,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     n_train = tables["train"].num_rows
     picked = sorted(random.Random(args.seed).sample(range(n_train), min(n_train, 200)))
     sample = [s for s in tables["train"].column("cell_sentence").take(picked).to_pylist() if s]
-    budget = args.max_new_tokens or answer_token_budget(
-        [len(encode_answer(tokenizer, fmt.generation_answer(s.split()[:top_k]), fmt)) for s in sample]
-        or [top_k])
+    lengths = [len(encode_answer(tokenizer, fmt.generation_answer(s.split()[:top_k]), fmt)) for s in sample]
+    budget = args.max_new_tokens or math.ceil(max(lengths or [top_k]) * 1.25) + 2  # the longest x 1.25, + 2
     index, fit, from_transform = transform_reference(args.transform_dir, tables, top_k)
     start = time.perf_counter()
     # conditions: ask the model for each label's set

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,14 +45,6 @@ class LabelPredictions:
     probabilities: pd.DataFrame
 
 
-def _drop_cut_gene(sentence: str, genes: set[str]) -> str:
-    """A constrained sentence cut by the token budget may end inside a gene: drop that piece."""
-    words = sentence.split()
-    if words and words[-1] not in genes:
-        words = words[:-1]
-    return " ".join(words)
-
-
 @dataclass
 class CellSentenceModel:
     """A model (eval mode), its tokenizer (left padding), prompt format, genes per prompt,
@@ -83,13 +76,12 @@ class CellSentenceModel:
         if top_k_genes and not recipe.published and top_k_genes != recipe.top_k_genes:
             logger.warning("Using the top %d genes although %s was trained on the top %d.", top_k_genes,
                            name_or_dir, recipe.top_k_genes)
-        fmt_name = prompt_format_name or recipe.prompt_format
-        fmt = prompt_format(fmt_name, organism=organism if recipe.published else recipe.organism)
+        fmt = prompt_format(prompt_format_name or recipe.prompt_format,
+                            organism=organism if recipe.published else recipe.organism)
         dev, torch_dtype = pick_device(device, dtype)
         model, tokenizer = load_model_and_tokenizer(name_or_dir, dev, dtype=torch_dtype)
-        top_k = top_k_genes or recipe.top_k_genes
         logger.info("%s: %s.", name_or_dir, recipe.describe())
-        return cls(model, tokenizer, fmt, top_k, record, str(name_or_dir), recipe)
+        return cls(model, tokenizer, fmt, top_k_genes or recipe.top_k_genes, record, str(name_or_dir), recipe)
 
     @property
     def context(self) -> int:
@@ -100,6 +92,18 @@ class CellSentenceModel:
     @property
     def device(self) -> Any:
         return next(self.model.parameters()).device
+
+    def generate_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, **options: Any) -> list[Any]:
+        """``generation.generate_batched`` of the prompts, at most ``max_new_tokens`` new tokens that fit
+        the model's context (a warning when fewer)."""
+        from utils.models.generation import generate_batched
+
+        new_tokens = min(max_new_tokens, max(1, self.context - max((len(p) for p in prompts), default=0)))
+        if new_tokens < max_new_tokens:
+            logger.warning("Generating at most %d new tokens (the model's context is %d).", new_tokens,
+                           self.context)
+        return generate_batched(self.model, prompts, pad_token_id=self.tokenizer.pad_token_id,
+                                eos_token_id=self.tokenizer.eos_token_id, max_new_tokens=new_tokens, **options)
 
     def known_genes(self) -> list[str] | None:
         """The genes a word-level tokenizer of ``train.py`` spells (None for sub-word tokenizers)."""
@@ -139,18 +143,13 @@ class CellSentenceModel:
                            f"{shortened:,}", self.context)
         return prompts, shortened
 
-    def vocabulary(self) -> set[str] | None:
-        """The genes the model was trained on (the recipe's, else ``known_genes``); None when unknown."""
-        if self.recipe.genes is not None:
-            return set(self.recipe.genes)
-        known = self.known_genes()
-        return set(known) if known else None
-
     def cell_sentences(self, cells: Any, *, n_genes: int | None = None) -> list[str]:
         """The first K genes of each cell's sentence, made as in training, unknown genes dropped (a
         warning above 10% of the top genes, an ``InputError`` when the model knows none)."""
         k = n_genes or self.top_k_genes
-        vocabulary = self.vocabulary()
+        # the genes the model was trained on: the recipe's, else a word-level tokenizer's (None: unknown)
+        known = self.recipe.genes if self.recipe.genes is not None else self.known_genes() or None
+        vocabulary = None if known is None else set(known)
         # Unknown genes are dropped before the cut to K, so an AnnData's sentences stay whole.
         full = as_sentences(cells, recipe=self.recipe, max_genes=None if vocabulary is not None else k)
         if vocabulary is None:
@@ -178,16 +177,6 @@ class CellSentenceModel:
         """The labels the model was trained to predict for ``column`` (default: its first)."""
         return self.recipe.labels(column)
 
-    def label_budget(self, labels: Iterable[str] | None = None) -> int:
-        """New tokens for a free-text label: the longest known label's tokens + 2."""
-        from utils.models.examples import encode_answer
-
-        labels = list(labels if labels is not None else self.label_set())
-        if not labels:
-            return DEFAULT_LABEL_TOKENS
-        fmt = self.prompt_format
-        return max(len(encode_answer(self.tokenizer, fmt.prediction_answer(x), fmt)) for x in labels) + 2
-
     def predict_cell_types(self, cells: Any, *, batch_size: int = 16, max_new_tokens: int | None = None,
                            labels: Iterable[str] | None = None, n_genes: int | None = None,
                            constrain: bool = True, return_scores: bool = False,
@@ -206,9 +195,10 @@ class CellSentenceModel:
                           progress: Callable[[int], None] | None = None,
                           column: str | None = None) -> LabelPredictions:
         """:meth:`predict_cell_types` of sentences that :meth:`cell_sentences` already made."""
-        from utils.models.constrain import label_probabilities, label_sequences, score_labels
-        from utils.models.examples import decode_answer
-        from utils.models.generation import generate_batched
+        from scipy.special import softmax
+
+        from utils.models.constrain import label_sequences, score_labels
+        from utils.models.examples import decode_answer, encode_answer
 
         n_genes = n_genes or self.top_k_genes
         known = self.recipe.label_columns
@@ -217,21 +207,20 @@ class CellSentenceModel:
         label_set = (sorted(dict.fromkeys(str(x) for x in labels)) if labels is not None
                      else self.label_set(column))
         name = column or self.recipe.label_column or "cell_type"
-        tok = self.tokenizer
+        tok, fmt = self.tokenizer, self.prompt_format
         if not (constrain and label_set):
             if constrain:
                 logger.warning("%s records no label set: answering in free text (pass labels=... to constrain).",
                                self.name)
-            budget = max_new_tokens or self.label_budget(label_set or None)
+            known = label_set or self.label_set()  # a free-text label: the longest known label's tokens + 2
+            budget = max_new_tokens or (max(len(encode_answer(tok, fmt.prediction_answer(x), fmt)) for x in known) + 2
+                                        if known else DEFAULT_LABEL_TOKENS)
             prompts, _ = self.prediction_prompts(sentences, budget=budget, n_genes=n_genes, column=name)
-            answers = generate_batched(self.model, prompts,
-                                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                                       max_new_tokens=budget, batch_size=batch_size, do_sample=False,
-                                       progress=progress)
-            answers = [decode_answer(tok, a, self.prompt_format) for a in answers]
+            answers = [decode_answer(tok, a, fmt) for a in
+                       self.generate_ids(prompts, budget, batch_size=batch_size, do_sample=False, progress=progress)]
             return LabelPredictions(name, answers, np.full(len(answers), np.nan),
                                     pd.DataFrame(index=range(len(answers))))
-        sequences = label_sequences(tok, label_set, self.prompt_format)
+        sequences = label_sequences(tok, label_set, fmt)
         seen: dict[tuple[int, ...], str] = {}
         for label, ids in zip(label_set, sequences, strict=True):
             if tuple(ids) in seen:
@@ -240,8 +229,8 @@ class CellSentenceModel:
             seen[tuple(ids)] = label
         prompts, _ = self.prediction_prompts(sentences, budget=max(len(x) for x in sequences), n_genes=n_genes,
                                              column=name)
-        probabilities = label_probabilities(score_labels(self.model, prompts, sequences, batch_size=batch_size,
-                                                         pad_token_id=tok.pad_token_id, progress=progress))
+        probabilities = softmax(score_labels(self.model, prompts, sequences, batch_size=batch_size,
+                                             pad_token_id=tok.pad_token_id, progress=progress), axis=1)
         best = probabilities.argmax(axis=1)
         return LabelPredictions(name, [label_set[i] for i in best], probabilities[np.arange(len(best)), best],
                                 pd.DataFrame(probabilities, columns=label_set))
@@ -256,14 +245,15 @@ class CellSentenceModel:
                                       for g in sample]))
         return int(np.ceil(1.25 * n_genes * per_gene)) + 2
 
-    def gene_constraint(self, names: Sequence[str] | None) -> Callable[[], Any] | None:
-        """A factory of the logits processor allowing the genes ``names``, or None when there are none."""
+    def gene_constraint(self, names: Sequence[str] | None) -> tuple[Callable[[], Any] | None, set[str]]:
+        """A factory of the logits processor allowing the genes ``names`` (None when there are none) and
+        the genes it allows."""
         from utils.models.constrain import GeneConstraint, build_gene_tries
 
         if not names:
             logger.warning("No gene list for this model's tokenizer: generating without the gene "
                            "constraint (pass genes=..., e.g. the transform's vocabulary).")
-            return None
+            return None, set()
         fmt = self.prompt_format
         first, rest, closing, kept = build_gene_tries(self.tokenizer, names, answer_prefix=fmt.answer_prefix,
                                                       answer_suffix=fmt.answer_suffix)
@@ -271,28 +261,7 @@ class CellSentenceModel:
             logger.info("The gene constraint covers %s of %s genes (the others the tokenizer cannot "
                         "spell, or spells like another).", f"{len(kept):,}", f"{len(names):,}")
         vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
-        self._constraint_genes = set(kept)
-        return lambda: GeneConstraint(first, rest, closing, vocab_size)
-
-    def _check_conditions(self, requested: Sequence[tuple[tuple[str, str], ...]]) -> None:
-        """Refuse conditions on columns or values the model was not trained on."""
-        recipe = self.recipe
-        if requested and recipe.has_task("conditional_generation") is False:
-            raise InputError(f"{self.name} was not trained to generate cells under conditions (its tasks: "
-                             f"{', '.join(recipe.tasks)}); train with the conditional_generation task.")
-        # one label column: conditions on it alone are its cell types
-        allowed = recipe.condition_columns or [c for c in [recipe.label_column] if c]
-        for conditions in dict.fromkeys(requested):
-            for column, value in conditions:
-                if column not in allowed:
-                    raise InputError(
-                        f"{self.name} was not trained to generate under conditions on {column!r} (it was on "
-                        f"{', '.join(allowed) or 'the cell type alone'}); train with --label_columns naming "
-                        "the columns and the conditional_generation task.")
-                known = self.recipe.labels(column)
-                if known and value not in known:
-                    raise InputError(f"{self.name} was never trained on {column}={value!r}; it knows "
-                                     f"{', '.join(map(repr, known))}.")
+        return partial(GeneConstraint, first, rest, closing, vocab_size), set(kept)
 
     def _generation_prompt(self, requested: Any, n_genes: int) -> str:
         """The prompt of a label, None or conditions (the first label column alone: its prompt)."""
@@ -304,16 +273,33 @@ class CellSentenceModel:
             return fmt.conditions_prompt(sorted(requested, key=lambda pair: order.get(pair[0], len(order))), n_genes)
         return fmt.generation_prompt(requested, n_genes)
 
-    def _check_generation(self, requested: Sequence[str | None]) -> None:
-        """Refuse generation tasks or cell types the model was not trained on."""
-        recipe = self.recipe
+    def _check_requested(self, requested: Sequence[Any]) -> None:
+        """Refuse generation tasks, cell types or conditions (tuples) the model was not trained on."""
+        recipe, tasks = self.recipe, ", ".join(self.recipe.tasks)
+        conditioned = [t for t in requested if isinstance(t, tuple)]
+        if conditioned and recipe.has_task("conditional_generation") is False:
+            raise InputError(f"{self.name} was not trained to generate cells under conditions (its tasks: "
+                             f"{tasks}); train with the conditional_generation task.")
+        # one label column: conditions on it alone are its cell types
+        allowed = recipe.condition_columns or [c for c in [recipe.label_column] if c]
+        for conditions in dict.fromkeys(conditioned):
+            for column, value in conditions:
+                if column not in allowed:
+                    raise InputError(
+                        f"{self.name} was not trained to generate under conditions on {column!r} (it was on "
+                        f"{', '.join(allowed) or 'the cell type alone'}); train with --label_columns naming "
+                        "the columns and the conditional_generation task.")
+                known = recipe.labels(column)
+                if known and value not in known:
+                    raise InputError(f"{self.name} was never trained on {column}={value!r}; it knows "
+                                     f"{', '.join(map(repr, known))}.")
         if None in requested and recipe.has_task("unconditional_generation") is False:
             raise InputError(f"{self.name} was not trained to generate cells of any type (its tasks: "
-                             f"{', '.join(recipe.tasks)}); name the cell types to generate.")
-        types = {t for t in requested if t is not None}
+                             f"{tasks}); name the cell types to generate.")
+        types = {t for t in requested if isinstance(t, str)}
         if types and recipe.has_task("conditional_generation") is False:
             raise InputError(f"{self.name} was not trained to generate cells of a given type (its tasks: "
-                             f"{', '.join(recipe.tasks)}); ask for cells of any type (None).")
+                             f"{tasks}); ask for cells of any type (None).")
         known = set(self.label_set())
         unknown = sorted(types - known) if known else []
         if unknown:
@@ -335,7 +321,6 @@ class CellSentenceModel:
         import math
 
         from utils.models.examples import decode_answer, encode_prompt
-        from utils.models.generation import generate_batched
 
         def name(t: Any) -> str | tuple[tuple[str, str], ...] | None:
             if isinstance(t, Mapping | tuple):  # conditions on several columns
@@ -351,35 +336,26 @@ class CellSentenceModel:
         if None in requested and not self.prompt_format.unconditional_templates:
             raise InputError(f"The {self.prompt_format.name} prompt format has no prompts for cells of any type; "
                              "name the cell types to generate.")
+        self._check_requested(requested)
         conditioned = [t for t in requested if isinstance(t, tuple)]
-        self._check_conditions(conditioned)
-        self._check_generation([t for t in requested if not isinstance(t, tuple)])
         k = n_genes or self.top_k_genes
         fmt, tok = self.prompt_format, self.tokenizer
         prompts = [encode_prompt(tok, self._generation_prompt(t, k), fmt) for t in requested]
         names = list(genes) if genes is not None else self.known_genes()
-        budget = max_new_tokens or self.gene_budget(k, names)
-        longest = max((len(p) for p in prompts), default=0)
-        new_tokens = min(budget, max(1, self.context - longest))
-        if new_tokens < budget:
-            logger.warning("Generating at most %d new tokens (the model's context is %d).", new_tokens,
-                           self.context)
-        factory = self.gene_constraint(names) if constrain_genes else None
+        factory, kept = self.gene_constraint(names) if constrain_genes else (None, set())
         mine = processes.share(math.ceil(len(prompts) / batch_size)) if processes is not None else None
-        answers = generate_batched(self.model, prompts, pad_token_id=tok.pad_token_id,
-                                   eos_token_id=tok.eos_token_id, max_new_tokens=new_tokens,
-                                   batch_size=batch_size, do_sample=True, temperature=temperature,
-                                   top_k=top_k, top_p=top_p, progress=progress,
-                                   logits_processor_factory=factory, batch_seed=seed,
-                                   batches=None if mine is None else set(mine.tolist()))
+        answers = self.generate_ids(prompts, max_new_tokens or self.gene_budget(k, names), batch_size=batch_size,
+                                    do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p,
+                                    progress=progress, logits_processor_factory=factory, batch_seed=seed,
+                                    batches=None if mine is None else set(mine.tolist()))
         if processes is not None:
             done = np.array([i for i, a in enumerate(answers) if a is not None], dtype=np.int64)
             answers = processes.gather(done, [answers[i] for i in done], len(prompts))
             if answers is None:
                 return None
         sentences = [decode_answer(tok, a, fmt) for a in answers]
-        if factory is not None:
-            sentences = [_drop_cut_gene(s, self._constraint_genes) for s in sentences]
+        if factory is not None:  # a sentence cut by the token budget may end inside a gene: drop that piece
+            sentences = [" ".join(w[:-1] if w and w[-1] not in kept else w) for w in map(str.split, sentences)]
         cells = pd.DataFrame({"cell_name": [f"generated_{i:06d}" for i in range(len(requested))],
                               "cell_sentence": sentences})
         if not conditioned:

@@ -34,11 +34,6 @@ def allocate_counts(available: Mapping[str, int], *, n_per_type: int | None = No
     return counts
 
 
-def answer_token_budget(lengths: Sequence[int]) -> int:
-    """New tokens to allow for an answer: the longest reference answer (``lengths``, not empty) x 1.25, + 2."""
-    return int(math.ceil(max(lengths) * 1.25)) + 2
-
-
 def shorten_to_fit(build: Callable[[int], list[int]], n_genes: int, limit: int) -> tuple[list[int], int]:
     """The prompt ids of ``build(n)`` for the largest ``n ≤ n_genes`` with at most ``limit`` ids
     (the lowest-ranked genes go first, as in training)."""

@@ -1,6 +1,5 @@
 """Multi-cell tasks (C2S-Scale's): predict the label of a group of N cells (grouped by one column's
-value), and generate N cells given the label; the cells are joined by ``CELL_SEPARATORS``.
-"""
+value), and generate N cells given the label; the cells are joined by ``CELL_SEPARATORS``."""
 
 from __future__ import annotations
 
@@ -231,10 +230,12 @@ def multi_cell_examples(split: Any, name: str, *, tokenizer: Any, tasks: Mapping
 
 
 def predict_groups(model: Any, groups: Sequence[Sequence[str]], *, column: str, labels: Sequence[str],
-                   batch_size: int = 16, progress: Any = None) -> tuple[list[str], Any]:
+                   batch_size: int = 16) -> tuple[list[str], Any]:
     """The label of each group of cell sentences among ``labels`` (``constrain.score_labels``);
     returns the labels and their probabilities (groups x labels)."""
-    from utils.models.constrain import label_probabilities, label_sequences, score_labels
+    from scipy.special import softmax
+
+    from utils.models.constrain import label_sequences, score_labels
     from utils.models.examples import encode_prompt
 
     fmt, tok = model.prompt_format, model.tokenizer
@@ -247,8 +248,8 @@ def predict_groups(model: Any, groups: Sequence[Sequence[str]], *, column: str, 
 
     prompts = [fit_cells([s.split()[: model.top_k_genes] for s in sentences], model.context, build)[0]
                for sentences in groups]
-    p = label_probabilities(score_labels(model.model, prompts, sequences, batch_size=batch_size,
-                                         pad_token_id=tok.pad_token_id, progress=progress))
+    p = softmax(score_labels(model.model, prompts, sequences, batch_size=batch_size, pad_token_id=tok.pad_token_id),
+                axis=1)
     return [labels[i] for i in p.argmax(axis=1)], p
 
 
@@ -260,7 +261,6 @@ def generate_groups(model: Any, labels: Sequence[str], *, column: str, cells_per
     import pandas as pd
 
     from utils.models.examples import decode_text, encode_prompt
-    from utils.models.generation import generate_batched
 
     fmt, tok = model.prompt_format, model.tokenizer
     k = n_genes or model.top_k_genes
@@ -268,12 +268,9 @@ def generate_groups(model: Any, labels: Sequence[str], *, column: str, cells_per
     prompts = [encode_prompt(tok, fill_multi_cell_prompt(fmt, template, column=column, n_genes=k,
                                                          n_cells=cells_per_example, label=str(x)), fmt)
                for x in labels]
-    budget = (model.gene_budget(k, model.known_genes()) + 2) * cells_per_example
-    longest = max((len(p) for p in prompts), default=0)
-    new_tokens = max(1, min(budget, model.context - longest))
-    answers = generate_batched(model.model, prompts, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                               max_new_tokens=new_tokens, batch_size=batch_size, do_sample=True,
-                               temperature=temperature, top_k=top_k, top_p=top_p, batch_seed=seed)
+    answers = model.generate_ids(prompts, (model.gene_budget(k, model.known_genes()) + 2) * cells_per_example,
+                                 batch_size=batch_size, do_sample=True, temperature=temperature, top_k=top_k,
+                                 top_p=top_p, batch_seed=seed)
     rows: dict[str, list[Any]] = {"cell_name": [], "cell_sentence": [], "group": [], f"requested_{column}": []}
     for g, (label, answer) in enumerate(zip(labels, answers, strict=True)):
         text = decode_text(tok, answer)
