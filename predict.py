@@ -7,7 +7,6 @@ labels, each scored whole), with its score; with the truth known, eval/predictio
 
 Example:
     python predict.py --model_dir data/model/scratch-small --h5ad my_cells.h5ad
-    python predict.py --model_dir data/model/scratch-small --data_dir data/cell_sentences_hf --split all
 """
 
 from __future__ import annotations
@@ -86,10 +85,12 @@ def select_cells(args: argparse.Namespace, columns: Sequence[str]) -> tuple[Any,
     or the split's sentences), their names and rows, the user's whole AnnData (--h5ad, else None)
     and per column of ``columns`` its values for the cells (None where the cells lack it)."""
     from utils.contract import sample_rows, split_table
-    from utils.models.annotation import read_cells
+    from utils.transform.readers import read_with_scanpy
 
     if args.h5ad is not None:
-        adata = read_cells(args.h5ad)
+        if not args.h5ad.exists():
+            raise cli.InputError(f"{args.h5ad} does not exist; pass the cells to annotate with --h5ad.")
+        adata = read_with_scanpy(args.h5ad)  # whole: its obs and layout are kept as they are
         if adata.n_obs == 0:
             raise cli.InputError(f"{args.h5ad} holds no cells.")
         rows = sample_rows(adata.n_obs, args.max_cells, args.seed)

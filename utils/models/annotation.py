@@ -1,5 +1,5 @@
-"""predict.py's inputs and outputs: the user's cells, the training labels, predictions.csv, the
-annotated AnnData and the metrics of known labels."""
+"""predict.py's inputs and outputs: the training labels, predictions.csv, the annotated AnnData and
+the metrics of known labels."""
 
 from __future__ import annotations
 
@@ -9,17 +9,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-
-from utils.cli import InputError
-
-
-def read_cells(path: Path) -> Any:
-    """The user's AnnData, read whole (its obs and layout are kept as they are)."""
-    from utils.transform.readers import read_with_scanpy
-
-    if not path.exists():
-        raise InputError(f"{path} does not exist; pass the cells to annotate with --h5ad.")
-    return read_with_scanpy(path)
 
 
 def train_labels_of(data_dir: Path, column: str) -> list[str] | None:
