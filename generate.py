@@ -171,8 +171,7 @@ def generation_counts(args: argparse.Namespace, unconditional: bool, wanted: lis
                       split_labels: list[Any] | None, n_split: int) -> dict[str | None, int]:
     """Cells to generate per cell type (None: the one unconditional "type")."""
     if unconditional:
-        n = args.n_per_type or n_split
-        return {None: min(n, args.max_cells) if args.max_cells else n}
+        return allocate_counts({None: n_split}, n_per_type=args.n_per_type, max_cells=args.max_cells)
     available = Counter(str(x) for x in split_labels or [])
     if wanted is not None:
         missing = [t for t in wanted if not available[t]]

@@ -271,12 +271,7 @@ def generate_groups(model: Any, labels: Sequence[str], *, column: str, cells_per
     answers = model.generate_ids(prompts, (model.gene_budget(k, model.known_genes()) + 2) * cells_per_example,
                                  batch_size=batch_size, do_sample=True, temperature=temperature, top_k=top_k,
                                  top_p=top_p, batch_seed=seed)
-    rows: dict[str, list[Any]] = {"cell_name": [], "cell_sentence": [], "group": [], f"requested_{column}": []}
-    for g, (label, answer) in enumerate(zip(labels, answers, strict=True)):
-        text = decode_text(tok, answer)
-        for c, sentence in enumerate(split_cells(fmt, text)[:cells_per_example]):
-            rows["cell_name"].append(f"generated_group_{g:05d}_{c:02d}")
-            rows["cell_sentence"].append(sentence)
-            rows["group"].append(f"group_{g:05d}")
-            rows[f"requested_{column}"].append(str(label))
-    return pd.DataFrame(rows)
+    rows = [(f"generated_group_{g:05d}_{c:02d}", sentence, f"group_{g:05d}", str(label))
+            for g, (label, answer) in enumerate(zip(labels, answers, strict=True))
+            for c, sentence in enumerate(split_cells(fmt, decode_text(tok, answer))[:cells_per_example])]
+    return pd.DataFrame(rows, columns=["cell_name", "cell_sentence", "group", f"requested_{column}"])
