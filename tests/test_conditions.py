@@ -122,14 +122,14 @@ def test_conditions_the_model_was_not_trained_on(pipeline, tmp_path: Path) -> No
     model = SimpleNamespace(name="m", recipe=Recipe(tasks=["conditional_generation"],
                                                     label_columns={"cell_type": ["B"], "tissue": ["blood"]}))
     with pytest.raises(InputError, match="not trained to generate under conditions on 'tissue'"):
-        CellSentenceModel._check_conditions(model, [(("cell_type", "B"), ("tissue", "blood"))])
-    CellSentenceModel._check_conditions(model, [(("cell_type", "B"),)])  # the cell type alone is fine
+        CellSentenceModel._check_requested(model, [(("cell_type", "B"), ("tissue", "blood"))])
+    CellSentenceModel._check_requested(model, [(("cell_type", "B"),)])  # the cell type alone is fine
     model.recipe.tasks = ["cell_type_prediction"]
     with pytest.raises(InputError, match="not trained to generate cells under conditions"):
-        CellSentenceModel._check_conditions(model, [(("cell_type", "B"),)])
+        CellSentenceModel._check_requested(model, [(("cell_type", "B"),)])
     published = SimpleNamespace(name="p", recipe=Recipe.for_published_model())
     with pytest.raises(InputError, match="not trained to generate under conditions on 'tissue'"):
-        CellSentenceModel._check_conditions(published, [(("tissue", "blood"),)])
+        CellSentenceModel._check_requested(published, [(("tissue", "blood"),)])
 
 
 @pytest.mark.parametrize(("text", "match"), [

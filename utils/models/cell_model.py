@@ -300,7 +300,7 @@ class CellSentenceModel:
         if types and recipe.has_task("conditional_generation") is False:
             raise InputError(f"{self.name} was not trained to generate cells of a given type (its tasks: "
                              f"{tasks}); ask for cells of any type (None).")
-        known = set(self.label_set())
+        known = set(recipe.labels())
         unknown = sorted(types - known) if known else []
         if unknown:
             raise InputError(f"{self.name} was never trained on the cell type(s) {', '.join(map(repr, unknown))}; "
