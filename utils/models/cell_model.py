@@ -212,9 +212,9 @@ class CellSentenceModel:
             if constrain:
                 logger.warning("%s records no label set: answering in free text (pass labels=... to constrain).",
                                self.name)
-            known = label_set or self.label_set()  # a free-text label: the longest known label's tokens + 2
-            budget = max_new_tokens or (max(len(encode_answer(tok, fmt.prediction_answer(x), fmt)) for x in known) + 2
-                                        if known else DEFAULT_LABEL_TOKENS)
+            reference = label_set or self.label_set()  # a free-text label: the longest known label's tokens + 2
+            budget = max_new_tokens or (max(len(encode_answer(tok, fmt.prediction_answer(x), fmt)) for x in reference)
+                                        + 2 if reference else DEFAULT_LABEL_TOKENS)
             prompts, _ = self.prediction_prompts(sentences, budget=budget, n_genes=n_genes, column=name)
             answers = [decode_answer(tok, a, fmt) for a in
                        self.generate_ids(prompts, budget, batch_size=batch_size, do_sample=False, progress=progress)]
