@@ -115,7 +115,7 @@ def open_dataset_dict(data_dir: Path, *, single_ok: bool = False) -> Any:
         raise InputError(f"{data_dir} does not exist; pass transform.py's cell_sentences_hf folder as --data_dir.")
     try:
         dd = datasets.load_from_disk(str(data_dir))
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:  # missing, unreadable or not save_to_disk
         raise InputError(f"{data_dir} is no datasets folder written by save_to_disk ({err}).") from None
     if not isinstance(dd, datasets.DatasetDict):
         if not single_ok:

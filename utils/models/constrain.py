@@ -198,7 +198,7 @@ def _label_trie(sequences: Sequence[Sequence[int]]) -> tuple[list[int], list[int
 def score_labels(model: Any, prompts: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], *,
                  pad_token_id: int, batch_size: int = 16, progress: Any = None) -> np.ndarray:
     """Log-probability of every label's token sequence after every prompt (cells x labels): per
-    batch, the prompts (their cache kept), then the inner nodes of the labels' :class:`LabelTrie`
+    batch, the prompts (their cache kept), then the inner nodes of the labels' trie (``_label_trie``)
     over that cache, each node seeing its prompt and its own ancestors only (a 4-d mask)."""
     import torch
 
