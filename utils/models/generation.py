@@ -16,7 +16,12 @@ logging.getLogger("transformers.modeling_utils").addFilter(
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stack token-id lists into (input_ids, attention_mask), padded on the left."""
+    """Stack token-id lists into (input_ids, attention_mask), padded on the left.
+
+    >>> ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    >>> ids.tolist(), mask.tolist()
+    ([[5, 6, 7], [0, 0, 8]], [[1, 1, 1], [0, 0, 1]])
+    """
     from utils.models.embedding import pad_batch
 
     ids, mask, _ = pad_batch(sequences, [[False] * len(s) for s in sequences], pad_id, side="left")
@@ -26,7 +31,13 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarra
 def allocate_counts(available: Mapping[str, int], *, n_per_type: int | None = None,
                     max_cells: int | None = None) -> dict[str, int]:
     """Cells to generate per type: ``n_per_type`` each, or as many as ``available`` has;
-    scaled down proportionally (at least one per type) when the total exceeds ``max_cells``."""
+    scaled down proportionally (at least one per type) when the total exceeds ``max_cells``.
+
+    >>> allocate_counts({"a": 30, "b": 10}, max_cells=8)
+    {'a': 6, 'b': 2}
+    >>> allocate_counts({"a": 30, "b": 10}, n_per_type=3)
+    {'a': 3, 'b': 3}
+    """
     counts = {t: (n_per_type if n_per_type is not None else int(n)) for t, n in available.items()}
     total = sum(counts.values())
     if max_cells is not None and total > max_cells:
