@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from utils import cli, publish
-from utils.contract import EVAL_ARGS
+from utils.contract import EVAL_ARGS, EVAL_METRICS
 from utils.models.model_card import add_evaluation_to_card, recorded_model_dir
 
 logger = logging.getLogger("cell2sentence")
@@ -44,7 +44,7 @@ def finish(args: argparse.Namespace, outputs: Sequence[str], *, metrics: dict[st
     """Publish ``metrics.json``, the figures (a Figure, or a function writing the PNG at a path), the frames (CSV)
     and the arguments; ``card``: (the step's folder, the evaluation's name, its scores) for its model card."""
     with publish.staged_outputs(args.output_dir, list(outputs), overwrite=args.overwrite) as tmp:
-        (tmp / "metrics.json").write_text(cli.strict_json(metrics, indent=2, default=str) + "\n")
+        (tmp / EVAL_METRICS).write_text(cli.strict_json(metrics, indent=2, default=str) + "\n")
         for name, figure in figures.items():
             if callable(figure):
                 figure(tmp / name)

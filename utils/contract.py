@@ -35,7 +35,7 @@ class Outputs(tuple):
         return self
 
 
-EVAL_ARGS = "eval_args.json"
+EVAL_ARGS, EVAL_METRICS = "eval_args.json", "metrics.json"  # every evaluation's
 # The transform's eval/ files one by one: its --overwrite leaves the eval scripts' eval/<name>/ alone.
 TRANSFORM = Outputs(sentences="cell_sentences", dataset="cell_sentences_hf", args="transform_args.json")
 TRANSFORM_EVAL = Outputs(metrics="eval/transformation_metrics.csv", fit="eval/log_rank_vs_log_expression.png",
@@ -53,12 +53,12 @@ GENERATE = Outputs(old_predictions="predictions.csv", old_confusion="confusion_m
                    cells="generated_cells.txt", labels="generated_labels.txt", dataset="generated_cells_hf",
                    pca="real_vs_generated_pca.png", metrics="metrics.json", args="generate_args.json")
 EMBED = Outputs(embeddings="embeddings.h5ad", umap="umap.png", metrics="metrics.json", args="embed_args.json")
-EVAL_PREDICTION = Outputs(metrics="metrics.json", per_class="per_class.csv", confusion="confusion_matrix.png",
+EVAL_PREDICTION = Outputs(metrics=EVAL_METRICS, per_class="per_class.csv", confusion="confusion_matrix.png",
                           args=EVAL_ARGS)
-EVAL_GENERATION = Outputs(metrics="metrics.json", per_type="per_type.csv", pca="real_vs_generated_pca.png",
+EVAL_GENERATION = Outputs(metrics=EVAL_METRICS, per_type="per_type.csv", pca="real_vs_generated_pca.png",
                           args=EVAL_ARGS)
-EVAL_EMBEDDING = Outputs(metrics="metrics.json", panels="embedding_vs_pca.png", args=EVAL_ARGS)
-EVAL_RECONSTRUCTION = Outputs(metrics="metrics.json", per_cell="per_cell.csv", fit="log_rank_vs_log_expression.png",
+EVAL_EMBEDDING = Outputs(metrics=EVAL_METRICS, panels="embedding_vs_pca.png", args=EVAL_ARGS)
+EVAL_RECONSTRUCTION = Outputs(metrics=EVAL_METRICS, per_cell="per_cell.csv", fit="log_rank_vs_log_expression.png",
                               reconstruction="expression_vs_reconstruction.png",
                               per_cell_figure="per_cell_r_squared.png", args=EVAL_ARGS)
 # train.py's files beside the model (user_card: when README.md is the user's; run_args: in checkpoints/).
