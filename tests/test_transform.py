@@ -316,6 +316,8 @@ def _no_outputs(out: Path) -> bool:
         (None, ["--gene_column", "symbol"], "no column 'symbol'"),
         (None, ["--label_column", "celltype"], "no column 'celltype'"),
         (None, ["--layer", "spliced"], "no layer 'spliced'"),
+        # a path inside a layer is no layer (an h5py file answers "in" for any path in it)
+        (lambda a: a.layers.__setitem__("counts", a.X.copy()), ["--layer", "counts/data"], "no layer 'counts/data'"),
     ],
 )
 def test_bad_input_fails_clearly_and_writes_nothing(tmp_path, mutate, flags, message):

@@ -87,7 +87,7 @@ def _choose_matrix(has: Any, layer: str | None) -> tuple[str, str]:
     """The key and name of the matrix holding counts (``has``: the keys present): --layer, else .raw.X,
     else layers['counts'], else X."""
     if layer is not None:
-        if f"layers/{layer}" not in has:
+        if "/" in layer or f"layers/{layer}" not in has:  # an h5py file also has the paths inside a layer
             raise InputError(f"The input has no layer {layer!r}; drop --layer or name one it has.")
         return f"layers/{layer}", f"layers[{layer!r}]"
     for key, name in (("raw/X", "raw.X"), ("layers/counts", "layers['counts']"), ("X", "X")):
