@@ -205,9 +205,16 @@ def transform_reference(transform_dir: Path, tables: dict[str, Any], top_k: int
     return build_vocab_index(list(genes)), RankExpressionFit(slope=-1.0, intercept=float(np.log10(1 + top_k))), False
 
 
-def read_record(path: Path) -> dict[str, Any]:
-    """A step's JSON record (e.g. ``transform_args.json``), empty when there is none."""
-    return json.loads(path.read_text()) if path.is_file() else {}
+def read_record(path: Path) -> Any:
+    """A step's JSON record (e.g. ``transform_args.json``): {} when there is none, one sentence when it is
+    not valid JSON."""
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{path} is not valid JSON ({err}); restore it from the run that wrote it, or delete "
+                         "it (a model folder without its records counts as a published model).") from None
 
 
 def find_preprocessed(transform_dir: Path) -> Path | None:

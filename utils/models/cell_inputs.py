@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 
 from utils.cli import InputError
-from utils.contract import TRAIN
-from utils.models.recipe import Recipe, read_json
+from utils.contract import TRAIN, read_record
+from utils.models.recipe import Recipe
 
 logger = logging.getLogger("cell2sentence")
 
@@ -26,7 +26,7 @@ def read_train_record(name_or_dir: str | Path) -> dict[str, Any]:
         path = hub_file(str(name_or_dir), TRAIN.args)  # a hub name: a model pushed by train.py
         if path is None:
             return {}
-    record = read_json(path)
+    record = read_record(path)
     if not isinstance(record, dict):
         raise InputError(f"{path} holds no run record (a JSON object); restore it from the run or delete it.")
     return record

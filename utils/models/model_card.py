@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from utils.cli import InputError, strict_json
-from utils.contract import EMBED, GENERATE, PREDICT, TRAIN, TRANSFORM
+from utils.contract import EMBED, GENERATE, PREDICT, TRAIN, TRANSFORM, read_record
 from utils.models.recipe import Recipe
 from utils.publish import staged_outputs
 
@@ -31,8 +31,9 @@ ARCHITECTURE = (("", ("model_type",)), ("layers ", ("n_layer", "num_hidden_layer
 
 
 def _read(path: Path) -> Any:
-    with contextlib.suppress(ValueError, UnicodeDecodeError):
-        return json.loads(path.read_text()) if path.is_file() else {}
+    """A record for the card, {} when missing or damaged (a card never stops a run)."""
+    with contextlib.suppress(InputError):
+        return read_record(path)
     return {}
 
 

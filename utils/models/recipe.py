@@ -3,14 +3,13 @@ on. ``train.py`` writes ``recipe.json``; every use of a model reads it back with
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from utils.cli import InputError
-from utils.contract import TRAIN, TRANSFORM, VOCAB
+from utils.contract import TRAIN, TRANSFORM, VOCAB, read_record
 from utils.models.examples import CELL_TYPE_PREDICTION, PREDICTION_SUFFIX
 from utils.models.loading import hub_file
 from utils.models.prompts import DEFAULT_ORGANISM, attribute_name
@@ -24,15 +23,6 @@ SENTENCE_OPTIONS = ("layer", "input_kind", "gene_column", "bad_gene_names", "exc
 QC_OPTIONS = ("min_genes_per_cell", "max_genes_per_cell", "max_mt_percent")
 
 
-def read_json(path: Path) -> Any:
-    """A JSON file, or one sentence naming it when it is not valid JSON."""
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InputError(f"{path} is not valid JSON ({err}); restore it from the run or delete it "
-                         "(then the model counts as a published one).") from None
-
-
 def transform_of(transform_dir: Path) -> dict[str, Any]:
     """The recipe fields of the transform whose output is ``transform_dir``: its sentence options and
     QC thresholds (``transform_args.json``; empty when absent) and ``vocab.txt``'s genes (None when absent)."""
@@ -40,7 +30,7 @@ def transform_of(transform_dir: Path) -> dict[str, Any]:
     genes = [line.split()[0] for line in vocab.read_text().splitlines() if line.strip()] if vocab.is_file() else None
     if not path.is_file():
         return {"transform": {}, "qc": {}, "genes": genes}
-    recorded = read_json(path)
+    recorded = read_record(path)
     sentence = {k: recorded.get(k) for k in SENTENCE_OPTIONS if k in recorded}
     qc_source = recorded.get("qc") if isinstance(recorded.get("qc"), Mapping) else recorded  # API / script
     qc = {k: qc_source[k] for k in QC_OPTIONS if k in qc_source}
@@ -108,17 +98,17 @@ class Recipe:
             found = hub_file(str(model_dir), RECIPE_FILE) or hub_file(str(model_dir), TRAIN.args)
             folder = found.parent if found is not None else folder
         if (folder / RECIPE_FILE).is_file():
-            values = read_json(folder / RECIPE_FILE)
+            values = read_record(folder / RECIPE_FILE)
             if not isinstance(values, Mapping):
                 raise InputError(f"{folder / RECIPE_FILE} holds no recipe (a JSON object); restore it from the run.")
             return cls.from_dict(values)
         if (folder / TRAIN.args).is_file():
-            record = read_json(folder / TRAIN.args)
+            record = read_record(folder / TRAIN.args)
             if isinstance(record, Mapping) and record:
                 return cls.from_train_record(record)
         run_args = folder.parent / TRAIN.run_args  # a checkpoint-N folder of a train.py run
         if folder.name.startswith("checkpoint-") and run_args.is_file():
-            recorded = read_json(run_args)
+            recorded = read_record(run_args)
             if isinstance(recorded, Mapping) and isinstance(recorded.get("recipe"), Mapping):
                 return cls.from_dict(recorded["recipe"])
         return cls.for_published_model()
