@@ -19,6 +19,7 @@ import pandas as pd
 
 from utils.cli import InputError
 from utils.models.cell_inputs import as_sentences, read_train_record
+from utils.models.examples import CONDITIONAL_GENERATION, UNCONDITIONAL_GENERATION
 from utils.models.prompts import (
     DEFAULT_ORGANISM,
     PromptFormat,
@@ -277,7 +278,7 @@ class CellSentenceModel:
         """Refuse generation tasks, cell types or conditions (tuples) the model was not trained on."""
         recipe, tasks = self.recipe, ", ".join(self.recipe.tasks)
         conditioned = [t for t in requested if isinstance(t, tuple)]
-        if conditioned and recipe.has_task("conditional_generation") is False:
+        if conditioned and recipe.has_task(CONDITIONAL_GENERATION) is False:
             raise InputError(f"{self.name} was not trained to generate cells under conditions (its tasks: "
                              f"{tasks}); train with the conditional_generation task.")
         # one label column: conditions on it alone are its cell types
@@ -293,11 +294,11 @@ class CellSentenceModel:
                 if known and value not in known:
                     raise InputError(f"{self.name} was never trained on {column}={value!r}; it knows "
                                      f"{', '.join(map(repr, known))}.")
-        if None in requested and recipe.has_task("unconditional_generation") is False:
+        if None in requested and recipe.has_task(UNCONDITIONAL_GENERATION) is False:
             raise InputError(f"{self.name} was not trained to generate cells of any type (its tasks: "
                              f"{tasks}); name the cell types to generate.")
         types = {t for t in requested if isinstance(t, str)}
-        if types and recipe.has_task("conditional_generation") is False:
+        if types and recipe.has_task(CONDITIONAL_GENERATION) is False:
             raise InputError(f"{self.name} was not trained to generate cells of a given type (its tasks: "
                              f"{tasks}); ask for cells of any type (None).")
         known = set(recipe.labels())

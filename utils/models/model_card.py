@@ -14,6 +14,7 @@ from typing import Any
 
 from utils.cli import InputError, strict_json
 from utils.contract import EMBED, GENERATE, PREDICT, TRAIN, TRANSFORM, read_record
+from utils.models.examples import CONDITIONAL_GENERATION, UNCONDITIONAL_GENERATION
 from utils.models.recipe import Recipe
 from utils.publish import staged_outputs
 
@@ -178,8 +179,8 @@ def render_card(folder: Path, evaluations: Mapping[str, Any] | None = None) -> s
 
 def _usage(ref: str, recipe: Recipe, *, adapter: bool) -> list[str]:
     predicts = any(task.endswith("_prediction") for task in recipe.tasks) and bool(recipe.label_columns)
-    conditional = "conditional_generation" in recipe.tasks and bool(recipe.labels())
-    unconditional = "unconditional_generation" in recipe.tasks
+    conditional = CONDITIONAL_GENERATION in recipe.tasks and bool(recipe.labels())
+    unconditional = UNCONDITIONAL_GENERATION in recipe.tasks
     shell = [*[f"python predict.py --model_dir {ref} --h5ad my_cells.h5ad   # a label and a score per cell"] * predicts,
              f"python embed.py --model_dir {ref} --h5ad my_cells.h5ad     # .obsm['X_c2s']",
              *[f"python generate.py --model_dir {ref} --data_dir data/cell_sentences_hf/"] * conditional,
