@@ -24,6 +24,7 @@ from transformers.training_args import trainer_log_levels
 from utils.cli import InputError, renamed_flags, run_cli, seed_everything
 from utils.models import run_folder, train_data
 from utils.models.build import build_model_and_tokenizer, context_length
+from utils.models.distributed import leave_group_at_exit
 from utils.models.examples import CausalLMCollator
 from utils.models.model_card import run_facts
 from utils.models.prompts import C2S_SCALE, PROMPT_FORMATS
@@ -193,6 +194,7 @@ def _train(args: TrainArgs) -> Path:
     m, d, t = args.model, args.data, args.training
     # Sets up the device and, under torchrun, the process group (rank 0 shares its run name).
     device, rank_zero = t.device, run_folder.is_rank_zero(t)
+    leave_group_at_exit()
     if not rank_zero:
         # Every process sees the same data and flags: rank 0's log speaks for all.
         logging.getLogger("cell2sentence").setLevel(logging.ERROR)

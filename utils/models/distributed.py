@@ -3,8 +3,10 @@ in the cells' order and writes. Without torchrun it is one process and every cal
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +14,19 @@ import numpy as np
 import pandas as pd
 
 logger = logging.getLogger("cell2sentence")
+
+
+def _leave_group() -> None:
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def leave_group_at_exit() -> None:
+    """Destroy the process group at exit, while Python is still whole: a gloo group left alive
+    aborts the process in about 1 exit in 20 ("terminate called without an active exception")."""
+    atexit.unregister(_leave_group)  # once, however often a run is started in one process
+    atexit.register(_leave_group)
 
 
 @dataclass
@@ -35,6 +50,7 @@ class Processes:
             if torch.cuda.is_available():  # NCCL's collectives run on the current device
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        leave_group_at_exit()
         procs = cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
         if not procs.main:
             logger.setLevel(logging.WARNING)
