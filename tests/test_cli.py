@@ -91,3 +91,22 @@ def test_a_script_defines_everything_before_it_runs(script):
     body = ast.parse((ROOT / script).read_text()).body
     guards = [i for i, node in enumerate(body) if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test)]
     assert not guards or guards[-1] == len(body) - 1, f"{script}: code after its __main__ block"
+
+
+def test_a_script_run_keeps_anndatas_categorical_notes_quiet(tmp_path: Path) -> None:
+    """Writing string obs columns makes anndata print "... storing 'x' as categorical" per column."""
+    import subprocess
+
+    code = f"""
+import anndata as ad, numpy as np, pandas as pd
+from utils.cli import run_cli
+def main(args):
+    obs = pd.DataFrame({{"cell_type": ["B", "T", "B"]}}, index=["a", "b", "c"])
+    ad.AnnData(np.ones((3, 2), dtype=np.float32), obs=obs).write_h5ad({str(tmp_path / "x.h5ad")!r})
+    ad.logging.anndata_logger.warning("a warning still shows")
+run_cli(main, lambda argv: None)
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "as categorical" not in done.stderr and "a warning still shows" in done.stderr, done.stderr
+    assert (tmp_path / "x.h5ad").exists()

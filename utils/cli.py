@@ -31,6 +31,7 @@ def run_cli(main: Callable[[Any], Any], parse_args: Callable[[Sequence[str] | No
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S", force=True)
+    logging.getLogger("anndata").setLevel(logging.WARNING)  # its "... storing 'x' as categorical" notes
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _raise_terminated)
     sys.unraisablehook = _quiet_disk_full_unraisable
