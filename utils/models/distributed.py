@@ -97,6 +97,9 @@ class Processes:
                 result.column, labels, scores, pd.DataFrame(p, columns=result.probabilities.columns))
         parts: list[Any] = [None] * self.world_size if self.main else None
         dist.gather_object((indices, result), parts, dst=0)
+        # A sender may return before rank 0 has its data; leaving (exiting) with the send in
+        # flight is what aborts a gloo process now and then. After the barrier all has arrived.
+        dist.barrier()
         if not self.main:
             return None
         position = np.argsort(np.concatenate([p[0] for p in parts]))  # the inverse of the share's order
