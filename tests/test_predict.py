@@ -204,7 +204,7 @@ def test_two_processes_write_the_files_of_one(pipeline, tmp_path: Path) -> None:
 
 
 def test_a_started_process_group_is_destroyed_at_exit(tmp_path: Path) -> None:
-    """A gloo group alive at interpreter exit aborts about 1 process in 20 (SIGABRT, as once in CI):
+    """A gloo group alive at interpreter exit aborts a process now and then (SIGABRT, as once in CI):
     the group goes at exit, before Python's own teardown."""
     code = f"""
 import atexit, torch.distributed as dist

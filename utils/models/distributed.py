@@ -24,7 +24,7 @@ def _leave_group() -> None:
 
 def leave_group_at_exit() -> None:
     """Destroy the process group at exit, while Python is still whole: a gloo group left alive
-    aborts the process in about 1 exit in 20 ("terminate called without an active exception")."""
+    aborts the process now and then ("terminate called without an active exception")."""
     atexit.unregister(_leave_group)  # once, however often a run is started in one process
     atexit.register(_leave_group)
 
@@ -97,8 +97,8 @@ class Processes:
                 result.column, labels, scores, pd.DataFrame(p, columns=result.probabilities.columns))
         parts: list[Any] = [None] * self.world_size if self.main else None
         dist.gather_object((indices, result), parts, dst=0)
-        # A sender may return before rank 0 has its data; leaving (exiting) with the send in
-        # flight is what aborts a gloo process now and then. After the barrier all has arrived.
+        # A sender may return before rank 0 has its data, and exiting with a send in flight may
+        # be what still aborted a gloo process now and then; after the barrier all has arrived.
         dist.barrier()
         if not self.main:
             return None
